@@ -1,0 +1,13 @@
+"""Builds the native fast path, mtckpt._native; metadata lives in pyproject.toml."""
+
+from setuptools import Extension, setup
+
+native = Extension(
+    "mtckpt._native",
+    sources=["native/module.c", "native/crc32c.c", "native/copy.c", "native/fileio.c"],
+    include_dirs=["native"],
+    extra_compile_args=["-O3", "-std=c11", "-Wall", "-Wextra", "-fvisibility=hidden"],
+    extra_link_args=["-pthread"],
+)
+
+setup(ext_modules=[native])

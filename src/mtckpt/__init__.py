@@ -1,0 +1,1 @@
+"""mtckpt: multi-tier checkpointing for ML training."""
