@@ -1,1 +1,43 @@
-"""mtckpt: multi-tier checkpointing for ML training."""
+"""mtckpt: multi-tier checkpointing for ML training.
+
+A save costs one memory copy on the training thread; checksums, manifests, commits and the
+slower tiers (local disk, ...) follow in the background. Restore takes the newest complete,
+checksum-verified step from the fastest tier that has a good copy.
+"""
+
+from .config import LocalTier, MemoryTier
+from .errors import (
+    ChecksumMismatchError,
+    ClosedError,
+    ConfigError,
+    CorruptCheckpointError,
+    FormatVersionError,
+    KeyCollisionError,
+    MtckptError,
+    StateMismatchError,
+    StepExistsError,
+    StepNotFoundError,
+    TierError,
+    UnsupportedLeafError,
+)
+from .manager import CheckpointManager
+from .pipeline import SaveHandle
+
+__all__ = [
+    "CheckpointManager",
+    "ChecksumMismatchError",
+    "ClosedError",
+    "ConfigError",
+    "CorruptCheckpointError",
+    "FormatVersionError",
+    "KeyCollisionError",
+    "LocalTier",
+    "MemoryTier",
+    "MtckptError",
+    "SaveHandle",
+    "StateMismatchError",
+    "StepExistsError",
+    "StepNotFoundError",
+    "TierError",
+    "UnsupportedLeafError",
+]

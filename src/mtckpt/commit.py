@@ -1,0 +1,62 @@
+"""Whether a step is committed, and writing / removing the ``COMMIT`` marker.
+
+A rank's shard exists once its manifest exists (the manifest is written after the data
+file). ``COMMIT`` is written last, once every rank expected on that storage is present;
+restore, listing and garbage collection all decide completeness with :func:`is_committed`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+
+from . import naming
+from .tiers.base import Storage
+
+log = logging.getLogger(__name__)
+
+
+def is_committed(storage: Storage, run: str, step: int) -> bool:
+    return storage.exists(run, step, naming.COMMIT)
+
+
+def committed_steps(storage: Storage, run: str, rank: int | None = None) -> list[int]:
+    """Committed steps, ascending; with ``rank``, only those holding that rank's shard."""
+    return [
+        step
+        for step in storage.steps(run)
+        if is_committed(storage, run, step)
+        and (rank is None or storage.exists(run, step, naming.manifest_file(rank)))
+    ]
+
+
+def ranks_present(storage: Storage, run: str, step: int) -> set[int]:
+    """Ranks whose manifest (hence whole shard) is in the step."""
+    ranks = set()
+    for name in storage.files(run, step):
+        parsed = naming.parse_rank_file(name)
+        if parsed is not None and parsed[1] == "json":
+            ranks.add(parsed[0])
+    return ranks
+
+
+def try_commit(
+    storage: Storage, run: str, step: int, world_size: int, expected_ranks: Iterable[int]
+) -> bool:
+    """Write ``COMMIT`` if every expected rank's shard is present; whether it was written.
+
+    Several ranks may race to commit: each writes the same marker by atomic rename.
+    """
+    present = ranks_present(storage, run, step)
+    if not set(expected_ranks) <= present:
+        return False
+    marker = {"run": run, "step": step, "world_size": world_size, "ranks": sorted(present)}
+    storage.write_bytes(run, step, naming.COMMIT, json.dumps(marker).encode())
+    return True
+
+
+def decommit(storage: Storage, run: str, step: int, reason: str) -> None:
+    """Mark a step incomplete on ``storage`` (its copy there is bad); GC removes it later."""
+    log.warning("%s: step %d is no longer committed there: %s", storage.describe(), step, reason)
+    storage.delete(run, step, naming.COMMIT)

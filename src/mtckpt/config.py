@@ -1,0 +1,181 @@
+"""Tier options and the loader that builds them from a TOML file and ``MTCKPT_*`` variables.
+
+Each tier has a schedule: ``every`` (steps) and/or ``interval`` (seconds) say which steps
+it takes, ``keep`` how many complete steps it holds. The same options come from Python,
+from a TOML file, or from the environment (which overrides the file).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DEFAULT_MEMORY_PATH = "/dev/shm/mtckpt"
+
+
+def _check_schedule(tier: str, every: Any, interval: Any, keep: Any) -> None:
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+        raise ConfigError(f"{tier}.every must be a positive int or None, got {every!r}")
+    if interval is not None and (
+        isinstance(interval, bool) or not isinstance(interval, (int, float)) or interval <= 0
+    ):
+        raise ConfigError(f"{tier}.interval must be a positive number of seconds or None, got {interval!r}")
+    if every is None and interval is None:
+        raise ConfigError(f"{tier}: set every (steps) and/or interval (seconds); both are None")
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise ConfigError(f"{tier}.keep must be an int >= 1, got {keep!r}")
+
+
+def _check_path(tier: str, path: Any) -> None:
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise ConfigError(f"{tier}.path must be a non-empty path, got {path!r}")
+
+
+def is_due(tier: MemoryTier | LocalTier, step: int, seconds_since_last: float | None) -> bool:
+    """Whether ``tier``'s schedule takes ``step``, given the time since its last step."""
+    if tier.every is not None and step % tier.every == 0:
+        return True
+    if tier.interval is not None:
+        return seconds_since_last is None or seconds_since_last >= tier.interval
+    return False
+
+
+@dataclass(frozen=True)
+class MemoryTier:
+    """Node memory (a tmpfs directory): where every save is staged. Survives a trainer crash."""
+
+    path: str = DEFAULT_MEMORY_PATH
+    every: int | None = 1
+    interval: float | None = None
+    keep: int = 2
+
+    def __post_init__(self) -> None:
+        _check_path("memory", self.path)
+        _check_schedule("memory", self.every, self.interval, self.keep)
+
+
+@dataclass(frozen=True)
+class LocalTier:
+    """Node-local disk, written from the memory tier in the background with fsync + rename."""
+
+    path: str
+    every: int | None = 1
+    interval: float | None = None
+    keep: int = 2
+
+    def __post_init__(self) -> None:
+        _check_path("local", self.path)
+        _check_schedule("local", self.every, self.interval, self.keep)
+
+
+TIER_CLASSES: dict[str, type] = {"memory": MemoryTier, "local": LocalTier}
+
+# Manager options other than tiers, with the type each takes.
+MANAGER_OPTIONS: dict[str, type] = {
+    "run": str,
+    "rank": int,
+    "world_size": int,
+    "allow_pickle": bool,
+    "chunk_size": int,
+    "threads": int,
+}
+_OPTIONAL = {"every", "interval", "rank", "world_size", "threads"}
+
+
+def load(path: str | os.PathLike | None = None, env: Mapping[str, str] | None = None) -> dict:
+    """Read manager keyword arguments from a TOML file and ``MTCKPT_*`` variables.
+
+    ``path`` defaults to ``$MTCKPT_CONFIG``; with neither, only the environment is read.
+    Environment variables override the file: ``MTCKPT_RUN``, ``MTCKPT_MEMORY_KEEP``,
+    ``MTCKPT_LOCAL_PATH``, ... (``MTCKPT_`` + section + ``_`` + key, upper case).
+    """
+    env = os.environ if env is None else env
+    path = path if path is not None else env.get("MTCKPT_CONFIG") or None
+    settings: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                settings = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {str(path)!r} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+    source = f"config file {str(path)!r}" if path is not None else "configuration"
+    _check_keys(settings, source)
+    _apply_env(settings, env)
+
+    kwargs: dict[str, Any] = {k: settings[k] for k in MANAGER_OPTIONS if k in settings}
+    for tier, cls in TIER_CLASSES.items():
+        if tier in settings:
+            try:
+                kwargs[tier] = cls(**settings[tier])
+            except TypeError as exc:
+                raise ConfigError(f"{source}: [{tier}] {exc}") from None
+    return kwargs
+
+
+def _check_keys(settings: dict[str, Any], source: str) -> None:
+    for key, value in settings.items():
+        if key in TIER_CLASSES:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: [{key}] must be a table")
+            fields = {f.name for f in dataclasses.fields(TIER_CLASSES[key])}
+            for sub in value:
+                if sub not in fields:
+                    raise ConfigError(
+                        f"{source}: unknown key {key}.{sub}; expected one of {sorted(fields)}"
+                    )
+        elif key not in MANAGER_OPTIONS:
+            raise ConfigError(
+                f"{source}: unknown key {key!r}; expected one of "
+                f"{sorted(MANAGER_OPTIONS) + sorted(f'[{t}]' for t in TIER_CLASSES)}"
+            )
+
+
+def _apply_env(settings: dict[str, Any], env: Mapping[str, str]) -> None:
+    for key, kind in MANAGER_OPTIONS.items():
+        name = f"MTCKPT_{key.upper()}"
+        if name in env:
+            settings[key] = _parse_env(name, env[name], kind, key in _OPTIONAL)
+    for tier, cls in TIER_CLASSES.items():
+        for f in dataclasses.fields(cls):
+            name = f"MTCKPT_{tier.upper()}_{f.name.upper()}"
+            if name in env:
+                kind = {"path": str, "every": int, "interval": float, "keep": int}[f.name]
+                section = settings.setdefault(tier, {})
+                section[f.name] = _parse_env(name, env[name], kind, f.name in _OPTIONAL)
+
+
+def _parse_env(name: str, raw: str, kind: type, optional: bool) -> Any:
+    text = raw.strip()
+    if optional and text.lower() in ("", "none"):
+        return None
+    try:
+        if kind is bool:
+            lowered = text.lower()
+            if lowered not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                raise ValueError(text)
+            return lowered in ("1", "true", "yes", "on")
+        if kind is str:
+            return text
+        return kind(text)
+    except ValueError:
+        raise ConfigError(
+            f"environment variable {name}={raw!r} is not a valid {kind.__name__}"
+        ) from None
+
+
+def expand_path(path: str | os.PathLike) -> Path:
+    return Path(os.path.expandvars(os.path.expanduser(str(path))))

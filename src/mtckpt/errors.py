@@ -1,0 +1,51 @@
+"""Exceptions raised by mtckpt. Each one names the key path, step, file or peer at fault."""
+
+from __future__ import annotations
+
+
+class MtckptError(Exception):
+    """Root of every error mtckpt raises on purpose."""
+
+
+class ConfigError(MtckptError, ValueError):
+    """A tier option, config file key or ``MTCKPT_*`` variable is missing or invalid."""
+
+
+class UnsupportedLeafError(MtckptError, TypeError):
+    """A state leaf has a type mtckpt cannot save (or pickle was needed but not allowed)."""
+
+
+class KeyCollisionError(MtckptError, ValueError):
+    """Two leaves of a state flatten to the same key path."""
+
+
+class StepNotFoundError(MtckptError, FileNotFoundError):
+    """No tier holds a complete checkpoint for the requested step (or any step)."""
+
+
+class StepExistsError(MtckptError, FileExistsError):
+    """A step was saved twice, or is older than a step this manager already saved."""
+
+
+class FormatVersionError(MtckptError, ValueError):
+    """A manifest was written by a newer (or unknown) format version."""
+
+
+class CorruptCheckpointError(MtckptError, ValueError):
+    """A checkpoint file is missing, truncated or malformed."""
+
+
+class ChecksumMismatchError(CorruptCheckpointError):
+    """Stored bytes do not match the crc32c recorded when they were written."""
+
+
+class StateMismatchError(MtckptError, ValueError):
+    """The restore target does not match the saved state (keys, shapes, dtypes, kinds)."""
+
+
+class TierError(MtckptError, OSError):
+    """A tier could not be written or read (full disk, permission, unreachable store)."""
+
+
+class ClosedError(MtckptError, RuntimeError):
+    """The CheckpointManager was used after close()."""

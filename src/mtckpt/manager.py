@@ -1,0 +1,426 @@
+"""CheckpointManager: the user's entry point. Decides which tiers take a step, stages it on
+the training thread, hands the rest to the background pipeline, and restores the newest
+complete, verified step from the fastest tier that holds a good copy."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+from . import _fastpath, commit, config, naming, restore, retention, shard, topology, tree
+from .config import LocalTier, MemoryTier
+from .errors import (
+    ClosedError,
+    ConfigError,
+    CorruptCheckpointError,
+    StateMismatchError,
+    StepExistsError,
+    StepNotFoundError,
+)
+from .manifest import DEFAULT_CHUNK_SIZE, LeafRecord
+from .pipeline import Pipeline, SaveHandle, SaveJob
+from .tiers.base import Storage
+from .tiers.local import LocalStorage
+from .tiers.memory import MemoryStorage, Slot
+
+log = logging.getLogger(__name__)
+
+_MAX_LISTED_KEYS = 20
+
+
+class CheckpointManager:
+    """Saves and restores the checkpoints of one run across the configured tiers.
+
+    ``save`` returns once the state is copied into node memory; checksums, manifests,
+    commits and the slower tiers follow in the background. ``restore`` returns the newest
+    step complete in some tier whose copy verifies, falling back to another tier or an
+    older step (and logging it) when a copy is damaged.
+    """
+
+    def __init__(
+        self,
+        run: str,
+        memory: MemoryTier | None = None,
+        local: LocalTier | None = None,
+        *,
+        rank: int | None = None,
+        world_size: int | None = None,
+        allow_pickle: bool = False,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        threads: int | None = None,
+    ) -> None:
+        try:
+            self.run = naming.check_run(run)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        memory = MemoryTier() if memory is None else memory
+        if not isinstance(memory, MemoryTier):
+            raise ConfigError(f"memory must be a mtckpt.MemoryTier, got {type(memory).__name__}")
+        if local is not None and not isinstance(local, LocalTier):
+            raise ConfigError(f"local must be a mtckpt.LocalTier, got {type(local).__name__}")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 4096:
+            raise ConfigError(f"chunk_size must be an int >= 4096, got {chunk_size!r}")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                    or threads < 1):  # fmt: skip
+            raise ConfigError(f"threads must be a positive int or None, got {threads!r}")
+        self.rank, self.world_size = topology.detect(rank, world_size)
+        self.node_ranks = topology.node_ranks(self.rank, self.world_size)
+        self.allow_pickle = bool(allow_pickle)
+        self.chunk_size = chunk_size
+        self.threads = threads or max(1, min(8, os.cpu_count() or 1))
+        _fastpath.backend()  # choose (and report) the fast path now, not mid-save
+
+        self._memory = MemoryStorage(config.expand_path(memory.path))
+        self._tiers: list[tuple[Any, Storage]] = [(memory, self._memory)]
+        if local is not None:
+            self._tiers.append((local, LocalStorage(config.expand_path(local.path))))
+        self._closed = False
+        self._handles: list[SaveHandle] = []
+        self._last_saved_at: dict[str, float] = {}
+        for cfg, storage in self._tiers:
+            self._prepare_storage(storage, cfg.keep)
+        self._newest = self.latest_step()
+        self._pipeline = Pipeline(
+            run=self.run,
+            rank=self.rank,
+            world_size=self.world_size,
+            node_ranks=self.node_ranks,
+            memory=self._memory,
+            memory_keep=memory.keep,
+            slower={s.name: (s, cfg.keep) for cfg, s in self._tiers[1:]},
+            chunk_size=chunk_size,
+            threads=max(1, self.threads // 2),
+        )
+
+    @classmethod
+    def from_config(cls, path: str | os.PathLike | None = None, **overrides: Any):
+        """A manager from a TOML file (default ``$MTCKPT_CONFIG``) and ``MTCKPT_*`` variables;
+        keyword arguments override both."""
+        kwargs = config.load(path)
+        kwargs.update(overrides)
+        if "run" not in kwargs:
+            raise ConfigError("no run name: set the config key run, MTCKPT_RUN or run=...")
+        return cls(**kwargs)
+
+    def _prepare_storage(self, storage: Storage, keep: int) -> None:
+        try:
+            retention.clean_after_crash(storage, self.run, self.rank, self.world_size)
+            retention.apply(storage, self.run, self.rank, self.world_size, keep)
+        except OSError as exc:
+            raise ConfigError(f"{storage.describe()} is not usable: {exc}") from exc
+
+    # -- saving ----------------------------------------------------------------------------
+
+    def should_save(self, step: int) -> bool:
+        """Whether any tier's schedule takes ``step`` now."""
+        return bool(self._due_tiers(naming.check_step(step), time.monotonic()))
+
+    def _due_tiers(self, step: int, now: float) -> list[str]:
+        due = []
+        for cfg, storage in self._tiers:
+            last = self._last_saved_at.get(storage.name)
+            if config.is_due(cfg, step, None if last is None else now - last):
+                due.append(storage.name)
+        return due
+
+    def save(self, step: int, state: Any, *, force: bool = False) -> SaveHandle:
+        """Stage ``state`` as ``step`` in node memory and return; the rest runs in the background.
+
+        The tiers whose schedule takes ``step`` (all of them with ``force=True``) receive it;
+        if none does, nothing is saved and the handle has no tiers. Once this returns, the
+        saved arrays may be modified.
+        """
+        self._check_open()
+        naming.check_step(step)
+        if self._newest is not None and step <= self._newest:
+            raise StepExistsError(
+                f"step {step} is not newer than step {self._newest}, which run {self.run!r} "
+                "already holds; steps must increase (CheckpointManager.delete(step) removes "
+                "newer steps to go back)"
+            )
+        now = time.monotonic()
+        due = [s.name for _, s in self._tiers] if force else self._due_tiers(step, now)
+        configured = tuple(s.name for _, s in self._tiers)
+        if not due:
+            handle = SaveHandle(step, (), configured)
+            handle._finish("staged")
+            return handle
+        if "memory" not in due:
+            due.insert(0, "memory")  # every step passes through memory on its way
+        node, leaves = tree.flatten(state, allow_pickle=self.allow_pickle)
+        layout = shard.plan(_data_items(leaves), self._shard_metadata(step))
+        if self._memory.free_slots(self.run, self.rank) == 0:
+            self._pipeline.wait_memory_idle()  # its garbage collection may free a slot
+        slot = self._memory.acquire(self.run, self.rank, layout.file_size)
+        try:
+            _stage_into_slot(slot, layout, leaves, self.threads)
+        except BaseException:
+            self._memory.release(slot, self.run, self.rank)
+            raise
+        handle = SaveHandle(step, tuple(due), configured)
+        handle._finish("staged")
+        self._pipeline.submit(
+            SaveJob(
+                step=step,
+                slot=slot,
+                layout=layout,
+                tree=node,
+                records=_leaf_records(leaves, layout),
+                framework="numpy",
+                tiers=tuple(due[1:]),
+                handle=handle,
+            )
+        )
+        self._newest = step
+        for name in due:
+            self._last_saved_at[name] = now
+        self._handles = [h for h in self._handles if not h.done()] + [handle]
+        return handle
+
+    def _shard_metadata(self, step: int) -> dict[str, str]:
+        return {
+            "format": "mtckpt",
+            "run": self.run,
+            "step": str(step),
+            "rank": str(self.rank),
+            "world_size": str(self.world_size),
+        }
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Wait for all pending work of every tier; raise the first error among it."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        handles, self._handles = self._handles, []
+        first_error = None
+        for handle in handles:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                handle.wait(timeout=remaining)
+            except TimeoutError:
+                self._handles = handles
+                raise
+            except Exception as exc:
+                first_error = first_error or exc
+        if first_error is not None:
+            raise first_error
+
+    # -- restoring ---------------------------------------------------------------------------
+
+    def restore(
+        self,
+        target: Any = None,
+        *,
+        step: int | None = None,
+        strict: bool = True,
+        allow_pickle: bool | None = None,
+    ) -> tuple[int, Any]:
+        """``(step, state)`` of the newest complete step (or ``step``) whose copy verifies.
+
+        Without ``target`` the saved tree comes back with numpy arrays. With one, its arrays
+        are filled in place, its stateful objects get ``load_state_dict``, and the returned
+        tree has the target's structure. ``strict=False`` restores the keys both share and
+        leaves the rest of the target as it is.
+        """
+        self._check_open()
+        self._pipeline.wait_memory_idle()
+        allow_pickle = self.allow_pickle if allow_pickle is None else allow_pickle
+        if target is not None:
+            target_node, target_leaves = tree.flatten(target, as_target=True)
+            targets = {leaf.key: leaf.value for leaf in target_leaves}
+        else:
+            target_node, targets = None, {}
+        holders = {
+            storage.name: set(commit.committed_steps(storage, self.run, self.rank))
+            for _, storage in self._tiers
+        }
+        available = sorted(set().union(*holders.values()), reverse=True)
+        if step is not None:
+            naming.check_step(step)
+            if step not in available:
+                raise StepNotFoundError(
+                    f"step {step} of run {self.run!r} is not complete for rank {self.rank} in "
+                    f"{self._where()}; complete steps: {available[:10] or 'none'}"
+                )
+            candidates = [step]
+        elif not available:
+            raise StepNotFoundError(
+                f"no complete checkpoint of run {self.run!r} for rank {self.rank} in "
+                f"{self._where()}"
+            )
+        else:
+            candidates = available
+        problems: list[str] = []
+        for candidate in candidates:
+            for _, storage in self._tiers:
+                if candidate not in holders[storage.name]:
+                    continue
+                try:
+                    manifest = restore.read_manifest(storage, self.run, candidate, self.rank)
+                    skip = self._check_target(manifest, target, targets, strict, allow_pickle)
+                    values = restore.load_shard(
+                        storage, manifest, targets, skip=skip, threads=self.threads
+                    )
+                except CorruptCheckpointError as exc:
+                    problems.append(str(exc))
+                    log.warning("%s; trying the next copy", exc)
+                    commit.decommit(storage, self.run, candidate, str(exc))
+                    continue
+                if candidate != candidates[0]:
+                    log.warning(
+                        "restored step %d from the %s tier: no good copy of newer step(s) %s",
+                        candidate, storage.name, [s for s in candidates if s > candidate],
+                    )  # fmt: skip
+                else:
+                    log.info("restored step %d from the %s tier", candidate, storage.name)
+                node = target_node if target_node is not None else manifest.tree
+                state = tree.unflatten(node, lambda key: values.get(key, targets.get(key)))
+                return candidate, state
+        which = f"step {step}" if step is not None else "any step"
+        raise CorruptCheckpointError(
+            f"no good copy of {which} of run {self.run!r} for rank {self.rank}: "
+            + "; ".join(problems)
+        )
+
+    def _check_target(self, manifest, target, targets, strict, allow_pickle) -> set[str]:
+        """Raise StateMismatchError where ``target`` cannot take the saved state; returns the
+        saved keys that need not be read (``strict=False``, not in the target)."""
+        saved = {record.key: record for record in manifest.leaves}
+        skip: set[str] = set()
+        if target is not None:
+            missing = [key for key in targets if key not in saved]
+            unexpected = [key for key in saved if key not in targets]
+            if strict and (missing or unexpected):
+                raise StateMismatchError(
+                    f"step {manifest.step} of run {self.run!r} and the restore target differ: "
+                    f"keys missing from the checkpoint: {_listing(missing)}; keys not in the "
+                    f"target: {_listing(unexpected)}; pass strict=False to restore the keys "
+                    "they share"
+                )
+            skip = set(unexpected)
+        for key, record in saved.items():
+            if key not in skip:
+                restore.check_target(record, targets.get(key), allow_pickle)
+        return skip
+
+    # -- inspecting and removing -----------------------------------------------------------
+
+    def steps(self) -> dict[str, list[int]]:
+        """Complete steps holding this rank's shard, per tier, ascending."""
+        self._check_open()
+        return {
+            storage.name: commit.committed_steps(storage, self.run, self.rank)
+            for _, storage in self._tiers
+        }
+
+    def latest_step(self) -> int | None:
+        """The newest step complete in any tier, or None."""
+        steps = [s for _, storage in self._tiers
+                 for s in commit.committed_steps(storage, self.run, self.rank)]  # fmt: skip
+        return max(steps, default=None)
+
+    def delete(self, step: int) -> None:
+        """Remove ``step`` (this rank's shard, and its commit) from every tier."""
+        self._check_open()
+        naming.check_step(step)
+        self.wait()
+        for _, storage in self._tiers:
+            retention.remove_rank_files(storage, self.run, step, self.rank, self.world_size)
+        self._newest = self.latest_step()
+
+    # -- lifetime ----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Finish all pending work, stop the background threads and release the memory slots.
+
+        Raises the first error of the pending work, after everything is shut down.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.wait()
+        finally:
+            self._pipeline.close()
+            for _, storage in self._tiers:
+                storage.close()
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except Exception as close_error:  # do not mask the error that ended the block
+            log.error("closing the checkpoint manager failed: %s", close_error)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError(f"the CheckpointManager of run {self.run!r} is closed")
+
+    def _where(self) -> str:
+        return ", ".join(storage.describe() for _, storage in self._tiers)
+
+    def __repr__(self) -> str:
+        return (
+            f"CheckpointManager(run={self.run!r}, rank={self.rank}/{self.world_size}, "
+            f"tiers=[{self._where()}])"
+        )
+
+
+def _data_items(leaves: list[tree.Leaf]) -> list[tuple[str, str, tuple[int, ...], int]]:
+    items = []
+    for leaf in leaves:
+        if leaf.kind in ("ndarray", "npscalar"):
+            array = leaf.value
+            items.append((leaf.key, shard.dtype_name(array.dtype), array.shape, array.nbytes))
+        elif leaf.kind in tree.DATA_KINDS:
+            items.append((leaf.key, "U8", (len(leaf.value),), len(leaf.value)))
+    return items
+
+
+def _leaf_records(leaves: list[tree.Leaf], layout: shard.Layout) -> list[LeafRecord]:
+    entries = {entry.key: entry for entry in layout.entries}
+    records = []
+    for leaf in leaves:
+        entry = entries.get(leaf.key)
+        if entry is None:
+            records.append(LeafRecord(leaf.key, leaf.kind, value=leaf.value))
+        else:
+            records.append(LeafRecord(leaf.key, leaf.kind, dtype=entry.dtype, shape=entry.shape,
+                                      offset=entry.offset, nbytes=entry.nbytes))  # fmt: skip
+    return records
+
+
+def _stage_into_slot(slot: Slot, layout: shard.Layout, leaves: list[tree.Leaf], threads: int):
+    """Copy the header and every leaf's bytes into the slot: one multi-threaded native call
+    for contiguous arrays and bytes, numpy for strided or byte-swapped arrays."""
+    view = slot.view()
+    view[: len(layout.header)] = np.frombuffer(layout.header, np.uint8)
+    values = {leaf.key: leaf.value for leaf in leaves}
+    destinations, sources = [], []
+    for entry in layout.entries:
+        value = values[entry.key]
+        dst = view[layout.data_start + entry.offset : layout.data_start + entry.offset + entry.nbytes]
+        if not isinstance(value, np.ndarray):
+            destinations.append(dst)
+            sources.append(value)
+        elif value.flags.c_contiguous and value.dtype.byteorder != ">":
+            destinations.append(dst)
+            sources.append(value.reshape(-1).view(np.uint8))
+        else:
+            little = value.dtype.newbyteorder("<")
+            np.copyto(dst.view(little).reshape(value.shape), value, casting="equiv")
+    _fastpath.backend().copy_many(destinations, sources, threads)
+    del view, destinations
+
+
+def _listing(keys: list[str]) -> str:
+    shown = ", ".join(repr(k) for k in keys[:_MAX_LISTED_KEYS])
+    more = f" and {len(keys) - _MAX_LISTED_KEYS} more" if len(keys) > _MAX_LISTED_KEYS else ""
+    return f"[{shown}{more}]" if keys else "none"

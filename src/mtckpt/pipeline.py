@@ -1,0 +1,328 @@
+"""What happens to a save after ``save()`` returns, on background threads.
+
+The memory worker takes staged steps in order: checksums each chunk of the slot (native
+code, GIL released), writes the rank manifest, publishes the slot into the step directory
+and commits it in the memory tier. Each slower tier has its own worker that copies
+committed steps from the memory tier, re-verifying every chunk on the way; if it falls
+behind, the newest due step wins and older queued ones are skipped (and logged). A memory
+step is not recycled while a slower tier still reads it.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+from . import checksum, commit, naming, retention
+from .errors import ChecksumMismatchError, MtckptError
+from .manifest import LeafRecord, RankManifest
+from .shard import Layout
+from .tiers.base import Storage
+from .tiers.memory import MemoryStorage, Slot
+from .tree import Node
+
+log = logging.getLogger(__name__)
+
+STAGES = ("staged", "memory", "local", "peers", "remote")
+
+
+class SaveHandle:
+    """Progress of one ``save``: ``wait()`` / ``done()`` per stage or for all of them.
+
+    Stages are ``"staged"`` (the saved objects may be modified again), then one per tier the
+    step is due for (``h.tiers``). An error of a stage is raised by ``wait``.
+    """
+
+    def __init__(self, step: int, tiers: tuple[str, ...], configured: tuple[str, ...]) -> None:
+        self.step = step
+        self.tiers = tiers
+        self._configured = ("staged",) + configured
+        self._events = {name: threading.Event() for name in ("staged",) + tiers}
+        self._errors: dict[str, BaseException] = {}
+        self._skipped: set[str] = set()
+
+    def _stages(self, stage: str | None) -> list[str]:
+        if stage is None:
+            return list(self._events)
+        if stage not in self._configured:
+            raise ValueError(
+                f"unknown stage {stage!r} for step {self.step}: expected one of "
+                f"{list(self._configured)} (a tier must be configured to be waited for)"
+            )
+        return [stage] if stage in self._events else []
+
+    def _finish(self, stage: str, error: BaseException | None = None, skipped: bool = False):
+        if error is not None:
+            self._errors[stage] = error
+        if skipped:
+            self._skipped.add(stage)
+        self._events[stage].set()
+
+    def done(self, stage: str | None = None) -> bool:
+        """Whether the stage (default: every stage) has finished, successfully or not."""
+        return all(self._events[name].is_set() for name in self._stages(stage))
+
+    def wait(self, stage: str | None = None, timeout: float | None = None) -> None:
+        """Block until the stage (default: every stage) is done; raise its error if it failed.
+
+        A tier this step is not due for has nothing to wait for and returns at once.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        names = self._stages(stage)
+        for name in names:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not self._events[name].wait(remaining):
+                raise TimeoutError(f"step {self.step}: {name} not done after {timeout} s")
+        for name in names:
+            if name in self._errors:
+                raise self._errors[name]
+
+    def exception(self, stage: str | None = None) -> BaseException | None:
+        """The first error among finished stages, or None."""
+        return next((self._errors[n] for n in self._stages(stage) if n in self._errors), None)
+
+    @property
+    def skipped(self) -> frozenset[str]:
+        """Tiers that skipped this step because a newer one was due (policy: newest wins)."""
+        return frozenset(self._skipped)
+
+    def __repr__(self) -> str:
+        state = {n: ("error" if n in self._errors else "skipped" if n in self._skipped else
+                     "done" if e.is_set() else "pending") for n, e in self._events.items()}  # fmt: skip
+        return f"SaveHandle(step={self.step}, {state})"
+
+
+@dataclass
+class SaveJob:
+    step: int
+    slot: Slot
+    layout: Layout
+    tree: Node
+    records: list[LeafRecord]
+    framework: str
+    tiers: tuple[str, ...]  # slower tiers due, in order
+    handle: SaveHandle
+    manifest: RankManifest | None = None
+    manifest_json: bytes = b""
+
+
+@dataclass
+class SlowerTier:
+    storage: Storage
+    keep: int
+    queue: collections.deque = field(default_factory=collections.deque)
+    thread: threading.Thread | None = None
+
+
+class Pipeline:
+    def __init__(
+        self,
+        *,
+        run: str,
+        rank: int,
+        world_size: int,
+        node_ranks: tuple[int, ...],
+        memory: MemoryStorage,
+        memory_keep: int,
+        slower: dict[str, tuple[Storage, int]],
+        chunk_size: int,
+        threads: int,
+    ) -> None:
+        self.run, self.rank, self.world_size = run, rank, world_size
+        self.node_ranks = node_ranks
+        self.memory, self.memory_keep = memory, memory_keep
+        self.chunk_size, self.threads = chunk_size, threads
+        self._cond = threading.Condition()
+        self._memory_queue: collections.deque[SaveJob] = collections.deque()
+        self._memory_busy = False
+        self._pins: collections.Counter[int] = collections.Counter()
+        self._retention_lock = threading.Lock()
+        self._closing = False  # no more saves: the memory worker drains its queue and stops
+        self._tiers_closing = False  # set once it has: tier workers drain and stop
+        self._tiers = {name: SlowerTier(storage, keep) for name, (storage, keep) in slower.items()}
+        self._memory_thread = threading.Thread(
+            target=self._memory_worker, name="mtckpt-memory", daemon=True
+        )
+        self._memory_thread.start()
+        for name, tier in self._tiers.items():
+            tier.thread = threading.Thread(
+                target=self._tier_worker, args=(name,), name=f"mtckpt-{name}", daemon=True
+            )
+            tier.thread.start()
+
+    # -- submitting and waiting ------------------------------------------------------------
+
+    def submit(self, job: SaveJob) -> None:
+        with self._cond:
+            if self._closing:
+                raise MtckptError("the checkpoint pipeline is closed")
+            self._memory_queue.append(job)
+            self._cond.notify_all()
+
+    def wait_memory_idle(self) -> None:
+        """Block until every submitted step has been committed (or failed) in memory."""
+        with self._cond:
+            self._cond.wait_for(lambda: not self._memory_queue and not self._memory_busy)
+
+    def close(self) -> None:
+        """Finish all submitted work, then stop the workers."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._memory_thread.join()
+        with self._cond:
+            self._tiers_closing = True
+            self._cond.notify_all()
+        for tier in self._tiers.values():
+            tier.thread.join()
+
+    # -- the memory worker -----------------------------------------------------------------
+
+    def _next_memory_job(self) -> SaveJob | None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._memory_queue or self._closing)
+            if not self._memory_queue:
+                return None
+            self._memory_busy = True
+            return self._memory_queue.popleft()
+
+    def _memory_worker(self) -> None:
+        while (job := self._next_memory_job()) is not None:
+            try:
+                self._commit_in_memory(job)
+            except BaseException as exc:  # reported through the handle, never lost
+                log.error("step %d: commit in the memory tier failed: %s", job.step, exc)
+                for stage in ("memory",) + job.tiers:
+                    job.handle._finish(stage, error=exc)
+            else:
+                self._collect_memory_garbage()
+                job.handle._finish("memory")
+                self._prepare_spare_slot(job.slot.size)
+            finally:
+                with self._cond:
+                    self._memory_busy = False
+                    self._cond.notify_all()
+
+    def _commit_in_memory(self, job: SaveJob) -> None:
+        view = job.slot.view()
+        try:
+            crcs = checksum.crc32c_chunks(view, self.chunk_size, self.threads)
+        finally:
+            del view
+        job.manifest = RankManifest(
+            run=self.run,
+            step=job.step,
+            rank=self.rank,
+            world_size=self.world_size,
+            framework=job.framework,
+            tree=job.tree,
+            leaves=tuple(job.records),
+            data_file=naming.data_file(self.rank),
+            file_size=job.layout.file_size,
+            data_start=job.layout.data_start,
+            chunk_size=self.chunk_size,
+            chunk_crc32c=tuple(crcs),
+        )
+        job.manifest_json = job.manifest.to_json()
+        try:
+            self.memory.publish(job.slot, self.run, job.step, self.rank)
+        except BaseException:
+            self.memory.release(job.slot, self.run, self.rank)
+            raise
+        self.memory.write_bytes(self.run, job.step, naming.manifest_file(self.rank),
+                                job.manifest_json)  # fmt: skip
+        commit.try_commit(self.memory, self.run, job.step, self.world_size, self.node_ranks)
+        for name in job.tiers:
+            with self._cond:
+                self._pins[job.step] += 1
+                self._tiers[name].queue.append(job)
+                self._cond.notify_all()
+
+    def _collect_memory_garbage(self) -> None:
+        try:
+            with self._retention_lock:
+                with self._cond:
+                    pinned = set(self._pins)
+                retention.apply(self.memory, self.run, self.rank, self.world_size,
+                                self.memory_keep, protected=pinned)  # fmt: skip
+                self.memory.trim(self.run, self.rank, max_free=1)
+        except Exception as exc:  # garbage collection failing must not stop checkpointing
+            log.warning("memory tier: garbage collection failed: %s", exc)
+
+    def _prepare_spare_slot(self, size: int) -> None:
+        try:
+            self.memory.prepare_spare(self.run, self.rank, size)
+        except Exception as exc:  # the next save creates its slot itself
+            log.warning("memory tier: cannot prepare a spare slot: %s", exc)
+
+    # -- slower tiers ----------------------------------------------------------------------
+
+    def _next_tier_job(self, name: str) -> SaveJob | None:
+        tier = self._tiers[name]
+        with self._cond:
+            self._cond.wait_for(lambda: tier.queue or self._tiers_closing)
+            if not tier.queue:
+                return None
+            job = tier.queue.pop()  # newest wins
+            skipped = list(tier.queue)
+            tier.queue.clear()
+        for old in skipped:
+            log.warning(
+                "%s tier: skipping step %d because step %d is already due (the tier is "
+                "slower than the save rate; consider a larger `every`)", name, old.step, job.step
+            )
+            old.handle._finish(name, skipped=True)
+            self._unpin(old.step)
+        return job
+
+    def _tier_worker(self, name: str) -> None:
+        tier = self._tiers[name]
+        while (job := self._next_tier_job(name)) is not None:
+            error = None
+            try:
+                self._copy_to_tier(tier.storage, job)
+            except BaseException as exc:
+                log.error("%s tier: step %d failed: %s (training continues; the next due "
+                          "step will try again)", name, job.step, exc)  # fmt: skip
+                error = exc
+            self._unpin(job.step)
+            try:
+                retention.apply(tier.storage, self.run, self.rank, self.world_size, tier.keep)
+            except Exception as exc:
+                log.warning("%s tier: garbage collection failed: %s", name, exc)
+            self._collect_memory_garbage()
+            job.handle._finish(name, error=error)
+
+    def _copy_to_tier(self, storage: Storage, job: SaveJob) -> None:
+        manifest = job.manifest
+        source = job.slot.view()
+        size = self.chunk_size
+
+        def verified_chunks():
+            for index, expected in enumerate(manifest.chunk_crc32c):
+                piece = source[index * size : (index + 1) * size]
+                actual = checksum.crc32c(piece)
+                if actual != expected:
+                    raise ChecksumMismatchError(
+                        f"step {job.step} rank {self.rank}: the memory tier copy changed after "
+                        f"it was committed (chunk {index}: crc32c {actual:#010x}, recorded "
+                        f"{expected:#010x}); not copied to {storage.describe()}"
+                    )
+                yield piece
+
+        try:
+            storage.write_stream(self.run, job.step, manifest.data_file, manifest.file_size,
+                                 verified_chunks())  # fmt: skip
+        finally:
+            del source
+        storage.write_bytes(self.run, job.step, naming.manifest_file(self.rank), job.manifest_json)
+        commit.try_commit(storage, self.run, job.step, self.world_size, self.node_ranks)
+
+    def _unpin(self, step: int) -> None:
+        with self._cond:
+            self._pins[step] -= 1
+            if self._pins[step] <= 0:
+                del self._pins[step]

@@ -1,0 +1,208 @@
+"""Reading one rank's shard back from a storage, verified while it is copied.
+
+The data file is mapped and walked chunk by chunk (the manifest holds one crc32c per
+chunk): every byte is checksummed in the same pass that copies it into its destination,
+which is the target's own array when one is given, so restore costs one copy. Chunks are
+spread over threads; a mismatch names the file, the chunk and the keys it holds.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Collection, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from . import _fastpath, naming, shard
+from .errors import (
+    ChecksumMismatchError,
+    CorruptCheckpointError,
+    StateMismatchError,
+    UnsupportedLeafError,
+)
+from .manifest import LeafRecord, RankManifest
+from .tiers.base import Storage
+from .tree import DATA_KINDS
+
+ARRAY_KINDS = frozenset({"ndarray", "npscalar"})
+
+
+def read_manifest(storage: Storage, run: str, step: int, rank: int) -> RankManifest:
+    where = f"{storage.describe()}: step {step} {naming.manifest_file(rank)}"
+    try:
+        raw = storage.read_bytes(run, step, naming.manifest_file(rank))
+    except FileNotFoundError:
+        raise CorruptCheckpointError(f"{where}: the manifest is missing") from None
+    manifest = RankManifest.from_json(raw, where)
+    if (manifest.run, manifest.step, manifest.rank) != (run, step, rank):
+        raise CorruptCheckpointError(
+            f"{where}: records run {manifest.run!r} step {manifest.step} rank {manifest.rank}, "
+            f"expected run {run!r} step {step} rank {rank}"
+        )
+    return manifest
+
+
+def check_target(record: LeafRecord, target: Any, allow_pickle: bool) -> None:
+    """Raise if ``record`` cannot be restored into ``target`` (None: no target)."""
+    if record.kind == "pickle" and not allow_pickle:
+        raise UnsupportedLeafError(
+            f"key {record.key!r} was saved with pickle; pass allow_pickle=True to restore it "
+            "(only for checkpoints you trust)"
+        )
+    if isinstance(target, np.ndarray):
+        if record.kind not in ARRAY_KINDS:
+            raise StateMismatchError(
+                f"key {record.key!r}: the target is a numpy array but the checkpoint holds a "
+                f"{record.kind} leaf"
+            )
+        saved = f"{record.dtype} {tuple(record.shape)}"
+        try:
+            target_dtype = shard.dtype_name(target.dtype)
+        except ValueError:
+            target_dtype = str(target.dtype)
+        wanted = f"{target_dtype} {tuple(target.shape)}"
+        if saved != wanted:
+            raise StateMismatchError(
+                f"key {record.key!r}: the checkpoint holds {saved}, the target expects {wanted}"
+            )
+        if not target.flags.writeable:
+            raise StateMismatchError(f"key {record.key!r}: the target array is read-only")
+    elif record.kind in ARRAY_KINDS and shard.numpy_dtype(record.dtype) is None:
+        raise UnsupportedLeafError(
+            f"key {record.key!r} has dtype {record.dtype}, which numpy can only read with the "
+            "ml_dtypes package installed; or restore into a target of that dtype"
+        )
+
+
+def load_shard(
+    storage: Storage,
+    manifest: RankManifest,
+    targets: Mapping[str, Any],
+    *,
+    skip: Collection[str] = (),
+    threads: int,
+) -> dict[str, Any]:
+    """The value of every leaf of the shard; numpy arrays in ``targets`` are filled in place.
+
+    Leaves in ``skip`` are verified but not returned. Call :func:`check_target` for every
+    other leaf first. Raises CorruptCheckpointError (or its
+    subclass ChecksumMismatchError) if the stored copy is damaged.
+    """
+    where = f"{storage.describe()}: step {manifest.step} {manifest.data_file}"
+    try:
+        mapping = storage.map(manifest.run, manifest.step, manifest.data_file)
+    except FileNotFoundError:
+        raise CorruptCheckpointError(f"{where}: the data file is missing") from None
+    try:
+        if len(mapping) != manifest.file_size:
+            raise CorruptCheckpointError(
+                f"{where}: {len(mapping)} bytes, the manifest records {manifest.file_size}"
+            )
+        values, fixups = _read_verified(mapping, manifest, targets, set(skip), threads, where)
+    finally:
+        _close(mapping)
+    for target, temp in fixups:
+        np.copyto(target, temp)
+    return values
+
+
+def _read_verified(mapping, manifest, targets, skip, threads, where):
+    src = np.frombuffer(mapping, np.uint8) if manifest.file_size else np.zeros(0, np.uint8)
+    values: dict[str, Any] = {}
+    in_place: set[str] = set()  # keys restored into the target's own array
+    fixups = []  # (non-contiguous target, temp array): copied once verified
+    segments = []  # (start, end, destination uint8 array or None for checksum only)
+    position = 0
+    for record in manifest.data_records():
+        start = manifest.data_start + record.offset
+        if start > position:
+            segments.append((position, start, None))
+        if record.key in skip:
+            continue  # its bytes stay in a checksum-only gap
+        target = targets.get(record.key)
+        if isinstance(target, np.ndarray):
+            in_place.add(record.key)
+            values[record.key] = target
+        if isinstance(target, np.ndarray) and target.flags.c_contiguous:
+            dst = target.reshape(-1).view(np.uint8)
+        else:
+            dst = np.empty(record.nbytes, np.uint8)
+            value = _value_from_bytes(record, dst)
+            if isinstance(target, np.ndarray):
+                fixups.append((target, value))
+            else:
+                values[record.key] = value
+        segments.append((start, start + record.nbytes, dst))
+        position = max(position, start + record.nbytes)
+    if position < manifest.file_size:
+        segments.append((position, manifest.file_size, None))
+
+    chunk = manifest.chunk_size
+    fastpath = _fastpath.backend()
+
+    def verify_chunk(index: int) -> None:
+        lo, hi = index * chunk, min((index + 1) * chunk, manifest.file_size)
+        crc = 0
+        for start, end, dst in segments:
+            a, b = max(start, lo), min(end, hi)
+            if a >= b:
+                continue
+            if dst is None:
+                crc = fastpath.crc32c(src[a:b], crc)
+            else:
+                crc = fastpath.copy_crc32c(dst[a - start : b - start], src[a:b], crc)
+        expected = manifest.chunk_crc32c[index]
+        if crc != expected:
+            keys = [r.key for r in manifest.data_records()
+                    if manifest.data_start + r.offset < hi
+                    and manifest.data_start + r.offset + r.nbytes > lo]  # fmt: skip
+            raise ChecksumMismatchError(
+                f"{where}: chunk {index} (bytes {lo}-{hi}) has crc32c {crc:#010x}, recorded "
+                f"{expected:#010x}; keys affected: {keys[:8]}{' ...' if len(keys) > 8 else ''}"
+            )
+
+    count = len(manifest.chunk_crc32c)
+    if threads <= 1 or count <= 1:
+        for index in range(count):
+            verify_chunk(index)
+    else:
+        with ThreadPoolExecutor(max_workers=min(threads, count)) as pool:
+            for future in [pool.submit(verify_chunk, i) for i in range(count)]:
+                future.result()
+    for record in manifest.leaves:
+        if record.key in skip:
+            continue
+        if record.kind not in DATA_KINDS:
+            values[record.key] = record.value
+        elif record.key not in in_place:
+            values[record.key] = _finish_value(record, values[record.key])
+    return values, fixups
+
+
+def _value_from_bytes(record: LeafRecord, buf: np.ndarray) -> Any:
+    """An array viewing ``buf`` (not yet filled) for array kinds; ``buf`` itself otherwise."""
+    if record.kind in ARRAY_KINDS:
+        return buf.view(shard.numpy_dtype(record.dtype)).reshape(record.shape)
+    return buf
+
+
+def _finish_value(record: LeafRecord, value: Any) -> Any:
+    """Turn filled, verified bytes into the leaf's Python value."""
+    if record.kind == "bytes":
+        return value.tobytes()
+    if record.kind == "bytearray":
+        return bytearray(value.tobytes())
+    if record.kind == "pickle":
+        return pickle.loads(value.tobytes())
+    return value[()] if record.kind == "npscalar" else value
+
+
+def _close(mapping: Any) -> None:
+    close = getattr(mapping, "close", None)
+    if close is not None:
+        try:
+            close()
+        except BufferError:  # a view is still referenced (e.g. by a traceback); GC unmaps it
+            pass

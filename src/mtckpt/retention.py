@@ -1,0 +1,69 @@
+"""Garbage collection: expired steps, incomplete steps, and leftovers of crashed writers.
+
+Several ranks may share one storage (a node's memory or disk). Each rank removes only its
+own files (and files of ranks outside the current world); whoever comes first removes
+``COMMIT``, which is always removed before any shard so a step is never seen committed
+with a shard missing. The memory tier turns a rank's data files back into slots.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection
+
+from . import commit, naming
+from .tiers.base import Storage
+
+log = logging.getLogger(__name__)
+
+
+def remove_rank_files(storage: Storage, run: str, step: int, rank: int, world_size: int) -> None:
+    """Uncommit ``step`` and remove this rank's files there (and those of departed ranks)."""
+    storage.delete(run, step, naming.COMMIT)
+    recycle = getattr(storage, "recycle", None)
+    for name in storage.files(run, step):
+        owner = naming.rank_of_file(name)
+        if owner is None or (owner != rank and owner < world_size):
+            continue
+        if recycle is not None and owner == rank and name == naming.data_file(rank):
+            recycle(run, step, rank)
+        else:
+            storage.delete(run, step, name)
+    storage.remove_step_dir(run, step)
+
+
+def apply(
+    storage: Storage,
+    run: str,
+    rank: int,
+    world_size: int,
+    keep: int,
+    protected: Collection[int] = (),
+) -> list[int]:
+    """Remove committed steps beyond the newest ``keep`` and incomplete steps older than the
+    newest committed one, sparing ``protected`` steps; returns the steps removed."""
+    committed = commit.committed_steps(storage, run)
+    if not committed:
+        return []
+    expired = set(committed[:-keep])
+    newest = committed[-1]
+    stale = {s for s in storage.steps(run) if s < newest and s not in committed}
+    removed = sorted((expired | stale) - set(protected))
+    for step in removed:
+        remove_rank_files(storage, run, step, rank, world_size)
+    if removed:
+        log.debug("%s: removed steps %s of run %r", storage.describe(), removed, run)
+    return removed
+
+
+def clean_after_crash(storage: Storage, run: str, rank: int, world_size: int) -> None:
+    """At start-up, before this rank writes anything: remove its temporary files and its
+    shards of steps that never committed (a previous process of this rank died writing them).
+    """
+    for step in storage.steps(run):
+        if not commit.is_committed(storage, run, step):
+            remove_rank_files(storage, run, step, rank, world_size)
+            continue
+        for name in storage.files(run, step):
+            if naming.rank_of_file(name) == rank and naming.temp_target(name) is not None:
+                storage.delete(run, step, name)

@@ -1,0 +1,1 @@
+"""Storage behind each tier: moving files and byte ranges, knowing nothing of manifests."""

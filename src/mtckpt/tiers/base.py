@@ -1,0 +1,60 @@
+"""The narrow interface every tier's storage implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from typing import Any
+
+
+class Storage(ABC):
+    """Files of checkpoints, addressed by (run, step, file name).
+
+    Writes are atomic: a file appears under its name only once it is complete. Storage knows
+    nothing of manifests, commits or policies; :mod:`mtckpt.commit` and the pipeline do.
+    """
+
+    #: Short tier name used in messages and in ``CheckpointManager.steps()``.
+    name: str
+
+    @abstractmethod
+    def describe(self) -> str:
+        """Where this storage is, for messages: ``"memory tier (/dev/shm/mtckpt)"``."""
+
+    @abstractmethod
+    def steps(self, run: str) -> list[int]:
+        """Steps with a directory (complete or not), ascending."""
+
+    @abstractmethod
+    def files(self, run: str, step: int) -> list[str]:
+        """Names of the files in a step, temporary files included; [] if none."""
+
+    @abstractmethod
+    def exists(self, run: str, step: int, name: str) -> bool: ...
+
+    @abstractmethod
+    def read_bytes(self, run: str, step: int, name: str) -> bytes:
+        """A whole (small) file; FileNotFoundError if absent."""
+
+    @abstractmethod
+    def map(self, run: str, step: int, name: str) -> Any:
+        """A read-only buffer over a whole file, to be closed by the caller."""
+
+    @abstractmethod
+    def write_bytes(self, run: str, step: int, name: str, data: bytes) -> None:
+        """Write a small file atomically."""
+
+    @abstractmethod
+    def write_stream(self, run: str, step: int, name: str, size: int, chunks: Iterable) -> None:
+        """Write ``size`` bytes given as consecutive buffers atomically."""
+
+    @abstractmethod
+    def delete(self, run: str, step: int, name: str) -> None:
+        """Remove a file if present."""
+
+    @abstractmethod
+    def remove_step_dir(self, run: str, step: int) -> bool:
+        """Remove a step's directory if it is empty; whether it is gone."""
+
+    def close(self) -> None:
+        """Release what this storage holds open."""

@@ -1,0 +1,145 @@
+"""Storage in a directory tree: ``{root}/{run}/step-{step:012d}/{file}``.
+
+A file is written to a hidden temporary name in its step directory and renamed onto its
+final name once complete; with ``durable=True`` the file and then the directory are
+fsynced around the rename, so a crash leaves either the old state or the whole new file.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from .. import _fastpath, naming
+from ..errors import TierError
+from .base import Storage
+
+_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+
+
+class DirectoryStorage(Storage):
+    def __init__(self, root: str | os.PathLike, name: str, *, durable: bool) -> None:
+        self.root = Path(root)
+        self.name = name
+        self.durable = durable
+
+    def describe(self) -> str:
+        return f"{self.name} tier ({self.root})"
+
+    def run_dir(self, run: str) -> Path:
+        return self.root / naming.check_run(run)
+
+    def step_path(self, run: str, step: int) -> Path:
+        return self.run_dir(run) / naming.step_dir(step)
+
+    def path(self, run: str, step: int, name: str) -> Path:
+        if name != naming.COMMIT and naming.parse_rank_file(name) is None:
+            raise ValueError(f"{name!r} is not a checkpoint file name")
+        return self.step_path(run, step) / name
+
+    def steps(self, run: str) -> list[int]:
+        try:
+            names = os.listdir(self.run_dir(run))
+        except FileNotFoundError:
+            return []
+        return sorted(s for s in map(naming.parse_step_dir, names) if s is not None)
+
+    def files(self, run: str, step: int) -> list[str]:
+        try:
+            return sorted(os.listdir(self.step_path(run, step)))
+        except FileNotFoundError:
+            return []
+
+    def exists(self, run: str, step: int, name: str) -> bool:
+        return self.path(run, step, name).exists()
+
+    def read_bytes(self, run: str, step: int, name: str) -> bytes:
+        return self.path(run, step, name).read_bytes()
+
+    def map(self, run: str, step: int, name: str) -> Any:
+        with open(self.path(run, step, name), "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                return memoryview(b"")
+            return mmap.mmap(
+                f.fileno(), size, flags=mmap.MAP_SHARED | _MAP_POPULATE, prot=mmap.PROT_READ
+            )
+
+    def write_bytes(self, run: str, step: int, name: str, data: bytes) -> None:
+        self.write_stream(run, step, name, len(data), [data])
+
+    def write_stream(self, run: str, step: int, name: str, size: int, chunks: Iterable) -> None:
+        final = self.path(run, step, name)
+        self.make_step_dir(run, step)
+        temp = final.with_name(naming.temp_name(name))
+        fastpath = _fastpath.backend()
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                if self.durable and size:
+                    fastpath.fallocate(fd, 0, size)  # full disk fails here, before any write
+                offset = 0
+                for chunk in chunks:
+                    fastpath.pwrite_all(fd, chunk, offset)
+                    offset += memoryview(chunk).nbytes
+                if offset != size:
+                    raise ValueError(f"{final}: expected {size} bytes, got {offset}")
+                if self.durable:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(temp, final)
+        except BaseException as exc:
+            _unlink_quietly(temp)
+            if isinstance(exc, OSError):
+                raise self.error(f"cannot write {final}", exc) from exc
+            raise
+        if self.durable:
+            self.sync_dir(final.parent)
+
+    def delete(self, run: str, step: int, name: str) -> None:
+        _unlink_quietly(self.step_path(run, step) / name)
+
+    def remove_step_dir(self, run: str, step: int) -> bool:
+        try:
+            os.rmdir(self.step_path(run, step))
+        except FileNotFoundError:
+            return True
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                return False
+            raise
+        return True
+
+    def make_step_dir(self, run: str, step: int) -> Path:
+        path = self.step_path(run, step)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise self.error(f"cannot create {path}", exc) from exc
+        return path
+
+    def sync_dir(self, path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def error(self, what: str, exc: OSError) -> TierError:
+        """A TierError naming this tier, the operation and the OS reason."""
+        reason = exc.strerror or str(exc)
+        if exc.errno == errno.ENOSPC:
+            reason = "no space left on device"
+        return TierError(exc.errno or 0, f"{self.describe()}: {what}: {reason}")
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,189 @@
+"""The memory tier: a tmpfs directory whose data files are reused as pre-faulted slots.
+
+A fresh tmpfs file costs a page fault per page as it is first written (several times
+slower than copying into resident pages). So a rank's data file is staged into a *slot*:
+a file in ``{run}/.slots/rank-NNNNN/`` that is already allocated and mapped. Publishing a
+step renames the slot into the step directory; when the step expires, its data file is
+renamed back into the slot directory, still mapped, for a later step to reuse.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from .. import _fastpath, naming
+from .directory import DirectoryStorage
+
+_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+
+
+class Slot:
+    """A file in the memory tier, mapped read-write, of exactly ``size`` bytes."""
+
+    def __init__(self, path: Path, size: int, mm: mmap.mmap | None = None) -> None:
+        self.path = path
+        self.size = size
+        self.mm = mm
+
+    def view(self) -> np.ndarray:
+        """The slot's bytes as a writable uint8 array (a view of the mapping)."""
+        if self.size == 0:
+            return np.zeros(0, np.uint8)
+        return np.frombuffer(self.mm, np.uint8)
+
+    def unmap(self) -> None:
+        if self.mm is not None:
+            try:
+                self.mm.close()
+            except BufferError:  # a view of it is still alive; it unmaps when that goes
+                pass
+            self.mm = None
+
+
+class MemoryStorage(DirectoryStorage):
+    def __init__(self, root: str | os.PathLike) -> None:
+        super().__init__(root, "memory", durable=False)
+        self._lock = threading.Lock()
+        self._free: dict[tuple[str, int], list[Slot]] = {}
+        self._bound: dict[tuple[str, int, int], Slot] = {}
+
+    def slot_dir(self, run: str, rank: int) -> Path:
+        return self.run_dir(run) / ".slots" / f"rank-{rank:05d}"
+
+    def _free_list(self, run: str, rank: int) -> list[Slot]:
+        key = (run, rank)
+        if key not in self._free:  # first use: adopt slots a previous process left behind
+            directory = self.slot_dir(run, rank)
+            directory.mkdir(parents=True, exist_ok=True)
+            self._free[key] = [
+                Slot(path, path.stat().st_size)
+                for path in sorted(directory.iterdir())
+                if path.name.startswith("slot-")
+            ]
+        return self._free[key]
+
+    def free_slots(self, run: str, rank: int) -> int:
+        with self._lock:
+            return len(self._free_list(run, rank))
+
+    def acquire(self, run: str, rank: int, size: int) -> Slot:
+        """A mapped, pre-faulted slot of exactly ``size`` bytes, reused when one is free."""
+        with self._lock:
+            free = self._free_list(run, rank)
+            slot = None
+            if free:
+                # Prefer a slot already mapped (no page faults), then one of the right size.
+                free.sort(key=lambda s: (s.mm is not None, s.size == size, s.size >= size))
+                slot = free.pop()
+        try:
+            if slot is None:
+                return self._create(run, rank, size)
+            self._fit(slot, size)
+            return slot
+        except OSError as exc:
+            if slot is not None:
+                self.drop(slot)
+            raise self.error(f"cannot prepare a {size}-byte slot for rank {rank}", exc) from exc
+
+    def prepare_spare(self, run: str, rank: int, size: int) -> None:
+        """Create a free slot of ``size`` bytes if none is free, so the next save reuses it."""
+        if self.free_slots(run, rank) == 0:
+            slot = self._create(run, rank, size)
+            with self._lock:
+                self._free_list(run, rank).append(slot)
+
+    def _create(self, run: str, rank: int, size: int) -> Slot:
+        directory = self.slot_dir(run, rank)
+        directory.mkdir(parents=True, exist_ok=True)
+        slot = Slot(directory / f"slot-{uuid.uuid4().hex[:12]}", 0)
+        os.close(os.open(slot.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
+        try:
+            self._fit(slot, size)
+        except BaseException:
+            self.drop(slot)
+            raise
+        return slot
+
+    def _fit(self, slot: Slot, size: int) -> None:
+        """Resize ``slot`` to ``size`` bytes, allocating and faulting in any new pages."""
+        if slot.size == size and (slot.mm is not None or size == 0):
+            return
+        slot.unmap()
+        fd = os.open(slot.path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            old = os.fstat(fd).st_size
+            os.ftruncate(fd, size)
+            if size > old:
+                _fastpath.backend().fallocate(fd, old, size - old)  # tmpfs full fails here
+            slot.size = size
+            if size:
+                slot.mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _MAP_POPULATE)
+                if size > old:
+                    _fastpath.backend().prefault(slot.mm)
+        finally:
+            os.close(fd)
+
+    def publish(self, slot: Slot, run: str, step: int, rank: int) -> None:
+        """Rename a staged slot into its step directory as the rank's data file."""
+        final = self.make_step_dir(run, step) / naming.data_file(rank)
+        os.replace(slot.path, final)
+        slot.path = final
+        with self._lock:
+            self._bound[(run, step, rank)] = slot
+
+    def release(self, slot: Slot, run: str, rank: int) -> None:
+        """Give back a slot that was acquired but not published."""
+        with self._lock:
+            self._free_list(run, rank).append(slot)
+
+    def recycle(self, run: str, step: int, rank: int) -> None:
+        """Turn a rank's data file of an expiring step back into a free slot."""
+        data = self.step_path(run, step) / naming.data_file(rank)
+        with self._lock:
+            slot = self._bound.pop((run, step, rank), None)
+            free = self._free_list(run, rank)
+            target = self.slot_dir(run, rank) / f"slot-{uuid.uuid4().hex[:12]}"
+            try:
+                os.replace(data, target)
+            except FileNotFoundError:
+                if slot is not None:
+                    slot.unmap()
+                return
+            if slot is None:
+                slot = Slot(target, target.stat().st_size)
+            slot.path = target
+            free.append(slot)
+
+    def trim(self, run: str, rank: int, max_free: int) -> None:
+        """Delete free slots beyond ``max_free``, the unmapped and smallest first."""
+        with self._lock:
+            free = self._free_list(run, rank)
+            free.sort(key=lambda s: (s.mm is not None, s.size), reverse=True)
+            extra = free[max_free:]
+            del free[max_free:]
+        for slot in extra:
+            self.drop(slot)
+
+    def drop(self, slot: Slot) -> None:
+        """Unmap and delete a slot that is in no list."""
+        slot.unmap()
+        try:
+            os.unlink(slot.path)
+        except FileNotFoundError:
+            pass
+
+    def close(self) -> None:
+        with self._lock:
+            for slots in self._free.values():
+                for slot in slots:
+                    slot.unmap()
+            for slot in self._bound.values():
+                slot.unmap()
+            self._free.clear()
+            self._bound.clear()

@@ -1,0 +1,82 @@
+"""Who this process is: rank and world size, and which ranks share this node's storage."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+
+from . import naming
+from .errors import ConfigError
+
+
+def detect(
+    rank: int | None = None, world_size: int | None = None, env: Mapping[str, str] | None = None
+) -> tuple[int, int]:
+    """(rank, world size): explicit values, else torch.distributed or jax.distributed when
+    initialised, else the ``RANK`` / ``WORLD_SIZE`` environment, else (0, 1).
+
+    Frameworks are only consulted if the program already imported them.
+    """
+    env = os.environ if env is None else env
+    if rank is None and world_size is None:
+        found = _from_torch() or _from_jax() or _from_env(env)
+        rank, world_size = found if found else (0, 1)
+    elif rank is None or world_size is None:
+        raise ConfigError("give both rank and world_size, or neither")
+    naming.check_rank(rank, world_size)
+    return rank, world_size
+
+
+def node_ranks(rank: int, world_size: int, env: Mapping[str, str] | None = None) -> tuple[int, ...]:
+    """Ranks on this node (sharing its memory and local tiers), from ``LOCAL_RANK`` and
+    ``LOCAL_WORLD_SIZE`` as torchrun sets them; without them, all ranks."""
+    env = os.environ if env is None else env
+    if "LOCAL_WORLD_SIZE" not in env or "LOCAL_RANK" not in env:
+        return tuple(range(world_size))
+    try:
+        local_rank, local_world = int(env["LOCAL_RANK"]), int(env["LOCAL_WORLD_SIZE"])
+    except ValueError:
+        raise ConfigError(
+            f"LOCAL_RANK={env['LOCAL_RANK']!r} / LOCAL_WORLD_SIZE={env['LOCAL_WORLD_SIZE']!r} "
+            "are not integers"
+        ) from None
+    first = rank - local_rank
+    if not (0 <= local_rank < local_world and first >= 0 and first + local_world <= world_size):
+        raise ConfigError(
+            f"LOCAL_RANK={local_rank}, LOCAL_WORLD_SIZE={local_world} do not fit rank {rank} "
+            f"of world size {world_size}"
+        )
+    return tuple(range(first, first + local_world))
+
+
+def _from_torch() -> tuple[int, int] | None:
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return None
+
+
+def _from_jax() -> tuple[int, int] | None:
+    if "jax" not in sys.modules:
+        return None
+    try:
+        from jax._src import distributed
+    except ImportError:
+        return None
+    if getattr(distributed.global_state, "client", None) is None:
+        return None
+    import jax
+
+    return jax.process_index(), jax.process_count()
+
+
+def _from_env(env: Mapping[str, str]) -> tuple[int, int] | None:
+    if "RANK" not in env and "WORLD_SIZE" not in env:
+        return None
+    try:
+        return int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise ConfigError(
+            f"RANK={env.get('RANK')!r} / WORLD_SIZE={env.get('WORLD_SIZE')!r} are not integers"
+        ) from None

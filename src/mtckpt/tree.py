@@ -1,0 +1,270 @@
+"""Flatten nested states into leaves with stable key paths, and build them back.
+
+A state is a tree of dicts (str or int keys), lists, tuples and named tuples, objects with
+``state_dict()`` / ``load_state_dict()``, and leaves. A leaf's key path joins the keys on
+the way to it with ``/``; inside a key ``~`` is written ``~0`` and ``/`` is written ``~1``
+(as in JSON Pointer), so distinct paths never collide. The structure is kept as a
+:class:`Node` tree that serializes to JSON for the manifest.
+"""
+
+from __future__ import annotations
+
+import collections
+import pickle
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import shard
+from .errors import CorruptCheckpointError, KeyCollisionError, UnsupportedLeafError
+
+# Leaves whose value lives in the manifest, and leaves whose bytes live in the data file.
+VALUE_KINDS = frozenset({"none", "bool", "int", "float", "str"})
+DATA_KINDS = frozenset({"ndarray", "npscalar", "bytes", "bytearray", "pickle"})
+
+_VALUE_TYPES: dict[type, str] = {
+    type(None): "none",
+    bool: "bool",
+    int: "int",
+    float: "float",
+    str: "str",
+}
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """One leaf of a flattened state.
+
+    ``value`` is the object itself for value kinds, a numpy array for ``ndarray`` and
+    ``npscalar`` (a 0-d array), and the bytes to store for ``bytes``, ``bytearray`` and
+    ``pickle``.
+    """
+
+    key: str
+    kind: str
+    value: Any
+
+
+@dataclass(frozen=True)
+class Node:
+    """The structure of a state: containers down to leaves (named by key path)."""
+
+    type: str  # "leaf" | "dict" | "list" | "tuple" | "namedtuple" | "stateful"
+    children: tuple[Node, ...] = ()
+    keys: tuple[Any, ...] = ()  # dict keys, or a named tuple's field names
+    name: str = ""  # a leaf's key path, or a named tuple's / stateful object's class name
+    # A target's stateful object or named-tuple class; never saved.
+    obj: Any = field(default=None, compare=False)
+
+    def leaf_keys(self) -> Iterator[str]:
+        """Key paths of every leaf below this node, in flatten order."""
+        if self.type == "leaf":
+            yield self.name
+        for child in self.children:
+            yield from child.leaf_keys()
+
+    def to_json(self) -> Any:
+        if self.type == "leaf":
+            return self.name
+        items = [child.to_json() for child in self.children]
+        if self.type == "dict":
+            return {"dict": [[key, item] for key, item in zip(self.keys, items)]}
+        if self.type in ("list", "tuple"):
+            return {self.type: items}
+        if self.type == "namedtuple":
+            return {"namedtuple": self.name, "fields": list(self.keys), "items": items}
+        return {"stateful": self.name, "state": items[0]}
+
+    @staticmethod
+    def from_json(data: Any, where: str = "manifest") -> Node:
+        """Parse a structure written by :meth:`to_json`; malformed input raises."""
+        try:
+            return _node_from_json(data)
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise CorruptCheckpointError(f"{where}: malformed tree structure ({exc})") from exc
+
+
+def _node_from_json(data: Any) -> Node:
+    if isinstance(data, str):
+        return Node("leaf", name=data)
+    if not isinstance(data, dict) or len(data) not in (1, 2, 3):
+        raise ValueError(f"unexpected tree node {data!r:.80}")
+    if "dict" in data:
+        pairs = data["dict"]
+        for key, _ in pairs:
+            if isinstance(key, bool) or not isinstance(key, (str, int)):
+                raise ValueError(f"dict key {key!r} is neither str nor int")
+        return Node(
+            "dict",
+            children=tuple(_node_from_json(item) for _, item in pairs),
+            keys=tuple(key for key, _ in pairs),
+        )
+    for kind in ("list", "tuple"):
+        if kind in data:
+            return Node(kind, children=tuple(_node_from_json(item) for item in data[kind]))
+    if "namedtuple" in data:
+        fields = tuple(str(name) for name in data["fields"])
+        items = tuple(_node_from_json(item) for item in data["items"])
+        if len(fields) != len(items):
+            raise ValueError("named tuple fields and items differ in length")
+        return Node("namedtuple", children=items, keys=fields, name=str(data["namedtuple"]))
+    if "stateful" in data:
+        return Node(
+            "stateful", children=(_node_from_json(data["state"]),), name=str(data["stateful"])
+        )
+    raise ValueError(f"unknown tree node type in {data!r:.80}")
+
+
+def escape_key(key: str | int) -> str:
+    """One key-path segment for a dict key or sequence index."""
+    return str(key).replace("~", "~0").replace("/", "~1")
+
+
+def join_path(prefix: str, key: str | int) -> str:
+    segment = escape_key(key)
+    return f"{prefix}/{segment}" if prefix else segment
+
+
+def describe(path: str) -> str:
+    """A key path as shown in messages."""
+    return repr(path) if path else "<root>"
+
+
+def flatten(
+    state: Any, *, allow_pickle: bool = False, as_target: bool = False
+) -> tuple[Node, list[Leaf]]:
+    """Split ``state`` into its structure and its leaves, in a stable order.
+
+    ``as_target`` flattens a restore target: leaves of any type are accepted (kind
+    ``"object"``, to be replaced by the saved value) and nothing is pickled.
+    """
+    leaves: list[Leaf] = []
+    mode = "target" if as_target else "pickle" if allow_pickle else "strict"
+    node = _flatten(state, "", leaves, mode, set())
+    return node, leaves
+
+
+def _flatten(obj: Any, path: str, leaves: list[Leaf], mode: str, active: set) -> Node:
+    kind = _VALUE_TYPES.get(type(obj))
+    if kind is not None:
+        leaves.append(Leaf(path, kind, obj))
+        return Node("leaf", name=path)
+    if isinstance(obj, (np.ndarray, np.generic)):
+        leaves.append(Leaf(path, "object", obj) if mode == "target" else _array_leaf(obj, path))
+        return Node("leaf", name=path)
+    if type(obj) in (bytes, bytearray):
+        leaves.append(Leaf(path, type(obj).__name__, bytes(obj)))
+        return Node("leaf", name=path)
+
+    if id(obj) in active:
+        raise UnsupportedLeafError(f"key {describe(path)}: the state contains a reference cycle")
+    active.add(id(obj))
+    try:
+        if isinstance(obj, dict):
+            return _flatten_dict(obj, path, leaves, mode, active)
+        if isinstance(obj, (list, tuple)):
+            children = tuple(
+                _flatten(item, join_path(path, index), leaves, mode, active)
+                for index, item in enumerate(obj)
+            )
+            if isinstance(obj, tuple) and hasattr(type(obj), "_fields"):
+                return Node(
+                    "namedtuple",
+                    children=children,
+                    keys=tuple(obj._fields),
+                    name=_class_name(obj),
+                    obj=type(obj),
+                )
+            return Node("tuple" if isinstance(obj, tuple) else "list", children=children)
+        if _is_stateful(obj):
+            child = _flatten(obj.state_dict(), path, leaves, mode, active)
+            return Node("stateful", children=(child,), name=_class_name(obj), obj=obj)
+    finally:
+        active.discard(id(obj))
+
+    if mode == "target":
+        leaves.append(Leaf(path, "object", obj))
+        return Node("leaf", name=path)
+    if mode == "pickle":
+        leaves.append(Leaf(path, "pickle", pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)))
+        return Node("leaf", name=path)
+    raise UnsupportedLeafError(
+        f"key {describe(path)}: cannot save a {_class_name(obj)}; supported leaves are numpy "
+        "arrays and scalars, None, bool, int, float, str, bytes and objects with "
+        "state_dict()/load_state_dict(); pass allow_pickle=True to pickle other objects"
+    )
+
+
+def _flatten_dict(obj: dict, path: str, leaves: list[Leaf], mode: str, active: set) -> Node:
+    seen: dict[str, Any] = {}
+    keys, children = [], []
+    for key in obj:
+        if isinstance(key, bool) or not isinstance(key, (str, int)):
+            raise UnsupportedLeafError(
+                f"key {describe(path)}: dict key {key!r} of type {type(key).__name__} is not "
+                "supported; keys must be str or int"
+            )
+        child_path = join_path(path, key)
+        if child_path in seen:
+            raise KeyCollisionError(
+                f"keys {seen[child_path]!r} and {key!r} of {describe(path)} both flatten to "
+                f"key path {child_path!r}"
+            )
+        seen[child_path] = key
+        keys.append(key)
+        children.append(_flatten(obj[key], child_path, leaves, mode, active))
+    return Node("dict", children=tuple(children), keys=tuple(keys))
+
+
+def _array_leaf(obj: np.ndarray | np.generic, path: str) -> Leaf:
+    array = np.asarray(obj)
+    try:
+        shard.dtype_name(array.dtype)
+    except ValueError as exc:
+        raise UnsupportedLeafError(f"key {describe(path)}: {exc}") from None
+    return Leaf(path, "ndarray" if isinstance(obj, np.ndarray) else "npscalar", array)
+
+
+def _is_stateful(obj: Any) -> bool:
+    return callable(getattr(obj, "state_dict", None)) and callable(
+        getattr(obj, "load_state_dict", None)
+    )
+
+
+def _class_name(obj: Any) -> str:
+    cls = type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def unflatten(node: Node, value_of: Callable[[str], Any]) -> Any:
+    """Build a state of ``node``'s structure, taking each leaf from ``value_of(key)``.
+
+    Stateful objects recorded in ``node`` (a restore target) get ``load_state_dict`` with
+    their rebuilt state and are returned themselves; without one, their state is returned.
+    """
+    if node.type == "leaf":
+        return value_of(node.name)
+    items = [unflatten(child, value_of) for child in node.children]
+    if node.type == "dict":
+        return dict(zip(node.keys, items))
+    if node.type == "list":
+        return items
+    if node.type == "tuple":
+        return tuple(items)
+    if node.type == "namedtuple":
+        cls = node.obj if node.obj is not None else _namedtuple_class(node.name, node.keys)
+        return cls(*items)
+    if node.obj is not None:
+        node.obj.load_state_dict(items[0])
+        return node.obj
+    return items[0]
+
+
+def _namedtuple_class(name: str, fields: tuple[str, ...]) -> type:
+    typename = name.rsplit(".", 1)[-1]
+    if not typename.isidentifier():
+        typename = "SavedNamedTuple"
+    return collections.namedtuple(typename, fields, rename=True)
+

@@ -1,0 +1,127 @@
+import pytest
+
+from mtckpt import CheckpointManager, ConfigError, LocalTier, MemoryTier
+from mtckpt import config
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(every=0), r"memory.every must be a positive int"),
+        (dict(every=True), r"memory.every must be a positive int"),
+        (dict(interval=-1), r"memory.interval must be a positive number"),
+        (dict(every=None, interval=None), r"set every .* and/or interval"),
+        (dict(keep=0), r"memory.keep must be an int >= 1"),
+        (dict(path=""), r"memory.path must be a non-empty path"),
+    ],
+)
+def test_memory_tier_validation(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        MemoryTier(**kwargs)
+
+
+def test_local_tier_needs_a_path_and_validates_keep():
+    with pytest.raises(TypeError):
+        LocalTier()
+    with pytest.raises(ConfigError, match=r"local.keep must be an int >= 1, got 'two'"):
+        LocalTier("/tmp/x", keep="two")
+
+
+def test_schedules():
+    tier = LocalTier("/x", every=10)
+    assert [s for s in range(35) if config.is_due(tier, s, None)] == [0, 10, 20, 30]
+    timed = LocalTier("/x", every=None, interval=60)
+    assert config.is_due(timed, 7, None)  # nothing saved yet
+    assert not config.is_due(timed, 8, 59.9)
+    assert config.is_due(timed, 9, 60.0)
+    both = LocalTier("/x", every=100, interval=60)
+    assert config.is_due(both, 200, 1.0) and config.is_due(both, 201, 61) and not config.is_due(both, 202, 1)
+
+
+def test_load_reads_toml_and_environment_overrides(tmp_path):
+    path = tmp_path / "mtckpt.toml"
+    path.write_text(
+        'run = "exp1"\nthreads = 3\n[memory]\npath = "/dev/shm/a"\nkeep = 4\n'
+        '[local]\npath = "/mnt/nvme"\nevery = 10\n'
+    )
+    kwargs = config.load(path, env={"MTCKPT_LOCAL_EVERY": "25", "MTCKPT_MEMORY_INTERVAL": "30.5"})
+    assert kwargs["run"] == "exp1" and kwargs["threads"] == 3
+    assert kwargs["memory"] == MemoryTier(path="/dev/shm/a", keep=4, interval=30.5)
+    assert kwargs["local"] == LocalTier(path="/mnt/nvme", every=25)
+
+
+def test_environment_alone_and_config_path_from_environment(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('run = "from-file"\n')
+    env = {"MTCKPT_CONFIG": str(path), "MTCKPT_LOCAL_PATH": str(tmp_path / "l"),
+           "MTCKPT_LOCAL_EVERY": "none", "MTCKPT_LOCAL_INTERVAL": "5", "MTCKPT_ALLOW_PICKLE": "yes"}  # fmt: skip
+    kwargs = config.load(None, env=env)
+    assert kwargs["run"] == "from-file" and kwargs["allow_pickle"] is True
+    assert kwargs["local"] == LocalTier(path=str(tmp_path / "l"), every=None, interval=5.0)
+    assert config.load(None, env={"MTCKPT_RUN": "r"}) == {"run": "r"}
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('run = "a"\nbogus = 1\n', r"unknown key 'bogus'"),
+        ('run = "a"\n[memory]\nkepp = 2\n', r"unknown key memory.kepp"),
+        ('run = "a"\nmemory = 3\n', r"\[memory\] must be a table"),
+        ('run = "a"\n[local]\nevery = 10\n', r"\[local\] .*path"),
+        ('run = "a"\n[memory]\nkeep = 0\n', r"memory.keep must be an int >= 1"),
+        ('run = "a\n', r"not valid TOML"),
+    ],
+)
+def test_bad_config_files_name_the_key(tmp_path, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        config.load(path, env={})
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"MTCKPT_MEMORY_KEEP": "two"}, r"MTCKPT_MEMORY_KEEP='two' is not a valid int"),
+        ({"MTCKPT_ALLOW_PICKLE": "maybe"}, r"MTCKPT_ALLOW_PICKLE='maybe' is not a valid bool"),
+        ({"MTCKPT_LOCAL_INTERVAL": "soon"}, r"MTCKPT_LOCAL_INTERVAL='soon' is not a valid float"),
+    ],
+)
+def test_bad_environment_values_name_the_variable(env, message):
+    with pytest.raises(ConfigError, match=message):
+        config.load(None, env={"MTCKPT_RUN": "r", **env})
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        config.load(tmp_path / "nope.toml", env={})
+
+
+def test_from_config_builds_a_working_manager(tmp_path, shm_dir, monkeypatch):
+    path = tmp_path / "mtckpt.toml"
+    path.write_text(
+        f'run = "cfg"\n[memory]\npath = "{shm_dir}"\nkeep = 1\n'
+        f'[local]\npath = "{tmp_path / "local"}"\nevery = 2\n'
+    )
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    with CheckpointManager.from_config(path) as mgr:
+        for step in range(4):
+            mgr.save(step, {"x": step})
+        mgr.wait()
+        assert mgr.steps() == {"memory": [3], "local": [0, 2]}
+    with pytest.raises(ConfigError, match="no run name"):
+        CheckpointManager.from_config(None)
+
+
+def test_manager_argument_validation(shm_dir):
+    with pytest.raises(ConfigError, match="run name 'bad/run' is invalid"):
+        CheckpointManager("bad/run", MemoryTier(str(shm_dir)))
+    with pytest.raises(ConfigError, match="memory must be a mtckpt.MemoryTier"):
+        CheckpointManager("r", memory=LocalTier(str(shm_dir)))
+    with pytest.raises(ConfigError, match="chunk_size must be an int >= 4096"):
+        CheckpointManager("r", MemoryTier(str(shm_dir)), chunk_size=10)
+    with pytest.raises(ConfigError, match="give both rank and world_size"):
+        CheckpointManager("r", MemoryTier(str(shm_dir)), rank=1)
+    with pytest.raises(ValueError, match="rank 2 is out of range for world_size 2"):
+        CheckpointManager("r", MemoryTier(str(shm_dir)), rank=2, world_size=2)
