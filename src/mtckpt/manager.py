@@ -81,8 +81,8 @@ class CheckpointManager:
         self._closed = False
         self._handles: list[SaveHandle] = []
         self._last_saved_at: dict[str, float] = {}
-        for cfg, storage in self._tiers:
-            self._prepare_storage(storage, cfg.keep)
+        for index, (cfg, storage) in enumerate(self._tiers):
+            self._prepare_storage(storage, cfg.keep, essential=index == 0)
         self._newest = self.latest_step()
         self._pipeline = Pipeline(
             run=self.run,
@@ -106,12 +106,24 @@ class CheckpointManager:
             raise ConfigError("no run name: set the config key run, MTCKPT_RUN or run=...")
         return cls(**kwargs)
 
-    def _prepare_storage(self, storage: Storage, keep: int) -> None:
+    def _prepare_storage(self, storage: Storage, keep: int, essential: bool) -> None:
         try:
             retention.clean_after_crash(storage, self.run, self.rank, self.world_size)
             retention.apply(storage, self.run, self.rank, self.world_size, keep)
         except OSError as exc:
-            raise ConfigError(f"{storage.describe()} is not usable: {exc}") from exc
+            if essential:
+                raise ConfigError(f"{storage.describe()} is not usable: {exc}") from exc
+            log.error("%s is not usable (saves go on without it until it is): %s",
+                      storage.describe(), exc)  # fmt: skip
+
+    def _committed(self, storage: Storage) -> list[int]:
+        """Committed steps of this rank in ``storage``; a tier that cannot be listed is
+        reported and counted as empty rather than failing the caller."""
+        try:
+            return commit.committed_steps(storage, self.run, self.rank)
+        except OSError as exc:
+            log.error("cannot list %s: %s", storage.describe(), exc)
+            return []
 
     # -- saving ----------------------------------------------------------------------------
 
@@ -232,10 +244,7 @@ class CheckpointManager:
             targets = {leaf.key: leaf.value for leaf in target_leaves}
         else:
             target_node, targets = None, {}
-        holders = {
-            storage.name: set(commit.committed_steps(storage, self.run, self.rank))
-            for _, storage in self._tiers
-        }
+        holders = {storage.name: set(self._committed(storage)) for _, storage in self._tiers}
         available = sorted(set().union(*holders.values()), reverse=True)
         if step is not None:
             naming.check_step(step)
@@ -310,16 +319,11 @@ class CheckpointManager:
     def steps(self) -> dict[str, list[int]]:
         """Complete steps holding this rank's shard, per tier, ascending."""
         self._check_open()
-        return {
-            storage.name: commit.committed_steps(storage, self.run, self.rank)
-            for _, storage in self._tiers
-        }
+        return {storage.name: self._committed(storage) for _, storage in self._tiers}
 
     def latest_step(self) -> int | None:
         """The newest step complete in any tier, or None."""
-        steps = [s for _, storage in self._tiers
-                 for s in commit.committed_steps(storage, self.run, self.rank)]  # fmt: skip
-        return max(steps, default=None)
+        return max((s for _, storage in self._tiers for s in self._committed(storage)), default=None)
 
     def delete(self, step: int) -> None:
         """Remove ``step`` (this rank's shard, and its commit) from every tier."""

@@ -23,6 +23,9 @@ def remove_rank_files(storage: Storage, run: str, step: int, rank: int, world_si
     recycle = getattr(storage, "recycle", None)
     for name in storage.files(run, step):
         owner = naming.rank_of_file(name)
+        if naming.temp_target(name) == naming.COMMIT:
+            storage.delete(run, step, name)  # a commit marker some writer never finished
+            continue
         if owner is None or (owner != rank and owner < world_size):
             continue
         if recycle is not None and owner == rank and name == naming.data_file(rank):
@@ -57,13 +60,15 @@ def apply(
 
 
 def clean_after_crash(storage: Storage, run: str, rank: int, world_size: int) -> None:
-    """At start-up, before this rank writes anything: remove its temporary files and its
-    shards of steps that never committed (a previous process of this rank died writing them).
+    """At start-up, before this rank writes anything: remove its temporary files, unfinished
+    commit markers of committed steps, and its shards of steps that never committed (a
+    previous process of this rank died writing them).
     """
     for step in storage.steps(run):
         if not commit.is_committed(storage, run, step):
             remove_rank_files(storage, run, step, rank, world_size)
             continue
         for name in storage.files(run, step):
-            if naming.rank_of_file(name) == rank and naming.temp_target(name) is not None:
+            target = naming.temp_target(name)
+            if target == naming.COMMIT or (target and naming.rank_of_file(name) == rank):
                 storage.delete(run, step, name)
