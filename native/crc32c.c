@@ -24,7 +24,7 @@
 /* The CRC-32C polynomial 0x1EDC6F41, bit-reversed. */
 #define CRC32C_POLY 0x82F63B78u
 
-/* Block sizes of the three-stream hardware loop; see crc32c_sse42(). */
+/* Block sizes of the three-stream hardware loop; see sse42_three_streams(). */
 #define LONG_BLOCK 8192
 #define SHORT_BLOCK 256
 
@@ -128,6 +128,32 @@ static inline uint64_t load64(const unsigned char *p)
     return word;
 }
 
+/* Runs three streams over adjacent blocks of block_len bytes for as long as three
+ * blocks remain, then merges them: crc0 is shifted past the second block and xored with
+ * its crc, and again for the third. Inlined, so block_len is a constant in the loop. */
+__attribute__((target("sse4.2"), always_inline)) static inline uint64_t
+sse42_three_streams(uint64_t crc0, const unsigned char **data, size_t *len, size_t block_len,
+                    const uint32_t shift_table[4][256])
+{
+    const unsigned char *next = *data;
+    while (*len >= 3 * block_len) {
+        uint64_t crc1 = 0, crc2 = 0;
+        const unsigned char *end = next + block_len;
+        do {
+            crc0 = _mm_crc32_u64(crc0, load64(next));
+            crc1 = _mm_crc32_u64(crc1, load64(next + block_len));
+            crc2 = _mm_crc32_u64(crc2, load64(next + 2 * block_len));
+            next += 8;
+        } while (next < end);
+        crc0 = shift_crc(shift_table, (uint32_t)crc0) ^ (uint32_t)crc1;
+        crc0 = shift_crc(shift_table, (uint32_t)crc0) ^ (uint32_t)crc2;
+        next += 2 * block_len;
+        *len -= 3 * block_len;
+    }
+    *data = next;
+    return crc0;
+}
+
 __attribute__((target("sse4.2"))) static uint32_t crc32c_sse42(uint32_t crc, const void *data,
                                                                size_t len)
 {
@@ -138,37 +164,8 @@ __attribute__((target("sse4.2"))) static uint32_t crc32c_sse42(uint32_t crc, con
         crc0 = _mm_crc32_u8((uint32_t)crc0, *next++);
         len--;
     }
-    /* Three streams over adjacent LONG_BLOCKs, then merged: crc0 is shifted past the
-     * second block and xored with its crc, and again for the third. */
-    while (len >= 3 * LONG_BLOCK) {
-        uint64_t crc1 = 0, crc2 = 0;
-        const unsigned char *end = next + LONG_BLOCK;
-        do {
-            crc0 = _mm_crc32_u64(crc0, load64(next));
-            crc1 = _mm_crc32_u64(crc1, load64(next + LONG_BLOCK));
-            crc2 = _mm_crc32_u64(crc2, load64(next + 2 * LONG_BLOCK));
-            next += 8;
-        } while (next < end);
-        crc0 = shift_crc(long_shift, (uint32_t)crc0) ^ (uint32_t)crc1;
-        crc0 = shift_crc(long_shift, (uint32_t)crc0) ^ (uint32_t)crc2;
-        next += 2 * LONG_BLOCK;
-        len -= 3 * LONG_BLOCK;
-    }
-    /* The same on SHORT_BLOCKs for what is left. */
-    while (len >= 3 * SHORT_BLOCK) {
-        uint64_t crc1 = 0, crc2 = 0;
-        const unsigned char *end = next + SHORT_BLOCK;
-        do {
-            crc0 = _mm_crc32_u64(crc0, load64(next));
-            crc1 = _mm_crc32_u64(crc1, load64(next + SHORT_BLOCK));
-            crc2 = _mm_crc32_u64(crc2, load64(next + 2 * SHORT_BLOCK));
-            next += 8;
-        } while (next < end);
-        crc0 = shift_crc(short_shift, (uint32_t)crc0) ^ (uint32_t)crc1;
-        crc0 = shift_crc(short_shift, (uint32_t)crc0) ^ (uint32_t)crc2;
-        next += 2 * SHORT_BLOCK;
-        len -= 3 * SHORT_BLOCK;
-    }
+    crc0 = sse42_three_streams(crc0, &next, &len, LONG_BLOCK, long_shift);
+    crc0 = sse42_three_streams(crc0, &next, &len, SHORT_BLOCK, short_shift);
     while (len >= 8) {
         crc0 = _mm_crc32_u64(crc0, load64(next));
         next += 8;
