@@ -54,7 +54,7 @@ def assert_same_state(actual, expected, path="state"):
     elif isinstance(expected, (list, tuple)):
         assert type(actual) is type(expected), f"{path}: {type(actual)} != {type(expected)}"
         assert len(actual) == len(expected), f"{path}: length {len(actual)} != {len(expected)}"
-        for index, (a, e) in enumerate(zip(actual, expected)):
+        for index, (a, e) in enumerate(zip(actual, expected, strict=True)):
             assert_same_state(a, e, f"{path}[{index}]")
     elif isinstance(expected, float):
         assert type(actual) is float and actual.hex() == expected.hex(), f"{path}: {actual!r}"

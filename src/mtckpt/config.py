@@ -31,7 +31,9 @@ def _check_schedule(tier: str, every: Any, interval: Any, keep: Any) -> None:
     if interval is not None and (
         isinstance(interval, bool) or not isinstance(interval, (int, float)) or interval <= 0
     ):
-        raise ConfigError(f"{tier}.interval must be a positive number of seconds or None, got {interval!r}")
+        raise ConfigError(
+            f"{tier}.interval must be a positive number of seconds or None, got {interval!r}"
+        )
     if every is None and interval is None:
         raise ConfigError(f"{tier}: set every (steps) and/or interval (seconds); both are None")
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:

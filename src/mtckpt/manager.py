@@ -64,8 +64,9 @@ class CheckpointManager:
             raise ConfigError(f"local must be a mtckpt.LocalTier, got {type(local).__name__}")
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 4096:
             raise ConfigError(f"chunk_size must be an int >= 4096, got {chunk_size!r}")
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
-                                    or threads < 1):  # fmt: skip
+        if threads is not None and (
+            isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
+        ):
             raise ConfigError(f"threads must be a positive int or None, got {threads!r}")
         self.rank, self.world_size = topology.detect(rank, world_size)
         self.node_ranks = topology.node_ranks(self.rank, self.world_size)
@@ -113,8 +114,9 @@ class CheckpointManager:
         except OSError as exc:
             if essential:
                 raise ConfigError(f"{storage.describe()} is not usable: {exc}") from exc
-            log.error("%s is not usable (saves go on without it until it is): %s",
-                      storage.describe(), exc)  # fmt: skip
+            log.error(
+                "%s is not usable (saves go on without it until it is): %s", storage.describe(), exc
+            )
 
     def _committed(self, storage: Storage) -> list[int]:
         """Committed steps of this rank in ``storage``; a tier that cannot be listed is
@@ -280,12 +282,14 @@ class CheckpointManager:
                 if candidate != candidates[0]:
                     log.warning(
                         "restored step %d from the %s tier: no good copy of newer step(s) %s",
-                        candidate, storage.name, [s for s in candidates if s > candidate],
-                    )  # fmt: skip
+                        candidate,
+                        storage.name,
+                        [s for s in candidates if s > candidate],
+                    )
                 else:
                     log.info("restored step %d from the %s tier", candidate, storage.name)
                 node = target_node if target_node is not None else manifest.tree
-                state = tree.unflatten(node, lambda key: values.get(key, targets.get(key)))
+                state = tree.unflatten(node, {**targets, **values}.__getitem__)
                 return candidate, state
         which = f"step {step}" if step is not None else "any step"
         raise CorruptCheckpointError(
@@ -323,7 +327,9 @@ class CheckpointManager:
 
     def latest_step(self) -> int | None:
         """The newest step complete in any tier, or None."""
-        return max((s for _, storage in self._tiers for s in self._committed(storage)), default=None)
+        return max(
+            (s for _, storage in self._tiers for s in self._committed(storage)), default=None
+        )
 
     def delete(self, step: int) -> None:
         """Remove ``step`` (this rank's shard, and its commit) from every tier."""
@@ -396,8 +402,16 @@ def _leaf_records(leaves: list[tree.Leaf], layout: shard.Layout) -> list[LeafRec
         if entry is None:
             records.append(LeafRecord(leaf.key, leaf.kind, value=leaf.value))
         else:
-            records.append(LeafRecord(leaf.key, leaf.kind, dtype=entry.dtype, shape=entry.shape,
-                                      offset=entry.offset, nbytes=entry.nbytes))  # fmt: skip
+            records.append(
+                LeafRecord(
+                    leaf.key,
+                    leaf.kind,
+                    dtype=entry.dtype,
+                    shape=entry.shape,
+                    offset=entry.offset,
+                    nbytes=entry.nbytes,
+                )
+            )
     return records
 
 
@@ -410,7 +424,9 @@ def _stage_into_slot(slot: Slot, layout: shard.Layout, leaves: list[tree.Leaf], 
     destinations, sources = [], []
     for entry in layout.entries:
         value = values[entry.key]
-        dst = view[layout.data_start + entry.offset : layout.data_start + entry.offset + entry.nbytes]
+        dst = view[
+            layout.data_start + entry.offset : layout.data_start + entry.offset + entry.nbytes
+        ]
         if not isinstance(value, np.ndarray):
             destinations.append(dst)
             sources.append(value)

@@ -221,8 +221,10 @@ def _parse_leaf(item: dict[str, Any], data_bytes: int, where: str) -> LeafRecord
     if "global_shape" in item:
         global_shape = _shape(item["global_shape"], f"global_shape of {key!r}")
         global_offset = _shape(item["global_offset"], f"global_offset of {key!r}")
-        if len(global_shape) != len(shape) or len(global_offset) != len(shape) or any(
-            o + s > g for o, s, g in zip(global_offset, shape, global_shape)
+        if (
+            len(global_shape) != len(shape)
+            or len(global_offset) != len(shape)
+            or any(o + s > g for o, s, g in zip(global_offset, shape, global_shape, strict=True))
         ):
             raise CorruptCheckpointError(
                 f"{where}: key {key!r}: shard of shape {shape} at {global_offset} does not fit "

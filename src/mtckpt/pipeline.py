@@ -90,8 +90,18 @@ class SaveHandle:
         return frozenset(self._skipped)
 
     def __repr__(self) -> str:
-        state = {n: ("error" if n in self._errors else "skipped" if n in self._skipped else
-                     "done" if e.is_set() else "pending") for n, e in self._events.items()}  # fmt: skip
+        state = {
+            n: (
+                "error"
+                if n in self._errors
+                else "skipped"
+                if n in self._skipped
+                else "done"
+                if e.is_set()
+                else "pending"
+            )
+            for n, e in self._events.items()
+        }
         return f"SaveHandle(step={self.step}, {state})"
 
 
@@ -232,8 +242,9 @@ class Pipeline:
         except BaseException:
             self.memory.release(job.slot, self.run, self.rank)
             raise
-        self.memory.write_bytes(self.run, job.step, naming.manifest_file(self.rank),
-                                job.manifest_json)  # fmt: skip
+        self.memory.write_bytes(
+            self.run, job.step, naming.manifest_file(self.rank), job.manifest_json
+        )
         commit.try_commit(self.memory, self.run, job.step, self.world_size, self.node_ranks)
         for name in job.tiers:
             with self._cond:
@@ -246,8 +257,14 @@ class Pipeline:
             with self._retention_lock:
                 with self._cond:
                     pinned = set(self._pins)
-                retention.apply(self.memory, self.run, self.rank, self.world_size,
-                                self.memory_keep, protected=pinned)  # fmt: skip
+                retention.apply(
+                    self.memory,
+                    self.run,
+                    self.rank,
+                    self.world_size,
+                    self.memory_keep,
+                    protected=pinned,
+                )
                 self.memory.trim(self.run, self.rank, max_free=1)
         except Exception as exc:  # garbage collection failing must not stop checkpointing
             log.warning("memory tier: garbage collection failed: %s", exc)
@@ -272,7 +289,10 @@ class Pipeline:
         for old in skipped:
             log.warning(
                 "%s tier: skipping step %d because step %d is already due (the tier is "
-                "slower than the save rate; consider a larger `every`)", name, old.step, job.step
+                "slower than the save rate; consider a larger `every`)",
+                name,
+                old.step,
+                job.step,
             )
             old.handle._finish(name, skipped=True)
             self._unpin(old.step)
@@ -285,8 +305,13 @@ class Pipeline:
             try:
                 self._copy_to_tier(tier.storage, job)
             except BaseException as exc:
-                log.error("%s tier: step %d failed: %s (training continues; the next due "
-                          "step will try again)", name, job.step, exc)  # fmt: skip
+                log.error(
+                    "%s tier: step %d failed: %s (training continues; the next due "
+                    "step will try again)",
+                    name,
+                    job.step,
+                    exc,
+                )
                 error = exc
             self._unpin(job.step)
             try:
@@ -298,10 +323,9 @@ class Pipeline:
 
     def _copy_to_tier(self, storage: Storage, job: SaveJob) -> None:
         manifest = job.manifest
-        source = job.slot.view()
         size = self.chunk_size
 
-        def verified_chunks():
+        def verified_chunks(source):
             for index, expected in enumerate(manifest.chunk_crc32c):
                 piece = source[index * size : (index + 1) * size]
                 actual = checksum.crc32c(piece)
@@ -313,11 +337,8 @@ class Pipeline:
                     )
                 yield piece
 
-        try:
-            storage.write_stream(self.run, job.step, manifest.data_file, manifest.file_size,
-                                 verified_chunks())  # fmt: skip
-        finally:
-            del source
+        chunks = verified_chunks(job.slot.view())
+        storage.write_stream(self.run, job.step, manifest.data_file, manifest.file_size, chunks)
         storage.write_bytes(self.run, job.step, naming.manifest_file(self.rank), job.manifest_json)
         commit.try_commit(storage, self.run, job.step, self.world_size, self.node_ranks)
 

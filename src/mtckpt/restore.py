@@ -155,9 +155,12 @@ def _read_verified(mapping, manifest, targets, skip, threads, where):
                 crc = fastpath.copy_crc32c(dst[a - start : b - start], src[a:b], crc)
         expected = manifest.chunk_crc32c[index]
         if crc != expected:
-            keys = [r.key for r in manifest.data_records()
-                    if manifest.data_start + r.offset < hi
-                    and manifest.data_start + r.offset + r.nbytes > lo]  # fmt: skip
+            keys = [
+                r.key
+                for r in manifest.data_records()
+                if manifest.data_start + r.offset < hi
+                and manifest.data_start + r.offset + r.nbytes > lo
+            ]
             raise ChecksumMismatchError(
                 f"{where}: chunk {index} (bytes {lo}-{hi}) has crc32c {crc:#010x}, recorded "
                 f"{expected:#010x}; keys affected: {keys[:8]}{' ...' if len(keys) > 8 else ''}"

@@ -91,9 +91,7 @@ class Layout:
     file_size: int
 
 
-def plan(
-    items: Iterable[tuple[str, str, Sequence[int], int]], metadata: dict[str, str]
-) -> Layout:
+def plan(items: Iterable[tuple[str, str, Sequence[int], int]], metadata: dict[str, str]) -> Layout:
     """Lay out ``(key, dtype, shape, nbytes)`` items and build the safetensors header."""
     items = list(items)
     for key, dtype, shape, nbytes in items:

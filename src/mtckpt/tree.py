@@ -70,7 +70,7 @@ class Node:
             return self.name
         items = [child.to_json() for child in self.children]
         if self.type == "dict":
-            return {"dict": [[key, item] for key, item in zip(self.keys, items)]}
+            return {"dict": [[key, item] for key, item in zip(self.keys, items, strict=True)]}
         if self.type in ("list", "tuple"):
             return {self.type: items}
         if self.type == "namedtuple":
@@ -248,7 +248,7 @@ def unflatten(node: Node, value_of: Callable[[str], Any]) -> Any:
         return value_of(node.name)
     items = [unflatten(child, value_of) for child in node.children]
     if node.type == "dict":
-        return dict(zip(node.keys, items))
+        return dict(zip(node.keys, items, strict=True))
     if node.type == "list":
         return items
     if node.type == "tuple":
@@ -267,4 +267,3 @@ def _namedtuple_class(name: str, fields: tuple[str, ...]) -> type:
     if not typename.isidentifier():
         typename = "SavedNamedTuple"
     return collections.namedtuple(typename, fields, rename=True)
-

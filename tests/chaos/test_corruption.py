@@ -6,7 +6,6 @@ import logging
 import os
 
 import pytest
-from states import assert_same_state, make_state
 
 from mtckpt import (
     CheckpointManager,
@@ -17,6 +16,7 @@ from mtckpt import (
     MemoryTier,
 )
 from mtckpt.manifest import _self_crc
+from states import assert_same_state, make_state
 
 pytestmark = pytest.mark.usefixtures("backend")
 
@@ -55,7 +55,9 @@ def flip_byte(path, offset):
         f.write(bytes([byte[0] ^ 0x40]))
 
 
-@pytest.mark.parametrize("offset", [0, 9, 4096, 4096 + 12345, -1], ids=["len", "header", "data0", "data", "last"])
+@pytest.mark.parametrize(
+    "offset", [0, 9, 4096, 4096 + 12345, -1], ids=["len", "header", "data0", "data", "last"]
+)
 def test_flipped_byte_in_memory_falls_back_to_local(saved, caplog, offset):
     flip_byte(file_of(saved, "memory", 2), offset)
     with saved() as mgr, caplog.at_level(logging.WARNING, logger="mtckpt"):
@@ -102,7 +104,9 @@ def test_no_good_copy_of_any_step_raises_with_every_reason(saved):
     assert issubclass(ChecksumMismatchError, CorruptCheckpointError)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "extend", "manifest-byte", "manifest-missing", "data-missing"])
+@pytest.mark.parametrize(
+    "damage", ["truncate", "extend", "manifest-byte", "manifest-missing", "data-missing"]
+)
 def test_damaged_files_fall_back(saved, damage):
     data, manifest = file_of(saved, "memory", 2), file_of(saved, "memory", 2, "rank-00000.json")
     if damage == "truncate":
@@ -137,7 +141,9 @@ def test_manifest_from_a_newer_format_is_an_error_not_a_fallback(saved):
 def test_manifest_of_another_step_is_detected(saved):
     import shutil
 
-    shutil.copy(file_of(saved, "local", 1, "rank-00000.json"), file_of(saved, "local", 2, "rank-00000.json"))
+    shutil.copy(
+        file_of(saved, "local", 1, "rank-00000.json"), file_of(saved, "local", 2, "rank-00000.json")
+    )
     flip_byte(file_of(saved, "memory", 2), 5000)
     with saved() as mgr:
         step, state = mgr.restore()

@@ -26,8 +26,11 @@ def small_tmpfs(tmp_path):
     def mount(size_kib: int) -> Path:
         path = tmp_path / f"fs-{uuid.uuid4().hex[:6]}"
         path.mkdir()
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(path)],
-                                capture_output=True, text=True)  # fmt: skip
+        result = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(path)],
+            capture_output=True,
+            text=True,
+        )
         if result.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs here (needs CAP_SYS_ADMIN): {result.stderr.strip()}")
         mounts.append(path)

@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
-from states import assert_same_state, make_state
 
 from mtckpt import CheckpointManager, LocalTier, MemoryTier
+from states import assert_same_state, make_state
 
 TESTS = Path(__file__).resolve().parents[1]
 
@@ -21,9 +21,21 @@ def start_trainer(memory, local, scale, steps=10_000):
     env = {**os.environ, "PYTHONPATH": str(TESTS), "PYTHONUNBUFFERED": "1"}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         env.pop(name, None)
-    command = [sys.executable, str(TESTS / "chaos" / "trainer.py"), "--memory", str(memory),
-               "--local", str(local), "--scale", str(scale), "--steps", str(steps)]  # fmt: skip
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command = [
+        sys.executable,
+        str(TESTS / "chaos" / "trainer.py"),
+        "--memory",
+        str(memory),
+        "--local",
+        str(local),
+        "--scale",
+        str(scale),
+        "--steps",
+        str(steps),
+    ]
+    return subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def kill_cycles(memory, local, cycles, seed, scale=64):
@@ -32,9 +44,9 @@ def kill_cycles(memory, local, cycles, seed, scale=64):
     for cycle in range(cycles):
         proc = start_trainer(memory, local, scale)
         first = proc.stdout.readline().strip()
-        assert first == "fresh" or first.startswith("restored "), (
-            f"cycle {cycle} (seed {seed}): {first!r}\n{proc.stderr.read() if proc.poll() is not None else ''}"
-        )
+        if first != "fresh" and not first.startswith("restored "):
+            proc.kill()
+            raise AssertionError(f"cycle {cycle} (seed {seed}): {first!r}\n{proc.stderr.read()}")
         restored.append(-1 if first == "fresh" else int(first.split()[1]))
         for _ in range(chooser.randint(1, 6)):
             line = proc.stdout.readline()
@@ -60,7 +72,9 @@ def run_scenario(shm_dir, tmp_path, cycles, seed):
     memory, local = shm_dir, tmp_path / "local"
     restored = kill_cycles(memory, local, cycles, seed)
     assert restored[0] == -1
-    assert all(b >= a for a, b in zip(restored, restored[1:])), f"went backwards: {restored}"
+    assert all(b >= a for a, b in zip(restored, restored[1:], strict=False)), (
+        f"went backwards: {restored}"
+    )
     assert restored[-1] >= 1, f"no progress survived the kills: {restored}"
     final = check_final_state(memory, local)
     assert final >= restored[-1]

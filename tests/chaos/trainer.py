@@ -4,9 +4,8 @@ step saved), then save every step until killed. Prints one line per event."""
 import argparse
 import sys
 
-from states import assert_same_state, make_state
-
 from mtckpt import CheckpointManager, LocalTier, MemoryTier, StepNotFoundError
+from states import assert_same_state, make_state
 
 
 def main() -> int:

@@ -5,9 +5,8 @@ import argparse
 import os
 import sys
 
-from states import assert_same_state, make_state
-
 from mtckpt import CheckpointManager, LocalTier, MemoryTier
+from states import assert_same_state, make_state
 
 
 def main() -> int:

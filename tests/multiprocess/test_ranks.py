@@ -15,9 +15,20 @@ def run_rank(rank, world, mode, memory, local, steps=(), extra_env=None):
     env.pop("LOCAL_RANK", None)
     env.pop("LOCAL_WORLD_SIZE", None)
     env.update(extra_env or {})
-    command = [sys.executable, str(TESTS / "multiprocess" / "rank_worker.py"), mode,
-               "--memory", str(memory), "--local", str(local), "--steps", *map(str, steps)]  # fmt: skip
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command = [
+        sys.executable,
+        str(TESTS / "multiprocess" / "rank_worker.py"),
+        mode,
+        "--memory",
+        str(memory),
+        "--local",
+        str(local),
+        "--steps",
+        *map(str, steps),
+    ]
+    return subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def finish(procs):
@@ -35,9 +46,12 @@ def test_two_ranks_commit_together_and_restore_their_own_shards(shm_dir, tmp_pat
     for root in (shm_dir, local):
         step = root / "ranks" / "step-000000000002"
         assert sorted(os.listdir(step)) == [
-            "COMMIT", "rank-00000.json", "rank-00000.safetensors", "rank-00001.json",
+            "COMMIT",
+            "rank-00000.json",
+            "rank-00000.safetensors",
+            "rank-00001.json",
             "rank-00001.safetensors",
-        ]  # fmt: skip
+        ]
         marker = json.loads((step / "COMMIT").read_text())
         assert marker == {"run": "ranks", "step": 2, "world_size": 2, "ranks": [0, 1]}
     outputs = finish([run_rank(r, 2, "restore", shm_dir, local) for r in range(2)])
@@ -58,10 +72,16 @@ def test_ranks_on_separate_nodes_commit_their_node_only(tmp_path):
     """LOCAL_RANK / LOCAL_WORLD_SIZE (as torchrun sets them): each node commits its ranks."""
     nodes = [(tmp_path / f"node{n}" / "shm", tmp_path / f"node{n}" / "disk") for n in range(2)]
     procs = [
-        run_rank(rank, 4, "save", *nodes[rank // 2], steps=[0],
-                 extra_env={"LOCAL_RANK": str(rank % 2), "LOCAL_WORLD_SIZE": "2"})
+        run_rank(
+            rank,
+            4,
+            "save",
+            *nodes[rank // 2],
+            steps=[0],
+            extra_env={"LOCAL_RANK": str(rank % 2), "LOCAL_WORLD_SIZE": "2"},
+        )
         for rank in range(4)
-    ]  # fmt: skip
+    ]
     finish(procs)
     for n, (memory, local) in enumerate(nodes):
         for root in (memory, local):

@@ -1,7 +1,6 @@
 import pytest
 
-from mtckpt import CheckpointManager, ConfigError, LocalTier, MemoryTier
-from mtckpt import config
+from mtckpt import CheckpointManager, ConfigError, LocalTier, MemoryTier, config
 
 
 @pytest.mark.parametrize(
@@ -35,7 +34,11 @@ def test_schedules():
     assert not config.is_due(timed, 8, 59.9)
     assert config.is_due(timed, 9, 60.0)
     both = LocalTier("/x", every=100, interval=60)
-    assert config.is_due(both, 200, 1.0) and config.is_due(both, 201, 61) and not config.is_due(both, 202, 1)
+    assert (
+        config.is_due(both, 200, 1.0)
+        and config.is_due(both, 201, 61)
+        and not config.is_due(both, 202, 1)
+    )
 
 
 def test_load_reads_toml_and_environment_overrides(tmp_path):
@@ -53,8 +56,13 @@ def test_load_reads_toml_and_environment_overrides(tmp_path):
 def test_environment_alone_and_config_path_from_environment(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text('run = "from-file"\n')
-    env = {"MTCKPT_CONFIG": str(path), "MTCKPT_LOCAL_PATH": str(tmp_path / "l"),
-           "MTCKPT_LOCAL_EVERY": "none", "MTCKPT_LOCAL_INTERVAL": "5", "MTCKPT_ALLOW_PICKLE": "yes"}  # fmt: skip
+    env = {
+        "MTCKPT_CONFIG": str(path),
+        "MTCKPT_LOCAL_PATH": str(tmp_path / "l"),
+        "MTCKPT_LOCAL_EVERY": "none",
+        "MTCKPT_LOCAL_INTERVAL": "5",
+        "MTCKPT_ALLOW_PICKLE": "yes",
+    }
     kwargs = config.load(None, env=env)
     assert kwargs["run"] == "from-file" and kwargs["allow_pickle"] is True
     assert kwargs["local"] == LocalTier(path=str(tmp_path / "l"), every=None, interval=5.0)

@@ -6,7 +6,6 @@ import os
 
 import numpy as np
 import pytest
-from states import assert_same_state, make_state
 
 import mtckpt
 from mtckpt import (
@@ -19,6 +18,7 @@ from mtckpt import (
     StepNotFoundError,
     UnsupportedLeafError,
 )
+from states import assert_same_state, make_state
 
 pytestmark = pytest.mark.usefixtures("backend")
 
@@ -114,11 +114,22 @@ def test_strided_and_byte_swapped_sources_are_saved_by_value(tiers):
 
 def test_scalars_strings_bytes_and_special_floats_roundtrip(tiers):
     state = {
-        "nan": float("nan"), "inf": float("-inf"), "tiny": 5e-324, "neg0": -0.0,
-        "big": 2**100, "s": "ünïcödé / ~", "b": b"\x00\xff" * 10, "ba": bytearray(b"xy"),
-        "e": b"", "t": True, "n": None, "np32": np.float32(1.5), "npbool": np.bool_(True),
-        "zero": np.zeros((0, 3), np.float32), "scalar0d": np.array(7, np.int8),
-    }  # fmt: skip
+        "nan": float("nan"),
+        "inf": float("-inf"),
+        "tiny": 5e-324,
+        "neg0": -0.0,
+        "big": 2**100,
+        "s": "ünïcödé / ~",
+        "b": b"\x00\xff" * 10,
+        "ba": bytearray(b"xy"),
+        "e": b"",
+        "t": True,
+        "n": None,
+        "np32": np.float32(1.5),
+        "npbool": np.bool_(True),
+        "zero": np.zeros((0, 3), np.float32),
+        "scalar0d": np.array(7, np.int8),
+    }
     with manager(tiers) as mgr:
         mgr.save(0, state)
         _, result = mgr.restore()
@@ -182,15 +193,23 @@ def test_key_mismatch_lists_names_and_strict_false_restores_the_rest(tiers):
         assert "not in the target: ['gone']" in message and "strict=False" in message
         assert np.array_equal(target["a"], np.zeros(3))  # nothing touched before the check
         _, result = mgr.restore(target, strict=False)
-    assert np.array_equal(result["a"], np.ones(3)) and np.array_equal(result["new"], np.full(4, 7.0))
+    assert np.array_equal(result["a"], np.ones(3)) and np.array_equal(
+        result["new"], np.full(4, 7.0)
+    )
     assert "gone" not in result
 
 
 @pytest.mark.parametrize(
     "target, message",
     [
-        ({"w": np.zeros((3, 2), np.float32)}, r"key 'w': the checkpoint holds F32 \(2, 3\), the target expects F32 \(3, 2\)"),
-        ({"w": np.zeros((2, 3), np.float64)}, r"key 'w': the checkpoint holds F32 \(2, 3\), the target expects F64 \(2, 3\)"),
+        (
+            {"w": np.zeros((3, 2), np.float32)},
+            r"key 'w': the checkpoint holds F32 \(2, 3\), the target expects F32 \(3, 2\)",
+        ),
+        (
+            {"w": np.zeros((2, 3), np.float64)},
+            r"key 'w': the checkpoint holds F32 \(2, 3\), the target expects F64 \(2, 3\)",
+        ),
     ],
 )
 def test_shape_and_dtype_mismatch_name_the_key(tiers, target, message):
@@ -235,7 +254,9 @@ def test_bad_step_values(tiers, step):
 
 def test_unknown_step_and_empty_run(tiers):
     with manager(tiers) as mgr:
-        with pytest.raises(StepNotFoundError, match=r"no complete checkpoint of run 'exp' for rank 0"):
+        with pytest.raises(
+            StepNotFoundError, match=r"no complete checkpoint of run 'exp' for rank 0"
+        ):
             mgr.restore()
         mgr.save(1, {"x": 1})
         mgr.save(2, {"x": 2})
@@ -246,8 +267,10 @@ def test_unknown_step_and_empty_run(tiers):
 
 
 def test_schedules_and_retention_per_tier(shm_dir, tmp_path):
-    tiers = {"memory": MemoryTier(str(shm_dir), keep=3),
-             "local": LocalTier(str(tmp_path / "l"), every=4, keep=2)}  # fmt: skip
+    tiers = {
+        "memory": MemoryTier(str(shm_dir), keep=3),
+        "local": LocalTier(str(tmp_path / "l"), every=4, keep=2),
+    }
     with manager(tiers) as mgr:
         handles = [mgr.save(step, {"x": np.full(10, step)}) for step in range(11)]
         mgr.wait()
@@ -256,8 +279,9 @@ def test_schedules_and_retention_per_tier(shm_dir, tmp_path):
         ]
         assert mgr.steps() == {"memory": [8, 9, 10], "local": [4, 8]}
         assert sorted(os.listdir(os.path.join(tiers["local"].path, "exp"))) == [
-            "step-000000000004", "step-000000000008",
-        ]  # fmt: skip
+            "step-000000000004",
+            "step-000000000008",
+        ]
         assert mgr.latest_step() == 10
 
 
@@ -280,8 +304,10 @@ def test_interval_schedule(shm_dir, tmp_path, monkeypatch):
 
     clock = [1000.0]
     monkeypatch.setattr(manager_module.time, "monotonic", lambda: clock[0])
-    tiers = {"memory": MemoryTier(str(shm_dir)),
-             "local": LocalTier(str(tmp_path / "l"), every=None, interval=30)}  # fmt: skip
+    tiers = {
+        "memory": MemoryTier(str(shm_dir)),
+        "local": LocalTier(str(tmp_path / "l"), every=None, interval=30),
+    }
     with manager(tiers) as mgr:
         due = []
         for step in range(6):
@@ -315,7 +341,9 @@ def test_data_file_is_safetensors_readable_and_local_copy_is_identical(tiers):
         assert a.read() == b.read()
     loaded = safetensors_numpy.load_file(local_file)
     assert np.array_equal(loaded["model/embed.weight"], state["model"]["embed.weight"])
-    assert np.array_equal(loaded["model/layers/1/attn~1qkv"], state["model"]["layers"][1]["attn/qkv"])
+    assert np.array_equal(
+        loaded["model/layers/1/attn~1qkv"], state["model"]["layers"][1]["attn/qkv"]
+    )
     assert np.array_equal(loaded["mask"], state["mask"]) and loaded["mask"].dtype == np.bool_
     assert loaded["blob"].tobytes() == state["blob"]
     manifest = json.loads(open(os.path.join(step_dir(tiers["local"], 7), "rank-00000.json")).read())
@@ -353,7 +381,9 @@ def test_chunked_checksums_with_small_chunks_and_many_threads(tiers):
     state = {f"t{i}": np.random.default_rng(i).standard_normal(5000 + i) for i in range(20)}
     with manager(tiers, chunk_size=4096, threads=4) as mgr:
         mgr.save(0, state).wait()
-        manifest = json.loads(open(os.path.join(step_dir(tiers["memory"], 0), "rank-00000.json")).read())
+        manifest = json.loads(
+            open(os.path.join(step_dir(tiers["memory"], 0), "rank-00000.json")).read()
+        )
         assert len(manifest["data_file"]["crc32c"]) > 100
         _, result = mgr.restore()
     for key in state:

@@ -49,16 +49,22 @@ def test_roundtrip_is_exact():
     assert parsed.chunk_crc32c == (1, 2) and parsed.format_version == FORMAT_VERSION
 
 
-@pytest.mark.parametrize("value", [0.1, -0.0, float("inf"), float("-inf"), 5e-324, 1.7976931348623157e308])
+@pytest.mark.parametrize(
+    "value", [0.1, -0.0, float("inf"), float("-inf"), 5e-324, 1.7976931348623157e308]
+)
 def test_floats_are_bit_exact(value):
-    manifest = make_manifest(leaves=(make_manifest().leaves[0], LeafRecord("f", "float", value=value)))
+    manifest = make_manifest(
+        leaves=(make_manifest().leaves[0], LeafRecord("f", "float", value=value))
+    )
     parsed = RankManifest.from_json(manifest.to_json(), "m")
     assert parsed.leaves[1].value.hex() == value.hex()
 
 
 def test_newer_format_version_is_refused_with_advice():
     raw = rewrite(make_manifest().to_json(), lambda b: b.update(format_version=FORMAT_VERSION + 1))
-    with pytest.raises(FormatVersionError, match=r"somewhere: written in format version 2 .*upgrade"):
+    with pytest.raises(
+        FormatVersionError, match=r"somewhere: written in format version 2 .*upgrade"
+    ):
         RankManifest.from_json(raw, "somewhere")
 
 
@@ -85,7 +91,10 @@ def test_altered_manifest_fails_its_own_checksum():
         (lambda b: b["leaves"].pop(), "tree structure and leaf list do not match"),
         (lambda b: b["leaves"][1].update(value=1.5), "expected a JSON float"),
         (lambda b: b.pop("run"), "malformed manifest"),
-        (lambda b: b["leaves"][0].update(global_shape=[2, 3], global_offset=[1, 0]), "does not fit"),
+        (
+            lambda b: b["leaves"][0].update(global_shape=[2, 3], global_offset=[1, 0]),
+            "does not fit",
+        ),
     ],
 )
 def test_inconsistent_manifests_are_corrupt(edit, message):

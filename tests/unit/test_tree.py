@@ -37,11 +37,25 @@ def test_nested_containers_roundtrip_with_stable_key_paths():
     }
     rebuilt, leaves = roundtrip(state)
     assert [leaf.key for leaf in leaves] == [
-        "a/0", "a/1", "a/2/0", "a/2/1", "b/c", "b/3", "p/0", "p/1",
-    ]  # fmt: skip
+        "a/0",
+        "a/1",
+        "a/2/0",
+        "a/2/1",
+        "b/c",
+        "b/3",
+        "p/0",
+        "p/1",
+    ]
     assert [leaf.kind for leaf in leaves] == [
-        "int", "float", "bool", "none", "str", "bytes", "ndarray", "int",
-    ]  # fmt: skip
+        "int",
+        "float",
+        "bool",
+        "none",
+        "str",
+        "bytes",
+        "ndarray",
+        "int",
+    ]
     assert rebuilt["a"] == [1, 2.5, (True, None)]
     assert rebuilt["b"] == {"c": "text", 3: b"bytes"}
     assert list(rebuilt["b"]) == ["c", 3]  # int keys stay ints, order kept

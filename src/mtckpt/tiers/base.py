@@ -56,5 +56,5 @@ class Storage(ABC):
     def remove_step_dir(self, run: str, step: int) -> bool:
         """Remove a step's directory if it is empty; whether it is gone."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - an optional hook, not every storage holds anything
         """Release what this storage holds open."""
