@@ -33,8 +33,8 @@ def saved(shm_dir, tmp_path, monkeypatch):
         return CheckpointManager("exp", memory, local, chunk_size=64 * 1024)
 
     with open_manager() as mgr:
-        mgr.save(1, make_state(1, scale=8))
-        mgr.save(2, make_state(2, scale=8))
+        mgr.save(1, make_state(1, scale=8)).wait()
+        mgr.save(2, make_state(2, scale=8)).wait()
     open_manager.paths = {
         tier: os.path.join(cfg.path, "exp") for tier, cfg in (("memory", memory), ("local", local))
     }

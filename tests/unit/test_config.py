@@ -115,8 +115,7 @@ def test_from_config_builds_a_working_manager(tmp_path, shm_dir, monkeypatch):
         monkeypatch.delenv(name, raising=False)
     with CheckpointManager.from_config(path) as mgr:
         for step in range(4):
-            mgr.save(step, {"x": step})
-        mgr.wait()
+            mgr.save(step, {"x": step}).wait()
         assert mgr.steps() == {"memory": [3], "local": [0, 2]}
     with pytest.raises(ConfigError, match="no run name"):
         CheckpointManager.from_config(None)

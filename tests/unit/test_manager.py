@@ -272,17 +272,52 @@ def test_schedules_and_retention_per_tier(shm_dir, tmp_path):
         "local": LocalTier(str(tmp_path / "l"), every=4, keep=2),
     }
     with manager(tiers) as mgr:
-        handles = [mgr.save(step, {"x": np.full(10, step)}) for step in range(11)]
+        due = []
+        for step in range(11):
+            handle = mgr.save(step, {"x": np.full(10, step)})
+            due.append(handle.tiers)
+            if "local" in handle.tiers:
+                handle.wait()  # keep the local tier from falling behind (see the next test)
         mgr.wait()
-        assert [h.tiers for h in handles[:5]] == [("memory", "local")] + [("memory",)] * 3 + [
-            ("memory", "local")
-        ]
+        assert due[:5] == [("memory", "local")] + [("memory",)] * 3 + [("memory", "local")]
         assert mgr.steps() == {"memory": [8, 9, 10], "local": [4, 8]}
         assert sorted(os.listdir(os.path.join(tiers["local"].path, "exp"))) == [
             "step-000000000004",
             "step-000000000008",
         ]
         assert mgr.latest_step() == 10
+
+
+def test_a_slower_tier_that_falls_behind_takes_the_newest_due_step(tiers, caplog):
+    import threading
+
+    from mtckpt.tiers.local import LocalStorage
+
+    entered, gate = threading.Event(), threading.Event()
+    real_write = LocalStorage.write_stream
+
+    def slow_write(self, *args, **kwargs):
+        entered.set()
+        gate.wait(30)  # a slow disk: hold the local worker on its first step
+        return real_write(self, *args, **kwargs)
+
+    with manager(tiers) as mgr:
+        LocalStorage.write_stream = slow_write
+        try:
+            first = mgr.save(0, {"x": 0})
+            assert entered.wait(30)
+            skipped = [mgr.save(step, {"x": step}) for step in (1, 2)]
+            last = mgr.save(3, {"x": 3})
+            for handle in skipped + [last]:
+                handle.wait("memory")
+            gate.set()
+            mgr.wait()
+        finally:
+            LocalStorage.write_stream = real_write
+        assert first.skipped == frozenset() and last.skipped == frozenset()
+        assert [h.skipped for h in skipped] == [frozenset({"local"})] * 2
+        assert mgr.steps()["local"] == [0, 3]
+    assert "local tier: skipping step 1 because step 3 is already due" in caplog.text
 
 
 def test_nothing_due_saves_nothing(shm_dir):
