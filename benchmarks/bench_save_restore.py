@@ -1,0 +1,932 @@
+#!/usr/bin/env python
+"""Save/restore benchmark: mtckpt next to torch.save, DCP save / async_save and a plain memcpy.
+
+One workload (a transformer-like state of float32 numpy arrays, 1 GiB in ~200 tensors by
+default), one run. Each method runs in its own subprocess (this script re-invoked with the
+hidden ``--worker METHOD`` flag) so that its peak RSS is its own. Reported per method:
+the time the training thread is blocked, the time until the checkpoint is durable in each
+tier, restore times, peak RSS and the RSS above the worker's baseline (its state built).
+Every figure sits next to the plain-memcpy baseline measured in the same run. Each method
+makes two untimed warm-up saves before the timed repeats (reported separately in the JSON).
+
+    python benchmarks/bench_save_restore.py                        # 1 GiB, 200 tensors, 3 repeats
+    python benchmarks/bench_save_restore.py --size-gib 0.05 --tensors 40 --repeats 1   # smoke
+
+Prints a table and writes JSON (``--out``, default ``bench-out/save_restore.json``).
+``--local-root`` should be on the node's real disk (the default is under the system temp
+dir, which may be tmpfs on some systems; then "durable" means nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+METHODS = ("memcpy", "mtckpt", "torch_save", "dcp", "dcp_async")
+RESULT_PREFIX = "BENCH_RESULT "
+SEED = 20240611
+GIB = 1 << 30
+RUN = "bench"
+WORKER_TIMEOUT_S = 3600
+# Untimed saves before the timed ones, for every method. mtckpt needs two to reach its steady
+# state: the first save creates its slot on the training thread, and the memory worker
+# creates a spare slot after each of the first two commits (while the local tier writes).
+WARMUP_SAVES = 2
+
+# --------------------------------------------------------------------------------------
+# workload
+
+
+def workload_shapes(size_bytes: int, tensors: int) -> list[tuple[str, tuple[int, ...]]]:
+    """Named float32 shapes of a transformer-like model totalling about ``size_bytes``.
+
+    Per layer: qkv (d, 3d) + bias, out proj (d, d) + bias, mlp up (d, 4d) + bias, mlp down
+    (4d, d) + bias, two norms (d,): 10 tensors. Plus a token embedding (vocab, d) and a final
+    norm. ``d`` follows from the size and the layer count; the embedding's row count takes
+    up the remainder so the total is within one row of ``size_bytes``.
+    """
+    per_layer = 10
+    layers = max(1, round((tensors - 2) / per_layer))
+    params = size_bytes // 4
+    # layers * 12 d^2 (weights) + an embedding of about 4 d^2 (vocab = 4 d)
+    d = max(8, int(math.sqrt(params / (12 * layers + 4))) // 8 * 8)
+    layer_params = 12 * d * d + 9 * d + d + 2 * d  # weights, biases (3d+d+4d+d), 2 norms
+    vocab = max(1, (params - layers * layer_params - d) // d)
+    shapes: list[tuple[str, tuple[int, ...]]] = [("embed.weight", (vocab, d))]
+    for i in range(layers):
+        p = f"layers.{i:03d}."
+        shapes += [
+            (p + "attn.qkv.weight", (d, 3 * d)),
+            (p + "attn.qkv.bias", (3 * d,)),
+            (p + "attn.out.weight", (d, d)),
+            (p + "attn.out.bias", (d,)),
+            (p + "mlp.up.weight", (d, 4 * d)),
+            (p + "mlp.up.bias", (4 * d,)),
+            (p + "mlp.down.weight", (4 * d, d)),
+            (p + "mlp.down.bias", (d,)),
+            (p + "norm1.weight", (d,)),
+            (p + "norm2.weight", (d,)),
+        ]
+    shapes.append(("norm.weight", (d,)))
+    return shapes
+
+
+def build_arrays(size_bytes: int, tensors: int, seed: int = SEED) -> dict[str, np.ndarray]:
+    """Deterministic float32 arrays (seeded normal * 0.02), generated in place."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for name, shape in workload_shapes(size_bytes, tensors):
+        array = np.empty(shape, np.float32)
+        rng.standard_normal(out=array, dtype=np.float32)
+        array *= np.float32(0.02)
+        arrays[name] = array
+    return arrays
+
+
+def prefaulted_like(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Zeroed arrays of the same shapes, every page touched (a live model's parameters)."""
+    out = {}
+    for name, array in arrays.items():
+        target = np.empty_like(array)
+        target.fill(0)
+        out[name] = target
+    return out
+
+
+def state_bytes(arrays: dict[str, np.ndarray]) -> int:
+    return sum(a.nbytes for a in arrays.values())
+
+
+# --------------------------------------------------------------------------------------
+# measuring helpers
+
+
+def current_rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def timed(fn, *args, **kwargs):
+    t0 = time.perf_counter()
+    value = fn(*args, **kwargs)
+    return time.perf_counter() - t0, value
+
+
+def evict_page_cache(root: Path) -> int:
+    """fsync and drop from the page cache every file under ``root``; returns bytes evicted."""
+    total = 0
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            total += os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+    return total
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover
+        return os.cpu_count() or 1
+
+
+class Recorder:
+    """Per-repeat timings of one worker, plus RSS checkpoints and notes."""
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.timings: dict[str, list[float]] = {}
+        self.warmup: dict[str, list[float]] = {}
+        self.notes: list[str] = []
+        self.rss: dict[str, int] = {}
+
+    def add(self, metric: str, seconds: float, warmup: bool = False) -> None:
+        (self.warmup if warmup else self.timings).setdefault(metric, []).append(seconds)
+
+    def result(self, nbytes: int) -> dict:
+        self.rss["peak"] = peak_rss()
+        return {
+            "method": self.method,
+            "bytes": nbytes,
+            "timings": self.timings,
+            "warmup": self.warmup,
+            "rss_bytes": self.rss,
+            "notes": self.notes,
+            "error": None,
+        }
+
+
+# --------------------------------------------------------------------------------------
+# workers: each runs in its own process and returns a dict (printed as one JSON line)
+
+
+def worker_memcpy(args, arrays, rec: Recorder) -> None:
+    import mtckpt._native as native
+
+    destinations = prefaulted_like(arrays)
+    pairs = [(destinations[k], arrays[k]) for k in arrays]
+
+    def numpy_copy():
+        for name, src in arrays.items():
+            np.copyto(destinations[name], src)
+
+    rec.add("numpy_copyto", timed(numpy_copy)[0], warmup=True)
+    for _ in range(args.repeats):
+        rec.add("numpy_copyto", timed(numpy_copy)[0])
+
+    threads = cpu_count()
+    dsts = [d.reshape(-1).view(np.uint8) for d, _ in pairs]
+    srcs = [s.reshape(-1).view(np.uint8) for _, s in pairs]
+    rec.add("native_copy_many", timed(native.copy_many, dsts, srcs, threads)[0], warmup=True)
+    for _ in range(args.repeats):
+        rec.add("native_copy_many", timed(native.copy_many, dsts, srcs, threads)[0])
+    rec.notes.append(f"native copy_many with threads={threads}")
+    for dst, src in pairs:
+        if not np.array_equal(dst, src):
+            raise AssertionError("memcpy destination differs from its source")
+    rec.rss["after_save_phase_peak"] = peak_rss()
+    del dsts, srcs, pairs
+    destinations.clear()  # give the destination memory back before the next phase
+
+    # For reference: copying into fresh, not yet faulted memory (what a stager that
+    # allocates its buffer per save pays).
+    def fresh_copy():
+        out = [np.empty_like(a) for a in arrays.values()]
+        for dst, src in zip(out, arrays.values(), strict=True):
+            np.copyto(dst, src)
+        return out
+
+    for _ in range(args.repeats):
+        seconds, out = timed(fresh_copy)
+        rec.add("numpy_copyto_fresh", seconds)
+        del out
+
+
+def worker_mtckpt(args, arrays, rec: Recorder) -> None:
+    import mtckpt
+    import mtckpt.checksum
+
+    memory_root = Path(args.memory_root) / "tier"
+    local_root = Path(args.local_root) / "tier"
+    mgr = mtckpt.CheckpointManager(
+        RUN, mtckpt.MemoryTier(str(memory_root), keep=2), mtckpt.LocalTier(str(local_root), keep=2)
+    )
+    rec.notes.append(f"checksum backend {mtckpt.checksum.backend}, threads {mgr.threads}")
+
+    def save(step: int) -> tuple[float, float, float]:
+        t0 = time.perf_counter()
+        handle = mgr.save(step, {"model": arrays, "step": step})
+        t1 = time.perf_counter()
+        handle.wait("memory")
+        t2 = time.perf_counter()
+        handle.wait("local")
+        t3 = time.perf_counter()
+        mgr.wait()
+        # The memory worker prepares a spare slot after it signals "memory"; let it finish
+        # so each timed save starts from the steady state (a training step would separate
+        # two saves by far more than that).
+        idle = getattr(getattr(mgr, "_pipeline", None), "wait_memory_idle", None)
+        if idle is not None:
+            idle()
+        return t1 - t0, t2 - t0, t3 - t0
+
+    last_step = 0
+    for i in range(WARMUP_SAVES + args.repeats):
+        last_step = i + 1
+        blocking, memory, local = save(last_step)
+        warmup = i < WARMUP_SAVES
+        rec.add("blocking", blocking, warmup)
+        rec.add("memory_durable", memory, warmup)
+        rec.add("local_durable", local, warmup)
+    rec.rss["after_save_phase_peak"] = peak_rss()
+    rec.rss["after_save_phase"] = current_rss()
+
+    targets = prefaulted_like(arrays)
+    target = {"model": targets, "step": 0}
+
+    def check(step: int, restored: dict, where: str, in_place: bool) -> None:
+        if step != last_step or restored["step"] != last_step:
+            raise AssertionError(f"{where}: restored step {step}/{restored['step']}, "
+                                 f"expected {last_step}")  # fmt: skip
+        for name, array in arrays.items():
+            got = restored["model"][name]
+            if in_place and got is not targets[name]:
+                raise AssertionError(f"{where}: {name} was not restored in place")
+            if got.dtype != array.dtype or not np.array_equal(got, array):
+                raise AssertionError(f"{where}: {name} differs from what was saved")
+
+    # memory tier, into the pre-allocated targets (in place: the fast path)
+    seconds, (step, restored) = timed(mgr.restore, target)
+    check(step, restored, "restore(target) from memory", in_place=True)
+    rec.add("restore_memory_in_place", seconds, warmup=True)
+    for _ in range(args.repeats):
+        rec.add("restore_memory_in_place", timed(mgr.restore, target)[0])
+
+    # memory tier, no target: new arrays
+    seconds, (step, restored) = timed(mgr.restore)
+    check(step, restored, "restore() from memory", in_place=False)
+    rec.add("restore_memory_new_arrays", seconds, warmup=True)
+    del restored
+    for _ in range(args.repeats):
+        seconds, (_, restored) = timed(mgr.restore)
+        rec.add("restore_memory_new_arrays", seconds)
+        del restored
+    mgr.close()
+
+    # local tier alone: a second manager, same local root, an empty memory root
+    empty_memory = Path(args.memory_root) / "empty"
+    mgr2 = mtckpt.CheckpointManager(
+        RUN, mtckpt.MemoryTier(path=str(empty_memory)), mtckpt.LocalTier(str(local_root), keep=2)
+    )
+    held = mgr2.steps()
+    if held.get("memory") or last_step not in held.get("local", []):
+        raise AssertionError(f"second manager sees {held}; expected only the local tier")
+    for t in targets.values():
+        t.fill(0)
+    seconds, (step, restored) = timed(mgr2.restore, target)
+    check(step, restored, "restore(target) from the local tier", in_place=True)
+    rec.add("restore_local_warm", seconds, warmup=True)
+    for _ in range(args.repeats):
+        rec.add("restore_local_warm", timed(mgr2.restore, target)[0])
+    for _ in range(args.repeats):
+        evict_page_cache(local_root)
+        rec.add("restore_local_cold", timed(mgr2.restore, target)[0])
+    check(*mgr2.restore(target), "restore(target) from the local tier after eviction", True)
+    mgr2.close()
+    rec.notes.append(
+        "memory tier = tmpfs files mapped into the process: their pages count in RSS; they "
+        "are the node-memory copy of the checkpoint (as a pinned staging buffer would be)"
+    )
+
+
+def torch_state(arrays, step):
+    import torch
+
+    return {"model": {k: torch.from_numpy(v) for k, v in arrays.items()}, "step": step}
+
+
+def torch_targets(arrays):
+    import torch
+
+    return {"model": {k: torch.from_numpy(v) for k, v in prefaulted_like(arrays).items()},
+            "step": 0}  # fmt: skip
+
+
+def check_torch(loaded, arrays, step, where):
+    import torch
+
+    if loaded["step"] != step:
+        raise AssertionError(f"{where}: step {loaded['step']}, expected {step}")
+    for name, array in arrays.items():
+        if not torch.equal(loaded["model"][name], torch.from_numpy(array)):
+            raise AssertionError(f"{where}: {name} differs from what was saved")
+
+
+def worker_torch_save(args, arrays, rec: Recorder) -> None:
+    import torch
+
+    root = Path(args.local_root)
+
+    def save(index: int, step: int) -> tuple[float, float, Path]:
+        path = root / f"ckpt-{index:03d}.pt"
+        state = torch_state(arrays, step)
+        t0 = time.perf_counter()
+        torch.save(state, path)
+        t1 = time.perf_counter()
+        fsync_path(path)
+        fsync_path(root)
+        t2 = time.perf_counter()
+        return t1 - t0, t2 - t0, path
+
+    path = step = None
+    for i in range(WARMUP_SAVES + args.repeats):
+        if path is not None:
+            path.unlink()  # one checkpoint on disk at a time
+        step = i + 1
+        no_sync, synced, path = save(i, step)
+        warmup = i < WARMUP_SAVES
+        rec.add("save_no_fsync", no_sync, warmup)
+        rec.add("blocking", synced, warmup)
+        rec.add("local_durable", synced, warmup)
+    rec.rss["after_save_phase_peak"] = peak_rss()
+    rec.rss["after_save_phase"] = current_rss()
+
+    load = lambda **kw: torch.load(path, weights_only=True, **kw)  # noqa: E731
+    seconds, loaded = timed(load)
+    check_torch(loaded, arrays, step, "torch.load")
+    rec.add("restore_local_warm", seconds, warmup=True)
+    del loaded
+    for _ in range(args.repeats):
+        seconds, loaded = timed(load)
+        rec.add("restore_local_warm", seconds)
+        del loaded
+    for _ in range(args.repeats):
+        evict_page_cache(root)
+        seconds, loaded = timed(load)
+        rec.add("restore_local_cold", seconds)
+        del loaded
+
+    # mmap=True returns lazily mapped tensors: no byte is read until used. Copying them into
+    # the targets (in place) is the comparable figure.
+    targets = torch_targets(arrays)
+
+    def load_mmap_into_targets():
+        loaded = load(mmap=True)
+        for name, tensor in targets["model"].items():
+            tensor.copy_(loaded["model"][name])
+        targets["step"] = loaded["step"]
+        return loaded
+
+    seconds, loaded = timed(load, mmap=True)
+    check_torch(loaded, arrays, step, "torch.load(mmap=True)")
+    del loaded
+    for _ in range(args.repeats):
+        seconds, loaded = timed(load, mmap=True)
+        rec.add("restore_mmap_lazy", seconds)
+        del loaded
+    for _ in range(args.repeats):
+        seconds, loaded = timed(load_mmap_into_targets)
+        rec.add("restore_mmap_copy_into_targets_warm", seconds)
+        del loaded
+    check_torch(targets, arrays, step, "torch.load(mmap=True) + copy_")
+    rec.notes.append("blocking = torch.save + fsync (file and directory) = durable on disk")
+    rec.notes.append("restore = torch.load(weights_only=True): allocates new tensors")
+
+
+class DcpCaller:
+    """Calls DCP without a process group (no_dist=True); if that fails, initialises a
+    single-process gloo group once and calls again."""
+
+    def __init__(self, rec: Recorder) -> None:
+        self.rec = rec
+        self.use_group = False
+
+    def __call__(self, fn, *args, **kwargs):
+        import torch.distributed as dist
+
+        if not self.use_group:
+            try:
+                return fn(*args, no_dist=True, **kwargs)
+            except Exception as exc:
+                self.rec.notes.append(f"without a process group DCP failed ({exc!r}); "
+                                      "using a single-process gloo group")  # fmt: skip
+                self.use_group = True
+        if not dist.is_initialized():
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            dist.init_process_group(
+                "gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{port}"
+            )
+        return fn(*args, **kwargs)
+
+
+def _dcp_restore(args, arrays, rec, dcp, call, directory, step) -> None:
+    targets = torch_targets(arrays)
+    checkpoint = str(directory)
+    seconds = timed(call, dcp.load, targets, checkpoint_id=checkpoint)[0]
+    check_torch(targets, arrays, step, "dcp.load")
+    rec.add("restore_local_warm", seconds, warmup=True)
+    for _ in range(args.repeats):
+        rec.add("restore_local_warm", timed(call, dcp.load, targets, checkpoint_id=checkpoint)[0])
+    for _ in range(args.repeats):
+        evict_page_cache(directory)
+        rec.add("restore_local_cold", timed(call, dcp.load, targets, checkpoint_id=checkpoint)[0])
+    check_torch(targets, arrays, step, "dcp.load after eviction")
+    rec.notes.append("restore = dcp.load into pre-allocated tensors (in place)")
+
+
+def worker_dcp(args, arrays, rec: Recorder) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    call = DcpCaller(rec)
+    root = Path(args.local_root)
+    directory = step = None
+    for i in range(WARMUP_SAVES + args.repeats):
+        if directory is not None:
+            shutil.rmtree(directory)  # one checkpoint on disk at a time
+        step = i + 1
+        state = torch_state(arrays, step)
+        directory = root / f"ckpt-{i:03d}"
+        seconds = timed(call, dcp.save, state, checkpoint_id=str(directory))[0]
+        warmup = i < WARMUP_SAVES
+        rec.add("blocking", seconds, warmup)
+        rec.add("local_durable", seconds, warmup)
+    rec.rss["after_save_phase_peak"] = peak_rss()
+    rec.rss["after_save_phase"] = current_rss()
+    rec.notes.append("blocking = dcp.save (FileSystemWriter defaults: fsync) = durable on disk")
+    _dcp_restore(args, arrays, rec, dcp, call, directory, step)
+
+
+def worker_dcp_async(args, arrays, rec: Recorder) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    call = DcpCaller(rec)
+    root = Path(args.local_root)
+
+    def save(index: int, step: int) -> tuple[float, float, float, Path]:
+        directory = root / f"ckpt-{index:03d}"
+        state = torch_state(arrays, step)
+        t0 = time.perf_counter()
+        response = call(dcp.async_save, state, checkpoint_id=str(directory))
+        t1 = time.perf_counter()
+        staged = t1 - t0
+        upload = getattr(response, "upload_completion", response)
+        staging = getattr(response, "staging_completion", None)
+        if staging is not None:  # AsyncSaveResponse: the state may change only once staged
+            staging.result()
+            staged = time.perf_counter() - t0
+        upload.result()
+        t2 = time.perf_counter()
+        return t1 - t0, staged, t2 - t0, directory
+
+    directory = step = None
+    for i in range(WARMUP_SAVES + args.repeats):
+        if directory is not None:
+            shutil.rmtree(directory)  # one checkpoint on disk at a time
+        step = i + 1
+        returned, staged, durable, directory = save(i, step)
+        warmup = i < WARMUP_SAVES
+        rec.add("returned", returned, warmup)
+        rec.add("blocking", staged, warmup)
+        rec.add("local_durable", durable, warmup)
+    rec.rss["after_save_phase_peak"] = peak_rss()
+    rec.rss["after_save_phase"] = current_rss()
+    rec.notes.append(
+        "blocking = until async_save returns (default stager: synchronous copy into a fresh "
+        "CPU buffer; if it returns an AsyncSaveResponse, until staging_completion); "
+        "durable = until the upload future's result()"
+    )
+    _dcp_restore(args, arrays, rec, dcp, call, directory, step)
+
+
+WORKERS = {
+    "memcpy": worker_memcpy,
+    "mtckpt": worker_mtckpt,
+    "torch_save": worker_torch_save,
+    "dcp": worker_dcp,
+    "dcp_async": worker_dcp_async,
+}
+
+
+def run_worker_here(args) -> int:
+    """The ``--worker METHOD`` entry: build the state, run the method, print one JSON line."""
+    method = args.worker
+    rec = Recorder(method)
+    size_bytes = int(args.size_gib * GIB)
+    try:
+        if method != "memcpy":
+            import torch  # noqa: F401  (imported before the baseline so it is counted there)
+        import mtckpt  # noqa: F401
+
+        t0 = time.perf_counter()
+        arrays = build_arrays(size_bytes, args.tensors)
+        rec.notes.append(f"state built in {time.perf_counter() - t0:.1f} s")
+        rec.rss["baseline"] = current_rss()
+        rec.rss["baseline_peak"] = peak_rss()
+        WORKERS[method](args, arrays, rec)
+        result = rec.result(state_bytes(arrays))
+    except Exception as exc:  # reported to the parent, which decides whether it is fatal
+        traceback.print_exc()
+        result = rec.result(0)
+        result["error"] = f"{type(exc).__name__}: {exc}"
+    sys.stdout.write(RESULT_PREFIX + json.dumps(result) + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# the parent: run the workers, summarise, print, write JSON
+
+
+def make_fresh_dir(root: str | None, default_parent: str, prefix: str, created: list[Path]) -> Path:
+    """A new directory inside ``root`` (or ``default_parent``); every directory this makes
+    is appended to ``created`` (deepest last) for clean-up."""
+    parent = Path(root if root is not None else default_parent).absolute()
+    missing = []
+    probe = parent
+    while not probe.exists():
+        missing.append(probe)
+        probe = probe.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    created.extend(reversed(missing))
+    fresh = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    created.append(fresh)
+    return fresh
+
+
+def clean_up(created: list[Path]) -> None:
+    for path in reversed(created):
+        if path.name.startswith("mtckpt-bench-"):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            try:
+                path.rmdir()  # only if empty: never remove what someone else put there
+            except OSError:
+                pass
+
+
+def spawn_worker(args, method: str, memory_dir: Path, local_dir: Path) -> dict:
+    memory_dir.mkdir()
+    local_dir.mkdir()
+    command = [
+        sys.executable, os.path.abspath(__file__), "--worker", method,
+        "--size-gib", repr(args.size_gib), "--tensors", str(args.tensors),
+        "--repeats", str(args.repeats),
+        "--memory-root", str(memory_dir), "--local-root", str(local_dir),
+    ]  # fmt: skip
+    started = time.perf_counter()
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return {"method": method, "error": f"worker timed out after {WORKER_TIMEOUT_S} s"}
+    finally:
+        shutil.rmtree(memory_dir, ignore_errors=True)
+        shutil.rmtree(local_dir, ignore_errors=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    stderr_tail = proc.stderr[-4000:]
+    if not lines:
+        return {"method": method, "error": f"worker exited {proc.returncode} without a result",
+                "stderr_tail": stderr_tail}  # fmt: skip
+    result = json.loads(lines[-1][len(RESULT_PREFIX) :])
+    result["wall_s"] = time.perf_counter() - started
+    if result.get("error"):
+        result["stderr_tail"] = stderr_tail
+    return result
+
+
+def stats(values: list[float], nbytes: int) -> dict:
+    median = statistics.median(values)
+    return {
+        "median": median,
+        "min": min(values),
+        "max": max(values),
+        "gib_per_s_median": nbytes / GIB / median if median > 0 else None,
+        "n": len(values),
+    }
+
+
+def summarise(results: dict[str, dict]) -> dict[str, dict[str, dict]]:
+    summary = {}
+    for method, result in results.items():
+        if result.get("error"):
+            continue
+        nbytes = result["bytes"]
+        summary[method] = {m: stats(v, nbytes) for m, v in result["timings"].items() if v}
+    return summary
+
+
+# Table rows: (label, method, metric for the blocking column).
+ROWS = [
+    ("memcpy (np.copyto)", "memcpy", "numpy_copyto"),
+    ("memcpy (native copy_many)", "memcpy", "native_copy_many"),
+    ("memcpy into fresh memory", "memcpy", "numpy_copyto_fresh"),
+    ("mtckpt", "mtckpt", "blocking"),
+    ("torch.save (no fsync)", "torch_save", "save_no_fsync"),
+    ("torch.save + fsync", "torch_save", "blocking"),
+    ("dcp.save", "dcp", "blocking"),
+    ("dcp.async_save", "dcp_async", "blocking"),
+]
+RESTORE_COLUMNS = [
+    ("rst mem in-place", "restore_memory_in_place"),
+    ("rst mem new", "restore_memory_new_arrays"),
+    ("rst disk warm", "restore_local_warm"),
+    ("rst disk cold", "restore_local_cold"),
+]
+
+
+def render_table(results, summary, stat: str) -> str:
+    headers = ["method", "blocking", "x memcpy", "mem durable", "local durable"]
+    headers += [h for h, _ in RESTORE_COLUMNS]
+    headers += ["peak RSS", "extra RSS save", "extra RSS"]
+    baseline = summary.get("memcpy", {}).get("numpy_copyto", {}).get(stat)
+    rows = []
+    for label, method, blocking_metric in ROWS:
+        result = results.get(method)
+        if result is None:
+            continue
+        if result.get("error"):
+            rows.append([label, "FAILED: " + result["error"][:80]] + [""] * (len(headers) - 2))
+            continue
+        s = summary[method]
+
+        def cell(metric, s=s):
+            value = s.get(metric, {}).get(stat)
+            return "-" if value is None else f"{value:.3f}"
+
+        blocking = s.get(blocking_metric, {}).get(stat)
+        ratio = f"{blocking / baseline:.2f}" if blocking is not None and baseline else "-"
+        first_row_of_method = blocking_metric in ("numpy_copyto", "blocking")  # RSS shown once
+        is_durable_row = blocking_metric == "blocking"
+        row = [label, cell(blocking_metric), ratio]
+        row.append(cell("memory_durable") if is_durable_row else "-")
+        row.append(cell("local_durable") if is_durable_row else "-")
+        for _, metric in RESTORE_COLUMNS:
+            row.append(cell(metric) if is_durable_row else "-")
+        if first_row_of_method:
+            rss = result["rss_bytes"]
+            row.append(f"{rss['peak'] / GIB:.2f}")
+            save_peak = rss.get("after_save_phase_peak", rss["peak"])
+            row.append(f"{(save_peak - rss['baseline']) / GIB:.2f}")
+            row.append(f"{(rss['peak'] - rss['baseline']) / GIB:.2f}")
+        else:
+            row += ["", "", ""]
+        rows.append(row)
+    widths = [max(len(str(r[i])) for r in rows + [headers]) for i in range(len(headers))]
+
+    def line(cells):
+        out = []
+        for i, c in enumerate(cells):
+            out.append(str(c).ljust(widths[i]) if i == 0 else str(c).rjust(widths[i]))
+        return "| " + " | ".join(out) + " |"
+
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(headers), sep] + [line(r) for r in rows])
+
+
+def key_ratios(summary, stat: str = "median") -> list[tuple[str, float | None, str]]:
+    """(name, value, explanation) of the headline comparisons; value None where a side failed."""
+
+    def get(method, metric):
+        return summary.get(method, {}).get(metric, {}).get(stat)
+
+    def ratio(a, b):
+        return a / b if a is not None and b else None
+
+    faster = "< 1: mtckpt faster"
+    comparisons = [
+        ("mtckpt blocking / memcpy", ("mtckpt", "blocking"), ("memcpy", "numpy_copyto"),
+         "training-thread blocking time over a plain np.copyto of the same bytes"),
+        ("mtckpt blocking / native copy_many", ("mtckpt", "blocking"),
+         ("memcpy", "native_copy_many"), "the same over the native multi-threaded copy"),
+        ("mtckpt blocking / dcp.async_save blocking", ("mtckpt", "blocking"),
+         ("dcp_async", "blocking"), faster),
+        ("mtckpt local durable / dcp.async_save durable", ("mtckpt", "local_durable"),
+         ("dcp_async", "local_durable"), faster),
+        ("mtckpt local durable / torch.save+fsync", ("mtckpt", "local_durable"),
+         ("torch_save", "local_durable"), faster),
+        ("mtckpt local durable / dcp.save", ("mtckpt", "local_durable"),
+         ("dcp", "local_durable"), faster),
+        ("mtckpt restore (memory, in place) / memcpy", ("mtckpt", "restore_memory_in_place"),
+         ("memcpy", "numpy_copyto"), "restore copies and checksums every byte"),
+        ("mtckpt restore (memory, in place) / dcp.load (warm)",
+         ("mtckpt", "restore_memory_in_place"), ("dcp", "restore_local_warm"), faster),
+        ("mtckpt restore (memory, in place) / torch.load (warm)",
+         ("mtckpt", "restore_memory_in_place"), ("torch_save", "restore_local_warm"), faster),
+        ("mtckpt restore (local, warm, in place) / dcp.load (warm, in place)",
+         ("mtckpt", "restore_local_warm"), ("dcp", "restore_local_warm"), faster),
+        ("mtckpt restore (local, warm) / torch.load (warm)", ("mtckpt", "restore_local_warm"),
+         ("torch_save", "restore_local_warm"), faster),
+        ("mtckpt restore (local, cold) / dcp.load (cold)", ("mtckpt", "restore_local_cold"),
+         ("dcp", "restore_local_cold"), faster),
+        ("mtckpt restore (local, cold) / torch.load (cold)", ("mtckpt", "restore_local_cold"),
+         ("torch_save", "restore_local_cold"), faster),
+    ]  # fmt: skip
+    return [(name, ratio(get(*a), get(*b)), why) for name, a, b, why in comparisons]
+
+
+def machine_info(args) -> dict:
+    import mtckpt.checksum
+
+    info = {
+        "cpu_count": cpu_count(),
+        "cpu_model": None,
+        "memory_total_gib": None,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "torch": None,
+        "mtckpt_checksum_backend": mtckpt.checksum.backend,
+        "mtckpt_native_crc32c_hardware": None,
+    }
+    try:
+        info["torch"] = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        pass
+    try:
+        import mtckpt._native as native
+
+        info["mtckpt_native_crc32c_hardware"] = native.hardware
+    except ImportError:
+        pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu_model"] = next(
+                (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                None,
+            )
+        with open("/proc/meminfo") as f:
+            kib = int(next(line for line in f if line.startswith("MemTotal")).split()[1])
+            info["memory_total_gib"] = round(kib / (1 << 20), 1)
+    except (OSError, StopIteration, ValueError):
+        pass
+    return info
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--size-gib", type=float, default=1.0, help="state size (default 1.0)")
+    parser.add_argument("--tensors", type=int, default=200, help="about this many tensors (200)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats; median and min (3)")
+    parser.add_argument("--memory-root", default=None,
+                        help="tmpfs directory for the memory tier; a fresh directory is made "
+                             "inside it (default: /dev/shm)")  # fmt: skip
+    parser.add_argument("--local-root", default=None,
+                        help="directory on the node's real disk for the local tier and the "
+                             "torch/DCP files; a fresh directory is made inside it (default: "
+                             "the system temp dir)")  # fmt: skip
+    parser.add_argument("--out", default="bench-out/save_restore.json", help="JSON output path")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"comma list, a subset of {','.join(METHODS)}")  # fmt: skip
+    parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.size_gib <= 0 or args.tensors < 1 or args.repeats < 1:
+        parser.error("--size-gib must be > 0, --tensors and --repeats >= 1")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        parser.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    args.method_list = [m for m in METHODS if m in methods]
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        return run_worker_here(args)
+
+    created: list[Path] = []
+    default_memory = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+    memory_base = make_fresh_dir(args.memory_root, default_memory, "mtckpt-bench-", created)
+    local_base = make_fresh_dir(args.local_root, tempfile.gettempdir(), "mtckpt-bench-", created)
+    size_bytes = int(args.size_gib * GIB)
+    shapes = workload_shapes(size_bytes, args.tensors)
+    total = sum(4 * math.prod(s) for _, s in shapes)
+    print(f"workload: {len(shapes)} float32 tensors, {total / GIB:.3f} GiB "
+          f"(d={shapes[-1][1][0]}, largest {shapes[0][0]} {shapes[0][1]}); "
+          f"repeats {args.repeats}", file=sys.stderr)  # fmt: skip
+    print(f"memory root {memory_base}, local root {local_base}", file=sys.stderr)
+
+    results: dict[str, dict] = {}
+    started = _dt.datetime.now(_dt.timezone.utc)
+    try:
+        for method in args.method_list:
+            print(f"running {method} ...", file=sys.stderr, flush=True)
+            result = spawn_worker(args, method, memory_base / method, local_base / method)
+            results[method] = result
+            status = "FAILED: " + result["error"] if result.get("error") else "ok"
+            print(f"  {method}: {status} ({result.get('wall_s', 0):.1f} s)", file=sys.stderr)
+            if result.get("error") and result.get("stderr_tail"):
+                print(result["stderr_tail"], file=sys.stderr)
+    finally:
+        clean_up(created)
+
+    summary = summarise(results)
+    ratios = key_ratios(summary)
+    table_median = render_table(results, summary, "median")
+    table_min = render_table(results, summary, "min")
+    notes = [
+        f"{len(shapes)} float32 tensors, {total} bytes ({total / GIB:.3f} GiB); "
+        f"times in seconds (median of {args.repeats}; second table: min), RSS in GiB; "
+        "x memcpy = blocking / np.copyto of the same bytes into pre-faulted memory; "
+        "rst = restore",
+        f"every method makes {WARMUP_SAVES} untimed warm-up saves first (mtckpt reaches its "
+        "steady state of pre-faulted slots only after two); their times are in the JSON "
+        "under 'warmup', as is each first (verifying) restore",
+        "mtckpt's memory tier lives in tmpfs files mapped into the process, so those pages "
+        "count in its RSS: they ARE the node-memory copy of the checkpoint, as a pinned "
+        "staging buffer would be. Extra RSS = peak - RSS once the state was built; "
+        "'save' = peak during the save phase only (restores allocate targets/new arrays).",
+        "restore mem = from mtckpt's memory tier; restore disk = mtckpt's local tier alone "
+        "(second manager, empty memory root), torch.load(weights_only=True) (new tensors), "
+        "dcp.load (in place); cold = after fsync + POSIX_FADV_DONTNEED of the files.",
+    ]
+    for method, result in results.items():
+        for note in result.get("notes", []):
+            notes.append(f"{method}: {note}")
+
+    print()
+    print("median:")
+    print(table_median)
+    print()
+    print("min:")
+    print(table_min)
+    print()
+    print("key ratios (medians):")
+    for name, value, explanation in ratios:
+        shown = "n/a" if value is None else f"{value:.2f}"
+        print(f"  {name}: {shown}  ({explanation})")
+    print()
+    for note in notes:
+        print("note: " + note)
+
+    report = {
+        "benchmark": "save_restore",
+        "date": started.isoformat(timespec="seconds"),
+        "command": [sys.executable, *sys.argv],
+        "machine": machine_info(args),
+        "params": {
+            "size_gib": args.size_gib,
+            "bytes": total,
+            "tensors": len(shapes),
+            "tensors_requested": args.tensors,
+            "repeats": args.repeats,
+            "memory_root": str(memory_base),
+            "local_root": str(local_base),
+            "methods": args.method_list,
+            "seed": SEED,
+        },
+        "results": results,
+        "summary": summary,
+        "ratios": {name: value for name, value, _ in ratios},
+        "tables": {"median": table_median, "min": table_min},
+        "notes": notes,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {out}")
+
+    fatal = [m for m in ("memcpy", "mtckpt") if results.get(m, {}).get("error")]
+    if fatal:
+        print(f"FAILED: {', '.join(fatal)} (these must work)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
