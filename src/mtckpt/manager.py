@@ -205,7 +205,8 @@ class CheckpointManager:
         }
 
     def wait(self, timeout: float | None = None) -> None:
-        """Wait for all pending work of every tier; raise the first error among it."""
+        """Wait for all pending work of every tier, garbage collection included; raise the
+        first error among it."""
         deadline = None if timeout is None else time.monotonic() + timeout
         handles, self._handles = self._handles, []
         first_error = None
@@ -218,6 +219,9 @@ class CheckpointManager:
                 raise
             except Exception as exc:
                 first_error = first_error or exc
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not self._pipeline.wait_idle(remaining):
+            raise TimeoutError(f"background work of run {self.run!r} not done after {timeout} s")
         if first_error is not None:
             raise first_error
 

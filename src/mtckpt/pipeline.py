@@ -148,6 +148,7 @@ class Pipeline:
         self._cond = threading.Condition()
         self._memory_queue: collections.deque[SaveJob] = collections.deque()
         self._memory_busy = False
+        self._active = 0  # jobs queued or running in any worker, housekeeping included
         self._pins: collections.Counter[int] = collections.Counter()
         self._retention_lock = threading.Lock()
         self._closing = False  # no more saves: the memory worker drains its queue and stops
@@ -170,12 +171,23 @@ class Pipeline:
             if self._closing:
                 raise MtckptError("the checkpoint pipeline is closed")
             self._memory_queue.append(job)
+            self._active += 1
             self._cond.notify_all()
 
     def wait_memory_idle(self) -> None:
         """Block until every submitted step has been committed (or failed) in memory."""
         with self._cond:
             self._cond.wait_for(lambda: not self._memory_queue and not self._memory_busy)
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until every worker is done, garbage collection included; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._active == 0, timeout)
+
+    def _job_done(self) -> None:
+        with self._cond:
+            self._active -= 1
+            self._cond.notify_all()
 
     def close(self) -> None:
         """Finish all submitted work, then stop the workers."""
@@ -214,6 +226,7 @@ class Pipeline:
             finally:
                 with self._cond:
                     self._memory_busy = False
+                    self._active -= 1
                     self._cond.notify_all()
 
     def _commit_in_memory(self, job: SaveJob) -> None:
@@ -249,6 +262,7 @@ class Pipeline:
         for name in job.tiers:
             with self._cond:
                 self._pins[job.step] += 1
+                self._active += 1
                 self._tiers[name].queue.append(job)
                 self._cond.notify_all()
 
@@ -296,6 +310,7 @@ class Pipeline:
             )
             old.handle._finish(name, skipped=True)
             self._unpin(old.step)
+            self._job_done()
         return job
 
     def _tier_worker(self, name: str) -> None:
@@ -314,12 +329,13 @@ class Pipeline:
                 )
                 error = exc
             self._unpin(job.step)
+            job.handle._finish(name, error=error)
             try:
                 retention.apply(tier.storage, self.run, self.rank, self.world_size, tier.keep)
             except Exception as exc:
                 log.warning("%s tier: garbage collection failed: %s", name, exc)
             self._collect_memory_garbage()
-            job.handle._finish(name, error=error)
+            self._job_done()
 
     def _copy_to_tier(self, storage: Storage, job: SaveJob) -> None:
         manifest = job.manifest

@@ -360,6 +360,7 @@ def test_memory_slots_are_reused_across_steps(shm_dir):
             mgr.save(step, state).wait()
             path = os.path.join(step_dir(tiers["memory"], step), "rank-00000.safetensors")
             inodes.append(os.stat(path).st_ino)
+        mgr.wait()
         slots = os.listdir(os.path.join(shm_dir, "exp", ".slots", "rank-00000"))
     assert len(set(inodes)) == 3, inodes  # keep + 1 files serve every step
     assert len(slots) == 1  # one spare
