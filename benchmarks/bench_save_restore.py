@@ -24,168 +24,40 @@ import datetime as _dt
 import json
 import math
 import os
-import platform
-import resource
 import shutil
 import socket
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import traceback
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+from _harness import (
+    GIB,
+    SEED,
+    Recorder,
+    clean_up,
+    cpu_count,
+    current_rss,
+    evict_page_cache,
+    fsync_path,
+    machine_info,
+    make_fresh_dir,
+    peak_rss,
+    prefaulted_like,
+    run_worker_here,
+    spawn_worker,
+    summarise,
+    timed,
+    workload_shapes,
+)
 
 METHODS = ("memcpy", "mtckpt", "torch_save", "dcp", "dcp_async")
-RESULT_PREFIX = "BENCH_RESULT "
-SEED = 20240611
-GIB = 1 << 30
 RUN = "bench"
-WORKER_TIMEOUT_S = 3600
 # Untimed saves before the timed ones, for every method. mtckpt needs two to reach its steady
 # state: the first save creates its slot on the training thread, and the memory worker
 # creates a spare slot after each of the first two commits (while the local tier writes).
 WARMUP_SAVES = 2
-
-# --------------------------------------------------------------------------------------
-# workload
-
-
-def workload_shapes(size_bytes: int, tensors: int) -> list[tuple[str, tuple[int, ...]]]:
-    """Named float32 shapes of a transformer-like model totalling about ``size_bytes``.
-
-    Per layer: qkv (d, 3d) + bias, out proj (d, d) + bias, mlp up (d, 4d) + bias, mlp down
-    (4d, d) + bias, two norms (d,): 10 tensors. Plus a token embedding (vocab, d) and a final
-    norm. ``d`` follows from the size and the layer count; the embedding's row count takes
-    up the remainder so the total is within one row of ``size_bytes``.
-    """
-    per_layer = 10
-    layers = max(1, round((tensors - 2) / per_layer))
-    params = size_bytes // 4
-    # layers * 12 d^2 (weights) + an embedding of about 4 d^2 (vocab = 4 d)
-    d = max(8, int(math.sqrt(params / (12 * layers + 4))) // 8 * 8)
-    layer_params = 12 * d * d + 9 * d + d + 2 * d  # weights, biases (3d+d+4d+d), 2 norms
-    vocab = max(1, (params - layers * layer_params - d) // d)
-    shapes: list[tuple[str, tuple[int, ...]]] = [("embed.weight", (vocab, d))]
-    for i in range(layers):
-        p = f"layers.{i:03d}."
-        shapes += [
-            (p + "attn.qkv.weight", (d, 3 * d)),
-            (p + "attn.qkv.bias", (3 * d,)),
-            (p + "attn.out.weight", (d, d)),
-            (p + "attn.out.bias", (d,)),
-            (p + "mlp.up.weight", (d, 4 * d)),
-            (p + "mlp.up.bias", (4 * d,)),
-            (p + "mlp.down.weight", (4 * d, d)),
-            (p + "mlp.down.bias", (d,)),
-            (p + "norm1.weight", (d,)),
-            (p + "norm2.weight", (d,)),
-        ]
-    shapes.append(("norm.weight", (d,)))
-    return shapes
-
-
-def build_arrays(size_bytes: int, tensors: int, seed: int = SEED) -> dict[str, np.ndarray]:
-    """Deterministic float32 arrays (seeded normal * 0.02), generated in place."""
-    rng = np.random.default_rng(seed)
-    arrays = {}
-    for name, shape in workload_shapes(size_bytes, tensors):
-        array = np.empty(shape, np.float32)
-        rng.standard_normal(out=array, dtype=np.float32)
-        array *= np.float32(0.02)
-        arrays[name] = array
-    return arrays
-
-
-def prefaulted_like(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Zeroed arrays of the same shapes, every page touched (a live model's parameters)."""
-    out = {}
-    for name, array in arrays.items():
-        target = np.empty_like(array)
-        target.fill(0)
-        out[name] = target
-    return out
-
-
-def state_bytes(arrays: dict[str, np.ndarray]) -> int:
-    return sum(a.nbytes for a in arrays.values())
-
-
-# --------------------------------------------------------------------------------------
-# measuring helpers
-
-
-def current_rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
-def timed(fn, *args, **kwargs):
-    t0 = time.perf_counter()
-    value = fn(*args, **kwargs)
-    return time.perf_counter() - t0, value
-
-
-def evict_page_cache(root: Path) -> int:
-    """fsync and drop from the page cache every file under ``root``; returns bytes evicted."""
-    total = 0
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            total += os.fstat(fd).st_size
-        finally:
-            os.close(fd)
-    return total
-
-
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover
-        return os.cpu_count() or 1
-
-
-class Recorder:
-    """Per-repeat timings of one worker, plus RSS checkpoints and notes."""
-
-    def __init__(self, method: str) -> None:
-        self.method = method
-        self.timings: dict[str, list[float]] = {}
-        self.warmup: dict[str, list[float]] = {}
-        self.notes: list[str] = []
-        self.rss: dict[str, int] = {}
-
-    def add(self, metric: str, seconds: float, warmup: bool = False) -> None:
-        (self.warmup if warmup else self.timings).setdefault(metric, []).append(seconds)
-
-    def result(self, nbytes: int) -> dict:
-        self.rss["peak"] = peak_rss()
-        return {
-            "method": self.method,
-            "bytes": nbytes,
-            "timings": self.timings,
-            "warmup": self.warmup,
-            "rss_bytes": self.rss,
-            "notes": self.notes,
-            "error": None,
-        }
 
 
 # --------------------------------------------------------------------------------------
@@ -253,13 +125,9 @@ def worker_mtckpt(args, arrays, rec: Recorder) -> None:
         t2 = time.perf_counter()
         handle.wait("local")
         t3 = time.perf_counter()
+        # Let the background work finish (garbage collection, the spare slot) so each timed
+        # save starts from the steady state; a training step separates two saves by more.
         mgr.wait()
-        # The memory worker prepares a spare slot after it signals "memory"; let it finish
-        # so each timed save starts from the steady state (a training step would separate
-        # two saves by far more than that).
-        idle = getattr(getattr(mgr, "_pipeline", None), "wait_memory_idle", None)
-        if idle is not None:
-            idle()
         return t1 - t0, t2 - t0, t3 - t0
 
     last_step = 0
@@ -541,111 +409,8 @@ WORKERS = {
 }
 
 
-def run_worker_here(args) -> int:
-    """The ``--worker METHOD`` entry: build the state, run the method, print one JSON line."""
-    method = args.worker
-    rec = Recorder(method)
-    size_bytes = int(args.size_gib * GIB)
-    try:
-        if method != "memcpy":
-            import torch  # noqa: F401  (imported before the baseline so it is counted there)
-        import mtckpt  # noqa: F401
-
-        t0 = time.perf_counter()
-        arrays = build_arrays(size_bytes, args.tensors)
-        rec.notes.append(f"state built in {time.perf_counter() - t0:.1f} s")
-        rec.rss["baseline"] = current_rss()
-        rec.rss["baseline_peak"] = peak_rss()
-        WORKERS[method](args, arrays, rec)
-        result = rec.result(state_bytes(arrays))
-    except Exception as exc:  # reported to the parent, which decides whether it is fatal
-        traceback.print_exc()
-        result = rec.result(0)
-        result["error"] = f"{type(exc).__name__}: {exc}"
-    sys.stdout.write(RESULT_PREFIX + json.dumps(result) + "\n")
-    sys.stdout.flush()
-    return 0
-
-
 # --------------------------------------------------------------------------------------
 # the parent: run the workers, summarise, print, write JSON
-
-
-def make_fresh_dir(root: str | None, default_parent: str, prefix: str, created: list[Path]) -> Path:
-    """A new directory inside ``root`` (or ``default_parent``); every directory this makes
-    is appended to ``created`` (deepest last) for clean-up."""
-    parent = Path(root if root is not None else default_parent).absolute()
-    missing = []
-    probe = parent
-    while not probe.exists():
-        missing.append(probe)
-        probe = probe.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    created.extend(reversed(missing))
-    fresh = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    created.append(fresh)
-    return fresh
-
-
-def clean_up(created: list[Path]) -> None:
-    for path in reversed(created):
-        if path.name.startswith("mtckpt-bench-"):
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            try:
-                path.rmdir()  # only if empty: never remove what someone else put there
-            except OSError:
-                pass
-
-
-def spawn_worker(args, method: str, memory_dir: Path, local_dir: Path) -> dict:
-    memory_dir.mkdir()
-    local_dir.mkdir()
-    command = [
-        sys.executable, os.path.abspath(__file__), "--worker", method,
-        "--size-gib", repr(args.size_gib), "--tensors", str(args.tensors),
-        "--repeats", str(args.repeats),
-        "--memory-root", str(memory_dir), "--local-root", str(local_dir),
-    ]  # fmt: skip
-    started = time.perf_counter()
-    try:
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        return {"method": method, "error": f"worker timed out after {WORKER_TIMEOUT_S} s"}
-    finally:
-        shutil.rmtree(memory_dir, ignore_errors=True)
-        shutil.rmtree(local_dir, ignore_errors=True)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
-    stderr_tail = proc.stderr[-4000:]
-    if not lines:
-        return {"method": method, "error": f"worker exited {proc.returncode} without a result",
-                "stderr_tail": stderr_tail}  # fmt: skip
-    result = json.loads(lines[-1][len(RESULT_PREFIX) :])
-    result["wall_s"] = time.perf_counter() - started
-    if result.get("error"):
-        result["stderr_tail"] = stderr_tail
-    return result
-
-
-def stats(values: list[float], nbytes: int) -> dict:
-    median = statistics.median(values)
-    return {
-        "median": median,
-        "min": min(values),
-        "max": max(values),
-        "gib_per_s_median": nbytes / GIB / median if median > 0 else None,
-        "n": len(values),
-    }
-
-
-def summarise(results: dict[str, dict]) -> dict[str, dict[str, dict]]:
-    summary = {}
-    for method, result in results.items():
-        if result.get("error"):
-            continue
-        nbytes = result["bytes"]
-        summary[method] = {m: stats(v, nbytes) for m, v in result["timings"].items() if v}
-    return summary
 
 
 # Table rows: (label, method, metric for the blocking column).
@@ -757,44 +522,6 @@ def key_ratios(summary, stat: str = "median") -> list[tuple[str, float | None, s
     return [(name, ratio(get(*a), get(*b)), why) for name, a, b, why in comparisons]
 
 
-def machine_info(args) -> dict:
-    import mtckpt.checksum
-
-    info = {
-        "cpu_count": cpu_count(),
-        "cpu_model": None,
-        "memory_total_gib": None,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "torch": None,
-        "mtckpt_checksum_backend": mtckpt.checksum.backend,
-        "mtckpt_native_crc32c_hardware": None,
-    }
-    try:
-        info["torch"] = metadata.version("torch")
-    except metadata.PackageNotFoundError:
-        pass
-    try:
-        import mtckpt._native as native
-
-        info["mtckpt_native_crc32c_hardware"] = native.hardware
-    except ImportError:
-        pass
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu_model"] = next(
-                (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
-                None,
-            )
-        with open("/proc/meminfo") as f:
-            kib = int(next(line for line in f if line.startswith("MemTotal")).split()[1])
-            info["memory_total_gib"] = round(kib / (1 << 20), 1)
-    except (OSError, StopIteration, ValueError):
-        pass
-    return info
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -827,7 +554,9 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
-        return run_worker_here(args)
+        imports = ("mtckpt",) if args.worker == "memcpy" else ("mtckpt", "torch")
+        size = int(args.size_gib * GIB)
+        return run_worker_here(args.worker, WORKERS[args.worker], args, size, args.tensors, imports)
 
     created: list[Path] = []
     default_memory = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
@@ -846,7 +575,10 @@ def main(argv=None) -> int:
     try:
         for method in args.method_list:
             print(f"running {method} ...", file=sys.stderr, flush=True)
-            result = spawn_worker(args, method, memory_base / method, local_base / method)
+            worker_args = ["--size-gib", repr(args.size_gib), "--tensors", str(args.tensors),
+                           "--repeats", str(args.repeats)]  # fmt: skip
+            result = spawn_worker(os.path.abspath(__file__), method, worker_args,
+                                  memory_base / method, local_base / method)  # fmt: skip
             results[method] = result
             status = "FAILED: " + result["error"] if result.get("error") else "ok"
             print(f"  {method}: {status} ({result.get('wall_s', 0):.1f} s)", file=sys.stderr)
@@ -898,7 +630,7 @@ def main(argv=None) -> int:
         "benchmark": "save_restore",
         "date": started.isoformat(timespec="seconds"),
         "command": [sys.executable, *sys.argv],
-        "machine": machine_info(args),
+        "machine": machine_info(),
         "params": {
             "size_gib": args.size_gib,
             "bytes": total,
