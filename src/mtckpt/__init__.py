@@ -20,8 +20,8 @@ from .errors import (
     TierError,
     UnsupportedLeafError,
 )
+from .handle import SaveHandle
 from .manager import CheckpointManager
-from .pipeline import SaveHandle
 
 __all__ = [
     "CheckpointManager",

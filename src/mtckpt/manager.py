@@ -21,8 +21,9 @@ from .errors import (
     StepExistsError,
     StepNotFoundError,
 )
+from .handle import SaveHandle
 from .manifest import DEFAULT_CHUNK_SIZE, LeafRecord
-from .pipeline import Pipeline, SaveHandle, SaveJob
+from .pipeline import Pipeline, SaveJob
 from .tiers.base import Storage
 from .tiers.local import LocalStorage
 from .tiers.memory import MemoryStorage, Slot

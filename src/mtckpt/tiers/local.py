@@ -9,4 +9,4 @@ from .directory import DirectoryStorage
 
 class LocalStorage(DirectoryStorage):
     def __init__(self, root: str | os.PathLike) -> None:
-        super().__init__(root, "local", durable=True)
+        super().__init__(root, "local", durable=True, populate=True)

@@ -46,7 +46,7 @@ class Slot:
 
 class MemoryStorage(DirectoryStorage):
     def __init__(self, root: str | os.PathLike) -> None:
-        super().__init__(root, "memory", durable=False)
+        super().__init__(root, "memory", durable=False, populate=False)
         self._lock = threading.Lock()
         self._free: dict[tuple[str, int], list[Slot]] = {}
         self._bound: dict[tuple[str, int, int], Slot] = {}
