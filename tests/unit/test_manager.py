@@ -367,7 +367,8 @@ def test_memory_slots_are_reused_across_steps(shm_dir):
 
 
 def test_data_file_is_safetensors_readable_and_local_copy_is_identical(tiers):
-    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    import safetensors.numpy as safetensors_numpy
+
     state = make_state(7)
     with manager(tiers) as mgr:
         mgr.save(7, state).wait()
