@@ -8,6 +8,8 @@ spread over threads; a mismatch names the file, the chunk and the keys it holds.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import pickle
 from collections.abc import Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -87,8 +89,8 @@ def load_shard(
     """The value of every leaf of the shard; numpy arrays in ``targets`` are filled in place.
 
     Leaves in ``skip`` are verified but not returned. Call :func:`check_target` for every
-    other leaf first. Raises CorruptCheckpointError (or its
-    subclass ChecksumMismatchError) if the stored copy is damaged.
+    other leaf first. Raises CorruptCheckpointError (ChecksumMismatchError for bad bytes)
+    if the stored copy is damaged.
     """
     where = f"{storage.describe()}: step {manifest.step} {manifest.data_file}"
     try:
@@ -141,11 +143,15 @@ def _read_verified(mapping, manifest, targets, skip, threads, where):
 
     chunk = manifest.chunk_size
     fastpath = _fastpath.backend()
+    starts = [start for start, _, _ in segments]
 
     def verify_chunk(index: int) -> None:
         lo, hi = index * chunk, min((index + 1) * chunk, manifest.file_size)
         crc = 0
-        for start, end, dst in segments:
+        first = max(0, bisect.bisect_right(starts, lo) - 1)
+        for start, end, dst in itertools.islice(segments, first, None):
+            if start >= hi:
+                break
             a, b = max(start, lo), min(end, hi)
             if a >= b:
                 continue
