@@ -64,6 +64,28 @@ WARMUP_SAVES = 2
 # workers: each runs in its own process and returns a dict (printed as one JSON line)
 
 
+def run_save_phase(rec: Recorder, repeats: int, save) -> tuple[int, object]:
+    """Call ``save(index, step)`` for the warm-up saves, then the timed ones; each returns
+    ``({metric: seconds}, what it saved)``. Records the timings and the save phase's RSS;
+    returns the last step and what it saved."""
+    saved = None
+    for index in range(WARMUP_SAVES + repeats):
+        timings, saved = save(index, index + 1)
+        for metric, seconds in timings.items():
+            rec.add(metric, seconds, warmup=index < WARMUP_SAVES)
+    rec.rss["after_save_phase_peak"] = peak_rss()
+    rec.rss["after_save_phase"] = current_rss()
+    return WARMUP_SAVES + repeats, saved
+
+
+def remove_previous(path: Path) -> None:
+    """Keep one checkpoint on disk at a time, as mtckpt's keep does."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
 def worker_memcpy(args, arrays, rec: Recorder) -> None:
     import mtckpt._native as native
 
@@ -117,7 +139,7 @@ def worker_mtckpt(args, arrays, rec: Recorder) -> None:
     )
     rec.notes.append(f"checksum backend {mtckpt.checksum.backend}, threads {mgr.threads}")
 
-    def save(step: int) -> tuple[float, float, float]:
+    def save(index: int, step: int) -> tuple[dict, None]:
         t0 = time.perf_counter()
         handle = mgr.save(step, {"model": arrays, "step": step})
         t1 = time.perf_counter()
@@ -128,18 +150,9 @@ def worker_mtckpt(args, arrays, rec: Recorder) -> None:
         # Let the background work finish (garbage collection, the spare slot) so each timed
         # save starts from the steady state; a training step separates two saves by more.
         mgr.wait()
-        return t1 - t0, t2 - t0, t3 - t0
+        return {"blocking": t1 - t0, "memory_durable": t2 - t0, "local_durable": t3 - t0}, None
 
-    last_step = 0
-    for i in range(WARMUP_SAVES + args.repeats):
-        last_step = i + 1
-        blocking, memory, local = save(last_step)
-        warmup = i < WARMUP_SAVES
-        rec.add("blocking", blocking, warmup)
-        rec.add("memory_durable", memory, warmup)
-        rec.add("local_durable", local, warmup)
-    rec.rss["after_save_phase_peak"] = peak_rss()
-    rec.rss["after_save_phase"] = current_rss()
+    last_step, _ = run_save_phase(rec, args.repeats, save)
 
     targets = prefaulted_like(arrays)
     target = {"model": targets, "step": 0}
@@ -227,7 +240,8 @@ def worker_torch_save(args, arrays, rec: Recorder) -> None:
 
     root = Path(args.local_root)
 
-    def save(index: int, step: int) -> tuple[float, float, Path]:
+    def save(index: int, step: int) -> tuple[dict, Path]:
+        remove_previous(root / f"ckpt-{index - 1:03d}.pt")
         path = root / f"ckpt-{index:03d}.pt"
         state = torch_state(arrays, step)
         t0 = time.perf_counter()
@@ -236,20 +250,9 @@ def worker_torch_save(args, arrays, rec: Recorder) -> None:
         fsync_path(path)
         fsync_path(root)
         t2 = time.perf_counter()
-        return t1 - t0, t2 - t0, path
+        return {"save_no_fsync": t1 - t0, "blocking": t2 - t0, "local_durable": t2 - t0}, path
 
-    path = step = None
-    for i in range(WARMUP_SAVES + args.repeats):
-        if path is not None:
-            path.unlink()  # one checkpoint on disk at a time
-        step = i + 1
-        no_sync, synced, path = save(i, step)
-        warmup = i < WARMUP_SAVES
-        rec.add("save_no_fsync", no_sync, warmup)
-        rec.add("blocking", synced, warmup)
-        rec.add("local_durable", synced, warmup)
-    rec.rss["after_save_phase_peak"] = peak_rss()
-    rec.rss["after_save_phase"] = current_rss()
+    step, path = run_save_phase(rec, args.repeats, save)
 
     load = lambda **kw: torch.load(path, weights_only=True, **kw)  # noqa: E731
     seconds, loaded = timed(load)
@@ -341,19 +344,14 @@ def worker_dcp(args, arrays, rec: Recorder) -> None:
 
     call = DcpCaller(rec)
     root = Path(args.local_root)
-    directory = step = None
-    for i in range(WARMUP_SAVES + args.repeats):
-        if directory is not None:
-            shutil.rmtree(directory)  # one checkpoint on disk at a time
-        step = i + 1
-        state = torch_state(arrays, step)
-        directory = root / f"ckpt-{i:03d}"
-        seconds = timed(call, dcp.save, state, checkpoint_id=str(directory))[0]
-        warmup = i < WARMUP_SAVES
-        rec.add("blocking", seconds, warmup)
-        rec.add("local_durable", seconds, warmup)
-    rec.rss["after_save_phase_peak"] = peak_rss()
-    rec.rss["after_save_phase"] = current_rss()
+
+    def save(index: int, step: int) -> tuple[dict, Path]:
+        remove_previous(root / f"ckpt-{index - 1:03d}")
+        directory = root / f"ckpt-{index:03d}"
+        seconds = timed(call, dcp.save, torch_state(arrays, step), checkpoint_id=str(directory))[0]
+        return {"blocking": seconds, "local_durable": seconds}, directory
+
+    step, directory = run_save_phase(rec, args.repeats, save)
     rec.notes.append("blocking = dcp.save (FileSystemWriter defaults: fsync) = durable on disk")
     _dcp_restore(args, arrays, rec, dcp, call, directory, step)
 
@@ -364,7 +362,8 @@ def worker_dcp_async(args, arrays, rec: Recorder) -> None:
     call = DcpCaller(rec)
     root = Path(args.local_root)
 
-    def save(index: int, step: int) -> tuple[float, float, float, Path]:
+    def save(index: int, step: int) -> tuple[dict, Path]:
+        remove_previous(root / f"ckpt-{index - 1:03d}")
         directory = root / f"ckpt-{index:03d}"
         state = torch_state(arrays, step)
         t0 = time.perf_counter()
@@ -378,20 +377,9 @@ def worker_dcp_async(args, arrays, rec: Recorder) -> None:
             staged = time.perf_counter() - t0
         upload.result()
         t2 = time.perf_counter()
-        return t1 - t0, staged, t2 - t0, directory
+        return {"returned": t1 - t0, "blocking": staged, "local_durable": t2 - t0}, directory
 
-    directory = step = None
-    for i in range(WARMUP_SAVES + args.repeats):
-        if directory is not None:
-            shutil.rmtree(directory)  # one checkpoint on disk at a time
-        step = i + 1
-        returned, staged, durable, directory = save(i, step)
-        warmup = i < WARMUP_SAVES
-        rec.add("returned", returned, warmup)
-        rec.add("blocking", staged, warmup)
-        rec.add("local_durable", durable, warmup)
-    rec.rss["after_save_phase_peak"] = peak_rss()
-    rec.rss["after_save_phase"] = current_rss()
+    step, directory = run_save_phase(rec, args.repeats, save)
     rec.notes.append(
         "blocking = until async_save returns (default stager: synchronous copy into a fresh "
         "CPU buffer; if it returns an AsyncSaveResponse, until staging_completion); "
