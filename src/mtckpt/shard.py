@@ -18,7 +18,6 @@ from .errors import KeyCollisionError
 
 HEADER_ALIGN = 4096
 METADATA_KEY = "__metadata__"
-MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 # safetensors dtype name -> item size in bytes.
 ITEMSIZE = {
@@ -122,20 +121,3 @@ def plan(items: Iterable[tuple[str, str, Sequence[int], int]], metadata: dict[st
     padded = len(text) + (-(8 + len(text)) % HEADER_ALIGN)
     header = struct.pack("<Q", padded) + text.ljust(padded, b" ")
     return Layout(header, tuple(entries), len(header), len(header) + offset)
-
-
-def read_header(buf: bytes | memoryview) -> tuple[dict[str, str], dict[str, Entry], int]:
-    """Parse a safetensors file's start: ``(metadata, entries by key, data_start)``."""
-    if len(buf) < 8:
-        raise ValueError(f"file of {len(buf)} bytes is too short for a safetensors header")
-    (length,) = struct.unpack("<Q", bytes(buf[:8]))
-    if length > min(MAX_HEADER_BYTES, len(buf) - 8):
-        raise ValueError(f"safetensors header length {length} exceeds the file")
-    header = json.loads(bytes(buf[8 : 8 + length]))
-    metadata = header.pop(METADATA_KEY, {})
-    entries = {
-        key: Entry(key, info["dtype"], tuple(info["shape"]), info["data_offsets"][0],
-                   info["data_offsets"][1] - info["data_offsets"][0])
-        for key, info in header.items()
-    }  # fmt: skip
-    return metadata, entries, 8 + length

@@ -376,6 +376,11 @@ def test_data_file_is_safetensors_readable_and_local_copy_is_identical(tiers):
     local_file = os.path.join(step_dir(tiers["local"], 7), "rank-00000.safetensors")
     with open(memory_file, "rb") as a, open(local_file, "rb") as b:
         assert a.read() == b.read()
+    from safetensors import safe_open
+
+    with safe_open(local_file, "np") as f:
+        assert f.metadata() == {"format": "mtckpt", "run": "exp", "step": "7", "rank": "0",
+                                "world_size": "1"}  # fmt: skip
     loaded = safetensors_numpy.load_file(local_file)
     assert np.array_equal(loaded["model/embed.weight"], state["model"]["embed.weight"])
     assert np.array_equal(
