@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _fastpath, commit, config, naming, restore, retention, shard, topology, tree
+from . import _fastpath, arrays, commit, config, naming, restore, retention, shard, topology, tree
 from .config import LocalTier, MemoryTier
 from .errors import (
     ClosedError,
@@ -185,7 +185,7 @@ class CheckpointManager:
                 layout=layout,
                 tree=node,
                 records=_leaf_records(leaves, layout),
-                framework="numpy",
+                framework=_framework(leaves),
                 tiers=tuple(due[1:]),
                 handle=handle,
             )
@@ -275,7 +275,9 @@ class CheckpointManager:
                     continue
                 try:
                     manifest = restore.read_manifest(storage, self.run, candidate, self.rank)
-                    skip = self._check_target(manifest, target, targets, strict, allow_pickle)
+                    node, skip = self._plan_restore(
+                        manifest, target_node, targets, strict, allow_pickle
+                    )
                     values = restore.load_shard(
                         storage, manifest, targets, skip=skip, threads=self.threads
                     )
@@ -293,7 +295,6 @@ class CheckpointManager:
                     )
                 else:
                     log.info("restored step %d from the %s tier", candidate, storage.name)
-                node = target_node if target_node is not None else manifest.tree
                 state = tree.unflatten(node, {**targets, **values}.__getitem__)
                 return candidate, state
         which = f"step {step}" if step is not None else "any step"
@@ -302,14 +303,18 @@ class CheckpointManager:
             + "; ".join(problems)
         )
 
-    def _check_target(self, manifest, target, targets, strict, allow_pickle) -> set[str]:
-        """Raise StateMismatchError where ``target`` cannot take the saved state; returns the
-        saved keys that need not be read (``strict=False``, not in the target)."""
+    def _plan_restore(self, manifest, target_node, targets, strict, allow_pickle):
+        """The structure to rebuild and the saved keys not to read; raises
+        StateMismatchError where the target cannot take the saved state."""
         saved = {record.key: record for record in manifest.leaves}
         skip: set[str] = set()
-        if target is not None:
+        if target_node is None:
+            node = manifest.tree
+        else:
+            node = tree.graft(target_node, manifest.tree)
+            wanted = set(node.leaf_keys())
             missing = [key for key in targets if key not in saved]
-            unexpected = [key for key in saved if key not in targets]
+            unexpected = [key for key in saved if key not in wanted]
             if strict and (missing or unexpected):
                 raise StateMismatchError(
                     f"step {manifest.step} of run {self.run!r} and the restore target differ: "
@@ -321,7 +326,7 @@ class CheckpointManager:
         for key, record in saved.items():
             if key not in skip:
                 restore.check_target(record, targets.get(key), allow_pickle)
-        return skip
+        return node, skip
 
     # -- inspecting and removing -----------------------------------------------------------
 
@@ -391,10 +396,9 @@ class CheckpointManager:
 def _data_items(leaves: list[tree.Leaf]) -> list[tuple[str, str, tuple[int, ...], int]]:
     items = []
     for leaf in leaves:
-        if leaf.kind in ("ndarray", "npscalar"):
-            array = leaf.value
-            items.append((leaf.key, shard.dtype_name(array.dtype), array.shape, array.nbytes))
-        elif leaf.kind in tree.DATA_KINDS:
+        if leaf.kind in arrays.ARRAY_KINDS:
+            items.append((leaf.key, *arrays.for_kind(leaf.kind).describe(leaf.value)))
+        elif leaf.kind in tree.BYTES_KINDS:
             items.append((leaf.key, "U8", (len(leaf.value),), len(leaf.value)))
     return items
 
@@ -422,27 +426,35 @@ def _leaf_records(leaves: list[tree.Leaf], layout: shard.Layout) -> list[LeafRec
 
 def _stage_into_slot(slot: Slot, layout: shard.Layout, leaves: list[tree.Leaf], threads: int):
     """Copy the header and every leaf's bytes into the slot: one multi-threaded native call
-    for contiguous arrays and bytes, numpy for strided or byte-swapped arrays."""
+    for everything in host memory and contiguous, the framework's own copy for the rest
+    (strided, byte-swapped, on a device)."""
     view = slot.view()
     view[: len(layout.header)] = np.frombuffer(layout.header, np.uint8)
-    values = {leaf.key: leaf.value for leaf in leaves}
+    leaf_of = {leaf.key: leaf for leaf in leaves}
     destinations, sources = [], []
     for entry in layout.entries:
-        value = values[entry.key]
-        dst = view[
-            layout.data_start + entry.offset : layout.data_start + entry.offset + entry.nbytes
-        ]
-        if not isinstance(value, np.ndarray):
+        leaf = leaf_of[entry.key]
+        start = layout.data_start + entry.offset
+        dst = view[start : start + entry.nbytes]
+        if leaf.kind in tree.BYTES_KINDS:
             destinations.append(dst)
-            sources.append(value)
-        elif value.flags.c_contiguous and value.dtype.byteorder != ">":
-            destinations.append(dst)
-            sources.append(value.reshape(-1).view(np.uint8))
+            sources.append(leaf.value)
+            continue
+        adapter = arrays.for_kind(leaf.kind)
+        source = adapter.host_bytes(leaf.value)
+        if source is None:
+            adapter.stage(leaf.value, dst)
         else:
-            little = value.dtype.newbyteorder("<")
-            np.copyto(dst.view(little).reshape(value.shape), value, casting="equiv")
+            destinations.append(dst)
+            sources.append(source)
     _fastpath.backend().copy_many(destinations, sources, threads)
     del view, destinations
+
+
+def _framework(leaves: list[tree.Leaf]) -> str:
+    """What wrote the state, for the manifest: the framework of its arrays."""
+    kinds = {leaf.kind for leaf in leaves}
+    return "torch" if "torch" in kinds else "numpy"
 
 
 def _listing(keys: list[str]) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _fastpath, naming, shard
+from . import _fastpath, arrays, naming, shard
 from .errors import (
     ChecksumMismatchError,
     CorruptCheckpointError,
@@ -27,8 +27,6 @@ from .errors import (
 from .manifest import LeafRecord, RankManifest
 from .tiers.base import Storage
 from .tree import DATA_KINDS
-
-ARRAY_KINDS = frozenset({"ndarray", "npscalar"})
 
 
 def read_manifest(storage: Storage, run: str, step: int, rank: int) -> RankManifest:
@@ -47,34 +45,36 @@ def read_manifest(storage: Storage, run: str, step: int, rank: int) -> RankManif
 
 
 def check_target(record: LeafRecord, target: Any, allow_pickle: bool) -> None:
-    """Raise if ``record`` cannot be restored into ``target`` (None: no target)."""
+    """Raise if ``record`` cannot be restored into ``target`` (a placeholder or None: a new
+    value is built)."""
     if record.kind == "pickle" and not allow_pickle:
         raise UnsupportedLeafError(
             f"key {record.key!r} was saved with pickle; pass allow_pickle=True to restore it "
             "(only for checkpoints you trust)"
         )
-    if isinstance(target, np.ndarray):
-        if record.kind not in ARRAY_KINDS:
+    adapter = arrays.for_target(target)
+    if adapter is not None:
+        if record.kind not in arrays.ARRAY_KINDS:
             raise StateMismatchError(
-                f"key {record.key!r}: the target is a numpy array but the checkpoint holds a "
-                f"{record.kind} leaf"
+                f"key {record.key!r}: the target is a {adapter.name} but the checkpoint holds "
+                f"a {record.kind} leaf"
             )
-        saved = f"{record.dtype} {tuple(record.shape)}"
-        try:
-            target_dtype = shard.dtype_name(target.dtype)
-        except ValueError:
-            target_dtype = str(target.dtype)
-        wanted = f"{target_dtype} {tuple(target.shape)}"
+        dtype, shape, writable = adapter.target_signature(target)
+        saved, wanted = f"{record.dtype} {tuple(record.shape)}", f"{dtype} {tuple(shape)}"
         if saved != wanted:
             raise StateMismatchError(
                 f"key {record.key!r}: the checkpoint holds {saved}, the target expects {wanted}"
             )
-        if not target.flags.writeable:
+        if not writable:
             raise StateMismatchError(f"key {record.key!r}: the target array is read-only")
-    elif record.kind in ARRAY_KINDS and shard.numpy_dtype(record.dtype) is None:
+    elif (
+        record.kind in arrays.ARRAY_KINDS
+        and arrays.for_kind(record.kind) is arrays.NUMPY
+        and shard.numpy_dtype(record.dtype) is None
+    ):
         raise UnsupportedLeafError(
             f"key {record.key!r} has dtype {record.dtype}, which numpy can only read with the "
-            "ml_dtypes package installed; or restore into a target of that dtype"
+            "ml_dtypes package installed; install it, or restore into a target of that dtype"
         )
 
 
@@ -105,8 +105,8 @@ def load_shard(
         values, fixups = _read_verified(mapping, manifest, targets, set(skip), threads, where)
     finally:
         _close(mapping)
-    for target, temp in fixups:
-        np.copyto(target, temp)
+    for adapter, target, record, buf in fixups:
+        adapter.fill(target, record.dtype, record.shape, buf)
     return values
 
 
@@ -114,7 +114,7 @@ def _read_verified(mapping, manifest, targets, skip, threads, where):
     src = np.frombuffer(mapping, np.uint8) if manifest.file_size else np.zeros(0, np.uint8)
     values: dict[str, Any] = {}
     in_place: set[str] = set()  # keys restored into the target's own array
-    fixups = []  # (non-contiguous target, temp array): copied once verified
+    fixups = []  # (adapter, target, record, buffer): targets filled once their bytes verify
     segments = []  # (start, end, destination uint8 array or None for checksum only)
     position = 0
     for record in manifest.data_records():
@@ -124,18 +124,17 @@ def _read_verified(mapping, manifest, targets, skip, threads, where):
         if record.key in skip:
             continue  # its bytes stay in a checksum-only gap
         target = targets.get(record.key)
-        if isinstance(target, np.ndarray):
+        adapter = arrays.for_target(target)
+        dst = adapter.target_bytes(target) if adapter is not None else None
+        if adapter is not None:
             in_place.add(record.key)
             values[record.key] = target
-        if isinstance(target, np.ndarray) and target.flags.c_contiguous:
-            dst = target.reshape(-1).view(np.uint8)
-        else:
+        if dst is None:
             dst = np.empty(record.nbytes, np.uint8)
-            value = _value_from_bytes(record, dst)
-            if isinstance(target, np.ndarray):
-                fixups.append((target, value))
+            if adapter is not None:
+                fixups.append((adapter, target, record, dst))
             else:
-                values[record.key] = value
+                values[record.key] = dst
         segments.append((start, start + record.nbytes, dst))
         position = max(position, start + record.nbytes)
     if position < manifest.file_size:
@@ -190,22 +189,15 @@ def _read_verified(mapping, manifest, targets, skip, threads, where):
     return values, fixups
 
 
-def _value_from_bytes(record: LeafRecord, buf: np.ndarray) -> Any:
-    """An array viewing ``buf`` (not yet filled) for array kinds; ``buf`` itself otherwise."""
-    if record.kind in ARRAY_KINDS:
-        return buf.view(shard.numpy_dtype(record.dtype)).reshape(record.shape)
-    return buf
-
-
-def _finish_value(record: LeafRecord, value: Any) -> Any:
-    """Turn filled, verified bytes into the leaf's Python value."""
+def _finish_value(record: LeafRecord, buf: np.ndarray) -> Any:
+    """The leaf's value from its filled, verified bytes."""
+    if record.kind in arrays.ARRAY_KINDS:
+        return arrays.for_kind(record.kind).new_value(record.kind, record.dtype, record.shape, buf)
     if record.kind == "bytes":
-        return value.tobytes()
+        return buf.tobytes()
     if record.kind == "bytearray":
-        return bytearray(value.tobytes())
-    if record.kind == "pickle":
-        return pickle.loads(value.tobytes())
-    return value[()] if record.kind == "npscalar" else value
+        return bytearray(buf.tobytes())
+    return pickle.loads(buf.tobytes())
 
 
 def _close(mapping: Any) -> None:

@@ -12,17 +12,16 @@ from __future__ import annotations
 import collections
 import pickle
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-import numpy as np
-
-from . import shard
+from . import arrays
 from .errors import CorruptCheckpointError, KeyCollisionError, UnsupportedLeafError
 
 # Leaves whose value lives in the manifest, and leaves whose bytes live in the data file.
 VALUE_KINDS = frozenset({"none", "bool", "int", "float", "str"})
-DATA_KINDS = frozenset({"ndarray", "npscalar", "bytes", "bytearray", "pickle"})
+BYTES_KINDS = frozenset({"bytes", "bytearray", "pickle"})
+DATA_KINDS = arrays.ARRAY_KINDS | BYTES_KINDS
 
 _VALUE_TYPES: dict[type, str] = {
     type(None): "none",
@@ -37,9 +36,9 @@ _VALUE_TYPES: dict[type, str] = {
 class Leaf:
     """One leaf of a flattened state.
 
-    ``value`` is the object itself for value kinds, a numpy array for ``ndarray`` and
-    ``npscalar`` (a 0-d array), and the bytes to store for ``bytes``, ``bytearray`` and
-    ``pickle``.
+    ``value`` is the object itself for value kinds, the array for array kinds (a 0-d array
+    for ``npscalar``, a detached tensor for ``torch``), and the bytes to store for
+    ``bytes``, ``bytearray`` and ``pickle``.
     """
 
     key: str
@@ -151,8 +150,11 @@ def _flatten(obj: Any, path: str, leaves: list[Leaf], mode: str, active: set) ->
     if kind is not None:
         leaves.append(Leaf(path, kind, obj))
         return Node("leaf", name=path)
-    if isinstance(obj, (np.ndarray, np.generic)):
-        leaves.append(Leaf(path, "object", obj) if mode == "target" else _array_leaf(obj, path))
+    adapter = arrays.for_value(obj)
+    if adapter is not None:
+        leaves.append(
+            Leaf(path, "object", obj) if mode == "target" else _array_leaf(adapter, obj, path)
+        )
         return Node("leaf", name=path)
     if type(obj) in (bytes, bytearray):
         leaves.append(Leaf(path, type(obj).__name__, bytes(obj)))
@@ -218,13 +220,12 @@ def _flatten_dict(obj: dict, path: str, leaves: list[Leaf], mode: str, active: s
     return Node("dict", children=tuple(children), keys=tuple(keys))
 
 
-def _array_leaf(obj: np.ndarray | np.generic, path: str) -> Leaf:
-    array = np.asarray(obj)
+def _array_leaf(adapter: arrays.ArrayAdapter, obj: Any, path: str) -> Leaf:
     try:
-        shard.dtype_name(array.dtype)
+        kind, value = adapter.leaf(obj)
     except ValueError as exc:
         raise UnsupportedLeafError(f"key {describe(path)}: {exc}") from None
-    return Leaf(path, "ndarray" if isinstance(obj, np.ndarray) else "npscalar", array)
+    return Leaf(path, kind, value)
 
 
 def _is_stateful(obj: Any) -> bool:
@@ -267,3 +268,45 @@ def _namedtuple_class(name: str, fields: tuple[str, ...]) -> type:
     if not typename.isidentifier():
         typename = "SavedNamedTuple"
     return collections.namedtuple(typename, fields, rename=True)
+
+
+def graft(target: Node, saved: Node) -> Node:
+    """The restore target's structure, where each stateful object's state takes the saved
+    structure merged with the target's own: an object's state is what was saved (an
+    optimizer that has not stepped yet holds no state, the checkpoint does), and entries only
+    the target has stay so that a non-strict restore leaves them as they are."""
+    if target.type == "stateful" and saved.type == "stateful":
+        return _merge(target, saved)
+    if target.type == "dict" and saved.type == "dict":
+        saved_at = dict(zip(saved.keys, saved.children, strict=True))
+        children = tuple(
+            graft(child, saved_at[key]) if key in saved_at else child
+            for key, child in zip(target.keys, target.children, strict=True)
+        )
+        return replace(target, children=children)
+    if target.type in _SEQUENCES and saved.type in _SEQUENCES:
+        children = tuple(graft(t, s) for t, s in zip(target.children, saved.children, strict=False))
+        return replace(target, children=children + target.children[len(children) :])
+    return target
+
+
+_SEQUENCES = ("list", "tuple", "namedtuple")
+
+
+def _merge(target: Node, saved: Node) -> Node:
+    """Saved structure first, then what only the target has; the target's objects kept."""
+    if target.type == "dict" and saved.type == "dict":
+        target_at = dict(zip(target.keys, target.children, strict=True))
+        keys = saved.keys + tuple(k for k in target.keys if k not in set(saved.keys))
+        children = tuple(
+            _merge(target_at[k], s) if k in target_at else s
+            for k, s in zip(saved.keys, saved.children, strict=True)
+        ) + tuple(target_at[k] for k in keys[len(saved.keys) :])
+        return Node("dict", children, keys=keys)
+    if target.type == saved.type and target.type in _SEQUENCES + ("stateful",):
+        children = tuple(
+            _merge(t, s) for t, s in zip(target.children, saved.children, strict=False)
+        )
+        longer = saved if len(saved.children) > len(target.children) else target
+        return replace(target, children=children + longer.children[len(children) :])
+    return saved

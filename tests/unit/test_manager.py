@@ -444,3 +444,44 @@ def test_logs_which_tier_restored(tiers, caplog):
         with caplog.at_level(logging.INFO, logger="mtckpt"):
             mgr.restore()
     assert "restored step 0 from the memory tier" in caplog.text
+
+
+class LazyOptimizer:
+    """Like torch optimizers: no per-parameter state until the first step."""
+
+    def __init__(self):
+        self.state = {}
+        self.lr = 0.1
+
+    def state_dict(self):
+        return {"state": self.state, "lr": self.lr}
+
+    def load_state_dict(self, state):
+        self.state, self.lr = state["state"], state["lr"]
+
+
+def test_stateful_target_takes_the_saved_structure_of_its_state(tiers):
+    trained = LazyOptimizer()
+    trained.state = {0: {"m": np.arange(4.0)}, 1: {"m": np.ones(2)}}
+    trained.lr = 0.05
+    with manager(tiers) as mgr:
+        mgr.save(1, {"opt": trained, "w": np.ones(3)})
+        fresh = LazyOptimizer()
+        w = np.zeros(3)
+        _, result = mgr.restore({"opt": fresh, "w": w})
+    assert result["opt"] is fresh and fresh.lr == 0.05
+    assert list(fresh.state) == [0, 1] and np.array_equal(fresh.state[0]["m"], np.arange(4.0))
+    assert result["w"] is w and np.array_equal(w, np.ones(3))
+
+
+def test_stateful_target_keeps_its_own_entries_when_not_strict(tiers):
+    with manager(tiers) as mgr:
+        mgr.save(1, {"opt": LazyOptimizer()})
+        fresh = LazyOptimizer()
+        fresh.state = {7: {"m": np.full(2, 7.0)}}  # not in the checkpoint
+        with pytest.raises(
+            StateMismatchError, match=r"missing from the checkpoint: \['opt/state/7/m'\]"
+        ):
+            mgr.restore({"opt": fresh})
+        mgr.restore({"opt": fresh}, strict=False)
+    assert np.array_equal(fresh.state[7]["m"], np.full(2, 7.0))

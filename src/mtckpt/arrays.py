@@ -1,0 +1,147 @@
+"""Array leaves of every framework behind one small interface.
+
+The core stages and restores array bytes without knowing numpy from torch: each framework
+has an :class:`ArrayAdapter` saying how to describe a value, where its host bytes are (or
+how to copy it out), how to fill a restore target in place, and how to build a new value
+from verified bytes. Framework adapters are imported only when a value or a checkpoint of
+theirs shows up; the core imports no framework.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import numpy as np
+
+from . import shard
+from .errors import UnsupportedLeafError
+
+# Leaf kinds holding an array, and the module providing each kind's adapter.
+_KIND_MODULES = {"ndarray": None, "npscalar": None, "torch": "mtckpt.torch"}
+ARRAY_KINDS = frozenset(_KIND_MODULES)
+# Value types are recognised by the top-level module their class comes from.
+_VALUE_MODULES = {"torch": "mtckpt.torch"}
+
+
+class ArrayAdapter:
+    """How one framework's arrays are saved and restored. Offsets and sizes are in bytes;
+    ``buf`` / ``dst`` are contiguous uint8 numpy arrays."""
+
+    kinds: tuple[str, ...] = ()
+    name = "array"  # what its arrays are called in messages
+
+    def leaf(self, value: Any) -> tuple[str, Any]:
+        """(leaf kind, what to keep of the value) for saving; ValueError if unsupported."""
+        raise NotImplementedError
+
+    def describe(self, value: Any) -> tuple[str, tuple[int, ...], int]:
+        """(safetensors dtype, shape, nbytes) of a value to save."""
+        raise NotImplementedError
+
+    def host_bytes(self, value: Any) -> np.ndarray | None:
+        """A uint8 view of the value's bytes in host memory, if it has one without a copy."""
+        raise NotImplementedError
+
+    def stage(self, value: Any, dst: np.ndarray) -> None:
+        """Copy a value without ``host_bytes`` (strided, on a device) into ``dst``."""
+        raise NotImplementedError
+
+    def is_target(self, obj: Any) -> bool:
+        """Whether ``obj`` is an array of this framework that a restore can fill."""
+        raise NotImplementedError
+
+    def target_signature(self, target: Any) -> tuple[str, tuple[int, ...], bool]:
+        """(dtype, shape, writable) of a restore target."""
+        raise NotImplementedError
+
+    def target_bytes(self, target: Any) -> np.ndarray | None:
+        """A writable uint8 view of the target's memory, if bytes can go straight in."""
+        raise NotImplementedError
+
+    def fill(self, target: Any, dtype: str, shape: tuple[int, ...], buf: np.ndarray) -> None:
+        """Copy verified bytes into a target without ``target_bytes``."""
+        raise NotImplementedError
+
+    def new_value(self, kind: str, dtype: str, shape: tuple[int, ...], buf: np.ndarray) -> Any:
+        """A new value of ``kind`` viewing (or holding) the verified bytes ``buf``."""
+        raise NotImplementedError
+
+
+class NumpyAdapter(ArrayAdapter):
+    kinds = ("ndarray", "npscalar")
+    name = "numpy array"
+
+    def leaf(self, value: np.ndarray | np.generic) -> tuple[str, Any]:
+        array = np.asarray(value)
+        shard.dtype_name(array.dtype)  # ValueError names the supported dtypes
+        return ("ndarray" if isinstance(value, np.ndarray) else "npscalar"), array
+
+    def describe(self, value: np.ndarray) -> tuple[str, tuple[int, ...], int]:
+        return shard.dtype_name(value.dtype), value.shape, value.nbytes
+
+    def host_bytes(self, value: np.ndarray) -> np.ndarray | None:
+        if value.flags.c_contiguous and value.dtype.byteorder != ">":
+            return value.reshape(-1).view(np.uint8)
+        return None
+
+    def stage(self, value: np.ndarray, dst: np.ndarray) -> None:
+        little = value.dtype.newbyteorder("<")
+        np.copyto(dst.view(little).reshape(value.shape), value, casting="equiv")
+
+    def is_target(self, obj: Any) -> bool:
+        return isinstance(obj, np.ndarray)
+
+    def target_signature(self, target: np.ndarray) -> tuple[str, tuple[int, ...], bool]:
+        try:
+            dtype = shard.dtype_name(target.dtype)
+        except ValueError:
+            dtype = str(target.dtype)
+        return dtype, target.shape, bool(target.flags.writeable)
+
+    def target_bytes(self, target: np.ndarray) -> np.ndarray | None:
+        if target.flags.c_contiguous and target.dtype.byteorder != ">":
+            return target.reshape(-1).view(np.uint8)
+        return None
+
+    def fill(self, target: np.ndarray, dtype: str, shape, buf: np.ndarray) -> None:
+        np.copyto(target, buf.view(shard.numpy_dtype(dtype)).reshape(shape))
+
+    def new_value(self, kind: str, dtype: str, shape, buf: np.ndarray) -> Any:
+        numpy_dtype = shard.numpy_dtype(dtype)
+        if numpy_dtype is None:
+            raise UnsupportedLeafError(
+                f"dtype {dtype} has no numpy equivalent without the ml_dtypes package; "
+                "install it, or restore into a target of that dtype"
+            )
+        array = buf.view(numpy_dtype).reshape(shape)
+        return array[()] if kind == "npscalar" else array
+
+
+NUMPY = NumpyAdapter()
+
+
+def for_value(obj: Any) -> ArrayAdapter | None:
+    """The adapter of an object's framework, or None if no adapter knows its type."""
+    if isinstance(obj, (np.ndarray, np.generic)):
+        return NUMPY
+    module = _VALUE_MODULES.get(type(obj).__module__.split(".", 1)[0])
+    return None if module is None else importlib.import_module(module).ADAPTER
+
+
+def for_target(obj: Any) -> ArrayAdapter | None:
+    """The adapter that can fill ``obj`` in place on restore, or None (a new value is made)."""
+    adapter = for_value(obj)
+    return adapter if adapter is not None and adapter.is_target(obj) else None
+
+
+def for_kind(kind: str) -> ArrayAdapter:
+    """The adapter that builds values of a saved leaf kind: the framework's own when it is
+    installed, numpy otherwise (a torch checkpoint read without torch gives numpy arrays)."""
+    module = _KIND_MODULES[kind]
+    if module is None:
+        return NUMPY
+    try:
+        return importlib.import_module(module).ADAPTER
+    except ImportError:
+        return NUMPY
