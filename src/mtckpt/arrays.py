@@ -31,6 +31,10 @@ class ArrayAdapter:
     kinds: tuple[str, ...] = ()
     name = "array"  # what its arrays are called in messages
 
+    def handles(self, obj: Any) -> bool:
+        """Whether ``obj`` is an array of this framework (supported or not)."""
+        raise NotImplementedError
+
     def leaf(self, value: Any) -> tuple[str, Any]:
         """(leaf kind, what to keep of the value) for saving; ValueError if unsupported."""
         raise NotImplementedError
@@ -71,6 +75,9 @@ class ArrayAdapter:
 class NumpyAdapter(ArrayAdapter):
     kinds = ("ndarray", "npscalar")
     name = "numpy array"
+
+    def handles(self, obj: Any) -> bool:
+        return isinstance(obj, (np.ndarray, np.generic))
 
     def leaf(self, value: np.ndarray | np.generic) -> tuple[str, Any]:
         array = np.asarray(value)
@@ -122,11 +129,14 @@ NUMPY = NumpyAdapter()
 
 
 def for_value(obj: Any) -> ArrayAdapter | None:
-    """The adapter of an object's framework, or None if no adapter knows its type."""
-    if isinstance(obj, (np.ndarray, np.generic)):
+    """The adapter of an array of any framework, or None if ``obj`` is no array."""
+    if NUMPY.handles(obj):
         return NUMPY
     module = _VALUE_MODULES.get(type(obj).__module__.split(".", 1)[0])
-    return None if module is None else importlib.import_module(module).ADAPTER
+    if module is None:
+        return None
+    adapter = importlib.import_module(module).ADAPTER
+    return adapter if adapter.handles(obj) else None
 
 
 def for_target(obj: Any) -> ArrayAdapter | None:

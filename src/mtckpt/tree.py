@@ -271,42 +271,20 @@ def _namedtuple_class(name: str, fields: tuple[str, ...]) -> type:
 
 
 def graft(target: Node, saved: Node) -> Node:
-    """The restore target's structure, where each stateful object's state takes the saved
-    structure merged with the target's own: an object's state is what was saved (an
-    optimizer that has not stepped yet holds no state, the checkpoint does), and entries only
-    the target has stay so that a non-strict restore leaves them as they are."""
-    if target.type == "stateful" and saved.type == "stateful":
-        return _merge(target, saved)
-    if target.type == "dict" and saved.type == "dict":
+    """The restore target's structure, where an empty dict or list of the target takes the
+    saved structure at that place: an optimizer that has not stepped yet holds no state,
+    and restoring it must bring the saved state in."""
+    if target.type != saved.type:
+        return target
+    if target.type in ("dict", "list") and not target.children:
+        return saved
+    if target.type == "dict":
         saved_at = dict(zip(saved.keys, saved.children, strict=True))
         children = tuple(
             graft(child, saved_at[key]) if key in saved_at else child
             for key, child in zip(target.keys, target.children, strict=True)
         )
-        return replace(target, children=children)
-    if target.type in _SEQUENCES and saved.type in _SEQUENCES:
-        children = tuple(graft(t, s) for t, s in zip(target.children, saved.children, strict=False))
-        return replace(target, children=children + target.children[len(children) :])
-    return target
-
-
-_SEQUENCES = ("list", "tuple", "namedtuple")
-
-
-def _merge(target: Node, saved: Node) -> Node:
-    """Saved structure first, then what only the target has; the target's objects kept."""
-    if target.type == "dict" and saved.type == "dict":
-        target_at = dict(zip(target.keys, target.children, strict=True))
-        keys = saved.keys + tuple(k for k in target.keys if k not in set(saved.keys))
-        children = tuple(
-            _merge(target_at[k], s) if k in target_at else s
-            for k, s in zip(saved.keys, saved.children, strict=True)
-        ) + tuple(target_at[k] for k in keys[len(saved.keys) :])
-        return Node("dict", children, keys=keys)
-    if target.type == saved.type and target.type in _SEQUENCES + ("stateful",):
-        children = tuple(
-            _merge(t, s) for t, s in zip(target.children, saved.children, strict=False)
-        )
-        longer = saved if len(saved.children) > len(target.children) else target
-        return replace(target, children=children + longer.children[len(children) :])
-    return saved
+    else:
+        pairs = zip(target.children, saved.children, strict=False)
+        children = tuple(graft(t, s) for t, s in pairs) + target.children[len(saved.children) :]
+    return replace(target, children=children)

@@ -1,0 +1,146 @@
+"""PyTorch support: tensors of every dtype as checkpoint leaves, and helpers for training state.
+
+Importing this module imports torch; the core imports it only when a torch value or a
+torch-written checkpoint shows up. Modules, optimizers and LR schedulers are saved through
+their ``state_dict()`` and restored with ``load_state_dict()``; their tensors are filled in
+place, so restoring a model costs no second copy of it in host memory.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import arrays
+
+__all__ = ["RNG"]
+
+_DTYPE_NAMES = {
+    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16",
+    torch.int32: "I32", torch.int64: "I64", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.float32: "F32", torch.float64: "F64", torch.complex64: "C64",
+}  # fmt: skip
+for _name, _st in {
+    "uint16": "U16", "uint32": "U32", "uint64": "U64", "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2", "float8_e4m3fnuz": "F8_E4M3FNUZ",
+    "float8_e5m2fnuz": "F8_E5M2FNUZ", "float8_e8m0fnu": "F8_E8M0",
+}.items():  # fmt: skip
+    if hasattr(torch, _name):  # newer dtypes, present in recent torch releases
+        _DTYPE_NAMES[getattr(torch, _name)] = _st
+_DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The safetensors name of a torch dtype; ValueError if the format has none."""
+    try:
+        return _DTYPE_NAMES[dtype]
+    except KeyError:
+        supported = ", ".join(sorted(str(d).removeprefix("torch.") for d in _DTYPE_NAMES))
+        raise ValueError(f"torch dtype {dtype} cannot be saved; supported: {supported}") from None
+
+
+def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """A flat uint8 view of a contiguous tensor (0-d tensors included)."""
+    return tensor.reshape(-1).view(torch.uint8)
+
+
+def _typed(buf: np.ndarray, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """A tensor viewing ``buf`` (uint8) as ``dtype`` and ``shape``."""
+    if buf.size == 0:  # torch cannot re-view an empty byte buffer as a wider dtype
+        return torch.empty(shape, dtype=_DTYPES[dtype])
+    return torch.from_numpy(buf).view(_DTYPES[dtype]).view(shape)
+
+
+class TorchAdapter(arrays.ArrayAdapter):
+    kinds = ("torch",)
+    name = "torch tensor"
+
+    def handles(self, obj: Any) -> bool:
+        return isinstance(obj, torch.Tensor)
+
+    def leaf(self, value: torch.Tensor) -> tuple[str, Any]:
+        if value.layout != torch.strided or value.is_quantized or value.is_nested:
+            raise ValueError(f"{value.layout} / quantized / nested tensors cannot be saved")
+        if value.device.type == "meta":
+            raise ValueError("a tensor on the meta device has no data to save")
+        dtype_name(value.dtype)
+        return "torch", value.detach()
+
+    def describe(self, value: torch.Tensor) -> tuple[str, tuple[int, ...], int]:
+        return dtype_name(value.dtype), tuple(value.shape), value.numel() * value.element_size()
+
+    def host_bytes(self, value: torch.Tensor) -> np.ndarray | None:
+        if (
+            value.device.type == "cpu"
+            and value.is_contiguous()
+            and not value.is_conj()
+            and not value.is_neg()
+        ):
+            return _as_bytes(value).numpy()
+        return None
+
+    def stage(self, value: torch.Tensor, dst: np.ndarray) -> None:
+        _typed(dst, dtype_name(value.dtype), tuple(value.shape)).copy_(value)
+
+    def is_target(self, obj: Any) -> bool:
+        return isinstance(obj, torch.Tensor) and obj.layout == torch.strided
+
+    def target_signature(self, target: torch.Tensor) -> tuple[str, tuple[int, ...], bool]:
+        try:
+            dtype = dtype_name(target.dtype)
+        except ValueError:
+            dtype = str(target.dtype)
+        return dtype, tuple(target.shape), not target.is_inference()
+
+    def target_bytes(self, target: torch.Tensor) -> np.ndarray | None:
+        if target.device.type == "cpu" and target.is_contiguous():
+            return _as_bytes(target.detach()).numpy()
+        return None
+
+    def fill(self, target: torch.Tensor, dtype: str, shape, buf: np.ndarray) -> None:
+        with torch.no_grad():
+            target.copy_(_typed(buf, dtype, tuple(shape)))
+
+    def new_value(self, kind: str, dtype: str, shape, buf: np.ndarray) -> Any:
+        return _typed(buf, dtype, tuple(shape))
+
+
+ADAPTER = TorchAdapter()
+
+
+class RNG:
+    """The random generators of a training process as one stateful object: torch's CPU
+    generator, every CUDA device's generator (when CUDA is initialised), Python's ``random``
+    and numpy's global generator. Put ``mtckpt.torch.RNG()`` in the saved state; restoring
+    it resumes every stream exactly where it was."""
+
+    def state_dict(self) -> dict[str, Any]:
+        version, internal, gauss_next = random.getstate()
+        name, keys, position, has_gauss, cached = np.random.get_state()
+        state = {
+            "torch_cpu": torch.get_rng_state(),
+            "python": {"version": version, "state": np.array(internal, dtype=np.uint64),
+                       "gauss_next": gauss_next},
+            "numpy": {"name": name, "keys": keys, "position": position,
+                      "has_gauss": has_gauss, "cached_gaussian": cached},
+        }  # fmt: skip
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        state["torch_cuda"] = [t.cpu() for t in torch.cuda.get_rng_state_all()] if cuda else []
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        torch.set_rng_state(torch.as_tensor(state["torch_cpu"], dtype=torch.uint8))
+        python = state["python"]
+        internal = tuple(int(x) for x in np.asarray(python["state"]))
+        random.setstate((python["version"], internal, python["gauss_next"]))
+        numpy = state["numpy"]
+        keys = np.asarray(numpy["keys"], dtype=np.uint32)
+        np.random.set_state(
+            (numpy["name"], keys, numpy["position"], numpy["has_gauss"], numpy["cached_gaussian"])
+        )
+        if state["torch_cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([torch.as_tensor(s, dtype=torch.uint8)
+                                          for s in state["torch_cuda"]])  # fmt: skip
