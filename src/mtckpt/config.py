@@ -92,6 +92,7 @@ MANAGER_OPTIONS: dict[str, type] = {
     "allow_pickle": bool,
     "chunk_size": int,
     "threads": int,
+    "collective_timeout": float,
 }
 _OPTIONAL = {"every", "interval", "rank", "world_size", "threads"}
 

@@ -11,7 +11,19 @@ from typing import Any
 
 import numpy as np
 
-from . import _fastpath, arrays, commit, config, naming, restore, retention, shard, topology, tree
+from . import (
+    _fastpath,
+    arrays,
+    commit,
+    config,
+    coordination,
+    naming,
+    restore,
+    retention,
+    shard,
+    topology,
+    tree,
+)
 from .config import LocalTier, MemoryTier
 from .errors import (
     ClosedError,
@@ -53,6 +65,7 @@ class CheckpointManager:
         allow_pickle: bool = False,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         threads: int | None = None,
+        collective_timeout: float = 600.0,
     ) -> None:
         try:
             self.run = naming.check_run(run)
@@ -69,8 +82,16 @@ class CheckpointManager:
             isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
         ):
             raise ConfigError(f"threads must be a positive int or None, got {threads!r}")
+        if (
+            isinstance(collective_timeout, bool)
+            or not isinstance(collective_timeout, (int, float))
+            or collective_timeout <= 0
+        ):
+            raise ConfigError(f"collective_timeout must be > 0 seconds, got {collective_timeout!r}")
         self.rank, self.world_size = topology.detect(rank, world_size)
         self.node_ranks = topology.node_ranks(self.rank, self.world_size)
+        # A collective on every rank, so here in the foreground, never in a save.
+        self._coordinator = coordination.for_job(self.world_size, collective_timeout)
         self.allow_pickle = bool(allow_pickle)
         self.chunk_size = chunk_size
         self.threads = threads or max(1, min(8, os.cpu_count() or 1))
@@ -252,56 +273,76 @@ class CheckpointManager:
         else:
             target_node, targets = None, {}
         holders = {storage.name: set(self._committed(storage)) for _, storage in self._tiers}
-        available = sorted(set().union(*holders.values()), reverse=True)
+        held = set().union(*holders.values())
+        agreed = self._coordinator.agree(sorted(held))
+        everyone = "every rank" if self.world_size > 1 else f"rank {self.rank}"
         if step is not None:
             naming.check_step(step)
-            if step not in available:
+            if step not in agreed:
                 raise StepNotFoundError(
-                    f"step {step} of run {self.run!r} is not complete for rank {self.rank} in "
-                    f"{self._where()}; complete steps: {available[:10] or 'none'}"
+                    f"step {step} of run {self.run!r} is not complete for {everyone} in "
+                    f"{self._where()}; complete steps: {agreed[:10] or 'none'} (this rank "
+                    f"holds {sorted(held, reverse=True)[:10] or 'none'})"
                 )
             candidates = [step]
-        elif not available:
+        elif not agreed:
             raise StepNotFoundError(
-                f"no complete checkpoint of run {self.run!r} for rank {self.rank} in "
-                f"{self._where()}"
+                f"no checkpoint of run {self.run!r} is complete for {everyone} in "
+                f"{self._where()} (this rank holds {sorted(held, reverse=True)[:10] or 'none'})"
             )
         else:
-            candidates = available
+            candidates = agreed
         problems: list[str] = []
         for candidate in candidates:
-            for _, storage in self._tiers:
-                if candidate not in holders[storage.name]:
-                    continue
-                try:
-                    manifest = restore.read_manifest(storage, self.run, candidate, self.rank)
-                    node, skip = self._plan_restore(
-                        manifest, target_node, targets, strict, allow_pickle
-                    )
-                    values = restore.load_shard(
-                        storage, manifest, targets, skip=skip, threads=self.threads
-                    )
-                except CorruptCheckpointError as exc:
-                    problems.append(str(exc))
-                    log.warning("%s; trying the next copy", exc)
-                    commit.decommit(storage, self.run, candidate, str(exc))
-                    continue
-                if candidate != candidates[0]:
-                    log.warning(
-                        "restored step %d from the %s tier: no good copy of newer step(s) %s",
-                        candidate,
-                        storage.name,
-                        [s for s in candidates if s > candidate],
-                    )
-                else:
-                    log.info("restored step %d from the %s tier", candidate, storage.name)
-                state = tree.unflatten(node, {**targets, **values}.__getitem__)
-                return candidate, state
+            outcome, loaded = self._load_step(candidate, holders, target_node, targets,
+                                              strict, allow_pickle, problems)  # fmt: skip
+            outcomes = self._coordinator.settle(candidate, outcome)
+            if outcome.status == coordination.FATAL:
+                raise loaded
+            coordination.raise_for_others(candidate, outcomes, self.rank)
+            if any(o.status != coordination.OK for o in outcomes):
+                failed = [r for r, o in enumerate(outcomes) if o.status != coordination.OK]
+                log.warning("step %d has no good copy on rank(s) %s; trying an older step",
+                            candidate, failed)  # fmt: skip
+                continue
+            storage, node, values = loaded
+            if candidate != candidates[0]:
+                log.warning(
+                    "restored step %d from the %s tier: no good copy of newer step(s) %s",
+                    candidate,
+                    storage.name,
+                    [s for s in candidates if s > candidate],
+                )
+            else:
+                log.info("restored step %d from the %s tier", candidate, storage.name)
+            return candidate, tree.unflatten(node, {**targets, **values}.__getitem__)
         which = f"step {step}" if step is not None else "any step"
         raise CorruptCheckpointError(
-            f"no good copy of {which} of run {self.run!r} for rank {self.rank}: "
-            + "; ".join(problems)
+            f"no good copy of {which} of run {self.run!r} for {everyone}: " + "; ".join(problems)
         )
+
+    def _load_step(self, step, holders, target_node, targets, strict, allow_pickle, problems):
+        """Load this rank's shard of ``step`` from the fastest tier with a good copy:
+        ``(Outcome, (storage, node, values))``, or the error for RETRY / FATAL."""
+        for _, storage in self._tiers:
+            if step not in holders[storage.name]:
+                continue
+            try:
+                manifest = restore.read_manifest(storage, self.run, step, self.rank)
+                node, skip = self._plan_restore(manifest, target_node, targets, strict,
+                                                allow_pickle)  # fmt: skip
+                values = restore.load_shard(storage, manifest, targets, skip=skip,
+                                            threads=self.threads)  # fmt: skip
+            except CorruptCheckpointError as exc:
+                problems.append(str(exc))
+                log.warning("%s; trying the next copy", exc)
+                commit.decommit(storage, self.run, step, str(exc))
+                continue
+            except Exception as exc:  # no other copy or step can fix it: every rank stops
+                return coordination.Outcome(coordination.FATAL, str(exc)), exc
+            return coordination.Outcome(coordination.OK), (storage, node, values)
+        reason = f"rank {self.rank} has no good copy of step {step}"
+        return coordination.Outcome(coordination.RETRY, reason), None
 
     def _plan_restore(self, manifest, target_node, targets, strict, allow_pickle):
         """The structure to rebuild and the saved keys not to read; raises

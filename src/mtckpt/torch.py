@@ -9,12 +9,15 @@ place, so restoring a model costs no second copy of it in host memory.
 from __future__ import annotations
 
 import random
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from . import arrays
+from . import arrays, coordination
+from .errors import MtckptError
 
 __all__ = ["RNG"]
 
@@ -144,3 +147,33 @@ class RNG:
         if state["torch_cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([torch.as_tensor(s, dtype=torch.uint8)
                                           for s in state["torch_cuda"]])  # fmt: skip
+
+
+class TorchCoordinator(coordination.Coordinator):
+    """Restore agreement over torch.distributed: a gloo group of its own, so that its
+    collectives work beside any backend and give up after ``timeout`` seconds."""
+
+    def __init__(self, timeout: float) -> None:
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.timeout = timeout
+        self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
+
+    def _all_gather(self, value: Any, what: str) -> list[Any]:
+        gathered: list[Any] = [None] * self.world_size
+        try:
+            dist.all_gather_object(gathered, value, group=self.group)
+        except RuntimeError as exc:  # gloo reports timeouts and lost peers this way
+            raise MtckptError(
+                f"rank {self.rank}: the ranks did not {what} within {self.timeout} s (a rank "
+                f"died or is not restoring): {exc}"
+            ) from exc
+        return gathered
+
+    def agree(self, steps: list[int]) -> list[int]:
+        held = self._all_gather(sorted(steps), "agree on the steps to restore")
+        common = set(held[0]).intersection(*held[1:])
+        return sorted(common, reverse=True)
+
+    def settle(self, step: int, outcome: coordination.Outcome) -> list[coordination.Outcome]:
+        gathered = self._all_gather((outcome.status, outcome.reason), f"finish loading step {step}")
+        return [coordination.Outcome(status, reason) for status, reason in gathered]

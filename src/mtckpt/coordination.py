@@ -1,0 +1,77 @@
+"""How the ranks of a job agree at restore, through the job's own distributed engine.
+
+Restore runs on every rank in the foreground. The ranks first agree on the steps all of
+them hold (one collective), then, after each attempt to load a step, on whether every rank
+succeeded: if one rank's copies are all damaged, every rank moves on to the next older
+step; if one rank hits an error that no older step can fix (a target that does not match),
+every rank raises instead of waiting for it. Saves never use a collective.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+
+from .errors import MtckptError
+
+log = logging.getLogger(__name__)
+
+OK, RETRY, FATAL = "ok", "retry", "fatal"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One rank's result of loading a step: OK, RETRY (no good copy here) or FATAL."""
+
+    status: str
+    reason: str = ""
+
+
+class Coordinator:
+    """Agreement among the ranks of one job. This one is for a single process."""
+
+    world_size = 1
+
+    def agree(self, steps: list[int]) -> list[int]:
+        """The steps every rank holds, newest first, identical on every rank."""
+        return sorted(steps, reverse=True)
+
+    def settle(self, step: int, outcome: Outcome) -> list[Outcome]:
+        """Every rank's outcome of loading ``step``, in rank order."""
+        return [outcome]
+
+
+class UncoordinatedRanks(Coordinator):
+    """Several ranks without an initialised torch.distributed or jax.distributed: each rank
+    decides alone, which is safe only when every rank holds the same steps."""
+
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+        log.warning(
+            "%d ranks restore without torch.distributed or jax.distributed initialised: each "
+            "rank picks its own newest good step; initialise the process group first to "
+            "have them agree",
+            world_size,
+        )
+
+
+def for_job(world_size: int, timeout: float) -> Coordinator:
+    """The coordinator of the job's distributed engine (looked up only if already imported);
+    its collectives give up after ``timeout`` seconds with a clear error."""
+    if world_size == 1:
+        return Coordinator()
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        from .torch import TorchCoordinator
+
+        return TorchCoordinator(timeout)
+    return UncoordinatedRanks(world_size)
+
+
+def raise_for_others(step: int, outcomes: list[Outcome], rank: int) -> None:
+    """On a rank that succeeded or may retry: raise if another rank failed for good."""
+    fatal = [(r, o.reason) for r, o in enumerate(outcomes) if o.status == FATAL and r != rank]
+    if fatal:
+        detail = "; ".join(f"rank {r}: {reason}" for r, reason in fatal)
+        raise MtckptError(f"restore of step {step} failed on other ranks: {detail}")

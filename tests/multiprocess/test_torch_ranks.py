@@ -1,0 +1,122 @@
+"""PyTorch jobs of several ranks (gloo on CPU, real processes): restore agrees on a step every
+rank can load, with collectives only in the foreground."""
+
+import os
+from pathlib import Path
+
+import pytest
+from spawn import check_ok, run_ranks
+
+pytest.importorskip("torch")
+
+
+def flip_byte(path: Path, offset: int = 5000) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def shard(root: Path, tier: str, step: int, rank: int, node=None) -> Path:
+    base = root / f"node{node}" if node is not None else root
+    return base / tier / "job" / f"step-{step:012d}" / f"rank-{rank:05d}.safetensors"
+
+
+def test_ddp_training_resumes_bit_exact_on_two_ranks(tmp_path):
+    uninterrupted = check_ok(
+        run_ranks("torch_worker.py", 2, ["train", "--root", str(tmp_path / "a"), "--steps", "6"])
+    )
+    check_ok(
+        run_ranks("torch_worker.py", 2, ["train", "--root", str(tmp_path / "b"), "--steps", "3"])
+    )
+    resumed = check_ok(
+        run_ranks(
+            "torch_worker.py",
+            2,
+            ["resume", "--root", str(tmp_path / "b"), "--step", "3", "--steps", "6"],
+        )
+    )
+    for rank in range(2):
+        expected = uninterrupted[rank].lines()
+        got = resumed[rank].lines()
+        assert got[0] == "restored 3"
+        assert got[1:] == expected[3:], f"rank {rank}: {got} vs {expected}"
+        assert got[-1].startswith("final ")
+    assert resumed[0].lines()[-1] == resumed[1].lines()[-1]  # DDP keeps the replicas equal
+
+
+def test_ranks_agree_on_the_newest_step_every_rank_holds(tmp_path):
+    nodes = {r: {"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"} for r in range(2)}  # a node each
+    args = ["--root", str(tmp_path), "--node-per-rank"]
+    check_ok(
+        run_ranks(
+            "torch_worker.py", 2, ["save", *args, "--steps", "1", "2", "3"], per_rank_env=nodes
+        )
+    )
+    for tier in ("shm", "disk"):
+        step3 = shard(tmp_path, tier, 3, 1, node=1).parent
+        if step3.exists():
+            for path in step3.iterdir():
+                path.unlink()  # node 1 never finished step 3
+    results = check_ok(run_ranks("torch_worker.py", 2, ["restore", *args], per_rank_env=nodes))
+    assert [r.lines() for r in results] == [["restored 2"], ["restored 2"]]
+
+
+def test_a_corrupt_shard_on_one_rank_moves_every_rank_to_an_older_step(tmp_path):
+    check_ok(
+        run_ranks("torch_worker.py", 2, ["save", "--root", str(tmp_path), "--steps", "1", "2", "3"])
+    )
+    flip_byte(shard(tmp_path, "shm", 3, 1))
+    flip_byte(shard(tmp_path, "disk", 3, 1))
+    results = check_ok(run_ranks("torch_worker.py", 2, ["restore", "--root", str(tmp_path)]))
+    assert [r.lines() for r in results] == [["restored 2"], ["restored 2"]]
+    assert "no good copy on rank(s) [1]; trying an older step" in results[0].stderr
+
+
+def test_a_target_mismatch_on_one_rank_stops_every_rank(tmp_path):
+    check_ok(run_ranks("torch_worker.py", 2, ["save", "--root", str(tmp_path), "--steps", "1"]))
+    results = run_ranks(
+        "torch_worker.py",
+        2,
+        ["restore", "--root", str(tmp_path), "--wrong-shape-on", "1"],
+        timeout=120,
+    )
+    assert [r.returncode for r in results] == [1, 1]
+    assert (
+        "error StateMismatchError: key 'w': the checkpoint holds F32 (1000,)" in results[1].stdout
+    )
+    assert (
+        "error MtckptError: restore of step 1 failed on other ranks: rank 1: key 'w'"
+        in results[0].stdout
+    )
+
+
+def test_a_rank_that_died_makes_restore_fail_within_the_timeout(tmp_path):
+    check_ok(run_ranks("torch_worker.py", 2, ["save", "--root", str(tmp_path), "--steps", "1"]))
+    results = run_ranks(
+        "torch_worker.py",
+        2,
+        ["restore", "--root", str(tmp_path), "--exit-early-on", "1", "--timeout", "10"],
+        timeout=120,
+    )
+    assert results[1].returncode == 3
+    assert results[0].returncode == 1
+    assert "the ranks did not agree on the steps to restore within 10" in results[0].stdout
+
+
+def test_saves_in_flight_do_not_block_the_trainers_collectives(tmp_path):
+    results = check_ok(
+        run_ranks("torch_worker.py", 2, ["busy", "--root", str(tmp_path)], timeout=240)
+    )
+    assert [r.lines() for r in results] == [["busy done 200.0"], ["busy done 200.0"]]
+
+
+def test_a_rank_killed_mid_save_leaves_the_others_running_and_the_step_uncommitted(tmp_path):
+    results = run_ranks("torch_worker.py", 2, ["die", "--root", str(tmp_path)], timeout=120)
+    assert results[1].returncode == -9
+    assert results[0].returncode == 0 and results[0].lines() == ["survivor saved 3"]
+    assert not (shard(tmp_path, "shm", 3, 0).parent / "COMMIT").exists()
+    after = check_ok(run_ranks("torch_worker.py", 2, ["restore", "--root", str(tmp_path)]))
+    assert [r.lines() for r in after] == [["restored 2"], ["restored 2"]]
+    assert os.path.exists(shard(tmp_path, "shm", 2, 1))

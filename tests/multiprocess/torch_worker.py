@@ -1,0 +1,161 @@
+"""One rank of a multi-process PyTorch test: gloo on CPU, started by spawn.run_ranks.
+
+Scenarios (first argument):
+  train     DDP training of a small transformer with AdamW, checkpointing every step
+  resume    restore a step into fresh objects, then train on; same output as ``train``
+  save      save small rank-specific states for the given steps
+  restore   restore and check the rank-specific state; optional faults on one rank
+  busy      saves in flight while the trainer runs its own collectives
+  die       rank 1 is killed (SIGKILL) in the middle of a save
+"""
+
+import argparse
+import hashlib
+import os
+import signal
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+import mtckpt
+import mtckpt.torch
+
+
+class TinyTransformer(torch.nn.Module):
+    def __init__(self, vocab=64, dim=32):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.block = torch.nn.TransformerEncoderLayer(dim, 4, 64, dropout=0.1, batch_first=True)
+        self.head = torch.nn.Linear(dim, vocab)
+
+    def forward(self, tokens):
+        return self.head(self.block(self.embed(tokens)))
+
+
+def manager(args, rank, **kwargs):
+    root = os.path.join(args.root, f"node{rank}") if args.node_per_rank else args.root
+    return mtckpt.CheckpointManager(
+        "job",
+        mtckpt.MemoryTier(os.path.join(root, "shm"), keep=2),
+        mtckpt.LocalTier(os.path.join(root, "disk"), every=3, keep=2),
+        collective_timeout=args.timeout,
+        **kwargs,
+    )
+
+
+def training_objects(seed):
+    torch.manual_seed(seed)
+    model = TinyTransformer()
+    ddp = DistributedDataParallel(model)
+    opt = torch.optim.AdamW(ddp.parameters(), lr=3e-3, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    state = {"model": model, "opt": opt, "sched": sched, "rng": mtckpt.torch.RNG()}
+    return ddp, opt, sched, state
+
+
+def train_step(ddp, opt, sched, rank, step):
+    data = torch.Generator().manual_seed(1000 * step + rank)  # each rank its own batches
+    tokens = torch.randint(0, 64, (4, 12), generator=data)
+    loss = torch.nn.functional.cross_entropy(ddp(tokens).flatten(0, 1), tokens.flatten())
+    opt.zero_grad()
+    loss.backward()  # DDP all-reduces the gradients: the trainer's own collectives
+    opt.step()
+    sched.step()
+    return loss.item()
+
+
+def fingerprint(model):
+    digest = hashlib.sha256()
+    for tensor in model.state_dict().values():
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def rank_state(rank, step):
+    return {"w": torch.full((1000,), float(rank * 100 + step)), "step": step, "rank": rank}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("scenario")
+    parser.add_argument("--root", required=True)
+    parser.add_argument("--node-per-rank", action="store_true")
+    parser.add_argument("--steps", type=int, nargs="*", default=[])
+    parser.add_argument("--step", type=int)
+    parser.add_argument("--timeout", type=float, default=60)
+    parser.add_argument("--wrong-shape-on", type=int)
+    parser.add_argument("--exit-early-on", type=int)
+    args = parser.parse_args()
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    mgr = manager(args, rank)
+
+    if args.scenario in ("train", "resume"):
+        ddp, opt, sched, state = training_objects(seed=0 if args.scenario == "train" else 99)
+        first = 1
+        if args.scenario == "resume":
+            first, _ = mgr.restore(state, step=args.step)
+            print(f"restored {first}", flush=True)
+            first += 1
+        for step in range(first, args.steps[0] + 1):
+            loss = train_step(ddp, opt, sched, rank, step)
+            mgr.save(step, state)
+            print(f"step {step} loss {loss!r}", flush=True)
+        mgr.wait()
+        print(f"final {fingerprint(state['model'])}", flush=True)
+
+    elif args.scenario == "save":
+        for step in args.steps:
+            mgr.save(step, rank_state(rank, step))
+        mgr.wait()
+
+    elif args.scenario == "restore":
+        if rank == args.exit_early_on:
+            os._exit(3)  # a rank that dies before restoring: the others must not wait forever
+        target = rank_state(rank, 0)
+        if rank == args.wrong_shape_on:
+            target["w"] = torch.zeros(7)
+        try:
+            step, state = mgr.restore(target)
+        except mtckpt.MtckptError as exc:
+            print(f"error {type(exc).__name__}: {exc}", flush=True)
+            mgr.close()
+            dist.destroy_process_group()  # every rank gets here: tear down together
+            return 1
+        assert torch.equal(state["w"], rank_state(rank, step)["w"]) and state["rank"] == rank
+        print(f"restored {step}", flush=True)
+
+    elif args.scenario == "busy":
+        big = {"w": torch.randn(16 * 1024 * 1024 // 4)}
+        total = torch.zeros(1)
+        for step in range(1, 6):
+            big["w"].add_(1.0)
+            mgr.save(step, big)  # checksums, commit and the local copy run in the background
+            for _ in range(20):
+                value = torch.ones(1)
+                dist.all_reduce(value)  # the trainer's own collectives, meanwhile
+                total += value
+        mgr.wait()
+        print(f"busy done {total.item()}", flush=True)
+
+    elif args.scenario == "die":
+        for step in (1, 2):
+            mgr.save(step, rank_state(rank, step)).wait()
+        if rank == 1:
+            mgr.save(3, rank_state(rank, 3))
+            os.kill(os.getpid(), signal.SIGKILL)
+        handle = mgr.save(3, rank_state(rank, 3))
+        handle.wait()
+        print("survivor saved 3", flush=True)
+        mgr.close()
+        os._exit(0)  # the process group's peer is gone: skip its teardown
+
+    mgr.close()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
