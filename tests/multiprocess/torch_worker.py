@@ -73,6 +73,17 @@ def fingerprint(model):
     return digest.hexdigest()[:16]
 
 
+class KilledWhileSaving:
+    """A stateful object whose state_dict() is where this process gets SIGKILLed, inside
+    save(): a rank dying mid-save, deterministically."""
+
+    def state_dict(self):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def load_state_dict(self, state):
+        pass
+
+
 def rank_state(rank, step):
     return {"w": torch.full((1000,), float(rank * 100 + step)), "step": step, "rank": rank}
 
@@ -144,8 +155,7 @@ def main() -> int:
         for step in (1, 2):
             mgr.save(step, rank_state(rank, step)).wait()
         if rank == 1:
-            mgr.save(3, rank_state(rank, 3))
-            os.kill(os.getpid(), signal.SIGKILL)
+            mgr.save(3, {**rank_state(rank, 3), "dies": KilledWhileSaving()})
         handle = mgr.save(3, rank_state(rank, 3))
         handle.wait()
         print("survivor saved 3", flush=True)
