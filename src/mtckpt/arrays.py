@@ -10,6 +10,7 @@ theirs shows up; the core imports no framework.
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,25 @@ ARRAY_KINDS = frozenset(_KIND_MODULES)
 _VALUE_MODULES = {"torch": "mtckpt.torch"}
 
 
+@dataclass(frozen=True)
+class Sharding:
+    """Where one shard sits in its global array, and the ranks that hold this same shard
+    (this rank included): of those on one node, only the lowest stores it."""
+
+    global_shape: tuple[int, ...]
+    global_offset: tuple[int, ...]
+    replicas: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Region:
+    """The part of a global array a restore target holds."""
+
+    global_shape: tuple[int, ...]
+    global_offset: tuple[int, ...]
+    shape: tuple[int, ...]
+
+
 class ArrayAdapter:
     """How one framework's arrays are saved and restored. Offsets and sizes are in bytes;
     ``buf`` / ``dst`` are contiguous uint8 numpy arrays."""
@@ -35,8 +55,9 @@ class ArrayAdapter:
         """Whether ``obj`` is an array of this framework (supported or not)."""
         raise NotImplementedError
 
-    def leaf(self, value: Any) -> tuple[str, Any]:
-        """(leaf kind, what to keep of the value) for saving; ValueError if unsupported."""
+    def leaf(self, value: Any) -> tuple[str, Any, Sharding | None]:
+        """(leaf kind, the local array to save, its sharding or None for a whole array);
+        ValueError if the value cannot be saved."""
         raise NotImplementedError
 
     def describe(self, value: Any) -> tuple[str, tuple[int, ...], int]:
@@ -59,8 +80,17 @@ class ArrayAdapter:
         """(dtype, shape, writable) of a restore target."""
         raise NotImplementedError
 
+    def target_region(self, target: Any) -> Region:
+        """The part of the global array the target holds (all of it, unless sharded)."""
+        shape = self.target_signature(target)[1]
+        return Region(tuple(shape), (0,) * len(shape), tuple(shape))
+
+    def target_local(self, target: Any) -> Any:
+        """The target's local array (itself, unless sharded)."""
+        return target
+
     def target_bytes(self, target: Any) -> np.ndarray | None:
-        """A writable uint8 view of the target's memory, if bytes can go straight in."""
+        """A writable uint8 view of the (local) target's memory, if bytes can go straight in."""
         raise NotImplementedError
 
     def fill(self, target: Any, dtype: str, shape: tuple[int, ...], buf: np.ndarray) -> None:
@@ -79,10 +109,10 @@ class NumpyAdapter(ArrayAdapter):
     def handles(self, obj: Any) -> bool:
         return isinstance(obj, (np.ndarray, np.generic))
 
-    def leaf(self, value: np.ndarray | np.generic) -> tuple[str, Any]:
+    def leaf(self, value: np.ndarray | np.generic) -> tuple[str, Any, None]:
         array = np.asarray(value)
         shard.dtype_name(array.dtype)  # ValueError names the supported dtypes
-        return ("ndarray" if isinstance(value, np.ndarray) else "npscalar"), array
+        return ("ndarray" if isinstance(value, np.ndarray) else "npscalar"), array, None
 
     def describe(self, value: np.ndarray) -> tuple[str, tuple[int, ...], int]:
         return shard.dtype_name(value.dtype), value.shape, value.nbytes
@@ -143,6 +173,13 @@ def for_target(obj: Any) -> ArrayAdapter | None:
     """The adapter that can fill ``obj`` in place on restore, or None (a new value is made)."""
     adapter = for_value(obj)
     return adapter if adapter is not None and adapter.is_target(obj) else None
+
+
+def prepare_target(obj: Any) -> bool:
+    """Let a framework give a stateful restore target the state the checkpoint has for it
+    (a torch optimizer that has not stepped yet); whether ``obj`` changed."""
+    module = _VALUE_MODULES.get(type(obj).__module__.split(".", 1)[0])
+    return module is not None and importlib.import_module(module).prepare_target(obj)
 
 
 def for_kind(kind: str) -> ArrayAdapter:

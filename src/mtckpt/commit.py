@@ -12,6 +12,7 @@ import logging
 from collections.abc import Iterable
 
 from . import naming
+from .errors import CorruptCheckpointError
 from .tiers.base import Storage
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,21 @@ def try_commit(
     marker = {"run": run, "step": step, "world_size": world_size, "ranks": sorted(present)}
     storage.write_bytes(run, step, naming.COMMIT, json.dumps(marker).encode())
     return True
+
+
+def saved_world_size(storage: Storage, run: str, step: int) -> int:
+    """The world size a committed step was saved with, from its COMMIT marker."""
+    where = f"{storage.describe()}: step {step} {naming.COMMIT}"
+    try:
+        marker = json.loads(storage.read_bytes(run, step, naming.COMMIT))
+        world_size = marker["world_size"]
+    except FileNotFoundError:
+        raise CorruptCheckpointError(f"{where}: the commit marker is gone") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CorruptCheckpointError(f"{where}: malformed commit marker ({exc!r})") from None
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise CorruptCheckpointError(f"{where}: world_size {world_size!r} is not a positive int")
+    return world_size
 
 
 def decommit(storage: Storage, run: str, step: int, reason: str) -> None:

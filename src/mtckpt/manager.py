@@ -18,6 +18,7 @@ from . import (
     config,
     coordination,
     naming,
+    reshard,
     restore,
     retention,
     shard,
@@ -140,11 +141,12 @@ class CheckpointManager:
                 "%s is not usable (saves go on without it until it is): %s", storage.describe(), exc
             )
 
-    def _committed(self, storage: Storage) -> list[int]:
-        """Committed steps of this rank in ``storage``; a tier that cannot be listed is
-        reported and counted as empty rather than failing the caller."""
+    def _committed(self, storage: Storage, any_rank: bool = False) -> list[int]:
+        """Committed steps holding this rank's shard in ``storage`` (any committed step with
+        ``any_rank``: a rank of a new world size reads the others'); a tier that cannot be
+        listed is reported and counted as empty rather than failing the caller."""
         try:
-            return commit.committed_steps(storage, self.run, self.rank)
+            return commit.committed_steps(storage, self.run, None if any_rank else self.rank)
         except OSError as exc:
             log.error("cannot list %s: %s", storage.describe(), exc)
             return []
@@ -188,7 +190,8 @@ class CheckpointManager:
         if "memory" not in due:
             due.insert(0, "memory")  # every step passes through memory on its way
         node, leaves = tree.flatten(state, allow_pickle=self.allow_pickle)
-        layout = shard.plan(_data_items(leaves), self._shard_metadata(step))
+        stored_by = self._replica_owners(leaves)
+        layout = shard.plan(_data_items(leaves, stored_by), self._shard_metadata(step))
         if self._memory.free_slots(self.run, self.rank) == 0:
             self._pipeline.wait_memory_idle()  # its garbage collection may free a slot
         slot = self._memory.acquire(self.run, self.rank, layout.file_size)
@@ -205,7 +208,7 @@ class CheckpointManager:
                 slot=slot,
                 layout=layout,
                 tree=node,
-                records=_leaf_records(leaves, layout),
+                records=_leaf_records(leaves, layout, stored_by),
                 framework=_framework(leaves),
                 tiers=tuple(due[1:]),
                 handle=handle,
@@ -216,6 +219,17 @@ class CheckpointManager:
             self._last_saved_at[name] = now
         self._handles = [h for h in self._handles if not h.done()] + [handle]
         return handle
+
+    def _replica_owners(self, leaves: list[tree.Leaf]) -> dict[str, int]:
+        """Keys of shards whose bytes another rank stores: of the ranks holding the same
+        shard on this node, the lowest stores it (each node keeps a whole copy)."""
+        owners = {}
+        for leaf in leaves:
+            if leaf.sharding is not None:
+                owner = min(r for r in leaf.sharding.replicas if r in self.node_ranks)
+                if owner != self.rank:
+                    owners[leaf.key] = owner
+        return owners
 
     def _shard_metadata(self, step: int) -> dict[str, str]:
         return {
@@ -267,12 +281,9 @@ class CheckpointManager:
         self._check_open()
         self._pipeline.wait_memory_idle()
         allow_pickle = self.allow_pickle if allow_pickle is None else allow_pickle
-        if target is not None:
-            target_node, target_leaves = tree.flatten(target, as_target=True)
-            targets = {leaf.key: leaf.value for leaf in target_leaves}
-        else:
-            target_node, targets = None, {}
-        holders = {storage.name: set(self._committed(storage)) for _, storage in self._tiers}
+        holders = {
+            storage.name: set(self._committed(storage, any_rank=True)) for _, storage in self._tiers
+        }
         held = set().union(*holders.values())
         agreed = self._coordinator.agree(sorted(held))
         everyone = "every rank" if self.world_size > 1 else f"rank {self.rank}"
@@ -294,8 +305,8 @@ class CheckpointManager:
             candidates = agreed
         problems: list[str] = []
         for candidate in candidates:
-            outcome, loaded = self._load_step(candidate, holders, target_node, targets,
-                                              strict, allow_pickle, problems)  # fmt: skip
+            outcome, loaded = self._load_step(candidate, holders, target, strict, allow_pickle,
+                                              problems)  # fmt: skip
             outcomes = self._coordinator.settle(candidate, outcome)
             if outcome.status == coordination.FATAL:
                 raise loaded
@@ -305,7 +316,7 @@ class CheckpointManager:
                 log.warning("step %d has no good copy on rank(s) %s; trying an older step",
                             candidate, failed)  # fmt: skip
                 continue
-            storage, node, values = loaded
+            storage, node, values, targets = loaded
             if candidate != candidates[0]:
                 log.warning(
                     "restored step %d from the %s tier: no good copy of newer step(s) %s",
@@ -321,38 +332,51 @@ class CheckpointManager:
             f"no good copy of {which} of run {self.run!r} for {everyone}: " + "; ".join(problems)
         )
 
-    def _load_step(self, step, holders, target_node, targets, strict, allow_pickle, problems):
-        """Load this rank's shard of ``step`` from the fastest tier with a good copy:
-        ``(Outcome, (storage, node, values))``, or the error for RETRY / FATAL."""
-        for _, storage in self._tiers:
-            if step not in holders[storage.name]:
-                continue
-            try:
-                manifest = restore.read_manifest(storage, self.run, step, self.rank)
-                node, skip = self._plan_restore(manifest, target_node, targets, strict,
-                                                allow_pickle)  # fmt: skip
-                values = restore.load_shard(storage, manifest, targets, skip=skip,
-                                            threads=self.threads)  # fmt: skip
-            except CorruptCheckpointError as exc:
-                problems.append(str(exc))
-                log.warning("%s; trying the next copy", exc)
-                commit.decommit(storage, self.run, step, str(exc))
-                continue
-            except Exception as exc:  # no other copy or step can fix it: every rank stops
-                return coordination.Outcome(coordination.FATAL, str(exc)), exc
-            return coordination.Outcome(coordination.OK), (storage, node, values)
+    def _load_step(self, step, holders, target, strict, allow_pickle, problems):
+        """Load this rank's part of ``step`` from the fastest tier with a good copy:
+        ``(Outcome, (storage, node, values, targets))``, or the error for RETRY / FATAL.
+
+        The rank reads its own file; a rank the saved world did not have reads rank 0's.
+        Whatever the target holds that is not exactly a piece of that file (other shard
+        regions after a change of world size or placements) is assembled from every
+        rank's file of the step on this node."""
+        storages = [storage for _, storage in self._tiers]
+        files = reshard.StepFiles(storages, self.run, step)
+        try:
+            for storage in storages:
+                if step not in holders[storage.name]:
+                    continue
+                try:
+                    saved_world = commit.saved_world_size(storage, self.run, step)
+                    base = self.rank if self.rank < saved_world else 0
+                    manifest = restore.read_manifest(storage, self.run, step, base)
+                    node, targets = _graft_target(target, manifest)
+                    skip = self._check_plan(manifest, node, targets, strict, allow_pickle,
+                                            has_target=target is not None)  # fmt: skip
+                    regions = restore.regions_to_assemble(manifest, targets, skip)
+                    direct_skip = skip | set(regions)
+                    values = restore.load_shard(storage, manifest, targets,
+                                                skip=direct_skip, threads=self.threads)  # fmt: skip
+                    values.update(reshard.assemble_values(files, manifest, regions, targets))
+                except CorruptCheckpointError as exc:
+                    problems.append(str(exc))
+                    log.warning("%s; trying the next copy", exc)
+                    commit.decommit(storage, self.run, step, str(exc))
+                    continue
+                except Exception as exc:  # no other copy or step can fix it: every rank stops
+                    return coordination.Outcome(coordination.FATAL, str(exc)), exc
+                return coordination.Outcome(coordination.OK), (storage, node, values, targets)
+        finally:
+            files.close()
         reason = f"rank {self.rank} has no good copy of step {step}"
         return coordination.Outcome(coordination.RETRY, reason), None
 
-    def _plan_restore(self, manifest, target_node, targets, strict, allow_pickle):
-        """The structure to rebuild and the saved keys not to read; raises
-        StateMismatchError where the target cannot take the saved state."""
+    def _check_plan(self, manifest, node, targets, strict, allow_pickle, has_target) -> set[str]:
+        """Raise StateMismatchError where the target cannot take the saved state; returns
+        the saved keys not to read (not in a non-strict target)."""
         saved = {record.key: record for record in manifest.leaves}
         skip: set[str] = set()
-        if target_node is None:
-            node = manifest.tree
-        else:
-            node = tree.graft(target_node, manifest.tree)
+        if has_target:
             wanted = set(node.leaf_keys())
             missing = [key for key in targets if key not in saved]
             unexpected = [key for key in saved if key not in wanted]
@@ -367,7 +391,7 @@ class CheckpointManager:
         for key, record in saved.items():
             if key not in skip:
                 restore.check_target(record, targets.get(key), allow_pickle)
-        return node, skip
+        return skip
 
     # -- inspecting and removing -----------------------------------------------------------
 
@@ -434,9 +458,28 @@ class CheckpointManager:
         )
 
 
-def _data_items(leaves: list[tree.Leaf]) -> list[tuple[str, str, tuple[int, ...], int]]:
+def _graft_target(target: Any, manifest) -> tuple[tree.Node, dict[str, Any]]:
+    """The structure to rebuild and the target's leaves by key. Stateful objects whose
+    empty state the checkpoint fills are first prepared by their framework (a torch
+    optimizer gets its state, shaped and sharded like its parameters)."""
+    if target is None:
+        return manifest.tree, {}
+    node, leaves = tree.flatten(target, as_target=True)
+    filled: list = []
+    grafted = tree.graft(node, manifest.tree, filled)
+    if [obj for obj in filled if arrays.prepare_target(obj)]:
+        node, leaves = tree.flatten(target, as_target=True)
+        grafted = tree.graft(node, manifest.tree)
+    return grafted, {leaf.key: leaf.value for leaf in leaves}
+
+
+def _data_items(
+    leaves: list[tree.Leaf], stored_by: dict[str, int]
+) -> list[tuple[str, str, tuple[int, ...], int]]:
     items = []
     for leaf in leaves:
+        if leaf.key in stored_by:
+            continue
         if leaf.kind in arrays.ARRAY_KINDS:
             items.append((leaf.key, *arrays.for_kind(leaf.kind).describe(leaf.value)))
         elif leaf.kind in tree.BYTES_KINDS:
@@ -444,24 +487,27 @@ def _data_items(leaves: list[tree.Leaf]) -> list[tuple[str, str, tuple[int, ...]
     return items
 
 
-def _leaf_records(leaves: list[tree.Leaf], layout: shard.Layout) -> list[LeafRecord]:
+def _leaf_records(
+    leaves: list[tree.Leaf], layout: shard.Layout, stored_by: dict[str, int]
+) -> list[LeafRecord]:
     entries = {entry.key: entry for entry in layout.entries}
     records = []
     for leaf in leaves:
-        entry = entries.get(leaf.key)
-        if entry is None:
-            records.append(LeafRecord(leaf.key, leaf.kind, value=leaf.value))
+        sharding = leaf.sharding
+        placed = {}
+        if sharding is not None:
+            placed = dict(global_shape=sharding.global_shape, global_offset=sharding.global_offset)
+        if leaf.key in stored_by:
+            dtype, shape, _ = arrays.for_kind(leaf.kind).describe(leaf.value)
+            where = dict(dtype=dtype, shape=tuple(shape), stored_by=stored_by[leaf.key])
+            records.append(LeafRecord(leaf.key, leaf.kind, **where, **placed))
+        elif leaf.key in entries:
+            entry = entries[leaf.key]
+            where = dict(dtype=entry.dtype, shape=entry.shape, offset=entry.offset,
+                         nbytes=entry.nbytes)  # fmt: skip
+            records.append(LeafRecord(leaf.key, leaf.kind, **where, **placed))
         else:
-            records.append(
-                LeafRecord(
-                    leaf.key,
-                    leaf.kind,
-                    dtype=entry.dtype,
-                    shape=entry.shape,
-                    offset=entry.offset,
-                    nbytes=entry.nbytes,
-                )
-            )
+            records.append(LeafRecord(leaf.key, leaf.kind, value=leaf.value))
     return records
 
 

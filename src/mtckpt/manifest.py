@@ -36,7 +36,8 @@ class LeafRecord:
     """One leaf: its value (value kinds) or its bytes' place in the data buffer (data kinds).
 
     ``global_shape`` / ``global_offset`` describe a shard of a larger tensor; both are None
-    for a whole tensor.
+    for a whole tensor. ``stored_by`` names the rank whose data file holds the bytes of a
+    shard this rank holds a replica of (offset and nbytes are then None).
     """
 
     key: str
@@ -48,13 +49,18 @@ class LeafRecord:
     nbytes: int | None = None
     global_shape: tuple[int, ...] | None = None
     global_offset: tuple[int, ...] | None = None
+    stored_by: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"key": self.key, "kind": self.kind}
         if self.kind in VALUE_KINDS:
             out["value"] = self.value.hex() if self.kind == "float" else self.value
             return out
-        out.update(dtype=self.dtype, shape=list(self.shape), offset=self.offset, nbytes=self.nbytes)
+        out.update(dtype=self.dtype, shape=list(self.shape))
+        if self.stored_by is None:
+            out.update(offset=self.offset, nbytes=self.nbytes)
+        else:
+            out["stored_by"] = self.stored_by
         if self.global_shape is not None:
             out.update(global_shape=list(self.global_shape), global_offset=list(self.global_offset))
         return out
@@ -134,7 +140,7 @@ class RankManifest:
 
     def data_records(self) -> list[LeafRecord]:
         """Leaves stored in the data file, in file order."""
-        data = (r for r in self.leaves if r.kind in DATA_KINDS)
+        data = (r for r in self.leaves if r.kind in DATA_KINDS and r.stored_by is None)
         return sorted(data, key=lambda r: (r.offset, r.nbytes))  # empty leaves first
 
     @property
@@ -211,8 +217,16 @@ def _parse_leaf(item: dict[str, Any], data_bytes: int, where: str) -> LeafRecord
     if dtype not in shard.ITEMSIZE:
         raise FormatVersionError(f"{where}: key {key!r} has unknown dtype {dtype!r}")
     shape = _shape(item["shape"], f"shape of {key!r}")
-    offset, nbytes = _int(item["offset"], "offset"), _int(item["nbytes"], "nbytes")
-    if nbytes != shard.ITEMSIZE[dtype] * math.prod(shape) or offset + nbytes > data_bytes:
+    stored_by = offset = nbytes = None
+    if "stored_by" in item:
+        stored_by = _int(item["stored_by"], f"stored_by of {key!r}")
+        if "global_shape" not in item:
+            raise CorruptCheckpointError(f"{where}: key {key!r} is stored_by but not sharded")
+    else:
+        offset, nbytes = _int(item["offset"], "offset"), _int(item["nbytes"], "nbytes")
+    if stored_by is None and (
+        nbytes != shard.ITEMSIZE[dtype] * math.prod(shape) or offset + nbytes > data_bytes
+    ):
         raise CorruptCheckpointError(
             f"{where}: key {key!r}: dtype {dtype}, shape {shape}, offset {offset} and "
             f"{nbytes} bytes do not fit a data buffer of {data_bytes} bytes"
@@ -230,7 +244,9 @@ def _parse_leaf(item: dict[str, Any], data_bytes: int, where: str) -> LeafRecord
                 f"{where}: key {key!r}: shard of shape {shape} at {global_offset} does not fit "
                 f"global shape {global_shape}"
             )
-    return LeafRecord(key, kind, None, dtype, shape, offset, nbytes, global_shape, global_offset)
+    return LeafRecord(
+        key, kind, None, dtype, shape, offset, nbytes, global_shape, global_offset, stored_by
+    )
 
 
 def _parse_value(kind: str, value: Any, key: str) -> Any:

@@ -59,8 +59,11 @@ def check_target(record: LeafRecord, target: Any, allow_pickle: bool) -> None:
                 f"key {record.key!r}: the target is a {adapter.name} but the checkpoint holds "
                 f"a {record.kind} leaf"
             )
-        dtype, shape, writable = adapter.target_signature(target)
-        saved, wanted = f"{record.dtype} {tuple(record.shape)}", f"{dtype} {tuple(shape)}"
+        dtype, _, writable = adapter.target_signature(target)
+        region, held = adapter.target_region(target), region_of(record)
+        sharded = " (global)" if region.shape != region.global_shape or record.global_shape else ""
+        saved = f"{record.dtype} {tuple(held.global_shape)}{sharded}"
+        wanted = f"{dtype} {tuple(region.global_shape)}{sharded}"
         if saved != wanted:
             raise StateMismatchError(
                 f"key {record.key!r}: the checkpoint holds {saved}, the target expects {wanted}"
@@ -76,6 +79,34 @@ def check_target(record: LeafRecord, target: Any, allow_pickle: bool) -> None:
             f"key {record.key!r} has dtype {record.dtype}, which numpy can only read with the "
             "ml_dtypes package installed; install it, or restore into a target of that dtype"
         )
+
+
+def region_of(record: LeafRecord) -> arrays.Region:
+    """Where a saved leaf sits in its global array (all of it, unless it is a shard)."""
+    if record.global_shape is None:
+        return arrays.Region(record.shape, (0,) * len(record.shape), record.shape)
+    return arrays.Region(record.global_shape, record.global_offset, record.shape)
+
+
+def regions_to_assemble(
+    manifest: RankManifest, targets: Mapping[str, Any], skip: Collection[str]
+) -> dict[str, arrays.Region]:
+    """The array leaves whose target is not exactly the saved piece of this file (another
+    region of a sharded array, a replica another rank stored, or a whole array from a
+    sharded checkpoint), with the region each target wants."""
+    wanted = {}
+    for record in manifest.leaves:
+        if record.kind not in arrays.ARRAY_KINDS or record.key in skip:
+            continue
+        held = region_of(record)
+        adapter = arrays.for_target(targets.get(record.key))
+        if adapter is not None:
+            region = adapter.target_region(targets[record.key])
+        else:
+            region = arrays.Region(held.global_shape, (0,) * len(held.shape), held.global_shape)
+        if record.stored_by is not None or region != held:
+            wanted[record.key] = region
+    return wanted
 
 
 def load_shard(
@@ -104,7 +135,7 @@ def load_shard(
             )
         values, fixups = _read_verified(mapping, manifest, targets, set(skip), threads, where)
     finally:
-        _close(mapping)
+        close_mapping(mapping)
     for adapter, target, record, buf in fixups:
         adapter.fill(target, record.dtype, record.shape, buf)
     return values
@@ -121,6 +152,7 @@ def _read_verified(mapping, manifest, targets, skip, threads, where):
         start = manifest.data_start + record.offset
         if start > position:
             segments.append((position, start, None))
+            position = start
         if record.key in skip:
             continue  # its bytes stay in a checksum-only gap
         target = targets.get(record.key)
@@ -200,7 +232,7 @@ def _finish_value(record: LeafRecord, buf: np.ndarray) -> Any:
     return pickle.loads(buf.tobytes())
 
 
-def _close(mapping: Any) -> None:
+def close_mapping(mapping: Any) -> None:
     close = getattr(mapping, "close", None)
     if close is not None:
         try:

@@ -64,13 +64,15 @@ class TorchAdapter(arrays.ArrayAdapter):
     def handles(self, obj: Any) -> bool:
         return isinstance(obj, torch.Tensor)
 
-    def leaf(self, value: torch.Tensor) -> tuple[str, Any]:
+    def leaf(self, value: torch.Tensor) -> tuple[str, Any, arrays.Sharding | None]:
+        if _is_dtensor(value):
+            return _dtensor_leaf(value)
         if value.layout != torch.strided or value.is_quantized or value.is_nested:
             raise ValueError(f"{value.layout} / quantized / nested tensors cannot be saved")
         if value.device.type == "meta":
             raise ValueError("a tensor on the meta device has no data to save")
         dtype_name(value.dtype)
-        return "torch", value.detach()
+        return "torch", value.detach(), None
 
     def describe(self, value: torch.Tensor) -> tuple[str, tuple[int, ...], int]:
         return dtype_name(value.dtype), tuple(value.shape), value.numel() * value.element_size()
@@ -98,20 +100,95 @@ class TorchAdapter(arrays.ArrayAdapter):
             dtype = str(target.dtype)
         return dtype, tuple(target.shape), not target.is_inference()
 
+    def target_region(self, target: torch.Tensor) -> arrays.Region:
+        if _is_dtensor(target):
+            shape, offset = _local_shape_and_offset(target)
+            return arrays.Region(tuple(target.shape), tuple(offset), tuple(shape))
+        return super().target_region(target)
+
+    def target_local(self, target: torch.Tensor) -> torch.Tensor:
+        return target.to_local() if _is_dtensor(target) else target
+
     def target_bytes(self, target: torch.Tensor) -> np.ndarray | None:
-        if target.device.type == "cpu" and target.is_contiguous():
-            return _as_bytes(target.detach()).numpy()
+        local = self.target_local(target)
+        if local.device.type == "cpu" and local.is_contiguous():
+            return _as_bytes(local.detach()).numpy()
         return None
 
     def fill(self, target: torch.Tensor, dtype: str, shape, buf: np.ndarray) -> None:
         with torch.no_grad():
-            target.copy_(_typed(buf, dtype, tuple(shape)))
+            self.target_local(target).copy_(_typed(buf, dtype, tuple(shape)))
 
     def new_value(self, kind: str, dtype: str, shape, buf: np.ndarray) -> Any:
         return _typed(buf, dtype, tuple(shape))
 
 
 ADAPTER = TorchAdapter()
+
+
+def prepare_target(obj: Any) -> bool:
+    """Give an optimizer without state the state its parameters need, as its first step
+    would (zero gradients, a learning rate of 0 for that step), so that a checkpoint's
+    state restores into it in place, sharded like the parameters. Other objects: no-op."""
+    if not isinstance(obj, torch.optim.Optimizer) or obj.state:
+        return False
+    params = [p for group in obj.param_groups for p in group["params"] if p.requires_grad]
+    if not params or any(p.grad is not None for p in params):
+        return False
+    for param in params:
+        param.grad = torch.zeros_like(param)
+    rates = [group.get("lr") for group in obj.param_groups]
+    for group in obj.param_groups:
+        if "lr" in group:
+            group["lr"] = torch.tensor(0.0) if isinstance(group["lr"], torch.Tensor) else 0.0
+    obj.step()
+    for group, rate in zip(obj.param_groups, rates, strict=True):
+        if rate is not None:
+            group["lr"] = rate
+    obj.zero_grad(set_to_none=True)
+    return True
+
+
+def _is_dtensor(value: torch.Tensor) -> bool:
+    return type(value).__name__ == "DTensor" and dist.is_available()
+
+
+def _local_shape_and_offset(value: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(
+        value.shape, value.device_mesh, value.placements
+    )
+    return tuple(shape), tuple(offset)
+
+
+def _dtensor_leaf(value: torch.Tensor) -> tuple[str, torch.Tensor, arrays.Sharding]:
+    """A DTensor's local shard, where it sits in the global tensor, and the ranks holding the
+    same shard (those differing only along mesh dimensions the tensor is replicated on)."""
+    for placement in value.placements:
+        if placement.is_partial():
+            raise ValueError(
+                f"a DTensor with placements {value.placements} holds partial sums; "
+                "redistribute it to Shard/Replicate placements before saving"
+            )
+        if type(placement).__name__ == "_StridedShard":
+            raise ValueError(
+                f"DTensor placement {placement} (strided sharding, as FSDP + tensor parallel "
+                "produce) is not supported yet; save the tensor parallel state alone"
+            )
+    local = value.to_local().detach()
+    dtype_name(local.dtype)
+    shape, offset = _local_shape_and_offset(value)
+    if tuple(local.shape) != shape:
+        raise ValueError(f"local shard of shape {tuple(local.shape)}, expected {shape}")
+    mesh = value.device_mesh
+    coordinate = mesh.get_coordinate()
+    index = tuple(
+        slice(None) if placement.is_replicate() else coordinate[dim]
+        for dim, placement in enumerate(value.placements)
+    )
+    replicas = tuple(sorted(int(r) for r in mesh.mesh[index].flatten().tolist()))
+    return "torch", local, arrays.Sharding(tuple(value.shape), offset, replicas)
 
 
 class RNG:

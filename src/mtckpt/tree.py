@@ -44,6 +44,7 @@ class Leaf:
     key: str
     kind: str
     value: Any
+    sharding: arrays.Sharding | None = None
 
 
 @dataclass(frozen=True)
@@ -222,10 +223,10 @@ def _flatten_dict(obj: dict, path: str, leaves: list[Leaf], mode: str, active: s
 
 def _array_leaf(adapter: arrays.ArrayAdapter, obj: Any, path: str) -> Leaf:
     try:
-        kind, value = adapter.leaf(obj)
+        described = adapter.leaf(obj)
     except ValueError as exc:
         raise UnsupportedLeafError(f"key {describe(path)}: {exc}") from None
-    return Leaf(path, kind, value)
+    return Leaf(path, *described)
 
 
 def _is_stateful(obj: Any) -> bool:
@@ -270,21 +271,26 @@ def _namedtuple_class(name: str, fields: tuple[str, ...]) -> type:
     return collections.namedtuple(typename, fields, rename=True)
 
 
-def graft(target: Node, saved: Node) -> Node:
+def graft(target: Node, saved: Node, filled: list | None = None, owner: Any = None) -> Node:
     """The restore target's structure, where an empty dict or list of the target takes the
     saved structure at that place: an optimizer that has not stepped yet holds no state,
-    and restoring it must bring the saved state in."""
+    and restoring it must bring the saved state in. The stateful objects owning such
+    places are appended to ``filled``."""
     if target.type != saved.type:
         return target
     if target.type in ("dict", "list") and not target.children:
+        if saved.children and filled is not None and owner is not None:
+            filled.append(owner)
         return saved
+    owner = target.obj if target.type == "stateful" else owner
     if target.type == "dict":
         saved_at = dict(zip(saved.keys, saved.children, strict=True))
         children = tuple(
-            graft(child, saved_at[key]) if key in saved_at else child
+            graft(child, saved_at[key], filled, owner) if key in saved_at else child
             for key, child in zip(target.keys, target.children, strict=True)
         )
     else:
         pairs = zip(target.children, saved.children, strict=False)
-        children = tuple(graft(t, s) for t, s in pairs) + target.children[len(saved.children) :]
+        children = tuple(graft(t, s, filled, owner) for t, s in pairs)
+        children += target.children[len(saved.children) :]
     return replace(target, children=children)

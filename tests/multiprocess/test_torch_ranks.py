@@ -120,3 +120,62 @@ def test_a_rank_killed_mid_save_leaves_the_others_running_and_the_step_uncommitt
     after = check_ok(run_ranks("torch_worker.py", 2, ["restore", "--root", str(tmp_path)]))
     assert [r.lines() for r in after] == [["restored 2"], ["restored 2"]]
     assert os.path.exists(shard(tmp_path, "shm", 2, 1))
+
+
+def test_fsdp2_state_resumes_on_the_same_world_and_reshards_to_2_and_3_ranks(tmp_path):
+    root = str(tmp_path / "ckpt")
+    uninterrupted = check_ok(
+        run_ranks(
+            "torch_worker.py",
+            4,
+            ["fsdp", "--root", str(tmp_path / "ref"), "--steps", "5"],
+            timeout=300,
+        )
+    )
+    saved = check_ok(
+        run_ranks("torch_worker.py", 4, ["fsdp", "--root", root, "--steps", "3"], timeout=300)
+    )
+    at_step_3 = saved[0].lines()[2].split()[-1]
+    assert all(r.lines()[2].split()[-1] == at_step_3 for r in saved)  # one global state
+    assert uninterrupted[0].lines()[2].split()[-1] == at_step_3
+
+    resumed = check_ok(
+        run_ranks(
+            "torch_worker.py",
+            4,
+            ["fsdp", "--root", root, "--step", "3", "--steps", "5"],
+            timeout=300,
+        )
+    )
+    for rank in range(4):
+        assert resumed[rank].lines()[0] == f"restored 3 {at_step_3}"
+        assert resumed[rank].lines()[1:] == uninterrupted[rank].lines()[3:5]  # bit-exact losses
+
+    for world in (2, 3):
+        restored = check_ok(
+            run_ranks(
+                "torch_worker.py",
+                world,
+                ["fsdp", "--root", root, "--step", "3", "--steps", "3"],
+                timeout=300,
+            )
+        )
+        assert [r.lines() for r in restored] == [[f"restored 3 {at_step_3}"]] * world
+
+
+def test_replicated_dtensor_shards_are_stored_once_per_node(tmp_path):
+    import json
+
+    check_ok(run_ranks("torch_worker.py", 4, ["mesh2d", "--root", str(tmp_path)]))
+    step = tmp_path / "shm" / "job" / "step-000000000001"
+    stored_by = {}
+    for rank in range(4):
+        manifest = json.loads((step / f"rank-{rank:05d}.json").read_text())
+        for leaf in manifest["leaves"]:
+            if "stored_by" in leaf:
+                stored_by[(leaf["key"], rank)] = leaf["stored_by"]
+    assert stored_by == {("rows", 1): 0, ("rows", 3): 2, ("cols", 2): 0, ("cols", 3): 1}
+    results = check_ok(
+        run_ranks("torch_worker.py", 4, ["mesh2d", "--root", str(tmp_path), "--step", "1"])
+    )
+    assert [r.lines() for r in results] == [["mesh2d restored"]] * 4

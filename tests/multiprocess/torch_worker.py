@@ -7,6 +7,9 @@ Scenarios (first argument):
   restore   restore and check the rank-specific state; optional faults on one rank
   busy      saves in flight while the trainer runs its own collectives
   die       rank 1 is killed (SIGKILL) in the middle of a save
+  fsdp      FSDP2 (fully_shard) training, checkpointing every step; or, with --step,
+            restore that step (any world size) and train on
+  mesh2d    DTensors on a 2-D mesh, replicated along one dimension: save, then restore
 """
 
 import argparse
@@ -84,6 +87,56 @@ class KilledWhileSaving:
         pass
 
 
+def sharded_training(seed):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(seed)
+    model = TinyTransformer()
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for layer in (model.embed, model.block, model.head):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+    return model, opt, {"model": model, "opt": opt, "step": 0}
+
+
+def global_fingerprint(state):
+    """A hash of the whole (unsharded) model and optimizer state; the same on every rank."""
+    digest = hashlib.sha256()
+    tensors = list(state["model"].state_dict().items())
+    for index, per_param in sorted(state["opt"].state_dict()["state"].items()):
+        tensors += [(f"{index}.{name}", value) for name, value in sorted(per_param.items())]
+    for name, value in tensors:
+        full = value.full_tensor() if hasattr(value, "full_tensor") else value
+        digest.update(name.encode() + full.detach().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def sharded_step(model, opt, rank, step):
+    data = torch.Generator().manual_seed(1000 * step + rank)
+    tokens = torch.randint(0, 64, (4, 12), generator=data)
+    model.train(False)  # no dropout: runs of other world sizes see the same computation
+    loss = torch.nn.functional.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten())
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+def mesh_state(rank):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (2, 2))
+    full = torch.arange(8 * 6, dtype=torch.float32).reshape(8, 6)
+    return {
+        "rows": distribute_tensor(full, mesh, [Shard(0), Replicate()]),
+        "cols": distribute_tensor(full * 2, mesh, [Replicate(), Shard(1)]),
+        "both": distribute_tensor(full * 3, mesh, [Shard(0), Shard(1)]),
+    }
+
+
 def rank_state(rank, step):
     return {"w": torch.full((1000,), float(rank * 100 + step)), "step": step, "rank": rank}
 
@@ -116,6 +169,32 @@ def main() -> int:
             print(f"step {step} loss {loss!r}", flush=True)
         mgr.wait()
         print(f"final {fingerprint(state['model'])}", flush=True)
+
+    elif args.scenario == "fsdp":
+        model, opt, state = sharded_training(seed=0 if args.step is None else 99)
+        first = 1
+        if args.step is not None:
+            first, _ = mgr.restore(state, step=args.step)
+            print(f"restored {first} {global_fingerprint(state)}", flush=True)
+            first += 1
+        for step in range(first, args.steps[0] + 1):
+            loss = sharded_step(model, opt, rank, step)
+            state["step"] = step
+            mgr.save(step, state)
+            print(f"step {step} loss {loss!r} {global_fingerprint(state)}", flush=True)
+        mgr.wait()
+
+    elif args.scenario == "mesh2d":
+        state = mesh_state(rank)
+        if args.step is None:
+            mgr.save(1, state).wait()
+        else:
+            target = {k: torch.zeros_like(v) for k, v in state.items()}
+            mgr.restore(target, step=args.step)
+            for key, tensor in state.items():
+                assert torch.equal(target[key].to_local(), tensor.to_local()), key
+                assert target[key].placements == tensor.placements
+            print("mesh2d restored", flush=True)
 
     elif args.scenario == "save":
         for step in args.steps:

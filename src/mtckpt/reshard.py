@@ -1,0 +1,169 @@
+"""Restoring a region of a sharded array from the shards every rank saved.
+
+When a restore target does not hold exactly the shard this rank saved (another world
+size, other placements, a replica another rank stored, or a whole array wanted from a
+sharded checkpoint), its region is assembled from the overlapping slices of the saved
+shards, read from the rank files of the step that this node's storages hold. Every chunk a
+slice is read from is verified against its crc32c first, once per restore.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from . import arrays, checksum, shard
+from .arrays import Region
+from .errors import ChecksumMismatchError, CorruptCheckpointError
+from .manifest import LeafRecord, RankManifest
+from .restore import close_mapping, read_manifest, region_of
+from .tiers.base import Storage
+
+# Bytes are moved as unsigned integers of the item size: no dtype needs to be known to numpy.
+_RAW = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+class StepFiles:
+    """The rank files of one step across this node's storages (fastest first), opened on
+    demand and verified chunk by chunk as slices are read from them."""
+
+    def __init__(self, storages: list[Storage], run: str, step: int) -> None:
+        self.storages, self.run, self.step = storages, run, step
+        self._manifests: dict[int, tuple[Storage, RankManifest, dict[str, LeafRecord]]] = {}
+        self._mappings: dict[int, Any] = {}
+        self._verified: dict[int, set[int]] = {}
+
+    def manifest(self, rank: int) -> tuple[Storage, RankManifest, dict[str, LeafRecord]]:
+        """The first good manifest of ``rank`` in the storages, with its records by key."""
+        if rank not in self._manifests:
+            problems = []
+            for storage in self.storages:
+                try:
+                    manifest = read_manifest(storage, self.run, self.step, rank)
+                except CorruptCheckpointError as exc:
+                    problems.append(str(exc))
+                    continue
+                records = {record.key: record for record in manifest.leaves}
+                self._manifests[rank] = (storage, manifest, records)
+                break
+            else:
+                raise CorruptCheckpointError(
+                    f"step {self.step}: no usable shard of rank {rank} on this node "
+                    f"({'; '.join(problems)})"
+                )
+        return self._manifests[rank]
+
+    def verified_bytes(self, rank: int, record: LeafRecord) -> np.ndarray:
+        """The bytes of a record of ``rank``'s data file, every chunk under them verified."""
+        storage, manifest, _ = self.manifest(rank)
+        where = f"{storage.describe()}: step {self.step} {manifest.data_file}"
+        if rank not in self._mappings:
+            try:
+                mapping = storage.map(self.run, self.step, manifest.data_file)
+            except FileNotFoundError:
+                raise CorruptCheckpointError(f"{where}: the data file is missing") from None
+            if len(mapping) != manifest.file_size:
+                close_mapping(mapping)
+                raise CorruptCheckpointError(
+                    f"{where}: {len(mapping)} bytes, the manifest records {manifest.file_size}"
+                )
+            self._mappings[rank], self._verified[rank] = mapping, set()
+        data = np.frombuffer(self._mappings[rank], np.uint8)
+        start = manifest.data_start + record.offset
+        end = start + record.nbytes
+        size, verified = manifest.chunk_size, self._verified[rank]
+        for index in range(start // size, (max(end, start + 1) - 1) // size + 1):
+            if index in verified or index >= len(manifest.chunk_crc32c):
+                continue
+            actual = checksum.crc32c(data[index * size : (index + 1) * size])
+            if actual != manifest.chunk_crc32c[index]:
+                raise ChecksumMismatchError(
+                    f"{where}: chunk {index} has crc32c {actual:#010x}, recorded "
+                    f"{manifest.chunk_crc32c[index]:#010x} (key {record.key!r})"
+                )
+            verified.add(index)
+        return data[start:end]
+
+    def close(self) -> None:
+        for mapping in self._mappings.values():
+            close_mapping(mapping)
+        self._mappings.clear()
+
+
+def assemble(
+    files: StepFiles, key: str, dtype: str, saved_world: int, region: Region, dst: np.ndarray
+) -> None:
+    """Fill ``dst`` (the uint8 bytes of ``region``, C order) from every saved shard of
+    ``key`` that overlaps it. Raises CorruptCheckpointError if the shards leave a gap."""
+    raw = _RAW[shard.ITEMSIZE[dtype]]
+    target = dst.view(raw).reshape(region.shape) if dst.size else None
+    copied: set[tuple] = set()  # shards seen in two places (replicas on two nodes) count once
+    covered = 0
+    for rank in range(saved_world):
+        _, _, records = files.manifest(rank)
+        record = records.get(key)
+        if record is None or record.stored_by is not None:
+            continue
+        source = region_of(record)
+        if source.global_shape != region.global_shape or record.dtype != dtype:
+            raise CorruptCheckpointError(
+                f"key {key!r}: rank {rank} saved {record.dtype} of global shape "
+                f"{source.global_shape}, others {dtype} of {region.global_shape}"
+            )
+        lows = [max(s, r) for s, r in zip(source.global_offset, region.global_offset, strict=True)]
+        highs = [
+            min(s + n, r + m)
+            for s, n, r, m in zip(
+                source.global_offset, source.shape, region.global_offset, region.shape, strict=True
+            )
+        ]
+        placement = (source.global_offset, source.shape)
+        if any(lo >= hi for lo, hi in zip(lows, highs, strict=True)) or placement in copied:
+            continue
+        copied.add(placement)
+        data = files.verified_bytes(rank, record).view(raw).reshape(source.shape)
+        into = tuple(
+            slice(lo - r, hi - r)
+            for lo, hi, r in zip(lows, highs, region.global_offset, strict=True)
+        )
+        out_of = tuple(
+            slice(lo - s, hi - s)
+            for lo, hi, s in zip(lows, highs, source.global_offset, strict=True)
+        )
+        np.copyto(target[into], data[out_of])
+        covered += math.prod(hi - lo for lo, hi in zip(lows, highs, strict=True))
+    if covered != math.prod(region.shape):
+        raise CorruptCheckpointError(
+            f"key {key!r}: the saved shards cover {covered} of the {math.prod(region.shape)} "
+            f"elements at offset {region.global_offset} of shape {region.shape} needed here"
+        )
+
+
+def assemble_values(
+    files: StepFiles,
+    manifest: RankManifest,
+    regions: dict[str, Region],
+    targets: dict[str, Any],
+) -> dict[str, Any]:
+    """Assemble each region: into its target in place where the target's memory allows,
+    else into a new buffer (copied into the target, or a new value without one)."""
+    records = {record.key: record for record in manifest.leaves}
+    values = {}
+    for key, region in regions.items():
+        record, target = records[key], targets.get(key)
+        adapter = arrays.for_target(target)
+        buf = adapter.target_bytes(target) if adapter is not None else None
+        in_place = buf is not None
+        if not in_place:
+            buf = np.empty(math.prod(region.shape) * shard.ITEMSIZE[record.dtype], np.uint8)
+        assemble(files, key, record.dtype, manifest.world_size, region, buf)
+        if adapter is None:
+            kind_adapter = arrays.for_kind(record.kind)
+            values[key] = kind_adapter.new_value(record.kind, record.dtype, region.shape, buf)
+        else:
+            if not in_place:
+                adapter.fill(target, record.dtype, region.shape, buf)
+            values[key] = target
+    return values
