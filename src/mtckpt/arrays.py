@@ -21,14 +21,15 @@ from .errors import UnsupportedLeafError
 # Leaf kinds holding an array, and the module providing each kind's adapter.
 _KIND_MODULES = {"ndarray": None, "npscalar": None, "torch": "mtckpt.torch"}
 ARRAY_KINDS = frozenset(_KIND_MODULES)
-# Value types are recognised by the top-level module their class comes from.
-_VALUE_MODULES = {"torch": "mtckpt.torch"}
+# Value types are recognised by the module their class comes from, or its top level.
+_VALUE_MODULES = {"torch": "mtckpt.torch", "mtckpt.torch": "mtckpt.torch"}
 
 
 @dataclass(frozen=True)
 class Sharding:
     """Where one shard sits in its global array, and the ranks that hold this same shard
-    (this rank included): of those on one node, only the lowest stores it."""
+    (this rank included; empty: this rank alone): of those on one node, only the lowest
+    stores it."""
 
     global_shape: tuple[int, ...]
     global_offset: tuple[int, ...]
@@ -162,7 +163,7 @@ def for_value(obj: Any) -> ArrayAdapter | None:
     """The adapter of an array of any framework, or None if ``obj`` is no array."""
     if NUMPY.handles(obj):
         return NUMPY
-    module = _VALUE_MODULES.get(type(obj).__module__.split(".", 1)[0])
+    module = _framework_module(obj)
     if module is None:
         return None
     adapter = importlib.import_module(module).ADAPTER
@@ -178,8 +179,13 @@ def for_target(obj: Any) -> ArrayAdapter | None:
 def prepare_target(obj: Any) -> bool:
     """Let a framework give a stateful restore target the state the checkpoint has for it
     (a torch optimizer that has not stepped yet); whether ``obj`` changed."""
-    module = _VALUE_MODULES.get(type(obj).__module__.split(".", 1)[0])
+    module = _framework_module(obj)
     return module is not None and importlib.import_module(module).prepare_target(obj)
+
+
+def _framework_module(obj: Any) -> str | None:
+    name = type(obj).__module__
+    return _VALUE_MODULES.get(name) or _VALUE_MODULES.get(name.split(".", 1)[0])
 
 
 def for_kind(kind: str) -> ArrayAdapter:

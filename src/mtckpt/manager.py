@@ -226,9 +226,9 @@ class CheckpointManager:
         owners = {}
         for leaf in leaves:
             if leaf.sharding is not None:
-                owner = min(r for r in leaf.sharding.replicas if r in self.node_ranks)
-                if owner != self.rank:
-                    owners[leaf.key] = owner
+                holders = [r for r in leaf.sharding.replicas if r in self.node_ranks]
+                if holders and min(holders) != self.rank:
+                    owners[leaf.key] = min(holders)
         return owners
 
     def _shard_metadata(self, step: int) -> dict[str, str]:

@@ -9,6 +9,7 @@ slice is read from is verified against its crc32c first, once per restore.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -20,6 +21,8 @@ from .errors import ChecksumMismatchError, CorruptCheckpointError
 from .manifest import LeafRecord, RankManifest
 from .restore import close_mapping, read_manifest, region_of
 from .tiers.base import Storage
+
+log = logging.getLogger(__name__)
 
 # Bytes are moved as unsigned integers of the item size: no dtype needs to be known to numpy.
 _RAW = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
@@ -34,12 +37,16 @@ class StepFiles:
         self._manifests: dict[int, tuple[Storage, RankManifest, dict[str, LeafRecord]]] = {}
         self._mappings: dict[int, Any] = {}
         self._verified: dict[int, set[int]] = {}
+        self._bad: dict[int, list[tuple[Storage, str]]] = {}  # copies found damaged, per rank
 
     def manifest(self, rank: int) -> tuple[Storage, RankManifest, dict[str, LeafRecord]]:
         """The first good manifest of ``rank`` in the storages, with its records by key."""
         if rank not in self._manifests:
-            problems = []
+            problems = [reason for _, reason in self._bad.get(rank, [])]
+            damaged = {storage for storage, _ in self._bad.get(rank, [])}
             for storage in self.storages:
+                if storage in damaged:
+                    continue
                 try:
                     manifest = read_manifest(storage, self.run, self.step, rank)
                 except CorruptCheckpointError as exc:
@@ -56,8 +63,21 @@ class StepFiles:
         return self._manifests[rank]
 
     def verified_bytes(self, rank: int, record: LeafRecord) -> np.ndarray:
-        """The bytes of a record of ``rank``'s data file, every chunk under them verified."""
-        storage, manifest, _ = self.manifest(rank)
+        """The bytes of a record of ``rank``'s data file, every chunk under them verified;
+        a damaged copy is set aside for the same rank's copy in the next storage."""
+        while True:
+            storage = self.manifest(rank)[0]
+            try:
+                return self._verified_bytes(rank, record)
+            except CorruptCheckpointError as exc:
+                log.warning("%s; trying the next copy", exc)
+                self._bad.setdefault(rank, []).append((storage, str(exc)))
+                del self._manifests[rank]
+                close_mapping(self._mappings.pop(rank, None))
+
+    def _verified_bytes(self, rank: int, record: LeafRecord) -> np.ndarray:
+        storage, manifest, records = self.manifest(rank)
+        record = records.get(record.key, record)
         where = f"{storage.describe()}: step {self.step} {manifest.data_file}"
         if rank not in self._mappings:
             try:

@@ -233,6 +233,7 @@ def _finish_value(record: LeafRecord, buf: np.ndarray) -> Any:
 
 
 def close_mapping(mapping: Any) -> None:
+    """Unmap a mapping from Storage.map (None: nothing to do)."""
     close = getattr(mapping, "close", None)
     if close is not None:
         try:

@@ -9,6 +9,7 @@ place, so restoring a model costs no second copy of it in host memory.
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -19,7 +20,16 @@ import torch.distributed as dist
 from . import arrays, coordination
 from .errors import MtckptError
 
-__all__ = ["RNG"]
+__all__ = [
+    "RNG",
+    "LocalShard",
+    "Reader",
+    "Writer",
+    "export_dcp",
+    "export_torch_save",
+    "import_dcp",
+    "import_torch_save",
+]
 
 _DTYPE_NAMES = {
     torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16",
@@ -57,14 +67,42 @@ def _typed(buf: np.ndarray, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.from_numpy(buf).view(_DTYPES[dtype]).view(shape)
 
 
+@dataclass(frozen=True)
+class LocalShard:
+    """This rank's piece of a larger tensor, for sharding schemes without DTensor: saved
+    with its global shape and offset, and restorable onto any other split of the tensor
+    (as a restore target, the region it describes is filled in ``tensor``)."""
+
+    tensor: torch.Tensor
+    global_shape: tuple[int, ...]
+    global_offset: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        shape, global_shape = tuple(self.tensor.shape), tuple(self.global_shape)
+        offset = tuple(self.global_offset)
+        if (
+            len(global_shape) != len(shape)
+            or len(offset) != len(shape)
+            or any(o < 0 or o + n > g for o, n, g in zip(offset, shape, global_shape, strict=True))
+        ):
+            raise ValueError(
+                f"a shard of shape {shape} at offset {offset} does not fit global shape "
+                f"{global_shape}"
+            )
+
+
 class TorchAdapter(arrays.ArrayAdapter):
     kinds = ("torch",)
     name = "torch tensor"
 
     def handles(self, obj: Any) -> bool:
-        return isinstance(obj, torch.Tensor)
+        return isinstance(obj, (torch.Tensor, LocalShard))
 
     def leaf(self, value: torch.Tensor) -> tuple[str, Any, arrays.Sharding | None]:
+        if isinstance(value, LocalShard):
+            kind, local, _ = self.leaf(value.tensor)
+            placed = (tuple(value.global_shape), tuple(value.global_offset), ())
+            return kind, local, arrays.Sharding(*placed)
         if _is_dtensor(value):
             return _dtensor_leaf(value)
         if value.layout != torch.strided or value.is_quantized or value.is_nested:
@@ -91,9 +129,12 @@ class TorchAdapter(arrays.ArrayAdapter):
         _typed(dst, dtype_name(value.dtype), tuple(value.shape)).copy_(value)
 
     def is_target(self, obj: Any) -> bool:
+        if isinstance(obj, LocalShard):
+            obj = obj.tensor
         return isinstance(obj, torch.Tensor) and obj.layout == torch.strided
 
     def target_signature(self, target: torch.Tensor) -> tuple[str, tuple[int, ...], bool]:
+        target = self.target_local(target)
         try:
             dtype = dtype_name(target.dtype)
         except ValueError:
@@ -101,12 +142,17 @@ class TorchAdapter(arrays.ArrayAdapter):
         return dtype, tuple(target.shape), not target.is_inference()
 
     def target_region(self, target: torch.Tensor) -> arrays.Region:
+        if isinstance(target, LocalShard):
+            shape = tuple(target.tensor.shape)
+            return arrays.Region(tuple(target.global_shape), tuple(target.global_offset), shape)
         if _is_dtensor(target):
             shape, offset = _local_shape_and_offset(target)
             return arrays.Region(tuple(target.shape), tuple(offset), tuple(shape))
         return super().target_region(target)
 
     def target_local(self, target: torch.Tensor) -> torch.Tensor:
+        if isinstance(target, LocalShard):
+            return target.tensor
         return target.to_local() if _is_dtensor(target) else target
 
     def target_bytes(self, target: torch.Tensor) -> np.ndarray | None:
@@ -254,3 +300,14 @@ class TorchCoordinator(coordination.Coordinator):
     def settle(self, step: int, outcome: coordination.Outcome) -> list[coordination.Outcome]:
         gathered = self._all_gather((outcome.status, outcome.reason), f"finish loading step {step}")
         return [coordination.Outcome(status, reason) for status, reason in gathered]
+
+
+# DCP interop lives in its own module, which needs the names above.
+from ._dcp import (  # noqa: E402
+    Reader,
+    Writer,
+    export_dcp,
+    export_torch_save,
+    import_dcp,
+    import_torch_save,
+)

@@ -179,3 +179,15 @@ def test_replicated_dtensor_shards_are_stored_once_per_node(tmp_path):
         run_ranks("torch_worker.py", 4, ["mesh2d", "--root", str(tmp_path), "--step", "1"])
     )
     assert [r.lines() for r in results] == [["mesh2d restored"]] * 4
+
+
+def test_dcp_save_and_load_through_mtckpt_across_world_sizes(tmp_path):
+    saved = check_ok(run_ranks("torch_worker.py", 4, ["dcp", "--root", str(tmp_path)], timeout=300))
+    fingerprint = saved[0].lines()[-1]
+    assert all(r.lines()[-1] == fingerprint for r in saved)
+    loaded = check_ok(
+        run_ranks(
+            "torch_worker.py", 2, ["dcp", "--root", str(tmp_path), "--step", "2"], timeout=300
+        )
+    )
+    assert [r.lines()[-1] for r in loaded] == [fingerprint] * 2

@@ -10,6 +10,8 @@ Scenarios (first argument):
   fsdp      FSDP2 (fully_shard) training, checkpointing every step; or, with --step,
             restore that step (any world size) and train on
   mesh2d    DTensors on a 2-D mesh, replicated along one dimension: save, then restore
+  dcp       FSDP2 state saved with dcp.save through mtckpt.torch.Writer; with --step,
+            loaded with dcp.load through mtckpt.torch.Reader (any world size)
 """
 
 import argparse
@@ -183,6 +185,28 @@ def main() -> int:
             mgr.save(step, state)
             print(f"step {step} loss {loss!r} {global_fingerprint(state)}", flush=True)
         mgr.wait()
+
+    elif args.scenario == "dcp":
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model, opt, state = sharded_training(seed=0 if args.step is None else 99)
+        if args.step is None:
+            for step in (1, 2):
+                sharded_step(model, opt, rank, step)
+            model_sd, optim_sd = get_state_dict(model, opt)
+            dcp.save(
+                {"model": model_sd, "optim": optim_sd}, storage_writer=mtckpt.torch.Writer(mgr, 2)
+            )
+            mgr.wait()
+        else:
+            model_sd, optim_sd = get_state_dict(model, opt)
+            loaded = {"model": model_sd, "optim": optim_sd}
+            dcp.load(loaded, storage_reader=mtckpt.torch.Reader(mgr, args.step))
+            set_state_dict(
+                model, opt, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"]
+            )
+        print(f"dcp {global_fingerprint(state)}", flush=True)
 
     elif args.scenario == "mesh2d":
         state = mesh_state(rank)
