@@ -10,6 +10,7 @@ theirs shows up; the core imports no framework.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,8 +70,9 @@ class ArrayAdapter:
         """A uint8 view of the value's bytes in host memory, if it has one without a copy."""
         raise NotImplementedError
 
-    def stage(self, value: Any, dst: np.ndarray) -> None:
-        """Copy a value without ``host_bytes`` (strided, on a device) into ``dst``."""
+    def stage(self, value: Any, dst: np.ndarray) -> Callable[[], None] | None:
+        """Copy a value without ``host_bytes`` (strided, on a device) into ``dst``. A copy
+        only enqueued (from a device) returns a function that waits for it to land."""
         raise NotImplementedError
 
     def is_target(self, obj: Any) -> bool:
@@ -126,6 +128,7 @@ class NumpyAdapter(ArrayAdapter):
     def stage(self, value: np.ndarray, dst: np.ndarray) -> None:
         little = value.dtype.newbyteorder("<")
         np.copyto(dst.view(little).reshape(value.shape), value, casting="equiv")
+        return None
 
     def is_target(self, obj: Any) -> bool:
         return isinstance(obj, np.ndarray)

@@ -93,6 +93,7 @@ MANAGER_OPTIONS: dict[str, type] = {
     "chunk_size": int,
     "threads": int,
     "collective_timeout": float,
+    "staging": str,
 }
 _OPTIONAL = {"every", "interval", "rank", "world_size", "threads"}
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -67,6 +68,7 @@ class CheckpointManager:
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         threads: int | None = None,
         collective_timeout: float = 600.0,
+        staging: str = "blocking",
     ) -> None:
         try:
             self.run = naming.check_run(run)
@@ -89,6 +91,9 @@ class CheckpointManager:
             or collective_timeout <= 0
         ):
             raise ConfigError(f"collective_timeout must be > 0 seconds, got {collective_timeout!r}")
+        if staging not in ("blocking", "async"):
+            raise ConfigError(f"staging must be 'blocking' or 'async', got {staging!r}")
+        self.staging = staging
         self.rank, self.world_size = topology.detect(rank, world_size)
         self.node_ranks = topology.node_ranks(self.rank, self.world_size)
         # A collective on every rank, so here in the foreground, never in a save.
@@ -196,12 +201,15 @@ class CheckpointManager:
             self._pipeline.wait_memory_idle()  # its garbage collection may free a slot
         slot = self._memory.acquire(self.run, self.rank, layout.file_size)
         try:
-            _stage_into_slot(slot, layout, leaves, self.threads)
+            finish_staging = _stage_into_slot(slot, layout, leaves, self.threads)
+            if self.staging == "blocking":
+                finish_staging()
         except BaseException:
             self._memory.release(slot, self.run, self.rank)
             raise
         handle = SaveHandle(step, tuple(due), configured)
-        handle._finish("staged")
+        if self.staging == "blocking":
+            handle._finish("staged")
         self._pipeline.submit(
             SaveJob(
                 step=step,
@@ -212,6 +220,7 @@ class CheckpointManager:
                 framework=_framework(leaves),
                 tiers=tuple(due[1:]),
                 handle=handle,
+                finish_staging=None if self.staging == "blocking" else finish_staging,
             )
         )
         self._newest = step
@@ -511,14 +520,17 @@ def _leaf_records(
     return records
 
 
-def _stage_into_slot(slot: Slot, layout: shard.Layout, leaves: list[tree.Leaf], threads: int):
-    """Copy the header and every leaf's bytes into the slot: one multi-threaded native call
-    for everything in host memory and contiguous, the framework's own copy for the rest
-    (strided, byte-swapped, on a device)."""
+def _stage_into_slot(
+    slot: Slot, layout: shard.Layout, leaves: list[tree.Leaf], threads: int
+) -> Callable[[], None]:
+    """Start copying the header and every leaf's bytes into the slot; returns the function
+    that finishes it. Strided and byte-swapped arrays are copied now by their framework and
+    device arrays enqueued on a copy stream; what finishes is one multi-threaded native
+    copy of everything in host memory and contiguous, and waiting for the device copies."""
     view = slot.view()
     view[: len(layout.header)] = np.frombuffer(layout.header, np.uint8)
     leaf_of = {leaf.key: leaf for leaf in leaves}
-    destinations, sources = [], []
+    destinations, sources, waits = [], [], []
     for entry in layout.entries:
         leaf = leaf_of[entry.key]
         start = layout.data_start + entry.offset
@@ -530,12 +542,21 @@ def _stage_into_slot(slot: Slot, layout: shard.Layout, leaves: list[tree.Leaf], 
         adapter = arrays.for_kind(leaf.kind)
         source = adapter.host_bytes(leaf.value)
         if source is None:
-            adapter.stage(leaf.value, dst)
+            pending = adapter.stage(leaf.value, dst)
+            if pending is not None:
+                waits.append(pending)
         else:
             destinations.append(dst)
             sources.append(source)
-    _fastpath.backend().copy_many(destinations, sources, threads)
-    del view, destinations
+    del view
+
+    def finish() -> None:
+        _fastpath.backend().copy_many(destinations, sources, threads)
+        for wait in waits:
+            wait()
+        destinations.clear()  # drop the views of the slot
+
+    return finish
 
 
 def _framework(leaves: list[tree.Leaf]) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import checksum, commit, naming, retention
@@ -37,6 +38,7 @@ class SaveJob:
     framework: str
     tiers: tuple[str, ...]  # slower tiers due, in order
     handle: SaveHandle
+    finish_staging: Callable[[], None] | None = None  # async staging: run by the stager
     manifest: RankManifest | None = None
     manifest_json: bytes = b""
 
@@ -76,6 +78,11 @@ class Pipeline:
         self._closing = False  # no more saves: the memory worker drains its queue and stops
         self._tiers_closing = False  # set once it has: tier workers drain and stop
         self._tiers = {name: SlowerTier(storage, keep) for name, (storage, keep) in slower.items()}
+        self._staging_queue: collections.deque[SaveJob] = collections.deque()
+        self._stager = threading.Thread(
+            target=self._stager_worker, name="mtckpt-stager", daemon=True
+        )
+        self._stager.start()
         self._memory_thread = threading.Thread(
             target=self._memory_worker, name="mtckpt-memory", daemon=True
         )
@@ -93,6 +100,8 @@ class Pipeline:
             if self._closing:
                 raise MtckptError("the checkpoint pipeline is closed")
             self._memory_queue.append(job)
+            if job.finish_staging is not None:
+                self._staging_queue.append(job)
             self._active += 1
             self._cond.notify_all()
 
@@ -116,12 +125,31 @@ class Pipeline:
         with self._cond:
             self._closing = True
             self._cond.notify_all()
+        self._stager.join()
         self._memory_thread.join()
         with self._cond:
             self._tiers_closing = True
             self._cond.notify_all()
         for tier in self._tiers.values():
             tier.thread.join()
+
+    # -- the stager: async staging, off the training thread --------------------------------
+
+    def _stager_worker(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._staging_queue or self._closing)
+                if not self._staging_queue:
+                    return
+                job = self._staging_queue.popleft()
+            try:
+                job.finish_staging()
+            except BaseException as exc:
+                log.error("step %d: staging into node memory failed: %s", job.step, exc)
+                job.handle._finish("staged", error=exc)
+            else:
+                job.handle._finish("staged")
+            job.finish_staging = None
 
     # -- the memory worker -----------------------------------------------------------------
 
@@ -152,6 +180,11 @@ class Pipeline:
                     self._cond.notify_all()
 
     def _commit_in_memory(self, job: SaveJob) -> None:
+        try:
+            job.handle.wait("staged")  # async staging: the bytes must be in the slot
+        except BaseException:
+            self.memory.release(job.slot, self.run, self.rank)
+            raise
         view = job.slot.view()
         try:
             crcs = checksum.crc32c_chunks(view, self.chunk_size, self.threads)

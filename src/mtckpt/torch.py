@@ -125,8 +125,21 @@ class TorchAdapter(arrays.ArrayAdapter):
             return _as_bytes(value).numpy()
         return None
 
-    def stage(self, value: torch.Tensor, dst: np.ndarray) -> None:
-        _typed(dst, dtype_name(value.dtype), tuple(value.shape)).copy_(value)
+    def stage(self, value: torch.Tensor, dst: np.ndarray):
+        slot = _typed(dst, dtype_name(value.dtype), tuple(value.shape))
+        if value.device.type != "cuda":
+            slot.copy_(value)
+            return None
+        # Device to host on a side stream, after the work already queued on the tensor's
+        # stream; the allocator must not reuse the tensor's memory before the copy is done.
+        stream = _side_stream(value.device)
+        stream.wait_stream(torch.cuda.current_stream(value.device))
+        with torch.cuda.stream(stream):
+            slot.copy_(value, non_blocking=True)
+        value.record_stream(stream)
+        done = torch.cuda.Event()
+        done.record(stream)
+        return done.synchronize
 
     def is_target(self, obj: Any) -> bool:
         if isinstance(obj, LocalShard):
@@ -193,6 +206,16 @@ def prepare_target(obj: Any) -> bool:
             group["lr"] = rate
     obj.zero_grad(set_to_none=True)
     return True
+
+
+_SIDE_STREAMS: dict[Any, Any] = {}
+
+
+def _side_stream(device: torch.device):
+    """One copy stream per device, beside the trainer's own streams."""
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device=device)
+    return _SIDE_STREAMS[device]
 
 
 def _is_dtensor(value: torch.Tensor) -> bool:

@@ -502,3 +502,27 @@ def test_skipping_leaves_still_verifies_every_byte_once(tiers, skipped):
     assert step == 0 and set(result) == set(kept)
     for key in kept:
         assert np.array_equal(result[key], state[key])
+
+
+def test_async_staging_copies_off_the_training_thread(tiers):
+    big = {"w": np.zeros(6 * 1024 * 1024, dtype=np.float64), "step": 0}  # 48 MiB
+    returned_early = False
+    with manager(tiers, staging="async") as mgr:
+        for step in range(5):
+            big["w"][:8] = step
+            big["step"] = step
+            handle = mgr.save(step, big)
+            returned_early |= not handle.done("staged")  # the copy is still running
+            handle.wait("staged")  # from here on the arrays may change
+            big["w"][:8] = -1
+        mgr.wait()
+        for step in (3, 4):
+            _, restored = mgr.restore(step=step)
+            assert restored["step"] == step and (restored["w"][:8] == step).all()
+            assert (restored["w"][8:] == 0).all()
+    assert returned_early
+
+
+def test_staging_mode_is_validated(tiers):
+    with pytest.raises(mtckpt.ConfigError, match="staging must be 'blocking' or 'async'"):
+        manager(tiers, staging="lazy")
