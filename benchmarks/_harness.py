@@ -306,3 +306,79 @@ def machine_info() -> dict:
     except (OSError, StopIteration, ValueError):
         pass
     return info
+
+
+# --------------------------------------------------------------------------------------
+# multi-rank workers: one process per rank, as torchrun starts them
+
+RANK_GRACE_S = 30  # how long the other ranks may run on once one rank has failed
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_ranks(
+    script: str, world: int, worker_args: list[str], timeout: float = WORKER_TIMEOUT_S
+) -> dict:
+    """Run ``world`` processes of ``script *worker_args`` as the ranks of one job, with the
+    environment torchrun gives them (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
+    MASTER_ADDR, MASTER_PORT, OMP_NUM_THREADS=1) on loopback. Each rank prints one
+    ``BENCH_RESULT`` line. Returns ``{"ranks": [result of each rank], "error", "wall_s"}``;
+    once a rank has failed, the others (likely stuck in a collective) are killed after
+    :data:`RANK_GRACE_S`."""
+    port = free_port()
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="mtckpt-ranks-") as scratch:
+        procs, outputs = [], []
+        for rank in range(world):
+            env = dict(os.environ)
+            env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                       MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+                       PYTHONUNBUFFERED="1")  # fmt: skip
+            out = open(Path(scratch) / f"rank-{rank}.out", "w+")  # noqa: SIM115
+            err = open(Path(scratch) / f"rank-{rank}.err", "w+")  # noqa: SIM115
+            outputs.append((out, err))
+            command = [sys.executable, script, *worker_args]
+            procs.append(subprocess.Popen(command, env=env, stdout=out, stderr=err, text=True))
+        deadline = time.monotonic() + timeout
+        failed_at = None
+        error = None
+        while any(p.poll() is None for p in procs):
+            now = time.monotonic()
+            if failed_at is None and any(p.poll() not in (None, 0) for p in procs):
+                failed_at = now
+            if now > deadline or (failed_at is not None and now > failed_at + RANK_GRACE_S):
+                error = "timed out" if now > deadline else "a rank failed; the others were killed"
+                for p in procs:
+                    if p.poll() is None:
+                        p.kill()
+                for p in procs:
+                    p.wait()
+                break
+            time.sleep(0.1)
+        ranks = []
+        for rank, (proc, (out, err)) in enumerate(zip(procs, outputs, strict=True)):
+            out.seek(0)
+            err.seek(0)
+            stdout, stderr = out.read(), err.read()
+            out.close()
+            err.close()
+            lines = [line for line in stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+            if lines:
+                result = json.loads(lines[-1][len(RESULT_PREFIX) :])
+            else:
+                result = {"rank": rank, "error": f"rank exited {proc.returncode} without a result"}
+            if result.get("error") or proc.returncode != 0:
+                result["returncode"] = proc.returncode
+                result["stderr_tail"] = stderr[-4000:]
+                error = (
+                    error or f"rank {rank}: {result.get('error') or 'exit ' + str(proc.returncode)}"
+                )
+            ranks.append(result)
+    return {"ranks": ranks, "error": error, "wall_s": time.perf_counter() - started}
