@@ -366,7 +366,8 @@ class CheckpointManager:
                     direct_skip = skip | set(regions)
                     values = restore.load_shard(storage, manifest, targets,
                                                 skip=direct_skip, threads=self.threads)  # fmt: skip
-                    values.update(reshard.assemble_values(files, manifest, regions, targets))
+                    values.update(reshard.assemble_values(files, manifest, regions, targets,
+                                                          threads=self.threads))  # fmt: skip
                 except CorruptCheckpointError as exc:
                     problems.append(str(exc))
                     log.warning("%s; trying the next copy", exc)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -38,9 +40,14 @@ class StepFiles:
         self._mappings: dict[int, Any] = {}
         self._verified: dict[int, set[int]] = {}
         self._bad: dict[int, list[tuple[Storage, str]]] = {}  # copies found damaged, per rank
+        self._lock = threading.RLock()  # several threads assemble at once
 
     def manifest(self, rank: int) -> tuple[Storage, RankManifest, dict[str, LeafRecord]]:
         """The first good manifest of ``rank`` in the storages, with its records by key."""
+        with self._lock:
+            return self._manifest(rank)
+
+    def _manifest(self, rank: int) -> tuple[Storage, RankManifest, dict[str, LeafRecord]]:
         if rank not in self._manifests:
             problems = [reason for _, reason in self._bad.get(rank, [])]
             damaged = {storage for storage, _ in self._bad.get(rank, [])}
@@ -70,33 +77,37 @@ class StepFiles:
             try:
                 return self._verified_bytes(rank, record)
             except CorruptCheckpointError as exc:
-                log.warning("%s; trying the next copy", exc)
-                self._bad.setdefault(rank, []).append((storage, str(exc)))
-                del self._manifests[rank]
-                close_mapping(self._mappings.pop(rank, None))
+                with self._lock:
+                    if self._manifests.get(rank, (None,))[0] is storage:
+                        log.warning("%s; trying the next copy", exc)
+                        self._bad.setdefault(rank, []).append((storage, str(exc)))
+                        del self._manifests[rank]
+                        close_mapping(self._mappings.pop(rank, None))
 
     def _verified_bytes(self, rank: int, record: LeafRecord) -> np.ndarray:
-        storage, manifest, records = self.manifest(rank)
-        record = records.get(record.key, record)
-        where = f"{storage.describe()}: step {self.step} {manifest.data_file}"
-        if rank not in self._mappings:
-            try:
-                mapping = storage.map(self.run, self.step, manifest.data_file)
-            except FileNotFoundError:
-                raise CorruptCheckpointError(f"{where}: the data file is missing") from None
-            if len(mapping) != manifest.file_size:
-                close_mapping(mapping)
-                raise CorruptCheckpointError(
-                    f"{where}: {len(mapping)} bytes, the manifest records {manifest.file_size}"
-                )
-            self._mappings[rank], self._verified[rank] = mapping, set()
-        data = np.frombuffer(self._mappings[rank], np.uint8)
+        with self._lock:
+            storage, manifest, records = self.manifest(rank)
+            record = records.get(record.key, record)
+            where = f"{storage.describe()}: step {self.step} {manifest.data_file}"
+            if rank not in self._mappings:
+                try:
+                    mapping = storage.map(self.run, self.step, manifest.data_file)
+                except FileNotFoundError:
+                    raise CorruptCheckpointError(f"{where}: the data file is missing") from None
+                if len(mapping) != manifest.file_size:
+                    close_mapping(mapping)
+                    raise CorruptCheckpointError(
+                        f"{where}: {len(mapping)} bytes, the manifest records {manifest.file_size}"
+                    )
+                self._mappings[rank], self._verified[rank] = mapping, set()
+            data = np.frombuffer(self._mappings[rank], np.uint8)
+            verified = self._verified[rank]
         start = manifest.data_start + record.offset
         end = start + record.nbytes
-        size, verified = manifest.chunk_size, self._verified[rank]
+        size = manifest.chunk_size
         for index in range(start // size, (max(end, start + 1) - 1) // size + 1):
             if index in verified or index >= len(manifest.chunk_crc32c):
-                continue
+                continue  # (two threads may both verify a chunk: harmless)
             actual = checksum.crc32c(data[index * size : (index + 1) * size])
             if actual != manifest.chunk_crc32c[index]:
                 raise ChecksumMismatchError(
@@ -166,24 +177,36 @@ def assemble_values(
     manifest: RankManifest,
     regions: dict[str, Region],
     targets: dict[str, Any],
+    threads: int = 1,
 ) -> dict[str, Any]:
-    """Assemble each region: into its target in place where the target's memory allows,
-    else into a new buffer (copied into the target, or a new value without one)."""
+    """Assemble each region, on ``threads`` threads: into its target in place where the
+    target's memory allows, else into a new buffer (copied into the target, or a new value
+    without one)."""
     records = {record.key: record for record in manifest.leaves}
-    values = {}
-    for key, region in regions.items():
-        record, target = records[key], targets.get(key)
-        adapter = arrays.for_target(target)
-        buf = adapter.target_bytes(target) if adapter is not None else None
-        in_place = buf is not None
-        if not in_place:
-            buf = np.empty(math.prod(region.shape) * shard.ITEMSIZE[record.dtype], np.uint8)
-        assemble(files, key, record.dtype, manifest.world_size, region, buf)
-        if adapter is None:
-            kind_adapter = arrays.for_kind(record.kind)
-            values[key] = kind_adapter.new_value(record.kind, record.dtype, region.shape, buf)
-        else:
-            if not in_place:
-                adapter.fill(target, record.dtype, region.shape, buf)
-            values[key] = target
-    return values
+    if threads > 1 and len(regions) > 1:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            futures = {
+                key: pool.submit(_assemble_one, files, manifest, records[key], region, targets)
+                for key, region in regions.items()
+            }
+            return {key: future.result() for key, future in futures.items()}
+    return {
+        key: _assemble_one(files, manifest, records[key], region, targets)
+        for key, region in regions.items()
+    }
+
+
+def _assemble_one(files, manifest, record, region, targets) -> Any:
+    """One region: into its target's memory where possible, else a new buffer."""
+    target = targets.get(record.key)
+    adapter = arrays.for_target(target)
+    buf = adapter.target_bytes(target) if adapter is not None else None
+    in_place = buf is not None
+    if not in_place:
+        buf = np.empty(math.prod(region.shape) * shard.ITEMSIZE[record.dtype], np.uint8)
+    assemble(files, record.key, record.dtype, manifest.world_size, region, buf)
+    if adapter is None:
+        return arrays.for_kind(record.kind).new_value(record.kind, record.dtype, region.shape, buf)
+    if not in_place:
+        adapter.fill(target, record.dtype, region.shape, buf)
+    return target

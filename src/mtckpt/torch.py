@@ -222,13 +222,33 @@ def _is_dtensor(value: torch.Tensor) -> bool:
     return type(value).__name__ == "DTensor" and dist.is_available()
 
 
-def _local_shape_and_offset(value: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+_LAYOUTS: dict[tuple, tuple] = {}
 
-    shape, offset = compute_local_shape_and_global_offset(
-        value.shape, value.device_mesh, value.placements
-    )
-    return tuple(shape), tuple(offset)
+
+def _layout(value: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """(local shape, global offset, ranks holding the same shard) of a DTensor. It depends
+    only on the mesh, the placements and the global shape, and costs tens of microseconds
+    per tensor to work out, so it is kept per layout (the mesh held to keep its id valid)."""
+    mesh, placements, shape = value.device_mesh, tuple(value.placements), tuple(value.shape)
+    key = (id(mesh), placements, shape)
+    cached = _LAYOUTS.get(key)
+    if cached is None or cached[0] is not mesh:
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        local, offset = compute_local_shape_and_global_offset(shape, mesh, placements)
+        coordinate = mesh.get_coordinate()
+        index = tuple(
+            slice(None) if placement.is_replicate() else coordinate[dim]
+            for dim, placement in enumerate(placements)
+        )
+        replicas = tuple(sorted(int(r) for r in mesh.mesh[index].flatten().tolist()))
+        cached = _LAYOUTS[key] = (mesh, (tuple(local), tuple(offset), replicas))
+    return cached[1]
+
+
+def _local_shape_and_offset(value: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    local, offset, _ = _layout(value)
+    return local, offset
 
 
 def _dtensor_leaf(value: torch.Tensor) -> tuple[str, torch.Tensor, arrays.Sharding]:
@@ -247,16 +267,9 @@ def _dtensor_leaf(value: torch.Tensor) -> tuple[str, torch.Tensor, arrays.Shardi
             )
     local = value.to_local().detach()
     dtype_name(local.dtype)
-    shape, offset = _local_shape_and_offset(value)
+    shape, offset, replicas = _layout(value)
     if tuple(local.shape) != shape:
         raise ValueError(f"local shard of shape {tuple(local.shape)}, expected {shape}")
-    mesh = value.device_mesh
-    coordinate = mesh.get_coordinate()
-    index = tuple(
-        slice(None) if placement.is_replicate() else coordinate[dim]
-        for dim, placement in enumerate(value.placements)
-    )
-    replicas = tuple(sorted(int(r) for r in mesh.mesh[index].flatten().tolist()))
     return "torch", local, arrays.Sharding(tuple(value.shape), offset, replicas)
 
 
