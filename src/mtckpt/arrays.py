@@ -186,9 +186,23 @@ def prepare_target(obj: Any) -> bool:
     return module is not None and importlib.import_module(module).prepare_target(obj)
 
 
+def load_state(obj: Any, state: Any) -> None:
+    """``obj.load_state_dict(state)``, unless its framework sees that the restore already
+    filled the object's own memory with ``state`` (a module restored in place)."""
+    module = _framework_module(obj)
+    if module is None or not importlib.import_module(module).already_loaded(obj, state):
+        obj.load_state_dict(state)
+
+
 def _framework_module(obj: Any) -> str | None:
-    name = type(obj).__module__
-    return _VALUE_MODULES.get(name) or _VALUE_MODULES.get(name.split(".", 1)[0])
+    """The adapter module of the framework ``obj``'s class, or a base class, comes from
+    (a user's torch.nn.Module subclass is torch's)."""
+    for cls in type(obj).__mro__[:-1]:
+        name = cls.__module__
+        module = _VALUE_MODULES.get(name) or _VALUE_MODULES.get(name.split(".", 1)[0])
+        if module is not None:
+            return module
+    return None
 
 
 def for_kind(kind: str) -> ArrayAdapter:

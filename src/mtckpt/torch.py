@@ -170,7 +170,12 @@ class TorchAdapter(arrays.ArrayAdapter):
 
     def target_bytes(self, target: torch.Tensor) -> np.ndarray | None:
         local = self.target_local(target)
-        if local.device.type == "cpu" and local.is_contiguous():
+        if (
+            local.device.type == "cpu"
+            and local.is_contiguous()
+            and not local.is_conj()
+            and not local.is_neg()
+        ):
             return _as_bytes(local.detach()).numpy()
         return None
 
@@ -216,6 +221,38 @@ def _side_stream(device: torch.device):
     if device not in _SIDE_STREAMS:
         _SIDE_STREAMS[device] = torch.cuda.Stream(device=device)
     return _SIDE_STREAMS[device]
+
+
+def already_loaded(obj: Any, state: Any) -> bool:
+    """Whether a module's rebuilt state is its own tensors, filled in place by the restore:
+    then ``load_state_dict`` would only copy each parameter onto itself."""
+    if not isinstance(obj, torch.nn.Module) or not isinstance(state, dict):
+        return False
+    for module in obj.modules():  # a hook may do more than copy: let it run
+        if getattr(module, "_load_state_dict_pre_hooks", None) or getattr(
+            module, "_load_state_dict_post_hooks", None
+        ):
+            return False
+    own = obj.state_dict()
+    if list(own) != list(state):
+        return False
+    return all(
+        isinstance(value, torch.Tensor) and _same_memory(value, own[key])
+        for key, value in state.items()
+    )
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if _is_dtensor(a) != _is_dtensor(b):
+        return False
+    if _is_dtensor(a):
+        a, b = a.to_local(), b.to_local()
+    return (
+        a.data_ptr() == b.data_ptr()
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+        and a.dtype == b.dtype
+    )
 
 
 def _is_dtensor(value: torch.Tensor) -> bool:

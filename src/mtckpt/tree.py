@@ -244,7 +244,8 @@ def unflatten(node: Node, value_of: Callable[[str], Any]) -> Any:
     """Build a state of ``node``'s structure, taking each leaf from ``value_of(key)``.
 
     Stateful objects recorded in ``node`` (a restore target) get ``load_state_dict`` with
-    their rebuilt state and are returned themselves; without one, their state is returned.
+    their rebuilt state (see :func:`arrays.load_state`) and are returned themselves;
+    without one, their state is returned.
     """
     if node.type == "leaf":
         return value_of(node.name)
@@ -259,7 +260,7 @@ def unflatten(node: Node, value_of: Callable[[str], Any]) -> Any:
         cls = node.obj if node.obj is not None else _namedtuple_class(node.name, node.keys)
         return cls(*items)
     if node.obj is not None:
-        node.obj.load_state_dict(items[0])
+        arrays.load_state(node.obj, items[0])
         return node.obj
     return items[0]
 

@@ -229,3 +229,19 @@ with mtckpt.CheckpointManager("torch", mtckpt.MemoryTier({str(shm_dir)!r})) as m
     lines = result.stdout.splitlines()
     assert lines[0].startswith("error: key 'b' has dtype BF16, which numpy can only read with")
     assert lines[1] == "ndarray float32 [0.0, 1.0, 2.0, 3.0]"
+
+
+def test_a_module_restored_in_place_is_not_copied_onto_itself(mgr, monkeypatch):
+    model = TinyTransformer()
+    mgr.save(0, {"model": model})
+    calls = []
+    fresh = TinyTransformer()
+    monkeypatch.setattr(fresh, "load_state_dict", lambda *a, **k: calls.append(a))
+    mgr.restore({"model": fresh})
+    assert calls == []  # every tensor was filled in place already
+    for a, b in zip(model.parameters(), fresh.parameters(), strict=True):
+        assert torch.equal(a, b)
+    hooked = TinyTransformer()
+    hooked.register_load_state_dict_post_hook(lambda module, keys: calls.append("hook"))
+    mgr.restore({"model": hooked})
+    assert calls == ["hook"]  # a module with load hooks still gets load_state_dict
