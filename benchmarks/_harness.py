@@ -1,8 +1,11 @@
-"""What every mtckpt benchmark shares: the workload, timing and RSS helpers, one subprocess
-per measured method (its peak RSS is its own), statistics and machine facts.
+"""What every mtckpt benchmark shares: the workload (whole, or sharded over ranks), timing
+and RSS helpers, one subprocess per measured method (its peak RSS is its own) or one
+process per rank (as torchrun starts them), statistics, tables, target checks, the common
+flags and machine facts.
 
 A worker is this benchmark's script re-invoked with ``--worker METHOD``; it prints one line
-``BENCH_RESULT {json}`` that :func:`spawn_worker` collects.
+``BENCH_RESULT {json}`` that :func:`spawn_worker` (one process) or :func:`spawn_ranks` (one
+per rank) collects.
 """
 
 from __future__ import annotations
@@ -92,6 +95,79 @@ def prefaulted_like(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def state_bytes(arrays: dict[str, np.ndarray]) -> int:
     return sum(a.nbytes for a in arrays.values())
+
+
+# the same state sharded Shard(0) over ranks: each rank generates its own shard only
+
+
+def sharded_shapes(size_bytes: int, tensors: int, row_multiple: int) -> list[tuple[str, tuple]]:
+    """``workload_shapes`` with every first dimension rounded down to a multiple of
+    ``row_multiple``, so that Shard(0) over any of the world sizes is even."""
+    shapes = []
+    for name, shape in workload_shapes(size_bytes, tensors):
+        rows = max(row_multiple, shape[0] // row_multiple * row_multiple)
+        shapes.append((name, (rows, *shape[1:])))
+    return shapes
+
+
+def shard_rows(global_rows: int, world: int, rank: int) -> tuple[int, int]:
+    """(first global row, row count) of ``rank``'s Shard(0) piece."""
+    rows = global_rows // world
+    return rank * rows, rows
+
+
+def fill_shard(out: np.ndarray, index: int, first_row: int) -> None:
+    """Fill ``out`` (float32, rows ``first_row``... of tensor ``index``) with values in
+    [-0.02, 0.02) that depend only on (index, global row, column): an integer hash, so any
+    shard of any world size is generated without the rest of the tensor."""
+    rows = out.shape[0]
+    cols = math.prod(out.shape[1:])
+    flat = out.reshape(rows, cols)
+    col_mix = np.arange(cols, dtype=np.uint32) * np.uint32(0x85EBCA77)
+    key = np.uint32((index * 0xC2B2AE3D + 0x27D4EB2F) & 0xFFFFFFFF)
+    block = max(1, (1 << 22) // max(cols, 1))
+    x = np.empty((min(block, rows), cols), np.uint32)
+    y = np.empty_like(x)
+    for start in range(0, rows, block):
+        n = min(block, rows - start)
+        xs, ys = x[:n], y[:n]
+        row_ids = np.arange(first_row + start, first_row + start + n, dtype=np.uint32)
+        np.bitwise_xor((row_ids * np.uint32(0x9E3779B1) ^ key)[:, None], col_mix, out=xs)
+        for shift, factor in ((15, 0x2C1B3C6D), (12, 0x297A2D39), (15, None)):
+            np.right_shift(xs, shift, out=ys)
+            xs ^= ys
+            if factor is not None:
+                xs *= np.uint32(factor)
+        np.right_shift(xs, 8, out=ys)
+        np.multiply(ys, 0.04 / (1 << 24), out=flat[start : start + n], casting="unsafe")
+        flat[start : start + n] -= np.float32(0.02)
+
+
+def build_shard(shapes, world: int, rank: int) -> dict[str, np.ndarray]:
+    """This rank's shard of every tensor of the global state."""
+    arrays = {}
+    for index, (name, shape) in enumerate(shapes):
+        first, rows = shard_rows(shape[0], world, rank)
+        array = np.empty((rows, *shape[1:]), np.float32)
+        fill_shard(array, index, first)
+        arrays[name] = array
+    return arrays
+
+
+def check_shard(restored: dict, shapes, world: int, rank: int, where: str) -> None:
+    """Raise unless every restored local shard is bit-identical to a freshly generated one."""
+    for index, (name, shape) in enumerate(shapes):
+        first, rows = shard_rows(shape[0], world, rank)
+        expected = np.empty((rows, *shape[1:]), np.float32)
+        fill_shard(expected, index, first)
+        got = restored[name].to_local().numpy()
+        if got.shape != expected.shape or not np.array_equal(
+            got.view(np.uint32), expected.view(np.uint32)
+        ):
+            raise AssertionError(
+                f"{where}: rank {rank}/{world}: {name} (rows {first}..{first + rows}) differs "
+                "from the shard it was built as"
+            )
 
 
 # --------------------------------------------------------------------------------------
@@ -249,6 +325,10 @@ def spawn_worker(
     return result
 
 
+# --------------------------------------------------------------------------------------
+# results: statistics, tables, targets, flags, reports
+
+
 def stats(values: list[float], nbytes: int) -> dict:
     median = statistics.median(values)
     return {
@@ -268,6 +348,87 @@ def summarise(results: dict[str, dict]) -> dict[str, dict[str, dict]]:
         nbytes = result["bytes"]
         summary[method] = {m: stats(v, nbytes) for m, v in result["timings"].items() if v}
     return summary
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    """A Markdown table, the first column left-aligned, the others right-aligned."""
+    widths = [max(len(str(r[i])) for r in [*rows, headers]) for i in range(len(headers))]
+
+    def line(cells):
+        out = [str(c).ljust(widths[i]) if i == 0 else str(c).rjust(widths[i])
+               for i, c in enumerate(cells)]  # fmt: skip
+        return "| " + " | ".join(out) + " |"
+
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(headers), sep] + [line(row) for row in rows])
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """a / b, or None where a side is missing (a failed method) or b is zero."""
+    return a / b if a is not None and b else None
+
+
+def fig(summary: dict | None, metric: str, stat: str = "median") -> float | None:
+    """``summary[metric][stat]`` of a summary (per method: per metric: statistics), or None."""
+    return (summary or {}).get(metric, {}).get(stat)
+
+
+def target_check(name: str, value: float | None, limit: float, kind: str, explanation: str):
+    """One target: ``kind`` "max" passes if value <= limit, "min" if value >= limit; "n/a"
+    where the value is missing."""
+    if value is None:
+        verdict = "n/a"
+    elif kind == "max":
+        verdict = "PASS" if value <= limit else "FAIL"
+    else:
+        verdict = "PASS" if value >= limit else "FAIL"
+    bound = f"<= {limit}" if kind == "max" else f">= {limit}"
+    return {"name": name, "value": value, "target": bound, "verdict": verdict,
+            "explanation": explanation}  # fmt: skip
+
+
+def add_common_args(parser, methods: tuple[str, ...], out: str, plural: str, files: str):
+    """The flags every benchmark has: --size-gib, --tensors, --repeats, --memory-root,
+    --local-root, --out, --methods (``plural``: "s" where there is a tier per world size;
+    ``files``: what else goes under the local root)."""
+    parser.add_argument("--size-gib", type=float, default=1.0, help="state size (1.0)")
+    parser.add_argument("--tensors", type=int, default=200, help="about this many tensors (200)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats; median and min (3)")
+    parser.add_argument("--memory-root", default=None,
+                        help=f"tmpfs directory for the memory tier{plural}; a fresh directory "
+                             "is made inside it (default: /dev/shm)")  # fmt: skip
+    parser.add_argument("--local-root", default=None,
+                        help=f"directory on the node's real disk for the local tier{plural} and "
+                             f"{files}; a fresh directory is made inside it (default: the "
+                             "system temp dir)")  # fmt: skip
+    parser.add_argument("--out", default=out, help=f"JSON output path ({out})")
+    parser.add_argument("--methods", default=",".join(methods),
+                        help=f"comma list, a subset of {','.join(methods)}")  # fmt: skip
+
+
+def parse_methods(parser, text: str, choices: tuple[str, ...]) -> list[str]:
+    """The ``--methods`` comma list, in the order of ``choices``; a parser error if unknown."""
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in choices]
+    if unknown or not methods:
+        parser.error(f"unknown method(s) {unknown}; choose from {', '.join(choices)}")
+    return [m for m in choices if m in methods]
+
+
+def write_report(path: str, report: dict) -> None:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {out}")
+
+
+def flip_bits(arrays) -> None:
+    """Flip one bit of the first and of the last element of every (contiguous) array; a
+    second call undoes it. Stands for a training step modifying saved arrays."""
+    for array in arrays.values() if isinstance(arrays, dict) else arrays:
+        words = array.reshape(-1).view(np.uint8)
+        words[0] ^= 1
+        words[-1] ^= 1
 
 
 def machine_info() -> dict:
@@ -382,3 +543,171 @@ def spawn_ranks(
                 )
             ranks.append(result)
     return {"ranks": ranks, "error": error, "wall_s": time.perf_counter() - started}
+
+
+def launch_ranks(script: str, world: int, worker_args: list[str], label: str) -> dict:
+    """:func:`spawn_ranks` with progress on stderr (and every failing rank's stderr tail)."""
+    print(f"running {label} on {world} rank(s) ...", file=sys.stderr, flush=True)
+    result = spawn_ranks(script, world, worker_args)
+    status = "FAILED: " + result["error"] if result["error"] else "ok"
+    print(f"  {label}: {status} ({result['wall_s']:.1f} s)", file=sys.stderr)
+    if result["error"]:
+        for rank_result in result["ranks"]:
+            if rank_result.get("stderr_tail"):
+                print(f"--- rank {rank_result['rank']}:\n{rank_result['stderr_tail']}",
+                      file=sys.stderr)  # fmt: skip
+    return result
+
+
+class RankRecorder(Recorder):
+    """A rank's timings, plus what the parent needs back (``extra``) and the rank's bytes."""
+
+    def __init__(self, method: str) -> None:
+        super().__init__(method)
+        self.extra: dict = {}
+        self.nbytes = 0
+
+
+def run_rank_worker(method: str, body: Callable[[RankRecorder], None]) -> int:
+    """The entry of one rank: run ``body(recorder)`` and print one ``BENCH_RESULT`` line
+    (with the error, if it raised: the parent then kills the other ranks, which may be
+    waiting for this one). Returns the process's exit code."""
+    rec = RankRecorder(method)
+    code = 0
+    try:
+        body(rec)
+        result = rec.result(rec.nbytes)
+    except Exception as exc:
+        traceback.print_exc()
+        result = rec.result(rec.nbytes)
+        result["error"] = f"{type(exc).__name__}: {exc}"
+        code = 1
+    result.update(rank=int(os.environ.get("RANK", "0")),
+                  world=int(os.environ.get("WORLD_SIZE", "1")), extra=rec.extra)  # fmt: skip
+    sys.stdout.write(RESULT_PREFIX + json.dumps(result) + "\n")
+    sys.stdout.flush()
+    return code
+
+
+def aggregate_ranks(launch: dict, first_of: tuple[str, ...] = ()) -> dict:
+    """Per metric of a multi-rank launch: each rank's median and the figure, the slowest
+    rank of each repeat (its median, min and max over repeats); for the metrics in
+    ``first_of``, the slowest rank's first (warm-up) time."""
+    if launch.get("error"):
+        return {}
+    ranks = launch["ranks"]
+    out = {}
+    for metric in ranks[0]["timings"]:
+        per_rank = [r["timings"][metric] for r in ranks]
+        slowest = [max(values) for values in zip(*per_rank, strict=True)]
+        out[metric] = {
+            "per_rank_median": [statistics.median(v) for v in per_rank],
+            "median": statistics.median(slowest),
+            "min": min(slowest),
+            "max": max(slowest),
+            "n": len(slowest),
+        }
+    out["_first_restore_slowest_rank"] = {
+        metric: max(r["warmup"][metric][0] for r in ranks)
+        for metric in ranks[0]["warmup"]
+        if metric in first_of
+    }
+    out["_bytes_per_rank"] = [r["bytes"] for r in ranks]
+    return out
+
+
+class Rank:
+    """This rank's process group and 1-D device mesh, and DTensors sharded over it."""
+
+    def __init__(self, shapes, collective_timeout_s: float = 600) -> None:
+        from datetime import timedelta
+
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+
+        dist.init_process_group("gloo", timeout=timedelta(seconds=collective_timeout_s))
+        self.dist = dist
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.mesh = init_device_mesh("cpu", (self.world,))
+        self.shapes = shapes
+
+    def dtensors(self, arrays: dict[str, np.ndarray]) -> dict:
+        import torch
+        from torch.distributed.tensor import DTensor, Shard
+
+        return {
+            name: DTensor.from_local(torch.from_numpy(a), self.mesh, [Shard(0)], run_check=False)
+            for name, a in arrays.items()
+        }
+
+    def zero_targets(self) -> dict:
+        """Pre-allocated DTensors of this world's placements, zeroed (every page touched)."""
+        arrays = {}
+        for name, shape in self.shapes:
+            rows = shard_rows(shape[0], self.world, self.rank)[1]
+            arrays[name] = np.zeros((rows, *shape[1:]), np.float32)
+            arrays[name].fill(0)
+        return self.dtensors(arrays)
+
+    def barrier(self) -> None:
+        self.dist.barrier()
+
+    def timed_after_barrier(self, fn, *args, **kwargs):
+        self.barrier()
+        return timed(fn, *args, **kwargs)
+
+    def copy_baseline(self, arrays: dict, rec: Recorder, metric: str, repeats: int) -> dict:
+        """np.copyto of this rank's bytes into pre-faulted memory, all ranks at once: one
+        untimed copy, then ``repeats`` timed ones as ``metric``. Returns the destinations."""
+        destinations = {name: np.zeros_like(a) for name, a in arrays.items()}
+        for d in destinations.values():
+            d.fill(0)
+
+        def numpy_copy():
+            for name, src in arrays.items():
+                np.copyto(destinations[name], src)
+
+        rec.add(metric, self.timed_after_barrier(numpy_copy)[0], warmup=True)
+        for _ in range(repeats):
+            rec.add(metric, self.timed_after_barrier(numpy_copy)[0])
+        return destinations
+
+
+def rank_table(world: int, rows: list[tuple], stat: str) -> str:
+    """A table of per-rank results: ``rows`` of (label, summary of :func:`aggregate_ranks`,
+    metric, baseline); cells: each rank's median, the slowest rank's ``stat`` and that over
+    the baseline. Rows whose summary lacks the metric are left out."""
+    headers = ["operation"] + [f"rank {r}" for r in range(world)] + ["slowest rank", "x memcpy"]
+    lines = []
+    for label, summary, metric, baseline in rows:
+        if not summary or metric not in summary:
+            continue
+        entry = summary[metric]
+        cells = [label] + [f"{v:.3f}" for v in entry["per_rank_median"]]
+        value = entry[stat]
+        cells += [f"{value:.3f}", "-" if not baseline else f"{value / baseline:.2f}"]
+        lines.append(cells)
+    return markdown_table(headers, lines) if lines else "(no results)"
+
+
+def print_results(tables: dict[str, str], checks: tuple, ratios: tuple, notes: list[str]):
+    """Print titled tables, then (title, target checks), (title, {name: ratio}), notes."""
+    for title, table in tables.items():
+        print(f"\n{title}:")
+        print(table)
+    print_checks(*checks)
+    print(f"\n{ratios[0]}:")
+    for name, value in ratios[1].items():
+        print(f"  {name}: {'n/a' if value is None else f'{value:.2f}'}")
+    print()
+    for note in notes:
+        print("note: " + note)
+
+
+def print_checks(title: str, checks: list[dict]) -> None:
+    """Targets as printed: verdict, name, value, bound, and the explanation below."""
+    print(f"\n{title}:")
+    for check in checks:
+        shown = "n/a" if check["value"] is None else f"{check['value']:.2f}"
+        print(f"  {check['verdict']:4}  {check['name']}: {shown} (target {check['target']})")
+        print(f"        {check['explanation']}")

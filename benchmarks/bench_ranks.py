@@ -2,6 +2,10 @@
 """Multi-rank save/restore benchmark: mtckpt next to DCP save / async_save / load and a plain
 memcpy, on 2 and 4 gloo ranks holding the same global state, and restore with resharding.
 
+mtckpt runs twice: with the default ``staging="blocking"`` and with ``staging="async"``
+(``mtckpt_async``: save() returns once the copy into node memory is started; the saved
+tensors may change only after ``h.wait("staged")``).
+
 One global state (the transformer-like float32 state of bench_save_restore.py, 1 GiB in
 ~200 tensors by default), sharded along dim 0 over each world size as DTensors
 (``Shard(0)`` on a 1-D CPU mesh). Every rank builds its own shard only; the values depend
@@ -30,30 +34,41 @@ import json
 import math
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 import numpy as np
 from _harness import (
     GIB,
-    RESULT_PREFIX,
-    Recorder,
+    Rank,
+    RankRecorder,
+    add_common_args,
+    aggregate_ranks,
+    build_shard,
+    check_shard,
     clean_up,
     cpu_count,
     current_rss,
+    fig,
+    flip_bits,
+    launch_ranks,
     machine_info,
     make_fresh_dir,
+    parse_methods,
     peak_rss,
-    spawn_ranks,
+    print_results,
+    rank_table,
+    ratio,
+    run_rank_worker,
+    sharded_shapes,
+    target_check,
     timed,
-    workload_shapes,
+    write_report,
 )
 
-METHODS = ("memcpy", "mtckpt", "dcp_async", "dcp")
+METHODS = ("memcpy", "mtckpt", "mtckpt_async", "dcp_async", "dcp")
 WORKER_MODES = (*METHODS, "reshard")
 RUN = "bench"
 WARMUP_SAVES = 2  # as in bench_save_restore.py: mtckpt reaches its steady state after two
@@ -65,131 +80,7 @@ TARGET_RESHARD_X_MEMCPY = 4.0
 TARGET_X_FASTER_THAN_DCP = 5.0
 
 # --------------------------------------------------------------------------------------
-# the global state and each rank's shard of it
-
-
-def sharded_shapes(size_bytes: int, tensors: int, row_multiple: int) -> list[tuple[str, tuple]]:
-    """``workload_shapes`` with every first dimension rounded down to a multiple of
-    ``row_multiple``, so that Shard(0) over any of the world sizes is even."""
-    shapes = []
-    for name, shape in workload_shapes(size_bytes, tensors):
-        rows = max(row_multiple, shape[0] // row_multiple * row_multiple)
-        shapes.append((name, (rows, *shape[1:])))
-    return shapes
-
-
-def shard_rows(global_rows: int, world: int, rank: int) -> tuple[int, int]:
-    """(first global row, row count) of ``rank``'s Shard(0) piece."""
-    rows = global_rows // world
-    return rank * rows, rows
-
-
-def fill_shard(out: np.ndarray, index: int, first_row: int) -> None:
-    """Fill ``out`` (float32, rows ``first_row``... of tensor ``index``) with values in
-    [-0.02, 0.02) that depend only on (index, global row, column): an integer hash, so any
-    shard of any world size is generated without the rest of the tensor."""
-    rows = out.shape[0]
-    cols = math.prod(out.shape[1:])
-    flat = out.reshape(rows, cols)
-    col_mix = np.arange(cols, dtype=np.uint32) * np.uint32(0x85EBCA77)
-    key = np.uint32((index * 0xC2B2AE3D + 0x27D4EB2F) & 0xFFFFFFFF)
-    block = max(1, (1 << 22) // max(cols, 1))
-    x = np.empty((min(block, rows), cols), np.uint32)
-    y = np.empty_like(x)
-    for start in range(0, rows, block):
-        n = min(block, rows - start)
-        xs, ys = x[:n], y[:n]
-        row_ids = np.arange(first_row + start, first_row + start + n, dtype=np.uint32)
-        np.bitwise_xor((row_ids * np.uint32(0x9E3779B1) ^ key)[:, None], col_mix, out=xs)
-        for shift, factor in ((15, 0x2C1B3C6D), (12, 0x297A2D39), (15, None)):
-            np.right_shift(xs, shift, out=ys)
-            xs ^= ys
-            if factor is not None:
-                xs *= np.uint32(factor)
-        np.right_shift(xs, 8, out=ys)
-        np.multiply(ys, 0.04 / (1 << 24), out=flat[start : start + n], casting="unsafe")
-        flat[start : start + n] -= np.float32(0.02)
-
-
-def build_shard(shapes, world: int, rank: int) -> dict[str, np.ndarray]:
-    """This rank's shard of every tensor of the global state."""
-    arrays = {}
-    for index, (name, shape) in enumerate(shapes):
-        first, rows = shard_rows(shape[0], world, rank)
-        array = np.empty((rows, *shape[1:]), np.float32)
-        fill_shard(array, index, first)
-        arrays[name] = array
-    return arrays
-
-
-def check_shard(restored: dict, shapes, world: int, rank: int, where: str) -> None:
-    """Raise unless every restored local shard is bit-identical to a freshly generated one."""
-    for index, (name, shape) in enumerate(shapes):
-        first, rows = shard_rows(shape[0], world, rank)
-        expected = np.empty((rows, *shape[1:]), np.float32)
-        fill_shard(expected, index, first)
-        got = restored[name].to_local().numpy()
-        if got.shape != expected.shape or not np.array_equal(
-            got.view(np.uint32), expected.view(np.uint32)
-        ):
-            raise AssertionError(
-                f"{where}: rank {rank}/{world}: {name} (rows {first}..{first + rows}) differs "
-                "from the shard it was built as"
-            )
-
-
-# --------------------------------------------------------------------------------------
-# worker side: one rank
-
-
-class RankRecorder(Recorder):
-    """A rank's timings, plus what the parent needs back (``extra``: the last step saved,
-    the DCP directory)."""
-
-    def __init__(self, method: str) -> None:
-        super().__init__(method)
-        self.extra: dict = {}
-
-
-class Rank:
-    """This rank's process group and 1-D device mesh, and DTensors sharded over it."""
-
-    def __init__(self, shapes) -> None:
-        from datetime import timedelta
-
-        import torch.distributed as dist
-        from torch.distributed.device_mesh import init_device_mesh
-
-        dist.init_process_group("gloo", timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
-        self.dist = dist
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.mesh = init_device_mesh("cpu", (self.world,))
-        self.shapes = shapes
-
-    def dtensors(self, arrays: dict[str, np.ndarray]) -> dict:
-        import torch
-        from torch.distributed.tensor import DTensor, Shard
-
-        return {
-            name: DTensor.from_local(torch.from_numpy(a), self.mesh, [Shard(0)], run_check=False)
-            for name, a in arrays.items()
-        }
-
-    def zero_targets(self) -> dict:
-        """Pre-allocated DTensors of this world's placements, zeroed (every page touched)."""
-        arrays = {}
-        for name, shape in self.shapes:
-            rows = shard_rows(shape[0], self.world, self.rank)[1]
-            arrays[name] = np.zeros((rows, *shape[1:]), np.float32)
-            arrays[name].fill(0)
-        return self.dtensors(arrays)
-
-    def barrier(self) -> None:
-        self.dist.barrier()
-
-    def timed_after_barrier(self, fn, *args, **kwargs):
-        self.barrier()
-        return timed(fn, *args, **kwargs)
+# worker side: one rank (the sharded state and the Rank context are in _harness.py)
 
 
 def check_step(got, expected: int, where: str) -> None:
@@ -201,17 +92,7 @@ def worker_memcpy(args, ctx: Rank, rec: RankRecorder, arrays) -> None:
     """The baseline: np.copyto of this rank's bytes into pre-faulted memory, all ranks at once."""
     import mtckpt._native as native
 
-    destinations = {name: np.zeros_like(a) for name, a in arrays.items()}
-    for d in destinations.values():
-        d.fill(0)
-
-    def numpy_copy():
-        for name, src in arrays.items():
-            np.copyto(destinations[name], src)
-
-    rec.add("numpy_copyto", ctx.timed_after_barrier(numpy_copy)[0], warmup=True)
-    for _ in range(args.repeats):
-        rec.add("numpy_copyto", ctx.timed_after_barrier(numpy_copy)[0])
+    destinations = ctx.copy_baseline(arrays, rec, "numpy_copyto", args.repeats)
     # For reference: the native multi-threaded copy with the threads mtckpt gives a save.
     threads = max(1, min(8, os.cpu_count() or 1))
     dsts = [d.reshape(-1).view(np.uint8) for d in destinations.values()]
@@ -228,64 +109,75 @@ def worker_memcpy(args, ctx: Rank, rec: RankRecorder, arrays) -> None:
     rec.notes.append(f"native copy_many with threads={threads} per rank")
 
 
-def mtckpt_manager(memory_root: str, local_root: str):
+def mtckpt_manager(memory_root: str, local_root: str, staging: str = "blocking"):
     import mtckpt
 
     return mtckpt.CheckpointManager(
-        RUN, mtckpt.MemoryTier(memory_root, keep=2), mtckpt.LocalTier(local_root, keep=2)
+        RUN,
+        mtckpt.MemoryTier(memory_root, keep=2),
+        mtckpt.LocalTier(local_root, keep=2),
+        staging=staging,
     )
 
 
-def copy_in_this_launch(args, ctx: Rank, rec: RankRecorder, arrays) -> None:
-    """The memcpy baseline again, in the processes of another method (machines drift
-    between launches): ``memcpy_here``."""
-    destinations = {name: np.zeros_like(a) for name, a in arrays.items()}
-    for d in destinations.values():
-        d.fill(0)
-
-    def numpy_copy():
-        for name, src in arrays.items():
-            np.copyto(destinations[name], src)
-
-    rec.add("memcpy_here", ctx.timed_after_barrier(numpy_copy)[0], warmup=True)
-    for _ in range(args.repeats):
-        rec.add("memcpy_here", ctx.timed_after_barrier(numpy_copy)[0])
-
-
-def worker_mtckpt(args, ctx: Rank, rec: RankRecorder, arrays) -> None:
-    copy_in_this_launch(args, ctx, rec, arrays)
+def worker_mtckpt(args, ctx: Rank, rec: RankRecorder, arrays, staging: str = "blocking") -> None:
+    """Warm-up and timed saves: blocking (until save() returns), staged (until the tensors
+    may change: the same with staging="blocking", so recorded for "async" only), durable in
+    memory and on disk; then restores on the same world (timed for "blocking" only: a
+    restore does not depend on how the step was staged). The memcpy baseline is measured
+    again in these processes first (``memcpy_here``: machines drift between launches)."""
+    ctx.copy_baseline(arrays, rec, "memcpy_here", args.repeats)
     model = ctx.dtensors(arrays)
-    mgr = mtckpt_manager(args.world_memory_root, args.world_local_root)
-    rec.notes.append(f"mtckpt threads per rank {mgr.threads}")
+    mgr = mtckpt_manager(args.world_memory_root, args.world_local_root, staging)
+    rec.notes.append(f"mtckpt threads per rank {mgr.threads}, staging={staging!r}")
     last = WARMUP_SAVES + args.repeats
+    returned_early = 0
     for index in range(last):
         step = index + 1
         ctx.barrier()
         t0 = time.perf_counter()
         handle = mgr.save(step, {"model": model, "step": step})
         t1 = time.perf_counter()
-        handle.wait("memory")
+        returned_early += not handle.done("staged")
+        handle.wait("staged")
         t2 = time.perf_counter()
-        handle.wait("local")
+        handle.wait("memory")
         t3 = time.perf_counter()
+        handle.wait("local")
+        t4 = time.perf_counter()
         mgr.wait()  # garbage collection and the spare slot: each save starts steady
         warmup = index < WARMUP_SAVES
         rec.add("blocking", t1 - t0, warmup)
-        rec.add("memory_durable", t2 - t0, warmup)
-        rec.add("local_durable", t3 - t0, warmup)
+        if staging != "blocking":
+            rec.add("staged", t2 - t0, warmup)
+        rec.add("memory_durable", t3 - t0, warmup)
+        rec.add("local_durable", t4 - t0, warmup)
     rec.rss["after_save_phase_peak"] = peak_rss()
+    if staging != "blocking":
+        rec.notes.append(f"save() returned before the copy was done in {returned_early} of "
+                         f"{last} saves (rank {ctx.rank})")  # fmt: skip
+        # One more, untimed save; the tensors change as soon as it is staged, as a training
+        # step would change them: the restore below must still return what was saved.
+        last += 1
+        handle = mgr.save(last, {"model": model, "step": last})
+        handle.wait("staged")
+        flip_bits(arrays)
+        mgr.wait()
+        flip_bits(arrays)
 
     targets = ctx.zero_targets()
     target = {"model": targets, "step": 0}
+    where = f"mtckpt (staging={staging}) restore (same world)"
     seconds, (step, restored) = ctx.timed_after_barrier(mgr.restore, target)
-    rec.add("restore_same_world", seconds, warmup=True)
-    check_step(step, last, "mtckpt restore (same world)")
-    check_step(restored["step"], last, "mtckpt restore (same world)")
+    rec.add("restore_same_world" if staging == "blocking" else "restore_check", seconds, True)
+    check_step(step, last, where)
+    check_step(restored["step"], last, where)
     if any(restored["model"][k] is not targets[k] for k in targets):
-        raise AssertionError("mtckpt restore (same world) did not fill the targets in place")
-    check_shard(targets, ctx.shapes, ctx.world, ctx.rank, "mtckpt restore (same world)")
-    for _ in range(args.repeats):
-        rec.add("restore_same_world", ctx.timed_after_barrier(mgr.restore, target)[0])
+        raise AssertionError(f"{where} did not fill the targets in place")
+    check_shard(targets, ctx.shapes, ctx.world, ctx.rank, where)
+    if staging == "blocking":
+        for _ in range(args.repeats):
+            rec.add("restore_same_world", ctx.timed_after_barrier(mgr.restore, target)[0])
     mgr.close()
     rec.extra["last_step"] = last
 
@@ -410,6 +302,7 @@ def worker_reshard(args, ctx: Rank, rec: RankRecorder, arrays) -> None:
 WORKERS = {
     "memcpy": worker_memcpy,
     "mtckpt": worker_mtckpt,
+    "mtckpt_async": lambda *a: worker_mtckpt(*a, staging="async"),
     "dcp_async": worker_dcp_async,
     "dcp": worker_dcp,
     "reshard": worker_reshard,
@@ -418,66 +311,36 @@ WORKERS = {
 
 def run_rank(args) -> int:
     """The ``--worker MODE`` entry of one rank: build its shard, run, print one JSON line."""
-    rec = RankRecorder(args.worker)
-    rank = int(os.environ.get("RANK", "0"))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    nbytes = 0
-    code = 0
-    try:
+
+    def body(rec: RankRecorder) -> None:
         import torch  # noqa: F401  (before the RSS baseline, so the baseline counts it)
 
         import mtckpt  # noqa: F401
 
         shapes = [(n, tuple(s)) for n, s in json.loads(args.shapes_json)]
-        ctx = Rank(shapes)
+        ctx = Rank(shapes, COLLECTIVE_TIMEOUT_S)
         t0 = time.perf_counter()
         arrays = build_shard(shapes, ctx.world, ctx.rank)
-        nbytes = sum(a.nbytes for a in arrays.values())
+        rec.nbytes = sum(a.nbytes for a in arrays.values())
         rec.notes.append(f"shard built in {time.perf_counter() - t0:.1f} s")
         rec.rss["baseline"] = current_rss()
         WORKERS[args.worker](args, ctx, rec, arrays)
         ctx.barrier()
         ctx.dist.destroy_process_group()
-        result = rec.result(nbytes)
-    except Exception as exc:  # the parent kills the other ranks, which may wait for this one
-        traceback.print_exc()
-        result = rec.result(nbytes)
-        result["error"] = f"{type(exc).__name__}: {exc}"
-        code = 1
-    result.update(rank=rank, world=world, extra=rec.extra)
-    sys.stdout.write(RESULT_PREFIX + json.dumps(result) + "\n")
-    sys.stdout.flush()
-    return code
+
+    return run_rank_worker(args.worker, body)
 
 
 # --------------------------------------------------------------------------------------
 # the parent: launch the worlds, aggregate over ranks, print, write JSON
 
+FIRST_RESTORES = ("restore_same_world", "mtckpt_restore", "mtckpt_restore_local", "dcp_load")
+ASYNC_CAVEAT = ("staging='async': the training thread is held until save() returns; the "
+                "tensors may be modified only after h.wait('staged')")  # fmt: skip
+
 
 def aggregate(launch: dict) -> dict:
-    """Per metric: each rank's median and the figure, the slowest rank of each repeat
-    (its median, min and max over repeats)."""
-    if launch.get("error"):
-        return {}
-    ranks = launch["ranks"]
-    out = {}
-    for metric in ranks[0]["timings"]:
-        per_rank = [r["timings"][metric] for r in ranks]
-        slowest = [max(values) for values in zip(*per_rank, strict=True)]
-        out[metric] = {
-            "per_rank_median": [statistics.median(v) for v in per_rank],
-            "median": statistics.median(slowest),
-            "min": min(slowest),
-            "max": max(slowest),
-            "n": len(slowest),
-        }
-    first = {}
-    for metric in ranks[0]["warmup"]:
-        if metric in ("restore_same_world", "mtckpt_restore", "mtckpt_restore_local", "dcp_load"):
-            first[metric] = max(r["warmup"][metric][0] for r in ranks)
-    out["_first_restore_slowest_rank"] = first
-    out["_bytes_per_rank"] = [r["bytes"] for r in ranks]
-    return out
+    return aggregate_ranks(launch, FIRST_RESTORES)
 
 
 def reshard_pairs(worlds: list[int]) -> list[tuple[int, int]]:
@@ -487,33 +350,29 @@ def reshard_pairs(worlds: list[int]) -> list[tuple[int, int]]:
     return [(n, m) for n in worlds for m in worlds if n != m]
 
 
-def fig(summary: dict, metric: str, stat: str = "median"):
-    return summary.get(metric, {}).get(stat)
-
-
-def ratio(a, b):
-    return a / b if a is not None and b else None
-
-
 def render_world_table(world, saves: dict, restores: dict, stat: str) -> str:
     """One world size: its save-phase methods and the restores it made of other worlds."""
-    memcpy = saves.get("memcpy", {})
+    memcpy, mt, mta = saves.get("memcpy", {}), saves.get("mtckpt"), saves.get("mtckpt_async")
     base = fig(memcpy, "numpy_copyto", stat)
-    rows = []  # (label, summary, metric, baseline)
-    rows += [("memcpy (np.copyto)", memcpy, "numpy_copyto", base),
-             ("memcpy (native copy_many)", memcpy, "native_copy_many", base),
-             ("memcpy (np.copyto) in the mtckpt launch", saves.get("mtckpt"), "memcpy_here",
-              base),
-             ("mtckpt save: blocking", saves.get("mtckpt"), "blocking", base),
-             ("mtckpt save: memory durable", saves.get("mtckpt"), "memory_durable", base),
-             ("mtckpt save: local durable", saves.get("mtckpt"), "local_durable", base),
-             ("mtckpt restore, same world (memory, in place)", saves.get("mtckpt"),
-              "restore_same_world", base),
-             ("dcp.async_save: blocking", saves.get("dcp_async"), "blocking", base),
-             ("dcp.async_save: durable", saves.get("dcp_async"), "local_durable", base),
-             ("dcp.save (blocking = durable)", saves.get("dcp"), "blocking", base),
-             ("dcp.load, same world", saves.get("dcp") or saves.get("dcp_async"),
-              "restore_same_world", base)]  # fmt: skip
+    rows = [  # (label, summary, metric, baseline)
+        ("memcpy (np.copyto)", memcpy, "numpy_copyto", base),
+        ("memcpy (native copy_many)", memcpy, "native_copy_many", base),
+        ("memcpy (np.copyto) in the mtckpt launch", mt, "memcpy_here", base),
+        ("mtckpt save: blocking", mt, "blocking", base),
+        ("mtckpt save: memory durable", mt, "memory_durable", base),
+        ("mtckpt save: local durable", mt, "local_durable", base),
+        ("mtckpt restore, same world (memory, in place)", mt, "restore_same_world", base),
+        ("memcpy (np.copyto) in the mtckpt_async launch", mta, "memcpy_here", base),
+        ("mtckpt_async save: blocking (save() returns)", mta, "blocking", base),
+        ("mtckpt_async save: staged (tensors writable)", mta, "staged", base),
+        ("mtckpt_async save: memory durable", mta, "memory_durable", base),
+        ("mtckpt_async save: local durable", mta, "local_durable", base),
+        ("dcp.async_save: blocking", saves.get("dcp_async"), "blocking", base),
+        ("dcp.async_save: durable", saves.get("dcp_async"), "local_durable", base),
+        ("dcp.save (blocking = durable)", saves.get("dcp"), "blocking", base),
+        ("dcp.load, same world", saves.get("dcp") or saves.get("dcp_async"),
+         "restore_same_world", base),
+    ]  # fmt: skip
     for source, summary in sorted(restores.items()):
         rbase = fig(summary, "numpy_copyto", stat)
         rows += [(f"from world {source}: memcpy (np.copyto)", summary, "numpy_copyto", rbase),
@@ -522,62 +381,46 @@ def render_world_table(world, saves: dict, restores: dict, stat: str) -> str:
                  (f"from world {source}: mtckpt restore (local tier alone)", summary,
                   "mtckpt_restore_local", rbase),
                  (f"from world {source}: dcp.load", summary, "dcp_load", rbase)]  # fmt: skip
-    headers = ["operation"] + [f"rank {r}" for r in range(world)]
-    headers += ["slowest rank", "x memcpy"]
-    lines = []
-    for label, summary, metric, baseline in rows:
-        if not summary or metric not in summary:
-            continue
-        entry = summary[metric]
-        cells = [label] + [f"{v:.3f}" for v in entry["per_rank_median"]]
-        value = entry[stat]
-        cells += [f"{value:.3f}", "-" if not baseline else f"{value / baseline:.2f}"]
-        lines.append(cells)
-    if not lines:
-        return "(no results)"
-    widths = [max(len(row[i]) for row in lines + [headers]) for i in range(len(headers))]
-
-    def line(cells):
-        out = [c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(cells)]
-        return "| " + " | ".join(out) + " |"
-
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(headers), sep] + [line(row) for row in lines])
+    return rank_table(world, rows, stat)
 
 
 def target_checks(worlds, pairs, saves, restores) -> list[dict]:
-    """The issue's targets, each with its value and PASS / FAIL (n/a where a side is missing)."""
+    """The issue's targets, each with its value and PASS / FAIL (n/a where a side is missing).
+    The blocking targets are checked for both staging modes."""
     checks = []
-
-    def add(name, value, limit, kind, explanation):
-        if value is None:
-            verdict = "n/a"
-        elif kind == "max":
-            verdict = "PASS" if value <= limit else "FAIL"
-        else:
-            verdict = "PASS" if value >= limit else "FAIL"
-        bound = f"<= {limit}" if kind == "max" else f">= {limit}"
-        checks.append({"name": name, "value": value, "target": bound, "verdict": verdict,
-                       "explanation": explanation})  # fmt: skip
-
     for n in worlds:
         s = saves[n]
-        blocking = fig(s.get("mtckpt", {}), "blocking")
-        add(f"world {n}: mtckpt blocking / memcpy of the rank's bytes",
-            ratio(blocking, fig(s.get("memcpy", {}), "numpy_copyto")),
-            TARGET_BLOCKING_X_MEMCPY, "max", "slowest rank, median of repeats")  # fmt: skip
-        add(f"world {n}: dcp.async_save blocking / mtckpt blocking",
-            ratio(fig(s.get("dcp_async", {}), "blocking"), blocking),
-            TARGET_X_FASTER_THAN_DCP, "min", "how many times faster mtckpt is")  # fmt: skip
+        memcpy = fig(s.get("memcpy"), "numpy_copyto")
+        dcp_blocking = fig(s.get("dcp_async"), "blocking")
+        blocking = fig(s.get("mtckpt"), "blocking")
+        async_blocking = fig(s.get("mtckpt_async"), "blocking")
+        staged = fig(s.get("mtckpt_async"), "staged")
+        staged_note = "" if staged is None else f" (staged: {staged:.3f} s)"
+        checks += [
+            target_check(f"world {n}: mtckpt blocking / memcpy of the rank's bytes",
+                         ratio(blocking, memcpy), TARGET_BLOCKING_X_MEMCPY, "max",
+                         "staging='blocking' (the default); slowest rank, median of repeats"),
+            target_check(f"world {n}: mtckpt_async blocking (save() return) / memcpy of the "
+                         "rank's bytes", ratio(async_blocking, memcpy), TARGET_BLOCKING_X_MEMCPY,
+                         "max", ASYNC_CAVEAT + staged_note),
+            target_check(f"world {n}: dcp.async_save blocking / mtckpt blocking",
+                         ratio(dcp_blocking, blocking), TARGET_X_FASTER_THAN_DCP, "min",
+                         "staging='blocking'; how many times faster mtckpt is"),
+            target_check(f"world {n}: dcp.async_save blocking / mtckpt_async blocking (save() "
+                         "return)", ratio(dcp_blocking, async_blocking), TARGET_X_FASTER_THAN_DCP,
+                         "min", ASYNC_CAVEAT + staged_note),
+        ]  # fmt: skip
     for n, m in pairs:
         r = restores.get((n, m), {})
         restore = fig(r, "mtckpt_restore")
-        add(f"{n} -> {m} ranks: mtckpt restore with resharding / memcpy",
-            ratio(restore, fig(r, "numpy_copyto")), TARGET_RESHARD_X_MEMCPY, "max",
-            "memcpy of the restoring rank's bytes, same launch")  # fmt: skip
-        add(f"{n} -> {m} ranks: dcp.load / mtckpt restore (both resharding)",
-            ratio(fig(r, "dcp_load"), restore), TARGET_X_FASTER_THAN_DCP, "min",
-            "how many times faster mtckpt is")  # fmt: skip
+        checks += [
+            target_check(f"{n} -> {m} ranks: mtckpt restore with resharding / memcpy",
+                         ratio(restore, fig(r, "numpy_copyto")), TARGET_RESHARD_X_MEMCPY, "max",
+                         "memcpy of the restoring rank's bytes, same launch"),
+            target_check(f"{n} -> {m} ranks: dcp.load / mtckpt restore (both resharding)",
+                         ratio(fig(r, "dcp_load"), restore), TARGET_X_FASTER_THAN_DCP, "min",
+                         "how many times faster mtckpt is"),
+        ]  # fmt: skip
     return checks
 
 
@@ -586,21 +429,32 @@ def info_ratios(worlds, pairs, saves, restores) -> dict[str, float | None]:
     out = {}
     for n in worlds:
         s = saves[n]
-        mt, base = s.get("mtckpt", {}), fig(s.get("memcpy", {}), "numpy_copyto")
+        mt, mta = s.get("mtckpt"), s.get("mtckpt_async")
+        base = fig(s.get("memcpy"), "numpy_copyto")
         out[f"world {n}: mtckpt blocking / native copy_many"] = ratio(
-            fig(mt, "blocking"), fig(s.get("memcpy", {}), "native_copy_many"))  # fmt: skip
+            fig(mt, "blocking"), fig(s.get("memcpy"), "native_copy_many"))  # fmt: skip
         out[f"world {n}: mtckpt blocking / memcpy in the mtckpt launch"] = ratio(
             fig(mt, "blocking"), fig(mt, "memcpy_here"))  # fmt: skip
         out[f"world {n}: mtckpt memory durable / memcpy"] = ratio(fig(mt, "memory_durable"), base)
         out[f"world {n}: mtckpt restore (same world) / memcpy"] = ratio(
             fig(mt, "restore_same_world"), base)  # fmt: skip
-        dcp_load = fig(s.get("dcp") or s.get("dcp_async") or {}, "restore_same_world")
+        for metric in ("blocking", "staged"):
+            out[f"world {n}: mtckpt_async {metric} / memcpy in the mtckpt_async launch"] = ratio(
+                fig(mta, metric), fig(mta, "memcpy_here"))  # fmt: skip
+        out[f"world {n}: mtckpt_async staged / memcpy"] = ratio(fig(mta, "staged"), base)
+        out[f"world {n}: mtckpt_async memory durable / memcpy"] = ratio(
+            fig(mta, "memory_durable"), base)  # fmt: skip
+        out[f"world {n}: dcp.async_save blocking / mtckpt_async staged"] = ratio(
+            fig(s.get("dcp_async"), "blocking"), fig(mta, "staged"))  # fmt: skip
+        dcp_load = fig(s.get("dcp") or s.get("dcp_async"), "restore_same_world")
         out[f"world {n}: dcp.load / mtckpt restore (same world)"] = ratio(
             dcp_load, fig(mt, "restore_same_world"))  # fmt: skip
-        out[f"world {n}: dcp.async_save durable / mtckpt local durable"] = ratio(
-            fig(s.get("dcp_async", {}), "local_durable"), fig(mt, "local_durable"))  # fmt: skip
-        out[f"world {n}: dcp.save / mtckpt local durable"] = ratio(
-            fig(s.get("dcp", {}), "blocking"), fig(mt, "local_durable"))  # fmt: skip
+        for label, summary in (("mtckpt", mt), ("mtckpt_async", mta)):
+            out[f"world {n}: dcp.async_save durable / {label} local durable"] = ratio(
+                fig(s.get("dcp_async"), "local_durable"), fig(summary, "local_durable")
+            )
+            out[f"world {n}: dcp.save / {label} local durable"] = ratio(
+                fig(s.get("dcp"), "blocking"), fig(summary, "local_durable"))  # fmt: skip
     for n, m in pairs:
         r = restores.get((n, m), {})
         out[f"{n} -> {m} ranks: mtckpt restore (local tier alone) / memcpy"] = ratio(
@@ -612,20 +466,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--size-gib", type=float, default=1.0, help="total state size (1.0)")
-    parser.add_argument("--tensors", type=int, default=200, help="about this many tensors (200)")
+    add_common_args(parser, METHODS, "bench-out/ranks.json", "s", "the DCP files")
     parser.add_argument("--ranks", default="2,4", help="comma list of world sizes (2,4)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats; median and min (3)")
-    parser.add_argument("--memory-root", default=None,
-                        help="tmpfs directory for the memory tiers; a fresh directory is made "
-                             "inside it (default: /dev/shm)")  # fmt: skip
-    parser.add_argument("--local-root", default=None,
-                        help="directory on the node's real disk for the local tiers and the DCP "
-                             "files; a fresh directory is made inside it (default: the system "
-                             "temp dir)")  # fmt: skip
-    parser.add_argument("--out", default="bench-out/ranks.json", help="JSON output path")
-    parser.add_argument("--methods", default=",".join(METHODS),
-                        help=f"comma list, a subset of {','.join(METHODS)}")  # fmt: skip
     # Worker-only flags (hidden).
     hidden = argparse.SUPPRESS
     parser.add_argument("--worker", choices=WORKER_MODES, help=hidden)
@@ -650,11 +492,7 @@ def parse_args(argv=None):
     if not worlds or any(w < 1 for w in worlds):
         parser.error("--ranks needs world sizes >= 1")
     args.worlds = list(dict.fromkeys(worlds))
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        parser.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
-    args.method_list = [m for m in METHODS if m in methods]
+    args.method_list = parse_methods(parser, args.methods, METHODS)
     return args
 
 
@@ -670,8 +508,7 @@ def main(argv=None) -> int:
     size_bytes = int(args.size_gib * GIB)
     shapes = sharded_shapes(size_bytes, args.tensors, row_multiple)
     total = sum(4 * math.prod(s) for _, s in shapes)
-    shapes_json = json.dumps(shapes)
-    common = ["--shapes-json", shapes_json, "--repeats", str(args.repeats)]
+    common = ["--shapes-json", json.dumps(shapes), "--repeats", str(args.repeats)]
     print(f"workload: {len(shapes)} float32 tensors, {total / GIB:.3f} GiB, first dimensions "
           f"multiples of {row_multiple}; world sizes {args.worlds}, resharding "
           f"{', '.join(f'{n}->{m}' for n, m in pairs)}; repeats {args.repeats}",
@@ -685,20 +522,13 @@ def main(argv=None) -> int:
 
     def world_dirs(n: int) -> dict[str, Path]:
         return {"memory": memory_base / f"world-{n}", "local": local_base / f"world-{n}",
+                "memory_async": memory_base / f"async-world-{n}",
+                "local_async": local_base / f"async-world-{n}",
                 "dcp": local_base / f"dcp-world-{n}",
                 "dcp_async": local_base / f"dcp_async-world-{n}"}  # fmt: skip
 
     def launch(world: int, mode: str, extra: list[str], label: str) -> dict:
-        print(f"running {label} on {world} rank(s) ...", file=sys.stderr, flush=True)
-        result = spawn_ranks(script, world, ["--worker", mode, *common, *extra])
-        status = "FAILED: " + result["error"] if result["error"] else "ok"
-        print(f"  {label}: {status} ({result['wall_s']:.1f} s)", file=sys.stderr)
-        if result["error"]:
-            for rank_result in result["ranks"]:
-                if rank_result.get("stderr_tail"):
-                    print(f"--- rank {rank_result['rank']}:\n{rank_result['stderr_tail']}",
-                          file=sys.stderr)  # fmt: skip
-        return result
+        return launch_ranks(script, world, ["--worker", mode, *common, *extra], label)
 
     started = _dt.datetime.now(_dt.timezone.utc)
     launches: dict[str, dict] = {}
@@ -710,8 +540,9 @@ def main(argv=None) -> int:
             dirs = world_dirs(n)
             saves[n], last_steps[n] = {}, {}
             for method in args.method_list:
-                extra = ["--world-memory-root", str(dirs["memory"]),
-                         "--world-local-root", str(dirs["local"])]  # fmt: skip
+                suffix = "_async" if method == "mtckpt_async" else ""
+                extra = ["--world-memory-root", str(dirs["memory" + suffix]),
+                         "--world-local-root", str(dirs["local" + suffix])]  # fmt: skip
                 if method in ("dcp", "dcp_async"):
                     dirs[method].mkdir(parents=True)
                     extra = ["--dcp-dir", str(dirs[method])]
@@ -720,6 +551,9 @@ def main(argv=None) -> int:
                 saves[n][method] = aggregate(result)
                 if not result["error"] and "last_step" in result["ranks"][0]["extra"]:
                     last_steps[n][method] = result["ranks"][0]["extra"]["last_step"]
+                if method == "mtckpt_async":  # no other world restores these: free them now
+                    for key in ("memory_async", "local_async"):
+                        shutil.rmtree(dirs[key], ignore_errors=True)
         for index, (n, m) in enumerate(pairs):
             dirs = world_dirs(n)
             extra = ["--source-world", str(n)]
@@ -764,6 +598,10 @@ def main(argv=None) -> int:
         "bytes into pre-faulted memory (the 'from world' rows: measured in that launch)",
         f"every save method makes {WARMUP_SAVES} untimed warm-up saves; every restore is "
         "made once untimed first (and verified bit-exact); those times are in the JSON",
+        "mtckpt_async = staging='async' (separate roots): its blocking is until save() "
+        "returns, the time the training thread is held; the tensors may be modified only "
+        "after h.wait('staged') (its 'staged' row); one more, untimed save modifies them right "
+        "after 'staged' and its restore is verified bit-exact",
         f"this machine has {cpu_count()} CPUs: world sizes above that oversubscribe them "
         "(every rank's copy threads share the same cores)",
     ]
@@ -772,22 +610,14 @@ def main(argv=None) -> int:
             for note in result["ranks"][0].get("notes", []):
                 notes.append(f"{key}: {note}")
 
-    for name, table in tables.items():
-        if name.endswith("(median)"):
-            print(f"\n{name.removesuffix(' (median)')} ranks, median of {args.repeats}:")
-            print(table)
-    print("\ntargets (issue 3, medians, slowest rank):")
-    for check in checks:
-        shown = "n/a" if check["value"] is None else f"{check['value']:.2f}"
-        print(f"  {check['verdict']:4}  {check['name']}: {shown} (target {check['target']})")
-    print("\nother ratios (medians, slowest rank):")
-    for name, value in infos.items():
-        print(f"  {name}: {'n/a' if value is None else f'{value:.2f}'}")
-    print()
-    for note in notes:
-        print("note: " + note)
-
-    report = {
+    print_results(
+        {k.removesuffix(" (median)") + f" ranks, median of {args.repeats}": t
+         for k, t in tables.items() if k.endswith("(median)")},
+        ("targets (issue 3, medians, slowest rank)", checks),
+        ("other ratios (medians, slowest rank)", infos),
+        notes,
+    )  # fmt: skip
+    write_report(args.out, {
         "benchmark": "ranks",
         "date": started.isoformat(timespec="seconds"),
         "command": [sys.executable, *sys.argv],
@@ -815,13 +645,9 @@ def main(argv=None) -> int:
         "ratios": infos,
         "tables": tables,
         "notes": notes,
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {out}")
+    })  # fmt: skip
 
-    must_work = ("memcpy", "mtckpt", "reshard")
+    must_work = ("memcpy", "mtckpt", "mtckpt_async", "reshard")
     fatal = [key for key, result in launches.items()
              if result["error"] and key.split("/")[-1].split("-")[0] in must_work]  # fmt: skip
     if fatal:

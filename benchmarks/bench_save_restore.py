@@ -8,6 +8,9 @@ the time the training thread is blocked, the time until the checkpoint is durabl
 tier, restore times, peak RSS and the RSS above the worker's baseline (its state built).
 Every figure sits next to the plain-memcpy baseline measured in the same run. Each method
 makes two untimed warm-up saves before the timed repeats (reported separately in the JSON).
+mtckpt runs twice: ``mtckpt`` (``staging="blocking"``, the default) and ``mtckpt_async``
+(``staging="async"``: save() returns once the copy into node memory is started; "staged",
+when ``h.wait("staged")`` returns, is when the arrays may be modified again).
 
     python benchmarks/bench_save_restore.py                        # 1 GiB, 200 tensors, 3 repeats
     python benchmarks/bench_save_restore.py --size-gib 0.05 --tensors 40 --repeats 1   # smoke
@@ -36,13 +39,17 @@ from _harness import (
     GIB,
     SEED,
     Recorder,
+    add_common_args,
     clean_up,
     cpu_count,
     current_rss,
     evict_page_cache,
+    flip_bits,
     fsync_path,
     machine_info,
     make_fresh_dir,
+    markdown_table,
+    parse_methods,
     peak_rss,
     prefaulted_like,
     run_worker_here,
@@ -52,7 +59,7 @@ from _harness import (
     workload_shapes,
 )
 
-METHODS = ("memcpy", "mtckpt", "torch_save", "dcp", "dcp_async")
+METHODS = ("memcpy", "mtckpt", "mtckpt_async", "torch_save", "dcp", "dcp_async")
 RUN = "bench"
 # Untimed saves before the timed ones, for every method. mtckpt needs two to reach its steady
 # state: the first save creates its slot on the training thread, and the memory worker
@@ -128,31 +135,54 @@ def worker_memcpy(args, arrays, rec: Recorder) -> None:
         del out
 
 
-def worker_mtckpt(args, arrays, rec: Recorder) -> None:
+def worker_mtckpt(args, arrays, rec: Recorder, staging: str = "blocking") -> None:
+    """Saves (blocking = until save() returns; staged = until the arrays may change: the
+    same with staging="blocking"; durable in memory, on disk), then restores."""
     import mtckpt
     import mtckpt.checksum
 
     memory_root = Path(args.memory_root) / "tier"
     local_root = Path(args.local_root) / "tier"
     mgr = mtckpt.CheckpointManager(
-        RUN, mtckpt.MemoryTier(str(memory_root), keep=2), mtckpt.LocalTier(str(local_root), keep=2)
+        RUN,
+        mtckpt.MemoryTier(str(memory_root), keep=2),
+        mtckpt.LocalTier(str(local_root), keep=2),
+        staging=staging,
     )
-    rec.notes.append(f"checksum backend {mtckpt.checksum.backend}, threads {mgr.threads}")
+    rec.notes.append(f"checksum backend {mtckpt.checksum.backend}, threads {mgr.threads}, "
+                     f"staging={staging!r}")  # fmt: skip
+    returned_early = []
 
     def save(index: int, step: int) -> tuple[dict, None]:
         t0 = time.perf_counter()
         handle = mgr.save(step, {"model": arrays, "step": step})
         t1 = time.perf_counter()
-        handle.wait("memory")
+        returned_early.append(not handle.done("staged"))
+        handle.wait("staged")
         t2 = time.perf_counter()
-        handle.wait("local")
+        handle.wait("memory")
         t3 = time.perf_counter()
+        handle.wait("local")
+        t4 = time.perf_counter()
         # Let the background work finish (garbage collection, the spare slot) so each timed
         # save starts from the steady state; a training step separates two saves by more.
         mgr.wait()
-        return {"blocking": t1 - t0, "memory_durable": t2 - t0, "local_durable": t3 - t0}, None
+        return {"blocking": t1 - t0, "staged": t2 - t0, "memory_durable": t3 - t0,
+                "local_durable": t4 - t0}, None  # fmt: skip
 
     last_step, _ = run_save_phase(rec, args.repeats, save)
+    if staging != "blocking":
+        rec.notes.append(f"save() returned before the copy was done in {sum(returned_early)} "
+                         f"of {len(returned_early)} saves")  # fmt: skip
+        # One more, untimed save; the arrays change as soon as it is staged, as a training
+        # step would change them (and are changed back once it is durable): every restore
+        # below must return what was saved.
+        last_step += 1
+        handle = mgr.save(last_step, {"model": arrays, "step": last_step})
+        handle.wait("staged")
+        flip_bits(arrays)
+        mgr.wait()
+        flip_bits(arrays)
 
     targets = prefaulted_like(arrays)
     target = {"model": targets, "step": 0}
@@ -391,6 +421,7 @@ def worker_dcp_async(args, arrays, rec: Recorder) -> None:
 WORKERS = {
     "memcpy": worker_memcpy,
     "mtckpt": worker_mtckpt,
+    "mtckpt_async": lambda *a: worker_mtckpt(*a, staging="async"),
     "torch_save": worker_torch_save,
     "dcp": worker_dcp,
     "dcp_async": worker_dcp_async,
@@ -407,6 +438,7 @@ ROWS = [
     ("memcpy (native copy_many)", "memcpy", "native_copy_many"),
     ("memcpy into fresh memory", "memcpy", "numpy_copyto_fresh"),
     ("mtckpt", "mtckpt", "blocking"),
+    ("mtckpt_async (save() returns)", "mtckpt_async", "blocking"),
     ("torch.save (no fsync)", "torch_save", "save_no_fsync"),
     ("torch.save + fsync", "torch_save", "blocking"),
     ("dcp.save", "dcp", "blocking"),
@@ -421,7 +453,7 @@ RESTORE_COLUMNS = [
 
 
 def render_table(results, summary, stat: str) -> str:
-    headers = ["method", "blocking", "x memcpy", "mem durable", "local durable"]
+    headers = ["method", "blocking", "x memcpy", "staged", "mem durable", "local durable"]
     headers += [h for h, _ in RESTORE_COLUMNS]
     headers += ["peak RSS", "extra RSS save", "extra RSS"]
     baseline = summary.get("memcpy", {}).get("numpy_copyto", {}).get(stat)
@@ -444,6 +476,7 @@ def render_table(results, summary, stat: str) -> str:
         first_row_of_method = blocking_metric in ("numpy_copyto", "blocking")  # RSS shown once
         is_durable_row = blocking_metric == "blocking"
         row = [label, cell(blocking_metric), ratio]
+        row.append(cell("staged") if is_durable_row else "-")
         row.append(cell("memory_durable") if is_durable_row else "-")
         row.append(cell("local_durable") if is_durable_row else "-")
         for _, metric in RESTORE_COLUMNS:
@@ -457,16 +490,7 @@ def render_table(results, summary, stat: str) -> str:
         else:
             row += ["", "", ""]
         rows.append(row)
-    widths = [max(len(str(r[i])) for r in rows + [headers]) for i in range(len(headers))]
-
-    def line(cells):
-        out = []
-        for i, c in enumerate(cells):
-            out.append(str(c).ljust(widths[i]) if i == 0 else str(c).rjust(widths[i]))
-        return "| " + " | ".join(out) + " |"
-
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(headers), sep] + [line(r) for r in rows])
+    return markdown_table(headers, rows)
 
 
 def key_ratios(summary, stat: str = "median") -> list[tuple[str, float | None, str]]:
@@ -486,12 +510,25 @@ def key_ratios(summary, stat: str = "median") -> list[tuple[str, float | None, s
          ("memcpy", "native_copy_many"), "the same over the native multi-threaded copy"),
         ("mtckpt blocking / dcp.async_save blocking", ("mtckpt", "blocking"),
          ("dcp_async", "blocking"), faster),
+        ("mtckpt_async blocking (save() returns) / memcpy", ("mtckpt_async", "blocking"),
+         ("memcpy", "numpy_copyto"), "staging='async': the training thread is held this long; "
+         "the arrays may be modified only after h.wait('staged')"),
+        ("mtckpt_async staged / memcpy", ("mtckpt_async", "staged"), ("memcpy", "numpy_copyto"),
+         "until the arrays may be modified again"),
+        ("mtckpt_async blocking (save() returns) / dcp.async_save blocking",
+         ("mtckpt_async", "blocking"), ("dcp_async", "blocking"), faster),
+        ("mtckpt_async staged / dcp.async_save blocking", ("mtckpt_async", "staged"),
+         ("dcp_async", "blocking"), faster),
+        ("mtckpt_async memory durable / mtckpt memory durable",
+         ("mtckpt_async", "memory_durable"), ("mtckpt", "memory_durable"), "< 1: async sooner"),
         ("mtckpt local durable / dcp.async_save durable", ("mtckpt", "local_durable"),
          ("dcp_async", "local_durable"), faster),
         ("mtckpt local durable / torch.save+fsync", ("mtckpt", "local_durable"),
          ("torch_save", "local_durable"), faster),
         ("mtckpt local durable / dcp.save", ("mtckpt", "local_durable"),
          ("dcp", "local_durable"), faster),
+        ("mtckpt_async local durable / dcp.async_save durable", ("mtckpt_async", "local_durable"),
+         ("dcp_async", "local_durable"), faster),
         ("mtckpt restore (memory, in place) / memcpy", ("mtckpt", "restore_memory_in_place"),
          ("memcpy", "numpy_copyto"), "restore copies and checksums every byte"),
         ("mtckpt restore (memory, in place) / dcp.load (warm)",
@@ -514,28 +551,12 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--size-gib", type=float, default=1.0, help="state size (default 1.0)")
-    parser.add_argument("--tensors", type=int, default=200, help="about this many tensors (200)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats; median and min (3)")
-    parser.add_argument("--memory-root", default=None,
-                        help="tmpfs directory for the memory tier; a fresh directory is made "
-                             "inside it (default: /dev/shm)")  # fmt: skip
-    parser.add_argument("--local-root", default=None,
-                        help="directory on the node's real disk for the local tier and the "
-                             "torch/DCP files; a fresh directory is made inside it (default: "
-                             "the system temp dir)")  # fmt: skip
-    parser.add_argument("--out", default="bench-out/save_restore.json", help="JSON output path")
-    parser.add_argument("--methods", default=",".join(METHODS),
-                        help=f"comma list, a subset of {','.join(METHODS)}")  # fmt: skip
+    add_common_args(parser, METHODS, "bench-out/save_restore.json", "", "the torch/DCP files")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.size_gib <= 0 or args.tensors < 1 or args.repeats < 1:
         parser.error("--size-gib must be > 0, --tensors and --repeats >= 1")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        parser.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
-    args.method_list = [m for m in METHODS if m in methods]
+    args.method_list = parse_methods(parser, args.methods, METHODS)
     return args
 
 
@@ -583,7 +604,10 @@ def main(argv=None) -> int:
         f"{len(shapes)} float32 tensors, {total} bytes ({total / GIB:.3f} GiB); "
         f"times in seconds (median of {args.repeats}; second table: min), RSS in GiB; "
         "x memcpy = blocking / np.copyto of the same bytes into pre-faulted memory; "
-        "rst = restore",
+        "rst = restore; staged = until the arrays may be modified again",
+        "mtckpt_async = staging='async': blocking = until save() returns (the training thread "
+        "is held this long), the arrays may be modified only after h.wait('staged'); one more, "
+        "untimed save modifies them right after 'staged', and every restore is of that step",
         f"every method makes {WARMUP_SAVES} untimed warm-up saves first (mtckpt reaches its "
         "steady state of pre-faulted slots only after two); their times are in the JSON "
         "under 'warmup', as is each first (verifying) restore",
@@ -641,7 +665,7 @@ def main(argv=None) -> int:
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {out}")
 
-    fatal = [m for m in ("memcpy", "mtckpt") if results.get(m, {}).get("error")]
+    fatal = [m for m in ("memcpy", "mtckpt", "mtckpt_async") if results.get(m, {}).get("error")]
     if fatal:
         print(f"FAILED: {', '.join(fatal)} (these must work)", file=sys.stderr)
         return 1

@@ -1,5 +1,5 @@
-"""The multi-rank benchmark runs end to end: 2 gloo ranks save, 1 rank restores with
-resharding (small size, mtckpt and memcpy only)."""
+"""The multi-rank benchmark runs end to end: 2 gloo ranks save (mtckpt with both staging
+modes), 1 rank restores with resharding (small size, mtckpt and memcpy only)."""
 
 import json
 import subprocess
@@ -19,7 +19,8 @@ def test_bench_ranks_smoke(tmp_path):
     memory_root.mkdir()
     result = subprocess.run(
         [sys.executable, str(BENCH), "--size-gib", "0.02", "--tensors", "20", "--ranks", "2",
-         "--repeats", "1", "--methods", "memcpy,mtckpt", "--memory-root", str(memory_root),
+         "--repeats", "1", "--methods", "memcpy,mtckpt,mtckpt_async",
+         "--memory-root", str(memory_root),
          "--local-root", str(tmp_path / "disk"), "--out", str(out)],
         capture_output=True, text=True, timeout=90,
     )  # fmt: skip
@@ -35,6 +36,9 @@ def test_bench_ranks_smoke(tmp_path):
     for metric in ("blocking", "memory_durable", "local_durable", "restore_same_world"):
         assert save["mtckpt"][metric]["median"] > 0, metric
         assert len(save["mtckpt"][metric]["per_rank_median"]) == 2, metric
+    for metric in ("blocking", "staged", "memory_durable", "local_durable"):
+        assert save["mtckpt_async"][metric]["median"] > 0, metric
+    assert "restore_same_world" not in save["mtckpt_async"]  # checked once, not timed
     assert save["memcpy"]["numpy_copyto"]["median"] > 0
 
     reshard = report["summary"]["reshard"]["2->1"]
@@ -45,6 +49,11 @@ def test_bench_ranks_smoke(tmp_path):
     checks = {check["name"]: check for check in report["targets"]}
     blocking = checks["world 2: mtckpt blocking / memcpy of the rank's bytes"]
     assert blocking["value"] > 0 and blocking["verdict"] in ("PASS", "FAIL")
+    for name in (
+        "world 2: mtckpt_async blocking (save() return) / memcpy of the rank's bytes",
+        "world 2: dcp.async_save blocking / mtckpt_async blocking (save() return)",
+    ):
+        assert checks[name]["verdict"] in ("PASS", "FAIL", "n/a"), name
     restore = checks["2 -> 1 ranks: mtckpt restore with resharding / memcpy"]
     assert restore["value"] > 0 and restore["verdict"] in ("PASS", "FAIL")
     assert list(memory_root.iterdir()) == []  # the checkpoints it made are gone
