@@ -38,7 +38,9 @@ class StepFiles:
         self.storages, self.run, self.step = storages, run, step
         self._manifests: dict[int, tuple[Storage, RankManifest, dict[str, LeafRecord]]] = {}
         self._mappings: dict[int, Any] = {}
-        self._verified: dict[int, set[int]] = {}
+        # Per rank, chunk -> an event set once its crc32c has been checked: the first thread
+        # to need a chunk checks it, others wait for it rather than checking it again.
+        self._verified: dict[int, dict[int, threading.Event]] = {}
         self._bad: dict[int, list[tuple[Storage, str]]] = {}  # copies found damaged, per rank
         self._lock = threading.RLock()  # several threads assemble at once
 
@@ -99,22 +101,41 @@ class StepFiles:
                     raise CorruptCheckpointError(
                         f"{where}: {len(mapping)} bytes, the manifest records {manifest.file_size}"
                     )
-                self._mappings[rank], self._verified[rank] = mapping, set()
+                self._mappings[rank], self._verified[rank] = mapping, {}
             data = np.frombuffer(self._mappings[rank], np.uint8)
             verified = self._verified[rank]
         start = manifest.data_start + record.offset
         end = start + record.nbytes
         size = manifest.chunk_size
         for index in range(start // size, (max(end, start + 1) - 1) // size + 1):
-            if index in verified or index >= len(manifest.chunk_crc32c):
-                continue  # (two threads may both verify a chunk: harmless)
-            actual = checksum.crc32c(data[index * size : (index + 1) * size])
-            if actual != manifest.chunk_crc32c[index]:
-                raise ChecksumMismatchError(
+            if index >= len(manifest.chunk_crc32c):
+                continue
+            with self._lock:
+                checked = verified.get(index)
+                mine = checked is None
+                if mine:
+                    checked = verified[index] = threading.Event()
+            if not mine:
+                checked.wait()
+                if checked.error is not None:
+                    raise ChecksumMismatchError(checked.error)
+                continue
+            expected = manifest.chunk_crc32c[index]
+            try:
+                actual = checksum.crc32c(data[index * size : (index + 1) * size])
+            except BaseException:
+                checked.error = f"{where}: chunk {index} could not be checked"
+                checked.set()  # never leave the waiting threads waiting
+                raise
+            checked.error = None
+            if actual != expected:
+                checked.error = (
                     f"{where}: chunk {index} has crc32c {actual:#010x}, recorded "
-                    f"{manifest.chunk_crc32c[index]:#010x} (key {record.key!r})"
+                    f"{expected:#010x} (key {record.key!r})"
                 )
-            verified.add(index)
+            checked.set()
+            if checked.error is not None:
+                raise ChecksumMismatchError(checked.error)
         return data[start:end]
 
     def close(self) -> None:
