@@ -2,6 +2,7 @@
 rank can load, with collectives only in the foreground."""
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -71,7 +72,10 @@ def test_a_corrupt_shard_on_one_rank_moves_every_rank_to_an_older_step(tmp_path)
     flip_byte(shard(tmp_path, "disk", 3, 1))
     results = check_ok(run_ranks("torch_worker.py", 2, ["restore", "--root", str(tmp_path)]))
     assert [r.lines() for r in results] == [["restored 2"], ["restored 2"]]
-    assert "no good copy on rank(s) [1]; trying an older step" in results[0].stderr
+    # Rank 1 finds no good copy; rank 0 may find the shared step decommitted by then too.
+    assert re.search(
+        r"no good copy on rank\(s\) \[(0, )?1\]; trying an older step", results[0].stderr
+    )
 
 
 def test_a_target_mismatch_on_one_rank_stops_every_rank(tmp_path):
