@@ -34,3 +34,11 @@ def backend(request):
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+@pytest.fixture(autouse=True)
+def single_process(monkeypatch):
+    """Tests run as one process of a world of one unless they start ranks themselves
+    (tests/multiprocess set RANK / WORLD_SIZE in the processes they start)."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)

@@ -12,12 +12,6 @@ import pytest
 from mtckpt import CheckpointManager, ConfigError, LocalTier, MemoryTier, TierError
 
 
-@pytest.fixture(autouse=True)
-def single_process(monkeypatch):
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-        monkeypatch.delenv(name, raising=False)
-
-
 @pytest.fixture
 def small_tmpfs(tmp_path):
     """Mount a real tmpfs of a given size; it fills up for real (ENOSPC)."""

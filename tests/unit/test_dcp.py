@@ -18,9 +18,7 @@ from mtckpt import CheckpointManager, LocalTier, MemoryTier, StepNotFoundError  
 
 
 @pytest.fixture(autouse=True)
-def quiet_single_process(monkeypatch):
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-        monkeypatch.delenv(name, raising=False)
+def quiet_single_process(single_process):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield

@@ -4,15 +4,8 @@ import os
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from mtckpt import CheckpointManager, LocalTier, MemoryTier
-
-
-@pytest.fixture(autouse=True)
-def single_process(monkeypatch):
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-        monkeypatch.delenv(name, raising=False)
 
 
 def listing(root: Path, run: str = "exp") -> dict[str, list[str]]:

@@ -23,12 +23,6 @@ from states import assert_same_state, make_state
 pytestmark = pytest.mark.usefixtures("backend")
 
 
-@pytest.fixture(autouse=True)
-def single_process(monkeypatch):
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-        monkeypatch.delenv(name, raising=False)
-
-
 @pytest.fixture
 def tiers(shm_dir, tmp_path):
     return {"memory": MemoryTier(str(shm_dir), keep=2), "local": LocalTier(str(tmp_path / "nvme"))}

@@ -21,12 +21,6 @@ from mtckpt import (  # noqa: E402
 pytestmark = pytest.mark.usefixtures("backend")
 
 
-@pytest.fixture(autouse=True)
-def single_process(monkeypatch):
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-        monkeypatch.delenv(name, raising=False)
-
-
 @pytest.fixture
 def mgr(shm_dir):
     with CheckpointManager("torch", MemoryTier(str(shm_dir))) as manager:
