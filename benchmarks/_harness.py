@@ -422,6 +422,17 @@ def write_report(path: str, report: dict) -> None:
     print(f"\nwrote {out}")
 
 
+def save_changed_once_staged(mgr, step: int, state, arrays) -> None:
+    """One more, untimed save whose arrays change as soon as it is staged, as a training
+    step would change them (and change back once it is durable): a restore of ``step``
+    must still return what was saved."""
+    handle = mgr.save(step, state)
+    handle.wait("staged")
+    flip_bits(arrays)
+    mgr.wait()
+    flip_bits(arrays)
+
+
 def flip_bits(arrays) -> None:
     """Flip one bit of the first and of the last element of every (contiguous) array; a
     second call undoes it. Stands for a training step modifying saved arrays."""

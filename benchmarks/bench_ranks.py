@@ -52,7 +52,6 @@ from _harness import (
     cpu_count,
     current_rss,
     fig,
-    flip_bits,
     launch_ranks,
     machine_info,
     make_fresh_dir,
@@ -62,6 +61,7 @@ from _harness import (
     rank_table,
     ratio,
     run_rank_worker,
+    save_changed_once_staged,
     sharded_shapes,
     target_check,
     timed,
@@ -156,14 +156,8 @@ def worker_mtckpt(args, ctx: Rank, rec: RankRecorder, arrays, staging: str = "bl
     if staging != "blocking":
         rec.notes.append(f"save() returned before the copy was done in {returned_early} of "
                          f"{last} saves (rank {ctx.rank})")  # fmt: skip
-        # One more, untimed save; the tensors change as soon as it is staged, as a training
-        # step would change them: the restore below must still return what was saved.
         last += 1
-        handle = mgr.save(last, {"model": model, "step": last})
-        handle.wait("staged")
-        flip_bits(arrays)
-        mgr.wait()
-        flip_bits(arrays)
+        save_changed_once_staged(mgr, last, {"model": model, "step": last}, arrays)
 
     targets = ctx.zero_targets()
     target = {"model": targets, "step": 0}

@@ -44,7 +44,6 @@ from _harness import (
     cpu_count,
     current_rss,
     evict_page_cache,
-    flip_bits,
     fsync_path,
     machine_info,
     make_fresh_dir,
@@ -53,6 +52,7 @@ from _harness import (
     peak_rss,
     prefaulted_like,
     run_worker_here,
+    save_changed_once_staged,
     spawn_worker,
     summarise,
     timed,
@@ -174,15 +174,8 @@ def worker_mtckpt(args, arrays, rec: Recorder, staging: str = "blocking") -> Non
     if staging != "blocking":
         rec.notes.append(f"save() returned before the copy was done in {sum(returned_early)} "
                          f"of {len(returned_early)} saves")  # fmt: skip
-        # One more, untimed save; the arrays change as soon as it is staged, as a training
-        # step would change them (and are changed back once it is durable): every restore
-        # below must return what was saved.
         last_step += 1
-        handle = mgr.save(last_step, {"model": arrays, "step": last_step})
-        handle.wait("staged")
-        flip_bits(arrays)
-        mgr.wait()
-        flip_bits(arrays)
+        save_changed_once_staged(mgr, last_step, {"model": arrays, "step": last_step}, arrays)
 
     targets = prefaulted_like(arrays)
     target = {"model": targets, "step": 0}

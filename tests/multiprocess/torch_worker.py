@@ -26,17 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import mtckpt
 import mtckpt.torch
-
-
-class TinyTransformer(torch.nn.Module):
-    def __init__(self, vocab=64, dim=32):
-        super().__init__()
-        self.embed = torch.nn.Embedding(vocab, dim)
-        self.block = torch.nn.TransformerEncoderLayer(dim, 4, 64, dropout=0.1, batch_first=True)
-        self.head = torch.nn.Linear(dim, vocab)
-
-    def forward(self, tokens):
-        return self.head(self.block(self.embed(tokens)))
+from models import TinyTransformer
 
 
 def manager(args, rank, **kwargs):

@@ -11,6 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import mtckpt.torch  # noqa: E402
+from models import TinyTransformer  # noqa: E402
 from mtckpt import (  # noqa: E402
     CheckpointManager,
     MemoryTier,
@@ -124,17 +125,6 @@ def test_unsupported_tensors_are_refused_by_key(mgr, value, message):
         mgr.save(0, {"x": {"bad": value}})
 
 
-class TinyTransformer(torch.nn.Module):
-    def __init__(self, vocab=50, dim=32):
-        super().__init__()
-        self.embed = torch.nn.Embedding(vocab, dim)
-        self.block = torch.nn.TransformerEncoderLayer(dim, 4, 64, dropout=0.1, batch_first=True)
-        self.head = torch.nn.Linear(dim, vocab)
-
-    def forward(self, tokens):
-        return self.head(self.block(self.embed(tokens)))
-
-
 def train_steps(model, opt, sched, steps):
     losses = []
     for _ in range(steps):
@@ -150,7 +140,7 @@ def train_steps(model, opt, sched, steps):
 
 def fresh_training(seed):
     torch.manual_seed(seed)
-    model = TinyTransformer()
+    model = TinyTransformer(vocab=50)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
     return model, opt, sched
@@ -226,16 +216,16 @@ with mtckpt.CheckpointManager("torch", mtckpt.MemoryTier({str(shm_dir)!r})) as m
 
 
 def test_a_module_restored_in_place_is_not_copied_onto_itself(mgr, monkeypatch):
-    model = TinyTransformer()
+    model = TinyTransformer(vocab=50)
     mgr.save(0, {"model": model})
     calls = []
-    fresh = TinyTransformer()
+    fresh = TinyTransformer(vocab=50)
     monkeypatch.setattr(fresh, "load_state_dict", lambda *a, **k: calls.append(a))
     mgr.restore({"model": fresh})
     assert calls == []  # every tensor was filled in place already
     for a, b in zip(model.parameters(), fresh.parameters(), strict=True):
         assert torch.equal(a, b)
-    hooked = TinyTransformer()
+    hooked = TinyTransformer(vocab=50)
     hooked.register_load_state_dict_post_hook(lambda module, keys: calls.append("hook"))
     mgr.restore({"model": hooked})
     assert calls == ["hook"]  # a module with load hooks still gets load_state_dict
