@@ -19,7 +19,7 @@ from .errors import ChecksumMismatchError, CorruptCheckpointError, FormatVersion
 from .tree import DATA_KINDS, VALUE_KINDS, Node
 
 FORMAT_VERSION = 1
-DEFAULT_CHUNK_SIZE = 16 * 1024 * 1024
+DEFAULT_CHUNK_SIZE = 1024 * 1024
 
 
 def writer_version() -> str:

@@ -25,6 +25,8 @@ from .tiers.base import Storage
 from .tiers.memory import MemoryStorage, Slot
 from .tree import Node
 
+WRITE_SIZE = 16 * 1024 * 1024  # bytes per write to a slower tier
+
 log = logging.getLogger(__name__)
 
 
@@ -294,18 +296,21 @@ class Pipeline:
 
     def _copy_to_tier(self, storage: Storage, job: SaveJob) -> None:
         manifest = job.manifest
-        size = self.chunk_size
+        size = manifest.chunk_size
+        per_write = max(1, WRITE_SIZE // size)  # chunks per write: small chunks, large writes
 
         def verified_chunks(source):
-            for index, expected in enumerate(manifest.chunk_crc32c):
-                piece = source[index * size : (index + 1) * size]
-                actual = checksum.crc32c(piece)
-                if actual != expected:
-                    raise ChecksumMismatchError(
-                        f"step {job.step} rank {self.rank}: the memory tier copy changed after "
-                        f"it was committed (chunk {index}: crc32c {actual:#010x}, recorded "
-                        f"{expected:#010x}); not copied to {storage.describe()}"
-                    )
+            expected = manifest.chunk_crc32c
+            for first in range(0, len(expected), per_write):
+                piece = source[first * size : (first + per_write) * size]
+                actual = checksum.crc32c_chunks(piece, size)
+                for index, (got, wanted) in enumerate(zip(actual, expected[first:]), first):
+                    if got != wanted:
+                        raise ChecksumMismatchError(
+                            f"step {job.step} rank {self.rank}: the memory tier copy changed "
+                            f"after it was committed (chunk {index}: crc32c {got:#010x}, "
+                            f"recorded {wanted:#010x}); not copied to {storage.describe()}"
+                        )
                 yield piece
 
         chunks = verified_chunks(job.slot.view())

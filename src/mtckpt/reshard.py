@@ -4,7 +4,8 @@ When a restore target does not hold exactly the shard this rank saved (another w
 size, other placements, a replica another rank stored, or a whole array wanted from a
 sharded checkpoint), its region is assembled from the overlapping slices of the saved
 shards, read from the rank files of the step that this node's storages hold. Every chunk a
-slice is read from is verified against its crc32c first, once per restore.
+slice is read from is verified against its crc32c in the pass that copies it, once per
+restore.
 """
 
 from __future__ import annotations
@@ -13,15 +14,15 @@ import logging
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import arrays, checksum, shard
+from . import arrays, shard
 from .arrays import Region
-from .errors import ChecksumMismatchError, CorruptCheckpointError
+from .errors import CorruptCheckpointError
 from .manifest import LeafRecord, RankManifest
-from .restore import close_mapping, read_manifest, region_of
+from .restore import close_mapping, copy_verified, read_manifest, region_of
 from .tiers.base import Storage
 
 log = logging.getLogger(__name__)
@@ -32,65 +33,85 @@ _RAW = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 class StepFiles:
     """The rank files of one step across this node's storages (fastest first), opened on
-    demand and verified chunk by chunk as slices are read from them."""
+    demand and verified chunk by chunk as byte ranges are read from them."""
 
     def __init__(self, storages: list[Storage], run: str, step: int) -> None:
         self.storages, self.run, self.step = storages, run, step
         self._manifests: dict[int, tuple[Storage, RankManifest, dict[str, LeafRecord]]] = {}
         self._mappings: dict[int, Any] = {}
-        # Per rank, chunk -> an event set once its crc32c has been checked: the first thread
-        # to need a chunk checks it, others wait for it rather than checking it again.
-        self._verified: dict[int, dict[int, threading.Event]] = {}
+        self._verified: dict[int, set[int]] = {}  # per rank, the chunks checked so far
         self._bad: dict[int, list[tuple[Storage, str]]] = {}  # copies found damaged, per rank
-        self._lock = threading.RLock()  # several threads assemble at once
+        self._lock = threading.RLock()
 
     def manifest(self, rank: int) -> tuple[Storage, RankManifest, dict[str, LeafRecord]]:
         """The first good manifest of ``rank`` in the storages, with its records by key."""
         with self._lock:
-            return self._manifest(rank)
+            if rank not in self._manifests:
+                self._manifests[rank] = self._find_manifest(rank)
+            return self._manifests[rank]
 
-    def _manifest(self, rank: int) -> tuple[Storage, RankManifest, dict[str, LeafRecord]]:
-        if rank not in self._manifests:
-            problems = [reason for _, reason in self._bad.get(rank, [])]
-            damaged = {storage for storage, _ in self._bad.get(rank, [])}
-            for storage in self.storages:
-                if storage in damaged:
-                    continue
-                try:
-                    manifest = read_manifest(storage, self.run, self.step, rank)
-                except CorruptCheckpointError as exc:
-                    problems.append(str(exc))
-                    continue
-                records = {record.key: record for record in manifest.leaves}
-                self._manifests[rank] = (storage, manifest, records)
-                break
-            else:
-                raise CorruptCheckpointError(
-                    f"step {self.step}: no usable shard of rank {rank} on this node "
-                    f"({'; '.join(problems)})"
-                )
-        return self._manifests[rank]
-
-    def verified_bytes(self, rank: int, record: LeafRecord) -> np.ndarray:
-        """The bytes of a record of ``rank``'s data file, every chunk under them verified;
-        a damaged copy is set aside for the same rank's copy in the next storage."""
-        while True:
-            storage = self.manifest(rank)[0]
+    def _find_manifest(self, rank: int) -> tuple[Storage, RankManifest, dict[str, LeafRecord]]:
+        problems = [reason for _, reason in self._bad.get(rank, [])]
+        damaged = {storage for storage, _ in self._bad.get(rank, [])}
+        for storage in self.storages:
+            if storage in damaged:
+                continue
             try:
-                return self._verified_bytes(rank, record)
+                manifest = read_manifest(storage, self.run, self.step, rank)
+            except CorruptCheckpointError as exc:
+                problems.append(str(exc))
+                continue
+            return storage, manifest, {record.key: record for record in manifest.leaves}
+        raise CorruptCheckpointError(
+            f"step {self.step}: no usable shard of rank {rank} on this node ({'; '.join(problems)})"
+        )
+
+    def copy(
+        self, rank: int, pieces: list[tuple[str, int, int, np.ndarray | None]], threads: int = 1
+    ) -> tuple[RankManifest, np.ndarray]:
+        """Copy each ``(key, start, end, dst)`` byte range of a record of ``rank``'s data
+        file into ``dst`` (None: only verify it), every chunk under them verified in the
+        same pass. A damaged copy is set aside for the same rank's copy in the next storage.
+        Returns the manifest and the bytes of the data file the ranges came from."""
+        while True:
+            storage, manifest, records = self.manifest(rank)
+            where = f"{storage.describe()}: step {self.step} {manifest.data_file}"
+            try:
+                data = self._data(rank, storage, manifest, where)
+                segments = []
+                for key, start, end, dst in pieces:
+                    record = records.get(key)
+                    if record is None or end > record.nbytes:
+                        raise CorruptCheckpointError(
+                            f"{where}: the manifest has no {end} bytes of key {key!r}"
+                        )
+                    first = manifest.data_start + record.offset
+                    segments.append((first + start, first + end, dst))
+                with self._lock:
+                    verified = set(self._verified.get(rank, ()))
+                checked = copy_verified(
+                    data, manifest, segments, threads=threads, where=where, verified=verified
+                )
+                with self._lock:
+                    self._verified.setdefault(rank, set()).update(checked)
+                return manifest, data
             except CorruptCheckpointError as exc:
                 with self._lock:
                     if self._manifests.get(rank, (None,))[0] is storage:
                         log.warning("%s; trying the next copy", exc)
                         self._bad.setdefault(rank, []).append((storage, str(exc)))
                         del self._manifests[rank]
+                        self._verified.pop(rank, None)
                         close_mapping(self._mappings.pop(rank, None))
 
-    def _verified_bytes(self, rank: int, record: LeafRecord) -> np.ndarray:
+    def verified_bytes(self, rank: int, record: LeafRecord) -> np.ndarray:
+        """The bytes of a record of ``rank``'s data file, every chunk under them verified."""
+        manifest, data = self.copy(rank, [(record.key, 0, record.nbytes, None)])
+        start = manifest.data_start + self.manifest(rank)[2][record.key].offset
+        return data[start : start + record.nbytes]
+
+    def _data(self, rank, storage, manifest, where) -> np.ndarray:
         with self._lock:
-            storage, manifest, records = self.manifest(rank)
-            record = records.get(record.key, record)
-            where = f"{storage.describe()}: step {self.step} {manifest.data_file}"
             if rank not in self._mappings:
                 try:
                     mapping = storage.map(self.run, self.step, manifest.data_file)
@@ -101,42 +122,9 @@ class StepFiles:
                     raise CorruptCheckpointError(
                         f"{where}: {len(mapping)} bytes, the manifest records {manifest.file_size}"
                     )
-                self._mappings[rank], self._verified[rank] = mapping, {}
-            data = np.frombuffer(self._mappings[rank], np.uint8)
-            verified = self._verified[rank]
-        start = manifest.data_start + record.offset
-        end = start + record.nbytes
-        size = manifest.chunk_size
-        for index in range(start // size, (max(end, start + 1) - 1) // size + 1):
-            if index >= len(manifest.chunk_crc32c):
-                continue
-            with self._lock:
-                checked = verified.get(index)
-                mine = checked is None
-                if mine:
-                    checked = verified[index] = threading.Event()
-            if not mine:
-                checked.wait()
-                if checked.error is not None:
-                    raise ChecksumMismatchError(checked.error)
-                continue
-            expected = manifest.chunk_crc32c[index]
-            try:
-                actual = checksum.crc32c(data[index * size : (index + 1) * size])
-            except BaseException:
-                checked.error = f"{where}: chunk {index} could not be checked"
-                checked.set()  # never leave the waiting threads waiting
-                raise
-            checked.error = None
-            if actual != expected:
-                checked.error = (
-                    f"{where}: chunk {index} has crc32c {actual:#010x}, recorded "
-                    f"{expected:#010x} (key {record.key!r})"
-                )
-            checked.set()
-            if checked.error is not None:
-                raise ChecksumMismatchError(checked.error)
-        return data[start:end]
+                self._mappings[rank] = mapping
+            mapping = self._mappings[rank]
+        return np.frombuffer(mapping, np.uint8) if len(mapping) else np.zeros(0, np.uint8)
 
     def close(self) -> None:
         for mapping in self._mappings.values():
@@ -144,13 +132,19 @@ class StepFiles:
         self._mappings.clear()
 
 
-def assemble(
-    files: StepFiles, key: str, dtype: str, saved_world: int, region: Region, dst: np.ndarray
-) -> None:
-    """Fill ``dst`` (the uint8 bytes of ``region``, C order) from every saved shard of
-    ``key`` that overlaps it. Raises CorruptCheckpointError if the shards leave a gap."""
-    raw = _RAW[shard.ITEMSIZE[dtype]]
-    target = dst.view(raw).reshape(region.shape) if dst.size else None
+class _Piece(NamedTuple):
+    """The part of one saved shard that falls in a region being assembled."""
+
+    key: str
+    source: Region  # the saved shard
+    into: tuple[slice, ...]  # where it goes in the region
+    out_of: tuple[slice, ...]  # where it comes from in the shard
+
+
+def plan(files: StepFiles, key: str, dtype: str, saved_world: int, region: Region) -> dict:
+    """The pieces of every saved shard of ``key`` that overlap ``region``, by rank.
+    Raises CorruptCheckpointError if the shards leave a gap."""
+    by_rank: dict[int, list[_Piece]] = {}
     copied: set[tuple] = set()  # shards seen in two places (replicas on two nodes) count once
     covered = 0
     for rank in range(saved_world):
@@ -175,7 +169,6 @@ def assemble(
         if any(lo >= hi for lo, hi in zip(lows, highs, strict=True)) or placement in copied:
             continue
         copied.add(placement)
-        data = files.verified_bytes(rank, record).view(raw).reshape(source.shape)
         into = tuple(
             slice(lo - r, hi - r)
             for lo, hi, r in zip(lows, highs, region.global_offset, strict=True)
@@ -184,13 +177,24 @@ def assemble(
             slice(lo - s, hi - s)
             for lo, hi, s in zip(lows, highs, source.global_offset, strict=True)
         )
-        np.copyto(target[into], data[out_of])
+        by_rank.setdefault(rank, []).append(_Piece(key, source, into, out_of))
         covered += math.prod(hi - lo for lo, hi in zip(lows, highs, strict=True))
     if covered != math.prod(region.shape):
         raise CorruptCheckpointError(
             f"key {key!r}: the saved shards cover {covered} of the {math.prod(region.shape)} "
             f"elements at offset {region.global_offset} of shape {region.shape} needed here"
         )
+    return by_rank
+
+
+def _span(shape: tuple[int, ...], box: tuple[slice, ...]) -> tuple[int, int, bool]:
+    """The first and one-past-last element of ``box`` in a C-order array of ``shape``, and
+    whether the box is that whole run (so it can be copied as one range)."""
+    strides = [math.prod(shape[i + 1 :]) for i in range(len(shape))]
+    first = sum(s.start * stride for s, stride in zip(box, strides, strict=True))
+    last = sum((s.stop - 1) * stride for s, stride in zip(box, strides, strict=True))
+    extents = [s.stop - s.start for s in box]
+    return first, last + 1, last + 1 - first == math.prod(extents)
 
 
 def assemble_values(
@@ -200,34 +204,69 @@ def assemble_values(
     targets: dict[str, Any],
     threads: int = 1,
 ) -> dict[str, Any]:
-    """Assemble each region, on ``threads`` threads: into its target in place where the
+    """Assemble each region from the saved shards: into its target in place where the
     target's memory allows, else into a new buffer (copied into the target, or a new value
-    without one)."""
+    without one). Each source file is read once, in one pass over the chunks it is needed
+    from, on ``threads`` threads; a slice that is one run of bytes in both the shard and
+    the region is copied in that pass, others right after it."""
     records = {record.key: record for record in manifest.leaves}
-    if threads > 1 and len(regions) > 1:
+    outputs = {}  # key -> (record, region, adapter, target, buffer, in place)
+    pieces: dict[int, list[tuple[_Piece, np.ndarray]]] = {}
+    for key, region in regions.items():
+        record = records[key]
+        target = targets.get(key)
+        adapter = arrays.for_target(target)
+        buf = adapter.target_bytes(target) if adapter is not None else None
+        in_place = buf is not None
+        if not in_place:
+            buf = np.empty(math.prod(region.shape) * shard.ITEMSIZE[record.dtype], np.uint8)
+        outputs[key] = (record, region, adapter, target, buf, in_place)
+        for rank, found in plan(files, key, record.dtype, manifest.world_size, region).items():
+            pieces.setdefault(rank, []).extend((piece, buf) for piece in found)
+    for rank, found in sorted(pieces.items()):
+        _copy_pieces(files, rank, found, outputs, threads)
+    values = {}
+    for key, (record, region, adapter, target, buf, in_place) in outputs.items():
+        if adapter is None:
+            kind = arrays.for_kind(record.kind)
+            values[key] = kind.new_value(record.kind, record.dtype, region.shape, buf)
+            continue
+        if not in_place:
+            adapter.fill(target, record.dtype, region.shape, buf)
+        values[key] = target
+    return values
+
+
+def _copy_pieces(files, rank, found, outputs, threads) -> None:
+    ranges, strided = [], []
+    for piece, buf in found:
+        record, region = outputs[piece.key][:2]
+        item = shard.ITEMSIZE[record.dtype]
+        first, end, whole = _span(piece.source.shape, piece.out_of)
+        dst_first, _, dst_whole = _span(region.shape, piece.into)
+        if whole and dst_whole:
+            dst = buf[dst_first * item : (dst_first + end - first) * item]
+            ranges.append((piece.key, first * item, end * item, dst))
+        else:
+            ranges.append((piece.key, first * item, end * item, None))
+            strided.append((piece, buf, item))
+    manifest, data = files.copy(rank, ranges, threads)
+    if not strided:
+        return
+    _, _, records = files.manifest(rank)
+
+    def copy_one(entry) -> None:
+        piece, buf, item = entry
+        raw = _RAW[item]
+        start = manifest.data_start + records[piece.key].offset
+        nbytes = math.prod(piece.source.shape) * item
+        source = data[start : start + nbytes].view(raw).reshape(piece.source.shape)
+        region = outputs[piece.key][1]
+        np.copyto(buf.view(raw).reshape(region.shape)[piece.into], source[piece.out_of])
+
+    if threads > 1 and len(strided) > 1:
         with ThreadPoolExecutor(max_workers=threads) as pool:
-            futures = {
-                key: pool.submit(_assemble_one, files, manifest, records[key], region, targets)
-                for key, region in regions.items()
-            }
-            return {key: future.result() for key, future in futures.items()}
-    return {
-        key: _assemble_one(files, manifest, records[key], region, targets)
-        for key, region in regions.items()
-    }
-
-
-def _assemble_one(files, manifest, record, region, targets) -> Any:
-    """One region: into its target's memory where possible, else a new buffer."""
-    target = targets.get(record.key)
-    adapter = arrays.for_target(target)
-    buf = adapter.target_bytes(target) if adapter is not None else None
-    in_place = buf is not None
-    if not in_place:
-        buf = np.empty(math.prod(region.shape) * shard.ITEMSIZE[record.dtype], np.uint8)
-    assemble(files, record.key, record.dtype, manifest.world_size, region, buf)
-    if adapter is None:
-        return arrays.for_kind(record.kind).new_value(record.kind, record.dtype, region.shape, buf)
-    if not in_place:
-        adapter.fill(target, record.dtype, region.shape, buf)
-    return target
+            list(pool.map(copy_one, strided))
+    else:
+        for entry in strided:
+            copy_one(entry)

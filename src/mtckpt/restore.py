@@ -1,9 +1,10 @@
 """Reading one rank's shard back from a storage, verified while it is copied.
 
 The data file is mapped and walked chunk by chunk (the manifest holds one crc32c per
-chunk): every byte is checksummed in the same pass that copies it into its destination,
-which is the target's own array when one is given, so restore costs one copy. Chunks are
-spread over threads; a mismatch names the file, the chunk and the keys it holds.
+chunk): every chunk holding bytes that are read is checksummed in the same pass that copies
+them into their destination, which is the target's own array when one is given, so restore
+costs one copy. Chunks no wanted byte lies in are not read. Chunks are spread over threads;
+a mismatch names the file, the chunk and the keys it holds.
 """
 
 from __future__ import annotations
@@ -146,15 +147,10 @@ def _read_verified(mapping, manifest, targets, skip, threads, where):
     values: dict[str, Any] = {}
     in_place: set[str] = set()  # keys restored into the target's own array
     fixups = []  # (adapter, target, record, buffer): targets filled once their bytes verify
-    segments = []  # (start, end, destination uint8 array or None for checksum only)
-    position = 0
+    segments = []  # (start, end, destination uint8 array)
     for record in manifest.data_records():
-        start = manifest.data_start + record.offset
-        if start > position:
-            segments.append((position, start, None))
-            position = start
         if record.key in skip:
-            continue  # its bytes stay in a checksum-only gap
+            continue
         target = targets.get(record.key)
         adapter = arrays.for_target(target)
         dst = adapter.target_bytes(target) if adapter is not None else None
@@ -167,18 +163,49 @@ def _read_verified(mapping, manifest, targets, skip, threads, where):
                 fixups.append((adapter, target, record, dst))
             else:
                 values[record.key] = dst
+        start = manifest.data_start + record.offset
         segments.append((start, start + record.nbytes, dst))
-        position = max(position, start + record.nbytes)
-    if position < manifest.file_size:
-        segments.append((position, manifest.file_size, None))
+    copy_verified(src, manifest, segments, threads=threads, where=where)
+    for record in manifest.leaves:
+        if record.key in skip:
+            continue
+        if record.kind not in DATA_KINDS:
+            values[record.key] = record.value
+        elif record.key not in in_place:
+            values[record.key] = _finish_value(record, values[record.key])
+    return values, fixups
 
-    chunk = manifest.chunk_size
+
+def copy_verified(
+    src: np.ndarray,
+    manifest: RankManifest,
+    segments: list[tuple[int, int, np.ndarray | None]],
+    *,
+    threads: int,
+    where: str,
+    verified: Collection[int] = (),
+) -> set[int]:
+    """Copy each ``(start, end, dst)`` byte range of the data file ``src`` into ``dst``
+    (None: only read it), checking the crc32c of every chunk a range touches in the same
+    pass; chunks in ``verified`` were checked before and are only copied. Returns the
+    chunks checked. Raises ChecksumMismatchError naming the chunk and its keys."""
+    segments = sorted((seg for seg in segments if seg[1] > seg[0]), key=lambda seg: seg[0])
+    size, count = manifest.chunk_size, len(manifest.chunk_crc32c)
+    needed = sorted(
+        {i for start, end, _ in segments for i in range(start // size, (end - 1) // size + 1)}
+    )
+    if needed and needed[-1] >= count:
+        raise CorruptCheckpointError(
+            f"{where}: byte {min(manifest.file_size, needed[-1] * size)} is past the "
+            f"{count} chunks the manifest records"
+        )
     fastpath = _fastpath.backend()
     starts = [start for start, _, _ in segments]
 
-    def verify_chunk(index: int) -> None:
-        lo, hi = index * chunk, min((index + 1) * chunk, manifest.file_size)
-        crc = 0
+    def check(index: int) -> None:
+        lo, hi = index * size, min((index + 1) * size, manifest.file_size)
+        only_copy = index in verified
+        crc, position = 0, lo
         first = max(0, bisect.bisect_right(starts, lo) - 1)
         for start, end, dst in itertools.islice(segments, first, None):
             if start >= hi:
@@ -186,10 +213,20 @@ def _read_verified(mapping, manifest, targets, skip, threads, where):
             a, b = max(start, lo), min(end, hi)
             if a >= b:
                 continue
+            if not only_copy and a > position:
+                crc = fastpath.crc32c(src[position:a], crc)
             if dst is None:
-                crc = fastpath.crc32c(src[a:b], crc)
+                if not only_copy:
+                    crc = fastpath.crc32c(src[a:b], crc)
+            elif only_copy:
+                fastpath.copy(dst[a - start : b - start], src[a:b])
             else:
                 crc = fastpath.copy_crc32c(dst[a - start : b - start], src[a:b], crc)
+            position = b
+        if only_copy:
+            return
+        if position < hi:
+            crc = fastpath.crc32c(src[position:hi], crc)
         expected = manifest.chunk_crc32c[index]
         if crc != expected:
             keys = [
@@ -203,22 +240,24 @@ def _read_verified(mapping, manifest, targets, skip, threads, where):
                 f"{expected:#010x}; keys affected: {keys[:8]}{' ...' if len(keys) > 8 else ''}"
             )
 
-    count = len(manifest.chunk_crc32c)
-    if threads <= 1 or count <= 1:
-        for index in range(count):
-            verify_chunk(index)
+    def check_all(indices: list[int]) -> None:
+        for index in indices:
+            check(index)
+
+    if threads <= 1 or len(needed) <= 1:
+        check_all(needed)
     else:
-        with ThreadPoolExecutor(max_workers=min(threads, count)) as pool:
-            for future in [pool.submit(verify_chunk, i) for i in range(count)]:
+        # A few batches per thread: chunks may be small, and a task per chunk costs more
+        # than checking it.
+        batches = min(len(needed), threads * 4)
+        per = -(-len(needed) // batches)
+        with ThreadPoolExecutor(max_workers=min(threads, batches)) as pool:
+            futures = [
+                pool.submit(check_all, needed[i : i + per]) for i in range(0, len(needed), per)
+            ]
+            for future in futures:
                 future.result()
-    for record in manifest.leaves:
-        if record.key in skip:
-            continue
-        if record.kind not in DATA_KINDS:
-            values[record.key] = record.value
-        elif record.key not in in_place:
-            values[record.key] = _finish_value(record, values[record.key])
-    return values, fixups
+    return set(needed).difference(verified)
 
 
 def _finish_value(record: LeafRecord, buf: np.ndarray) -> Any:
