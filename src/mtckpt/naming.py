@@ -31,6 +31,16 @@ def check_run(run: object) -> str:
     return run
 
 
+def check_node_id(node_id: object) -> str:
+    """Return ``node_id`` if it is a safe node name (as for runs), else raise ValueError."""
+    if not isinstance(node_id, str) or not _RUN_RE.match(node_id):
+        raise ValueError(
+            f"node id {node_id!r} is invalid: expected 1-128 characters of letters, digits, "
+            "'.', '_' or '-', starting with a letter or digit"
+        )
+    return node_id
+
+
 def check_step(step: object) -> int:
     """Return ``step`` if it is an int in [0, MAX_STEP], else raise ValueError / TypeError."""
     if isinstance(step, bool) or not isinstance(step, int):

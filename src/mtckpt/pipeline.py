@@ -304,7 +304,8 @@ class Pipeline:
             for first in range(0, len(expected), per_write):
                 piece = source[first * size : (first + per_write) * size]
                 actual = checksum.crc32c_chunks(piece, size)
-                for index, (got, wanted) in enumerate(zip(actual, expected[first:]), first):
+                wanted_crcs = expected[first : first + len(actual)]
+                for index, (got, wanted) in enumerate(zip(actual, wanted_crcs, strict=True), first):
                     if got != wanted:
                         raise ChecksumMismatchError(
                             f"step {job.step} rank {self.rank}: the memory tier copy changed "

@@ -1,0 +1,155 @@
+"""Bringing a node's shards back from its peers after the node was lost.
+
+A replacement node's daemon starts with empty roots and the lost node's id. Recovery
+lists what every reachable daemon holds, takes the newest step that is complete for all
+ranks across them (or the step asked for), and fetches the shards saved by this node id
+from the peers holding replicas, several at once and spread over the sources, verifying
+each chunk against the manifest as it arrives; a bad or unreachable source is replaced
+by the next one. The shards land in this node's memory tier with the step's COMMIT, so
+the trainer then restores at memory speed.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import grpc
+
+from .. import _fastpath, commit
+from ..errors import ChecksumMismatchError, CorruptCheckpointError, StepNotFoundError
+from .holdings import Holdings, Shard
+from .peers import Peers, _reason
+from .rpc import shard_id
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Recovered:
+    step: int
+    ranks: list[int]
+    bytes: int = 0
+    sources: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Copy:
+    node: str
+    address: str | None  # None: this daemon
+    shard: Shard
+    world_size: int
+
+
+def recover(holdings: Holdings, peers: Peers, run: str, step: int | None = None) -> Recovered:
+    me = holdings.node_id
+    peers.refresh()
+    copies: list[_Copy] = [_Copy(me, None, h.shard, h.world_size) for h in holdings.list(run=run)]
+    for member in peers.members():
+        if not member.reachable:
+            continue
+        try:
+            listing = peers.client(member.address).list_shards(run=run)
+        except grpc.RpcError as exc:
+            log.warning(
+                "recovery: %s (%s) did not list: %s", member.node_id, member.address, _reason(exc)
+            )
+            continue
+        for info in listing.shards:
+            s = info.shard
+            copies.append(
+                _Copy(
+                    listing.node_id,
+                    member.address,
+                    Shard(s.run, s.step, s.rank, s.origin),
+                    info.world_size,
+                )
+            )
+    by_step: dict[int, list[_Copy]] = {}
+    for copy in copies:
+        by_step.setdefault(copy.shard.step, []).append(copy)
+    complete = sorted((s for s, found in by_step.items() if _complete(found)), reverse=True)
+    if step is None and not complete:
+        raise StepNotFoundError(
+            f"run {run!r}: no step is complete for every rank across this daemon and its "
+            f"{len(peers.members())} peer(s) (steps seen: {sorted(by_step, reverse=True)[:10]})"
+        )
+    if step is not None and step not in complete:
+        raise StepNotFoundError(
+            f"run {run!r} step {step} is not complete for every rank across the daemons; "
+            f"complete steps: {complete[:10] or 'none'}"
+        )
+    chosen = complete[0] if step is None else step
+    found = by_step[chosen]
+    world = found[0].world_size
+    mine = sorted({c.shard.rank for c in found if c.shard.origin == me})
+    here = {c.shard.rank for c in found if c.address is None and c.shard.origin == me}
+    missing = [rank for rank in mine if rank not in here]
+    result = Recovered(chosen, mine)
+    if missing:
+        sources = {
+            rank: [c for c in found if c.shard.rank == rank and c.shard.origin == me and c.address]
+            for rank in missing
+        }
+        with ThreadPoolExecutor(max_workers=min(4, len(missing))) as pool:
+            fetched = list(pool.map(
+                lambda item: _fetch(holdings, peers, item[1], item[0]),
+                enumerate(sources[rank] for rank in missing),
+            ))  # fmt: skip
+        for size, node in fetched:
+            result.bytes += size
+            if node not in result.sources:
+                result.sources.append(node)
+    commit.try_commit(holdings.own, run, chosen, world, mine)
+    log.info(
+        "recovered run %r step %d ranks %s: %d bytes from %s",
+        run, chosen, mine, result.bytes, result.sources or "this node",
+    )  # fmt: skip
+    return result
+
+
+def _complete(copies: list[_Copy]) -> bool:
+    worlds = {c.world_size for c in copies}
+    if len(worlds) != 1:
+        return False
+    return {c.shard.rank for c in copies} >= set(range(worlds.pop()))
+
+
+def _fetch(holdings: Holdings, peers: Peers, sources: list[_Copy], turn: int) -> tuple[int, str]:
+    """Fetch one shard from the first source that gives it whole and verified, starting
+    at a different source for each shard to spread the load."""
+    problems = []
+    order = sources[turn % len(sources) :] + sources[: turn % len(sources)]
+    for source in order:
+        shard = source.shard
+        ident = shard_id(shard)
+        client = peers.client(source.address)
+        try:
+            manifest = b"".join(
+                c.data for c in _checked(client.fetch(ident, manifest=True), source)
+            )
+            data = ((c.offset, c.data) for c in _checked(client.fetch(ident), source))
+            size = holdings.store(shard, manifest, data)
+        except (grpc.RpcError, CorruptCheckpointError, OSError) as exc:
+            reason = _reason(exc) if isinstance(exc, grpc.RpcError) else str(exc)
+            log.warning(
+                "recovery: %s from %s failed: %s; trying another source", shard, source.node, reason
+            )
+            problems.append(f"{source.node}: {reason}")
+            continue
+        return size, source.node
+    raise CorruptCheckpointError(
+        f"no peer could provide {sources[0].shard}: {'; '.join(problems) or 'no source'}"
+    )
+
+
+def _checked(chunks, source: _Copy):
+    crc32c = _fastpath.backend().crc32c
+    for chunk in chunks:
+        if crc32c(chunk.data) != chunk.crc32c:
+            raise ChecksumMismatchError(
+                f"{source.shard} from {source.node}: a chunk at offset {chunk.offset} arrived "
+                f"damaged (crc32c {crc32c(chunk.data):#010x}, sent {chunk.crc32c:#010x})"
+            )
+        yield chunk

@@ -1,0 +1,214 @@
+"""Pushing this node's committed shards to the peers chosen to hold them.
+
+Runs in its own thread of the daemon, never in the trainer: woken by a trainer's Notify
+or every ``scan_interval`` seconds, it lists the node's own committed shards (newest steps
+first, the newest ``keep`` of each run), asks each target peer which it already holds,
+and streams the others. A peer that is down leaves the shard degraded (reported in
+Status) and is caught up once it answers again. Bytes per second can be capped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import grpc
+
+from .. import _fastpath, naming
+from ..proto import mtckpt_pb2 as pb
+from ..restore import close_mapping
+from .holdings import Holdings, Shard
+from .peers import Peers, _reason
+from .placement import replica_targets
+from .rpc import CHUNK_BYTES, shard_id
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReplicaState:
+    targets: list[str]
+    stored: set[str] = field(default_factory=set)
+    error: str = ""
+
+    @property
+    def complete(self) -> bool:
+        return set(self.targets) <= self.stored
+
+
+class Replicator:
+    def __init__(
+        self,
+        holdings: Holdings,
+        peers: Peers,
+        *,
+        zone: str,
+        replicas: int,
+        bandwidth: float | None = None,
+        scan_interval: float = 0.5,
+    ) -> None:
+        self.holdings, self.peers = holdings, peers
+        self.zone, self.replicas = zone, replicas
+        self.bandwidth, self.scan_interval = bandwidth, scan_interval
+        self.state: dict[Shard, ReplicaState] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._cycles = 0
+        self._cycle_done = threading.Condition(self._lock)
+        self._thread = threading.Thread(target=self._run, name="mtckpt-replicator", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def notify(self) -> None:
+        self._wake.set()
+
+    def snapshot(self) -> dict[Shard, ReplicaState]:
+        with self._lock:
+            return {
+                s: ReplicaState(list(r.targets), set(r.stored), r.error)
+                for s, r in self.state.items()
+            }
+
+    def drain(self, timeout: float) -> bool:
+        """Run replication until nothing reachable is pending (or ``timeout``); whether it
+        finished."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            seen = self._cycles
+        while time.monotonic() < deadline:
+            self._wake.set()
+            with self._lock:
+                self._cycle_done.wait_for(
+                    lambda s=seen: self._cycles > s, deadline - time.monotonic()
+                )
+                if self._cycles > seen:
+                    seen = self._cycles
+                    if not self._pending_reachable():
+                        return True
+        return False
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    def _pending_reachable(self) -> bool:
+        reachable = {m.node_id for m in self.peers.members() if m.reachable}
+        return any((set(r.targets) - r.stored) & reachable for r in self.state.values())
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.wait(self.scan_interval)
+            self._wake.clear()
+            if self._stopping.is_set():
+                break
+            try:
+                self.peers.refresh()
+                self.cycle()
+            except Exception:  # keep replicating; the next cycle retries
+                log.exception("replication cycle failed")
+            with self._lock:
+                self._cycles += 1
+                self._cycle_done.notify_all()
+
+    def cycle(self) -> None:
+        me = self.holdings.node_id
+        own = self.holdings.list(origin=me)
+        newest: dict[str, list[int]] = {}
+        for held in own:
+            newest.setdefault(held.shard.run, []).append(held.shard.step)
+        keep = {
+            run: set(sorted(set(steps))[-self.holdings.keep :]) for run, steps in newest.items()
+        }
+        shards = sorted(
+            (h.shard for h in own if h.shard.step in keep[h.shard.run]),
+            key=lambda s: (-s.step, s.run, s.rank),
+        )
+        members = [m for m in self.peers.members() if m.node_id]
+        targets = replica_targets(
+            me, self.zone, [(m.node_id, m.zone) for m in members], self.replicas
+        )
+        held_by: dict[str, set[Shard]] = {}
+        unreachable: dict[str, str] = {}
+        for node in targets:
+            member = self.peers.by_node(node)
+            try:
+                listing = self.peers.client(member.address).list_shards(origin=me)
+            except grpc.RpcError as exc:
+                unreachable[node] = _reason(exc)
+                continue
+            held_by[node] = {
+                Shard(i.shard.run, i.shard.step, i.shard.rank, i.shard.origin)
+                for i in listing.shards
+            }
+        with self._lock:
+            self.state = {s: self.state.get(s) or ReplicaState(targets) for s in shards}
+            for shard in shards:
+                state = self.state[shard]
+                state.targets = list(targets)
+                state.stored &= set(targets)
+        short = ""
+        if len(targets) < self.replicas:
+            short = f"{self.replicas} replicas wanted, {len(targets)} other daemon(s) known"
+            log.warning("replication degraded: %s", short)
+        for shard in shards:
+            state = self.state[shard]
+            for node in targets:
+                if self._stopping.is_set():
+                    return
+                if shard in held_by.get(node, ()):
+                    with self._lock:
+                        state.stored.add(node)
+                    continue
+                if node in unreachable:
+                    with self._lock:
+                        state.error = f"peer {node} unreachable: {unreachable[node]}"
+                    continue
+                try:
+                    self.push(shard, self.peers.by_node(node).address)
+                except (grpc.RpcError, OSError) as exc:
+                    reason = _reason(exc) if isinstance(exc, grpc.RpcError) else str(exc)
+                    log.warning("replicating %s to %s failed: %s", shard, node, reason)
+                    with self._lock:
+                        state.error = f"push to {node} failed: {reason}"
+                    continue
+                with self._lock:
+                    state.stored.add(node)
+            with self._lock:
+                if state.complete:
+                    state.error = short
+
+    def push(self, shard: Shard, address: str) -> None:
+        storage = self.holdings.own
+        manifest = storage.read_bytes(shard.run, shard.step, naming.manifest_file(shard.rank))
+        mapping = storage.map(shard.run, shard.step, naming.data_file(shard.rank))
+        try:
+            self.peers.client(address).push(self._messages(shard, manifest, mapping))
+        finally:
+            close_mapping(mapping)
+        log.info("replicated %s to %s", shard, address)
+
+    def _messages(self, shard: Shard, manifest: bytes, mapping) -> Iterator[pb.PushMessage]:
+        ident = shard_id(shard)
+        size = len(mapping)
+        yield pb.PushMessage(header=pb.PushHeader(shard=ident, manifest=manifest, data_size=size))
+        crc32c = _fastpath.backend().crc32c
+        view = memoryview(mapping)
+        started = time.monotonic()
+        try:
+            for offset in range(0, size, CHUNK_BYTES):
+                piece = bytes(view[offset : offset + CHUNK_BYTES])
+                yield pb.PushMessage(
+                    chunk=pb.DataChunk(offset=offset, data=piece, crc32c=crc32c(piece))
+                )
+                if self.bandwidth:
+                    ahead = (offset + len(piece)) / self.bandwidth - (time.monotonic() - started)
+                    if ahead > 0:
+                        time.sleep(ahead)
+        finally:
+            view.release()

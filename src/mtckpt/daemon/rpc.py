@@ -1,0 +1,137 @@
+"""gRPC plumbing shared by the daemon and its clients: addresses, credentials, the shared
+token, message sizes, and a small client for the Daemon service."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from ..proto import mtckpt_pb2 as pb
+from ..proto import mtckpt_pb2_grpc as pb_grpc
+
+CHUNK_BYTES = 4 * 1024 * 1024  # data bytes per streamed message
+MAX_MESSAGE = 64 * 1024 * 1024  # manifests travel whole in one message
+TOKEN_HEADER = "mtckpt-token"
+OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE),
+    ("grpc.max_send_message_length", MAX_MESSAGE),
+]
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """PEM files for mutual TLS between daemons: this side's certificate and key, and the
+    CA that signed the other side's."""
+
+    cert: str
+    key: str
+    ca: str
+
+    def read(self) -> tuple[bytes, bytes, bytes]:
+        return tuple(Path(p).read_bytes() for p in (self.cert, self.key, self.ca))  # type: ignore[return-value]
+
+
+def shard_id(shard) -> pb.ShardId:
+    """The wire form of a holdings.Shard."""
+    return pb.ShardId(run=shard.run, step=shard.step, rank=shard.rank, origin=shard.origin)
+
+
+def is_unix(address: str) -> bool:
+    return address.startswith("unix:")
+
+
+def unix_path(address: str) -> str:
+    """``unix:///run/x.sock`` or ``unix:/run/x.sock`` -> ``/run/x.sock``."""
+    return "/" + address[len("unix:") :].lstrip("/")
+
+
+class TokenCheck(grpc.ServerInterceptor):
+    """Rejects every call that does not carry the shared token (UNAUTHENTICATED)."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token.encode()
+
+        def deny(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong mtckpt token")
+
+        self._deny = {
+            (False, False): grpc.unary_unary_rpc_method_handler(deny),
+            (False, True): grpc.unary_stream_rpc_method_handler(deny),
+            (True, False): grpc.stream_unary_rpc_method_handler(deny),
+            (True, True): grpc.stream_stream_rpc_method_handler(deny),
+        }
+
+    def intercept_service(self, continuation, handler_call_details):
+        sent = dict(handler_call_details.invocation_metadata or ()).get(TOKEN_HEADER, "")
+        handler = continuation(handler_call_details)
+        if hmac.compare_digest(sent.encode(), self._token) or handler is None:
+            return handler
+        return self._deny[(handler.request_streaming, handler.response_streaming)]
+
+
+class Client:
+    """The Daemon service at ``address`` (``host:port`` or ``unix:///path``)."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        token: str | None = None,
+        tls: TLSFiles | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        self.address = address
+        self.timeout = timeout
+        if tls is not None and not is_unix(address):
+            cert, key, ca = tls.read()
+            credentials = grpc.ssl_channel_credentials(ca, key, cert)
+            self._channel = grpc.secure_channel(address, credentials, options=OPTIONS)
+        else:
+            self._channel = grpc.insecure_channel(address, options=OPTIONS)
+        self._stub = pb_grpc.DaemonStub(self._channel)
+        self._metadata = ((TOKEN_HEADER, token),) if token else ()
+
+    def status(self, timeout: float | None = None) -> pb.StatusReply:
+        return self._stub.Status(
+            pb.StatusRequest(), timeout=timeout or self.timeout, metadata=self._metadata
+        )
+
+    def list_shards(self, run: str = "", origin: str = "") -> pb.ListShardsReply:
+        return self._stub.ListShards(
+            pb.ListShardsRequest(run=run, origin=origin),
+            timeout=self.timeout,
+            metadata=self._metadata,
+        )
+
+    def fetch(
+        self, shard: pb.ShardId, *, manifest: bool = False, offset: int = 0, length: int = 0
+    ) -> Iterator[pb.DataChunk]:
+        request = pb.FetchRequest(shard=shard, manifest=manifest, offset=offset, length=length)
+        return self._stub.Fetch(request, metadata=self._metadata)
+
+    def push(self, messages: Iterable[pb.PushMessage]) -> pb.PushReply:
+        return self._stub.Push(iter(messages), metadata=self._metadata)
+
+    def notify(self, run: str, step: int) -> None:
+        self._stub.Notify(
+            pb.NotifyRequest(run=run, step=step), timeout=self.timeout, metadata=self._metadata
+        )
+
+    def recover(self, run: str, step: int | None = None, timeout: float | None = None):
+        request = (
+            pb.RecoverRequest(run=run) if step is None else pb.RecoverRequest(run=run, step=step)
+        )
+        return self._stub.Recover(request, timeout=timeout, metadata=self._metadata)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

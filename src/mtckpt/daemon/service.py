@@ -1,0 +1,237 @@
+"""The daemon process: the Daemon gRPC service over a Unix socket (trainers, operators)
+and TCP (peers), its replicator, and draining on SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from concurrent import futures
+from dataclasses import dataclass, field
+
+import grpc
+
+from .. import naming
+from ..errors import MtckptError, StepNotFoundError
+from ..proto import mtckpt_pb2 as pb
+from ..proto import mtckpt_pb2_grpc as pb_grpc
+from . import recovery
+from .holdings import Holdings, Shard
+from .peers import Peers
+from .replicator import Replicator
+from .rpc import OPTIONS, TLSFiles, TokenCheck, shard_id, unix_path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DaemonConfig:
+    node_id: str
+    memory_root: str
+    listen: str | None = "127.0.0.1:7787"  # host:port for peers; None: no TCP
+    socket: str | None = None  # path of the Unix socket for trainers and operators
+    peers: list[str] = field(default_factory=list)
+    peers_dns: str | None = None  # NAME:PORT resolving to every daemon
+    replicas: int = 1
+    zone: str = ""
+    keep: int = 2  # steps of each run kept as replicas
+    token: str | None = None
+    tls: TLSFiles | None = None
+    bandwidth: float | None = None  # bytes/s cap on replication pushes
+    scan_interval: float = 0.5
+    drain_timeout: float = 60.0
+    workers: int = 16
+
+    def __post_init__(self) -> None:
+        naming.check_node_id(self.node_id)
+        if self.replicas < 0 or self.keep < 1:
+            raise ValueError(
+                f"replicas must be >= 0 and keep >= 1, got {self.replicas}, {self.keep}"
+            )
+        if self.listen is None and self.socket is None:
+            raise ValueError("the daemon needs a TCP address (listen) or a Unix socket")
+
+
+def _shard(ident: pb.ShardId, context) -> Shard:
+    try:
+        return Shard.checked(ident.run, ident.step, ident.rank, ident.origin)
+    except ValueError as exc:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+
+class _Service(pb_grpc.DaemonServicer):
+    def __init__(self, daemon: Daemon) -> None:
+        self.d = daemon
+
+    def Status(self, request, context):
+        d = self.d
+        reply = pb.StatusReply(
+            node_id=d.config.node_id, zone=d.config.zone, address=d.address or "",
+            memory_root=str(d.holdings.root), replicas=d.config.replicas, draining=d.draining,
+        )  # fmt: skip
+        for member in d.peers.members():
+            reply.peers.add(address=member.address, node_id=member.node_id, zone=member.zone,
+                            reachable=member.reachable, error=member.error)  # fmt: skip
+        for shard, state in sorted(
+            d.replicator.snapshot().items(), key=lambda i: (i[0].run, i[0].step, i[0].rank)
+        ):
+            reply.replication.add(
+                shard=shard_id(shard),
+                targets=state.targets, stored=sorted(state.stored), error=state.error,
+            )  # fmt: skip
+        return reply
+
+    def ListShards(self, request, context):
+        for name, check in (("run", naming.check_run), ("origin", naming.check_node_id)):
+            value = getattr(request, name)
+            if value:
+                try:
+                    check(value)
+                except ValueError as exc:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        reply = pb.ListShardsReply(node_id=self.d.config.node_id)
+        for held in self.d.holdings.list(run=request.run, origin=request.origin):
+            reply.shards.add(
+                shard=shard_id(held.shard),
+                world_size=held.world_size, data_size=held.data_size, replica=held.replica,
+            )  # fmt: skip
+        return reply
+
+    def Fetch(self, request, context):
+        shard = _shard(request.shard, context)
+        try:
+            pieces = self.d.holdings.read(shard, request.manifest, request.offset, request.length)
+            crc32c = _crc32c()
+            for offset, view in pieces:
+                data = bytes(view)
+                yield pb.DataChunk(offset=offset, data=data, crc32c=crc32c(data))
+        except FileNotFoundError as exc:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+
+    def Push(self, request_iterator, context):
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("body") != "header":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a push starts with its header")
+        header = first.header
+        shard = _shard(header.shard, context)
+        if shard.origin == self.d.config.node_id:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"{shard}: this node's own shard cannot be pushed to it")  # fmt: skip
+        crc32c = _crc32c()
+
+        def pieces():
+            for message in request_iterator:
+                if message.WhichOneof("body") != "chunk":
+                    raise MtckptError(f"{shard}: a second header in one push")
+                chunk = message.chunk
+                if crc32c(chunk.data) != chunk.crc32c:
+                    raise MtckptError(
+                        f"{shard}: the chunk at offset {chunk.offset} arrived damaged"
+                    )
+                yield chunk.offset, chunk.data
+
+        try:
+            stored = self.d.holdings.store(shard, header.manifest, pieces(), header.data_size)
+        except (MtckptError, ValueError) as exc:
+            context.abort(grpc.StatusCode.DATA_LOSS, str(exc))
+        self.d.holdings.expire_replicas(shard.origin, shard.run)
+        return pb.PushReply(bytes=stored)
+
+    def Notify(self, request, context):
+        self.d.replicator.notify()
+        return pb.NotifyReply()
+
+    def Recover(self, request, context):
+        try:
+            naming.check_run(request.run)
+            step = request.step if request.HasField("step") else None
+            result = recovery.recover(self.d.holdings, self.d.peers, request.run, step)
+        except StepNotFoundError as exc:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except (MtckptError, ValueError) as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        return pb.RecoverReply(step=result.step, ranks=result.ranks, bytes=result.bytes,
+                               sources=result.sources)  # fmt: skip
+
+
+def _crc32c():
+    from .. import _fastpath
+
+    return _fastpath.backend().crc32c
+
+
+class Daemon:
+    def __init__(self, config: DaemonConfig) -> None:
+        self.config = config
+        self.holdings = Holdings(config.node_id, config.memory_root, config.keep)
+        self.peers = Peers(config.node_id, config.peers, config.peers_dns,
+                           token=config.token, tls=config.tls)  # fmt: skip
+        self.replicator = Replicator(
+            self.holdings, self.peers, zone=config.zone, replicas=config.replicas,
+            bandwidth=config.bandwidth, scan_interval=config.scan_interval,
+        )  # fmt: skip
+        self.address: str | None = None
+        self.draining = False
+        self._server: grpc.Server | None = None
+        self._stopped = threading.Event()
+
+    def start(self) -> None:
+        os.makedirs(self.config.memory_root, exist_ok=True)
+        interceptors = [TokenCheck(self.config.token)] if self.config.token else []
+        pool = futures.ThreadPoolExecutor(self.config.workers, thread_name_prefix="mtckpt-rpc")
+        server = grpc.server(pool, interceptors=interceptors, options=OPTIONS)
+        pb_grpc.add_DaemonServicer_to_server(_Service(self), server)
+        if self.config.listen:
+            if self.config.tls is not None:
+                cert, key, ca = self.config.tls.read()
+                credentials = grpc.ssl_server_credentials(
+                    [(key, cert)], root_certificates=ca, require_client_auth=True
+                )
+                port = server.add_secure_port(self.config.listen, credentials)
+            else:
+                port = server.add_insecure_port(self.config.listen)
+            if port == 0:
+                raise OSError(f"cannot listen on {self.config.listen}")
+            host = self.config.listen.rsplit(":", 1)[0]
+            self.address = f"{host}:{port}"
+        if self.config.socket:
+            path = (
+                unix_path(self.config.socket)
+                if self.config.socket.startswith("unix:")
+                else self.config.socket
+            )
+            if os.path.exists(path):
+                os.unlink(path)  # a socket left by a killed daemon
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            server.add_insecure_port(f"unix://{path}")
+            old = os.umask(0o177)  # the socket is created 0600: only this user's trainers
+            try:
+                server.start()
+            finally:
+                os.umask(old)
+            os.chmod(path, 0o600)
+        else:
+            server.start()
+        self._server = server
+        self.replicator.start()
+        log.info(
+            "mtckpt daemon %s serving on %s %s",
+            self.config.node_id,
+            self.address,
+            self.config.socket,
+        )
+
+    def stop(self, drain: bool = True) -> bool:
+        """Stop; with ``drain``, first finish replication to reachable peers (bounded by the
+        drain timeout). Whether the drain finished."""
+        self.draining = True
+        drained = self.replicator.drain(self.config.drain_timeout) if drain else False
+        self.replicator.stop()
+        if self._server is not None:
+            self._server.stop(grace=5).wait()
+        self.peers.close()
+        self._stopped.set()
+        return drained
+
+    def wait(self) -> None:
+        self._stopped.wait()

@@ -1,0 +1,248 @@
+"""Three or more daemons as real processes on loopback ports: shards saved by trainers on
+one node are replicated to peers; after the loss of a node (daemon SIGKILLed, roots
+deleted) a replacement daemon pulls the node's shards back with `mtckpt restore`, and the
+trainer's restore is bit-exact and needs no other tier."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from unittest import mock
+
+import grpc
+import numpy as np
+import pytest
+
+from daemons import replicated, replication_of, wait_for
+from mtckpt import CheckpointManager, MemoryTier
+from mtckpt.proto import mtckpt_pb2 as pb
+
+RUN = "exp"
+NODES = ["node-a", "node-b", "node-c"]
+
+
+def state(step: int, rank: int) -> dict:
+    rng = np.random.default_rng(step * 100 + rank)
+    return {
+        "w": rng.standard_normal((256, 1024), dtype=np.float32),  # 1 MiB
+        "b": rng.integers(-1000, 1000, 4097, dtype=np.int64),
+        "step": step,
+        "name": f"rank {rank}",
+    }
+
+
+def trainer(daemon, rank: int, world: int) -> CheckpointManager:
+    """The trainer of ``rank``, alone on ``daemon``'s node, using the daemon's memory tier."""
+    with mock.patch.dict(os.environ, {"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}):
+        return CheckpointManager(RUN, MemoryTier(str(daemon.memory_root), keep=2), rank=rank,
+                                 world_size=world)  # fmt: skip
+
+
+def save(daemon, rank: int, world: int, steps, token=None) -> None:
+    """A trainer on ``daemon``'s node saves ``steps`` into the daemon's memory tier."""
+    with trainer(daemon, rank, world) as mgr:
+        for step in steps:
+            mgr.save(step, state(step, rank)).wait()
+    with daemon.client(token=token) as client:
+        client.notify(RUN, steps[-1])
+
+
+def restore(daemon, rank: int, world: int, step=None):
+    with trainer(daemon, rank, world) as mgr:
+        return mgr.restore(step=step)
+
+
+def assert_same(got, want) -> None:
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        if isinstance(value, np.ndarray):
+            assert got[key].dtype == value.dtype and np.array_equal(got[key], value), key
+        else:
+            assert got[key] == value, key
+
+
+def mtckpt_restore(daemon, *args) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "mtckpt", "restore", "--run", RUN, "--daemon",
+           f"unix://{daemon.socket}", "--json", *args]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def three(cluster):
+    daemons = cluster(NODES)
+    for rank, node in enumerate(NODES):
+        save(daemons[node], rank, len(NODES), [1, 2])
+    for node in NODES:
+        wait_for(lambda n=node: replicated(daemons[n], RUN, 2), what=f"{node} replicated")
+    return daemons
+
+
+def test_each_shard_is_replicated_to_another_node_and_listed_there(three):
+    holders = {}
+    for node in NODES:
+        with three[node].client() as client:
+            for info in client.list_shards(run=RUN).shards:
+                if info.replica:
+                    holders.setdefault((info.shard.step, info.shard.origin), []).append(node)
+                    assert info.world_size == 3 and info.data_size > 1 << 20
+    for node in NODES:
+        for step in (1, 2):
+            where = holders[(step, node)]
+            assert len(where) == 1 and where[0] != node  # replicas=1, never on the node itself
+        (state_,) = replication_of(three[node], RUN, 2)
+        assert state_.stored == state_.targets and not state_.error
+
+
+def test_a_lost_node_is_restored_from_its_peers_bit_exact(three, cluster):
+    lost = three["node-b"]
+    lost.lose_node()
+    cluster.restart(lost)  # the replacement: same node id and address, empty roots
+    assert not os.listdir(lost.memory_root)
+    done = mtckpt_restore(lost)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["step"] == 2 and report["ranks"] == [1]
+    assert report["bytes"] > 1 << 20 and report["sources"] and "node-b" not in report["sources"]
+    step, restored = restore(lost, 1, 3)
+    assert step == 2
+    assert_same(restored, state(2, 1))
+    # Restore again: nothing left to fetch.
+    again = json.loads(mtckpt_restore(lost).stdout)
+    assert again["step"] == 2 and again["bytes"] == 0
+
+
+def test_restore_of_an_older_step_by_number(three, cluster):
+    lost = three["node-c"]
+    lost.lose_node()
+    cluster.restart(lost)
+    done = mtckpt_restore(lost, "--step", "1")
+    assert done.returncode == 0, done.stderr
+    step, restored = restore(lost, 2, 3, step=1)
+    assert step == 1
+    assert_same(restored, state(1, 2))
+
+
+def test_restore_names_what_is_missing_when_no_step_is_complete(cluster):
+    daemons = cluster(["solo-a", "solo-b"])
+    save(daemons["solo-a"], 0, 2, [1])  # rank 1 never saved
+    done = mtckpt_restore(daemons["solo-b"])
+    assert done.returncode == 1
+    assert "no step is complete for every rank" in done.stderr
+
+
+def test_a_peer_down_during_save_is_reported_and_caught_up(cluster):
+    daemons = cluster(NODES)
+    save(daemons["node-a"], 0, 3, [1])
+    wait_for(lambda: replicated(daemons["node-a"], RUN, 1), what="first replication")
+    (first,) = replication_of(daemons["node-a"], RUN, 1)
+    target = daemons[first.targets[0]]
+    target.kill()
+    save(daemons["node-a"], 0, 3, [2])  # the save itself does not wait for peers
+
+    def degraded():
+        states = replication_of(daemons["node-a"], RUN, 2)
+        return states and states[0].error and not set(states[0].targets) <= set(states[0].stored)
+
+    wait_for(degraded, what="degraded replication reported")
+    (state_,) = replication_of(daemons["node-a"], RUN, 2)
+    assert first.targets[0] in state_.error
+    cluster.restart(target)
+    wait_for(lambda: replicated(daemons["node-a"], RUN, 2), what="caught up")
+    with target.client() as client:
+        held = {(i.shard.origin, i.shard.step) for i in client.list_shards(run=RUN).shards}
+    assert ("node-a", 2) in held
+
+
+def test_a_corrupted_replica_is_detected_and_another_source_used(cluster):
+    daemons = cluster(NODES, extra=["--replicas", "2"])
+    save(daemons["node-a"], 0, 1, [1])
+    wait_for(lambda: replicated(daemons["node-a"], RUN, 1), what="two replicas")
+    (state_,) = replication_of(daemons["node-a"], RUN, 1)
+    assert sorted(state_.stored) == ["node-b", "node-c"]
+    # node-b comes first in node-a's peer list, so its copy is the first source tried.
+    bad = daemons["node-b"]
+    path = (bad.memory_root / ".replicas" / "node-a" / RUN / f"step-{1:012d}"
+            / "rank-00000.safetensors")  # fmt: skip
+    with open(path, "r+b") as f:
+        f.seek(4096 + 1000)
+        byte = f.read(1)
+        f.seek(4096 + 1000)
+        f.write(bytes([byte[0] ^ 1]))
+    lost = daemons["node-a"]
+    lost.lose_node()
+    cluster.restart(lost)
+    done = mtckpt_restore(lost)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["sources"] == ["node-c"]
+    assert "from node-b failed" in lost.log.read_text()
+    assert "chunk 0 arrived with crc32c" in lost.log.read_text()
+    assert_same(restore(lost, 0, 1)[1], state(1, 0))
+
+
+def test_a_restarted_daemon_finds_what_its_roots_hold(three, cluster):
+    daemon = three["node-a"]
+    with daemon.client() as client:
+        before = sorted((i.shard.origin, i.shard.step, i.shard.rank, i.replica)
+                        for i in client.list_shards().shards)  # fmt: skip
+    daemon.kill()
+    cluster.restart(daemon)
+    with daemon.client() as client:
+        after = sorted((i.shard.origin, i.shard.step, i.shard.rank, i.replica)
+                       for i in client.list_shards().shards)  # fmt: skip
+    assert after == before and any(r for *_, r in after) and any(not r for *_, r in after)
+    wait_for(lambda: replicated(daemon, RUN, 2), what="replication state rebuilt")
+
+
+def test_sigterm_drains_and_exits_zero(cluster):
+    daemons = cluster(["drain-a", "drain-b"], extra=["--bandwidth", str(8 << 20)])
+    save(daemons["drain-a"], 0, 1, [1])  # about 1 MiB at 8 MiB/s
+    assert daemons["drain-a"].terminate() == 0
+    with daemons["drain-b"].client() as client:
+        held = [(i.shard.origin, i.shard.step) for i in client.list_shards(run=RUN).shards]
+    assert ("drain-a", 1) in held
+
+
+def test_a_wrong_token_is_rejected(cluster, tmp_path):
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    daemons = cluster(["tok-a", "tok-b"], extra=["--token-file", str(token)])
+    daemon = daemons["tok-a"]
+    for wrong in (None, "guess"):
+        with daemon.client(token=wrong) as client, pytest.raises(grpc.RpcError) as info:
+            client.status()
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with daemon.client(token="s3cret") as client:
+        assert client.status().node_id == "tok-a"
+    save(daemon, 0, 1, [1], token="s3cret")  # peers use the token too
+    wait_for(lambda: replicated_with(daemon, "s3cret"), what="replication with the token")
+
+
+def replicated_with(daemon, token):
+    with daemon.client(token=token) as client:
+        states = client.status().replication
+    return states and all(set(s.targets) <= set(s.stored) for s in states)
+
+
+def test_the_unix_socket_is_private(cluster):
+    daemon = cluster(["sock-a"])["sock-a"]
+    assert os.stat(daemon.socket).st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize(
+    ("run", "step", "rank", "origin"),
+    [("../etc", 1, 0, "x"), ("exp", -1, 0, "x"), ("exp", 1, 10**6, "x"), ("exp", 1, 0, "../..")],
+)
+def test_names_from_the_wire_are_validated(cluster, run, step, rank, origin):
+    daemon = cluster(["wire-a"])["wire-a"]
+    shard = pb.ShardId(run=run, step=step, rank=rank, origin=origin)
+    with daemon.client() as client:
+        with pytest.raises(grpc.RpcError) as info:
+            list(client.fetch(shard))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        header = pb.PushMessage(header=pb.PushHeader(shard=shard, manifest=b"{}", data_size=1))
+        with pytest.raises(grpc.RpcError) as info:
+            client.push([header])
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert not any(p.name not in ("memory",) for p in daemon.memory_root.parent.iterdir())
