@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
@@ -9,8 +10,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
+import numpy as np
+
+from mtckpt import CheckpointManager, MemoryTier
 from mtckpt.daemon.rpc import Client
+
+TRAIN_RUN = "exp"
 
 
 def free_port() -> int:
@@ -21,12 +28,12 @@ def free_port() -> int:
 
 class DaemonProcess:
     def __init__(self, node_id: str, base: Path, sockets: Path, port: int, peers: list[str],
-                 extra: list[str]) -> None:  # fmt: skip
+                 extra: list[str], host: str = "127.0.0.1") -> None:  # fmt: skip
         self.node_id = node_id
         self.memory_root = base / node_id / "memory"
         self.socket = sockets / f"{node_id}.sock"
         self.port = port
-        self.address = f"127.0.0.1:{port}"
+        self.address = f"{host}:{port}"
         self.peers = peers
         self.extra = extra
         self.log = base / f"{node_id}.log"
@@ -85,3 +92,89 @@ def replicated(daemon: DaemonProcess, run: str, step: int) -> bool:
 def replication_of(daemon: DaemonProcess, run: str, step: int):
     with daemon.client() as c:
         return [r for r in c.status().replication if r.shard.run == run and r.shard.step == step]
+
+
+def make_certs(directory: Path, names=("node",)) -> dict:
+    """A CA and, per name, a certificate for 127.0.0.1 / localhost signed by it (PEM
+    files): ``{"ca": path, name: (cert path, key path), ...}``."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def build(subject, issuer, public_key, signing_key, extensions):
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(issuer)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+        )
+        for extension, critical in extensions:
+            builder = builder.add_extension(extension, critical=critical)
+        return builder.sign(signing_key, hashes.SHA256())
+
+    def write(path: Path, cert, key) -> tuple[str, str]:
+        cert_path, key_path = path.with_suffix(".crt"), path.with_suffix(".key")
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                               serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))  # fmt: skip
+        return str(cert_path), str(key_path)
+
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mtckpt test CA")])
+    ca = build(ca_name, ca_name, ca_key.public_key(), ca_key,
+               [(x509.BasicConstraints(ca=True, path_length=None), True)])  # fmt: skip
+    files = {"ca": write(directory / "ca", ca, ca_key)[0]}
+    for name in names:
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        san = x509.SubjectAlternativeName(
+            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+        )
+        usage = x509.ExtendedKeyUsage(
+            [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+        )
+        cert = build(subject, ca_name, key.public_key(), ca_key, [(san, False), (usage, False)])
+        files[name] = write(directory / name, cert, key)
+    return files
+
+
+def state(step: int, rank: int) -> dict:
+    rng = np.random.default_rng(step * 100 + rank)
+    return {
+        "w": rng.standard_normal((256, 1024), dtype=np.float32),  # 1 MiB
+        "b": rng.integers(-1000, 1000, 4097, dtype=np.int64),
+        "step": step,
+        "name": f"rank {rank}",
+    }
+
+
+def trainer(daemon, rank: int, world: int) -> CheckpointManager:
+    """The trainer of ``rank``, alone on ``daemon``'s node, using the daemon's memory tier."""
+    with mock.patch.dict(os.environ, {"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}):
+        return CheckpointManager(TRAIN_RUN, MemoryTier(str(daemon.memory_root), keep=2), rank=rank,
+                                 world_size=world)  # fmt: skip
+
+
+def save(daemon, rank: int, world: int, steps, token=None) -> None:
+    """A trainer on ``daemon``'s node saves ``steps`` into the daemon's memory tier."""
+    with trainer(daemon, rank, world) as mgr:
+        for step in steps:
+            mgr.save(step, state(step, rank)).wait()
+    with daemon.client(token=token) as client:
+        client.notify(TRAIN_RUN, steps[-1])
+
+
+def restore(daemon, rank: int, world: int, step=None):
+    with trainer(daemon, rank, world) as mgr:
+        return mgr.restore(step=step)

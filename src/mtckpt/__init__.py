@@ -5,7 +5,7 @@ slower tiers (local disk, ...) follow in the background. Restore takes the newes
 checksum-verified step from the fastest tier that has a good copy.
 """
 
-from .config import LocalTier, MemoryTier
+from .config import LocalTier, MemoryTier, PeerTier
 from .errors import (
     ChecksumMismatchError,
     ClosedError,
@@ -34,6 +34,7 @@ __all__ = [
     "LocalTier",
     "MemoryTier",
     "MtckptError",
+    "PeerTier",
     "SaveHandle",
     "StateMismatchError",
     "StepExistsError",

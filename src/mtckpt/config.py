@@ -82,7 +82,38 @@ class LocalTier:
         _check_schedule("local", self.every, self.interval, self.keep)
 
 
-TIER_CLASSES: dict[str, type] = {"memory": MemoryTier, "local": LocalTier}
+@dataclass(frozen=True)
+class PeerTier:
+    """Copies on other nodes, made by this node's daemon (``mtckpt daemon``), which also owns
+    the memory tier: the manager learns the memory root from it. ``replicas``: the copies
+    ``h.wait("peers")`` expects (the daemon must be configured for at least as many);
+    ``timeout``: seconds it waits for them before failing."""
+
+    daemon: str = "unix:///run/mtckpt/mtckpt.sock"
+    replicas: int = 1
+    token_file: str | None = None
+    timeout: float = 600.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.daemon, str) or not self.daemon:
+            raise ConfigError(f"peers.daemon must be an address, got {self.daemon!r}")
+        if (
+            isinstance(self.replicas, bool)
+            or not isinstance(self.replicas, int)
+            or self.replicas < 1
+        ):
+            raise ConfigError(f"peers.replicas must be an int >= 1, got {self.replicas!r}")
+        if (
+            isinstance(self.timeout, bool)
+            or not isinstance(self.timeout, (int, float))
+            or self.timeout <= 0
+        ):
+            raise ConfigError(f"peers.timeout must be > 0 seconds, got {self.timeout!r}")
+
+
+TIER_CLASSES: dict[str, type] = {"memory": MemoryTier, "local": LocalTier, "peers": PeerTier}
+_FIELD_KINDS = {"path": str, "every": int, "interval": float, "keep": int, "daemon": str,
+                "replicas": int, "token_file": str, "timeout": float}  # fmt: skip
 
 # Manager options other than tiers, with the type each takes.
 MANAGER_OPTIONS: dict[str, type] = {
@@ -95,7 +126,7 @@ MANAGER_OPTIONS: dict[str, type] = {
     "collective_timeout": float,
     "staging": str,
 }
-_OPTIONAL = {"every", "interval", "rank", "world_size", "threads"}
+_OPTIONAL = {"every", "interval", "rank", "world_size", "threads", "token_file"}
 
 
 def load(path: str | os.PathLike | None = None, env: Mapping[str, str] | None = None) -> dict:
@@ -157,7 +188,7 @@ def _apply_env(settings: dict[str, Any], env: Mapping[str, str]) -> None:
         for f in dataclasses.fields(cls):
             name = f"MTCKPT_{tier.upper()}_{f.name.upper()}"
             if name in env:
-                kind = {"path": str, "every": int, "interval": float, "keep": int}[f.name]
+                kind = _FIELD_KINDS[f.name]
                 section = settings.setdefault(tier, {})
                 section[f.name] = _parse_env(name, env[name], kind, f.name in _OPTIONAL)
 

@@ -8,6 +8,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,7 @@ from . import (
     topology,
     tree,
 )
-from .config import LocalTier, MemoryTier
+from .config import LocalTier, MemoryTier, PeerTier
 from .errors import (
     ClosedError,
     ConfigError,
@@ -41,6 +42,7 @@ from .pipeline import Pipeline, SaveJob
 from .tiers.base import Storage
 from .tiers.local import LocalStorage
 from .tiers.memory import MemoryStorage, Slot
+from .tiers.peer import DaemonLink
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,7 @@ class CheckpointManager:
         run: str,
         memory: MemoryTier | None = None,
         local: LocalTier | None = None,
+        peers: PeerTier | None = None,
         *,
         rank: int | None = None,
         world_size: int | None = None,
@@ -74,8 +77,9 @@ class CheckpointManager:
             self.run = naming.check_run(run)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        memory = MemoryTier() if memory is None else memory
-        if not isinstance(memory, MemoryTier):
+        if peers is not None and not isinstance(peers, PeerTier):
+            raise ConfigError(f"peers must be a mtckpt.PeerTier, got {type(peers).__name__}")
+        if memory is not None and not isinstance(memory, MemoryTier):
             raise ConfigError(f"memory must be a mtckpt.MemoryTier, got {type(memory).__name__}")
         if local is not None and not isinstance(local, LocalTier):
             raise ConfigError(f"local must be a mtckpt.LocalTier, got {type(local).__name__}")
@@ -103,6 +107,18 @@ class CheckpointManager:
         self.threads = threads or max(1, min(8, os.cpu_count() or 1))
         _fastpath.backend()  # choose (and report) the fast path now, not mid-save
 
+        self._peers = None if peers is None else DaemonLink(peers, self.run, self.rank)
+        if self._peers is not None:
+            root = self._peers.memory_root
+            if memory is None:
+                memory = MemoryTier(path=root)
+            elif config.expand_path(memory.path).resolve() != Path(root).resolve():
+                self._peers.close()
+                raise ConfigError(
+                    f"memory.path {memory.path!r} is not the memory root {root!r} of the daemon "
+                    f"at {peers.daemon}; leave memory= out to use the daemon's"
+                )
+        memory = MemoryTier() if memory is None else memory
         self._memory = MemoryStorage(config.expand_path(memory.path))
         self._tiers: list[tuple[Any, Storage]] = [(memory, self._memory)]
         if local is not None:
@@ -123,6 +139,7 @@ class CheckpointManager:
             slower={s.name: (s, cfg.keep) for cfg, s in self._tiers[1:]},
             chunk_size=chunk_size,
             threads=max(1, self.threads // 2),
+            on_memory_commit=None if self._peers is None else self._peers.committed,
         )
 
     @classmethod
@@ -187,7 +204,7 @@ class CheckpointManager:
             )
         now = time.monotonic()
         due = [s.name for _, s in self._tiers] if force else self._due_tiers(step, now)
-        configured = tuple(s.name for _, s in self._tiers)
+        configured = tuple(s.name for _, s in self._tiers) + self._peer_stage()
         if not due:
             handle = SaveHandle(step, (), configured)
             handle._finish("staged")
@@ -207,7 +224,7 @@ class CheckpointManager:
         except BaseException:
             self._memory.release(slot, self.run, self.rank)
             raise
-        handle = SaveHandle(step, tuple(due), configured)
+        handle = SaveHandle(step, tuple(due) + self._peer_stage(), configured)
         if self.staging == "blocking":
             handle._finish("staged")
         self._pipeline.submit(
@@ -228,6 +245,10 @@ class CheckpointManager:
             self._last_saved_at[name] = now
         self._handles = [h for h in self._handles if not h.done()] + [handle]
         return handle
+
+    def _peer_stage(self) -> tuple[str, ...]:
+        """The "peers" stage: every step committed in memory is replicated by the daemon."""
+        return () if self._peers is None else ("peers",)
 
     def _replica_owners(self, leaves: list[tree.Leaf]) -> dict[str, int]:
         """Keys of shards whose bytes another rank stores: of the ranks holding the same
@@ -289,6 +310,8 @@ class CheckpointManager:
         """
         self._check_open()
         self._pipeline.wait_memory_idle()
+        if self._peers is not None:
+            self._peers.recover()  # a replacement node: its shards come from the peers
         allow_pickle = self.allow_pickle if allow_pickle is None else allow_pickle
         holders = {
             storage.name: set(self._committed(storage, any_rank=True)) for _, storage in self._tiers
@@ -406,9 +429,13 @@ class CheckpointManager:
     # -- inspecting and removing -----------------------------------------------------------
 
     def steps(self) -> dict[str, list[int]]:
-        """Complete steps holding this rank's shard, per tier, ascending."""
+        """Complete steps holding this rank's shard, per tier, ascending ("peers": those
+        every peer chosen by the daemon holds)."""
         self._check_open()
-        return {storage.name: self._committed(storage) for _, storage in self._tiers}
+        steps = {storage.name: self._committed(storage) for _, storage in self._tiers}
+        if self._peers is not None:
+            steps["peers"] = self._peers.replicated_steps()
+        return steps
 
     def latest_step(self) -> int | None:
         """The newest step complete in any tier, or None."""
@@ -441,6 +468,8 @@ class CheckpointManager:
             self._pipeline.close()
             for _, storage in self._tiers:
                 storage.close()
+            if self._peers is not None:
+                self._peers.close()
 
     def __enter__(self) -> CheckpointManager:
         return self

@@ -66,8 +66,10 @@ class Pipeline:
         slower: dict[str, tuple[Storage, int]],
         chunk_size: int,
         threads: int,
+        on_memory_commit: Callable[[int, SaveHandle], None] | None = None,
     ) -> None:
         self.run, self.rank, self.world_size = run, rank, world_size
+        self.on_memory_commit = on_memory_commit
         self.node_ranks = node_ranks
         self.memory, self.memory_keep = memory, memory_keep
         self.chunk_size, self.threads = chunk_size, threads
@@ -169,17 +171,22 @@ class Pipeline:
                 self._commit_in_memory(job)
             except BaseException as exc:  # reported through the handle, never lost
                 log.error("step %d: commit in the memory tier failed: %s", job.step, exc)
-                for stage in ("memory",) + job.tiers:
+                for stage in ("memory",) + job.tiers + self._peer_stage(job):
                     job.handle._finish(stage, error=exc)
             else:
                 self._collect_memory_garbage()
                 job.handle._finish("memory")
+                if self.on_memory_commit is not None:
+                    self.on_memory_commit(job.step, job.handle)
                 self._prepare_spare_slot(job.slot.size)
             finally:
                 with self._cond:
                     self._memory_busy = False
                     self._active -= 1
                     self._cond.notify_all()
+
+    def _peer_stage(self, job: SaveJob) -> tuple[str, ...]:
+        return ("peers",) if "peers" in job.handle.tiers else ()
 
     def _commit_in_memory(self, job: SaveJob) -> None:
         try:

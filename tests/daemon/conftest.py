@@ -15,17 +15,23 @@ from daemons import DaemonProcess, free_port  # noqa: E402
 
 @pytest.fixture
 def cluster(tmp_path):
-    """A function starting daemons ``ids`` that list each other as peers."""
+    """A function starting daemons ``ids`` that list each other as peers; with
+    ``dns=True`` they share one port on 127.0.0.1, 127.0.0.2, ... and find peers through
+    the name localhost instead (which resolves to the first only)."""
     sockets = Path(tempfile.mkdtemp(prefix="mtd-"))  # Unix socket paths must be short
     started: list[DaemonProcess] = []
 
-    def start(ids, extra=(), per_node=None):
-        ports = {node: free_port() for node in ids}
+    def start(ids, extra=(), per_node=None, dns=False):
+        shared = free_port()
+        ports = {node: shared if dns else free_port() for node in ids}
         daemons = {}
-        for node in ids:
-            peers = [f"127.0.0.1:{ports[o]}" for o in ids if o != node]
+        for i, node in enumerate(ids):
+            peers = [] if dns else [f"127.0.0.1:{ports[o]}" for o in ids if o != node]
             args = [*extra, *((per_node or {}).get(node, []))]
-            daemon = DaemonProcess(node, tmp_path, sockets, ports[node], peers, args)
+            if dns:
+                args += ["--peers-dns", f"localhost:{shared}"]
+            host = f"127.0.0.{i + 1}" if dns else "127.0.0.1"
+            daemon = DaemonProcess(node, tmp_path, sockets, ports[node], peers, args, host)
             daemons[node] = daemon.start()
             started.append(daemon)
         return daemons

@@ -9,49 +9,16 @@ import json
 import os
 import subprocess
 import sys
-from unittest import mock
 
 import grpc
 import numpy as np
 import pytest
 
-from daemons import replicated, replication_of, wait_for
-from mtckpt import CheckpointManager, MemoryTier
+from daemons import replicated, replication_of, restore, save, state, wait_for
 from mtckpt.proto import mtckpt_pb2 as pb
 
-RUN = "exp"
+RUN = "exp"  # the run the helpers in daemons.py save
 NODES = ["node-a", "node-b", "node-c"]
-
-
-def state(step: int, rank: int) -> dict:
-    rng = np.random.default_rng(step * 100 + rank)
-    return {
-        "w": rng.standard_normal((256, 1024), dtype=np.float32),  # 1 MiB
-        "b": rng.integers(-1000, 1000, 4097, dtype=np.int64),
-        "step": step,
-        "name": f"rank {rank}",
-    }
-
-
-def trainer(daemon, rank: int, world: int) -> CheckpointManager:
-    """The trainer of ``rank``, alone on ``daemon``'s node, using the daemon's memory tier."""
-    with mock.patch.dict(os.environ, {"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}):
-        return CheckpointManager(RUN, MemoryTier(str(daemon.memory_root), keep=2), rank=rank,
-                                 world_size=world)  # fmt: skip
-
-
-def save(daemon, rank: int, world: int, steps, token=None) -> None:
-    """A trainer on ``daemon``'s node saves ``steps`` into the daemon's memory tier."""
-    with trainer(daemon, rank, world) as mgr:
-        for step in steps:
-            mgr.save(step, state(step, rank)).wait()
-    with daemon.client(token=token) as client:
-        client.notify(RUN, steps[-1])
-
-
-def restore(daemon, rank: int, world: int, step=None):
-    with trainer(daemon, rank, world) as mgr:
-        return mgr.restore(step=step)
 
 
 def assert_same(got, want) -> None:
@@ -246,3 +213,12 @@ def test_names_from_the_wire_are_validated(cluster, run, step, rank, origin):
             client.push([header])
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert not any(p.name not in ("memory",) for p in daemon.memory_root.parent.iterdir())
+
+
+def test_peers_found_through_a_dns_name(cluster):
+    daemons = cluster(["dns-a", "dns-b"], dns=True)  # dns-a is on 127.0.0.1, dns-b on .2
+    save(daemons["dns-b"], 0, 1, [1])
+    wait_for(lambda: replicated(daemons["dns-b"], RUN, 1), what="replication to dns-a")
+    with daemons["dns-a"].client() as client:
+        held = [(i.shard.origin, i.shard.step) for i in client.list_shards(run=RUN).shards]
+    assert held == [("dns-b", 1)]

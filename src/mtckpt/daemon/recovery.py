@@ -101,7 +101,8 @@ def recover(holdings: Holdings, peers: Peers, run: str, step: int | None = None)
             result.bytes += size
             if node not in result.sources:
                 result.sources.append(node)
-    commit.try_commit(holdings.own, run, chosen, world, mine)
+    if mine:  # a node that saved nothing of this step has nothing to commit
+        commit.try_commit(holdings.own, run, chosen, world, mine)
     log.info(
         "recovered run %r step %d ranks %s: %d bytes from %s",
         run, chosen, mine, result.bytes, result.sources or "this node",

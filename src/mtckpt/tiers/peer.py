@@ -1,0 +1,154 @@
+"""The trainer's side of the node daemon: where the memory tier is, telling the daemon
+when a step is committed there, following its replication for ``h.wait("peers")`` and
+``mgr.steps()``, and asking it to fetch this node's shards from peers before a restore.
+
+All of it runs off the training thread, except the recovery call made by ``restore``."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+
+from ..config import PeerTier
+from ..errors import ConfigError, TierError
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.05
+
+
+class DaemonLink:
+    def __init__(self, cfg: PeerTier, run: str, rank: int) -> None:
+        try:
+            import grpc
+
+            from ..daemon.rpc import Client
+        except ImportError as exc:
+            raise ConfigError(f"peers= needs grpcio: pip install 'mtckpt[grpc]' ({exc})") from None
+        self._grpc = grpc
+        self.cfg, self.run, self.rank = cfg, run, rank
+        token = None
+        if cfg.token_file:
+            with open(cfg.token_file) as f:
+                token = f.read().strip()
+        self.client = Client(cfg.daemon, token=token, timeout=30.0)
+        try:
+            status = self.client.status(timeout=10.0)
+        except grpc.RpcError as exc:
+            self.client.close()
+            raise ConfigError(
+                f"no mtckpt daemon answers at {cfg.daemon}: {exc.details()}"
+            ) from None
+        if status.replicas < cfg.replicas:
+            self.client.close()
+            raise ConfigError(
+                f"the daemon at {cfg.daemon} keeps {status.replicas} replica(s) of each shard, "
+                f"PeerTier asks for {cfg.replicas}; start it with --replicas {cfg.replicas}"
+            )
+        self.node_id, self.memory_root = status.node_id, status.memory_root
+        self._queue: queue.Queue = queue.Queue()
+        self._pending = 0
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._worker, name="mtckpt-peers", daemon=True)
+        self._thread.start()
+
+    def committed(self, step: int, handle) -> None:
+        """``step`` is committed in memory on this rank: follow its replication."""
+        with self._cond:
+            self._pending += 1
+        self._queue.put((step, handle))
+
+    def _worker(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            step, handle = item
+            try:
+                self._follow(step, handle)
+            except Exception as exc:  # never let the follower die: the handle says why
+                handle._finish("peers", error=TierError(f"step {step}: replication: {exc}"))
+            finally:
+                with self._cond:
+                    self._pending -= 1
+                    self._cond.notify_all()
+
+    def _follow(self, step: int, handle) -> None:
+        grpc = self._grpc
+        deadline = time.monotonic() + self.cfg.timeout
+        notified = False
+        while True:
+            try:
+                if not notified:
+                    self.client.notify(self.run, step)
+                    notified = True
+                state = self._state(step)
+            except grpc.RpcError as exc:
+                state, error = None, f"daemon at {self.cfg.daemon}: {exc.details()}"
+            else:
+                error = state.error if state is not None else ""
+            if state is not None and set(state.targets) <= set(state.stored) and not error:
+                handle._finish("peers")
+                return
+            if state is not None and error:
+                handle._finish("peers", error=TierError(
+                    f"step {step} rank {self.rank}: replication degraded ({error}); the daemon "
+                    "goes on trying"))  # fmt: skip
+                return
+            if time.monotonic() > deadline:
+                why = error or "no replication reported"
+                handle._finish("peers", error=TierError(
+                    f"step {step} rank {self.rank}: not replicated after {self.cfg.timeout} s "
+                    f"({why})"))  # fmt: skip
+                return
+            time.sleep(POLL_SECONDS)
+
+    def _state(self, step: int):
+        for entry in self.client.status().replication:
+            s = entry.shard
+            if (s.run, s.step, s.rank, s.origin) == (self.run, step, self.rank, self.node_id):
+                return entry
+        return None
+
+    def replicated_steps(self) -> list[int]:
+        """Steps whose shard of this rank every target peer holds, ascending."""
+        try:
+            entries = self.client.status().replication
+        except self._grpc.RpcError as exc:
+            log.error("cannot reach the daemon at %s: %s", self.cfg.daemon, exc.details())
+            return []
+        return sorted(
+            e.shard.step
+            for e in entries
+            if (e.shard.run, e.shard.rank, e.shard.origin) == (self.run, self.rank, self.node_id)
+            and set(e.targets) <= set(e.stored)
+            and not e.error
+        )
+
+    def recover(self) -> None:
+        """Have the daemon fetch this node's shards of the newest step complete across the
+        daemons, when this node lacks them (a replacement node)."""
+        grpc = self._grpc
+        try:
+            reply = self.client.recover(self.run, timeout=self.cfg.timeout)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return  # no step complete across the daemons: restore finds what there is
+            log.warning(
+                "the daemon could not recover run %r from peers: %s", self.run, exc.details()
+            )
+            return
+        if reply.bytes:
+            log.info("step %d: %d bytes of this node's shards fetched from peers %s",
+                     reply.step, reply.bytes, list(reply.sources))  # fmt: skip
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self._pending == 0, timeout)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+        self.client.close()
