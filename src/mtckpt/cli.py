@@ -41,6 +41,7 @@ def _daemon(args: argparse.Namespace) -> int:
         tls=tls,
         bandwidth=args.bandwidth,
         drain_timeout=args.drain_timeout,
+        scan_interval=args.scan_interval,
     )
     daemon = Daemon(config)
     daemon.start()
@@ -107,6 +108,8 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--tls-ca")
     d.add_argument("--bandwidth", type=float, help="replication cap in bytes/s")
     d.add_argument("--drain-timeout", type=float, default=60.0, help="seconds, on SIGTERM")
+    d.add_argument("--scan-interval", type=float, default=0.5,
+                   help="seconds between scans for committed steps")  # fmt: skip
     d.set_defaults(handler=_daemon)
 
     r = commands.add_parser("restore", help="fetch this node's newest good checkpoint")

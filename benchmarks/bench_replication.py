@@ -1,0 +1,289 @@
+"""Replication benchmark: two or three `mtckpt daemon` processes on loopback.
+
+Measured in the same run:
+- throughput of replicating a committed step (about 1 GiB) from one daemon to another,
+  from the trainer's notify until the peer lists the replica, against a raw TCP transfer
+  of the same bytes between two processes (target: at least 50%);
+- the training thread's overhead while replication runs: the step time of a CPU-bound
+  loop that saves every few steps through PeerTier, with the daemons replicating against
+  the same loop with --replicas 0 (target: under 5%), uncapped and with --bandwidth;
+- the time for a replacement node (daemon killed, roots deleted, restarted empty) to be
+  restore-ready: the Recover call that pulls its shard back from the peer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+from _harness import (
+    GIB,
+    free_port,
+    machine_info,
+    markdown_table,
+    print_checks,
+    target_check,
+    write_report,
+)
+
+import mtckpt
+from mtckpt.daemon.rpc import Client
+
+RUN = "bench"
+NO_REPLICATION = "no replication (--replicas 0, memory tier only)"
+
+
+class Daemon:
+    def __init__(self, node: str, base: Path, sockets: Path, port: int, peers: list[int],
+                 extra: list[str]) -> None:  # fmt: skip
+        self.node, self.port = node, port
+        self.root = base / node
+        self.socket = sockets / f"{node}.sock"
+        self.args = [sys.executable, "-m", "mtckpt", "daemon", "--node-id", node,
+                     "--listen", f"127.0.0.1:{port}", "--socket", str(self.socket),
+                     "--memory-root", str(self.root),
+                     "--peers", ",".join(f"127.0.0.1:{p}" for p in peers), *extra]  # fmt: skip
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> Daemon:
+        self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        if "ready" not in line:
+            raise RuntimeError(f"daemon {self.node} did not start: {line!r}")
+        return self
+
+    def client(self) -> Client:
+        return Client(f"unix://{self.socket}", timeout=600)
+
+    def stop(self, sig=signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=120)
+
+
+def pair(base: Path, sockets: Path, extra: list[str], names=("a", "b")) -> dict[str, Daemon]:
+    ports = {n: free_port() for n in names}
+    return {
+        n: Daemon(n, base, sockets, ports[n], [ports[o] for o in names if o != n], extra).start()
+        for n in names
+    }
+
+
+def trainer(daemon: Daemon, peers: bool = True) -> mtckpt.CheckpointManager:
+    """The trainer on ``daemon``'s node; without ``peers``, it only writes the memory tier
+    (the daemon replicates when notified)."""
+    tiers = (
+        {"peers": mtckpt.PeerTier(daemon=f"unix://{daemon.socket}")}
+        if peers
+        else {"memory": mtckpt.MemoryTier(path=str(daemon.root))}
+    )
+    with mock.patch.dict(os.environ, {"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}):
+        return mtckpt.CheckpointManager(RUN, rank=0, world_size=1, **tiers)
+
+
+def held_by(daemon: Daemon, origin: str, step: int) -> bool:
+    with daemon.client() as client:
+        return any(i.shard.step == step for i in client.list_shards(RUN, origin).shards)
+
+
+# -- raw TCP baseline ---------------------------------------------------------------------
+
+_RECEIVER = """
+import socket, sys
+import numpy as np
+port, total = int(sys.argv[1]), int(sys.argv[2])
+with socket.create_server(("127.0.0.1", port)) as server:
+    print("ready", flush=True)
+    conn, _ = server.accept()
+    buf = np.empty(4 << 20, np.uint8)
+    view, got = memoryview(buf), 0
+    while got < total:
+        n = conn.recv_into(view)
+        if n == 0:
+            break
+        got += n
+    conn.sendall(b"k")
+"""
+
+
+def raw_tcp_seconds(data: np.ndarray) -> float:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", _RECEIVER, str(port), str(data.nbytes)],
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stdout.readline().startswith("ready")
+    with socket.create_connection(("127.0.0.1", port)) as conn:
+        started = time.perf_counter()
+        conn.sendall(memoryview(data))
+        conn.recv(1)
+        elapsed = time.perf_counter() - started
+    proc.wait(timeout=60)
+    return elapsed
+
+
+# -- measurements -------------------------------------------------------------------------
+
+
+def state_of(nbytes: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    per = 64 << 20
+    return {f"t{i}": rng.integers(0, 255, min(per, nbytes - i * per), dtype=np.uint8)
+            for i in range(-(-nbytes // per))}  # fmt: skip
+
+
+def replication_runs(base, sockets, nbytes: int, repeats: int) -> dict:
+    daemons = pair(base / "throughput", sockets, ["--scan-interval", "3600"])
+    times, recover = [], None
+    try:
+        with trainer(daemons["a"], peers=False) as mgr:
+            for step in range(1, repeats + 1):
+                state = state_of(nbytes, step)
+                mgr.save(step, state).wait("memory")
+                started = time.perf_counter()
+                with daemons["a"].client() as client:
+                    client.notify(RUN, step)
+                while not held_by(daemons["b"], "a", step):
+                    time.sleep(0.002)
+                times.append(time.perf_counter() - started)
+        daemons["a"].stop(signal.SIGKILL)
+        shutil.rmtree(daemons["a"].root)
+        daemons["a"].start()
+        started = time.perf_counter()
+        with daemons["a"].client() as client:
+            reply = client.recover(RUN, timeout=600)
+        recover = time.perf_counter() - started
+        assert reply.step == repeats and reply.bytes > 0, reply
+    finally:
+        for daemon in daemons.values():
+            daemon.stop()
+    return {"replicate_s": times, "recover_s": recover}
+
+
+def loop_step_times(base, sockets, extra, nbytes, steps, every, peers=True) -> list[float]:
+    """Step times (saves excluded) of a CPU-bound loop saving every ``every`` steps, through
+    PeerTier (else into the memory tier only)."""
+    daemons = pair(base, sockets, extra)
+    a = np.random.default_rng(0).standard_normal((192, 192))
+    state = state_of(nbytes, 0)
+    times = []
+    try:
+        with trainer(daemons["a"], peers) as mgr:
+            for step in range(1, steps + 1):
+                started = time.perf_counter()
+                x = a
+                for _ in range(30):
+                    x = np.tanh(x @ a)
+                times.append(time.perf_counter() - started)
+                if step % every == 0:
+                    state["t0"][:8] = step & 0xFF
+                    mgr.save(step, state)
+            mgr.wait()
+    finally:
+        for daemon in daemons.values():
+            daemon.stop()
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-gib", type=float, default=1.0, help="bytes replicated (1.0)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--loop-steps", type=int, default=300)
+    parser.add_argument("--loop-save-every", type=int, default=50)
+    parser.add_argument("--loop-size-gib", type=float, default=0.25)
+    parser.add_argument("--cap-mib-s", type=float, default=200.0, help="--bandwidth run")
+    parser.add_argument("--memory-root", default="/dev/shm")
+    parser.add_argument("--out", default="bench-out/replication.json")
+    args = parser.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+    nbytes = int(args.size_gib * GIB)
+    base = Path(tempfile.mkdtemp(prefix="mtckpt-bench-repl-", dir=args.memory_root))
+    sockets = Path(tempfile.mkdtemp(prefix="mtb-"))
+    try:
+        data = np.random.default_rng(1).integers(0, 255, nbytes, dtype=np.uint8)
+        raw = [raw_tcp_seconds(data) for _ in range(args.repeats)]
+        del data
+        repl = replication_runs(base, sockets, nbytes, args.repeats)
+        loop_bytes = int(args.loop_size_gib * GIB)
+        loops = {}
+        for label, extra in [
+            (NO_REPLICATION, ["--replicas", "0"]),
+            ("replicating", []),
+            (f"replicating, --bandwidth {args.cap_mib_s:.0f} MiB/s",
+             ["--bandwidth", str(args.cap_mib_s * (1 << 20))]),
+        ]:  # fmt: skip
+            where = base / f"loop-{len(loops)}"
+            loops[label] = loop_step_times(
+                where, sockets, extra, loop_bytes, args.loop_steps, args.loop_save_every,
+                peers=not label.startswith("no replication"),
+            )  # fmt: skip
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+        shutil.rmtree(sockets, ignore_errors=True)
+
+    raw_s, repl_s = statistics.median(raw), statistics.median(repl["replicate_s"])
+    gib = nbytes / GIB
+    rows = [
+        ["raw TCP, one stream (sendall / recv_into)", f"{raw_s:.3f}", f"{gib / raw_s:.2f}"],
+        ["daemon -> daemon replication (notify to listed)", f"{repl_s:.3f}", f"{gib / repl_s:.2f}"],
+        ["replacement node restore-ready (Recover)", f"{repl['recover_s']:.3f}",
+         f"{gib / repl['recover_s']:.2f}"],
+    ]  # fmt: skip
+    print(f"\n{gib:.2f} GiB, median of {args.repeats}:")
+    print(markdown_table(["transfer", "seconds", "GiB/s"], rows))
+    base_step = statistics.median(loops[NO_REPLICATION])
+    loop_rows = []
+    for label, times in loops.items():
+        med = statistics.median(times)
+        loop_rows.append([label, f"{med * 1e3:.2f}", f"{statistics.mean(times) * 1e3:.2f}",
+                          f"{med / base_step:.3f}"])  # fmt: skip
+    print(f"\nCPU-bound loop, {args.loop_steps} steps, a {args.loop_size_gib} GiB save every "
+          f"{args.loop_save_every} (save calls excluded):")  # fmt: skip
+    print(markdown_table(["daemons", "median step ms", "mean step ms", "x no replication"],
+                         loop_rows))  # fmt: skip
+    replicating = [statistics.mean(t) for label, t in loops.items() if label.startswith("repl")]
+    base_mean = statistics.mean(loops[NO_REPLICATION])
+    checks = [
+        target_check(
+            "replication throughput / raw TCP",
+            raw_s / repl_s,
+            0.5,
+            "min",
+            "same bytes, same run; one gRPC stream of 4 MiB messages",
+        ),  # fmt: skip
+        target_check(
+            "training step overhead while replicating (mean, uncapped)",
+            replicating[0] / base_mean - 1,
+            0.05,
+            "max",
+            "2 cores: the loop and two daemons share them",
+        ),  # fmt: skip
+        target_check(
+            "training step overhead while replicating (mean, capped)",
+            replicating[1] / base_mean - 1,
+            0.05,
+            "max",
+            f"--bandwidth {args.cap_mib_s:.0f} MiB/s",
+        ),  # fmt: skip
+    ]
+    print_checks("targets", checks)
+    write_report(args.out, {"machine": machine_info(), "raw_tcp_s": raw, "replication": repl,
+                            "loops": loops, "checks": checks})  # fmt: skip
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    threading.excepthook = lambda a: print(f"thread failed: {a.exc_value!r}", file=sys.stderr)
+    main()
