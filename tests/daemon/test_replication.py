@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from daemons import replicated, replication_of, restore, save, state, wait_for
+from mtckpt.daemon import frames
 from mtckpt.proto import mtckpt_pb2 as pb
 
 RUN = "exp"  # the run the helpers in daemons.py save
@@ -208,7 +209,7 @@ def test_names_from_the_wire_are_validated(cluster, run, step, rank, origin):
         with pytest.raises(grpc.RpcError) as info:
             list(client.fetch(shard))
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        header = pb.PushMessage(header=pb.PushHeader(shard=shard, manifest=b"{}", data_size=1))
+        header = frames.push_header(pb.PushHeader(shard=shard, manifest=b"{}", data_size=1))
         with pytest.raises(grpc.RpcError) as info:
             client.push([header])
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -222,3 +223,19 @@ def test_peers_found_through_a_dns_name(cluster):
     with daemons["dns-a"].client() as client:
         held = [(i.shard.origin, i.shard.step) for i in client.list_shards(run=RUN).shards]
     assert held == [("dns-b", 1)]
+
+
+def test_replicas_beyond_keep_expire_and_their_files_are_reused(cluster):
+    daemons = cluster(["keep-a", "keep-b"])  # --keep 2 (the default)
+    replicas = daemons["keep-b"].memory_root / ".replicas" / "keep-a" / RUN
+    inodes = {}
+    for step in (1, 2, 3, 4):
+        save(daemons["keep-a"], 0, 1, [step])
+        wait_for(lambda s=step: replicated(daemons["keep-a"], RUN, s), what=f"step {step}")
+        data = replicas / f"step-{step:012d}" / "rank-00000.safetensors"
+        inodes[step] = data.stat().st_ino
+    assert sorted(p.name for p in replicas.iterdir()) == [f"step-{s:012d}" for s in (3, 4)]
+    assert inodes[4] == inodes[1]  # step 1 expired once step 3 came; step 4 took its file
+    with daemons["keep-b"].client() as client:
+        held = sorted(i.shard.step for i in client.list_shards(run=RUN, origin="keep-a").shards)
+    assert held == [3, 4]

@@ -19,6 +19,7 @@ from ..restore import close_mapping
 from ..tiers.directory import DirectoryStorage
 
 REPLICAS_DIR = ".replicas"
+FREE_DIR = ".replicas-free"  # expired replicas' data files, reused for new ones
 MAX_SHARD_BYTES = 1 << 44  # 16 TiB: larger sizes from the wire are refused
 
 
@@ -182,19 +183,69 @@ class Holdings:
             )
         storage = self.storage(shard.origin)
         checker = _ChunkCheck(manifest, where)
-        storage.write_stream(
-            shard.run, shard.step, naming.data_file(shard.rank), data_size, checker.feed(pieces)
-        )
+        final = storage.path(shard.run, shard.step, naming.data_file(shard.rank))
+        storage.make_step_dir(shard.run, shard.step)
+        temp = final.with_name(naming.temp_name(final.name))
+        self._write(temp, data_size, checker.feed(pieces))
+        os.replace(temp, final)
         storage.write_bytes(shard.run, shard.step, naming.manifest_file(shard.rank), manifest_json)
         return data_size
 
+    def _write(self, temp: Path, size: int, pieces: Iterable) -> None:
+        """Write a data file at ``temp``, into an expired replica's file when there is one:
+        its tmpfs pages are already allocated (a fresh file costs a fault per page)."""
+        fastpath = _fastpath.backend()
+        reused = self._take_free(temp)
+        fd = os.open(temp, os.O_WRONLY | os.O_CLOEXEC | (0 if reused else os.O_CREAT | os.O_EXCL),
+                     0o644)  # fmt: skip
+        try:
+            os.ftruncate(fd, size)
+            offset = 0
+            for piece in pieces:
+                fastpath.pwrite_all(fd, piece, offset)
+                offset += memoryview(piece).nbytes
+            if offset != size:
+                raise CorruptCheckpointError(f"{temp.name}: {offset} of {size} bytes arrived")
+        except BaseException:
+            os.close(fd)
+            _unlink(temp)
+            raise
+        os.close(fd)
+
+    def _take_free(self, temp: Path) -> bool:
+        with self._lock:
+            try:
+                names = sorted(os.listdir(self.root / FREE_DIR))
+            except FileNotFoundError:
+                return False
+            for name in names:
+                try:
+                    os.replace(self.root / FREE_DIR / name, temp)
+                    return True
+                except FileNotFoundError:
+                    continue
+        return False
+
     def expire_replicas(self, origin: str, run: str) -> None:
-        """Keep the newest ``keep`` steps of ``origin``'s replicas of ``run``."""
+        """Keep the newest ``keep`` steps of ``origin``'s replicas of ``run``; the data files
+        of older ones are kept (a few) for the next replicas to be written into."""
         storage = self.storage(origin)
         for step in storage.steps(run)[: -self.keep]:
-            for name in storage.files(run, step):
-                _unlink(storage.step_path(run, step) / name)
+            names = storage.files(run, step)
+            for name in sorted(names, key=lambda n: not n.endswith(".json")):  # manifests first
+                path = storage.step_path(run, step) / name
+                if name.endswith(".safetensors") and self._free_count() < self.keep + 1:
+                    (self.root / FREE_DIR).mkdir(parents=True, exist_ok=True)
+                    os.replace(path, self.root / FREE_DIR / f"{origin}-{run}-{step}-{name}")
+                else:
+                    _unlink(path)
             storage.remove_step_dir(run, step)
+
+    def _free_count(self) -> int:
+        try:
+            return len(os.listdir(self.root / FREE_DIR))
+        except FileNotFoundError:
+            return 0
 
 
 class _ChunkCheck:

@@ -127,11 +127,9 @@ def _fetch(holdings: Holdings, peers: Peers, sources: list[_Copy], turn: int) ->
         ident = shard_id(shard)
         client = peers.client(source.address)
         try:
-            manifest = b"".join(
-                c.data for c in _checked(client.fetch(ident, manifest=True), source)
-            )
-            data = ((c.offset, c.data) for c in _checked(client.fetch(ident), source))
-            size = holdings.store(shard, manifest, data)
+            pieces = _checked(client.fetch(ident, manifest=True), source)
+            manifest = b"".join(data for _, data in pieces)
+            size = holdings.store(shard, manifest, _checked(client.fetch(ident), source))
         except (grpc.RpcError, CorruptCheckpointError, OSError) as exc:
             reason = _reason(exc) if isinstance(exc, grpc.RpcError) else str(exc)
             log.warning(
@@ -146,11 +144,13 @@ def _fetch(holdings: Holdings, peers: Peers, sources: list[_Copy], turn: int) ->
 
 
 def _checked(chunks, source: _Copy):
+    """``(offset, data)`` of fetched pieces whose crc32c matches the one sent with them."""
     crc32c = _fastpath.backend().crc32c
-    for chunk in chunks:
-        if crc32c(chunk.data) != chunk.crc32c:
+    for offset, data, sent in chunks:
+        got = crc32c(data)
+        if got != sent:
             raise ChecksumMismatchError(
-                f"{source.shard} from {source.node}: a chunk at offset {chunk.offset} arrived "
-                f"damaged (crc32c {crc32c(chunk.data):#010x}, sent {chunk.crc32c:#010x})"
+                f"{source.shard} from {source.node}: a chunk at offset {offset} arrived "
+                f"damaged (crc32c {got:#010x}, sent {sent:#010x})"
             )
-        yield chunk
+        yield offset, data

@@ -20,6 +20,7 @@ import grpc
 from .. import _fastpath, naming
 from ..proto import mtckpt_pb2 as pb
 from ..restore import close_mapping
+from . import frames
 from .holdings import Holdings, Shard
 from .peers import Peers, _reason
 from .placement import replica_targets
@@ -193,22 +194,21 @@ class Replicator:
             close_mapping(mapping)
         log.info("replicated %s to %s", shard, address)
 
-    def _messages(self, shard: Shard, manifest: bytes, mapping) -> Iterator[pb.PushMessage]:
-        ident = shard_id(shard)
+    def _messages(self, shard: Shard, manifest: bytes, mapping) -> Iterator[bytes]:
         size = len(mapping)
-        yield pb.PushMessage(header=pb.PushHeader(shard=ident, manifest=manifest, data_size=size))
+        header = pb.PushHeader(shard=shard_id(shard), manifest=manifest, data_size=size)
+        yield frames.push_header(header)
         crc32c = _fastpath.backend().crc32c
         view = memoryview(mapping)
         started = time.monotonic()
         try:
             for offset in range(0, size, CHUNK_BYTES):
-                piece = bytes(view[offset : offset + CHUNK_BYTES])
-                yield pb.PushMessage(
-                    chunk=pb.DataChunk(offset=offset, data=piece, crc32c=crc32c(piece))
-                )
+                piece = view[offset : offset + CHUNK_BYTES]
+                yield frames.push_chunk(offset, piece, crc32c(piece))
                 if self.bandwidth:
                     ahead = (offset + len(piece)) / self.bandwidth - (time.monotonic() - started)
                     if ahead > 0:
                         time.sleep(ahead)
+                piece.release()
         finally:
             view.release()

@@ -12,10 +12,13 @@ import grpc
 
 from ..proto import mtckpt_pb2 as pb
 from ..proto import mtckpt_pb2_grpc as pb_grpc
+from . import frames
 
 CHUNK_BYTES = 4 * 1024 * 1024  # data bytes per streamed message
 MAX_MESSAGE = 64 * 1024 * 1024  # manifests travel whole in one message
 TOKEN_HEADER = "mtckpt-token"
+SERVICE = "mtckpt.v1.Daemon"
+PUSH, FETCH = f"/{SERVICE}/Push", f"/{SERVICE}/Fetch"
 OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE),
     ("grpc.max_send_message_length", MAX_MESSAGE),
@@ -93,6 +96,13 @@ class Client:
         else:
             self._channel = grpc.insecure_channel(address, options=OPTIONS)
         self._stub = pb_grpc.DaemonStub(self._channel)
+        # The data-carrying calls send and receive frames encoded by hand (frames.py).
+        self._push = self._channel.stream_unary(
+            PUSH, request_serializer=None, response_deserializer=pb.PushReply.FromString
+        )
+        self._fetch = self._channel.unary_stream(
+            FETCH, request_serializer=pb.FetchRequest.SerializeToString, response_deserializer=None
+        )
         self._metadata = ((TOKEN_HEADER, token),) if token else ()
 
     def status(self, timeout: float | None = None) -> pb.StatusReply:
@@ -109,12 +119,15 @@ class Client:
 
     def fetch(
         self, shard: pb.ShardId, *, manifest: bool = False, offset: int = 0, length: int = 0
-    ) -> Iterator[pb.DataChunk]:
+    ) -> Iterator[tuple[int, memoryview, int]]:
+        """``(offset, data, crc32c sent with it)`` pieces of a file the daemon holds."""
         request = pb.FetchRequest(shard=shard, manifest=manifest, offset=offset, length=length)
-        return self._stub.Fetch(request, metadata=self._metadata)
+        for frame in self._fetch(request, metadata=self._metadata):
+            yield frames.read_data_chunk(frame)
 
-    def push(self, messages: Iterable[pb.PushMessage]) -> pb.PushReply:
-        return self._stub.Push(iter(messages), metadata=self._metadata)
+    def push(self, messages: Iterable[bytes]) -> pb.PushReply:
+        """Stream encoded PushMessage frames (frames.push_header, then frames.push_chunk)."""
+        return self._push(iter(messages), metadata=self._metadata)
 
     def notify(self, run: str, step: int) -> None:
         self._stub.Notify(

@@ -15,11 +15,11 @@ from .. import naming
 from ..errors import MtckptError, StepNotFoundError
 from ..proto import mtckpt_pb2 as pb
 from ..proto import mtckpt_pb2_grpc as pb_grpc
-from . import recovery
+from . import frames, recovery
 from .holdings import Holdings, Shard
 from .peers import Peers
 from .replicator import Replicator
-from .rpc import OPTIONS, TLSFiles, TokenCheck, shard_id, unix_path
+from .rpc import OPTIONS, SERVICE, TLSFiles, TokenCheck, shard_id, unix_path
 
 log = logging.getLogger(__name__)
 
@@ -103,16 +103,17 @@ class _Service(pb_grpc.DaemonServicer):
             pieces = self.d.holdings.read(shard, request.manifest, request.offset, request.length)
             crc32c = _crc32c()
             for offset, view in pieces:
-                data = bytes(view)
-                yield pb.DataChunk(offset=offset, data=data, crc32c=crc32c(data))
+                yield frames.data_chunk(offset, view, crc32c(view))
         except FileNotFoundError as exc:
             context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
 
     def Push(self, request_iterator, context):
-        first = next(request_iterator, None)
-        if first is None or first.WhichOneof("body") != "header":
+        try:
+            header = frames.read_push(next(request_iterator, b""))
+        except ValueError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"a malformed push: {exc}")
+        if not isinstance(header, pb.PushHeader):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a push starts with its header")
-        header = first.header
         shard = _shard(header.shard, context)
         if shard.origin == self.d.config.node_id:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
@@ -120,15 +121,17 @@ class _Service(pb_grpc.DaemonServicer):
         crc32c = _crc32c()
 
         def pieces():
-            for message in request_iterator:
-                if message.WhichOneof("body") != "chunk":
+            for frame in request_iterator:
+                try:
+                    chunk = frames.read_push(frame)
+                except ValueError as exc:
+                    raise MtckptError(f"{shard}: a malformed chunk: {exc}") from None
+                if isinstance(chunk, pb.PushHeader):
                     raise MtckptError(f"{shard}: a second header in one push")
-                chunk = message.chunk
-                if crc32c(chunk.data) != chunk.crc32c:
-                    raise MtckptError(
-                        f"{shard}: the chunk at offset {chunk.offset} arrived damaged"
-                    )
-                yield chunk.offset, chunk.data
+                offset, data, sent = chunk
+                if crc32c(data) != sent:
+                    raise MtckptError(f"{shard}: the chunk at offset {offset} arrived damaged")
+                yield offset, data
 
         try:
             stored = self.d.holdings.store(shard, header.manifest, pieces(), header.data_size)
@@ -152,6 +155,27 @@ class _Service(pb_grpc.DaemonServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         return pb.RecoverReply(step=result.step, ranks=result.ranks, bytes=result.bytes,
                                sources=result.sources)  # fmt: skip
+
+
+def _handlers(service: _Service) -> grpc.GenericRpcHandler:
+    """The Daemon service's methods, with Push and Fetch taking and giving frames encoded
+    by hand (frames.py) instead of protobuf objects."""
+
+    def unary(method, request):
+        return grpc.unary_unary_rpc_method_handler(
+            method, request.FromString, lambda reply: reply.SerializeToString()
+        )
+
+    return grpc.method_handlers_generic_handler(SERVICE, {
+        "Status": unary(service.Status, pb.StatusRequest),
+        "ListShards": unary(service.ListShards, pb.ListShardsRequest),
+        "Notify": unary(service.Notify, pb.NotifyRequest),
+        "Recover": unary(service.Recover, pb.RecoverRequest),
+        "Fetch": grpc.unary_stream_rpc_method_handler(service.Fetch, pb.FetchRequest.FromString),
+        "Push": grpc.stream_unary_rpc_method_handler(
+            service.Push, response_serializer=pb.PushReply.SerializeToString
+        ),
+    })  # fmt: skip
 
 
 def _crc32c():
@@ -180,7 +204,7 @@ class Daemon:
         interceptors = [TokenCheck(self.config.token)] if self.config.token else []
         pool = futures.ThreadPoolExecutor(self.config.workers, thread_name_prefix="mtckpt-rpc")
         server = grpc.server(pool, interceptors=interceptors, options=OPTIONS)
-        pb_grpc.add_DaemonServicer_to_server(_Service(self), server)
+        server.add_generic_rpc_handlers((_handlers(_Service(self)),))
         if self.config.listen:
             if self.config.tls is not None:
                 cert, key, ca = self.config.tls.read()
