@@ -13,6 +13,8 @@ import signal
 import sys
 import threading
 
+from .errors import MtckptError
+
 
 def _daemon(args: argparse.Namespace) -> int:
     from .daemon import Daemon, DaemonConfig
@@ -129,7 +131,11 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except (ValueError, OSError, MtckptError) as exc:  # a one-line reason, not a traceback
+        print(f"mtckpt {args.command}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -239,3 +239,14 @@ def test_replicas_beyond_keep_expire_and_their_files_are_reused(cluster):
     with daemons["keep-b"].client() as client:
         held = sorted(i.shard.step for i in client.list_shards(run=RUN, origin="keep-a").shards)
     assert held == [3, 4]
+
+
+def test_a_bad_node_id_stops_the_daemon_with_one_line(tmp_path):
+    cmd = [sys.executable, "-m", "mtckpt", "daemon", "--node-id", "../escape",
+           "--memory-root", str(tmp_path / "m")]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "mtckpt daemon: node id '../escape' is invalid: expected 1-128 characters of letters, "
+        "digits, '.', '_' or '-', starting with a letter or digit"
+    ]

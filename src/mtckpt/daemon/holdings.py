@@ -17,6 +17,7 @@ from ..errors import ChecksumMismatchError, CorruptCheckpointError
 from ..manifest import RankManifest
 from ..restore import close_mapping
 from ..tiers.directory import DirectoryStorage
+from .rpc import CHUNK_BYTES
 
 REPLICAS_DIR = ".replicas"
 FREE_DIR = ".replicas-free"  # expired replicas' data files, reused for new ones
@@ -135,9 +136,7 @@ class Holdings:
     def read(
         self, shard: Shard, manifest: bool, offset: int, length: int
     ) -> Iterator[tuple[int, memoryview]]:
-        """``(offset, bytes)`` pieces of a held file, at most CHUNK bytes each."""
-        from .rpc import CHUNK_BYTES
-
+        """``(offset, bytes)`` pieces of a held file, at most CHUNK_BYTES each."""
         storage = self.storage(shard.origin)
         whole = storage.exists(shard.run, shard.step, naming.manifest_file(shard.rank))
         if not whole or (
@@ -240,6 +239,11 @@ class Holdings:
                 else:
                     _unlink(path)
             storage.remove_step_dir(run, step)
+            with self._lock:
+                for shard in [
+                    s for s in self._world if (s.origin, s.run, s.step) == (origin, run, step)
+                ]:
+                    del self._world[shard]
 
     def _free_count(self) -> int:
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
@@ -36,7 +37,7 @@ class Peers:
         *,
         token: str | None = None,
         tls: TLSFiles | None = None,
-        timeout: float = 3.0,
+        timeout: float = 1.0,
     ) -> None:
         self.node_id = node_id
         self._static = list(addresses or [])
@@ -69,30 +70,39 @@ class Peers:
         with self._lock:
             if address not in self._clients:
                 self._clients[address] = Client(
-                    address, token=self._token, tls=self._tls, timeout=self._timeout
+                    address, token=self._token, tls=self._tls, timeout=30.0
                 )
             return self._clients[address]
 
     def refresh(self) -> None:
-        """Ask every listed daemon who it is; forget those no longer listed."""
+        """Ask every listed daemon who it is (all at once); forget those no longer listed."""
         addresses = self.addresses()
-        for address in addresses:
-            member = self._members.get(address) or Member(address)
-            try:
-                reply = self.client(address).status(timeout=self._timeout)
-            except grpc.RpcError as exc:
-                member.reachable, member.error = False, _reason(exc)
-            else:
-                member.node_id, member.zone = reply.node_id, reply.zone
-                member.reachable, member.error = True, ""
-            with self._lock:
-                self._members[address] = member
+        if addresses:
+            with ThreadPoolExecutor(max_workers=min(16, len(addresses))) as pool:
+                answers = list(pool.map(self._ask, addresses))
+        else:
+            answers = []
         with self._lock:
+            for member in answers:
+                self._members[member.address] = member
             for gone in set(self._members) - set(addresses):
                 del self._members[gone]
                 client = self._clients.pop(gone, None)
                 if client is not None:
                     client.close()
+
+    def _ask(self, address: str) -> Member:
+        with self._lock:
+            known = self._members.get(address)
+        member = Member(address, known.node_id, known.zone) if known else Member(address)
+        try:
+            reply = self.client(address).status(timeout=self._timeout, wait_for_ready=True)
+        except grpc.RpcError as exc:
+            member.reachable, member.error = False, _reason(exc)
+        else:
+            member.node_id, member.zone = reply.node_id, reply.zone
+            member.reachable = True
+        return member
 
     def members(self) -> list[Member]:
         """The other daemons ever identified (reachable or not), and those never reached."""

@@ -59,6 +59,7 @@ class Replicator:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._cycles = 0
+        self._short = ""  # why fewer peers than wanted hold copies, as last logged
         self._cycle_done = threading.Condition(self._lock)
         self._thread = threading.Thread(target=self._run, name="mtckpt-replicator", daemon=True)
 
@@ -147,16 +148,21 @@ class Replicator:
                 Shard(i.shard.run, i.shard.step, i.shard.rank, i.shard.origin)
                 for i in listing.shards
             }
+        short = ""
+        if len(targets) < self.replicas:
+            short = f"{self.replicas} replicas wanted, {len(targets)} other daemon(s) known"
+        if short != self._short:  # said once per change, not every scan
+            self._short = short
+            if short:
+                log.warning("replication degraded: %s", short)
         with self._lock:
             self.state = {s: self.state.get(s) or ReplicaState(targets) for s in shards}
             for shard in shards:
                 state = self.state[shard]
                 state.targets = list(targets)
                 state.stored &= set(targets)
-        short = ""
-        if len(targets) < self.replicas:
-            short = f"{self.replicas} replicas wanted, {len(targets)} other daemon(s) known"
-            log.warning("replication degraded: %s", short)
+                if short:  # reported from the start, not once the pushes are done
+                    state.error = short
         for shard in shards:
             state = self.state[shard]
             for node in targets:

@@ -22,6 +22,10 @@ PUSH, FETCH = f"/{SERVICE}/Push", f"/{SERVICE}/Fetch"
 OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE),
     ("grpc.max_send_message_length", MAX_MESSAGE),
+    # A peer that restarts is retried within seconds (gRPC's default backoff grows to 2 min).
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 5000),
 ]
 
 
@@ -105,9 +109,14 @@ class Client:
         )
         self._metadata = ((TOKEN_HEADER, token),) if token else ()
 
-    def status(self, timeout: float | None = None) -> pb.StatusReply:
+    def status(self, timeout: float | None = None, wait_for_ready: bool = False) -> pb.StatusReply:
+        """``wait_for_ready``: wait (within ``timeout``) for a peer that is still starting
+        or reconnecting, rather than failing at once."""
         return self._stub.Status(
-            pb.StatusRequest(), timeout=timeout or self.timeout, metadata=self._metadata
+            pb.StatusRequest(),
+            timeout=timeout or self.timeout,
+            metadata=self._metadata,
+            wait_for_ready=wait_for_ready,
         )
 
     def list_shards(self, run: str = "", origin: str = "") -> pb.ListShardsReply:

@@ -17,6 +17,7 @@ from ..errors import ConfigError, TierError
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.05
+DEGRADED_AFTER = 3.0  # seconds an error must last to fail h.wait("peers") (not a blip)
 
 
 class DaemonLink:
@@ -79,6 +80,7 @@ class DaemonLink:
         grpc = self._grpc
         deadline = time.monotonic() + self.cfg.timeout
         notified = False
+        failing_since = None  # since when the daemon has reported an error
         while True:
             try:
                 if not notified:
@@ -89,10 +91,12 @@ class DaemonLink:
                 state, error = None, f"daemon at {self.cfg.daemon}: {exc.details()}"
             else:
                 error = state.error if state is not None else ""
-            if state is not None and set(state.targets) <= set(state.stored) and not error:
+            done = state is not None and state.targets and set(state.targets) <= set(state.stored)
+            if done and not error:
                 handle._finish("peers")
                 return
-            if state is not None and error:
+            failing_since = (failing_since or time.monotonic()) if error else None
+            if error and time.monotonic() - failing_since >= DEGRADED_AFTER:
                 handle._finish("peers", error=TierError(
                     f"step {step} rank {self.rank}: replication degraded ({error}); the daemon "
                     "goes on trying"))  # fmt: skip
