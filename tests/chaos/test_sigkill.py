@@ -6,6 +6,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -90,6 +91,16 @@ def test_sigkill_with_memory_tier_lost(shm_dir, tmp_path):
 
     memory, local = shm_dir, tmp_path / "local"
     kill_cycles(memory, local, cycles=3, seed=7)
+    # On a loaded machine every kill may land before the first local commit: one more
+    # run, killed once the local tier holds a committed step.
+    proc = start_trainer(memory, local, scale=64)
+    threading.Thread(target=proc.stdout.read, daemon=True).start()  # never block its prints
+    deadline = time.monotonic() + 120
+    while not list(Path(local, "chaos").glob("step-*/COMMIT")):
+        assert time.monotonic() < deadline, "no step committed in the local tier within 120 s"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
     shutil.rmtree(memory)
     memory.mkdir()
     with CheckpointManager("chaos", MemoryTier(str(memory)), LocalTier(str(local), every=3)) as mgr:
