@@ -63,7 +63,13 @@ class DaemonProcess:
 
     def terminate(self, timeout: float = 60) -> int:
         self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=timeout)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGUSR1)  # the daemon dumps its threads' stacks
+            time.sleep(1)
+            raise AssertionError(f"daemon {self.node_id} still running {timeout} s after "
+                                 f"SIGTERM:\n{self.log.read_text()[-8000:]}") from None  # fmt: skip
 
     def lose_node(self) -> None:
         """The node is gone: its daemon killed and its roots deleted."""

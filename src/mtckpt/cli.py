@@ -6,6 +6,7 @@ Exit codes: 0 success; 1 the operation failed (one line on stderr says why); 2 b
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import os
@@ -51,6 +52,7 @@ def _daemon(args: argparse.Namespace) -> int:
     def on_signal(signum, frame):  # drain off the signal handler; main waits for it
         threading.Thread(target=daemon.stop, name="mtckpt-drain").start()
 
+    faulthandler.register(signal.SIGUSR1)  # kill -USR1: every thread's stack, on stderr
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     print(

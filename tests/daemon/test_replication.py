@@ -166,7 +166,7 @@ def test_a_restarted_daemon_finds_what_its_roots_hold(three, cluster):
 def test_sigterm_drains_and_exits_zero(cluster):
     daemons = cluster(["drain-a", "drain-b"], extra=["--bandwidth", str(8 << 20)])
     save(daemons["drain-a"], 0, 1, [1])  # about 1 MiB at 8 MiB/s
-    assert daemons["drain-a"].terminate() == 0
+    assert daemons["drain-a"].terminate(timeout=20) == 0
     with daemons["drain-b"].client() as client:
         held = [(i.shard.origin, i.shard.step) for i in client.list_shards(run=RUN).shards]
     assert ("drain-a", 1) in held

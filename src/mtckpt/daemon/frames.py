@@ -9,7 +9,13 @@ exactly what the .proto describes: either side may be a generated stub (tests ch
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+
+from .. import _fastpath
 from ..proto import mtckpt_pb2 as pb
+
+CHUNK_BYTES = 4 * 1024 * 1024  # data bytes per streamed message
 
 # Field numbers and wire types (mtckpt.proto): DataChunk{offset=1, data=2, crc32c=3},
 # PushMessage{header=1, chunk=2}.
@@ -106,3 +112,23 @@ def read_push(frame) -> pb.PushHeader | tuple[int, memoryview, int]:
     if key == _key(2, _LEN)[0] and pos + size == len(buf):
         return read_data_chunk(buf[pos:])
     raise ValueError("a PushMessage holds one header or one chunk")
+
+
+def push_messages(header: pb.PushHeader, data, bandwidth: float | None = None) -> Iterator[bytes]:
+    """A whole push: the header, then ``data`` (a buffer of ``header.data_size`` bytes) in
+    chunks, each with its crc32c; at most ``bandwidth`` bytes per second if given."""
+    crc32c = _fastpath.backend().crc32c
+    yield push_header(header)
+    view = memoryview(data)
+    started = time.monotonic()
+    try:
+        for offset in range(0, view.nbytes, CHUNK_BYTES):
+            piece = view[offset : offset + CHUNK_BYTES]
+            yield push_chunk(offset, piece, crc32c(piece))
+            piece.release()
+            if bandwidth:
+                ahead = (offset + CHUNK_BYTES) / bandwidth - (time.monotonic() - started)
+                if ahead > 0:
+                    time.sleep(ahead)
+    finally:
+        view.release()

@@ -17,7 +17,7 @@ from ..errors import ChecksumMismatchError, CorruptCheckpointError
 from ..manifest import RankManifest
 from ..restore import close_mapping
 from ..tiers.directory import DirectoryStorage
-from .rpc import CHUNK_BYTES
+from .frames import CHUNK_BYTES
 
 REPLICAS_DIR = ".replicas"
 FREE_DIR = ".replicas-free"  # expired replicas' data files, reused for new ones
@@ -164,9 +164,19 @@ class Holdings:
         pieces: Iterable[tuple[int, bytes]],
         data_size: int | None = None,
     ) -> int:
-        """Keep a replica (or, for this node's own shard, a recovered copy): the data file
-        from ``(offset, bytes)`` pieces in order, each manifest chunk's crc32c checked as it
-        completes, then the manifest. Returns the bytes stored."""
+        """Keep a replica (or, for this node's own shard, a recovered copy) from ``(offset,
+        bytes)`` pieces in order. Returns the bytes stored."""
+        incoming = self.receive(shard, manifest_json, data_size)
+        try:
+            for offset, data in pieces:
+                incoming.put(offset, data)
+            incoming.commit()
+        finally:
+            incoming.close()
+        return incoming.size
+
+    def receive(self, shard: Shard, manifest_json: bytes, data_size: int | None = None):
+        """An :class:`Incoming` data file for ``shard``, checked against its manifest."""
         where = f"{shard}"
         manifest = RankManifest.from_json(manifest_json, f"{where}: manifest")
         if (manifest.run, manifest.step, manifest.rank) != (shard.run, shard.step, shard.rank):
@@ -181,35 +191,11 @@ class Holdings:
                 f"{manifest.file_size} (at most {MAX_SHARD_BYTES})"
             )
         storage = self.storage(shard.origin)
-        checker = _ChunkCheck(manifest, where)
-        final = storage.path(shard.run, shard.step, naming.data_file(shard.rank))
         storage.make_step_dir(shard.run, shard.step)
+        final = storage.path(shard.run, shard.step, naming.data_file(shard.rank))
         temp = final.with_name(naming.temp_name(final.name))
-        self._write(temp, data_size, checker.feed(pieces))
-        os.replace(temp, final)
-        storage.write_bytes(shard.run, shard.step, naming.manifest_file(shard.rank), manifest_json)
-        return data_size
-
-    def _write(self, temp: Path, size: int, pieces: Iterable) -> None:
-        """Write a data file at ``temp``, into an expired replica's file when there is one:
-        its tmpfs pages are already allocated (a fresh file costs a fault per page)."""
-        fastpath = _fastpath.backend()
         reused = self._take_free(temp)
-        fd = os.open(temp, os.O_WRONLY | os.O_CLOEXEC | (0 if reused else os.O_CREAT | os.O_EXCL),
-                     0o644)  # fmt: skip
-        try:
-            os.ftruncate(fd, size)
-            offset = 0
-            for piece in pieces:
-                fastpath.pwrite_all(fd, piece, offset)
-                offset += memoryview(piece).nbytes
-            if offset != size:
-                raise CorruptCheckpointError(f"{temp.name}: {offset} of {size} bytes arrived")
-        except BaseException:
-            os.close(fd)
-            _unlink(temp)
-            raise
-        os.close(fd)
+        return Incoming(storage, shard, manifest, manifest_json, temp, final, reused, where)
 
     def _take_free(self, temp: Path) -> bool:
         with self._lock:
@@ -252,44 +238,89 @@ class Holdings:
             return 0
 
 
-class _ChunkCheck:
-    """Checks arriving data against the manifest's per-chunk crc32c, as it arrives."""
+class Incoming:
+    """A data file being received, in order, into its temporary file: each piece is
+    checked while still in cache (each manifest chunk's crc32c as soon as the chunk is
+    complete), then written; :meth:`commit` renames the file into place and writes the
+    manifest (the shard is then whole). Written into an expired replica's file when one is
+    free (its tmpfs pages already exist)."""
 
-    def __init__(self, manifest: RankManifest, where: str) -> None:
-        self.manifest, self.where = manifest, where
+    def __init__(self, storage, shard, manifest, manifest_json, temp, final, reused, where):
+        self.storage, self.shard, self.manifest = storage, shard, manifest
+        self.manifest_json, self.temp, self.final, self.where = manifest_json, temp, final, where
+        self.size = manifest.file_size
+        self.received = 0
+        self._crc = 0
+        self._fastpath = _fastpath.backend()
+        flags = os.O_WRONLY | os.O_CLOEXEC | (0 if reused else os.O_CREAT | os.O_EXCL)
+        self._fd = os.open(temp, flags, 0o644)
+        try:
+            os.ftruncate(self._fd, self.size)
+        except BaseException:
+            self.close()
+            raise
+        self._done = False
 
-    def feed(self, pieces: Iterable[tuple[int, bytes]]) -> Iterator[bytes]:
-        fastpath = _fastpath.backend()
-        size, expected = self.manifest.chunk_size, self.manifest.chunk_crc32c
-        position, crc = 0, 0
-        for offset, data in pieces:
-            if offset != position:
-                raise CorruptCheckpointError(
-                    f"{self.where}: data at offset {offset}, expected {position}"
-                )
-            if position + len(data) > self.manifest.file_size:
-                raise CorruptCheckpointError(
-                    f"{self.where}: more than the {self.manifest.file_size} bytes announced"
-                )
-            view = memoryview(data)
-            while view.nbytes:
-                index = position // size
-                take = min(view.nbytes, (index + 1) * size - position)
-                crc = fastpath.crc32c(view[:take], crc)
-                position += take
-                view = view[take:]
-                if position % size == 0 or position == self.manifest.file_size:
-                    if crc != expected[index]:
-                        raise ChecksumMismatchError(
-                            f"{self.where}: chunk {index} arrived with crc32c {crc:#010x}, the "
-                            f"manifest records {expected[index]:#010x}"
-                        )
-                    crc = 0
-            yield data
-        if position != self.manifest.file_size:
+    def is_chunk(self, offset: int, length: int, crc32c: int) -> bool:
+        """Whether ``[offset, offset + length)`` is exactly one manifest chunk recorded with
+        ``crc32c`` (then :meth:`put` checks the bytes against it)."""
+        size = self.manifest.chunk_size
+        index = offset // size
+        return (
+            offset % size == 0
+            and length == min(size, self.size - offset)
+            and index < len(self.manifest.chunk_crc32c)
+            and self.manifest.chunk_crc32c[index] == crc32c
+        )
+
+    def put(self, offset: int, data) -> None:
+        """Check ``data``, the bytes at ``offset`` (the next expected), and write them."""
+        data = memoryview(data)
+        if offset != self.received or offset + data.nbytes > self.size:
             raise CorruptCheckpointError(
-                f"{self.where}: {position} of {self.manifest.file_size} bytes arrived"
+                f"{self.where}: {data.nbytes} bytes at offset {offset}; expected offset "
+                f"{self.received} of {self.size}"
             )
+        self._check(data)
+        self._fastpath.pwrite_all(self._fd, data, offset)
+        self.received += data.nbytes
+
+    def _check(self, data: memoryview) -> None:
+        size, expected = self.manifest.chunk_size, self.manifest.chunk_crc32c
+        position, end, start = self.received, self.received + data.nbytes, self.received
+        while position < end:
+            index = position // size
+            take = min(end, (index + 1) * size) - position
+            piece = data[position - start : position - start + take]
+            self._crc = self._fastpath.crc32c(piece, self._crc)
+            position += take
+            if position % size == 0 or position == self.size:
+                if self._crc != expected[index]:
+                    raise ChecksumMismatchError(
+                        f"{self.where}: chunk {index} arrived with crc32c {self._crc:#010x}, "
+                        f"the manifest records {expected[index]:#010x}"
+                    )
+                self._crc = 0
+
+    def commit(self) -> None:
+        if self.received != self.size:
+            raise CorruptCheckpointError(
+                f"{self.where}: {self.received} of {self.size} bytes arrived"
+            )
+        os.close(self._fd)
+        self._fd = -1
+        os.replace(self.temp, self.final)
+        self._done = True
+        manifest_name = naming.manifest_file(self.shard.rank)
+        self.storage.write_bytes(self.shard.run, self.shard.step, manifest_name, self.manifest_json)
+
+    def close(self) -> None:
+        """Close the file; one never committed is removed."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if not self._done:
+            _unlink(self.temp)
 
 
 def _valid(check, name: str) -> bool:

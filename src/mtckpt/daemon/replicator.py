@@ -10,21 +10,23 @@ Status) and is caught up once it answers again. Bytes per second can be capped.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import grpc
 
-from .. import _fastpath, naming
+from .. import naming
+from ..errors import MtckptError
+from ..manifest import RankManifest
 from ..proto import mtckpt_pb2 as pb
 from ..restore import close_mapping
-from . import frames
+from . import bulk, frames
 from .holdings import Holdings, Shard
 from .peers import Peers, _reason
 from .placement import replica_targets
-from .rpc import CHUNK_BYTES, shard_id
+from .rpc import TLSFiles, shard_id
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +52,11 @@ class Replicator:
         replicas: int,
         bandwidth: float | None = None,
         scan_interval: float = 0.5,
+        tls: TLSFiles | None = None,
     ) -> None:
         self.holdings, self.peers = holdings, peers
         self.zone, self.replicas = zone, replicas
-        self.bandwidth, self.scan_interval = bandwidth, scan_interval
+        self.bandwidth, self.scan_interval, self.tls = bandwidth, scan_interval, tls
         self.state: dict[Shard, ReplicaState] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -81,7 +84,9 @@ class Replicator:
         finished."""
         deadline = time.monotonic() + timeout
         with self._lock:
-            seen = self._cycles
+            # A cycle under way may have listed the shards before the last commit: only
+            # one that starts after this call counts, hence the next but one.
+            seen = self._cycles + 1
         while time.monotonic() < deadline:
             self._wake.set()
             with self._lock:
@@ -178,7 +183,7 @@ class Replicator:
                     continue
                 try:
                     self.push(shard, self.peers.by_node(node).address)
-                except (grpc.RpcError, OSError) as exc:
+                except (grpc.RpcError, OSError, MtckptError) as exc:
                     reason = _reason(exc) if isinstance(exc, grpc.RpcError) else str(exc)
                     log.warning("replicating %s to %s failed: %s", shard, node, reason)
                     with self._lock:
@@ -191,30 +196,31 @@ class Replicator:
                     state.error = short
 
     def push(self, shard: Shard, address: str) -> None:
+        """Send a shard to the peer at ``address``: over its data port (bulk.py), or as a
+        gRPC stream where the peer has none."""
         storage = self.holdings.own
         manifest = storage.read_bytes(shard.run, shard.step, naming.manifest_file(shard.rank))
-        mapping = storage.map(shard.run, shard.step, naming.data_file(shard.rank))
-        try:
-            self.peers.client(address).push(self._messages(shard, manifest, mapping))
-        finally:
-            close_mapping(mapping)
+        path = storage.path(shard.run, shard.step, naming.data_file(shard.rank))
+        client = self.peers.client(address)
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            header = pb.PushHeader(shard=shard_id(shard), manifest=manifest, data_size=size)
+            try:
+                ticket = client.open_push(header)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    raise
+                ticket = None
+            if ticket is not None:
+                host = address.rsplit(":", 1)[0].strip("[]")
+                tls = self.tls if ticket.tls else None
+                described = RankManifest.from_json(manifest, f"{shard}: manifest")
+                bulk.send(host, ticket.port, ticket.ticket, f.fileno(), described, tls=tls,
+                          bandwidth=self.bandwidth)  # fmt: skip
+            else:
+                mapping = storage.map(shard.run, shard.step, naming.data_file(shard.rank))
+                try:
+                    client.push(frames.push_messages(header, mapping, self.bandwidth))
+                finally:
+                    close_mapping(mapping)
         log.info("replicated %s to %s", shard, address)
-
-    def _messages(self, shard: Shard, manifest: bytes, mapping) -> Iterator[bytes]:
-        size = len(mapping)
-        header = pb.PushHeader(shard=shard_id(shard), manifest=manifest, data_size=size)
-        yield frames.push_header(header)
-        crc32c = _fastpath.backend().crc32c
-        view = memoryview(mapping)
-        started = time.monotonic()
-        try:
-            for offset in range(0, size, CHUNK_BYTES):
-                piece = view[offset : offset + CHUNK_BYTES]
-                yield frames.push_chunk(offset, piece, crc32c(piece))
-                if self.bandwidth:
-                    ahead = (offset + len(piece)) / self.bandwidth - (time.monotonic() - started)
-                    if ahead > 0:
-                        time.sleep(ahead)
-                piece.release()
-        finally:
-            view.release()

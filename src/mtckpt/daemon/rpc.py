@@ -14,7 +14,6 @@ from ..proto import mtckpt_pb2 as pb
 from ..proto import mtckpt_pb2_grpc as pb_grpc
 from . import frames
 
-CHUNK_BYTES = 4 * 1024 * 1024  # data bytes per streamed message
 MAX_MESSAGE = 64 * 1024 * 1024  # manifests travel whole in one message
 TOKEN_HEADER = "mtckpt-token"
 SERVICE = "mtckpt.v1.Daemon"
@@ -137,6 +136,9 @@ class Client:
     def push(self, messages: Iterable[bytes]) -> pb.PushReply:
         """Stream encoded PushMessage frames (frames.push_header, then frames.push_chunk)."""
         return self._push(iter(messages), metadata=self._metadata)
+
+    def open_push(self, header: pb.PushHeader) -> pb.BulkTicket:
+        return self._stub.OpenPush(header, timeout=self.timeout, metadata=self._metadata)
 
     def notify(self, run: str, step: int) -> None:
         self._stub.Notify(

@@ -16,6 +16,7 @@ from ..errors import MtckptError, StepNotFoundError
 from ..proto import mtckpt_pb2 as pb
 from ..proto import mtckpt_pb2_grpc as pb_grpc
 from . import frames, recovery
+from .bulk import BulkServer
 from .holdings import Holdings, Shard
 from .peers import Peers
 from .replicator import Replicator
@@ -41,6 +42,7 @@ class DaemonConfig:
     scan_interval: float = 0.5
     drain_timeout: float = 60.0
     workers: int = 16
+    data_port: int = 0  # the bulk data port, on the listen host (0: any free one)
 
     def __post_init__(self) -> None:
         naming.check_node_id(self.node_id)
@@ -107,6 +109,13 @@ class _Service(pb_grpc.DaemonServicer):
         except FileNotFoundError as exc:
             context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
 
+    def _header_shard(self, header: pb.PushHeader, context) -> Shard:
+        shard = _shard(header.shard, context)
+        if shard.origin == self.d.config.node_id:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"{shard}: this node's own shard cannot be pushed to it")  # fmt: skip
+        return shard
+
     def Push(self, request_iterator, context):
         try:
             header = frames.read_push(next(request_iterator, b""))
@@ -114,10 +123,7 @@ class _Service(pb_grpc.DaemonServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"a malformed push: {exc}")
         if not isinstance(header, pb.PushHeader):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a push starts with its header")
-        shard = _shard(header.shard, context)
-        if shard.origin == self.d.config.node_id:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"{shard}: this node's own shard cannot be pushed to it")  # fmt: skip
+        shard = self._header_shard(header, context)
         crc32c = _crc32c()
 
         def pieces():
@@ -139,6 +145,17 @@ class _Service(pb_grpc.DaemonServicer):
             context.abort(grpc.StatusCode.DATA_LOSS, str(exc))
         self.d.holdings.expire_replicas(shard.origin, shard.run)
         return pb.PushReply(bytes=stored)
+
+    def OpenPush(self, request, context):
+        if self.d.bulk is None:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "this daemon has no data port")
+        shard = self._header_shard(request, context)
+        try:
+            incoming = self.d.holdings.receive(shard, request.manifest, request.data_size)
+        except (MtckptError, ValueError) as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        ticket = self.d.bulk.admit(incoming)
+        return pb.BulkTicket(ticket=ticket, port=self.d.bulk.port, tls=self.d.bulk.tls)
 
     def Notify(self, request, context):
         self.d.replicator.notify()
@@ -170,6 +187,7 @@ def _handlers(service: _Service) -> grpc.GenericRpcHandler:
         "Status": unary(service.Status, pb.StatusRequest),
         "ListShards": unary(service.ListShards, pb.ListShardsRequest),
         "Notify": unary(service.Notify, pb.NotifyRequest),
+        "OpenPush": unary(service.OpenPush, pb.PushHeader),
         "Recover": unary(service.Recover, pb.RecoverRequest),
         "Fetch": grpc.unary_stream_rpc_method_handler(service.Fetch, pb.FetchRequest.FromString),
         "Push": grpc.stream_unary_rpc_method_handler(
@@ -192,9 +210,10 @@ class Daemon:
                            token=config.token, tls=config.tls)  # fmt: skip
         self.replicator = Replicator(
             self.holdings, self.peers, zone=config.zone, replicas=config.replicas,
-            bandwidth=config.bandwidth, scan_interval=config.scan_interval,
+            bandwidth=config.bandwidth, scan_interval=config.scan_interval, tls=config.tls,
         )  # fmt: skip
         self.address: str | None = None
+        self.bulk: BulkServer | None = None
         self.draining = False
         self._server: grpc.Server | None = None
         self._stopped = threading.Event()
@@ -218,6 +237,8 @@ class Daemon:
                 raise OSError(f"cannot listen on {self.config.listen}")
             host = self.config.listen.rsplit(":", 1)[0]
             self.address = f"{host}:{port}"
+            self.bulk = BulkServer(host.strip("[]"), self.config.data_port, self.config.tls,
+                                   on_stored=self._stored)  # fmt: skip
         if self.config.socket:
             path = (
                 unix_path(self.config.socket)
@@ -245,6 +266,9 @@ class Daemon:
             self.config.socket,
         )
 
+    def _stored(self, incoming) -> None:
+        self.holdings.expire_replicas(incoming.shard.origin, incoming.shard.run)
+
     def stop(self, drain: bool = True) -> bool:
         """Stop; with ``drain``, first finish replication to reachable peers (bounded by the
         drain timeout). Whether the drain finished."""
@@ -253,6 +277,8 @@ class Daemon:
         self.replicator.stop()
         if self._server is not None:
             self._server.stop(grace=5).wait()
+        if self.bulk is not None:
+            self.bulk.close()
         self.peers.close()
         self._stopped.set()
         return drained

@@ -142,6 +142,16 @@ class PushReply(_message.Message):
     bytes: int
     def __init__(self, bytes: _Optional[int] = ...) -> None: ...
 
+class BulkTicket(_message.Message):
+    __slots__ = ("ticket", "port", "tls")
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    TLS_FIELD_NUMBER: _ClassVar[int]
+    ticket: bytes
+    port: int
+    tls: bool
+    def __init__(self, ticket: _Optional[bytes] = ..., port: _Optional[int] = ..., tls: _Optional[bool] = ...) -> None: ...
+
 class NotifyRequest(_message.Message):
     __slots__ = ("run", "step")
     RUN_FIELD_NUMBER: _ClassVar[int]

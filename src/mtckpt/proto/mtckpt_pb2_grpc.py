@@ -54,6 +54,11 @@ class DaemonStub:
                 request_serializer=mtckpt_dot_proto_dot_mtckpt__pb2.PushMessage.SerializeToString,
                 response_deserializer=mtckpt_dot_proto_dot_mtckpt__pb2.PushReply.FromString,
                 _registered_method=True)
+        self.OpenPush = channel.unary_unary(
+                '/mtckpt.v1.Daemon/OpenPush',
+                request_serializer=mtckpt_dot_proto_dot_mtckpt__pb2.PushHeader.SerializeToString,
+                response_deserializer=mtckpt_dot_proto_dot_mtckpt__pb2.BulkTicket.FromString,
+                _registered_method=True)
         self.Notify = channel.unary_unary(
                 '/mtckpt.v1.Daemon/Notify',
                 request_serializer=mtckpt_dot_proto_dot_mtckpt__pb2.NotifyRequest.SerializeToString,
@@ -97,6 +102,16 @@ class DaemonServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenPush(self, request, context):
+        """The same, with the data file sent over a plain TCP stream beside gRPC (the daemon's
+        data port; daemon/bulk.py): the header is checked here, and the ticket returned is
+        the only way in. Frames on that stream: offset (u64), length (u32) and crc32c (u32),
+        little-endian, then the bytes; one status byte comes back (0: stored).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Notify(self, request, context):
         """A trainer committed a step in the memory tier: replicate it now.
         """
@@ -134,6 +149,11 @@ def add_DaemonServicer_to_server(servicer, server):
                     servicer.Push,
                     request_deserializer=mtckpt_dot_proto_dot_mtckpt__pb2.PushMessage.FromString,
                     response_serializer=mtckpt_dot_proto_dot_mtckpt__pb2.PushReply.SerializeToString,
+            ),
+            'OpenPush': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenPush,
+                    request_deserializer=mtckpt_dot_proto_dot_mtckpt__pb2.PushHeader.FromString,
+                    response_serializer=mtckpt_dot_proto_dot_mtckpt__pb2.BulkTicket.SerializeToString,
             ),
             'Notify': grpc.unary_unary_rpc_method_handler(
                     servicer.Notify,
@@ -254,6 +274,33 @@ class Daemon:
             '/mtckpt.v1.Daemon/Push',
             mtckpt_dot_proto_dot_mtckpt__pb2.PushMessage.SerializeToString,
             mtckpt_dot_proto_dot_mtckpt__pb2.PushReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenPush(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mtckpt.v1.Daemon/OpenPush',
+            mtckpt_dot_proto_dot_mtckpt__pb2.PushHeader.SerializeToString,
+            mtckpt_dot_proto_dot_mtckpt__pb2.BulkTicket.FromString,
             options,
             channel_credentials,
             insecure,

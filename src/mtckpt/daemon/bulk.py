@@ -1,0 +1,207 @@
+"""Bulk data beside gRPC: a replica's data file over a plain TCP (or TLS) stream.
+
+Python gRPC moves about a third of what a socket does on the same machine, and spends a
+core doing it. So a push asks for a ticket over gRPC (OpenPush: the header is validated
+and the token checked there), then connects to the peer's data port, sends the ticket and
+the file in frames: ``offset`` (u64), ``length`` (u32), ``crc32c`` (u32), little-endian,
+then the bytes. Frames are the manifest's chunks and carry the chunk's recorded crc32c,
+so the sender never reads the bytes (``sendfile`` from the memory tier over plain TCP);
+the receiver takes each frame into a buffer it reuses, checks it there while it is in
+cache, and writes it into the replica file. One status byte comes back: 0
+stored, else 1 and a length-prefixed reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import secrets
+import socket
+import ssl
+import struct
+import threading
+import time
+from collections.abc import Callable
+
+from .. import _fastpath
+from ..errors import MtckptError
+from ..manifest import RankManifest
+from .holdings import Incoming
+from .rpc import TLSFiles
+
+log = logging.getLogger(__name__)
+
+FRAME = struct.Struct("<QII")  # offset, length, crc32c
+MAX_FRAME = 64 << 20  # larger frames from the wire are refused
+TICKET_BYTES = 32
+TICKET_SECONDS = 60.0
+STATUS = struct.Struct("<BI")  # status, length of the reason that follows
+SOCKET_TIMEOUT = 60.0
+
+
+class BulkError(MtckptError):
+    """A bulk transfer failed; the message says where and why."""
+
+
+class BulkServer:
+    """Accepts data connections; each must start with a ticket from :meth:`admit`."""
+
+    def __init__(self, host: str, port: int, tls: TLSFiles | None,
+                 on_stored: Callable[[Incoming], None]) -> None:  # fmt: skip
+        self._listener = socket.create_server((host, port), reuse_port=False)
+        self.port = self._listener.getsockname()[1]
+        self.tls = tls is not None
+        self._context = None
+        if tls is not None:
+            self._context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            self._context.load_cert_chain(tls.cert, tls.key)
+            self._context.load_verify_locations(tls.ca)
+            self._context.verify_mode = ssl.CERT_REQUIRED
+        self._on_stored = on_stored
+        self._pending: dict[bytes, tuple[Incoming, float]] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(target=self._accept, name="mtckpt-bulk", daemon=True)
+        self._thread.start()
+
+    def admit(self, incoming: Incoming) -> bytes:
+        """A one-time ticket for sending ``incoming``'s bytes."""
+        ticket = secrets.token_bytes(TICKET_BYTES)
+        now = time.monotonic()
+        with self._lock:
+            expired = [t for t, (_, until) in self._pending.items() if until < now]
+            stale = [self._pending.pop(t)[0] for t in expired]
+            self._pending[ticket] = (incoming, now + TICKET_SECONDS)
+        for old in stale:
+            old.close()
+        return ticket
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            threading.Thread(target=self._serve, args=(conn,), name="mtckpt-bulk-conn",
+                             daemon=True).start()  # fmt: skip
+
+    def _serve(self, conn: socket.socket) -> None:
+        incoming = None
+        try:
+            conn.settimeout(SOCKET_TIMEOUT)
+            if self._context is not None:
+                conn = self._context.wrap_socket(conn, server_side=True)
+            ticket = _recv_exactly(conn, TICKET_BYTES)
+            with self._lock:
+                incoming = self._pending.pop(ticket, (None, 0))[0]
+            if incoming is None:
+                raise BulkError("unknown or expired ticket")
+            self._receive(conn, incoming)
+            incoming.commit()
+            self._on_stored(incoming)
+            conn.sendall(STATUS.pack(0, 0))
+        except (OSError, MtckptError, ValueError) as exc:
+            where = f"{incoming.where}: " if incoming is not None else ""
+            log.warning("bulk receive failed: %s%s", where, exc)
+            reason = f"{where}{exc}".encode()[:4096]
+            try:
+                conn.sendall(STATUS.pack(1, len(reason)) + reason)
+            except OSError:
+                pass
+        finally:
+            if incoming is not None:
+                incoming.close()
+            conn.close()
+
+    def _receive(self, conn: socket.socket, incoming: Incoming) -> None:
+        crc32c = _fastpath.backend().crc32c
+        header = bytearray(FRAME.size)
+        buffer = memoryview(bytearray(0))  # reused: received into, checked while in cache
+        while incoming.received < incoming.size:
+            _recv_into_exactly(conn, memoryview(header))
+            offset, length, sent = FRAME.unpack(header)
+            if offset != incoming.received or not 0 < length <= MAX_FRAME:
+                raise BulkError(f"a frame of {length} bytes at offset {offset}; expected "
+                                f"offset {incoming.received}")  # fmt: skip
+            if offset + length > incoming.size:
+                raise BulkError(f"more than the {incoming.size} bytes announced")
+            if length > len(buffer):
+                buffer = memoryview(bytearray(length))
+            view = buffer[:length]
+            _recv_into_exactly(conn, view)
+            if not incoming.is_chunk(offset, length, sent):  # else put() checks the same crc
+                got = crc32c(view)
+                if got != sent:
+                    raise BulkError(f"the frame at offset {offset} arrived damaged (crc32c "
+                                    f"{got:#010x}, sent {sent:#010x})")  # fmt: skip
+            incoming.put(offset, view)
+
+    def close(self) -> None:
+        self._closed = True
+        self._listener.close()
+        with self._lock:
+            pending, self._pending = list(self._pending.values()), {}
+        for incoming, _ in pending:
+            incoming.close()
+
+
+def send(host: str, port: int, ticket: bytes, fd: int, manifest: RankManifest, *,
+         tls: TLSFiles | None, bandwidth: float | None = None) -> None:  # fmt: skip
+    """Send the data file ``fd`` described by ``manifest`` to a peer's data port under
+    ``ticket``. Frames are the manifest's chunks, each sent with its recorded crc32c: the
+    bytes are never read here (``sendfile``), and the receiver checks them against it."""
+    size, chunk = manifest.file_size, manifest.chunk_size
+    with socket.create_connection((host, port), timeout=SOCKET_TIMEOUT) as raw:
+        conn: socket.socket = raw
+        if tls is not None:
+            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca)
+            context.load_cert_chain(tls.cert, tls.key)
+            conn = context.wrap_socket(raw, server_hostname=host)
+        conn.sendall(ticket)
+        mapping = mmap.mmap(fd, size, prot=mmap.PROT_READ) if size and tls is not None else None
+        started = time.monotonic()
+        try:
+            for index, crc in enumerate(manifest.chunk_crc32c):
+                offset = index * chunk
+                length = min(chunk, size - offset)
+                conn.sendall(FRAME.pack(offset, length, crc))
+                if mapping is None:
+                    _sendfile(conn, fd, offset, length)
+                else:  # TLS encrypts in user space: no sendfile
+                    conn.sendall(memoryview(mapping)[offset : offset + length])
+                if bandwidth:
+                    ahead = (offset + length) / bandwidth - (time.monotonic() - started)
+                    if ahead > 0:
+                        time.sleep(ahead)
+        finally:
+            if mapping is not None:
+                mapping.close()
+        status, count = STATUS.unpack(_recv_exactly(conn, STATUS.size))
+        if status != 0:
+            reason = _recv_exactly(conn, count).decode(errors="replace") if count else ""
+            raise BulkError(f"the peer at {host}:{port} refused the data: {reason}")
+
+
+def _sendfile(conn: socket.socket, fd: int, offset: int, length: int) -> None:
+    end = offset + length
+    while offset < end:
+        sent = os.sendfile(conn.fileno(), fd, offset, end - offset)
+        if sent == 0:
+            raise BulkError("the data file ended early")
+        offset += sent
+
+
+def _recv_exactly(conn: socket.socket, count: int) -> bytes:
+    buf = bytearray(count)
+    _recv_into_exactly(conn, memoryview(buf))
+    return bytes(buf)
+
+
+def _recv_into_exactly(conn: socket.socket, view: memoryview) -> None:
+    got = 0
+    while got < view.nbytes:
+        n = conn.recv_into(view[got:])
+        if n == 0:
+            raise BulkError(f"the connection closed after {got} of {view.nbytes} bytes")
+        got += n

@@ -1,0 +1,87 @@
+"""The two ways a replica travels: the gRPC Push stream and the bulk data port (a ticket
+from OpenPush, then frames over TCP). Both keep only what verifies, whole."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from daemons import save
+from mtckpt import naming
+from mtckpt.daemon import bulk, frames
+from mtckpt.daemon.holdings import Holdings, Shard
+from mtckpt.daemon.rpc import shard_id
+from mtckpt.manifest import RankManifest
+from mtckpt.proto import mtckpt_pb2 as pb
+
+RUN = "exp"
+
+
+@pytest.fixture
+def pair(cluster):
+    daemons = cluster(["src", "dst"], extra=["--replicas", "0"])  # no replication of its own
+    save(daemons["src"], 0, 1, [1])
+    holdings = Holdings("src", daemons["src"].memory_root, keep=2)
+    return daemons, holdings, Shard(RUN, 1, 0, "src")
+
+
+def held(daemon) -> list[tuple[str, int]]:
+    with daemon.client() as client:
+        return [(i.shard.origin, i.shard.step) for i in client.list_shards(run=RUN).shards]
+
+
+def test_a_replica_pushed_over_grpc_is_stored_whole(pair):
+    daemons, holdings, shard = pair
+    manifest = holdings.own.read_bytes(RUN, 1, naming.manifest_file(0))
+    data = holdings.own.path(RUN, 1, naming.data_file(0)).read_bytes()
+    header = pb.PushHeader(shard=shard_id(shard), manifest=manifest, data_size=len(data))
+    with daemons["dst"].client() as client:
+        reply = client.push(frames.push_messages(header, data))
+    assert reply.bytes == len(data)
+    assert held(daemons["dst"]) == [("src", 1)]
+
+
+def open_push(daemon, holdings, shard):
+    manifest = holdings.own.read_bytes(RUN, 1, naming.manifest_file(0))
+    size = holdings.own.path(RUN, 1, naming.data_file(0)).stat().st_size
+    header = pb.PushHeader(shard=shard_id(shard), manifest=manifest, data_size=size)
+    with daemon.client() as client:
+        return client.open_push(header), RankManifest.from_json(manifest, "test")
+
+
+def test_bulk_data_that_does_not_match_its_manifest_is_refused(pair, tmp_path):
+    daemons, holdings, shard = pair
+    ticket, manifest = open_push(daemons["dst"], holdings, shard)
+    damaged = tmp_path / "damaged"
+    data = bytearray(holdings.own.path(RUN, 1, naming.data_file(0)).read_bytes())
+    data[5000] ^= 1
+    damaged.write_bytes(data)
+    with open(damaged, "rb") as f, pytest.raises(bulk.BulkError, match="chunk 0 arrived"):
+        bulk.send("127.0.0.1", ticket.port, ticket.ticket, f.fileno(), manifest, tls=None)
+    assert held(daemons["dst"]) == []
+    # The ticket was used up: the right bytes under it are refused too.
+    path = holdings.own.path(RUN, 1, naming.data_file(0))
+    with open(path, "rb") as f, pytest.raises(bulk.BulkError, match="unknown or expired ticket"):
+        bulk.send("127.0.0.1", ticket.port, ticket.ticket, f.fileno(), manifest, tls=None)
+
+
+def test_bulk_needs_a_ticket_from_an_authorised_open_push(pair):
+    daemons, holdings, shard = pair
+    ticket, manifest = open_push(daemons["dst"], holdings, shard)
+    path = holdings.own.path(RUN, 1, naming.data_file(0))
+    with open(path, "rb") as f, pytest.raises(bulk.BulkError, match="unknown or expired"):
+        bulk.send("127.0.0.1", ticket.port, b"x" * 32, f.fileno(), manifest, tls=None)
+    with open(path, "rb") as f:
+        bulk.send("127.0.0.1", ticket.port, ticket.ticket, f.fileno(), manifest, tls=None)
+    assert held(daemons["dst"]) == [("src", 1)]
+
+
+def test_open_push_checks_the_header(pair):
+    daemons, holdings, shard = pair
+    manifest = holdings.own.read_bytes(RUN, 1, naming.manifest_file(0))
+    wrong_step = pb.PushHeader(shard=shard_id(Shard(RUN, 2, 0, "src")), manifest=manifest,
+                               data_size=10)  # fmt: skip
+    with daemons["dst"].client() as client, pytest.raises(grpc.RpcError) as info:
+        client.open_push(wrong_step)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "the manifest is of run 'exp' step 1" in info.value.details()
