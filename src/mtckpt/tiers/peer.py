@@ -16,7 +16,7 @@ from ..errors import ConfigError, TierError
 
 log = logging.getLogger(__name__)
 
-POLL_SECONDS = 0.05
+POLL_SECONDS = 0.2  # the trainer asks its daemon this often while a step replicates
 DEGRADED_AFTER = 3.0  # seconds an error must last to fail h.wait("peers") (not a blip)
 
 
