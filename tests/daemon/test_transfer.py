@@ -85,3 +85,11 @@ def test_open_push_checks_the_header(pair):
         client.open_push(wrong_step)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "the manifest is of run 'exp' step 1" in info.value.details()
+
+
+def test_open_fetch_of_a_shard_not_held_is_not_found(pair):
+    daemons, _, _ = pair
+    with daemons["dst"].client() as client, pytest.raises(grpc.RpcError) as info:
+        client.open_fetch(shard_id(Shard(RUN, 1, 0, "src")))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "is not held here" in info.value.details()

@@ -8,7 +8,8 @@ then the bytes. Frames are the manifest's chunks and carry the chunk's recorded 
 so the sender never reads the bytes (``sendfile`` from the memory tier over plain TCP);
 the receiver takes each frame into a buffer it reuses, checks it there while it is in
 cache, and writes it into the replica file. One status byte comes back: 0
-stored, else 1 and a length-prefixed reason.
+stored, else 1 and a length-prefixed reason. Recovery runs the other way: OpenFetch gives
+a ticket for a held file, and the fetching daemon reads the same frames after a status.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from collections.abc import Callable
 from .. import _fastpath
 from ..errors import MtckptError
 from ..manifest import RankManifest
-from .holdings import Incoming
+from .holdings import Incoming, Outgoing
 from .rpc import TLSFiles
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,8 @@ class BulkError(MtckptError):
 
 
 class BulkServer:
-    """Accepts data connections; each must start with a ticket from :meth:`admit`."""
+    """Accepts data connections; each starts with a ticket from :meth:`admit` (the peer
+    sends a replica here) or :meth:`offer` (the peer fetches a file from here)."""
 
     def __init__(self, host: str, port: int, tls: TLSFiles | None,
                  on_stored: Callable[[Incoming], None]) -> None:  # fmt: skip
@@ -59,22 +61,30 @@ class BulkServer:
             self._context.load_verify_locations(tls.ca)
             self._context.verify_mode = ssl.CERT_REQUIRED
         self._on_stored = on_stored
-        self._pending: dict[bytes, tuple[Incoming, float]] = {}
+        self._pending: dict[bytes, tuple[Incoming | Outgoing, float]] = {}
         self._lock = threading.Lock()
         self._closed = False
         self._thread = threading.Thread(target=self._accept, name="mtckpt-bulk", daemon=True)
         self._thread.start()
 
     def admit(self, incoming: Incoming) -> bytes:
-        """A one-time ticket for sending ``incoming``'s bytes."""
+        """A one-time ticket for sending ``incoming``'s bytes here."""
+        return self._ticket(incoming)
+
+    def offer(self, outgoing: Outgoing) -> bytes:
+        """A one-time ticket for fetching ``outgoing`` from here."""
+        return self._ticket(outgoing)
+
+    def _ticket(self, transfer: Incoming | Outgoing) -> bytes:
         ticket = secrets.token_bytes(TICKET_BYTES)
         now = time.monotonic()
         with self._lock:
             expired = [t for t, (_, until) in self._pending.items() if until < now]
             stale = [self._pending.pop(t)[0] for t in expired]
-            self._pending[ticket] = (incoming, now + TICKET_SECONDS)
+            self._pending[ticket] = (transfer, now + TICKET_SECONDS)
         for old in stale:
-            old.close()
+            if isinstance(old, Incoming):
+                old.close()
         return ticket
 
     def _accept(self) -> None:
@@ -87,100 +97,132 @@ class BulkServer:
                              daemon=True).start()  # fmt: skip
 
     def _serve(self, conn: socket.socket) -> None:
-        incoming = None
+        transfer = None
         try:
             conn.settimeout(SOCKET_TIMEOUT)
             if self._context is not None:
                 conn = self._context.wrap_socket(conn, server_side=True)
             ticket = _recv_exactly(conn, TICKET_BYTES)
             with self._lock:
-                incoming = self._pending.pop(ticket, (None, 0))[0]
-            if incoming is None:
+                transfer = self._pending.pop(ticket, (None, 0))[0]
+            if transfer is None:
                 raise BulkError("unknown or expired ticket")
-            self._receive(conn, incoming)
-            incoming.commit()
-            self._on_stored(incoming)
+            if isinstance(transfer, Outgoing):
+                with open(transfer.path, "rb") as f:
+                    conn.sendall(STATUS.pack(0, 0))  # accepted: the frames follow
+                    _send_frames(conn, f.fileno(), transfer.manifest, tls=self.tls)
+                return
+            receive_frames(conn, transfer)
+            transfer.commit()
+            self._on_stored(transfer)
             conn.sendall(STATUS.pack(0, 0))
         except (OSError, MtckptError, ValueError) as exc:
-            where = f"{incoming.where}: " if incoming is not None else ""
-            log.warning("bulk receive failed: %s%s", where, exc)
+            where = f"{transfer.where}: " if isinstance(transfer, Incoming) else ""
+            log.warning("bulk transfer failed: %s%s", where, exc)
             reason = f"{where}{exc}".encode()[:4096]
             try:
                 conn.sendall(STATUS.pack(1, len(reason)) + reason)
             except OSError:
                 pass
         finally:
-            if incoming is not None:
-                incoming.close()
+            if isinstance(transfer, Incoming):
+                transfer.close()
             conn.close()
-
-    def _receive(self, conn: socket.socket, incoming: Incoming) -> None:
-        crc32c = _fastpath.backend().crc32c
-        header = bytearray(FRAME.size)
-        buffer = memoryview(bytearray(0))  # reused: received into, checked while in cache
-        while incoming.received < incoming.size:
-            _recv_into_exactly(conn, memoryview(header))
-            offset, length, sent = FRAME.unpack(header)
-            if offset != incoming.received or not 0 < length <= MAX_FRAME:
-                raise BulkError(f"a frame of {length} bytes at offset {offset}; expected "
-                                f"offset {incoming.received}")  # fmt: skip
-            if offset + length > incoming.size:
-                raise BulkError(f"more than the {incoming.size} bytes announced")
-            if length > len(buffer):
-                buffer = memoryview(bytearray(length))
-            view = buffer[:length]
-            _recv_into_exactly(conn, view)
-            if not incoming.is_chunk(offset, length, sent):  # else put() checks the same crc
-                got = crc32c(view)
-                if got != sent:
-                    raise BulkError(f"the frame at offset {offset} arrived damaged (crc32c "
-                                    f"{got:#010x}, sent {sent:#010x})")  # fmt: skip
-            incoming.put(offset, view)
 
     def close(self) -> None:
         self._closed = True
         self._listener.close()
         with self._lock:
             pending, self._pending = list(self._pending.values()), {}
-        for incoming, _ in pending:
-            incoming.close()
+        for transfer, _ in pending:
+            if isinstance(transfer, Incoming):
+                transfer.close()
+
+
+def receive_frames(conn: socket.socket, incoming: Incoming) -> None:
+    """Frames from ``conn`` into ``incoming`` until it has every byte, each checked."""
+    crc32c = _fastpath.backend().crc32c
+    header = bytearray(FRAME.size)
+    buffer = memoryview(bytearray(0))  # reused: received into, checked while in cache
+    while incoming.received < incoming.size:
+        _recv_into_exactly(conn, memoryview(header))
+        offset, length, sent = FRAME.unpack(header)
+        if offset != incoming.received or not 0 < length <= MAX_FRAME:
+            raise BulkError(f"a frame of {length} bytes at offset {offset}; expected "
+                            f"offset {incoming.received}")  # fmt: skip
+        if offset + length > incoming.size:
+            raise BulkError(f"more than the {incoming.size} bytes announced")
+        if length > len(buffer):
+            buffer = memoryview(bytearray(length))
+        view = buffer[:length]
+        _recv_into_exactly(conn, view)
+        if not incoming.is_chunk(offset, length, sent):  # else put() checks the same crc
+            got = crc32c(view)
+            if got != sent:
+                raise BulkError(f"the frame at offset {offset} arrived damaged (crc32c "
+                                f"{got:#010x}, sent {sent:#010x})")  # fmt: skip
+        incoming.put(offset, view)
+
+
+def _connect(host: str, port: int, tls: TLSFiles | None) -> socket.socket:
+    raw = socket.create_connection((host, port), timeout=SOCKET_TIMEOUT)
+    if tls is None:
+        return raw
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca)
+    context.load_cert_chain(tls.cert, tls.key)
+    return context.wrap_socket(raw, server_hostname=host)
+
+
+def _send_frames(conn: socket.socket, fd: int, manifest: RankManifest, *, tls: bool,
+                 bandwidth: float | None = None) -> None:  # fmt: skip
+    """The data file ``fd`` as frames that are the manifest's chunks, each with its
+    recorded crc32c: the bytes are never read here (``sendfile``; TLS: from a mapping)."""
+    size, chunk = manifest.file_size, manifest.chunk_size
+    mapping = mmap.mmap(fd, size, prot=mmap.PROT_READ) if size and tls else None
+    started = time.monotonic()
+    try:
+        for index, crc in enumerate(manifest.chunk_crc32c):
+            offset = index * chunk
+            length = min(chunk, size - offset)
+            conn.sendall(FRAME.pack(offset, length, crc))
+            if mapping is None:
+                _sendfile(conn, fd, offset, length)
+            else:  # TLS encrypts in user space: no sendfile
+                conn.sendall(memoryview(mapping)[offset : offset + length])
+            if bandwidth:
+                ahead = (offset + length) / bandwidth - (time.monotonic() - started)
+                if ahead > 0:
+                    time.sleep(ahead)
+    finally:
+        if mapping is not None:
+            mapping.close()
 
 
 def send(host: str, port: int, ticket: bytes, fd: int, manifest: RankManifest, *,
          tls: TLSFiles | None, bandwidth: float | None = None) -> None:  # fmt: skip
     """Send the data file ``fd`` described by ``manifest`` to a peer's data port under
-    ``ticket``. Frames are the manifest's chunks, each sent with its recorded crc32c: the
-    bytes are never read here (``sendfile``), and the receiver checks them against it."""
-    size, chunk = manifest.file_size, manifest.chunk_size
-    with socket.create_connection((host, port), timeout=SOCKET_TIMEOUT) as raw:
-        conn: socket.socket = raw
-        if tls is not None:
-            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca)
-            context.load_cert_chain(tls.cert, tls.key)
-            conn = context.wrap_socket(raw, server_hostname=host)
+    ``ticket``; the peer checks every chunk against the crc32c sent with it."""
+    with _connect(host, port, tls) as conn:
         conn.sendall(ticket)
-        mapping = mmap.mmap(fd, size, prot=mmap.PROT_READ) if size and tls is not None else None
-        started = time.monotonic()
-        try:
-            for index, crc in enumerate(manifest.chunk_crc32c):
-                offset = index * chunk
-                length = min(chunk, size - offset)
-                conn.sendall(FRAME.pack(offset, length, crc))
-                if mapping is None:
-                    _sendfile(conn, fd, offset, length)
-                else:  # TLS encrypts in user space: no sendfile
-                    conn.sendall(memoryview(mapping)[offset : offset + length])
-                if bandwidth:
-                    ahead = (offset + length) / bandwidth - (time.monotonic() - started)
-                    if ahead > 0:
-                        time.sleep(ahead)
-        finally:
-            if mapping is not None:
-                mapping.close()
-        status, count = STATUS.unpack(_recv_exactly(conn, STATUS.size))
-        if status != 0:
-            reason = _recv_exactly(conn, count).decode(errors="replace") if count else ""
-            raise BulkError(f"the peer at {host}:{port} refused the data: {reason}")
+        _send_frames(conn, fd, manifest, tls=tls is not None, bandwidth=bandwidth)
+        _raise_for_status(conn, host, port)
+
+
+def fetch(host: str, port: int, ticket: bytes, incoming: Incoming, *,
+          tls: TLSFiles | None) -> None:  # fmt: skip
+    """Fetch a file from a peer's data port under ``ticket`` into ``incoming`` (checked;
+    the caller commits it)."""
+    with _connect(host, port, tls) as conn:
+        conn.sendall(ticket)
+        _raise_for_status(conn, host, port)
+        receive_frames(conn, incoming)
+
+
+def _raise_for_status(conn: socket.socket, host: str, port: int) -> None:
+    status, count = STATUS.unpack(_recv_exactly(conn, STATUS.size))
+    if status != 0:
+        reason = _recv_exactly(conn, count).decode(errors="replace") if count else ""
+        raise BulkError(f"the peer at {host}:{port} refused the transfer: {reason}")
 
 
 def _sendfile(conn: socket.socket, fd: int, offset: int, length: int) -> None:

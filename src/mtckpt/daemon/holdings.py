@@ -46,6 +46,14 @@ class Shard:
 
 
 @dataclass(frozen=True)
+class Outgoing:
+    """A held data file a peer may fetch, with the manifest that describes it."""
+
+    path: Path
+    manifest: RankManifest
+
+
+@dataclass(frozen=True)
 class Held:
     shard: Shard
     world_size: int
@@ -133,16 +141,26 @@ class Holdings:
             raise CorruptCheckpointError(f"{where}: not held here") from None
         return RankManifest.from_json(raw, where)
 
+    def outgoing(self, shard: Shard) -> Outgoing:
+        """What a peer may fetch of a held shard's data file (for the data port)."""
+        storage = self._holding(shard)
+        path = storage.path(shard.run, shard.step, naming.data_file(shard.rank))
+        return Outgoing(path, self.manifest(shard, storage))
+
+    def _holding(self, shard: Shard) -> DirectoryStorage:
+        """The storage holding ``shard`` whole, or FileNotFoundError."""
+        storage = self.storage(shard.origin)
+        whole = storage.exists(shard.run, shard.step, naming.manifest_file(shard.rank))
+        own = storage is self.own
+        if not whole or (own and not commit.is_committed(storage, shard.run, shard.step)):
+            raise FileNotFoundError(f"{shard} is not held here")
+        return storage
+
     def read(
         self, shard: Shard, manifest: bool, offset: int, length: int
     ) -> Iterator[tuple[int, memoryview]]:
         """``(offset, bytes)`` pieces of a held file, at most CHUNK_BYTES each."""
-        storage = self.storage(shard.origin)
-        whole = storage.exists(shard.run, shard.step, naming.manifest_file(shard.rank))
-        if not whole or (
-            storage is self.own and not commit.is_committed(storage, shard.run, shard.step)
-        ):
-            raise FileNotFoundError(f"{shard} is not held here")
+        storage = self._holding(shard)
         name = naming.manifest_file(shard.rank) if manifest else naming.data_file(shard.rank)
         mapping = storage.map(shard.run, shard.step, name)
         try:

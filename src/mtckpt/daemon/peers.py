@@ -42,7 +42,7 @@ class Peers:
         self.node_id = node_id
         self._static = list(addresses or [])
         self._dns = dns
-        self._token, self._tls, self._timeout = token, tls, timeout
+        self._token, self.tls, self._timeout = token, tls, timeout
         self._members: dict[str, Member] = {}
         self._clients: dict[str, Client] = {}
         self._lock = threading.Lock()
@@ -70,7 +70,7 @@ class Peers:
         with self._lock:
             if address not in self._clients:
                 self._clients[address] = Client(
-                    address, token=self._token, tls=self._tls, timeout=30.0
+                    address, token=self._token, tls=self.tls, timeout=30.0
                 )
             return self._clients[address]
 

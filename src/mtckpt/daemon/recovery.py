@@ -18,7 +18,13 @@ from dataclasses import dataclass, field
 import grpc
 
 from .. import _fastpath, commit
-from ..errors import ChecksumMismatchError, CorruptCheckpointError, StepNotFoundError
+from ..errors import (
+    ChecksumMismatchError,
+    CorruptCheckpointError,
+    MtckptError,
+    StepNotFoundError,
+)
+from . import bulk
 from .holdings import Holdings, Shard
 from .peers import Peers, _reason
 from .rpc import shard_id
@@ -129,8 +135,8 @@ def _fetch(holdings: Holdings, peers: Peers, sources: list[_Copy], turn: int) ->
         try:
             pieces = _checked(client.fetch(ident, manifest=True), source)
             manifest = b"".join(data for _, data in pieces)
-            size = holdings.store(shard, manifest, _checked(client.fetch(ident), source))
-        except (grpc.RpcError, CorruptCheckpointError, OSError) as exc:
+            size = _pull(holdings, peers, source, manifest)
+        except (grpc.RpcError, MtckptError, OSError) as exc:
             reason = _reason(exc) if isinstance(exc, grpc.RpcError) else str(exc)
             log.warning(
                 "recovery: %s from %s failed: %s; trying another source", shard, source.node, reason
@@ -141,6 +147,27 @@ def _fetch(holdings: Holdings, peers: Peers, sources: list[_Copy], turn: int) ->
     raise CorruptCheckpointError(
         f"no peer could provide {sources[0].shard}: {'; '.join(problems) or 'no source'}"
     )
+
+
+def _pull(holdings: Holdings, peers: Peers, source: _Copy, manifest: bytes) -> int:
+    """A shard's data file from ``source``: over its data port, or as a gRPC stream where
+    it has none; verified, then committed here. Returns its size."""
+    client, ident = peers.client(source.address), shard_id(source.shard)
+    try:
+        ticket = client.open_fetch(ident)
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+            raise
+        return holdings.store(source.shard, manifest, _checked(client.fetch(ident), source))
+    incoming = holdings.receive(source.shard, manifest)
+    try:
+        host = source.address.rsplit(":", 1)[0].strip("[]")
+        tls = peers.tls if ticket.tls else None
+        bulk.fetch(host, ticket.port, ticket.ticket, incoming, tls=tls)
+        incoming.commit()
+    finally:
+        incoming.close()
+    return incoming.size
 
 
 def _checked(chunks, source: _Copy):

@@ -140,6 +140,10 @@ class Client:
     def open_push(self, header: pb.PushHeader) -> pb.BulkTicket:
         return self._stub.OpenPush(header, timeout=self.timeout, metadata=self._metadata)
 
+    def open_fetch(self, shard: pb.ShardId) -> pb.BulkTicket:
+        request = pb.FetchRequest(shard=shard)
+        return self._stub.OpenFetch(request, timeout=self.timeout, metadata=self._metadata)
+
     def notify(self, run: str, step: int) -> None:
         self._stub.Notify(
             pb.NotifyRequest(run=run, step=step), timeout=self.timeout, metadata=self._metadata

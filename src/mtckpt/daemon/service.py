@@ -157,6 +157,19 @@ class _Service(pb_grpc.DaemonServicer):
         ticket = self.d.bulk.admit(incoming)
         return pb.BulkTicket(ticket=ticket, port=self.d.bulk.port, tls=self.d.bulk.tls)
 
+    def OpenFetch(self, request, context):
+        if self.d.bulk is None:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "this daemon has no data port")
+        shard = _shard(request.shard, context)
+        try:
+            outgoing = self.d.holdings.outgoing(shard)
+        except FileNotFoundError as exc:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except MtckptError as exc:
+            context.abort(grpc.StatusCode.DATA_LOSS, str(exc))
+        ticket = self.d.bulk.offer(outgoing)
+        return pb.BulkTicket(ticket=ticket, port=self.d.bulk.port, tls=self.d.bulk.tls)
+
     def Notify(self, request, context):
         self.d.replicator.notify()
         return pb.NotifyReply()
@@ -188,6 +201,7 @@ def _handlers(service: _Service) -> grpc.GenericRpcHandler:
         "ListShards": unary(service.ListShards, pb.ListShardsRequest),
         "Notify": unary(service.Notify, pb.NotifyRequest),
         "OpenPush": unary(service.OpenPush, pb.PushHeader),
+        "OpenFetch": unary(service.OpenFetch, pb.FetchRequest),
         "Recover": unary(service.Recover, pb.RecoverRequest),
         "Fetch": grpc.unary_stream_rpc_method_handler(service.Fetch, pb.FetchRequest.FromString),
         "Push": grpc.stream_unary_rpc_method_handler(

@@ -59,6 +59,11 @@ class DaemonStub:
                 request_serializer=mtckpt_dot_proto_dot_mtckpt__pb2.PushHeader.SerializeToString,
                 response_deserializer=mtckpt_dot_proto_dot_mtckpt__pb2.BulkTicket.FromString,
                 _registered_method=True)
+        self.OpenFetch = channel.unary_unary(
+                '/mtckpt.v1.Daemon/OpenFetch',
+                request_serializer=mtckpt_dot_proto_dot_mtckpt__pb2.FetchRequest.SerializeToString,
+                response_deserializer=mtckpt_dot_proto_dot_mtckpt__pb2.BulkTicket.FromString,
+                _registered_method=True)
         self.Notify = channel.unary_unary(
                 '/mtckpt.v1.Daemon/Notify',
                 request_serializer=mtckpt_dot_proto_dot_mtckpt__pb2.NotifyRequest.SerializeToString,
@@ -112,6 +117,14 @@ class DaemonServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenFetch(self, request, context):
+        """A ticket to fetch a held data file over the data port: after the ticket, the fetching
+        side reads one status (u8 status, u32 reason length, reason) and then the frames.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Notify(self, request, context):
         """A trainer committed a step in the memory tier: replicate it now.
         """
@@ -153,6 +166,11 @@ def add_DaemonServicer_to_server(servicer, server):
             'OpenPush': grpc.unary_unary_rpc_method_handler(
                     servicer.OpenPush,
                     request_deserializer=mtckpt_dot_proto_dot_mtckpt__pb2.PushHeader.FromString,
+                    response_serializer=mtckpt_dot_proto_dot_mtckpt__pb2.BulkTicket.SerializeToString,
+            ),
+            'OpenFetch': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenFetch,
+                    request_deserializer=mtckpt_dot_proto_dot_mtckpt__pb2.FetchRequest.FromString,
                     response_serializer=mtckpt_dot_proto_dot_mtckpt__pb2.BulkTicket.SerializeToString,
             ),
             'Notify': grpc.unary_unary_rpc_method_handler(
@@ -300,6 +318,33 @@ class Daemon:
             target,
             '/mtckpt.v1.Daemon/OpenPush',
             mtckpt_dot_proto_dot_mtckpt__pb2.PushHeader.SerializeToString,
+            mtckpt_dot_proto_dot_mtckpt__pb2.BulkTicket.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenFetch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mtckpt.v1.Daemon/OpenFetch',
+            mtckpt_dot_proto_dot_mtckpt__pb2.FetchRequest.SerializeToString,
             mtckpt_dot_proto_dot_mtckpt__pb2.BulkTicket.FromString,
             options,
             channel_credentials,
