@@ -122,6 +122,7 @@ class BulkServer:
             reason = f"{where}{exc}".encode()[:4096]
             try:
                 conn.sendall(STATUS.pack(1, len(reason)) + reason)
+                _drain(conn)
             except OSError:
                 pass
         finally:
@@ -216,6 +217,17 @@ def fetch(host: str, port: int, ticket: bytes, incoming: Incoming, *,
         conn.sendall(ticket)
         _raise_for_status(conn, host, port)
         receive_frames(conn, incoming)
+
+
+def _drain(conn: socket.socket, seconds: float = 10.0) -> None:
+    """Read and drop what the peer still sends, so that closing does not reset the
+    connection and lose the status it has yet to read."""
+    conn.shutdown(socket.SHUT_WR)
+    conn.settimeout(seconds)
+    buffer = bytearray(1 << 20)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and conn.recv_into(buffer):
+        pass
 
 
 def _raise_for_status(conn: socket.socket, host: str, port: int) -> None:
