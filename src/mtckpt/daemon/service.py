@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from .. import naming
+from .. import _fastpath, naming
 from ..errors import MtckptError, StepNotFoundError
 from ..proto import mtckpt_pb2 as pb
 from ..proto import mtckpt_pb2_grpc as pb_grpc
@@ -103,7 +103,7 @@ class _Service(pb_grpc.DaemonServicer):
         shard = _shard(request.shard, context)
         try:
             pieces = self.d.holdings.read(shard, request.manifest, request.offset, request.length)
-            crc32c = _crc32c()
+            crc32c = _fastpath.backend().crc32c
             for offset, view in pieces:
                 yield frames.data_chunk(offset, view, crc32c(view))
         except FileNotFoundError as exc:
@@ -124,7 +124,7 @@ class _Service(pb_grpc.DaemonServicer):
         if not isinstance(header, pb.PushHeader):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a push starts with its header")
         shard = self._header_shard(header, context)
-        crc32c = _crc32c()
+        crc32c = _fastpath.backend().crc32c
 
         def pieces():
             for frame in request_iterator:
@@ -208,12 +208,6 @@ def _handlers(service: _Service) -> grpc.GenericRpcHandler:
             service.Push, response_serializer=pb.PushReply.SerializeToString
         ),
     })  # fmt: skip
-
-
-def _crc32c():
-    from .. import _fastpath
-
-    return _fastpath.backend().crc32c
 
 
 class Daemon:
