@@ -21,24 +21,23 @@ _RANK_FILE_RE = re.compile(r"^rank-(\d{5})\.(safetensors|json)$")
 _TEMP_MARK = ".tmp-"
 
 
-def check_run(run: object) -> str:
-    """Return ``run`` if it is a safe run name, else raise ValueError saying what is allowed."""
-    if not isinstance(run, str) or not _RUN_RE.match(run):
+def _check_name(value: object, what: str) -> str:
+    if not isinstance(value, str) or not _RUN_RE.match(value):
         raise ValueError(
-            f"run name {run!r} is invalid: expected 1-128 characters of letters, digits, "
+            f"{what} {value!r} is invalid: expected 1-128 characters of letters, digits, "
             "'.', '_' or '-', starting with a letter or digit"
         )
-    return run
+    return value
+
+
+def check_run(run: object) -> str:
+    """Return ``run`` if it is a safe run name, else raise ValueError saying what is allowed."""
+    return _check_name(run, "run name")
 
 
 def check_node_id(node_id: object) -> str:
     """Return ``node_id`` if it is a safe node name (as for runs), else raise ValueError."""
-    if not isinstance(node_id, str) or not _RUN_RE.match(node_id):
-        raise ValueError(
-            f"node id {node_id!r} is invalid: expected 1-128 characters of letters, digits, "
-            "'.', '_' or '-', starting with a letter or digit"
-        )
-    return node_id
+    return _check_name(node_id, "node id")
 
 
 def check_step(step: object) -> int:
