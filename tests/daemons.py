@@ -14,7 +14,7 @@ from unittest import mock
 
 import numpy as np
 
-from mtckpt import CheckpointManager, MemoryTier
+from mtckpt import CheckpointManager, MemoryTier, PeerTier
 from mtckpt.daemon.rpc import Client
 
 TRAIN_RUN = "exp"
@@ -165,11 +165,17 @@ def state(step: int, rank: int) -> dict:
     }
 
 
-def trainer(daemon, rank: int, world: int) -> CheckpointManager:
-    """The trainer of ``rank``, alone on ``daemon``'s node, using the daemon's memory tier."""
+def trainer(daemon, rank: int, world: int, peers: bool = False,
+            run: str = TRAIN_RUN) -> CheckpointManager:  # fmt: skip
+    """The trainer of ``rank``, alone on ``daemon``'s node, using the daemon's memory tier:
+    directly, or with ``peers`` through PeerTier (which learns it from the daemon)."""
+    tiers = (
+        {"peers": PeerTier(daemon=f"unix://{daemon.socket}")}
+        if peers
+        else {"memory": MemoryTier(str(daemon.memory_root), keep=2)}
+    )
     with mock.patch.dict(os.environ, {"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}):
-        return CheckpointManager(TRAIN_RUN, MemoryTier(str(daemon.memory_root), keep=2), rank=rank,
-                                 world_size=world)  # fmt: skip
+        return CheckpointManager(run, rank=rank, world_size=world, **tiers)
 
 
 def save(daemon, rank: int, world: int, steps, token=None) -> None:

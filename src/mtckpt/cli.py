@@ -19,12 +19,9 @@ from .errors import MtckptError
 
 def _daemon(args: argparse.Namespace) -> int:
     from .daemon import Daemon, DaemonConfig
-    from .daemon.rpc import TLSFiles
+    from .daemon.rpc import TLSFiles, read_token
 
-    token = None
-    if args.token_file:
-        with open(args.token_file) as f:
-            token = f.read().strip()
+    token = read_token(args.token_file)
     tls = None
     if args.tls_cert or args.tls_key or args.tls_ca:
         if not (args.tls_cert and args.tls_key and args.tls_ca):
@@ -67,14 +64,10 @@ def _daemon(args: argparse.Namespace) -> int:
 def _restore(args: argparse.Namespace) -> int:
     import grpc
 
-    from .daemon.rpc import Client
+    from .daemon.rpc import Client, read_token
 
     step = None if args.step in (None, "latest") else int(args.step)
-    token = None
-    if args.token_file:
-        with open(args.token_file) as f:
-            token = f.read().strip()
-    with Client(args.daemon, token=token, timeout=args.timeout) as client:
+    with Client(args.daemon, token=read_token(args.token_file), timeout=args.timeout) as client:
         try:
             reply = client.recover(args.run, step, timeout=args.timeout)
         except grpc.RpcError as exc:

@@ -4,17 +4,16 @@ restore pulls its shards from the peers by itself."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import textwrap
-from unittest import mock
 
 import numpy as np
 import pytest
 
 from daemons import replicated, wait_for
+from daemons import trainer as node_trainer
 from mtckpt import CheckpointManager, ConfigError, MemoryTier, PeerTier, TierError
 
 RUN = "job"
@@ -25,10 +24,8 @@ def state(step: int, rank: int) -> dict:
     return {"w": rng.standard_normal((512, 512)).astype(np.float32), "step": step}
 
 
-def trainer(daemon, rank: int, world: int, **kwargs) -> CheckpointManager:
-    with mock.patch.dict(os.environ, {"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}):
-        return CheckpointManager(RUN, peers=PeerTier(daemon=f"unix://{daemon.socket}"),
-                                 rank=rank, world_size=world, **kwargs)  # fmt: skip
+def trainer(daemon, rank: int, world: int) -> CheckpointManager:
+    return node_trainer(daemon, rank, world, peers=True, run=RUN)
 
 
 def test_saves_are_replicated_and_a_replacement_node_restores_from_peers(cluster):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from .rpc import Client, TLSFiles
+from .rpc import Client, TLSFiles, error_text
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class Peers:
         try:
             reply = self.client(address).status(timeout=self._timeout, wait_for_ready=True)
         except grpc.RpcError as exc:
-            member.reachable, member.error = False, _reason(exc)
+            member.reachable, member.error = False, error_text(exc)
         else:
             member.node_id, member.zone = reply.node_id, reply.zone
             member.reachable = True
@@ -120,9 +120,3 @@ class Peers:
             for client in self._clients.values():
                 client.close()
             self._clients.clear()
-
-
-def _reason(exc: grpc.RpcError) -> str:
-    code = exc.code() if hasattr(exc, "code") else None
-    details = exc.details() if hasattr(exc, "details") else str(exc)
-    return f"{code.name if code else 'error'}: {details}"

@@ -26,8 +26,8 @@ from ..errors import (
 )
 from . import bulk
 from .holdings import Holdings, Shard
-from .peers import Peers, _reason
-from .rpc import shard_id
+from .peers import Peers
+from .rpc import error_text, host_of, shard_id
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,10 @@ def recover(holdings: Holdings, peers: Peers, run: str, step: int | None = None)
             listing = peers.client(member.address).list_shards(run=run)
         except grpc.RpcError as exc:
             log.warning(
-                "recovery: %s (%s) did not list: %s", member.node_id, member.address, _reason(exc)
+                "recovery: %s (%s) did not list: %s",
+                member.node_id,
+                member.address,
+                error_text(exc),
             )
             continue
         for info in listing.shards:
@@ -137,7 +140,7 @@ def _fetch(holdings: Holdings, peers: Peers, sources: list[_Copy], turn: int) ->
             manifest = b"".join(data for _, data in pieces)
             size = _pull(holdings, peers, source, manifest)
         except (grpc.RpcError, MtckptError, OSError) as exc:
-            reason = _reason(exc) if isinstance(exc, grpc.RpcError) else str(exc)
+            reason = error_text(exc) if isinstance(exc, grpc.RpcError) else str(exc)
             log.warning(
                 "recovery: %s from %s failed: %s; trying another source", shard, source.node, reason
             )
@@ -161,7 +164,7 @@ def _pull(holdings: Holdings, peers: Peers, source: _Copy, manifest: bytes) -> i
         return holdings.store(source.shard, manifest, _checked(client.fetch(ident), source))
     incoming = holdings.receive(source.shard, manifest)
     try:
-        host = source.address.rsplit(":", 1)[0].strip("[]")
+        host = host_of(source.address)
         tls = peers.tls if ticket.tls else None
         bulk.fetch(host, ticket.port, ticket.ticket, incoming, tls=tls)
         incoming.commit()

@@ -24,9 +24,9 @@ from ..proto import mtckpt_pb2 as pb
 from ..restore import close_mapping
 from . import bulk, frames
 from .holdings import Holdings, Shard
-from .peers import Peers, _reason
+from .peers import Peers
 from .placement import replica_targets
-from .rpc import TLSFiles, shard_id
+from .rpc import TLSFiles, error_text, host_of, shard_id
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ class Replicator:
             try:
                 listing = self.peers.client(member.address).list_shards(origin=me)
             except grpc.RpcError as exc:
-                unreachable[node] = _reason(exc)
+                unreachable[node] = error_text(exc)
                 continue
             held_by[node] = {
                 Shard(i.shard.run, i.shard.step, i.shard.rank, i.shard.origin)
@@ -184,7 +184,7 @@ class Replicator:
                 try:
                     self.push(shard, self.peers.by_node(node).address)
                 except (grpc.RpcError, OSError, MtckptError) as exc:
-                    reason = _reason(exc) if isinstance(exc, grpc.RpcError) else str(exc)
+                    reason = error_text(exc) if isinstance(exc, grpc.RpcError) else str(exc)
                     log.warning("replicating %s to %s failed: %s", shard, node, reason)
                     with self._lock:
                         state.error = f"push to {node} failed: {reason}"
@@ -212,7 +212,7 @@ class Replicator:
                     raise
                 ticket = None
             if ticket is not None:
-                host = address.rsplit(":", 1)[0].strip("[]")
+                host = host_of(address)
                 tls = self.tls if ticket.tls else None
                 described = RankManifest.from_json(manifest, f"{shard}: manifest")
                 bulk.send(host, ticket.port, ticket.ticket, f.fileno(), described, tls=tls,

@@ -46,6 +46,25 @@ def shard_id(shard) -> pb.ShardId:
     return pb.ShardId(run=shard.run, step=shard.step, rank=shard.rank, origin=shard.origin)
 
 
+def error_text(exc: grpc.RpcError) -> str:
+    """``CODE: details`` of a failed call, for logs and status."""
+    code = exc.code() if hasattr(exc, "code") else None
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    return f"{code.name if code else 'error'}: {details}"
+
+
+def host_of(address: str) -> str:
+    """The host of ``host:port`` (``[v6]:port`` -> ``v6``)."""
+    return address.rsplit(":", 1)[0].strip("[]")
+
+
+def read_token(path: str | None) -> str | None:
+    """The shared token in the file at ``path`` (None: no token)."""
+    if not path:
+        return None
+    return Path(path).read_text().strip()
+
+
 def is_unix(address: str) -> bool:
     return address.startswith("unix:")
 

@@ -20,7 +20,7 @@ from .bulk import BulkServer
 from .holdings import Holdings, Shard
 from .peers import Peers
 from .replicator import Replicator
-from .rpc import OPTIONS, SERVICE, TLSFiles, TokenCheck, shard_id, unix_path
+from .rpc import OPTIONS, SERVICE, TLSFiles, TokenCheck, host_of, shard_id, unix_path
 
 log = logging.getLogger(__name__)
 
@@ -243,10 +243,9 @@ class Daemon:
                 port = server.add_insecure_port(self.config.listen)
             if port == 0:
                 raise OSError(f"cannot listen on {self.config.listen}")
-            host = self.config.listen.rsplit(":", 1)[0]
-            self.address = f"{host}:{port}"
-            self.bulk = BulkServer(host.strip("[]"), self.config.data_port, self.config.tls,
-                                   on_stored=self._stored)  # fmt: skip
+            self.address = f"{self.config.listen.rsplit(':', 1)[0]}:{port}"
+            host = host_of(self.config.listen)
+            self.bulk = BulkServer(host, self.config.data_port, self.config.tls, self._stored)
         if self.config.socket:
             path = (
                 unix_path(self.config.socket)

@@ -25,16 +25,12 @@ class DaemonLink:
         try:
             import grpc
 
-            from ..daemon.rpc import Client
+            from ..daemon.rpc import Client, read_token
         except ImportError as exc:
             raise ConfigError(f"peers= needs grpcio: pip install 'mtckpt[grpc]' ({exc})") from None
         self._grpc = grpc
         self.cfg, self.run, self.rank = cfg, run, rank
-        token = None
-        if cfg.token_file:
-            with open(cfg.token_file) as f:
-                token = f.read().strip()
-        self.client = Client(cfg.daemon, token=token, timeout=30.0)
+        self.client = Client(cfg.daemon, token=read_token(cfg.token_file), timeout=30.0)
         try:
             status = self.client.status(timeout=10.0)
         except grpc.RpcError as exc:
