@@ -10,6 +10,7 @@ theirs shows up; the core imports no framework.
 from __future__ import annotations
 
 import importlib
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -70,10 +71,17 @@ class ArrayAdapter:
         """A uint8 view of the value's bytes in host memory, if it has one without a copy."""
         raise NotImplementedError
 
-    def stage(self, value: Any, dst: np.ndarray) -> Callable[[], None] | None:
-        """Copy a value without ``host_bytes`` (strided, on a device) into ``dst``. A copy
-        only enqueued (from a device) returns a function that waits for it to land."""
+    def stage(self, items: list[tuple[Any, np.ndarray]]) -> Callable[[], None] | None:
+        """Copy values without ``host_bytes`` (strided, on a device) into their ``dst``, given
+        as ``(value, dst)`` pairs. Copies only enqueued (from a device) return a function that
+        waits for them to land."""
         raise NotImplementedError
+
+    def pinner(self, value: Any) -> Callable[[np.ndarray], Callable[[], None]] | None:
+        """For values whose copies to host memory need it to run asynchronously at full
+        speed (a device's), the function that page-locks host memory and returns what undoes
+        it; None for host values."""
+        return None
 
     def is_target(self, obj: Any) -> bool:
         """Whether ``obj`` is an array of this framework that a restore can fill."""
@@ -100,6 +108,12 @@ class ArrayAdapter:
         """Copy verified bytes into a target without ``target_bytes``."""
         raise NotImplementedError
 
+    def fills_from_storage(self, target: Any) -> bool:
+        """Whether ``fill`` should read the stored bytes in place, once verified, rather
+        than a host copy of them (a device target: one copy to the device, no second host
+        copy of the state)."""
+        return False
+
     def new_value(self, kind: str, dtype: str, shape: tuple[int, ...], buf: np.ndarray) -> Any:
         """A new value of ``kind`` viewing (or holding) the verified bytes ``buf``."""
         raise NotImplementedError
@@ -125,9 +139,10 @@ class NumpyAdapter(ArrayAdapter):
             return value.reshape(-1).view(np.uint8)
         return None
 
-    def stage(self, value: np.ndarray, dst: np.ndarray) -> None:
-        little = value.dtype.newbyteorder("<")
-        np.copyto(dst.view(little).reshape(value.shape), value, casting="equiv")
+    def stage(self, items: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        for value, dst in items:
+            little = value.dtype.newbyteorder("<")
+            np.copyto(dst.view(little).reshape(value.shape), value, casting="equiv")
         return None
 
     def is_target(self, obj: Any) -> bool:
@@ -169,7 +184,7 @@ def for_value(obj: Any) -> ArrayAdapter | None:
     module = _framework_module(obj)
     if module is None:
         return None
-    adapter = importlib.import_module(module).ADAPTER
+    adapter = _load(module).ADAPTER
     return adapter if adapter.handles(obj) else None
 
 
@@ -183,15 +198,20 @@ def prepare_target(obj: Any) -> bool:
     """Let a framework give a stateful restore target the state the checkpoint has for it
     (a torch optimizer that has not stepped yet); whether ``obj`` changed."""
     module = _framework_module(obj)
-    return module is not None and importlib.import_module(module).prepare_target(obj)
+    return module is not None and _load(module).prepare_target(obj)
 
 
 def load_state(obj: Any, state: Any) -> None:
     """``obj.load_state_dict(state)``, unless its framework sees that the restore already
     filled the object's own memory with ``state`` (a module restored in place)."""
     module = _framework_module(obj)
-    if module is None or not importlib.import_module(module).already_loaded(obj, state):
+    if module is None or not _load(module).already_loaded(obj, state):
         obj.load_state_dict(state)
+
+
+def _load(module: str):
+    """An adapter module, imported on its first use (this runs for every leaf)."""
+    return sys.modules.get(module) or importlib.import_module(module)
 
 
 def _framework_module(obj: Any) -> str | None:
@@ -212,6 +232,6 @@ def for_kind(kind: str) -> ArrayAdapter:
     if module is None:
         return NUMPY
     try:
-        return importlib.import_module(module).ADAPTER
+        return _load(module).ADAPTER
     except ImportError:
         return NUMPY

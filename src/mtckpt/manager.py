@@ -561,6 +561,7 @@ def _stage_into_slot(
     view[: len(layout.header)] = np.frombuffer(layout.header, np.uint8)
     leaf_of = {leaf.key: leaf for leaf in leaves}
     destinations, sources, waits = [], [], []
+    framework_copies: dict[arrays.ArrayAdapter, list] = {}
     for entry in layout.entries:
         leaf = leaf_of[entry.key]
         start = layout.data_start + entry.offset
@@ -572,13 +573,18 @@ def _stage_into_slot(
         adapter = arrays.for_kind(leaf.kind)
         source = adapter.host_bytes(leaf.value)
         if source is None:
-            pending = adapter.stage(leaf.value, dst)
-            if pending is not None:
-                waits.append(pending)
+            framework_copies.setdefault(adapter, []).append((leaf.value, dst))
         else:
             destinations.append(dst)
             sources.append(source)
     del view
+    for adapter, items in framework_copies.items():
+        pinner = next(filter(None, (adapter.pinner(value) for value, _ in items)), None)
+        if pinner is not None:
+            slot.pin(adapter.name, pinner)
+        pending = adapter.stage(items)
+        if pending is not None:
+            waits.append(pending)
 
     def finish() -> None:
         _fastpath.backend().copy_many(destinations, sources, threads)

@@ -178,7 +178,7 @@ class Pipeline:
                 job.handle._finish("memory")
                 if self.on_memory_commit is not None:
                     self.on_memory_commit(job.step, job.handle)
-                self._prepare_spare_slot(job.slot.size)
+                self._prepare_spare_slot(job.slot)
             finally:
                 with self._cond:
                     self._memory_busy = False
@@ -247,9 +247,9 @@ class Pipeline:
         except Exception as exc:  # garbage collection failing must not stop checkpointing
             log.warning("memory tier: garbage collection failed: %s", exc)
 
-    def _prepare_spare_slot(self, size: int) -> None:
+    def _prepare_spare_slot(self, like: Slot) -> None:
         try:
-            self.memory.prepare_spare(self.run, self.rank, size)
+            self.memory.prepare_spare(self.run, self.rank, like)
         except Exception as exc:  # the next save creates its slot itself
             log.warning("memory tier: cannot prepare a spare slot: %s", exc)
 

@@ -135,10 +135,11 @@ def load_shard(
                 f"{where}: {len(mapping)} bytes, the manifest records {manifest.file_size}"
             )
         values, fixups = _read_verified(mapping, manifest, targets, set(skip), threads, where)
+        for adapter, target, record, buf in fixups:
+            adapter.fill(target, record.dtype, record.shape, buf)
+        fixups = buf = None  # views of the mapping: gone before it is closed
     finally:
         close_mapping(mapping)
-    for adapter, target, record, buf in fixups:
-        adapter.fill(target, record.dtype, record.shape, buf)
     return values
 
 
@@ -157,13 +158,15 @@ def _read_verified(mapping, manifest, targets, skip, threads, where):
         if adapter is not None:
             in_place.add(record.key)
             values[record.key] = target
-        if dst is None:
+        start = manifest.data_start + record.offset
+        if dst is None and adapter is not None and adapter.fills_from_storage(target):
+            fixups.append((adapter, target, record, src[start : start + record.nbytes]))
+        elif dst is None:
             dst = np.empty(record.nbytes, np.uint8)
             if adapter is not None:
                 fixups.append((adapter, target, record, dst))
             else:
                 values[record.key] = dst
-        start = manifest.data_start + record.offset
         segments.append((start, start + record.nbytes, dst))
     copy_verified(src, manifest, segments, threads=threads, where=where)
     for record in manifest.leaves:

@@ -8,17 +8,32 @@ place, so restoring a model costs no second copy of it in host memory.
 
 from __future__ import annotations
 
+import logging
+import os
 import random
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import arrays, coordination
+from . import _fastpath, arrays, coordination
 from .errors import MtckptError
+
+if TYPE_CHECKING:  # imported on first use, by __getattr__ below
+    from ._dcp import (
+        Reader,
+        Writer,
+        export_dcp,
+        export_torch_save,
+        import_dcp,
+        import_torch_save,
+    )
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "RNG",
@@ -125,21 +140,21 @@ class TorchAdapter(arrays.ArrayAdapter):
             return _as_bytes(value).numpy()
         return None
 
-    def stage(self, value: torch.Tensor, dst: np.ndarray):
-        slot = _typed(dst, dtype_name(value.dtype), tuple(value.shape))
-        if value.device.type != "cuda":
-            slot.copy_(value)
+    def stage(self, items: list[tuple[torch.Tensor, np.ndarray]]):
+        on_device: dict[torch.device, list] = {}
+        for value, dst in items:
+            slot = _typed(dst, dtype_name(value.dtype), tuple(value.shape))
+            if value.device.type == "cuda":
+                on_device.setdefault(value.device, []).append((value, slot))
+            else:
+                slot.copy_(value)
+        waits = [_copy_to_host(device, copies) for device, copies in on_device.items()]
+        if not waits:
             return None
-        # Device to host on a side stream, after the work already queued on the tensor's
-        # stream; the allocator must not reuse the tensor's memory before the copy is done.
-        stream = _side_stream(value.device)
-        stream.wait_stream(torch.cuda.current_stream(value.device))
-        with torch.cuda.stream(stream):
-            slot.copy_(value, non_blocking=True)
-        value.record_stream(stream)
-        done = torch.cuda.Event()
-        done.record(stream)
-        return done.synchronize
+        return lambda: [wait() for wait in waits] and None
+
+    def pinner(self, value: torch.Tensor):
+        return _page_lock if value.device.type == "cuda" else None
 
     def is_target(self, obj: Any) -> bool:
         if isinstance(obj, LocalShard):
@@ -180,8 +195,21 @@ class TorchAdapter(arrays.ArrayAdapter):
         return None
 
     def fill(self, target: torch.Tensor, dtype: str, shape, buf: np.ndarray) -> None:
+        local = self.target_local(target)
         with torch.no_grad():
-            self.target_local(target).copy_(_typed(buf, dtype, tuple(shape)))
+            if self.fills_from_storage(target):
+                _copy_to_device(_as_bytes(local), buf)
+            else:
+                local.copy_(_typed(buf, dtype, tuple(shape)))
+
+    def fills_from_storage(self, target: torch.Tensor) -> bool:
+        local = self.target_local(target)
+        return (
+            local.device.type == "cuda"
+            and local.is_contiguous()
+            and not local.is_conj()
+            and not local.is_neg()
+        )
 
     def new_value(self, kind: str, dtype: str, shape, buf: np.ndarray) -> Any:
         return _typed(buf, dtype, tuple(shape))
@@ -214,6 +242,84 @@ def prepare_target(obj: Any) -> bool:
 
 
 _SIDE_STREAMS: dict[Any, Any] = {}
+_PORTABLE = 1  # cudaHostRegisterPortable: page-locked for every device's context
+
+
+def _copy_to_host(device: torch.device, copies: list[tuple[torch.Tensor, torch.Tensor]]):
+    """Enqueue device-to-host copies on the device's side stream, after the work already
+    queued on its current stream; returns the function that waits for them. The allocator
+    must not reuse a tensor's memory before its copy is done."""
+    stream = _side_stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for value, slot in copies:
+            slot.copy_(value, non_blocking=True)
+            value.record_stream(stream)
+    done = torch.cuda.Event()
+    done.record(stream)
+    return done.synchronize
+
+
+def _clear_cuda_error() -> None:
+    """A failed CUDA runtime call leaves its error to be raised by the next kernel launch's
+    check, in the trainer; torch has no cudaGetLastError, so launch a no-op here and let
+    its check consume the error."""
+    try:
+        torch.zeros(1, device="cuda")
+    except RuntimeError:
+        pass
+
+
+_BOUNCE_BYTES = 64 << 20
+_BOUNCES: dict[torch.device, list] = {}
+_BOUNCE_LOCK = threading.Lock()
+_HOST_COPY_THREADS = min(8, os.cpu_count() or 1)
+
+
+def _copy_to_device(dst: torch.Tensor, src: np.ndarray) -> None:
+    """Copy host bytes into a contiguous uint8 device tensor through two page-locked
+    buffers in turn (host copy into one while the other's DMA runs); done on return."""
+    if dst.numel() != src.size:
+        raise ValueError(f"{src.size} bytes for a device tensor of {dst.numel()}")
+    with _BOUNCE_LOCK:
+        if dst.device not in _BOUNCES:
+            _BOUNCES[dst.device] = [
+                (torch.empty(_BOUNCE_BYTES, dtype=torch.uint8, pin_memory=True),
+                 torch.cuda.Event())
+                for _ in range(2)
+            ]  # fmt: skip
+        bounces = _BOUNCES[dst.device]
+        stream = torch.cuda.current_stream(dst.device)
+        for index, start in enumerate(range(0, src.size, _BOUNCE_BYTES)):
+            host, free = bounces[index % 2]
+            free.synchronize()
+            count = min(_BOUNCE_BYTES, src.size - start)
+            piece = host[:count]
+            _fastpath.backend().copy_many(
+                [piece.numpy()], [src[start : start + count]], _HOST_COPY_THREADS
+            )
+            dst[start : start + count].copy_(piece, non_blocking=True)
+            free.record(stream)
+        for _, free in bounces:
+            free.synchronize()
+
+
+def _page_lock(memory: np.ndarray):
+    """Register host memory with CUDA (page-locked), so copies from a device land in it by
+    DMA, asynchronously; returns what unregisters it. Where that is refused (a memlock
+    limit), copies go through pageable memory: slower and synchronous, but correct."""
+    cudart = torch.cuda.cudart()
+    address = memory.ctypes.data
+    code = cudart.cudaHostRegister(address, memory.nbytes, _PORTABLE)
+    if code != cudart.cudaError.success:
+        _clear_cuda_error()
+        log.warning(
+            "cannot page-lock %d bytes of the memory tier for copies from the GPU (%s); "
+            "they go through pageable memory, synchronously and slower",
+            memory.nbytes, cudart.cudaGetErrorString(code),
+        )  # fmt: skip
+        return lambda: None
+    return lambda: cudart.cudaHostUnregister(address)
 
 
 def _side_stream(device: torch.device):
@@ -375,12 +481,15 @@ class TorchCoordinator(coordination.Coordinator):
         return [coordination.Outcome(status, reason) for status, reason in gathered]
 
 
-# DCP interop lives in its own module, which needs the names above.
-from ._dcp import (  # noqa: E402
-    Reader,
-    Writer,
-    export_dcp,
-    export_torch_save,
-    import_dcp,
-    import_torch_save,
-)
+_DCP_NAMES = ("Reader", "Writer", "export_dcp", "export_torch_save", "import_dcp",
+              "import_torch_save")  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    """DCP interop lives in its own module, imported on first use: importing
+    torch.distributed.checkpoint takes about a second, which a save need not pay."""
+    if name in _DCP_NAMES:
+        from . import _dcp
+
+        return getattr(_dcp, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from mtckpt import CheckpointManager, LocalTier, MemoryTier
+from mtckpt.tiers.memory import MemoryStorage
 
 
 def listing(root: Path, run: str = "exp") -> dict[str, list[str]]:
@@ -112,3 +113,37 @@ def test_slots_follow_a_state_that_grows_and_shrinks(shm_dir):
             assert restored_step == step and np.array_equal(restored["w"], state["w"])
         data = shm_dir / "exp" / "step-000000000004" / "rank-00000.safetensors"
         assert data.stat().st_size == 4096  # header only: slots are cut to the exact size
+
+
+def test_page_locked_slots_unlock_when_unmapped_and_spares_lock_alike(shm_dir):
+    """A framework's device copies need the slot page-locked: once per mapping, undone
+    before it is unmapped; the spare the memory worker prepares is locked like the slot
+    it follows (so no save pays for it on the training thread)."""
+    storage = MemoryStorage(shm_dir)
+    events = []
+
+    def pinner(view):
+        address = view.ctypes.data
+        events.append(("lock", address, view.nbytes))
+        return lambda: events.append(("unlock", address, None))
+
+    slot = storage.acquire("exp", 0, 1 << 20)
+    address = slot.view().ctypes.data
+    slot.pin("torch", pinner)
+    slot.pin("torch", pinner)
+    assert events == [("lock", address, 1 << 20)]
+
+    storage.prepare_spare("exp", 0, like=slot)
+    spare = storage.acquire("exp", 0, 1 << 20)
+    spare_address = spare.view().ctypes.data
+    assert spare_address != address
+    assert events[1:] == [("lock", spare_address, 1 << 20)]
+    spare.pin("torch", pinner)
+    assert len(events) == 2  # already locked
+
+    storage.release(spare, "exp", 0)
+    storage.acquire("exp", 0, 2 << 20)  # the spare, resized: mapped anew, so unlocked first
+    assert events[2:] == [("unlock", spare_address, None)]
+    storage.release(slot, "exp", 0)
+    storage.close()
+    assert events[3:] == [("unlock", address, None)]

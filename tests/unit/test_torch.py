@@ -198,6 +198,7 @@ def test_a_torch_checkpoint_read_without_torch(shm_dir):
     script = f"""
 import sys
 sys.modules["torch"] = None  # as on a machine without torch
+sys.modules["ml_dtypes"] = None  # nor ml_dtypes (a JAX install brings it)
 import numpy as np, mtckpt
 with mtckpt.CheckpointManager("torch", mtckpt.MemoryTier({str(shm_dir)!r})) as mgr:
     try:

@@ -13,12 +13,15 @@ import mmap
 import os
 import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from .. import _fastpath, naming
 from .directory import DirectoryStorage
+
+Pinner = Callable[[np.ndarray], Callable[[], None]]
 
 
 class Slot:
@@ -28,6 +31,8 @@ class Slot:
         self.path = path
         self.size = size
         self.mm = mm
+        self._pinners: dict[str, Pinner] = {}  # per framework: what page-locks the mapping
+        self._unpin: list[Callable[[], None]] = []
 
     def view(self) -> np.ndarray:
         """The slot's bytes as a writable uint8 array (a view of the mapping)."""
@@ -35,7 +40,23 @@ class Slot:
             return np.zeros(0, np.uint8)
         return np.frombuffer(self.mm, np.uint8)
 
+    def pin(self, name: str, pinner: Pinner) -> None:
+        """Page-lock the mapping for a framework's device copies, once while it stays
+        mapped: ``pinner(view)`` registers it and returns what unregisters it."""
+        if name not in self._pinners and self.mm is not None:
+            self._pinners[name] = pinner
+            self._unpin.append(pinner(self.view()))
+
+    def pin_like(self, other: Slot) -> None:
+        """Page-lock this slot for the frameworks ``other`` is page-locked for."""
+        for name, pinner in other._pinners.items():
+            self.pin(name, pinner)
+
     def unmap(self) -> None:
+        for undo in self._unpin:
+            undo()
+        self._unpin.clear()
+        self._pinners.clear()
         if self.mm is not None:
             try:
                 self.mm.close()
@@ -89,10 +110,12 @@ class MemoryStorage(DirectoryStorage):
                 self.drop(slot)
             raise self.error(f"cannot prepare a {size}-byte slot for rank {rank}", exc) from exc
 
-    def prepare_spare(self, run: str, rank: int, size: int) -> None:
-        """Create a free slot of ``size`` bytes if none is free, so the next save reuses it."""
+    def prepare_spare(self, run: str, rank: int, like: Slot) -> None:
+        """Create a free slot like ``like`` (its size, page-locked for the same frameworks)
+        if none is free, so the next save reuses it."""
         if self.free_slots(run, rank) == 0:
-            slot = self._create(run, rank, size)
+            slot = self._create(run, rank, like.size)
+            slot.pin_like(like)
             with self._lock:
                 self._free_list(run, rank).append(slot)
 
