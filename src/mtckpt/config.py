@@ -129,25 +129,26 @@ MANAGER_OPTIONS: dict[str, type] = {
 _OPTIONAL = {"every", "interval", "rank", "world_size", "threads", "token_file"}
 
 
+# The node daemon's options: its [daemon] table, MTCKPT_DAEMON_* variables and the flags of
+# `mtckpt daemon` (the same names, with dashes). MTCKPT_NODE_ID also sets node_id.
+DAEMON_OPTIONS: dict[str, type] = {
+    "node_id": str, "listen": str, "socket": str, "memory_root": str, "peers": list,
+    "peers_dns": str, "replicas": int, "zone": str, "keep": int, "token_file": str,
+    "tls_cert": str, "tls_key": str, "tls_ca": str, "bandwidth": float,
+    "drain_timeout": float, "scan_interval": float, "data_port": int,
+}  # fmt: skip
+
+
 def load(path: str | os.PathLike | None = None, env: Mapping[str, str] | None = None) -> dict:
     """Read manager keyword arguments from a TOML file and ``MTCKPT_*`` variables.
 
     ``path`` defaults to ``$MTCKPT_CONFIG``; with neither, only the environment is read.
     Environment variables override the file: ``MTCKPT_RUN``, ``MTCKPT_MEMORY_KEEP``,
-    ``MTCKPT_LOCAL_PATH``, ... (``MTCKPT_`` + section + ``_`` + key, upper case).
+    ``MTCKPT_LOCAL_PATH``, ... (``MTCKPT_`` + section + ``_`` + key, upper case). The
+    file's ``[daemon]`` table is the daemon's (:func:`load_daemon`).
     """
     env = os.environ if env is None else env
-    path = path if path is not None else env.get("MTCKPT_CONFIG") or None
-    settings: dict[str, Any] = {}
-    if path is not None:
-        try:
-            with open(path, "rb") as f:
-                settings = tomllib.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"config file {str(path)!r} does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
-    source = f"config file {str(path)!r}" if path is not None else "configuration"
+    settings, source = _read(path, env)
     _check_keys(settings, source)
     _apply_env(settings, env)
 
@@ -161,8 +162,75 @@ def load(path: str | os.PathLike | None = None, env: Mapping[str, str] | None = 
     return kwargs
 
 
+def load_daemon(
+    path: str | os.PathLike | None = None, env: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """The daemon's settings: the ``[daemon]`` table of the TOML file (``path``, default
+    ``$MTCKPT_CONFIG``) overridden by ``MTCKPT_DAEMON_*`` variables (``MTCKPT_NODE_ID``
+    for ``node_id`` too); only the keys set. ``peers`` is a list of ``HOST:PORT`` (in a
+    variable: a comma list). Without ``memory_root``, the file's ``[memory] path``."""
+    env = os.environ if env is None else env
+    settings, source = _read(path, env)
+    table = settings.get("daemon", {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{source}: [daemon] must be a table")
+    daemon: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in DAEMON_OPTIONS:
+            raise ConfigError(
+                f"{source}: unknown key daemon.{key}; expected one of {sorted(DAEMON_OPTIONS)}"
+            )
+        daemon[key] = _checked_daemon_value(f"{source}: daemon.{key}", key, value)
+    memory = settings.get("memory")
+    if "memory_root" not in daemon and isinstance(memory, dict) and "path" in memory:
+        daemon["memory_root"] = _checked_daemon_value(
+            f"{source}: memory.path", "memory_root", memory["path"]
+        )
+    if "MTCKPT_NODE_ID" in env:
+        daemon["node_id"] = env["MTCKPT_NODE_ID"].strip()
+    for key, kind in DAEMON_OPTIONS.items():
+        name = f"MTCKPT_DAEMON_{key.upper()}"
+        if name in env:
+            if kind is list:
+                daemon[key] = [p.strip() for p in env[name].split(",") if p.strip()]
+            else:
+                daemon[key] = _parse_env(name, env[name], kind, optional=False)
+    return daemon
+
+
+def _checked_daemon_value(where: str, key: str, value: Any) -> Any:
+    kind = DAEMON_OPTIONS[key]
+    if kind is list:
+        if isinstance(value, str):
+            value = [p.strip() for p in value.split(",") if p.strip()]
+        if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+            raise ConfigError(f"{where} must be a list of HOST:PORT strings, got {value!r}")
+        return value
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ConfigError(f"{where} must be of type {kind.__name__}, got {value!r}")
+    return value
+
+
+def _read(path: str | os.PathLike | None, env: Mapping[str, str]) -> tuple[dict, str]:
+    """The TOML file's settings (none without a file) and how to name it in errors."""
+    path = path if path is not None else env.get("MTCKPT_CONFIG") or None
+    if path is None:
+        return {}, "configuration"
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f), f"config file {str(path)!r}"
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+
+
 def _check_keys(settings: dict[str, Any], source: str) -> None:
     for key, value in settings.items():
+        if key == "daemon":  # the daemon's: load_daemon checks it
+            continue
         if key in TIER_CLASSES:
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: [{key}] must be a table")
@@ -175,7 +243,7 @@ def _check_keys(settings: dict[str, Any], source: str) -> None:
         elif key not in MANAGER_OPTIONS:
             raise ConfigError(
                 f"{source}: unknown key {key!r}; expected one of "
-                f"{sorted(MANAGER_OPTIONS) + sorted(f'[{t}]' for t in TIER_CLASSES)}"
+                f"{sorted(MANAGER_OPTIONS) + sorted(f'[{t}]' for t in [*TIER_CLASSES, 'daemon'])}"
             )
 
 

@@ -132,3 +132,47 @@ def test_manager_argument_validation(shm_dir):
         CheckpointManager("r", MemoryTier(str(shm_dir)), rank=1)
     with pytest.raises(ValueError, match="rank 2 is out of range for world_size 2"):
         CheckpointManager("r", MemoryTier(str(shm_dir)), rank=2, world_size=2)
+
+
+def test_daemon_settings_from_file_then_environment(tmp_path):
+    path = tmp_path / "mtckpt.toml"
+    path.write_text(
+        'run = "exp"\n'
+        '[memory]\npath = "/dev/shm/from-memory"\n'
+        '[daemon]\nnode_id = "file-node"\npeers = ["a:1", "b:2"]\nreplicas = 2\n'
+        'bandwidth = 1000\nzone = "rack-a"\n'
+    )
+    assert config.load(path, env={})["run"] == "exp"  # the manager's loader skips [daemon]
+    env = {"MTCKPT_CONFIG": str(path), "MTCKPT_DAEMON_REPLICAS": "3",
+           "MTCKPT_DAEMON_PEERS": "c:3, d:4", "MTCKPT_NODE_ID": "env-node"}  # fmt: skip
+    assert config.load_daemon(None, env=env) == {
+        "node_id": "env-node",
+        "peers": ["c:3", "d:4"],
+        "replicas": 3,
+        "bandwidth": 1000.0,
+        "zone": "rack-a",
+        "memory_root": "/dev/shm/from-memory",  # no memory_root: the memory tier's path
+    }
+    assert config.load_daemon(None, env={"MTCKPT_DAEMON_MEMORY_ROOT": "/m"}) == {
+        "memory_root": "/m"
+    }
+    path.write_text('[daemon]\npeers = "a:1,b:2"\nmemory_root = "/x"\n')
+    assert config.load_daemon(path, env={}) == {"peers": ["a:1", "b:2"], "memory_root": "/x"}
+
+
+@pytest.mark.parametrize(
+    "text, env, message",
+    [
+        ("[daemon]\nreplica = 2\n", {}, r"unknown key daemon.replica; expected one of"),
+        ('[daemon]\nreplicas = "two"\n', {}, r"daemon.replicas must be of type int, got 'two'"),
+        ("[daemon]\nkeep = true\n", {}, r"daemon.keep must be of type int, got True"),
+        ("[daemon]\npeers = [1, 2]\n", {}, r"daemon.peers must be a list of HOST:PORT"),
+        ("daemon = 3\n", {}, r"\[daemon\] must be a table"),
+        ("", {"MTCKPT_DAEMON_KEEP": "many"}, r"MTCKPT_DAEMON_KEEP='many' is not a valid int"),
+    ],
+)
+def test_bad_daemon_settings_name_the_key(tmp_path, text, env, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        config.load_daemon(path, env=env)
