@@ -4,6 +4,7 @@ restore pulls its shards from the peers by itself."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -93,3 +94,54 @@ def test_bad_peer_configuration_is_refused_with_the_reason(cluster, tmp_path):
                           peers=PeerTier(daemon=address))  # fmt: skip
     with pytest.raises(ConfigError, match="peers.replicas"):
         PeerTier(replicas=0)
+
+
+NODE_RANK = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from mtckpt import CheckpointManager, PeerTier
+
+    mode, socket, steps = sys.argv[1], sys.argv[2], [int(s) for s in sys.argv[3:]]
+    with CheckpointManager("job", peers=PeerTier(daemon=f"unix://{socket}")) as mgr:
+        if mode == "save":
+            for step in steps:
+                rng = np.random.default_rng(1000 * step + mgr.rank)
+                mgr.save(step, {"w": rng.standard_normal((512, 512)).astype(np.float32),
+                                "step": step}).wait("peers")
+            print(mgr.steps()["peers"])
+        else:
+            step, restored = mgr.restore()
+            rng = np.random.default_rng(1000 * step + mgr.rank)
+            assert np.array_equal(restored["w"], rng.standard_normal((512, 512)).astype(np.float32))
+            print(step)
+""")
+
+
+def run_node(daemon, ranks, world, mode, steps=()):
+    """The ranks of one node, as separate processes at once (as torchrun starts them)."""
+    procs = []
+    for local, rank in enumerate(ranks):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world),
+               "LOCAL_RANK": str(local), "LOCAL_WORLD_SIZE": str(len(ranks))}  # fmt: skip
+        command = [sys.executable, "-c", NODE_RANK, mode, str(daemon.socket), *map(str, steps)]
+        procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))  # fmt: skip
+    outputs = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        outputs.append(out.strip())
+    return outputs
+
+
+def test_several_ranks_per_node_replicate_and_recover_together(cluster):
+    """Two nodes of two ranks each, and a spare: the node lost is brought back by both of
+    its ranks asking the replacement daemon to recover at once."""
+    daemons = cluster(["m1", "m2", "m3"])
+    assert run_node(daemons["m1"], [0, 1], 4, "save", [1, 2]) == ["[1, 2]"] * 2
+    assert run_node(daemons["m2"], [2, 3], 4, "save", [1, 2]) == ["[1, 2]"] * 2
+    lost = daemons["m2"]
+    lost.lose_node()
+    cluster.restart(lost)
+    assert run_node(lost, [2, 3], 4, "restore") == ["2", "2"]
+    assert run_node(daemons["m1"], [0, 1], 4, "restore") == ["2", "2"]

@@ -64,6 +64,8 @@ def _shard(ident: pb.ShardId, context) -> Shard:
 class _Service(pb_grpc.DaemonServicer):
     def __init__(self, daemon: Daemon) -> None:
         self.d = daemon
+        self._recovering: dict[str, threading.Lock] = {}  # per run: one recovery at a time
+        self._recovering_lock = threading.Lock()
 
     def Status(self, request, context):
         d = self.d
@@ -178,7 +180,11 @@ class _Service(pb_grpc.DaemonServicer):
         try:
             naming.check_run(request.run)
             step = request.step if request.HasField("step") else None
-            result = recovery.recover(self.d.holdings, self.d.peers, request.run, step)
+            with self._recovering_lock:
+                lock = self._recovering.setdefault(request.run, threading.Lock())
+            # Every rank of the node asks; the first fetches, the others then find it here.
+            with lock:
+                result = recovery.recover(self.d.holdings, self.d.peers, request.run, step)
         except StepNotFoundError as exc:
             context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
         except (MtckptError, ValueError) as exc:
