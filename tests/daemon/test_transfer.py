@@ -3,6 +3,11 @@ from OpenPush, then frames over TCP). Both keep only what verifies, whole."""
 
 from __future__ import annotations
 
+import os
+import socket
+import threading
+import time
+
 import grpc
 import pytest
 
@@ -93,3 +98,26 @@ def test_open_fetch_of_a_shard_not_held_is_not_found(pair):
         client.open_fetch(shard_id(Shard(RUN, 1, 0, "src")))
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
     assert "is not held here" in info.value.details()
+
+
+def test_sendfile_waits_for_a_slow_receiver(tmp_path):
+    """The data port's sockets have a timeout, so they are non-blocking underneath: a
+    full send buffer must be waited out, not fail the transfer."""
+    path = tmp_path / "data"
+    data = os.urandom(1 << 20) * 32
+    path.write_bytes(data)
+    sender, receiver = socket.socketpair()
+    sender.settimeout(bulk.SOCKET_TIMEOUT)
+    received = bytearray()
+
+    def read_slowly():
+        time.sleep(0.5)  # the sender fills its buffer meanwhile
+        while len(received) < len(data):
+            received.extend(receiver.recv(1 << 20))
+
+    reader = threading.Thread(target=read_slowly)
+    reader.start()
+    with sender, receiver, open(path, "rb") as f:
+        bulk._sendfile(sender, f.fileno(), 0, len(data))
+        reader.join()
+    assert received == data

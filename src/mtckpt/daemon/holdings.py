@@ -6,6 +6,7 @@ and complete only once its manifest is written after it."""
 
 from __future__ import annotations
 
+import mmap
 import os
 import threading
 from collections.abc import Iterable, Iterator
@@ -257,11 +258,12 @@ class Holdings:
 
 
 class Incoming:
-    """A data file being received, in order, into its temporary file: each piece is
-    checked while still in cache (each manifest chunk's crc32c as soon as the chunk is
-    complete), then written; :meth:`commit` renames the file into place and writes the
-    manifest (the shard is then whole). Written into an expired replica's file when one is
-    free (its tmpfs pages already exist)."""
+    """A data file being received, in order, straight into a mapping of its temporary
+    file: each piece is checked there while still in cache (each manifest chunk's crc32c
+    as soon as the chunk is complete); :meth:`commit` renames the file into place and
+    writes the manifest (the shard is then whole). An expired replica's file is reused
+    when one is free (its tmpfs pages exist); a fresh file's pages are allocated up front
+    (a full tmpfs fails there, not with SIGBUS on a write)."""
 
     def __init__(self, storage, shard, manifest, manifest_json, temp, final, reused, where):
         self.storage, self.shard, self.manifest = storage, shard, manifest
@@ -270,38 +272,48 @@ class Incoming:
         self.received = 0
         self._crc = 0
         self._fastpath = _fastpath.backend()
-        flags = os.O_WRONLY | os.O_CLOEXEC | (0 if reused else os.O_CREAT | os.O_EXCL)
+        self._done = False
+        self._mapping: mmap.mmap | None = None
+        self._view = memoryview(bytearray(0))  # the mapping
+        flags = os.O_RDWR | os.O_CLOEXEC | (0 if reused else os.O_CREAT | os.O_EXCL)
         self._fd = os.open(temp, flags, 0o644)
         try:
             os.ftruncate(self._fd, self.size)
+            if self.size:
+                self._fastpath.fallocate(self._fd, 0, self.size)  # tmpfs full: raises here
+                self._mapping = mmap.mmap(self._fd, self.size, flags=mmap.MAP_SHARED)
+                self._fastpath.prefault(self._mapping)
+                self._view = memoryview(self._mapping)
         except BaseException:
             self.close()
             raise
-        self._done = False
 
-    def is_chunk(self, offset: int, length: int, crc32c: int) -> bool:
-        """Whether ``[offset, offset + length)`` is exactly one manifest chunk recorded with
-        ``crc32c`` (then :meth:`put` checks the bytes against it)."""
-        size = self.manifest.chunk_size
-        index = offset // size
-        return (
-            offset % size == 0
-            and length == min(size, self.size - offset)
-            and index < len(self.manifest.chunk_crc32c)
-            and self.manifest.chunk_crc32c[index] == crc32c
-        )
+    def whole_chunks(self, offset: int, length: int) -> bool:
+        """Whether ``[offset, offset + length)`` is a run of whole manifest chunks (then
+        :meth:`accept` checks each against the manifest's crc32c)."""
+        size, end = self.manifest.chunk_size, offset + length
+        return offset % size == 0 and (end % size == 0 or end == self.size)
 
-    def put(self, offset: int, data) -> None:
-        """Check ``data``, the bytes at ``offset`` (the next expected), and write them."""
-        data = memoryview(data)
-        if offset != self.received or offset + data.nbytes > self.size:
+    def region(self, offset: int, length: int) -> memoryview:
+        """Where the ``length`` bytes at ``offset`` (the next expected) go: receive them
+        into it, then :meth:`accept` them."""
+        if offset != self.received or length < 0 or offset + length > self.size:
             raise CorruptCheckpointError(
-                f"{self.where}: {data.nbytes} bytes at offset {offset}; expected offset "
+                f"{self.where}: {length} bytes at offset {offset}; expected offset "
                 f"{self.received} of {self.size}"
             )
-        self._check(data)
-        self._fastpath.pwrite_all(self._fd, data, offset)
-        self.received += data.nbytes
+        return self._view[offset : offset + length]
+
+    def accept(self, offset: int, length: int) -> None:
+        """Check the bytes received into ``region(offset, length)`` and take them."""
+        self._check(self.region(offset, length))
+        self.received += length
+
+    def put(self, offset: int, data) -> None:
+        """Check ``data``, the bytes at ``offset`` (the next expected), and take them."""
+        data = memoryview(data).cast("B")
+        self.region(offset, data.nbytes)[:] = data
+        self.accept(offset, data.nbytes)
 
     def _check(self, data: memoryview) -> None:
         size, expected = self.manifest.chunk_size, self.manifest.chunk_crc32c
@@ -325,8 +337,7 @@ class Incoming:
             raise CorruptCheckpointError(
                 f"{self.where}: {self.received} of {self.size} bytes arrived"
             )
-        os.close(self._fd)
-        self._fd = -1
+        self._close_file()
         os.replace(self.temp, self.final)
         self._done = True
         manifest_name = naming.manifest_file(self.shard.rank)
@@ -334,11 +345,21 @@ class Incoming:
 
     def close(self) -> None:
         """Close the file; one never committed is removed."""
+        self._close_file()
+        if not self._done:
+            _unlink(self.temp)
+
+    def _close_file(self) -> None:
+        self._view.release()
+        if self._mapping is not None:
+            try:
+                self._mapping.close()
+            except BufferError:  # a caller's view of a region is still alive: GC unmaps
+                pass
+            self._mapping = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        if not self._done:
-            _unlink(self.temp)
 
 
 def _valid(check, name: str) -> bool:
