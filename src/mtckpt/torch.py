@@ -75,6 +75,17 @@ def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.reshape(-1).view(torch.uint8)
 
 
+def _plain(tensor: torch.Tensor, device_type: str) -> bool:
+    """Whether the tensor's memory on ``device_type`` holds its values as they are: one
+    contiguous run, no lazy conjugation or negation."""
+    return (
+        tensor.device.type == device_type
+        and tensor.is_contiguous()
+        and not tensor.is_conj()
+        and not tensor.is_neg()
+    )
+
+
 def _typed(buf: np.ndarray, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
     """A tensor viewing ``buf`` (uint8) as ``dtype`` and ``shape``."""
     if buf.size == 0:  # torch cannot re-view an empty byte buffer as a wider dtype
@@ -131,14 +142,7 @@ class TorchAdapter(arrays.ArrayAdapter):
         return dtype_name(value.dtype), tuple(value.shape), value.numel() * value.element_size()
 
     def host_bytes(self, value: torch.Tensor) -> np.ndarray | None:
-        if (
-            value.device.type == "cpu"
-            and value.is_contiguous()
-            and not value.is_conj()
-            and not value.is_neg()
-        ):
-            return _as_bytes(value).numpy()
-        return None
+        return _as_bytes(value).numpy() if _plain(value, "cpu") else None
 
     def stage(self, items: list[tuple[torch.Tensor, np.ndarray]]):
         on_device: dict[torch.device, list] = {}
@@ -185,14 +189,7 @@ class TorchAdapter(arrays.ArrayAdapter):
 
     def target_bytes(self, target: torch.Tensor) -> np.ndarray | None:
         local = self.target_local(target)
-        if (
-            local.device.type == "cpu"
-            and local.is_contiguous()
-            and not local.is_conj()
-            and not local.is_neg()
-        ):
-            return _as_bytes(local.detach()).numpy()
-        return None
+        return _as_bytes(local.detach()).numpy() if _plain(local, "cpu") else None
 
     def fill(self, target: torch.Tensor, dtype: str, shape, buf: np.ndarray) -> None:
         local = self.target_local(target)
@@ -203,13 +200,7 @@ class TorchAdapter(arrays.ArrayAdapter):
                 local.copy_(_typed(buf, dtype, tuple(shape)))
 
     def fills_from_storage(self, target: torch.Tensor) -> bool:
-        local = self.target_local(target)
-        return (
-            local.device.type == "cuda"
-            and local.is_contiguous()
-            and not local.is_conj()
-            and not local.is_neg()
-        )
+        return _plain(self.target_local(target), "cuda")
 
     def new_value(self, kind: str, dtype: str, shape, buf: np.ndarray) -> Any:
         return _typed(buf, dtype, tuple(shape))
