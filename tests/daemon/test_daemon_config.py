@@ -13,6 +13,12 @@ from daemons import free_port  # noqa: E402
 from mtckpt.daemon.rpc import Client  # noqa: E402
 
 
+def mtckpt(*args, env=None):
+    """Run the command line to its end."""
+    return subprocess.run([sys.executable, "-m", "mtckpt", *args], env=env,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+
+
 def start(args, env, log):
     proc = subprocess.Popen([sys.executable, "-m", "mtckpt", "daemon", *args], env=env,
                             stdout=subprocess.PIPE, stderr=log, text=True)  # fmt: skip
@@ -49,10 +55,7 @@ def test_daemon_and_restore_take_their_settings_from_the_config_file(tmp_path):
 
         # `mtckpt restore` finds the daemon, and its token, through the same file: the
         # daemon answers (an empty node: nothing to restore) rather than refusing it.
-        result = subprocess.run(
-            [sys.executable, "-m", "mtckpt", "restore", "--run", "exp", "--json"],
-            env=env, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+        result = mtckpt("restore", "--run", "exp", "--json", env=env)
         assert result.returncode == 1
         assert "run 'exp': no step is complete for every rank" in result.stderr
     finally:
@@ -72,10 +75,7 @@ def test_daemon_and_restore_take_their_settings_from_the_config_file(tmp_path):
 def test_bad_daemon_settings_exit_1_with_the_reason(tmp_path, text, args, message):
     path = tmp_path / "mtckpt.toml"
     path.write_text(text)
-    result = subprocess.run(
-        [sys.executable, "-m", "mtckpt", "daemon", "--config", str(path), *args],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    result = mtckpt("daemon", "--config", str(path), *args)
     assert result.returncode == 1
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -83,9 +83,6 @@ def test_bad_daemon_settings_exit_1_with_the_reason(tmp_path, text, args, messag
 
 def test_restore_without_a_daemon_says_how_to_name_one(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MTCKPT_")}
-    result = subprocess.run(
-        [sys.executable, "-m", "mtckpt", "restore", "--run", "exp", "--json"],
-        env=env, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    result = mtckpt("restore", "--run", "exp", "--json", env=env)
     assert result.returncode == 1
     assert "which daemon?" in result.stderr

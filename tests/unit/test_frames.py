@@ -4,6 +4,7 @@ import pytest
 
 pytest.importorskip("grpc")
 
+from mtckpt import ChecksumMismatchError, checksum  # noqa: E402
 from mtckpt.daemon import frames  # noqa: E402
 from mtckpt.proto import mtckpt_pb2 as pb  # noqa: E402
 
@@ -36,3 +37,11 @@ def test_push_messages_match_protobuf(offset, data, crc):
 def test_malformed_frames_raise(frame):
     with pytest.raises(ValueError):
         frames.read_push(frame)
+
+
+def test_chunks_are_checked_against_the_crc32c_sent_with_them():
+    good = [(0, b"abc", checksum.crc32c(b"abc")), (3, b"def", checksum.crc32c(b"def"))]
+    assert list(frames.verified(good, "here")) == [(0, b"abc"), (3, b"def")]
+    bad = [*good, (6, b"ghi", checksum.crc32c(b"ghX"))]
+    with pytest.raises(ChecksumMismatchError, match="here: a chunk at offset 6 arrived damaged"):
+        list(frames.verified(bad, "here"))

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from .. import _fastpath
 from ..errors import MtckptError
 from ..manifest import RankManifest
+from . import frames
 from .holdings import Incoming, Outgoing
 from .rpc import TLSFiles
 
@@ -195,10 +196,7 @@ def _send_frames(conn: socket.socket, fd: int, manifest: RankManifest, *, tls: b
                 _sendfile(conn, fd, offset, length)
             else:  # TLS encrypts in user space: no sendfile
                 conn.sendall(memoryview(mapping)[offset : offset + length])
-            if bandwidth:
-                ahead = (offset + length) / bandwidth - (time.monotonic() - started)
-                if ahead > 0:
-                    time.sleep(ahead)
+            frames.pace(offset + length, bandwidth, started)
     finally:
         if mapping is not None:
             mapping.close()

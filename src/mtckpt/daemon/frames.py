@@ -10,9 +10,10 @@ exactly what the .proto describes: either side may be a generated stub (tests ch
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from .. import _fastpath
+from ..errors import ChecksumMismatchError
 from ..proto import mtckpt_pb2 as pb
 
 CHUNK_BYTES = 4 * 1024 * 1024  # data bytes per streamed message
@@ -114,6 +115,29 @@ def read_push(frame) -> pb.PushHeader | tuple[int, memoryview, int]:
     raise ValueError("a PushMessage holds one header or one chunk")
 
 
+def verified(chunks: Iterable[tuple[int, memoryview, int]], where: str):
+    """``(offset, data)`` of ``(offset, data, crc32c sent)`` chunks whose data matches the
+    crc32c sent with it; ChecksumMismatchError naming ``where`` and the offset otherwise."""
+    crc32c = _fastpath.backend().crc32c
+    for offset, data, sent in chunks:
+        got = crc32c(data)
+        if got != sent:
+            raise ChecksumMismatchError(
+                f"{where}: a chunk at offset {offset} arrived damaged (crc32c {got:#010x}, "
+                f"sent {sent:#010x})"
+            )
+        yield offset, data
+
+
+def pace(sent: int, bandwidth: float | None, started: float) -> None:
+    """Sleep until ``sent`` bytes since ``started`` (time.monotonic) fit ``bandwidth``
+    bytes per second (None: no cap)."""
+    if bandwidth:
+        ahead = sent / bandwidth - (time.monotonic() - started)
+        if ahead > 0:
+            time.sleep(ahead)
+
+
 def push_messages(header: pb.PushHeader, data, bandwidth: float | None = None) -> Iterator[bytes]:
     """A whole push: the header, then ``data`` (a buffer of ``header.data_size`` bytes) in
     chunks, each with its crc32c; at most ``bandwidth`` bytes per second if given."""
@@ -126,9 +150,6 @@ def push_messages(header: pb.PushHeader, data, bandwidth: float | None = None) -
             piece = view[offset : offset + CHUNK_BYTES]
             yield push_chunk(offset, piece, crc32c(piece))
             piece.release()
-            if bandwidth:
-                ahead = (offset + CHUNK_BYTES) / bandwidth - (time.monotonic() - started)
-                if ahead > 0:
-                    time.sleep(ahead)
+            pace(offset + CHUNK_BYTES, bandwidth, started)
     finally:
         view.release()

@@ -79,18 +79,10 @@ class Holdings:
         return DirectoryStorage(path, f"replicas of {origin}", durable=False, populate=False)
 
     def _origins(self) -> list[str]:
-        try:
-            names = os.listdir(self.root / REPLICAS_DIR)
-        except FileNotFoundError:
-            return []
-        return sorted(name for name in names if _valid(naming.check_node_id, name))
+        return _valid_names(self.root / REPLICAS_DIR, naming.check_node_id)
 
     def runs(self, storage: DirectoryStorage) -> list[str]:
-        try:
-            names = os.listdir(storage.root)
-        except FileNotFoundError:
-            return []
-        return sorted(name for name in names if _valid(naming.check_run, name))
+        return _valid_names(storage.root, naming.check_run)
 
     def list(self, run: str = "", origin: str = "") -> list[Held]:
         """Every complete shard held: own shards of committed steps, and whole replicas."""
@@ -360,6 +352,15 @@ class Incoming:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def _valid_names(directory: Path, check) -> list[str]:
+    """The names in ``directory`` (none if it is missing) that ``check`` accepts, sorted."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    return sorted(name for name in names if _valid(check, name))
 
 
 def _valid(check, name: str) -> bool:

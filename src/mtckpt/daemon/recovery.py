@@ -17,14 +17,13 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from .. import _fastpath, commit
+from .. import commit
 from ..errors import (
-    ChecksumMismatchError,
     CorruptCheckpointError,
     MtckptError,
     StepNotFoundError,
 )
-from . import bulk
+from . import bulk, frames
 from .holdings import Holdings, Shard
 from .peers import Peers
 from .rpc import error_text, host_of, shard_id
@@ -136,11 +135,11 @@ def _fetch(holdings: Holdings, peers: Peers, sources: list[_Copy], turn: int) ->
         ident = shard_id(shard)
         client = peers.client(source.address)
         try:
-            pieces = _checked(client.fetch(ident, manifest=True), source)
+            pieces = frames.verified(client.fetch(ident, manifest=True), _where(source))
             manifest = b"".join(data for _, data in pieces)
             size = _pull(holdings, peers, source, manifest)
         except (grpc.RpcError, MtckptError, OSError) as exc:
-            reason = error_text(exc) if isinstance(exc, grpc.RpcError) else str(exc)
+            reason = error_text(exc)
             log.warning(
                 "recovery: %s from %s failed: %s; trying another source", shard, source.node, reason
             )
@@ -161,7 +160,8 @@ def _pull(holdings: Holdings, peers: Peers, source: _Copy, manifest: bytes) -> i
     except grpc.RpcError as exc:
         if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
             raise
-        return holdings.store(source.shard, manifest, _checked(client.fetch(ident), source))
+        pieces = frames.verified(client.fetch(ident), _where(source))
+        return holdings.store(source.shard, manifest, pieces)
     incoming = holdings.receive(source.shard, manifest)
     try:
         host = host_of(source.address)
@@ -173,14 +173,5 @@ def _pull(holdings: Holdings, peers: Peers, source: _Copy, manifest: bytes) -> i
     return incoming.size
 
 
-def _checked(chunks, source: _Copy):
-    """``(offset, data)`` of fetched pieces whose crc32c matches the one sent with them."""
-    crc32c = _fastpath.backend().crc32c
-    for offset, data, sent in chunks:
-        got = crc32c(data)
-        if got != sent:
-            raise ChecksumMismatchError(
-                f"{source.shard} from {source.node}: a chunk at offset {offset} arrived "
-                f"damaged (crc32c {got:#010x}, sent {sent:#010x})"
-            )
-        yield offset, data
+def _where(source: _Copy) -> str:
+    return f"{source.shard} from {source.node}"

@@ -184,7 +184,7 @@ class Replicator:
                 try:
                     self.push(shard, self.peers.by_node(node).address)
                 except (grpc.RpcError, OSError, MtckptError) as exc:
-                    reason = error_text(exc) if isinstance(exc, grpc.RpcError) else str(exc)
+                    reason = error_text(exc)
                     log.warning("replicating %s to %s failed: %s", shard, node, reason)
                     with self._lock:
                         state.error = f"push to {node} failed: {reason}"

@@ -46,8 +46,10 @@ def shard_id(shard) -> pb.ShardId:
     return pb.ShardId(run=shard.run, step=shard.step, rank=shard.rank, origin=shard.origin)
 
 
-def error_text(exc: grpc.RpcError) -> str:
-    """``CODE: details`` of a failed call, for logs and status."""
+def error_text(exc: Exception) -> str:
+    """``CODE: details`` of a failed call, for logs and status; other errors' own text."""
+    if not isinstance(exc, grpc.RpcError):
+        return str(exc)
     code = exc.code() if hasattr(exc, "code") else None
     details = exc.details() if hasattr(exc, "details") else str(exc)
     return f"{code.name if code else 'error'}: {details}"

@@ -20,7 +20,7 @@ from .bulk import BulkServer
 from .holdings import Holdings, Shard
 from .peers import Peers
 from .replicator import Replicator
-from .rpc import OPTIONS, SERVICE, TLSFiles, TokenCheck, host_of, shard_id, unix_path
+from .rpc import OPTIONS, SERVICE, TLSFiles, TokenCheck, host_of, is_unix, shard_id, unix_path
 
 log = logging.getLogger(__name__)
 
@@ -126,9 +126,8 @@ class _Service(pb_grpc.DaemonServicer):
         if not isinstance(header, pb.PushHeader):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a push starts with its header")
         shard = self._header_shard(header, context)
-        crc32c = _fastpath.backend().crc32c
 
-        def pieces():
+        def chunks():
             for frame in request_iterator:
                 try:
                     chunk = frames.read_push(frame)
@@ -136,13 +135,11 @@ class _Service(pb_grpc.DaemonServicer):
                     raise MtckptError(f"{shard}: a malformed chunk: {exc}") from None
                 if isinstance(chunk, pb.PushHeader):
                     raise MtckptError(f"{shard}: a second header in one push")
-                offset, data, sent = chunk
-                if crc32c(data) != sent:
-                    raise MtckptError(f"{shard}: the chunk at offset {offset} arrived damaged")
-                yield offset, data
+                yield chunk
 
+        pieces = frames.verified(chunks(), str(shard))
         try:
-            stored = self.d.holdings.store(shard, header.manifest, pieces(), header.data_size)
+            stored = self.d.holdings.store(shard, header.manifest, pieces, header.data_size)
         except (MtckptError, ValueError) as exc:
             context.abort(grpc.StatusCode.DATA_LOSS, str(exc))
         self.d.holdings.expire_replicas(shard.origin, shard.run)
@@ -253,11 +250,8 @@ class Daemon:
             host = host_of(self.config.listen)
             self.bulk = BulkServer(host, self.config.data_port, self.config.tls, self._stored)
         if self.config.socket:
-            path = (
-                unix_path(self.config.socket)
-                if self.config.socket.startswith("unix:")
-                else self.config.socket
-            )
+            socket = self.config.socket
+            path = unix_path(socket) if is_unix(socket) else socket
             if os.path.exists(path):
                 os.unlink(path)  # a socket left by a killed daemon
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

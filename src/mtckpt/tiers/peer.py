@@ -87,8 +87,7 @@ class DaemonLink:
                 state, error = None, f"daemon at {self.cfg.daemon}: {exc.details()}"
             else:
                 error = state.error if state is not None else ""
-            done = state is not None and state.targets and set(state.targets) <= set(state.stored)
-            if done and not error:
+            if state is not None and _stored_everywhere(state) and not error:
                 handle._finish("peers")
                 return
             failing_since = (failing_since or time.monotonic()) if error else None
@@ -106,26 +105,24 @@ class DaemonLink:
             time.sleep(POLL_SECONDS)
 
     def _state(self, step: int):
-        for entry in self.client.status().replication:
-            s = entry.shard
-            if (s.run, s.step, s.rank, s.origin) == (self.run, step, self.rank, self.node_id):
-                return entry
-        return None
+        return next((e for e in self._entries() if e.shard.step == step), None)
+
+    def _entries(self) -> list:
+        """The daemon's replication state of this rank's shards (every step)."""
+        return [
+            e
+            for e in self.client.status().replication
+            if (e.shard.run, e.shard.rank, e.shard.origin) == (self.run, self.rank, self.node_id)
+        ]
 
     def replicated_steps(self) -> list[int]:
         """Steps whose shard of this rank every target peer holds, ascending."""
         try:
-            entries = self.client.status().replication
+            entries = self._entries()
         except self._grpc.RpcError as exc:
             log.error("cannot reach the daemon at %s: %s", self.cfg.daemon, exc.details())
             return []
-        return sorted(
-            e.shard.step
-            for e in entries
-            if (e.shard.run, e.shard.rank, e.shard.origin) == (self.run, self.rank, self.node_id)
-            and set(e.targets) <= set(e.stored)
-            and not e.error
-        )
+        return sorted(e.shard.step for e in entries if _stored_everywhere(e) and not e.error)
 
     def recover(self) -> None:
         """Have the daemon fetch this node's shards of the newest step complete across the
@@ -152,3 +149,8 @@ class DaemonLink:
         self._queue.put(None)
         self._thread.join(timeout=30)
         self.client.close()
+
+
+def _stored_everywhere(entry) -> bool:
+    """Whether every peer chosen for a shard holds it (a ReplicaState from the daemon)."""
+    return bool(entry.targets) and set(entry.targets) <= set(entry.stored)
