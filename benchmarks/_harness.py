@@ -415,10 +415,18 @@ def parse_methods(parser, text: str, choices: tuple[str, ...]) -> list[str]:
     return [m for m in choices if m in methods]
 
 
-def write_report(path: str, report: dict) -> None:
+def write_report(path: str, benchmark: str, started, report: dict) -> None:
+    """Write ``report`` as JSON, headed by what every benchmark records: its name, when it
+    started (a datetime), the command line and the machine."""
+    header = {
+        "benchmark": benchmark,
+        "date": started.isoformat(timespec="seconds"),
+        "command": [sys.executable, *sys.argv],
+        "machine": machine_info(),
+    }
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out.write_text(json.dumps({**header, **report}, indent=2) + "\n")
     print(f"\nwrote {out}")
 
 

@@ -31,7 +31,6 @@ from _harness import (
     GIB,
     SEED,
     fig,
-    machine_info,
     markdown_table,
     ratio,
     stats,
@@ -151,6 +150,7 @@ def main(argv=None) -> int:
     parser.add_argument("--memory-root", default="/dev/shm", help="tmpfs directory (/dev/shm)")
     parser.add_argument("--out", default="bench-out/gpu.json", help="JSON output path")
     args = parser.parse_args(argv)
+    started = _dt.datetime.now(_dt.timezone.utc)
     if not torch.cuda.is_available():
         print("bench_gpu: no CUDA device", file=sys.stderr)
         return 1
@@ -189,9 +189,8 @@ def main(argv=None) -> int:
     for check in checks:
         value = "n/a" if check["value"] is None else f"{check['value']:.2f}"
         print(f"{check['verdict']:4}  {check['name']}: {value} (target {check['target']})")
-    write_report(args.out, {
-        "benchmark": "gpu", "when": _dt.datetime.now(_dt.timezone.utc).isoformat(),
-        "args": vars(args), "device": torch.cuda.get_device_name(), "machine": machine_info(),
+    write_report(args.out, "gpu", started, {
+        "args": vars(args), "device": torch.cuda.get_device_name(),
         "summary": summary, "warmup_saves_s": result["warmup_saves_s"], "checks": checks,
     })  # fmt: skip
     return 0

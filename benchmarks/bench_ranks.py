@@ -53,7 +53,6 @@ from _harness import (
     current_rss,
     fig,
     launch_ranks,
-    machine_info,
     make_fresh_dir,
     parse_methods,
     peak_rss,
@@ -611,11 +610,7 @@ def main(argv=None) -> int:
         ("other ratios (medians, slowest rank)", infos),
         notes,
     )  # fmt: skip
-    write_report(args.out, {
-        "benchmark": "ranks",
-        "date": started.isoformat(timespec="seconds"),
-        "command": [sys.executable, *sys.argv],
-        "machine": machine_info(),
+    write_report(args.out, "ranks", started, {
         "params": {
             "size_gib": args.size_gib,
             "bytes": total,

@@ -14,6 +14,7 @@ Measured in the same run:
 from __future__ import annotations
 
 import argparse
+import datetime as _dt
 import os
 import shutil
 import signal
@@ -31,7 +32,6 @@ import numpy as np
 from _harness import (
     GIB,
     free_port,
-    machine_info,
     markdown_table,
     print_checks,
     target_check,
@@ -208,6 +208,7 @@ def main() -> None:
     parser.add_argument("--memory-root", default="/dev/shm")
     parser.add_argument("--out", default="bench-out/replication.json")
     args = parser.parse_args()
+    started = _dt.datetime.now(_dt.timezone.utc)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
     nbytes = int(args.size_gib * GIB)
@@ -262,8 +263,8 @@ def main() -> None:
     if loops:
         checks += loop_checks(loops, args)
     print_checks("targets", checks)
-    write_report(args.out, {"machine": machine_info(), "raw_tcp_s": raw, "replication": repl,
-                            "loops": loops, "checks": checks})  # fmt: skip
+    write_report(args.out, "replication", started, {"raw_tcp_s": raw, "replication": repl,
+                                                    "loops": loops, "checks": checks})  # fmt: skip
 
 
 def loop_checks(loops: dict, args) -> list[dict]:

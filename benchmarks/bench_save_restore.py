@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import math
 import os
 import shutil
@@ -45,7 +44,6 @@ from _harness import (
     current_rss,
     evict_page_cache,
     fsync_path,
-    machine_info,
     make_fresh_dir,
     markdown_table,
     parse_methods,
@@ -57,6 +55,7 @@ from _harness import (
     summarise,
     timed,
     workload_shapes,
+    write_report,
 )
 
 METHODS = ("memcpy", "mtckpt", "mtckpt_async", "torch_save", "dcp", "dcp_async")
@@ -631,11 +630,7 @@ def main(argv=None) -> int:
     for note in notes:
         print("note: " + note)
 
-    report = {
-        "benchmark": "save_restore",
-        "date": started.isoformat(timespec="seconds"),
-        "command": [sys.executable, *sys.argv],
-        "machine": machine_info(),
+    write_report(args.out, "save_restore", started, {
         "params": {
             "size_gib": args.size_gib,
             "bytes": total,
@@ -652,11 +647,7 @@ def main(argv=None) -> int:
         "ratios": {name: value for name, value, _ in ratios},
         "tables": {"median": table_median, "min": table_min},
         "notes": notes,
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {out}")
+    })  # fmt: skip
 
     fatal = [m for m in ("memcpy", "mtckpt", "mtckpt_async") if results.get(m, {}).get("error")]
     if fatal:
