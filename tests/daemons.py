@@ -14,7 +14,7 @@ from unittest import mock
 
 import numpy as np
 
-from mtckpt import CheckpointManager, MemoryTier, PeerTier
+from mtckpt import CheckpointManager, LocalTier, MemoryTier, PeerTier
 from mtckpt.daemon.rpc import Client
 
 TRAIN_RUN = "exp"
@@ -31,6 +31,7 @@ class DaemonProcess:
                  extra: list[str], host: str = "127.0.0.1") -> None:  # fmt: skip
         self.node_id = node_id
         self.memory_root = base / node_id / "memory"
+        self.local_root = base / node_id / "local"  # used with --local-root
         self.socket = sockets / f"{node_id}.sock"
         self.port = port
         self.address = f"{host}:{port}"
@@ -165,28 +166,32 @@ def state(step: int, rank: int) -> dict:
     }
 
 
-def trainer(daemon, rank: int, world: int, peers: bool = False,
-            run: str = TRAIN_RUN) -> CheckpointManager:  # fmt: skip
+def trainer(daemon, rank: int, world: int, peers: bool = False, run: str = TRAIN_RUN,
+            local: bool = False) -> CheckpointManager:  # fmt: skip
     """The trainer of ``rank``, alone on ``daemon``'s node, using the daemon's memory tier:
-    directly, or with ``peers`` through PeerTier (which learns it from the daemon)."""
-    tiers = (
+    directly, or with ``peers`` through PeerTier (which learns it from the daemon); with
+    ``local``, also the node's local tier (the daemon's local root)."""
+    tiers: dict = (
         {"peers": PeerTier(daemon=f"unix://{daemon.socket}")}
         if peers
         else {"memory": MemoryTier(str(daemon.memory_root), keep=2)}
     )
+    if local:
+        tiers["local"] = LocalTier(str(daemon.local_root), keep=2)
     with mock.patch.dict(os.environ, {"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}):
         return CheckpointManager(run, rank=rank, world_size=world, **tiers)
 
 
-def save(daemon, rank: int, world: int, steps, token=None) -> None:
-    """A trainer on ``daemon``'s node saves ``steps`` into the daemon's memory tier."""
-    with trainer(daemon, rank, world) as mgr:
+def save(daemon, rank: int, world: int, steps, token=None, local: bool = False) -> None:
+    """A trainer on ``daemon``'s node saves ``steps`` into the daemon's memory tier (with
+    ``local``, also into the node's local tier)."""
+    with trainer(daemon, rank, world, local=local) as mgr:
         for step in steps:
             mgr.save(step, state(step, rank)).wait()
     with daemon.client(token=token) as client:
         client.notify(TRAIN_RUN, steps[-1])
 
 
-def restore(daemon, rank: int, world: int, step=None):
-    with trainer(daemon, rank, world) as mgr:
+def restore(daemon, rank: int, world: int, step=None, local: bool = False):
+    with trainer(daemon, rank, world, local=local) as mgr:
         return mgr.restore(step=step)

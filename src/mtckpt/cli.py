@@ -120,6 +120,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--listen", help="HOST:PORT for peers (127.0.0.1:7787)")
     d.add_argument("--socket", help="Unix socket path for trainers and operators")
     d.add_argument("--memory-root", help="the node's memory tier directory")
+    d.add_argument("--local-root", help="the node's local tier directory (recovered steps too)")
     d.add_argument("--peers", type=_comma_list, help="comma list of peer HOST:PORT")
     d.add_argument("--peers-dns", help="NAME:PORT resolving to every daemon")
     d.add_argument("--replicas", type=int, help="copies of each shard on peers (1)")

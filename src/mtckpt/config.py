@@ -132,9 +132,9 @@ _OPTIONAL = {"every", "interval", "rank", "world_size", "threads", "token_file"}
 # The node daemon's options: its [daemon] table, MTCKPT_DAEMON_* variables and the flags of
 # `mtckpt daemon` (the same names, with dashes). MTCKPT_NODE_ID also sets node_id.
 DAEMON_OPTIONS: dict[str, type] = {
-    "node_id": str, "listen": str, "socket": str, "memory_root": str, "peers": list,
-    "peers_dns": str, "replicas": int, "zone": str, "keep": int, "token_file": str,
-    "tls_cert": str, "tls_key": str, "tls_ca": str, "bandwidth": float,
+    "node_id": str, "listen": str, "socket": str, "memory_root": str, "local_root": str,
+    "peers": list, "peers_dns": str, "replicas": int, "zone": str, "keep": int,
+    "token_file": str, "tls_cert": str, "tls_key": str, "tls_ca": str, "bandwidth": float,
     "drain_timeout": float, "scan_interval": float, "data_port": int,
 }  # fmt: skip
 
@@ -168,7 +168,8 @@ def load_daemon(
     """The daemon's settings: the ``[daemon]`` table of the TOML file (``path``, default
     ``$MTCKPT_CONFIG``) overridden by ``MTCKPT_DAEMON_*`` variables (``MTCKPT_NODE_ID``
     for ``node_id`` too); only the keys set. ``peers`` is a list of ``HOST:PORT`` (in a
-    variable: a comma list). Without ``memory_root``, the file's ``[memory] path``."""
+    variable: a comma list). Without ``memory_root`` (``local_root``), the file's
+    ``[memory] path`` (``[local] path``): the daemon shares the trainers' tiers."""
     env = os.environ if env is None else env
     settings, source = _read(path, env)
     table = settings.get("daemon", {})
@@ -181,11 +182,10 @@ def load_daemon(
                 f"{source}: unknown key daemon.{key}; expected one of {sorted(DAEMON_OPTIONS)}"
             )
         daemon[key] = _checked_daemon_value(f"{source}: daemon.{key}", key, value)
-    memory = settings.get("memory")
-    if "memory_root" not in daemon and isinstance(memory, dict) and "path" in memory:
-        daemon["memory_root"] = _checked_daemon_value(
-            f"{source}: memory.path", "memory_root", memory["path"]
-        )
+    for tier in ("memory", "local"):
+        section, key = settings.get(tier), f"{tier}_root"
+        if key not in daemon and isinstance(section, dict) and "path" in section:
+            daemon[key] = _checked_daemon_value(f"{source}: {tier}.path", key, section["path"])
     if "MTCKPT_NODE_ID" in env:
         daemon["node_id"] = env["MTCKPT_NODE_ID"].strip()
     for key, kind in DAEMON_OPTIONS.items():

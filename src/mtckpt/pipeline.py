@@ -16,16 +16,14 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import checksum, commit, naming, retention
-from .errors import ChecksumMismatchError, MtckptError
+from . import checksum, commit, naming, retention, tiercopy
+from .errors import MtckptError
 from .handle import SaveHandle
 from .manifest import LeafRecord, RankManifest
 from .shard import Layout
 from .tiers.base import Storage
 from .tiers.memory import MemoryStorage, Slot
 from .tree import Node
-
-WRITE_SIZE = 16 * 1024 * 1024  # bytes per write to a slower tier
 
 log = logging.getLogger(__name__)
 
@@ -303,26 +301,12 @@ class Pipeline:
 
     def _copy_to_tier(self, storage: Storage, job: SaveJob) -> None:
         manifest = job.manifest
-        size = manifest.chunk_size
-        per_write = max(1, WRITE_SIZE // size)  # chunks per write: small chunks, large writes
-
-        def verified_chunks(source):
-            expected = manifest.chunk_crc32c
-            for first in range(0, len(expected), per_write):
-                piece = source[first * size : (first + per_write) * size]
-                actual = checksum.crc32c_chunks(piece, size)
-                wanted_crcs = expected[first : first + len(actual)]
-                for index, (got, wanted) in enumerate(zip(actual, wanted_crcs, strict=True), first):
-                    if got != wanted:
-                        raise ChecksumMismatchError(
-                            f"step {job.step} rank {self.rank}: the memory tier copy changed "
-                            f"after it was committed (chunk {index}: crc32c {got:#010x}, "
-                            f"recorded {wanted:#010x}); not copied to {storage.describe()}"
-                        )
-                yield piece
-
-        chunks = verified_chunks(job.slot.view())
-        storage.write_stream(self.run, job.step, manifest.data_file, manifest.file_size, chunks)
+        where = (
+            f"step {job.step} rank {self.rank}: the memory tier copy changed after it was "
+            f"committed; not copied to {storage.describe()}"
+        )
+        pieces = tiercopy.verified_pieces(job.slot.view(), manifest, where)
+        storage.write_stream(self.run, job.step, manifest.data_file, manifest.file_size, pieces)
         storage.write_bytes(self.run, job.step, naming.manifest_file(self.rank), job.manifest_json)
         commit.try_commit(storage, self.run, job.step, self.world_size, self.node_ranks)
 

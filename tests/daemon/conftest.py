@@ -37,6 +37,7 @@ def cluster(tmp_path):
         return daemons
 
     start.restart = lambda daemon: started.append(daemon.start()) or daemon
+    start.base = tmp_path  # each node's roots are under base / node id
     yield start
     for daemon in started:
         if daemon.proc is not None and daemon.proc.poll() is None:

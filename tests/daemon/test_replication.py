@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -79,6 +80,45 @@ def test_a_lost_node_is_restored_from_its_peers_bit_exact(three, cluster):
     # Restore again: nothing left to fetch.
     again = json.loads(mtckpt_restore(lost).stdout)
     assert again["step"] == 2 and again["bytes"] == 0
+
+
+def test_a_replacement_with_a_local_root_also_writes_the_recovered_step_to_disk(three, cluster):
+    lost = three["node-b"]
+    lost.lose_node()
+    lost.extra = ["--local-root", str(lost.local_root)]
+    cluster.restart(lost)
+    done = mtckpt_restore(lost)
+    assert done.returncode == 0, done.stderr
+    committed = lost.local_root / RUN / f"step-{2:012d}" / "COMMIT"
+    wait_for(committed.exists, what="the recovered step committed in the local tier")
+    shutil.rmtree(lost.memory_root)  # only the disk copy is left on the node
+    step, restored = restore(lost, 1, 3, local=True)
+    assert step == 2
+    assert_same(restored, state(2, 1))
+
+
+def test_a_daemon_whose_memory_tier_was_lost_recovers_from_its_local_tier(cluster):
+    daemons = cluster(["disk-a", "disk-b"], extra=["--keep", "4"], per_node={
+        "disk-a": ["--local-root", str(cluster.base / "disk-a" / "local")]})  # fmt: skip
+    node = daemons["disk-a"]
+    save(node, 0, 2, [1, 2], local=True)
+    save(daemons["disk-b"], 1, 2, [1, 2])
+    for daemon in daemons.values():
+        wait_for(lambda d=daemon: replicated(d, RUN, 2), what=f"{daemon.node_id} replicated")
+    node.kill()
+    shutil.rmtree(node.memory_root)  # a reboot: tmpfs gone, the disk kept
+    cluster.restart(node)
+    with node.client() as client:
+        own = {(i.shard.step, i.shard.rank) for i in client.list_shards(run=RUN).shards
+               if not i.replica}  # fmt: skip
+    assert own == {(1, 0), (2, 0)}  # listed from the local tier: peers may fetch them
+    done = mtckpt_restore(node)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["step"] == 2 and report["sources"] == ["local"] and report["bytes"] > 1 << 20
+    step, restored = restore(node, 0, 2)  # the memory tier only: restored there
+    assert step == 2
+    assert_same(restored, state(2, 0))
 
 
 def test_restore_of_an_older_step_by_number(three, cluster):

@@ -139,6 +139,7 @@ def test_daemon_settings_from_file_then_environment(tmp_path):
     path.write_text(
         'run = "exp"\n'
         '[memory]\npath = "/dev/shm/from-memory"\n'
+        '[local]\npath = "/mnt/from-local"\n'
         '[daemon]\nnode_id = "file-node"\npeers = ["a:1", "b:2"]\nreplicas = 2\n'
         'bandwidth = 1000\nzone = "rack-a"\n'
     )
@@ -152,12 +153,19 @@ def test_daemon_settings_from_file_then_environment(tmp_path):
         "bandwidth": 1000.0,
         "zone": "rack-a",
         "memory_root": "/dev/shm/from-memory",  # no memory_root: the memory tier's path
+        "local_root": "/mnt/from-local",
     }
     assert config.load_daemon(None, env={"MTCKPT_DAEMON_MEMORY_ROOT": "/m"}) == {
         "memory_root": "/m"
     }
-    path.write_text('[daemon]\npeers = "a:1,b:2"\nmemory_root = "/x"\n')
-    assert config.load_daemon(path, env={}) == {"peers": ["a:1", "b:2"], "memory_root": "/x"}
+    path.write_text(
+        '[local]\npath = "/l"\n[daemon]\npeers = "a:1,b:2"\nmemory_root = "/x"\nlocal_root = "/y"\n'
+    )
+    assert config.load_daemon(path, env={}) == {
+        "peers": ["a:1", "b:2"],
+        "memory_root": "/x",
+        "local_root": "/y",
+    }
 
 
 @pytest.mark.parametrize(

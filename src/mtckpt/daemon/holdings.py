@@ -1,8 +1,9 @@
-"""What a daemon holds: its node's own committed shards in the memory tier, and the replicas
-it keeps for other nodes (``{memory_root}/.replicas/{origin}/{run}/step-.../``, the same
-files). Names from the wire are validated and only ever mapped to these paths; a replica is
-written under a temporary name, verified chunk by chunk against its manifest as it arrives,
-and complete only once its manifest is written after it."""
+"""What a daemon holds: its node's own committed shards in the memory tier (and in the local
+tier, with a local root), and the replicas it keeps for other nodes
+(``{memory_root}/.replicas/{origin}/{run}/step-.../``, the same files). Names from the
+wire are validated and only ever mapped to these paths; a replica is written under a
+temporary name, verified chunk by chunk against its manifest as it arrives, and complete
+only once its manifest is written after it."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from ..errors import ChecksumMismatchError, CorruptCheckpointError
 from ..manifest import RankManifest
 from ..restore import close_mapping
 from ..tiers.directory import DirectoryStorage
+from ..tiers.local import LocalStorage
 from .frames import CHUNK_BYTES
 
 REPLICAS_DIR = ".replicas"
@@ -63,11 +65,18 @@ class Held:
 
 
 class Holdings:
-    def __init__(self, node_id: str, memory_root: str | os.PathLike, keep: int) -> None:
+    def __init__(
+        self,
+        node_id: str,
+        memory_root: str | os.PathLike,
+        keep: int,
+        local_root: str | os.PathLike | None = None,
+    ) -> None:
         self.node_id = naming.check_node_id(node_id)
         self.root = Path(memory_root)
         self.keep = keep
         self.own = DirectoryStorage(self.root, "memory", durable=False, populate=False)
+        self.local = None if local_root is None else LocalStorage(local_root)
         self._world: dict[Shard, int] = {}  # world size of replicas, from their manifests
         self._lock = threading.Lock()
 
@@ -84,17 +93,23 @@ class Holdings:
     def runs(self, storage: DirectoryStorage) -> list[str]:
         return _valid_names(storage.root, naming.check_run)
 
+    def own_storages(self) -> list[DirectoryStorage]:
+        """Where this node's own shards are: the memory tier, then the local tier."""
+        return [self.own] if self.local is None else [self.own, self.local]
+
     def list(self, run: str = "", origin: str = "") -> list[Held]:
-        """Every complete shard held: own shards of committed steps, and whole replicas."""
-        held = []
-        origins = [self.node_id, *self._origins()]
-        for source in origins:
+        """Every complete shard held: own shards of steps committed in the memory or the
+        local tier, and whole replicas."""
+        held: dict[Shard, Held] = {}
+        storages = [(self.node_id, s) for s in self.own_storages()]
+        storages += [(source, self.storage(source)) for source in self._origins()]
+        for source, storage in storages:
             if origin and source != origin:
                 continue
-            storage = self.storage(source)
             for name in [run] if run else self.runs(storage):
-                held.extend(self._list_run(storage, source, name))
-        return held
+                for shard in self._list_run(storage, source, name):
+                    held.setdefault(shard.shard, shard)
+        return list(held.values())
 
     def _list_run(self, storage: DirectoryStorage, origin: str, run: str) -> list[Held]:
         held = []
@@ -142,12 +157,12 @@ class Holdings:
 
     def _holding(self, shard: Shard) -> DirectoryStorage:
         """The storage holding ``shard`` whole, or FileNotFoundError."""
-        storage = self.storage(shard.origin)
-        whole = storage.exists(shard.run, shard.step, naming.manifest_file(shard.rank))
-        own = storage is self.own
-        if not whole or (own and not commit.is_committed(storage, shard.run, shard.step)):
-            raise FileNotFoundError(f"{shard} is not held here")
-        return storage
+        own = shard.origin == self.node_id
+        for storage in self.own_storages() if own else [self.storage(shard.origin)]:
+            whole = storage.exists(shard.run, shard.step, naming.manifest_file(shard.rank))
+            if whole and (not own or commit.is_committed(storage, shard.run, shard.step)):
+                return storage
+        raise FileNotFoundError(f"{shard} is not held here")
 
     def read(
         self, shard: Shard, manifest: bool, offset: int, length: int

@@ -5,8 +5,10 @@ lists what every reachable daemon holds, takes the newest step that is complete 
 ranks across them (or the step asked for), and fetches the shards saved by this node id
 from the peers holding replicas, several at once and spread over the sources, verifying
 each chunk against the manifest as it arrives; a bad or unreachable source is replaced
-by the next one. The shards land in this node's memory tier with the step's COMMIT, so
-the trainer then restores at memory speed.
+by the next one. Shards this node's local tier still holds (a daemon restarted after its
+memory tier was lost) are copied from there instead. The shards land in this node's memory
+tier with the step's COMMIT, so the trainer then restores at memory speed; with a local
+root, :func:`persist` then writes them to the local tier too.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from .. import commit
+from .. import commit, tiercopy
 from ..errors import (
     CorruptCheckpointError,
     MtckptError,
@@ -37,6 +39,7 @@ class Recovered:
     ranks: list[int]
     bytes: int = 0
     sources: list[str] = field(default_factory=list)
+    world_size: int = 0
 
 
 @dataclass
@@ -92,9 +95,21 @@ def recover(holdings: Holdings, peers: Peers, run: str, step: int | None = None)
     found = by_step[chosen]
     world = found[0].world_size
     mine = sorted({c.shard.rank for c in found if c.shard.origin == me})
-    here = {c.shard.rank for c in found if c.address is None and c.shard.origin == me}
-    missing = [rank for rank in mine if rank not in here]
     result = Recovered(chosen, mine)
+    in_memory = commit.ranks_present(holdings.own, run, chosen)
+    local = holdings.local
+    in_local = set() if local is None else commit.ranks_present(local, run, chosen)
+    for rank in sorted((set(mine) - in_memory) & in_local):
+        try:
+            result.bytes += tiercopy.copy_shard(local, holdings.own, run, chosen, rank)
+        except (MtckptError, OSError) as exc:
+            log.warning("recovery: rank %d from %s failed: %s; trying the peers",
+                        rank, local.describe(), exc)  # fmt: skip
+            continue
+        in_memory.add(rank)
+        if "local" not in result.sources:
+            result.sources.append("local")
+    missing = [rank for rank in mine if rank not in in_memory]
     if missing:
         sources = {
             rank: [c for c in found if c.shard.rank == rank and c.shard.origin == me and c.address]
@@ -111,11 +126,25 @@ def recover(holdings: Holdings, peers: Peers, run: str, step: int | None = None)
                 result.sources.append(node)
     if mine:  # a node that saved nothing of this step has nothing to commit
         commit.try_commit(holdings.own, run, chosen, world, mine)
+    result.world_size = world
     log.info(
         "recovered run %r step %d ranks %s: %d bytes from %s",
         run, chosen, mine, result.bytes, result.sources or "this node",
     )  # fmt: skip
     return result
+
+
+def persist(holdings: Holdings, run: str, recovered: Recovered) -> None:
+    """Write a recovered step's shards from the memory tier to the local tier (those it
+    lacks) and commit it there: the node survives a restart of its memory tier too."""
+    local, step = holdings.local, recovered.step
+    if local is None or not recovered.ranks:
+        return
+    for rank in sorted(set(recovered.ranks) - commit.ranks_present(local, run, step)):
+        tiercopy.copy_shard(holdings.own, local, run, step, rank)
+    commit.try_commit(local, run, step, recovered.world_size, recovered.ranks)
+    log.info("run %r step %d ranks %s written to %s", run, step, recovered.ranks,
+             local.describe())  # fmt: skip
 
 
 def _complete(copies: list[_Copy]) -> bool:

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 class DaemonConfig:
     node_id: str
     memory_root: str
+    local_root: str | None = None  # the node's local tier: recovered steps are written there
     listen: str | None = "127.0.0.1:7787"  # host:port for peers; None: no TCP
     socket: str | None = None  # path of the Unix socket for trainers and operators
     peers: list[str] = field(default_factory=list)
@@ -72,6 +73,7 @@ class _Service(pb_grpc.DaemonServicer):
         reply = pb.StatusReply(
             node_id=d.config.node_id, zone=d.config.zone, address=d.address or "",
             memory_root=str(d.holdings.root), replicas=d.config.replicas, draining=d.draining,
+            local_root=d.config.local_root or "",
         )  # fmt: skip
         for member in d.peers.members():
             reply.peers.add(address=member.address, node_id=member.node_id, zone=member.zone,
@@ -182,6 +184,7 @@ class _Service(pb_grpc.DaemonServicer):
             # Every rank of the node asks; the first fetches, the others then find it here.
             with lock:
                 result = recovery.recover(self.d.holdings, self.d.peers, request.run, step)
+            self.d.persist(request.run, result)
         except StepNotFoundError as exc:
             context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
         except (MtckptError, ValueError) as exc:
@@ -216,7 +219,9 @@ def _handlers(service: _Service) -> grpc.GenericRpcHandler:
 class Daemon:
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
-        self.holdings = Holdings(config.node_id, config.memory_root, config.keep)
+        self.holdings = Holdings(
+            config.node_id, config.memory_root, config.keep, local_root=config.local_root
+        )
         self.peers = Peers(config.node_id, config.peers, config.peers_dns,
                            token=config.token, tls=config.tls)  # fmt: skip
         self.replicator = Replicator(
@@ -226,11 +231,14 @@ class Daemon:
         self.address: str | None = None
         self.bulk: BulkServer | None = None
         self.draining = False
+        self._persisting = futures.ThreadPoolExecutor(1, thread_name_prefix="mtckpt-persist")
         self._server: grpc.Server | None = None
         self._stopped = threading.Event()
 
     def start(self) -> None:
         os.makedirs(self.config.memory_root, exist_ok=True)
+        if self.config.local_root:
+            os.makedirs(self.config.local_root, exist_ok=True)
         interceptors = [TokenCheck(self.config.token)] if self.config.token else []
         pool = futures.ThreadPoolExecutor(self.config.workers, thread_name_prefix="mtckpt-rpc")
         server = grpc.server(pool, interceptors=interceptors, options=OPTIONS)
@@ -273,6 +281,21 @@ class Daemon:
             self.config.socket,
         )
 
+    def persist(self, run: str, recovered: recovery.Recovered) -> None:
+        """Write a recovered step to the local tier, off the Recover call: the trainer
+        restores from memory meanwhile."""
+        if self.holdings.local is None:
+            return
+
+        def write() -> None:
+            try:
+                recovery.persist(self.holdings, run, recovered)
+            except Exception as exc:  # the memory copy stands; the next recovery tries again
+                log.error("run %r step %d: cannot write the recovered shards to %s: %s",
+                          run, recovered.step, self.holdings.local.describe(), exc)  # fmt: skip
+
+        self._persisting.submit(write)
+
     def _stored(self, incoming) -> None:
         self.holdings.expire_replicas(incoming.shard.origin, incoming.shard.run)
 
@@ -282,6 +305,7 @@ class Daemon:
         self.draining = True
         drained = self.replicator.drain(self.config.drain_timeout) if drain else False
         self.replicator.stop()
+        self._persisting.shutdown(wait=True)
         if self._server is not None:
             self._server.stop(grace=5).wait()
         if self.bulk is not None:

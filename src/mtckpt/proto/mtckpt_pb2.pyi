@@ -49,7 +49,7 @@ class ReplicaState(_message.Message):
     def __init__(self, shard: _Optional[_Union[ShardId, _Mapping]] = ..., targets: _Optional[_Iterable[str]] = ..., stored: _Optional[_Iterable[str]] = ..., error: _Optional[str] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("node_id", "zone", "address", "memory_root", "replicas", "peers", "replication", "draining")
+    __slots__ = ("node_id", "zone", "address", "memory_root", "replicas", "peers", "replication", "draining", "local_root")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ZONE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -58,6 +58,7 @@ class StatusReply(_message.Message):
     PEERS_FIELD_NUMBER: _ClassVar[int]
     REPLICATION_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_ROOT_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     zone: str
     address: str
@@ -66,7 +67,8 @@ class StatusReply(_message.Message):
     peers: _containers.RepeatedCompositeFieldContainer[PeerStatus]
     replication: _containers.RepeatedCompositeFieldContainer[ReplicaState]
     draining: bool
-    def __init__(self, node_id: _Optional[str] = ..., zone: _Optional[str] = ..., address: _Optional[str] = ..., memory_root: _Optional[str] = ..., replicas: _Optional[int] = ..., peers: _Optional[_Iterable[_Union[PeerStatus, _Mapping]]] = ..., replication: _Optional[_Iterable[_Union[ReplicaState, _Mapping]]] = ..., draining: _Optional[bool] = ...) -> None: ...
+    local_root: str
+    def __init__(self, node_id: _Optional[str] = ..., zone: _Optional[str] = ..., address: _Optional[str] = ..., memory_root: _Optional[str] = ..., replicas: _Optional[int] = ..., peers: _Optional[_Iterable[_Union[PeerStatus, _Mapping]]] = ..., replication: _Optional[_Iterable[_Union[ReplicaState, _Mapping]]] = ..., draining: _Optional[bool] = ..., local_root: _Optional[str] = ...) -> None: ...
 
 class ListShardsRequest(_message.Message):
     __slots__ = ("run", "origin")
