@@ -9,6 +9,7 @@ import threading
 import time
 
 import grpc
+import numpy as np
 import pytest
 
 from daemons import save
@@ -121,3 +122,27 @@ def test_sendfile_waits_for_a_slow_receiver(tmp_path):
         bulk._sendfile(sender, f.fileno(), 0, len(data))
         reader.join()
     assert received == data
+
+
+def test_expired_replica_files_are_reused_for_replicas_of_any_size(tmp_path):
+    from mtckpt import CheckpointManager, MemoryTier
+
+    sizes = {1: 2 << 20, 2: 2 << 20, 3: 2 << 20, 4: 3 << 20, 5: 1 << 20}  # bytes per step
+    with CheckpointManager(RUN, memory=MemoryTier(str(tmp_path / "src"), keep=5)) as mgr:
+        for step, size in sizes.items():
+            mgr.save(step, {"w": np.full(size, step, np.uint8)}).wait()
+    source = Holdings("src", tmp_path / "src", keep=5)
+    dst = Holdings("dst", tmp_path / "dst", keep=1)
+    inodes = {}
+    for step in sizes:
+        shard = Shard(RUN, step, 0, "src")
+        data = source.own.path(RUN, step, naming.data_file(0)).read_bytes()
+        manifest = source.own.read_bytes(RUN, step, naming.manifest_file(0))
+        dst.store(shard, manifest, [(0, data)])
+        dst.expire_replicas("src", RUN)
+        replica = dst.storage("src").path(RUN, step, naming.data_file(0))
+        assert replica.read_bytes() == data, step
+        inodes[step] = replica.stat().st_ino
+    # keep=1: each step's file is freed by the next and taken by the one after (mapped
+    # ahead when the size matches: step 3; resized when it does not: steps 4 and 5).
+    assert inodes[3] == inodes[1] and inodes[4] == inodes[2] and inodes[5] == inodes[3]

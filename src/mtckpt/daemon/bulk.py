@@ -6,9 +6,9 @@ and the token checked there), then connects to the peer's data port, sends the t
 the file in frames: ``offset`` (u64), ``length`` (u32), ``crc32c`` (u32), little-endian,
 then the bytes. Frames are the manifest's chunks and carry the chunk's recorded crc32c,
 so the sender never reads the bytes (``sendfile`` from the memory tier over plain TCP);
-the receiver takes each frame into a buffer it reuses, checks it there while it is in
-cache, and writes it into the replica file. One status byte comes back: 0
-stored, else 1 and a length-prefixed reason. Recovery runs the other way: OpenFetch gives
+the receiver takes each frame straight into a mapping of the replica file and checks it
+there while it is in cache. One status byte comes back: 0 stored, else 1 and a
+length-prefixed reason. Recovery runs the other way: OpenFetch gives
 a ticket for a held file, and the fetching daemon reads the same frames after a status.
 """
 
@@ -117,8 +117,12 @@ class BulkServer:
                 return
             receive_frames(conn, transfer)
             transfer.commit()
-            self._on_stored(transfer)
             conn.sendall(STATUS.pack(0, 0))
+            try:  # after the status: the sender need not wait for the housekeeping
+                self._on_stored(transfer)
+            except Exception as exc:
+                log.warning("%s: stored, but the housekeeping after it failed: %s",
+                            transfer.where, exc)  # fmt: skip
         except (OSError, MtckptError, ValueError) as exc:
             where = f"{transfer.where}: " if isinstance(transfer, Incoming) else ""
             log.warning("bulk transfer failed: %s%s", where, exc)

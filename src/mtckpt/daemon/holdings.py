@@ -78,6 +78,7 @@ class Holdings:
         self.own = DirectoryStorage(self.root, "memory", durable=False, populate=False)
         self.local = None if local_root is None else LocalStorage(local_root)
         self._world: dict[Shard, int] = {}  # world size of replicas, from their manifests
+        self._spares: dict[str, mmap.mmap] = {}  # free files mapped with their pages present
         self._lock = threading.Lock()
 
     def storage(self, origin: str) -> DirectoryStorage:
@@ -220,22 +221,52 @@ class Holdings:
         storage.make_step_dir(shard.run, shard.step)
         final = storage.path(shard.run, shard.step, naming.data_file(shard.rank))
         temp = final.with_name(naming.temp_name(final.name))
-        reused = self._take_free(temp)
-        return Incoming(storage, shard, manifest, manifest_json, temp, final, reused, where)
+        reused, spare = self._take_free(temp, data_size)
+        return Incoming(storage, shard, manifest, manifest_json, temp, final, reused, where, spare)
 
-    def _take_free(self, temp: Path) -> bool:
+    def _take_free(self, temp: Path, size: int) -> tuple[bool, mmap.mmap | None]:
+        """Move a free data file to ``temp``: one already mapped at ``size`` bytes if there
+        is one. Whether one was taken, and its mapping."""
         with self._lock:
             try:
-                names = sorted(os.listdir(self.root / FREE_DIR))
+                names = os.listdir(self.root / FREE_DIR)
             except FileNotFoundError:
-                return False
+                return False, None
+            names.sort(key=lambda n: (n not in self._spares or len(self._spares[n]) != size, n))
             for name in names:
                 try:
                     os.replace(self.root / FREE_DIR / name, temp)
-                    return True
                 except FileNotFoundError:
                     continue
-        return False
+                spare = self._spares.pop(name, None)
+                if spare is not None and len(spare) != size:
+                    spare.close()
+                    spare = None
+                return True, spare
+        return False, None
+
+    def _map_spare(self, name: str) -> None:
+        """Map a free data file and make its pages present, off the receive path: a replica
+        later received into it starts at once."""
+        try:
+            fd = os.open(self.root / FREE_DIR / name, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
+        try:
+            size = os.fstat(fd).st_size
+            if size == 0:
+                return
+            spare = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+            _fastpath.backend().prefault(spare)
+        except OSError:
+            return  # the next receive maps it itself
+        finally:
+            os.close(fd)
+        with self._lock:
+            old = self._spares.pop(name, None)
+            self._spares[name] = spare
+        if old is not None:
+            old.close()
 
     def expire_replicas(self, origin: str, run: str) -> None:
         """Keep the newest ``keep`` steps of ``origin``'s replicas of ``run``; the data files
@@ -247,7 +278,9 @@ class Holdings:
                 path = storage.step_path(run, step) / name
                 if name.endswith(".safetensors") and self._free_count() < self.keep + 1:
                     (self.root / FREE_DIR).mkdir(parents=True, exist_ok=True)
-                    os.replace(path, self.root / FREE_DIR / f"{origin}-{run}-{step}-{name}")
+                    free = f"{origin}-{run}-{step}-{name}"
+                    os.replace(path, self.root / FREE_DIR / free)
+                    self._map_spare(free)
                 else:
                     _unlink(path)
             storage.remove_step_dir(run, step)
@@ -269,10 +302,12 @@ class Incoming:
     file: each piece is checked there while still in cache (each manifest chunk's crc32c
     as soon as the chunk is complete); :meth:`commit` renames the file into place and
     writes the manifest (the shard is then whole). An expired replica's file is reused
-    when one is free (its tmpfs pages exist); a fresh file's pages are allocated up front
-    (a full tmpfs fails there, not with SIGBUS on a write)."""
+    when one is free (its tmpfs pages exist; ``spare``: already mapped with them present);
+    a fresh file's pages are allocated up front (a full tmpfs fails there, not with SIGBUS
+    on a write)."""
 
-    def __init__(self, storage, shard, manifest, manifest_json, temp, final, reused, where):
+    def __init__(self, storage, shard, manifest, manifest_json, temp, final, reused, where,
+                 spare: mmap.mmap | None = None):  # fmt: skip
         self.storage, self.shard, self.manifest = storage, shard, manifest
         self.manifest_json, self.temp, self.final, self.where = manifest_json, temp, final, where
         self.size = manifest.file_size
@@ -285,8 +320,11 @@ class Incoming:
         flags = os.O_RDWR | os.O_CLOEXEC | (0 if reused else os.O_CREAT | os.O_EXCL)
         self._fd = os.open(temp, flags, 0o644)
         try:
-            os.ftruncate(self._fd, self.size)
-            if self.size:
+            if spare is not None:  # of this size: its pages are allocated and present
+                self._mapping, self._view = spare, memoryview(spare)
+            else:
+                os.ftruncate(self._fd, self.size)
+            if spare is None and self.size:
                 self._fastpath.fallocate(self._fd, 0, self.size)  # tmpfs full: raises here
                 self._mapping = mmap.mmap(self._fd, self.size, flags=mmap.MAP_SHARED)
                 self._fastpath.prefault(self._mapping)
