@@ -28,6 +28,11 @@ import time
 from pathlib import Path
 from unittest import mock
 
+# The loop stands for one training thread: BLAS must not spread it over every core (it reads
+# these when numpy loads; set later, they were ignored and the loop took both cores).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import numpy as np
 from _harness import (
     GIB,
@@ -209,7 +214,6 @@ def main() -> None:
     parser.add_argument("--out", default="bench-out/replication.json")
     args = parser.parse_args()
     started = _dt.datetime.now(_dt.timezone.utc)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
     nbytes = int(args.size_gib * GIB)
     base = Path(tempfile.mkdtemp(prefix="mtckpt-bench-repl-", dir=args.memory_root))

@@ -38,6 +38,7 @@ def _daemon(args: argparse.Namespace) -> int:
     settings["token"] = read_token(settings.pop("token_file", None))
     settings.setdefault("node_id", os.uname().nodename)
     config = DaemonConfig(**settings)
+    os.nice(config.nice)
     daemon = Daemon(config)
     daemon.start()
 
@@ -135,6 +136,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--scan-interval", type=float,
                    help="seconds between scans for committed steps (0.5)")  # fmt: skip
     d.add_argument("--data-port", type=int, help="bulk data port (0: any free one)")
+    d.add_argument("--nice", type=int, help="added to the daemon's nice value, 0..19 (10)")
     d.set_defaults(handler=_daemon)
 
     r = commands.add_parser("restore", help="fetch this node's newest good checkpoint")

@@ -135,7 +135,7 @@ DAEMON_OPTIONS: dict[str, type] = {
     "node_id": str, "listen": str, "socket": str, "memory_root": str, "local_root": str,
     "peers": list, "peers_dns": str, "replicas": int, "zone": str, "keep": int,
     "token_file": str, "tls_cert": str, "tls_key": str, "tls_ca": str, "bandwidth": float,
-    "drain_timeout": float, "scan_interval": float, "data_port": int,
+    "drain_timeout": float, "scan_interval": float, "data_port": int, "nice": int,
 }  # fmt: skip
 
 

@@ -70,6 +70,7 @@ def test_daemon_and_restore_take_their_settings_from_the_config_file(tmp_path):
         ('[daemon]\nkeep = "x"\n', [], "daemon.keep must be of type int"),
         ("[daemon]\n", [], "no memory root"),
         ('[daemon]\nmemory_root = "/tmp/m"\n', ["--tls-cert", "c.pem"], "go together"),
+        ('[daemon]\nmemory_root = "/tmp/m"\n', ["--nice", "25"], "nice must be 0..19"),
     ],
 )
 def test_bad_daemon_settings_exit_1_with_the_reason(tmp_path, text, args, message):
@@ -86,3 +87,10 @@ def test_restore_without_a_daemon_says_how_to_name_one(tmp_path):
     result = mtckpt("restore", "--run", "exp", "--json", env=env)
     assert result.returncode == 1
     assert "which daemon?" in result.stderr
+
+
+def test_the_daemon_runs_below_the_trainers_cpu_priority(cluster):
+    daemons = cluster(["nice-a", "nice-b"], per_node={"nice-b": ["--nice", "0"]})
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    assert os.getpriority(os.PRIO_PROCESS, daemons["nice-a"].proc.pid) == min(19, mine + 10)
+    assert os.getpriority(os.PRIO_PROCESS, daemons["nice-b"].proc.pid) == mine

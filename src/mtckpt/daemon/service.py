@@ -44,9 +44,12 @@ class DaemonConfig:
     drain_timeout: float = 60.0
     workers: int = 16
     data_port: int = 0  # the bulk data port, on the listen host (0: any free one)
+    nice: int = 10  # added to the process's nice value by `mtckpt daemon`: training goes first
 
     def __post_init__(self) -> None:
         naming.check_node_id(self.node_id)
+        if not 0 <= self.nice <= 19:
+            raise ValueError(f"nice must be 0..19 (added to the nice value), got {self.nice}")
         if self.replicas < 0 or self.keep < 1:
             raise ValueError(
                 f"replicas must be >= 0 and keep >= 1, got {self.replicas}, {self.keep}"
