@@ -207,6 +207,12 @@ def main() -> None:
                         help="steps replicated; the first 2 (--keep) go to fresh replica files, "
                              "later ones reuse expired ones, as in a long run (5)")  # fmt: skip
     parser.add_argument("--loop-steps", type=int, default=300)
+    parser.add_argument(
+        "--loop-rounds",
+        type=int,
+        default=3,
+        help="rounds of the loop, each running every configuration once",
+    )
     parser.add_argument("--loop-save-every", type=int, default=50)
     parser.add_argument("--loop-size-gib", type=float, default=0.25)
     parser.add_argument("--cap-mib-s", type=float, default=200.0, help="--bandwidth run")
@@ -224,18 +230,20 @@ def main() -> None:
         del data
         repl = replication_runs(base, sockets, nbytes, args.repeats)
         loop_bytes = int(args.loop_size_gib * GIB)
-        loops = {}
-        for label, extra in [] if args.loop_steps == 0 else [
+        configs = [] if args.loop_steps == 0 else [
             (NO_REPLICATION, ["--replicas", "0"]),
             ("replicating", []),
             (f"replicating, --bandwidth {args.cap_mib_s:.0f} MiB/s",
              ["--bandwidth", str(args.cap_mib_s * (1 << 20))]),
-        ]:  # fmt: skip
-            where = base / f"loop-{len(loops)}"
-            loops[label] = loop_step_times(
-                where, sockets, extra, loop_bytes, args.loop_steps, args.loop_save_every,
-                peers=not label.startswith("no replication"),
-            )  # fmt: skip
+        ]  # fmt: skip
+        loops: dict[str, list[float]] = {label: [] for label, _ in configs}
+        for round_ in range(args.loop_rounds):  # interleaved: drift hits every config alike
+            for index, (label, extra) in enumerate(configs):
+                where = base / f"loop-{round_}-{index}"
+                loops[label] += loop_step_times(
+                    where, sockets, extra, loop_bytes, args.loop_steps, args.loop_save_every,
+                    peers=not label.startswith("no replication"),
+                )  # fmt: skip
     finally:
         shutil.rmtree(base, ignore_errors=True)
         shutil.rmtree(sockets, ignore_errors=True)
@@ -279,9 +287,11 @@ def loop_checks(loops: dict, args) -> list[dict]:
         med = statistics.median(times)
         loop_rows.append([label, f"{med * 1e3:.2f}", f"{statistics.mean(times) * 1e3:.2f}",
                           f"{med / base_step:.3f}"])  # fmt: skip
-    print(f"\nCPU-bound loop, {args.loop_steps} steps, a {args.loop_size_gib} GiB save every "
-          f"{args.loop_save_every} (save calls excluded):")  # fmt: skip
-    print(markdown_table(["daemons", "median step ms", "mean step ms", "x no replication"],
+    print(
+        f"\nCPU-bound loop, {args.loop_rounds} rounds of {args.loop_steps} steps, a "
+        f"{args.loop_size_gib} GiB save every {args.loop_save_every} (save calls excluded):"
+    )
+    print(markdown_table(["daemons", "median step ms", "mean step ms", "median x none"],
                          loop_rows))  # fmt: skip
     replicating = [statistics.mean(t) for label, t in loops.items() if label.startswith("repl")]
     base_mean = statistics.mean(loops[NO_REPLICATION])
