@@ -5,7 +5,7 @@ slower tiers (local disk, ...) follow in the background. Restore takes the newes
 checksum-verified step from the fastest tier that has a good copy.
 """
 
-from .config import LocalTier, MemoryTier, PeerTier
+from .config import LocalTier, MemoryTier, ObjectTier, PeerTier
 from .errors import (
     ChecksumMismatchError,
     ClosedError,
@@ -33,6 +33,7 @@ __all__ = [
     "KeyCollisionError",
     "LocalTier",
     "MemoryTier",
+    "ObjectTier",
     "MtckptError",
     "PeerTier",
     "SaveHandle",

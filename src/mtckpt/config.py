@@ -111,9 +111,55 @@ class PeerTier:
             raise ConfigError(f"peers.timeout must be > 0 seconds, got {self.timeout!r}")
 
 
-TIER_CLASSES: dict[str, type] = {"memory": MemoryTier, "local": LocalTier, "peers": PeerTier}
+@dataclass(frozen=True)
+class ObjectTier:
+    """Object storage at any fsspec URL (``s3://bucket/prefix``, ``gs://``, ``file://``,
+    ``memory://``), flushed from the memory tier in the background. ``keep`` complete steps
+    are kept, and every step that is a multiple of ``keep_every`` besides. Files above
+    ``part_size`` go up as multipart uploads of ``concurrency`` parts at a time; a failed
+    request is retried ``retries`` times with exponential backoff. ``storage_options`` go to
+    the fsspec filesystem (``endpoint_url``, ``key``, ``secret``, ...)."""
+
+    url: str
+    every: int | None = 1
+    interval: float | None = None
+    keep: int = 3
+    keep_every: int | None = None
+    storage_options: dict = dataclasses.field(default_factory=dict)
+    part_size: int = 32 * 1024 * 1024
+    concurrency: int = 8
+    retries: int = 5
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.url, str) or "://" not in self.url:
+            raise ConfigError(
+                f"remote.url must be a URL such as s3://bucket/prefix, got {self.url!r}"
+            )
+        _check_schedule("remote", self.every, self.interval, self.keep)
+        if self.keep_every is not None and (
+            isinstance(self.keep_every, bool) or not isinstance(self.keep_every, int)
+            or self.keep_every < 1
+        ):  # fmt: skip
+            raise ConfigError(
+                f"remote.keep_every must be a positive int or None, got {self.keep_every!r}"
+            )
+        if not isinstance(self.storage_options, dict):
+            raise ConfigError(
+                f"remote.storage_options must be a table, got {self.storage_options!r}"
+            )
+        for name, least in (("part_size", 5 * 1024 * 1024), ("concurrency", 1), ("retries", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ConfigError(f"remote.{name} must be an int >= {least}, got {value!r}")
+
+
+TIER_CLASSES: dict[str, type] = {
+    "memory": MemoryTier, "local": LocalTier, "peers": PeerTier, "remote": ObjectTier,
+}  # fmt: skip
 _FIELD_KINDS = {"path": str, "every": int, "interval": float, "keep": int, "daemon": str,
-                "replicas": int, "token_file": str, "timeout": float}  # fmt: skip
+                "replicas": int, "token_file": str, "timeout": float, "url": str,
+                "keep_every": int, "storage_options": dict, "part_size": int,
+                "concurrency": int, "retries": int}  # fmt: skip
 
 # Manager options other than tiers, with the type each takes.
 MANAGER_OPTIONS: dict[str, type] = {
@@ -126,7 +172,7 @@ MANAGER_OPTIONS: dict[str, type] = {
     "collective_timeout": float,
     "staging": str,
 }
-_OPTIONAL = {"every", "interval", "rank", "world_size", "threads", "token_file"}
+_OPTIONAL = {"every", "interval", "rank", "world_size", "threads", "token_file", "keep_every"}
 
 
 # The node daemon's options: its [daemon] table, MTCKPT_DAEMON_* variables and the flags of
@@ -273,6 +319,8 @@ def _parse_env(name: str, raw: str, kind: type, optional: bool) -> Any:
             return lowered in ("1", "true", "yes", "on")
         if kind is str:
             return text
+        if kind is dict:
+            raise ValueError(text)  # a table: only in the TOML file
         return kind(text)
     except ValueError:
         raise ConfigError(

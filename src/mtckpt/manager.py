@@ -27,7 +27,7 @@ from . import (
     topology,
     tree,
 )
-from .config import LocalTier, MemoryTier, PeerTier
+from .config import LocalTier, MemoryTier, ObjectTier, PeerTier
 from .errors import (
     ClosedError,
     ConfigError,
@@ -35,6 +35,7 @@ from .errors import (
     StateMismatchError,
     StepExistsError,
     StepNotFoundError,
+    TierError,
 )
 from .handle import SaveHandle
 from .manifest import DEFAULT_CHUNK_SIZE, LeafRecord
@@ -42,6 +43,7 @@ from .pipeline import Pipeline, SaveJob
 from .tiers.base import Storage
 from .tiers.local import LocalStorage
 from .tiers.memory import MemoryStorage, Slot
+from .tiers.object import ObjectStorage
 from .tiers.peer import DaemonLink
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,7 @@ class CheckpointManager:
         memory: MemoryTier | None = None,
         local: LocalTier | None = None,
         peers: PeerTier | None = None,
+        remote: ObjectTier | None = None,
         *,
         rank: int | None = None,
         world_size: int | None = None,
@@ -83,6 +86,8 @@ class CheckpointManager:
             raise ConfigError(f"memory must be a mtckpt.MemoryTier, got {type(memory).__name__}")
         if local is not None and not isinstance(local, LocalTier):
             raise ConfigError(f"local must be a mtckpt.LocalTier, got {type(local).__name__}")
+        if remote is not None and not isinstance(remote, ObjectTier):
+            raise ConfigError(f"remote must be a mtckpt.ObjectTier, got {type(remote).__name__}")
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 4096:
             raise ConfigError(f"chunk_size must be an int >= 4096, got {chunk_size!r}")
         if threads is not None and (
@@ -123,11 +128,13 @@ class CheckpointManager:
         self._tiers: list[tuple[Any, Storage]] = [(memory, self._memory)]
         if local is not None:
             self._tiers.append((local, LocalStorage(config.expand_path(local.path))))
+        if remote is not None:
+            self._tiers.append((remote, _object_storage(remote)))
         self._closed = False
         self._handles: list[SaveHandle] = []
         self._last_saved_at: dict[str, float] = {}
         for index, (cfg, storage) in enumerate(self._tiers):
-            self._prepare_storage(storage, cfg.keep, essential=index == 0)
+            self._prepare_storage(storage, cfg, essential=index == 0)
         self._newest = self.latest_step()
         self._pipeline = Pipeline(
             run=self.run,
@@ -136,7 +143,10 @@ class CheckpointManager:
             node_ranks=self.node_ranks,
             memory=self._memory,
             memory_keep=memory.keep,
-            slower={s.name: (s, cfg.keep) for cfg, s in self._tiers[1:]},
+            slower={
+                s.name: (s, cfg.keep, getattr(cfg, "keep_every", None))
+                for cfg, s in self._tiers[1:]
+            },  # fmt: skip
             chunk_size=chunk_size,
             threads=max(1, self.threads // 2),
             on_memory_commit=None if self._peers is None else self._peers.committed,
@@ -152,10 +162,11 @@ class CheckpointManager:
             raise ConfigError("no run name: set the config key run, MTCKPT_RUN or run=...")
         return cls(**kwargs)
 
-    def _prepare_storage(self, storage: Storage, keep: int, essential: bool) -> None:
+    def _prepare_storage(self, storage: Storage, cfg: Any, essential: bool) -> None:
         try:
             retention.clean_after_crash(storage, self.run, self.rank, self.world_size)
-            retention.apply(storage, self.run, self.rank, self.world_size, keep)
+            retention.apply(storage, self.run, self.rank, self.world_size, cfg.keep,
+                            keep_every=getattr(cfg, "keep_every", None))  # fmt: skip
         except OSError as exc:
             if essential:
                 raise ConfigError(f"{storage.describe()} is not usable: {exc}") from exc
@@ -593,6 +604,24 @@ def _stage_into_slot(
         destinations.clear()  # drop the views of the slot
 
     return finish
+
+
+def _object_storage(cfg: ObjectTier) -> ObjectStorage:
+    """The object tier's storage; a bucket that does not exist is a configuration error, an
+    endpoint that does not answer is reported and retried by the flushes."""
+    try:
+        storage = ObjectStorage(cfg.url, storage_options=cfg.storage_options,
+                                part_size=cfg.part_size, concurrency=cfg.concurrency,
+                                retries=cfg.retries)  # fmt: skip
+    except TierError as exc:
+        raise ConfigError(str(exc)) from None
+    try:
+        storage.check()
+    except TierError as exc:
+        if "does not exist" in str(exc):
+            raise ConfigError(str(exc)) from None
+        log.error("%s (saves go on; its flushes are retried)", exc)
+    return storage
 
 
 def _framework(leaves: list[tree.Leaf]) -> str:

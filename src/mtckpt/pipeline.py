@@ -47,6 +47,7 @@ class SaveJob:
 class SlowerTier:
     storage: Storage
     keep: int
+    keep_every: int | None = None
     queue: collections.deque = field(default_factory=collections.deque)
     thread: threading.Thread | None = None
 
@@ -61,7 +62,7 @@ class Pipeline:
         node_ranks: tuple[int, ...],
         memory: MemoryStorage,
         memory_keep: int,
-        slower: dict[str, tuple[Storage, int]],
+        slower: dict[str, tuple[Storage, int, int | None]],  # storage, keep, keep_every
         chunk_size: int,
         threads: int,
         on_memory_commit: Callable[[int, SaveHandle], None] | None = None,
@@ -79,7 +80,7 @@ class Pipeline:
         self._retention_lock = threading.Lock()
         self._closing = False  # no more saves: the memory worker drains its queue and stops
         self._tiers_closing = False  # set once it has: tier workers drain and stop
-        self._tiers = {name: SlowerTier(storage, keep) for name, (storage, keep) in slower.items()}
+        self._tiers = {name: SlowerTier(*tier) for name, tier in slower.items()}
         self._staging_queue: collections.deque[SaveJob] = collections.deque()
         self._stager = threading.Thread(
             target=self._stager_worker, name="mtckpt-stager", daemon=True
@@ -293,7 +294,8 @@ class Pipeline:
             self._unpin(job.step)
             job.handle._finish(name, error=error)
             try:
-                retention.apply(tier.storage, self.run, self.rank, self.world_size, tier.keep)
+                retention.apply(tier.storage, self.run, self.rank, self.world_size, tier.keep,
+                                keep_every=tier.keep_every)  # fmt: skip
             except Exception as exc:
                 log.warning("%s tier: garbage collection failed: %s", name, exc)
             self._collect_memory_garbage()
@@ -305,10 +307,14 @@ class Pipeline:
             f"step {job.step} rank {self.rank}: the memory tier copy changed after it was "
             f"committed; not copied to {storage.describe()}"
         )
-        pieces = tiercopy.verified_pieces(job.slot.view(), manifest, where)
+        if storage.whole_files:
+            pieces = [tiercopy.verified(job.slot.view(), manifest, where, self.threads)]
+        else:
+            pieces = tiercopy.verified_pieces(job.slot.view(), manifest, where)
         storage.write_stream(self.run, job.step, manifest.data_file, manifest.file_size, pieces)
         storage.write_bytes(self.run, job.step, naming.manifest_file(self.rank), job.manifest_json)
-        commit.try_commit(storage, self.run, job.step, self.world_size, self.node_ranks)
+        ranks = range(self.world_size) if storage.shared else self.node_ranks
+        commit.try_commit(storage, self.run, job.step, self.world_size, ranks)
 
     def _unpin(self, step: int) -> None:
         with self._cond:

@@ -42,13 +42,15 @@ def apply(
     world_size: int,
     keep: int,
     protected: Collection[int] = (),
+    keep_every: int | None = None,
 ) -> list[int]:
-    """Remove committed steps beyond the newest ``keep`` and incomplete steps older than the
-    newest committed one, sparing ``protected`` steps; returns the steps removed."""
+    """Remove committed steps beyond the newest ``keep`` (except multiples of ``keep_every``:
+    kept for the long term) and incomplete steps older than the newest committed one,
+    sparing ``protected`` steps; returns the steps removed."""
     committed = commit.committed_steps(storage, run)
     if not committed:
         return []
-    expired = set(committed[:-keep])
+    expired = {s for s in committed[:-keep] if not keep_every or s % keep_every}
     newest = committed[-1]
     stale = {s for s in storage.steps(run) if s < newest and s not in committed}
     removed = sorted((expired | stale) - set(protected))

@@ -39,6 +39,19 @@ def verified_pieces(data, manifest: RankManifest, where: str) -> Iterator[memory
         view.release()
 
 
+def verified(data, manifest: RankManifest, where: str, threads: int = 1) -> memoryview:
+    """``data`` (a shard's whole data file) once every chunk matches ``manifest``."""
+    view = memoryview(data).cast("B")
+    actual = checksum.crc32c_chunks(view, manifest.chunk_size, threads)
+    for index, (got, wanted) in enumerate(zip(actual, manifest.chunk_crc32c, strict=True)):
+        if got != wanted:
+            raise ChecksumMismatchError(
+                f"{where}: chunk {index} has crc32c {got:#010x}, the manifest records "
+                f"{wanted:#010x}"
+            )
+    return view
+
+
 def copy_shard(source: Storage, dest: Storage, run: str, step: int, rank: int) -> int:
     """Copy ``rank``'s data file and then its manifest (the shard is whole on ``dest`` once
     its manifest is there); the bytes copied. Committing the step is the caller's."""

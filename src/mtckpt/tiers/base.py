@@ -16,6 +16,11 @@ class Storage(ABC):
 
     #: Short tier name used in messages and in ``CheckpointManager.steps()``.
     name: str
+    #: Whether every rank of the job writes here (a step commits once all ranks' shards are
+    #: present), rather than only the ranks of one node.
+    shared: bool = False
+    #: Whether ``write_stream`` wants a data file as one buffer rather than as pieces.
+    whole_files: bool = False
 
     @abstractmethod
     def describe(self) -> str:

@@ -1,0 +1,218 @@
+"""The object tier: checkpoint files at any fsspec URL, ``{url}/{run}/step-{step:012d}/{file}``.
+
+An object appears whole or not at all (S3, GCS), so files are written under their final
+names; the step's ``COMMIT`` object, written last by whichever rank finds every rank's
+manifest present, is the only commit. Large files go up as multipart uploads with
+bounded concurrency; every request is retried with exponential backoff on errors that
+may pass (a dropped connection, an endpoint restarting), never on a missing bucket or a
+refused permission. Reads of a data file are ranged GETs run in parallel.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import random
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from .. import naming
+from ..errors import TierError
+from .base import Storage
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+BACKOFF_SECONDS = 0.2  # the first retry's wait; doubled each time, with jitter
+BACKOFF_MAX_SECONDS = 10.0
+_PERMANENT = (FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError,
+              ValueError, TypeError)  # fmt: skip
+
+
+class ObjectStorage(Storage):
+    name = "remote"
+    shared = True  # one storage for every rank of the job
+    whole_files = True  # takes a file as one buffer (then uploads it in parallel parts)
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        storage_options: dict | None = None,
+        part_size: int = 32 << 20,
+        concurrency: int = 8,
+        retries: int = 5,
+    ) -> None:
+        try:
+            import fsspec
+        except ImportError as exc:
+            raise TierError(f"remote tier {url}: pip install 'mtckpt[s3]' ({exc})") from None
+        self.url = url
+        self.part_size, self.concurrency, self.retries = part_size, concurrency, retries
+        options = dict(storage_options or {})
+        protocol = url.split("://", 1)[0]
+        if protocol == "s3":
+            options.setdefault("max_concurrency", concurrency)
+        try:
+            self.fs, root = fsspec.core.url_to_fs(url, **options)
+        except (ImportError, ValueError) as exc:
+            raise TierError(f"remote tier {url}: {exc}") from None
+        self.root = root.rstrip("/")
+        self._multipart = protocol == "s3"
+        self._has_dirs = protocol in ("file", "local")
+
+    def describe(self) -> str:
+        return f"remote tier ({self.url})"
+
+    # -- names -------------------------------------------------------------------------------
+
+    def run_dir(self, run: str) -> str:
+        return posixpath.join(self.root, naming.check_run(run))
+
+    def step_path(self, run: str, step: int) -> str:
+        return posixpath.join(self.run_dir(run), naming.step_dir(step))
+
+    def path(self, run: str, step: int, name: str) -> str:
+        if name != naming.COMMIT and naming.parse_rank_file(name) is None:
+            raise ValueError(f"{name!r} is not a checkpoint file name")
+        return posixpath.join(self.step_path(run, step), name)
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def call(self, what: str, request: Callable[[], T]) -> T:
+        """``request()``, retried with exponential backoff while its error may pass; the
+        last error as a TierError naming this tier and ``what``."""
+        for attempt in range(self.retries + 1):
+            try:
+                return request()
+            except _PERMANENT:
+                raise
+            except Exception as exc:
+                if attempt == self.retries:
+                    raise TierError(f"{self.describe()}: {what}: {_reason(exc)} (after "
+                                    f"{self.retries + 1} attempts)") from exc  # fmt: skip
+                wait = min(BACKOFF_MAX_SECONDS, BACKOFF_SECONDS * 2**attempt)
+                wait *= random.uniform(0.5, 1.0)
+                log.warning("%s: %s failed (%s); retrying in %.1f s", self.describe(), what,
+                            _reason(exc), wait)  # fmt: skip
+                time.sleep(wait)
+        raise AssertionError("unreachable")
+
+    def _listing(self, path: str) -> list[str]:
+        """Names directly under ``path``; [] if there is none."""
+        self.fs.invalidate_cache(path)
+        try:
+            entries = self.call(f"list {path}", lambda: self.fs.ls(path, detail=False))
+        except FileNotFoundError:
+            return []
+        return sorted({posixpath.basename(str(e).rstrip("/")) for e in entries})
+
+    def check(self) -> None:
+        """Raise TierError if the URL's bucket (or root directory) is not there."""
+        bucket = self.root.split("/", 1)[0] if self._multipart else self.root
+        self.fs.invalidate_cache(bucket)
+        if self._multipart and not self.call(f"look up {bucket}", lambda: self.fs.exists(bucket)):
+            raise TierError(f"{self.describe()}: the bucket {bucket!r} does not exist")
+
+    # -- Storage -------------------------------------------------------------------------------
+
+    def steps(self, run: str) -> list[int]:
+        names = self._listing(self.run_dir(run))
+        return sorted(s for s in map(naming.parse_step_dir, names) if s is not None)
+
+    def files(self, run: str, step: int) -> list[str]:
+        return self._listing(self.step_path(run, step))
+
+    def exists(self, run: str, step: int, name: str) -> bool:
+        return name in self.files(run, step)
+
+    def read_bytes(self, run: str, step: int, name: str) -> bytes:
+        path = self.path(run, step, name)
+        return self.call(f"read {path}", lambda: self.fs.cat_file(path))
+
+    def map(self, run: str, step: int, name: str) -> Any:
+        """The whole file in memory, fetched as ranged GETs of ``part_size`` in parallel."""
+        path = self.path(run, step, name)
+        self.fs.invalidate_cache(path)
+        size = self.call(f"look up {path}", lambda: self.fs.size(path))
+        buffer = bytearray(size)
+        view = memoryview(buffer)
+
+        def fetch(start: int) -> None:
+            end = min(size, start + self.part_size)
+            data = self.call(f"read {path} bytes {start}-{end}",
+                             lambda: self.fs.cat_file(path, start=start, end=end))  # fmt: skip
+            if len(data) != end - start:
+                raise TierError(f"{self.describe()}: {path}: {len(data)} bytes at {start}, "
+                                f"expected {end - start}")  # fmt: skip
+            view[start:end] = data
+
+        with ThreadPoolExecutor(min(self.concurrency, max(1, -(-size // self.part_size)))) as pool:
+            list(pool.map(fetch, range(0, size, self.part_size)))
+        view.release()
+        return buffer
+
+    def write_bytes(self, run: str, step: int, name: str, data: bytes) -> None:
+        self.write_stream(run, step, name, len(data), [data])
+
+    def write_stream(self, run: str, step: int, name: str, size: int, chunks: Iterable) -> None:
+        """Upload ``size`` bytes (one buffer: uploaded as it is; several: joined first) as
+        ``name``; above ``part_size``, in parts of that size, ``concurrency`` at a time."""
+        pieces = list(chunks)
+        data = memoryview(pieces[0]).cast("B") if len(pieces) == 1 else memoryview(b"".join(pieces))
+        if data.nbytes != size:
+            raise ValueError(f"{name}: expected {size} bytes, got {data.nbytes}")
+        path = self.path(run, step, name)
+        if self._has_dirs:
+            self.fs.makedirs(self.step_path(run, step), exist_ok=True)
+        try:
+            if self._multipart and size >= 2 * self.part_size:  # s3fs's multipart threshold
+                options = {"chunksize": self.part_size, "max_concurrency": self.concurrency}
+                parts = _Parts(data)
+                self.call(f"upload {path}", lambda: self.fs.pipe_file(path, parts, **options))
+            else:
+                self.call(f"upload {path}", lambda: self.fs.pipe_file(path, bytes(data)))
+        except FileNotFoundError as exc:
+            raise TierError(f"{self.describe()}: cannot upload {path}: {exc} (does the bucket "
+                            "exist?)") from exc  # fmt: skip
+        finally:
+            self.fs.invalidate_cache(self.step_path(run, step))
+
+    def delete(self, run: str, step: int, name: str) -> None:
+        path = self.path(run, step, name)
+        try:
+            self.call(f"delete {path}", lambda: self.fs.rm_file(path))
+        except FileNotFoundError:
+            pass
+        self.fs.invalidate_cache(self.step_path(run, step))
+
+    def remove_step_dir(self, run: str, step: int) -> bool:
+        if self.files(run, step):
+            return False
+        path = self.step_path(run, step)
+        try:  # object stores have no directories; a file:// root has
+            self.fs.rmdir(path)
+        except (FileNotFoundError, NotImplementedError, OSError):
+            pass
+        self.fs.invalidate_cache(self.run_dir(run))
+        return True
+
+
+class _Parts:
+    """A buffer whose slices are copied out as bytes only when asked for: s3fs slices one
+    part per request, ``concurrency`` at a time, so at most that many parts are copied."""
+
+    def __init__(self, view: memoryview) -> None:
+        self.view = view
+
+    def __len__(self) -> int:
+        return self.view.nbytes
+
+    def __getitem__(self, index: slice) -> bytes:
+        return bytes(self.view[index])
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -1,0 +1,167 @@
+"""The object tier against a real S3 endpoint (moto_server over HTTP through s3fs), and
+through fsspec's file:// and memory://: flush in the background, COMMIT last, retention,
+restore after the faster tiers are gone, damaged objects, an endpoint that goes away."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from unittest import mock
+
+import numpy as np
+import pytest
+
+from mtckpt import (
+    CheckpointManager,
+    ConfigError,
+    MemoryTier,
+    ObjectTier,
+    TierError,
+    naming,
+)
+from mtckpt.tiers.object import ObjectStorage
+
+RUN = "obj"
+
+
+def state(step: int, nbytes: int = 3 << 20) -> dict:
+    rng = np.random.default_rng(step)
+    return {"w": rng.integers(0, 255, nbytes, dtype=np.uint8),
+            "b": rng.standard_normal(1000).astype(np.float32), "step": step}  # fmt: skip
+
+
+def assert_same(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        if isinstance(value, np.ndarray):
+            assert got[key].dtype == value.dtype and np.array_equal(got[key], value), key
+        else:
+            assert got[key] == value, key
+
+
+def manager(memory_dir, remote: ObjectTier, rank: int = 0, world: int = 1) -> CheckpointManager:
+    with mock.patch.dict(os.environ, {"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}):
+        memory = MemoryTier(str(memory_dir), keep=2)
+        return CheckpointManager(RUN, rank=rank, world_size=world, memory=memory, remote=remote)
+
+
+def s3_tier(moto, bucket: str, **kwargs) -> ObjectTier:
+    return ObjectTier(url=f"s3://{bucket}/ckpt", storage_options=moto.options(), **kwargs)
+
+
+def test_steps_flushed_to_s3_restore_after_node_memory_is_gone(moto, bucket, shm_dir, caplog):
+    remote = s3_tier(moto, bucket, keep=3)
+    with manager(shm_dir / "a", remote) as mgr:
+        for step in (1, 2, 3):
+            mgr.save(step, state(step)).wait()
+        assert mgr.steps()["remote"] == [1, 2, 3]
+    storage = ObjectStorage(remote.url, storage_options=moto.options())
+    assert storage.files(RUN, 3) == sorted(
+        [naming.COMMIT, naming.data_file(0), naming.manifest_file(0)]
+    )
+    caplog.set_level(logging.INFO, logger="mtckpt")
+    with manager(shm_dir / "fresh", remote) as mgr:  # a new node: nothing in memory
+        step, restored = mgr.restore()
+    assert step == 3
+    assert_same(restored, state(3))
+    assert "restored step 3 from the remote tier" in caplog.text
+
+
+def test_large_files_go_up_as_multipart_uploads(moto, bucket, shm_dir):
+    remote = s3_tier(moto, bucket, part_size=5 << 20, concurrency=3)
+    with manager(shm_dir / "a", remote) as mgr:
+        mgr.save(1, state(1, 13 << 20)).wait()
+    storage = ObjectStorage(remote.url, storage_options=moto.options())
+    info = storage.fs.info(storage.path(RUN, 1, naming.data_file(0)))
+    assert info["ETag"].strip('"').endswith("-3")  # S3's mark of an object made of 3 parts
+    with manager(shm_dir / "fresh", remote) as mgr:
+        assert_same(mgr.restore()[1], state(1, 13 << 20))
+
+
+def test_retention_keeps_the_newest_and_the_long_term_steps(moto, bucket, shm_dir):
+    remote = s3_tier(moto, bucket, keep=2, keep_every=2, part_size=5 << 20)
+    with manager(shm_dir / "a", remote) as mgr:
+        for step in range(1, 7):
+            mgr.save(step, state(step, 1 << 20)).wait()
+        assert mgr.steps()["remote"] == [2, 4, 5, 6]
+    storage = ObjectStorage(remote.url, storage_options=moto.options())
+    assert storage.steps(RUN) == [2, 4, 5, 6]  # nothing left of the others
+
+
+def test_commit_waits_for_every_rank_of_the_world(moto, bucket, shm_dir):
+    remote = s3_tier(moto, bucket)
+    storage = ObjectStorage(remote.url, storage_options=moto.options())
+    with manager(shm_dir / "node0", remote, rank=0, world=2) as rank0:
+        rank0.save(1, state(1)).wait()
+        assert storage.files(RUN, 1) == sorted([naming.data_file(0), naming.manifest_file(0)])
+        assert rank0.steps()["remote"] == []
+        with manager(shm_dir / "node1", remote, rank=1, world=2) as rank1:
+            rank1.save(1, state(1)).wait()
+            assert naming.COMMIT in storage.files(RUN, 1)  # written by the last rank
+            assert rank0.steps()["remote"] == rank1.steps()["remote"] == [1]
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_a_damaged_object_is_detected_and_an_older_step_used(moto, bucket, shm_dir, damage,
+                                                              caplog):  # fmt: skip
+    remote = s3_tier(moto, bucket)
+    with manager(shm_dir / "a", remote) as mgr:
+        for step in (1, 2):
+            mgr.save(step, state(step)).wait()
+    storage = ObjectStorage(remote.url, storage_options=moto.options())
+    path = storage.path(RUN, 2, naming.data_file(0))
+    data = bytearray(storage.fs.cat_file(path))
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x01
+    else:
+        del data[len(data) - 1000 :]
+    storage.fs.pipe_file(path, bytes(data))
+    with manager(shm_dir / "fresh", remote) as mgr:
+        step, restored = mgr.restore()
+    assert step == 1
+    assert_same(restored, state(1))
+    assert "remote tier" in caplog.text and "step 2" in caplog.text
+
+
+def test_a_bucket_that_does_not_exist_is_a_clear_error(moto, shm_dir):
+    remote = ObjectTier(url="s3://no-such-bucket/ckpt", storage_options=moto.options())
+    with pytest.raises(ConfigError, match="the bucket 'no-such-bucket' does not exist"):
+        manager(shm_dir / "a", remote)
+
+
+def test_an_endpoint_gone_mid_flush_stops_nothing_and_flushing_resumes(own_moto, shm_dir):
+    bucket = own_moto.make_bucket("resume")
+    remote = s3_tier(own_moto, bucket, part_size=5 << 20, concurrency=1, retries=1)
+    with manager(shm_dir / "a", remote) as mgr:
+        mgr.save(1, state(1)).wait()
+        handle = mgr.save(2, state(2, 40 << 20))
+        handle.wait("memory")
+        time.sleep(0.3)  # the upload of step 2 has begun
+        own_moto.stop()
+        with pytest.raises(TierError, match="remote tier"):
+            handle.wait("remote")
+        mgr.save(3, state(3)).wait("memory")  # training goes on: memory still takes steps
+        assert mgr.steps()["memory"][-1] == 3
+        own_moto.start()  # the endpoint is back (moto keeps nothing: a new bucket)
+        own_moto.make_bucket("resume")
+        mgr.save(4, state(4)).wait()
+        assert mgr.steps()["remote"][-1] == 4  # (step 3 too, if its retries outlasted the gap)
+    with manager(shm_dir / "fresh", remote) as mgr:
+        step, restored = mgr.restore()
+    assert step == 4
+    assert_same(restored, state(4))
+
+
+@pytest.mark.parametrize("scheme", ["file", "memory"])
+def test_any_fsspec_url(scheme, tmp_path, shm_dir):
+    where = f"file://{tmp_path}/ckpt" if scheme == "file" else f"memory://mt-{uuid.uuid4().hex}"
+    remote = ObjectTier(url=where)
+    with manager(shm_dir / "a", remote) as mgr:
+        for step in (1, 2):
+            mgr.save(step, state(step)).wait()
+    with manager(shm_dir / "fresh", remote) as mgr:
+        step, restored = mgr.restore()
+    assert step == 2
+    assert_same(restored, state(2))
