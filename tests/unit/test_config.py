@@ -1,6 +1,6 @@
 import pytest
 
-from mtckpt import CheckpointManager, ConfigError, LocalTier, MemoryTier, config
+from mtckpt import CheckpointManager, ConfigError, LocalTier, MemoryTier, ObjectTier, config
 
 
 @pytest.mark.parametrize(
@@ -51,6 +51,35 @@ def test_load_reads_toml_and_environment_overrides(tmp_path):
     assert kwargs["run"] == "exp1" and kwargs["threads"] == 3
     assert kwargs["memory"] == MemoryTier(path="/dev/shm/a", keep=4, interval=30.5)
     assert kwargs["local"] == LocalTier(path="/mnt/nvme", every=25)
+
+
+def test_the_remote_tier_from_toml_and_environment(tmp_path):
+    path = tmp_path / "mtckpt.toml"
+    path.write_text(
+        'run = "exp1"\n[remote]\nurl = "s3://bucket/prefix"\nevery = 100\nkeep_every = 1000\n'
+        '[remote.storage_options]\nendpoint_url = "http://127.0.0.1:9000"\n'
+    )
+    kwargs = config.load(path, env={"MTCKPT_REMOTE_KEEP": "5", "MTCKPT_REMOTE_CONCURRENCY": "4"})
+    assert kwargs["remote"] == ObjectTier(
+        url="s3://bucket/prefix", every=100, keep=5, keep_every=1000, concurrency=4,
+        storage_options={"endpoint_url": "http://127.0.0.1:9000"},
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"url": "bucket/prefix"}, r"remote.url must be a URL"),
+        ({"url": "s3://b", "keep_every": 0}, r"remote.keep_every must be a positive int"),
+        ({"url": "s3://b", "part_size": 1 << 20}, r"remote.part_size must be an int >= 5242880"),
+        ({"url": "s3://b", "concurrency": 0}, r"remote.concurrency must be an int >= 1"),
+        ({"url": "s3://b", "storage_options": "x"}, r"remote.storage_options must be a table"),
+        ({"url": "s3://b", "every": None}, r"remote: set every"),
+    ],
+)
+def test_remote_tier_validation(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        ObjectTier(**kwargs)
 
 
 def test_environment_alone_and_config_path_from_environment(tmp_path):
