@@ -172,8 +172,9 @@ class ObjectStorage(Storage):
                 options = {"chunksize": self.part_size, "max_concurrency": self.concurrency}
                 parts = _Parts(data)
                 self.call(f"upload {path}", lambda: self.fs.pipe_file(path, parts, **options))
-            else:
-                self.call(f"upload {path}", lambda: self.fs.pipe_file(path, bytes(data)))
+            else:  # a local file takes the view as it is; others may keep what they get
+                body = data if self._has_dirs else bytes(data)
+                self.call(f"upload {path}", lambda: self.fs.pipe_file(path, body))
         except FileNotFoundError as exc:
             raise TierError(f"{self.describe()}: cannot upload {path}: {exc} (does the bucket "
                             "exist?)") from exc  # fmt: skip
