@@ -494,6 +494,21 @@ def machine_info() -> dict:
 RANK_GRACE_S = 30  # how long the other ranks may run on once one rank has failed
 
 
+def cpu_bound_steps(steps: int, after_step: Callable[[int], None]) -> list[float]:
+    """Step times of a single-threaded CPU-bound loop (small matmuls; set OMP_NUM_THREADS=1
+    before numpy loads), calling ``after_step(step)`` after each step, outside its time."""
+    a = np.random.default_rng(0).standard_normal((192, 192))
+    times = []
+    for step in range(1, steps + 1):
+        started = time.perf_counter()
+        x = a
+        for _ in range(30):
+            x = np.tanh(x @ a)
+        times.append(time.perf_counter() - started)
+        after_step(step)
+    return times
+
+
 def free_port() -> int:
     import socket
 

@@ -31,7 +31,15 @@ import uuid
 from pathlib import Path
 
 import numpy as np
-from _harness import GIB, free_port, markdown_table, print_checks, target_check, write_report
+from _harness import (
+    GIB,
+    cpu_bound_steps,
+    free_port,
+    markdown_table,
+    print_checks,
+    target_check,
+    write_report,
+)
 
 import mtckpt
 from mtckpt import naming
@@ -126,19 +134,15 @@ def flush_and_restore(url: str, options: dict, memory_root: Path, nbytes: int,
 
 def loop_times(memory_root: Path, remote: mtckpt.ObjectTier | None, nbytes: int,
                steps: int, every: int) -> list[float]:  # fmt: skip
-    a = np.random.default_rng(0).standard_normal((192, 192))
     state = state_of(nbytes, 0)
-    times = []
     with manager(memory_root, remote) as mgr:
-        for step in range(1, steps + 1):
-            started = time.perf_counter()
-            x = a
-            for _ in range(30):
-                x = np.tanh(x @ a)
-            times.append(time.perf_counter() - started)
+
+        def save(step: int) -> None:
             if step % every == 0:
                 state["t0"][:8] = step & 0xFF
                 mgr.save(step, state)
+
+        times = cpu_bound_steps(steps, save)
         mgr.wait()
     return times
 

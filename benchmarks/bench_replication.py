@@ -36,6 +36,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np
 from _harness import (
     GIB,
+    cpu_bound_steps,
     free_port,
     markdown_table,
     print_checks,
@@ -179,20 +180,16 @@ def loop_step_times(base, sockets, extra, nbytes, steps, every, peers=True) -> l
     """Step times (saves excluded) of a CPU-bound loop saving every ``every`` steps, through
     PeerTier (else into the memory tier only)."""
     daemons = pair(base, sockets, extra)
-    a = np.random.default_rng(0).standard_normal((192, 192))
     state = state_of(nbytes, 0)
-    times = []
     try:
         with trainer(daemons["a"], peers) as mgr:
-            for step in range(1, steps + 1):
-                started = time.perf_counter()
-                x = a
-                for _ in range(30):
-                    x = np.tanh(x @ a)
-                times.append(time.perf_counter() - started)
+
+            def save(step: int) -> None:
                 if step % every == 0:
                     state["t0"][:8] = step & 0xFF
                     mgr.save(step, state)
+
+            times = cpu_bound_steps(steps, save)
             mgr.wait()
     finally:
         for daemon in daemons.values():

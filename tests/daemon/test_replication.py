@@ -12,24 +12,15 @@ import subprocess
 import sys
 
 import grpc
-import numpy as np
 import pytest
 
 from daemons import replicated, replication_of, restore, save, state, wait_for
 from mtckpt.daemon import frames
 from mtckpt.proto import mtckpt_pb2 as pb
+from states import assert_same_state
 
 RUN = "exp"  # the run the helpers in daemons.py save
 NODES = ["node-a", "node-b", "node-c"]
-
-
-def assert_same(got, want) -> None:
-    assert got.keys() == want.keys()
-    for key, value in want.items():
-        if isinstance(value, np.ndarray):
-            assert got[key].dtype == value.dtype and np.array_equal(got[key], value), key
-        else:
-            assert got[key] == value, key
 
 
 def mtckpt_restore(daemon, *args) -> subprocess.CompletedProcess:
@@ -76,7 +67,7 @@ def test_a_lost_node_is_restored_from_its_peers_bit_exact(three, cluster):
     assert report["bytes"] > 1 << 20 and report["sources"] and "node-b" not in report["sources"]
     step, restored = restore(lost, 1, 3)
     assert step == 2
-    assert_same(restored, state(2, 1))
+    assert_same_state(restored, state(2, 1))
     # Restore again: nothing left to fetch.
     again = json.loads(mtckpt_restore(lost).stdout)
     assert again["step"] == 2 and again["bytes"] == 0
@@ -94,7 +85,7 @@ def test_a_replacement_with_a_local_root_also_writes_the_recovered_step_to_disk(
     shutil.rmtree(lost.memory_root)  # only the disk copy is left on the node
     step, restored = restore(lost, 1, 3, local=True)
     assert step == 2
-    assert_same(restored, state(2, 1))
+    assert_same_state(restored, state(2, 1))
 
 
 def test_a_daemon_whose_memory_tier_was_lost_recovers_from_its_local_tier(cluster):
@@ -118,7 +109,7 @@ def test_a_daemon_whose_memory_tier_was_lost_recovers_from_its_local_tier(cluste
     assert report["step"] == 2 and report["sources"] == ["local"] and report["bytes"] > 1 << 20
     step, restored = restore(node, 0, 2)  # the memory tier only: restored there
     assert step == 2
-    assert_same(restored, state(2, 0))
+    assert_same_state(restored, state(2, 0))
 
 
 def test_restore_of_an_older_step_by_number(three, cluster):
@@ -129,7 +120,7 @@ def test_restore_of_an_older_step_by_number(three, cluster):
     assert done.returncode == 0, done.stderr
     step, restored = restore(lost, 2, 3, step=1)
     assert step == 1
-    assert_same(restored, state(1, 2))
+    assert_same_state(restored, state(1, 2))
 
 
 def test_restore_names_what_is_missing_when_no_step_is_complete(cluster):
@@ -186,7 +177,7 @@ def test_a_corrupted_replica_is_detected_and_another_source_used(cluster):
     assert json.loads(done.stdout)["sources"] == ["node-c"]
     assert "from node-b failed" in lost.log.read_text()
     assert "chunk 0 arrived with crc32c" in lost.log.read_text()
-    assert_same(restore(lost, 0, 1)[1], state(1, 0))
+    assert_same_state(restore(lost, 0, 1)[1], state(1, 0))
 
 
 def test_a_restarted_daemon_finds_what_its_roots_hold(three, cluster):

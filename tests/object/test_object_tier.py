@@ -22,6 +22,7 @@ from mtckpt import (
     naming,
 )
 from mtckpt.tiers.object import ObjectStorage
+from states import assert_same_state
 
 RUN = "obj"
 
@@ -30,15 +31,6 @@ def state(step: int, nbytes: int = 3 << 20) -> dict:
     rng = np.random.default_rng(step)
     return {"w": rng.integers(0, 255, nbytes, dtype=np.uint8),
             "b": rng.standard_normal(1000).astype(np.float32), "step": step}  # fmt: skip
-
-
-def assert_same(got: dict, want: dict) -> None:
-    assert got.keys() == want.keys()
-    for key, value in want.items():
-        if isinstance(value, np.ndarray):
-            assert got[key].dtype == value.dtype and np.array_equal(got[key], value), key
-        else:
-            assert got[key] == value, key
 
 
 def manager(memory_dir, remote: ObjectTier, rank: int = 0, world: int = 1) -> CheckpointManager:
@@ -65,7 +57,7 @@ def test_steps_flushed_to_s3_restore_after_node_memory_is_gone(moto, bucket, shm
     with manager(shm_dir / "fresh", remote) as mgr:  # a new node: nothing in memory
         step, restored = mgr.restore()
     assert step == 3
-    assert_same(restored, state(3))
+    assert_same_state(restored, state(3))
     assert "restored step 3 from the remote tier" in caplog.text
 
 
@@ -77,7 +69,7 @@ def test_large_files_go_up_as_multipart_uploads(moto, bucket, shm_dir):
     info = storage.fs.info(storage.path(RUN, 1, naming.data_file(0)))
     assert info["ETag"].strip('"').endswith("-3")  # S3's mark of an object made of 3 parts
     with manager(shm_dir / "fresh", remote) as mgr:
-        assert_same(mgr.restore()[1], state(1, 13 << 20))
+        assert_same_state(mgr.restore()[1], state(1, 13 << 20))
 
 
 def test_retention_keeps_the_newest_and_the_long_term_steps(moto, bucket, shm_dir):
@@ -121,7 +113,7 @@ def test_a_damaged_object_is_detected_and_an_older_step_used(moto, bucket, shm_d
     with manager(shm_dir / "fresh", remote) as mgr:
         step, restored = mgr.restore()
     assert step == 1
-    assert_same(restored, state(1))
+    assert_same_state(restored, state(1))
     assert "remote tier" in caplog.text and "step 2" in caplog.text
 
 
@@ -151,7 +143,7 @@ def test_an_endpoint_gone_mid_flush_stops_nothing_and_flushing_resumes(own_moto,
     with manager(shm_dir / "fresh", remote) as mgr:
         step, restored = mgr.restore()
     assert step == 4
-    assert_same(restored, state(4))
+    assert_same_state(restored, state(4))
 
 
 @pytest.mark.parametrize("scheme", ["file", "memory"])
@@ -164,4 +156,4 @@ def test_any_fsspec_url(scheme, tmp_path, shm_dir):
     with manager(shm_dir / "fresh", remote) as mgr:
         step, restored = mgr.restore()
     assert step == 2
-    assert_same(restored, state(2))
+    assert_same_state(restored, state(2))
