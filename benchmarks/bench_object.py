@@ -171,11 +171,12 @@ def main() -> None:
         for label, (url, options) in targets.items():
             results[label] = flush_and_restore(url, options, memory / label[:2], nbytes,
                                                args.repeats)  # fmt: skip
-        remote = mtckpt.ObjectTier(url="s3://bench/loop", storage_options=moto.options, keep=1)
-        configs = {"memory tier only": None, "flushing to S3 (moto)": remote}
-        loops = {label: [] for label in configs}
+        labels = ("memory tier only", "flushing to S3 (moto)")
+        loops = {label: [] for label in labels}
         for round_ in range(args.loop_rounds):  # interleaved: drift hits both alike
-            for index, (label, tier) in enumerate(configs.items()):
+            remote = mtckpt.ObjectTier(url=f"s3://bench/loop-{round_}",
+                                       storage_options=moto.options, keep=1)  # fmt: skip
+            for index, (label, tier) in enumerate(zip(labels, (None, remote), strict=True)):
                 loops[label] += loop_times(memory / f"loop-{round_}-{index}", tier,
                                            int(args.loop_size_gib * GIB), args.loop_steps,
                                            args.loop_save_every)  # fmt: skip
