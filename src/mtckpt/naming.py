@@ -71,6 +71,18 @@ def parse_step_dir(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def steps_of(names) -> list[int]:
+    """The steps of the step directory names among ``names``, ascending."""
+    return sorted(s for s in map(parse_step_dir, names) if s is not None)
+
+
+def check_file_name(name: str) -> str:
+    """``name`` if it is a checkpoint file name (COMMIT or a rank file), else ValueError."""
+    if name != COMMIT and parse_rank_file(name) is None:
+        raise ValueError(f"{name!r} is not a checkpoint file name")
+    return name
+
+
 def data_file(rank: int) -> str:
     return f"rank-{rank:05d}.safetensors"
 

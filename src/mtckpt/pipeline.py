@@ -307,10 +307,7 @@ class Pipeline:
             f"step {job.step} rank {self.rank}: the memory tier copy changed after it was "
             f"committed; not copied to {storage.describe()}"
         )
-        if storage.whole_files:
-            pieces = [tiercopy.verified(job.slot.view(), manifest, where, self.threads)]
-        else:
-            pieces = tiercopy.verified_pieces(job.slot.view(), manifest, where)
+        pieces = tiercopy.checked_pieces(storage, job.slot.view(), manifest, where, self.threads)
         storage.write_stream(self.run, job.step, manifest.data_file, manifest.file_size, pieces)
         storage.write_bytes(self.run, job.step, naming.manifest_file(self.rank), job.manifest_json)
         ranks = range(self.world_size) if storage.shared else self.node_ranks

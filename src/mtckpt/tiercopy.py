@@ -4,7 +4,7 @@ they were committed."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from . import checksum, naming
 from .errors import ChecksumMismatchError
@@ -15,41 +15,41 @@ from .tiers.base import Storage
 WRITE_SIZE = 16 * 1024 * 1024  # bytes per write to the destination
 
 
-def verified_pieces(data, manifest: RankManifest, where: str) -> Iterator[memoryview]:
-    """``data`` (a shard's whole data file) in pieces of about WRITE_SIZE whole chunks,
-    each checked against ``manifest`` before it is given out."""
+def checked_pieces(
+    dest: Storage, data, manifest: RankManifest, where: str, threads: int = 1
+) -> Iterable[memoryview]:
+    """``data`` (a shard's whole data file) as ``dest.write_stream`` takes it, every chunk
+    checked against ``manifest`` before it is given out: one buffer where ``dest`` wants
+    whole files, else pieces of about WRITE_SIZE whole chunks, each checked in turn."""
+    view = memoryview(data).cast("B")
+    if dest.whole_files:
+        _check_chunks(view, manifest, 0, where, threads)
+        return [view]
+    return _pieces(view, manifest, where)
+
+
+def _pieces(view: memoryview, manifest: RankManifest, where: str) -> Iterator[memoryview]:
     size = manifest.chunk_size
     per_piece = max(1, WRITE_SIZE // size)  # small chunks, large writes
-    view = memoryview(data).cast("B")
-    expected = manifest.chunk_crc32c
     try:
-        for first in range(0, len(expected), per_piece):
+        for first in range(0, len(manifest.chunk_crc32c), per_piece):
             piece = view[first * size : (first + per_piece) * size]
-            actual = checksum.crc32c_chunks(piece, size)
-            for index, (got, wanted) in enumerate(
-                zip(actual, expected[first : first + len(actual)], strict=True), first
-            ):
-                if got != wanted:
-                    raise ChecksumMismatchError(
-                        f"{where}: chunk {index} has crc32c {got:#010x}, the manifest records "
-                        f"{wanted:#010x}"
-                    )
+            _check_chunks(piece, manifest, first, where)
             yield piece
     finally:
         view.release()
 
 
-def verified(data, manifest: RankManifest, where: str, threads: int = 1) -> memoryview:
-    """``data`` (a shard's whole data file) once every chunk matches ``manifest``."""
-    view = memoryview(data).cast("B")
-    actual = checksum.crc32c_chunks(view, manifest.chunk_size, threads)
-    for index, (got, wanted) in enumerate(zip(actual, manifest.chunk_crc32c, strict=True)):
+def _check_chunks(piece, manifest: RankManifest, first: int, where: str, threads: int = 1):
+    """Check ``piece``, the whole chunks from chunk ``first`` on, against ``manifest``."""
+    actual = checksum.crc32c_chunks(piece, manifest.chunk_size, threads)
+    wanted_crcs = manifest.chunk_crc32c[first : first + len(actual)]
+    for index, (got, wanted) in enumerate(zip(actual, wanted_crcs, strict=True), first):
         if got != wanted:
             raise ChecksumMismatchError(
                 f"{where}: chunk {index} has crc32c {got:#010x}, the manifest records "
                 f"{wanted:#010x}"
             )
-    return view
 
 
 def copy_shard(source: Storage, dest: Storage, run: str, step: int, rank: int) -> int:
@@ -64,7 +64,7 @@ def copy_shard(source: Storage, dest: Storage, run: str, step: int, rank: int) -
             raise ChecksumMismatchError(
                 f"{where}: {len(mapping)} bytes, the manifest records {manifest.file_size}"
             )
-        pieces = verified_pieces(mapping, manifest, where)
+        pieces = checked_pieces(dest, mapping, manifest, where)
         dest.write_stream(run, step, manifest.data_file, manifest.file_size, pieces)
     finally:
         close_mapping(mapping)

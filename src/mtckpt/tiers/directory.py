@@ -44,16 +44,14 @@ class DirectoryStorage(Storage):
         return self.run_dir(run) / naming.step_dir(step)
 
     def path(self, run: str, step: int, name: str) -> Path:
-        if name != naming.COMMIT and naming.parse_rank_file(name) is None:
-            raise ValueError(f"{name!r} is not a checkpoint file name")
-        return self.step_path(run, step) / name
+        return self.step_path(run, step) / naming.check_file_name(name)
 
     def steps(self, run: str) -> list[int]:
         try:
             names = os.listdir(self.run_dir(run))
         except FileNotFoundError:
             return []
-        return sorted(s for s in map(naming.parse_step_dir, names) if s is not None)
+        return naming.steps_of(names)
 
     def files(self, run: str, step: int) -> list[str]:
         try:

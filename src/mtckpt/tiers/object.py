@@ -75,9 +75,7 @@ class ObjectStorage(Storage):
         return posixpath.join(self.run_dir(run), naming.step_dir(step))
 
     def path(self, run: str, step: int, name: str) -> str:
-        if name != naming.COMMIT and naming.parse_rank_file(name) is None:
-            raise ValueError(f"{name!r} is not a checkpoint file name")
-        return posixpath.join(self.step_path(run, step), name)
+        return posixpath.join(self.step_path(run, step), naming.check_file_name(name))
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -110,17 +108,19 @@ class ObjectStorage(Storage):
         return sorted({posixpath.basename(str(e).rstrip("/")) for e in entries})
 
     def check(self) -> None:
-        """Raise TierError if the URL's bucket (or root directory) is not there."""
-        bucket = self.root.split("/", 1)[0] if self._multipart else self.root
+        """Raise TierError if the URL's S3 bucket is not there (other roots are made as
+        files are written)."""
+        if not self._multipart:
+            return
+        bucket = self.root.split("/", 1)[0]
         self.fs.invalidate_cache(bucket)
-        if self._multipart and not self.call(f"look up {bucket}", lambda: self.fs.exists(bucket)):
+        if not self.call(f"look up {bucket}", lambda: self.fs.exists(bucket)):
             raise TierError(f"{self.describe()}: the bucket {bucket!r} does not exist")
 
     # -- Storage -------------------------------------------------------------------------------
 
     def steps(self, run: str) -> list[int]:
-        names = self._listing(self.run_dir(run))
-        return sorted(s for s in map(naming.parse_step_dir, names) if s is not None)
+        return naming.steps_of(self._listing(self.run_dir(run)))
 
     def files(self, run: str, step: int) -> list[str]:
         return self._listing(self.step_path(run, step))
