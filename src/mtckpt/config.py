@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import encoding
 from .errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -117,8 +118,9 @@ class ObjectTier:
     ``memory://``), flushed from the memory tier in the background. ``keep`` complete steps
     are kept, and every step that is a multiple of ``keep_every`` besides. Files above
     ``part_size`` go up as multipart uploads of ``concurrency`` parts at a time; a failed
-    request is retried ``retries`` times with exponential backoff. ``storage_options`` go to
-    the fsspec filesystem (``endpoint_url``, ``key``, ``secret``, ...)."""
+    request is retried ``retries`` times with exponential backoff. ``compression="zstd"``
+    stores data files as zstd frames of ``compression_level`` (needs ``mtckpt[zstd]``).
+    ``storage_options`` go to the fsspec filesystem (``endpoint_url``, ``key``, ...)."""
 
     url: str
     every: int | None = 1
@@ -129,6 +131,8 @@ class ObjectTier:
     part_size: int = 32 * 1024 * 1024
     concurrency: int = 8
     retries: int = 5
+    compression: str | None = None
+    compression_level: int = encoding.DEFAULT_LEVEL
 
     def __post_init__(self) -> None:
         if not isinstance(self.url, str) or "://" not in self.url:
@@ -151,6 +155,7 @@ class ObjectTier:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ConfigError(f"remote.{name} must be an int >= {least}, got {value!r}")
+        encoding.check_compression(self.compression, self.compression_level, "remote")
 
 
 TIER_CLASSES: dict[str, type] = {
@@ -159,7 +164,8 @@ TIER_CLASSES: dict[str, type] = {
 _FIELD_KINDS = {"path": str, "every": int, "interval": float, "keep": int, "daemon": str,
                 "replicas": int, "token_file": str, "timeout": float, "url": str,
                 "keep_every": int, "storage_options": dict, "part_size": int,
-                "concurrency": int, "retries": int}  # fmt: skip
+                "concurrency": int, "retries": int, "compression": str,
+                "compression_level": int}  # fmt: skip
 
 # Manager options other than tiers, with the type each takes.
 MANAGER_OPTIONS: dict[str, type] = {
@@ -172,7 +178,8 @@ MANAGER_OPTIONS: dict[str, type] = {
     "collective_timeout": float,
     "staging": str,
 }
-_OPTIONAL = {"every", "interval", "rank", "world_size", "threads", "token_file", "keep_every"}
+_OPTIONAL = {"every", "interval", "rank", "world_size", "threads", "token_file", "keep_every",
+             "compression"}  # fmt: skip
 
 
 # The node daemon's options: its [daemon] table, MTCKPT_DAEMON_* variables and the flags of

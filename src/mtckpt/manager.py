@@ -612,7 +612,8 @@ def _object_storage(cfg: ObjectTier) -> ObjectStorage:
     try:
         storage = ObjectStorage(cfg.url, storage_options=cfg.storage_options,
                                 part_size=cfg.part_size, concurrency=cfg.concurrency,
-                                retries=cfg.retries)  # fmt: skip
+                                retries=cfg.retries, compression=cfg.compression,
+                                compression_level=cfg.compression_level)  # fmt: skip
     except TierError as exc:
         raise ConfigError(str(exc)) from None
     try:

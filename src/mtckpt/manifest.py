@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import checksum, shard
+from .encoding import StoredFile
 from .errors import ChecksumMismatchError, CorruptCheckpointError, FormatVersionError
 from .tree import DATA_KINDS, VALUE_KINDS, Node
 
@@ -80,6 +81,7 @@ class RankManifest:
     data_start: int
     chunk_size: int
     chunk_crc32c: tuple[int, ...]
+    stored: StoredFile | None = None  # how a tier that records it stores the data file
     created: float = field(default_factory=time.time)
     writer: str = field(default_factory=writer_version)
     format_version: int = FORMAT_VERSION
@@ -104,6 +106,8 @@ class RankManifest:
             "tree": self.tree.to_json(),
             "leaves": [leaf.to_json() for leaf in self.leaves],
         }
+        if self.stored is not None:
+            body["data_file"]["stored"] = self.stored.to_json()
         body["manifest_crc32c"] = _self_crc(body)
         return json.dumps(body, indent=1, ensure_ascii=False).encode()
 
@@ -196,6 +200,11 @@ def _parse(body: dict[str, Any], where: str) -> RankManifest:
         data_start=data_start,
         chunk_size=chunk_size,
         chunk_crc32c=crcs,
+        stored=(
+            StoredFile.from_json(data["stored"], file_size, chunk_size, where)
+            if "stored" in data
+            else None
+        ),
         created=float(body["created"]),
         writer=str(body["writer"]),
         format_version=FORMAT_VERSION,

@@ -307,9 +307,7 @@ class Pipeline:
             f"step {job.step} rank {self.rank}: the memory tier copy changed after it was "
             f"committed; not copied to {storage.describe()}"
         )
-        pieces = tiercopy.checked_pieces(storage, job.slot.view(), manifest, where, self.threads)
-        storage.write_stream(self.run, job.step, manifest.data_file, manifest.file_size, pieces)
-        storage.write_bytes(self.run, job.step, naming.manifest_file(self.rank), job.manifest_json)
+        tiercopy.put_shard(storage, manifest, job.slot.view(), where, self.threads)
         ranks = range(self.world_size) if storage.shared else self.node_ranks
         commit.try_commit(storage, self.run, job.step, self.world_size, ranks)
 

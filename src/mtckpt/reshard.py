@@ -22,7 +22,7 @@ from . import arrays, shard
 from .arrays import Region
 from .errors import CorruptCheckpointError
 from .manifest import LeafRecord, RankManifest
-from .restore import close_mapping, copy_verified, read_manifest, region_of
+from .restore import close_mapping, copy_verified, open_data, read_manifest, region_of
 from .tiers.base import Storage
 
 log = logging.getLogger(__name__)
@@ -113,16 +113,7 @@ class StepFiles:
     def _data(self, rank, storage, manifest, where) -> np.ndarray:
         with self._lock:
             if rank not in self._mappings:
-                try:
-                    mapping = storage.map(self.run, self.step, manifest.data_file)
-                except FileNotFoundError:
-                    raise CorruptCheckpointError(f"{where}: the data file is missing") from None
-                if len(mapping) != manifest.file_size:
-                    close_mapping(mapping)
-                    raise CorruptCheckpointError(
-                        f"{where}: {len(mapping)} bytes, the manifest records {manifest.file_size}"
-                    )
-                self._mappings[rank] = mapping
+                self._mappings[rank] = open_data(storage, manifest, where)
             mapping = self._mappings[rank]
         return np.frombuffer(mapping, np.uint8) if len(mapping) else np.zeros(0, np.uint8)
 

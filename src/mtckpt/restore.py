@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _fastpath, arrays, naming, shard
+from . import _fastpath, arrays, encoding, naming, shard
 from .errors import (
     ChecksumMismatchError,
     CorruptCheckpointError,
@@ -125,58 +125,133 @@ def load_shard(
     if the stored copy is damaged.
     """
     where = f"{storage.describe()}: step {manifest.step} {manifest.data_file}"
+    if manifest.stored is not None and hasattr(storage, "read_range"):
+        return _fetch_verified(storage, manifest, targets, set(skip), where)
+    mapping = open_data(storage, manifest, where, threads)
+    try:
+        src = np.frombuffer(mapping, np.uint8) if manifest.file_size else np.zeros(0, np.uint8)
+        plan = _Plan(manifest, targets, set(skip), src)
+        copy_verified(src, manifest, plan.segments, threads=threads, where=where)
+        return plan.finish()  # before the mapping closes: targets may take views of it
+    finally:
+        src = plan = None
+        close_mapping(mapping)
+
+
+def open_data(storage: Storage, manifest: RankManifest, where: str, threads: int = 1) -> Any:
+    """The shard's whole data file from ``storage``, decoded if it is stored encoded: a
+    buffer for :func:`close_mapping`. Raises CorruptCheckpointError if it is missing or its
+    size or stored bytes are not what the manifest records."""
     try:
         mapping = storage.map(manifest.run, manifest.step, manifest.data_file)
     except FileNotFoundError:
         raise CorruptCheckpointError(f"{where}: the data file is missing") from None
     try:
+        if manifest.stored is not None:
+            data = encoding.decode(mapping, manifest.stored, manifest.file_size, where, threads)
+            if data is not mapping:
+                close_mapping(mapping)
+                mapping = data
         if len(mapping) != manifest.file_size:
             raise CorruptCheckpointError(
                 f"{where}: {len(mapping)} bytes, the manifest records {manifest.file_size}"
             )
-        values, fixups = _read_verified(mapping, manifest, targets, set(skip), threads, where)
-        for adapter, target, record, buf in fixups:
-            adapter.fill(target, record.dtype, record.shape, buf)
-        fixups = buf = None  # views of the mapping: gone before it is closed
-    finally:
+    except BaseException:
         close_mapping(mapping)
-    return values
+        raise
+    return mapping
 
 
-def _read_verified(mapping, manifest, targets, skip, threads, where):
-    src = np.frombuffer(mapping, np.uint8) if manifest.file_size else np.zeros(0, np.uint8)
-    values: dict[str, Any] = {}
-    in_place: set[str] = set()  # keys restored into the target's own array
-    fixups = []  # (adapter, target, record, buffer): targets filled once their bytes verify
-    segments = []  # (start, end, destination uint8 array)
-    for record in manifest.data_records():
-        if record.key in skip:
-            continue
-        target = targets.get(record.key)
-        adapter = arrays.for_target(target)
-        dst = adapter.target_bytes(target) if adapter is not None else None
-        if adapter is not None:
-            in_place.add(record.key)
-            values[record.key] = target
-        start = manifest.data_start + record.offset
-        if dst is None and adapter is not None and adapter.fills_from_storage(target):
-            fixups.append((adapter, target, record, src[start : start + record.nbytes]))
-        elif dst is None:
-            dst = np.empty(record.nbytes, np.uint8)
+def _fetch_verified(storage, manifest, targets, skip, where) -> dict[str, Any]:
+    """load_shard from a storage read by ranged requests: the stored pieces under wanted
+    bytes are fetched ``storage.concurrency`` at a time, decoded, and copied straight into
+    their destinations, every chunk checked; no whole-file buffer is made."""
+    plan = _Plan(manifest, targets, skip)
+    size = manifest.chunk_size
+    needed = _chunks_under(plan.segments, size)
+    group = max(size, storage.part_size // size * size)
+    pieces = [
+        piece
+        for piece in manifest.stored.pieces(manifest.file_size, group)
+        if any(piece[2] // size <= i < -(-piece[3] // size) for i in needed)
+    ]
+
+    def fetch(piece: tuple[int, int, int, int]) -> None:
+        stored_start, stored_end, start, end = piece
+        data = storage.read_range(manifest.run, manifest.step, manifest.data_file,
+                                  stored_start, stored_end)  # fmt: skip
+        if manifest.stored.encoding == "zstd":
+            data = encoding.decompress(data, end - start, where, start)
+        src = np.frombuffer(data, np.uint8)
+        chunks = range(start // size, -(-end // size))
+        copy_verified(src, manifest, plan.segments, threads=1, where=where, base=start,
+                      only=chunks)  # fmt: skip
+
+    try:
+        with ThreadPoolExecutor(max(1, min(storage.concurrency, len(pieces)))) as pool:
+            list(pool.map(fetch, pieces))
+    except FileNotFoundError:
+        raise CorruptCheckpointError(f"{where}: the data file is missing") from None
+    return plan.finish()
+
+
+class _Plan:
+    """Where the wanted bytes of a shard's data file go (``segments``: start, end and
+    destination array) and how the leaves' values are made of them once verified. With
+    ``src``, the mapped data file, targets that fill from storage take views of it; else
+    they get a copy."""
+
+    def __init__(self, manifest: RankManifest, targets, skip, src: np.ndarray | None = None):
+        self.manifest, self.skip = manifest, skip
+        self.values: dict[str, Any] = {}
+        self.in_place: set[str] = set()  # keys restored into the target's own array
+        self.fixups = []  # (adapter, target, record, buffer): filled once their bytes verify
+        self.segments = []
+        for record in manifest.data_records():
+            if record.key in skip:
+                continue
+            target = targets.get(record.key)
+            adapter = arrays.for_target(target)
+            dst = adapter.target_bytes(target) if adapter is not None else None
             if adapter is not None:
-                fixups.append((adapter, target, record, dst))
-            else:
-                values[record.key] = dst
-        segments.append((start, start + record.nbytes, dst))
-    copy_verified(src, manifest, segments, threads=threads, where=where)
-    for record in manifest.leaves:
-        if record.key in skip:
-            continue
-        if record.kind not in DATA_KINDS:
-            values[record.key] = record.value
-        elif record.key not in in_place:
-            values[record.key] = _finish_value(record, values[record.key])
-    return values, fixups
+                self.in_place.add(record.key)
+                self.values[record.key] = target
+            start = manifest.data_start + record.offset
+            if (
+                dst is None
+                and adapter is not None
+                and adapter.fills_from_storage(target)
+                and (src is not None)
+            ):
+                self.fixups.append((adapter, target, record, src[start : start + record.nbytes]))
+            elif dst is None:
+                dst = np.empty(record.nbytes, np.uint8)
+                if adapter is not None:
+                    self.fixups.append((adapter, target, record, dst))
+                else:
+                    self.values[record.key] = dst
+            self.segments.append((start, start + record.nbytes, dst))
+
+    def finish(self) -> dict[str, Any]:
+        """Every leaf's value, once the segments are copied and verified."""
+        for adapter, target, record, buf in self.fixups:
+            adapter.fill(target, record.dtype, record.shape, buf)
+        self.fixups.clear()
+        values = self.values
+        for record in self.manifest.leaves:
+            if record.key in self.skip:
+                continue
+            if record.kind not in DATA_KINDS:
+                values[record.key] = record.value
+            elif record.key not in self.in_place:
+                values[record.key] = _finish_value(record, values[record.key])
+        return values
+
+
+def _chunks_under(segments, size: int) -> list[int]:
+    """The chunks the non-empty ``(start, end, _)`` byte ranges touch, ascending."""
+    touched = (range(lo // size, (hi - 1) // size + 1) for lo, hi, _ in segments if hi > lo)
+    return sorted(set(itertools.chain.from_iterable(touched)))
 
 
 def copy_verified(
@@ -187,16 +262,19 @@ def copy_verified(
     threads: int,
     where: str,
     verified: Collection[int] = (),
+    base: int = 0,
+    only: range | None = None,
 ) -> set[int]:
-    """Copy each ``(start, end, dst)`` byte range of the data file ``src`` into ``dst``
-    (None: only read it), checking the crc32c of every chunk a range touches in the same
-    pass; chunks in ``verified`` were checked before and are only copied. Returns the
-    chunks checked. Raises ChecksumMismatchError naming the chunk and its keys."""
+    """Copy each ``(start, end, dst)`` byte range of the data file into ``dst`` (None: only
+    read it), checking the crc32c of every chunk a range touches in the same pass; chunks in
+    ``verified`` were checked before and are only copied. ``src`` holds the data file from
+    byte ``base`` on; with ``only``, just those chunks (whole in ``src``) are done. Returns
+    the chunks checked. Raises ChecksumMismatchError naming the chunk and its keys."""
     segments = sorted((seg for seg in segments if seg[1] > seg[0]), key=lambda seg: seg[0])
     size, count = manifest.chunk_size, len(manifest.chunk_crc32c)
-    needed = sorted(
-        {i for start, end, _ in segments for i in range(start // size, (end - 1) // size + 1)}
-    )
+    needed = _chunks_under(segments, size)
+    if only is not None:
+        needed = [i for i in needed if i in only]
     if needed and needed[-1] >= count:
         raise CorruptCheckpointError(
             f"{where}: byte {min(manifest.file_size, needed[-1] * size)} is past the "
@@ -216,20 +294,21 @@ def copy_verified(
             a, b = max(start, lo), min(end, hi)
             if a >= b:
                 continue
+            piece = src[a - base : b - base]
             if not only_copy and a > position:
-                crc = fastpath.crc32c(src[position:a], crc)
+                crc = fastpath.crc32c(src[position - base : a - base], crc)
             if dst is None:
                 if not only_copy:
-                    crc = fastpath.crc32c(src[a:b], crc)
+                    crc = fastpath.crc32c(piece, crc)
             elif only_copy:
-                fastpath.copy(dst[a - start : b - start], src[a:b])
+                fastpath.copy(dst[a - start : b - start], piece)
             else:
-                crc = fastpath.copy_crc32c(dst[a - start : b - start], src[a:b], crc)
+                crc = fastpath.copy_crc32c(dst[a - start : b - start], piece, crc)
             position = b
         if only_copy:
             return
         if position < hi:
-            crc = fastpath.crc32c(src[position:hi], crc)
+            crc = fastpath.crc32c(src[position - base : hi - base], crc)
         expected = manifest.chunk_crc32c[index]
         if crc != expected:
             keys = [

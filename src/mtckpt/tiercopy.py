@@ -4,28 +4,36 @@ they were committed."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import dataclasses
+from collections.abc import Iterator
 
-from . import checksum, naming
+from . import checksum, encoding, naming
 from .errors import ChecksumMismatchError
 from .manifest import RankManifest
-from .restore import close_mapping, read_manifest
+from .restore import close_mapping, open_data, read_manifest
 from .tiers.base import Storage
 
 WRITE_SIZE = 16 * 1024 * 1024  # bytes per write to the destination
 
 
-def checked_pieces(
-    dest: Storage, data, manifest: RankManifest, where: str, threads: int = 1
-) -> Iterable[memoryview]:
-    """``data`` (a shard's whole data file) as ``dest.write_stream`` takes it, every chunk
-    checked against ``manifest`` before it is given out: one buffer where ``dest`` wants
-    whole files, else pieces of about WRITE_SIZE whole chunks, each checked in turn."""
+def put_shard(dest: Storage, manifest: RankManifest, data, where: str, threads: int = 1) -> None:
+    """Write a shard to ``dest``: ``data`` (its whole data file), every chunk checked against
+    ``manifest`` before it is given out, then the manifest (the shard is whole on ``dest``
+    once its manifest is there). A storage that takes whole files gets the file in one
+    buffer, encoded as it stores it, and a manifest that records how."""
     view = memoryview(data).cast("B")
+    run, step = manifest.run, manifest.step
     if dest.whole_files:
         _check_chunks(view, manifest, 0, where, threads)
-        return [view]
-    return _pieces(view, manifest, where)
+        payload, stored = encoding.encode(view, manifest.chunk_size, dest.compression,
+                                          dest.compression_level, threads)  # fmt: skip
+        dest.write_stream(run, step, manifest.data_file, stored.size, [payload])
+        manifest = dataclasses.replace(manifest, stored=stored)
+    else:
+        dest.write_stream(run, step, manifest.data_file, manifest.file_size,
+                          _pieces(view, manifest, where))  # fmt: skip
+        manifest = dataclasses.replace(manifest, stored=None)
+    dest.write_bytes(run, step, naming.manifest_file(manifest.rank), manifest.to_json())
 
 
 def _pieces(view: memoryview, manifest: RankManifest, where: str) -> Iterator[memoryview]:
@@ -53,20 +61,13 @@ def _check_chunks(piece, manifest: RankManifest, first: int, where: str, threads
 
 
 def copy_shard(source: Storage, dest: Storage, run: str, step: int, rank: int) -> int:
-    """Copy ``rank``'s data file and then its manifest (the shard is whole on ``dest`` once
-    its manifest is there); the bytes copied. Committing the step is the caller's."""
+    """Copy ``rank``'s shard of ``step`` from ``source`` to ``dest``, verified; the bytes
+    of its data file. Committing the step is the caller's."""
     manifest = read_manifest(source, run, step, rank)
-    manifest_json = source.read_bytes(run, step, naming.manifest_file(rank))
     where = f"{source.describe()}: step {step} {manifest.data_file}"
-    mapping = source.map(run, step, manifest.data_file)
+    data = open_data(source, manifest, where)
     try:
-        if len(mapping) != manifest.file_size:
-            raise ChecksumMismatchError(
-                f"{where}: {len(mapping)} bytes, the manifest records {manifest.file_size}"
-            )
-        pieces = checked_pieces(dest, mapping, manifest, where)
-        dest.write_stream(run, step, manifest.data_file, manifest.file_size, pieces)
+        put_shard(dest, manifest, data, where)
     finally:
-        close_mapping(mapping)
-    dest.write_bytes(run, step, naming.manifest_file(rank), manifest_json)
+        close_mapping(data)
     return manifest.file_size

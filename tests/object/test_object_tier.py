@@ -12,15 +12,21 @@ from unittest import mock
 
 import numpy as np
 import pytest
+import zstandard
 
 from mtckpt import (
     CheckpointManager,
+    ChecksumMismatchError,
     ConfigError,
     MemoryTier,
     ObjectTier,
     TierError,
+    checksum,
     naming,
+    restore,
+    tiercopy,
 )
+from mtckpt.tiers.local import LocalStorage
 from mtckpt.tiers.object import ObjectStorage
 from states import assert_same_state
 
@@ -95,10 +101,11 @@ def test_commit_waits_for_every_rank_of_the_world(moto, bucket, shm_dir):
             assert rank0.steps()["remote"] == rank1.steps()["remote"] == [1]
 
 
+@pytest.mark.parametrize("compression", [None, "zstd"])
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
 def test_a_damaged_object_is_detected_and_an_older_step_used(moto, bucket, shm_dir, damage,
-                                                              caplog):  # fmt: skip
-    remote = s3_tier(moto, bucket)
+                                                              compression, caplog):  # fmt: skip
+    remote = s3_tier(moto, bucket, compression=compression)
     with manager(shm_dir / "a", remote) as mgr:
         for step in (1, 2):
             mgr.save(step, state(step)).wait()
@@ -115,6 +122,74 @@ def test_a_damaged_object_is_detected_and_an_older_step_used(moto, bucket, shm_d
     assert step == 1
     assert_same_state(restored, state(1))
     assert "remote tier" in caplog.text and "step 2" in caplog.text
+
+
+def compressible_state(step: int) -> dict:
+    rng = np.random.default_rng(step)
+    return {"w": np.arange(13 << 20, dtype=np.uint8) % (step + 7),  # compresses well
+            "noise": rng.integers(0, 255, 1 << 20, dtype=np.uint8), "step": step}  # fmt: skip
+
+
+def test_zstd_frames_round_trip_and_any_zstd_reads_the_object(moto, bucket, shm_dir, tmp_path):
+    remote = s3_tier(moto, bucket, compression="zstd", compression_level=5,
+                     part_size=5 << 20, concurrency=3)  # fmt: skip
+    with manager(shm_dir / "a", remote) as mgr:
+        for step in (1, 2):
+            mgr.save(step, compressible_state(step)).wait()
+        raw = mgr._tiers[0][1].read_bytes(RUN, 2, naming.data_file(0))
+    storage = ObjectStorage(remote.url, storage_options=moto.options())
+    manifest = restore.read_manifest(storage, RUN, 2, 0)
+    stored = storage.fs.cat_file(storage.path(RUN, 2, naming.data_file(0)))
+    assert manifest.stored.encoding == "zstd" and manifest.stored.level == 5
+    assert len(stored) == manifest.stored.size < len(raw) // 3
+    assert checksum.crc32c(stored) == manifest.stored.crc32c
+    assert len(manifest.stored.frames) == -(-len(raw) // manifest.stored.frame_size) > 1
+    plain = zstandard.ZstdDecompressor().decompressobj(read_across_frames=True).decompress(stored)
+    assert plain == raw  # the stored object is one zstd stream of the safetensors file
+    with manager(shm_dir / "fresh", remote) as mgr:  # ranged GETs of frames, in parallel
+        step, restored = mgr.restore()
+    assert step == 2
+    assert_same_state(restored, compressible_state(2))
+    local = LocalStorage(tmp_path / "local")  # a whole-file copy back to a node tier
+    tiercopy.copy_shard(storage, local, RUN, 2, 0)
+    assert local.read_bytes(RUN, 2, naming.data_file(0)) == raw
+    assert restore.read_manifest(local, RUN, 2, 0).stored is None
+
+
+@pytest.mark.parametrize("compression", [None, "zstd"])
+def test_a_partial_restore_fetches_only_the_pieces_it_needs(moto, bucket, shm_dir, compression):
+    remote = s3_tier(moto, bucket, compression=compression, part_size=5 << 20)
+    with manager(shm_dir / "a", remote) as mgr:
+        mgr.save(1, state(1, 13 << 20)).wait()
+    fetched = []
+    read_range = ObjectStorage.read_range
+
+    def counting(self, run, step, name, start, end):
+        fetched.append(end - start)
+        return read_range(self, run, step, name, start, end)
+
+    target = {"b": np.zeros(1000, np.float32)}  # 4 kB of a 13 MiB file
+    with mock.patch.object(ObjectStorage, "read_range", counting):
+        with manager(shm_dir / "fresh", remote) as mgr:
+            mgr.restore(target, strict=False)
+    assert_same_state(target["b"], state(1, 13 << 20)["b"])
+    manifest = restore.read_manifest(ObjectStorage(remote.url, storage_options=moto.options()),
+                                     RUN, 1, 0)  # fmt: skip
+    assert len(fetched) == 1 and fetched[0] < manifest.stored.size * 2 / 3  # one piece of 2 or 3
+
+
+def test_the_stored_bytes_crc32c_is_checked_on_whole_file_reads(moto, bucket, shm_dir, tmp_path):
+    remote = s3_tier(moto, bucket)
+    with manager(shm_dir / "a", remote) as mgr:
+        mgr.save(1, state(1)).wait()
+    storage = ObjectStorage(remote.url, storage_options=moto.options())
+    path = storage.path(RUN, 1, naming.data_file(0))
+    data = bytearray(storage.fs.cat_file(path))
+    data[9] ^= 0x10
+    storage.fs.pipe_file(path, bytes(data))
+    with pytest.raises(ChecksumMismatchError, match="the stored bytes have crc32c"):
+        tiercopy.copy_shard(storage, LocalStorage(tmp_path), RUN, 1, 0)
+    assert LocalStorage(tmp_path).files(RUN, 1) == []
 
 
 def test_a_bucket_that_does_not_exist_is_a_clear_error(moto, shm_dir):

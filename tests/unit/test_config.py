@@ -59,10 +59,13 @@ def test_the_remote_tier_from_toml_and_environment(tmp_path):
         'run = "exp1"\n[remote]\nurl = "s3://bucket/prefix"\nevery = 100\nkeep_every = 1000\n'
         '[remote.storage_options]\nendpoint_url = "http://127.0.0.1:9000"\n'
     )
-    kwargs = config.load(path, env={"MTCKPT_REMOTE_KEEP": "5", "MTCKPT_REMOTE_CONCURRENCY": "4"})
+    env = {"MTCKPT_REMOTE_KEEP": "5", "MTCKPT_REMOTE_CONCURRENCY": "4",
+           "MTCKPT_REMOTE_COMPRESSION": "zstd", "MTCKPT_REMOTE_COMPRESSION_LEVEL": "9"}  # fmt: skip
+    kwargs = config.load(path, env=env)
     assert kwargs["remote"] == ObjectTier(
         url="s3://bucket/prefix", every=100, keep=5, keep_every=1000, concurrency=4,
-        storage_options={"endpoint_url": "http://127.0.0.1:9000"},
+        storage_options={"endpoint_url": "http://127.0.0.1:9000"}, compression="zstd",
+        compression_level=9,
     )  # fmt: skip
 
 
@@ -75,6 +78,8 @@ def test_the_remote_tier_from_toml_and_environment(tmp_path):
         ({"url": "s3://b", "concurrency": 0}, r"remote.concurrency must be an int >= 1"),
         ({"url": "s3://b", "storage_options": "x"}, r"remote.storage_options must be a table"),
         ({"url": "s3://b", "every": None}, r"remote: set every"),
+        ({"url": "s3://b", "compression": "gzip"}, r"remote.compression must be None or 'zstd'"),
+        ({"url": "s3://b", "compression_level": 23}, r"remote.compression_level must be an int"),
     ],
 )
 def test_remote_tier_validation(kwargs, message):

@@ -4,6 +4,7 @@ import math
 import pytest
 
 from mtckpt import ChecksumMismatchError, CorruptCheckpointError, FormatVersionError
+from mtckpt.encoding import StoredFile
 from mtckpt.manifest import FORMAT_VERSION, LeafRecord, RankManifest, _self_crc
 from mtckpt.tree import Node
 
@@ -108,3 +109,37 @@ def test_truncated_or_non_json_manifest_is_corrupt():
         RankManifest.from_json(raw[: len(raw) // 2], "m")
     with pytest.raises(CorruptCheckpointError, match="not a JSON object"):
         RankManifest.from_json(b"[1, 2]", "m")
+
+
+def test_how_a_tier_stores_the_data_file_round_trips():
+    zstd = StoredFile("zstd", 30, 0xABCDEF, level=3, frame_size=4096, frames=(20, 10))
+    for stored in (StoredFile("identity", 4096 + 24, 7), zstd):
+        parsed = RankManifest.from_json(make_manifest(stored=stored).to_json(), "m")
+        assert parsed.stored == stored
+    assert RankManifest.from_json(make_manifest().to_json(), "m").stored is None
+
+
+@pytest.mark.parametrize(
+    "stored, error, message",
+    [
+        ({"encoding": "lz4", "size": 9, "crc32c": 1}, FormatVersionError,
+         r"m: the data file is stored with encoding 'lz4', unknown to this mtckpt"),
+        ({"encoding": "identity", "size": 9, "crc32c": 1}, CorruptCheckpointError,
+         r"m: 9 bytes stored as they are, the data file has 4120"),
+        ({"encoding": "zstd", "size": 30, "crc32c": 1, "level": 3, "frame_size": 4096,
+          "frames": [30]}, CorruptCheckpointError,
+         r"m: 1 zstd frames of 4096 bytes stored in 30 bytes do not fit a data file of 4120"),
+        ({"encoding": "zstd", "size": 31, "crc32c": 1, "level": 3, "frame_size": 4096,
+          "frames": [20, 10]}, CorruptCheckpointError, r"do not fit"),
+        ({"encoding": "zstd", "size": 30, "crc32c": 1, "level": 3, "frame_size": 1000,
+          "frames": [20, 10]}, CorruptCheckpointError, r"do not fit"),
+        ({"encoding": "zstd", "size": -1, "crc32c": 1}, CorruptCheckpointError,
+         r"stored.size must be an int >= 0"),
+    ],
+)  # fmt: skip
+def test_a_bad_stored_record_is_named(stored, error, message):
+    def edit(body):
+        body["data_file"]["stored"] = stored
+
+    with pytest.raises(error, match=message):
+        RankManifest.from_json(rewrite(make_manifest().to_json(), edit), "m")

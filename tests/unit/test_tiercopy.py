@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mtckpt import CheckpointManager, ChecksumMismatchError, MemoryTier, naming, tiercopy
+from mtckpt import (
+    CheckpointManager,
+    ChecksumMismatchError,
+    CorruptCheckpointError,
+    MemoryTier,
+    naming,
+    tiercopy,
+)
 from mtckpt.tiers.local import LocalStorage
 from mtckpt.tiers.memory import MemoryStorage
 
@@ -45,5 +52,5 @@ def test_a_truncated_data_file_is_not_copied(memory, tmp_path):
     path = memory.path(RUN, 7, naming.data_file(0))
     with open(path, "r+b") as f:
         f.truncate(1 << 20)
-    with pytest.raises(ChecksumMismatchError, match="1048576 bytes, the manifest records"):
+    with pytest.raises(CorruptCheckpointError, match="1048576 bytes, the manifest records"):
         tiercopy.copy_shard(memory, LocalStorage(tmp_path), RUN, 7, 0)

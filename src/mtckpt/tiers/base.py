@@ -19,8 +19,12 @@ class Storage(ABC):
     #: Whether every rank of the job writes here (a step commits once all ranks' shards are
     #: present), rather than only the ranks of one node.
     shared: bool = False
-    #: Whether ``write_stream`` wants a data file as one buffer rather than as pieces.
+    #: Whether ``write_stream`` wants a data file as one buffer rather than as pieces; such
+    #: a storage records how it stores each data file in the manifest it keeps
+    #: (:mod:`mtckpt.encoding`), compressed when ``compression`` is set.
     whole_files: bool = False
+    compression: str | None = None
+    compression_level: int = 3
 
     @abstractmethod
     def describe(self) -> str:

@@ -5,7 +5,8 @@ names; the step's ``COMMIT`` object, written last by whichever rank finds every 
 manifest present, is the only commit. Large files go up as multipart uploads with
 bounded concurrency; every request is retried with exponential backoff on errors that
 may pass (a dropped connection, an endpoint restarting), never on a missing bucket or a
-refused permission. Reads of a data file are ranged GETs run in parallel.
+refused permission. Reads of a data file are ranged GETs run in parallel. Data files may be
+stored zstd-compressed (:mod:`mtckpt.encoding`); the manifest says how each one is stored.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from .. import naming
-from ..errors import TierError
+from .. import encoding, naming
+from ..errors import CorruptCheckpointError, TierError
 from .base import Storage
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,8 @@ class ObjectStorage(Storage):
         part_size: int = 32 << 20,
         concurrency: int = 8,
         retries: int = 5,
+        compression: str | None = None,
+        compression_level: int = encoding.DEFAULT_LEVEL,
     ) -> None:
         try:
             import fsspec
@@ -51,6 +54,7 @@ class ObjectStorage(Storage):
             raise TierError(f"remote tier {url}: pip install 'mtckpt[s3]' ({exc})") from None
         self.url = url
         self.part_size, self.concurrency, self.retries = part_size, concurrency, retries
+        self.compression, self.compression_level = compression, compression_level
         options = dict(storage_options or {})
         protocol = url.split("://", 1)[0]
         if protocol == "s3":
@@ -132,6 +136,16 @@ class ObjectStorage(Storage):
         path = self.path(run, step, name)
         return self.call(f"read {path}", lambda: self.fs.cat_file(path))
 
+    def read_range(self, run: str, step: int, name: str, start: int, end: int) -> bytes:
+        """Bytes ``start`` to ``end`` of a file, in one ranged GET."""
+        path = self.path(run, step, name)
+        data = self.call(f"read {path} bytes {start}-{end}",
+                         lambda: self.fs.cat_file(path, start=start, end=end))  # fmt: skip
+        if len(data) != end - start:  # the object is shorter than it was written
+            raise CorruptCheckpointError(f"{self.describe()}: {path}: {len(data)} bytes at "
+                                         f"{start}, expected {end - start}")  # fmt: skip
+        return data
+
     def map(self, run: str, step: int, name: str) -> Any:
         """The whole file in memory, fetched as ranged GETs of ``part_size`` in parallel."""
         path = self.path(run, step, name)
@@ -142,12 +156,7 @@ class ObjectStorage(Storage):
 
         def fetch(start: int) -> None:
             end = min(size, start + self.part_size)
-            data = self.call(f"read {path} bytes {start}-{end}",
-                             lambda: self.fs.cat_file(path, start=start, end=end))  # fmt: skip
-            if len(data) != end - start:
-                raise TierError(f"{self.describe()}: {path}: {len(data)} bytes at {start}, "
-                                f"expected {end - start}")  # fmt: skip
-            view[start:end] = data
+            view[start:end] = self.read_range(run, step, name, start, end)
 
         with ThreadPoolExecutor(min(self.concurrency, max(1, -(-size // self.part_size)))) as pool:
             list(pool.map(fetch, range(0, size, self.part_size)))

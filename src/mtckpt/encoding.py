@@ -1,0 +1,198 @@
+"""How a data file is stored on the object tier: as it is, or as zstd frames.
+
+A tier that records its stored bytes (the object tier) adds a ``stored`` entry to the
+manifest it writes: the encoding, the stored size and the crc32c of the stored bytes. A
+zstd file is a run of independent frames (each frame holds ``frame_size`` bytes of the data
+file, a whole number of chunks, and carries zstd's own content checksum), so that any byte
+range can be read by fetching and decompressing only the frames under it, in parallel.
+Concatenated frames are one valid zstd stream: ``zstd -d`` reads the stored object as is.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from . import checksum
+from .errors import ChecksumMismatchError, ConfigError, CorruptCheckpointError, FormatVersionError
+
+ENCODINGS = ("identity", "zstd")
+FRAME_BYTES = 8 * 1024 * 1024  # data-file bytes per zstd frame, rounded down to whole chunks
+DEFAULT_LEVEL = 3
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """The stored form of a data file. ``frames`` are the stored sizes of the zstd frames,
+    each decoding to ``frame_size`` bytes of the data file (the last one to the rest)."""
+
+    encoding: str
+    size: int
+    crc32c: int
+    level: int | None = None
+    frame_size: int | None = None
+    frames: tuple[int, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"encoding": self.encoding, "size": self.size, "crc32c": self.crc32c}
+        if self.encoding == "zstd":
+            out.update(level=self.level, frame_size=self.frame_size, frames=list(self.frames))
+        return out
+
+    @classmethod
+    def from_json(cls, body: Any, file_size: int, chunk_size: int, where: str) -> StoredFile:
+        encoding = body["encoding"]
+        if encoding not in ENCODINGS:
+            raise FormatVersionError(
+                f"{where}: the data file is stored with encoding {encoding!r}, unknown to "
+                f"this mtckpt (it reads {', '.join(ENCODINGS)})"
+            )
+        size, crc = _count(body["size"], "stored.size"), _count(body["crc32c"], "stored.crc32c")
+        if encoding == "identity":
+            if size != file_size:
+                raise CorruptCheckpointError(
+                    f"{where}: {size} bytes stored as they are, the data file has {file_size}"
+                )
+            return cls(encoding, size, crc)
+        frame_size = _count(body["frame_size"], "stored.frame_size")
+        frames = tuple(_count(f, "stored.frames") for f in body["frames"])
+        if (
+            frame_size < chunk_size
+            or frame_size % chunk_size
+            or len(frames) != -(-file_size // frame_size)
+            or sum(frames) != size
+        ):
+            raise CorruptCheckpointError(
+                f"{where}: {len(frames)} zstd frames of {frame_size} bytes stored in {size} "
+                f"bytes do not fit a data file of {file_size} bytes in {chunk_size}-byte chunks"
+            )
+        return cls(encoding, size, crc, _count(body["level"], "stored.level"), frame_size, frames)
+
+    def pieces(self, file_size: int, group: int) -> list[tuple[int, int, int, int]]:
+        """``(stored_start, stored_end, data_start, data_end)`` of pieces that can be read
+        alone, of about ``group`` stored bytes (whole frames for zstd)."""
+        if self.encoding == "identity":
+            return [(s, min(s + group, file_size)) * 2 for s in range(0, file_size, group)]
+        out, stored, data = [], 0, 0
+        first_stored, first_data = 0, 0
+        for frame in self.frames:
+            stored += frame
+            data = min(file_size, data + self.frame_size)
+            if stored - first_stored >= group or data == file_size:
+                out.append((first_stored, stored, first_data, data))
+                first_stored, first_data = stored, data
+        return out
+
+
+def _count(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{what} must be an int >= 0, got {value!r}")
+    return value
+
+
+def check_compression(compression: Any, level: Any, what: str) -> None:
+    """Raise ConfigError unless ``compression`` is None or "zstd" with a zstd level."""
+    if compression not in (None, "zstd"):
+        raise ConfigError(f"{what}.compression must be None or 'zstd', got {compression!r}")
+    if isinstance(level, bool) or not isinstance(level, int) or not -7 <= level <= 22:
+        raise ConfigError(f"{what}.compression_level must be an int in -7..22, got {level!r}")
+    if compression == "zstd":
+        _zstd(what)
+
+
+def _zstd(what: str):
+    try:
+        import zstandard
+    except ImportError:
+        raise ConfigError(f"{what}: compression 'zstd' needs pip install 'mtckpt[zstd]'") from None
+    return zstandard
+
+
+def encode(
+    data: memoryview, chunk_size: int, compression: str | None, level: int, threads: int
+) -> tuple[Any, StoredFile]:
+    """``data`` (a whole data file) as it is to be stored, and its StoredFile."""
+    if compression is None:
+        return data, StoredFile("identity", data.nbytes, checksum.crc32c(data))
+    zstandard = _zstd("remote")
+    frame_size = max(chunk_size, FRAME_BYTES // chunk_size * chunk_size)
+    local = threading.local()
+
+    def compress(start: int) -> bytes:
+        if not hasattr(local, "compressor"):
+            local.compressor = zstandard.ZstdCompressor(level=level, write_checksum=True)
+        return local.compressor.compress(data[start : start + frame_size])
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        frames = list(pool.map(compress, range(0, data.nbytes, frame_size)))
+    stored = bytearray(sum(map(len, frames)))
+    view, crc, position = memoryview(stored), 0, 0
+    for frame in frames:
+        view[position : position + len(frame)] = frame
+        crc = checksum.crc32c(frame, crc)
+        position += len(frame)
+    view.release()
+    lengths = tuple(len(frame) for frame in frames)
+    return stored, StoredFile("zstd", len(stored), crc, level, frame_size, lengths)
+
+
+def check_stored(data: Any, stored: StoredFile, where: str) -> None:
+    """Raise if ``data`` (a whole stored file) is not what ``stored`` records."""
+    size = memoryview(data).nbytes
+    if size != stored.size:
+        raise CorruptCheckpointError(
+            f"{where}: {size} bytes stored, the manifest records {stored.size}"
+        )
+    crc = checksum.crc32c(data)
+    if crc != stored.crc32c:
+        raise ChecksumMismatchError(
+            f"{where}: the stored bytes have crc32c {crc:#010x}, the manifest records "
+            f"{stored.crc32c:#010x}"
+        )
+
+
+def decode(data: Any, stored: StoredFile, file_size: int, where: str, threads: int) -> Any:
+    """The data file from the whole stored file ``data``, checked against ``stored``."""
+    check_stored(data, stored, where)
+    if stored.encoding == "identity":
+        return data
+    out = bytearray(file_size)
+    view, source = memoryview(out), memoryview(data).cast("B")
+    starts = itertools.accumulate(stored.frames, initial=0)
+    frames = [
+        (start, start + length, index * stored.frame_size)
+        for index, (start, length) in enumerate(zip(starts, stored.frames, strict=False))
+    ]
+
+    def expand(frame: tuple[int, int, int]) -> None:
+        start, end, at = frame
+        size = min(stored.frame_size, file_size - at)
+        view[at : at + size] = decompress(source[start:end], size, where, at)
+
+    try:
+        with ThreadPoolExecutor(max(1, threads)) as pool:
+            list(pool.map(expand, frames))
+    finally:
+        view.release()
+        source.release()
+    return out
+
+
+def decompress(frames: Any, size: int, where: str, at: int) -> bytes:
+    """``size`` bytes of the data file from byte ``at`` on, out of the zstd frames holding
+    them; CorruptCheckpointError naming the place if they do not decode to that."""
+    zstandard = _zstd("remote")
+    try:
+        out = zstandard.ZstdDecompressor().decompressobj(read_across_frames=True).decompress(frames)
+    except zstandard.ZstdError as exc:
+        raise CorruptCheckpointError(
+            f"{where}: the zstd frames for bytes {at}-{at + size} do not decode ({exc})"
+        ) from None
+    if len(out) != size:
+        raise CorruptCheckpointError(
+            f"{where}: the zstd frames for bytes {at}-{at + size} decode to {len(out)} bytes"
+        )
+    return out
