@@ -18,14 +18,16 @@ from .errors import MtckptError
 
 
 def _daemon(args: argparse.Namespace) -> int:
-    from .config import DAEMON_OPTIONS, load_daemon
+    from .config import DAEMON_OPTIONS, load_daemon, remote_at
     from .daemon import Daemon, DaemonConfig
     from .daemon.rpc import TLSFiles, read_token
 
     settings = load_daemon(args.config)
     for key in DAEMON_OPTIONS:  # flags override the file and the environment
-        if getattr(args, key) is not None:
+        if getattr(args, key) is not None and key != "remote":
             settings[key] = getattr(args, key)
+    if args.remote is not None:
+        settings["remote"] = remote_at(args.remote, settings.get("remote"))
     if "memory_root" not in settings:
         raise SystemExit(
             "mtckpt daemon: no memory root: give --memory-root, or memory_root in the config "
@@ -137,6 +139,8 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds between scans for committed steps (0.5)")  # fmt: skip
     d.add_argument("--data-port", type=int, help="bulk data port (0: any free one)")
     d.add_argument("--nice", type=int, help="added to the daemon's nice value, 0..19 (10)")
+    d.add_argument("--remote", help="object tier URL trainers' steps are flushed to (default: "
+                   "the config file's [remote] table, whose other settings apply too)")  # fmt: skip
     d.set_defaults(handler=_daemon)
 
     r = commands.add_parser("restore", help="fetch this node's newest good checkpoint")

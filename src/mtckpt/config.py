@@ -189,6 +189,7 @@ DAEMON_OPTIONS: dict[str, type] = {
     "peers": list, "peers_dns": str, "replicas": int, "zone": str, "keep": int,
     "token_file": str, "tls_cert": str, "tls_key": str, "tls_ca": str, "bandwidth": float,
     "drain_timeout": float, "scan_interval": float, "data_port": int, "nice": int,
+    "remote": str,
 }  # fmt: skip
 
 
@@ -222,7 +223,9 @@ def load_daemon(
     ``$MTCKPT_CONFIG``) overridden by ``MTCKPT_DAEMON_*`` variables (``MTCKPT_NODE_ID``
     for ``node_id`` too); only the keys set. ``peers`` is a list of ``HOST:PORT`` (in a
     variable: a comma list). Without ``memory_root`` (``local_root``), the file's
-    ``[memory] path`` (``[local] path``): the daemon shares the trainers' tiers."""
+    ``[memory] path`` (``[local] path``): the daemon shares the trainers' tiers. ``remote``
+    is the ObjectTier the daemon uploads to: the file's ``[remote]`` table (and
+    ``MTCKPT_REMOTE_*``), at the URL ``daemon.remote`` when that is set."""
     env = os.environ if env is None else env
     settings, source = _read(path, env)
     table = settings.get("daemon", {})
@@ -248,7 +251,18 @@ def load_daemon(
                 daemon[key] = [p.strip() for p in env[name].split(",") if p.strip()]
             else:
                 daemon[key] = _parse_env(name, env[name], kind, optional=False)
+    url = daemon.pop("remote", None)
+    remote = load(path, env).get("remote")
+    if url is not None or remote is not None:
+        daemon["remote"] = remote_at(url, remote)
     return daemon
+
+
+def remote_at(url: str | None, tier: ObjectTier | None) -> ObjectTier:
+    """``tier`` (default: an ObjectTier of default settings) at ``url`` if one is given."""
+    if tier is None:
+        return ObjectTier(url=url)
+    return tier if url is None else dataclasses.replace(tier, url=url)
 
 
 def _checked_daemon_value(where: str, key: str, value: Any) -> Any:

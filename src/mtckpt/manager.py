@@ -35,15 +35,14 @@ from .errors import (
     StateMismatchError,
     StepExistsError,
     StepNotFoundError,
-    TierError,
 )
 from .handle import SaveHandle
 from .manifest import DEFAULT_CHUNK_SIZE, LeafRecord
-from .pipeline import Pipeline, SaveJob
+from .pipeline import Pipeline, SaveJob, SlowerTier
 from .tiers.base import Storage
 from .tiers.local import LocalStorage
 from .tiers.memory import MemoryStorage, Slot
-from .tiers.object import ObjectStorage
+from .tiers.object import object_storage
 from .tiers.peer import DaemonLink
 
 log = logging.getLogger(__name__)
@@ -129,7 +128,7 @@ class CheckpointManager:
         if local is not None:
             self._tiers.append((local, LocalStorage(config.expand_path(local.path))))
         if remote is not None:
-            self._tiers.append((remote, _object_storage(remote)))
+            self._tiers.append((remote, object_storage(remote)))
         self._closed = False
         self._handles: list[SaveHandle] = []
         self._last_saved_at: dict[str, float] = {}
@@ -143,14 +142,27 @@ class CheckpointManager:
             node_ranks=self.node_ranks,
             memory=self._memory,
             memory_keep=memory.keep,
-            slower={
-                s.name: (s, cfg.keep, getattr(cfg, "keep_every", None))
-                for cfg, s in self._tiers[1:]
-            },  # fmt: skip
+            slower={s.name: self._slower_tier(cfg, s) for cfg, s in self._tiers[1:]},
             chunk_size=chunk_size,
             threads=max(1, self.threads // 2),
             on_memory_commit=None if self._peers is None else self._peers.committed,
         )
+
+    def _slower_tier(self, cfg: Any, storage: Storage) -> SlowerTier:
+        """How the pipeline writes a slower tier: itself, or for the object tier, by the node
+        daemon when it uploads to the same URL."""
+        tier = SlowerTier(storage, cfg.keep, _keep_every(cfg))
+        daemon = self._peers
+        if isinstance(cfg, ObjectTier) and daemon is not None and daemon.remote_url:
+            if daemon.remote_url != cfg.url:
+                self._peers.close()
+                raise ConfigError(
+                    f"remote.url {cfg.url!r} is not the object tier {daemon.remote_url!r} of "
+                    f"the daemon at {daemon.cfg.daemon}; use the same URL (or start the daemon "
+                    "without one to have the trainers upload)"
+                )
+            tier.flush = daemon.flush
+        return tier
 
     @classmethod
     def from_config(cls, path: str | os.PathLike | None = None, **overrides: Any):
@@ -166,7 +178,7 @@ class CheckpointManager:
         try:
             retention.clean_after_crash(storage, self.run, self.rank, self.world_size)
             retention.apply(storage, self.run, self.rank, self.world_size, cfg.keep,
-                            keep_every=getattr(cfg, "keep_every", None))  # fmt: skip
+                            keep_every=_keep_every(cfg))  # fmt: skip
         except OSError as exc:
             if essential:
                 raise ConfigError(f"{storage.describe()} is not usable: {exc}") from exc
@@ -606,23 +618,9 @@ def _stage_into_slot(
     return finish
 
 
-def _object_storage(cfg: ObjectTier) -> ObjectStorage:
-    """The object tier's storage; a bucket that does not exist is a configuration error, an
-    endpoint that does not answer is reported and retried by the flushes."""
-    try:
-        storage = ObjectStorage(cfg.url, storage_options=cfg.storage_options,
-                                part_size=cfg.part_size, concurrency=cfg.concurrency,
-                                retries=cfg.retries, compression=cfg.compression,
-                                compression_level=cfg.compression_level)  # fmt: skip
-    except TierError as exc:
-        raise ConfigError(str(exc)) from None
-    try:
-        storage.check()
-    except TierError as exc:
-        if "does not exist" in str(exc):
-            raise ConfigError(str(exc)) from None
-        log.error("%s (saves go on; its flushes are retried)", exc)
-    return storage
+def _keep_every(cfg: Any) -> int | None:
+    """A tier's long-term step interval (only the object tier has one)."""
+    return getattr(cfg, "keep_every", None)
 
 
 def _framework(leaves: list[tree.Leaf]) -> str:

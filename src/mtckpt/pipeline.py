@@ -48,6 +48,9 @@ class SlowerTier:
     storage: Storage
     keep: int
     keep_every: int | None = None
+    # Set when the node daemon writes this tier: ``flush(step)`` has it upload this rank's
+    # shard (and commit, and apply retention) and waits; False if it skipped the step.
+    flush: Callable[[int], bool] | None = None
     queue: collections.deque = field(default_factory=collections.deque)
     thread: threading.Thread | None = None
 
@@ -62,7 +65,7 @@ class Pipeline:
         node_ranks: tuple[int, ...],
         memory: MemoryStorage,
         memory_keep: int,
-        slower: dict[str, tuple[Storage, int, int | None]],  # storage, keep, keep_every
+        slower: dict[str, SlowerTier],
         chunk_size: int,
         threads: int,
         on_memory_commit: Callable[[int, SaveHandle], None] | None = None,
@@ -80,7 +83,7 @@ class Pipeline:
         self._retention_lock = threading.Lock()
         self._closing = False  # no more saves: the memory worker drains its queue and stops
         self._tiers_closing = False  # set once it has: tier workers drain and stop
-        self._tiers = {name: SlowerTier(*tier) for name, tier in slower.items()}
+        self._tiers = slower
         self._staging_queue: collections.deque[SaveJob] = collections.deque()
         self._stager = threading.Thread(
             target=self._stager_worker, name="mtckpt-stager", daemon=True
@@ -279,9 +282,12 @@ class Pipeline:
     def _tier_worker(self, name: str) -> None:
         tier = self._tiers[name]
         while (job := self._next_tier_job(name)) is not None:
-            error = None
+            error, skipped = None, False
             try:
-                self._copy_to_tier(tier.storage, job)
+                if tier.flush is not None:
+                    skipped = not tier.flush(job.step)
+                else:
+                    self._copy_to_tier(tier.storage, job)
             except BaseException as exc:
                 log.error(
                     "%s tier: step %d failed: %s (training continues; the next due "
@@ -292,12 +298,13 @@ class Pipeline:
                 )
                 error = exc
             self._unpin(job.step)
-            job.handle._finish(name, error=error)
-            try:
-                retention.apply(tier.storage, self.run, self.rank, self.world_size, tier.keep,
-                                keep_every=tier.keep_every)  # fmt: skip
-            except Exception as exc:
-                log.warning("%s tier: garbage collection failed: %s", name, exc)
+            job.handle._finish(name, error=error, skipped=skipped)
+            if tier.flush is None:
+                try:
+                    retention.apply(tier.storage, self.run, self.rank, self.world_size,
+                                    tier.keep, keep_every=tier.keep_every)  # fmt: skip
+                except Exception as exc:
+                    log.warning("%s tier: garbage collection failed: %s", name, exc)
             self._collect_memory_garbage()
             self._job_done()
 

@@ -20,7 +20,8 @@ def put_shard(dest: Storage, manifest: RankManifest, data, where: str, threads: 
     """Write a shard to ``dest``: ``data`` (its whole data file), every chunk checked against
     ``manifest`` before it is given out, then the manifest (the shard is whole on ``dest``
     once its manifest is there). A storage that takes whole files gets the file in one
-    buffer, encoded as it stores it, and a manifest that records how."""
+    buffer, encoded as it stores it, checked again once it is up, and a manifest that
+    records how it is stored."""
     view = memoryview(data).cast("B")
     run, step = manifest.run, manifest.step
     if dest.whole_files:
@@ -28,6 +29,11 @@ def put_shard(dest: Storage, manifest: RankManifest, data, where: str, threads: 
         payload, stored = encoding.encode(view, manifest.chunk_size, dest.compression,
                                           dest.compression_level, threads)  # fmt: skip
         dest.write_stream(run, step, manifest.data_file, stored.size, [payload])
+        try:  # a file that changed during a long upload (a reused memory slot) is not kept
+            _check_chunks(view, manifest, 0, f"{where} (changed while it was uploaded)", threads)
+        except ChecksumMismatchError:
+            dest.delete(run, step, manifest.data_file)
+            raise
         manifest = dataclasses.replace(manifest, stored=stored)
     else:
         dest.write_stream(run, step, manifest.data_file, manifest.file_size,

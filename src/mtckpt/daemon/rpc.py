@@ -170,6 +170,10 @@ class Client:
             pb.NotifyRequest(run=run, step=step), timeout=self.timeout, metadata=self._metadata
         )
 
+    def flush(self, shard: pb.ShardId) -> None:
+        self._stub.Flush(pb.FlushRequest(shard=shard), timeout=self.timeout,
+                         metadata=self._metadata)  # fmt: skip
+
     def recover(self, run: str, step: int | None = None, timeout: float | None = None):
         request = (
             pb.RecoverRequest(run=run) if step is None else pb.RecoverRequest(run=run, step=step)

@@ -1,22 +1,27 @@
 """The daemon process: the Daemon gRPC service over a Unix socket (trainers, operators)
-and TCP (peers), its replicator, and draining on SIGTERM."""
+and TCP (peers), its replicator, its flusher to the object tier, and draining on
+SIGTERM."""
 
 from __future__ import annotations
 
 import logging
 import os
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass, field
 
 import grpc
 
 from .. import _fastpath, naming
+from ..config import ObjectTier
 from ..errors import MtckptError, StepNotFoundError
 from ..proto import mtckpt_pb2 as pb
 from ..proto import mtckpt_pb2_grpc as pb_grpc
+from ..tiers.object import object_storage
 from . import frames, recovery
 from .bulk import BulkServer
+from .flusher import Flusher
 from .holdings import Holdings, Shard
 from .peers import Peers
 from .replicator import Replicator
@@ -45,6 +50,7 @@ class DaemonConfig:
     workers: int = 16
     data_port: int = 0  # the bulk data port, on the listen host (0: any free one)
     nice: int = 10  # added to the process's nice value by `mtckpt daemon`: training goes first
+    remote: ObjectTier | None = None  # where trainers' Flush requests upload to
 
     def __post_init__(self) -> None:
         naming.check_node_id(self.node_id)
@@ -77,6 +83,7 @@ class _Service(pb_grpc.DaemonServicer):
             node_id=d.config.node_id, zone=d.config.zone, address=d.address or "",
             memory_root=str(d.holdings.root), replicas=d.config.replicas, draining=d.draining,
             local_root=d.config.local_root or "",
+            remote_url=d.config.remote.url if d.config.remote is not None else "",
         )  # fmt: skip
         for member in d.peers.members():
             reply.peers.add(address=member.address, node_id=member.node_id, zone=member.zone,
@@ -88,6 +95,11 @@ class _Service(pb_grpc.DaemonServicer):
                 shard=shard_id(shard),
                 targets=state.targets, stored=sorted(state.stored), error=state.error,
             )  # fmt: skip
+        if d.flusher is not None:
+            for shard, flush in sorted(
+                d.flusher.snapshot().items(), key=lambda i: (i[0].run, i[0].step, i[0].rank)
+            ):
+                reply.flushes.add(shard=shard_id(shard), phase=flush.phase, error=flush.error)
         return reply
 
     def ListShards(self, request, context):
@@ -178,6 +190,19 @@ class _Service(pb_grpc.DaemonServicer):
         self.d.replicator.notify()
         return pb.NotifyReply()
 
+    def Flush(self, request, context):
+        if self.d.flusher is None:
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this daemon has no object tier (start it with --remote URL)",
+            )
+        shard = _shard(request.shard, context)
+        if shard.origin != self.d.config.node_id:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"{shard}: only this node's own shards are flushed here")  # fmt: skip
+        self.d.flusher.request(shard)
+        return pb.FlushReply()
+
     def Recover(self, request, context):
         try:
             naming.check_run(request.run)
@@ -212,6 +237,7 @@ def _handlers(service: _Service) -> grpc.GenericRpcHandler:
         "OpenPush": unary(service.OpenPush, pb.PushHeader),
         "OpenFetch": unary(service.OpenFetch, pb.FetchRequest),
         "Recover": unary(service.Recover, pb.RecoverRequest),
+        "Flush": unary(service.Flush, pb.FlushRequest),
         "Fetch": grpc.unary_stream_rpc_method_handler(service.Fetch, pb.FetchRequest.FromString),
         "Push": grpc.stream_unary_rpc_method_handler(
             service.Push, response_serializer=pb.PushReply.SerializeToString
@@ -231,6 +257,10 @@ class Daemon:
             self.holdings, self.peers, zone=config.zone, replicas=config.replicas,
             bandwidth=config.bandwidth, scan_interval=config.scan_interval, tls=config.tls,
         )  # fmt: skip
+        self.flusher: Flusher | None = None
+        if config.remote is not None:
+            storage = object_storage(config.remote)
+            self.flusher = Flusher(self.holdings, config.remote, storage)
         self.address: str | None = None
         self.bulk: BulkServer | None = None
         self.draining = False
@@ -277,6 +307,8 @@ class Daemon:
             server.start()
         self._server = server
         self.replicator.start()
+        if self.flusher is not None:
+            self.flusher.start()
         log.info(
             "mtckpt daemon %s serving on %s %s",
             self.config.node_id,
@@ -303,10 +335,16 @@ class Daemon:
         self.holdings.expire_replicas(incoming.shard.origin, incoming.shard.run)
 
     def stop(self, drain: bool = True) -> bool:
-        """Stop; with ``drain``, first finish replication to reachable peers (bounded by the
-        drain timeout). Whether the drain finished."""
+        """Stop; with ``drain``, first finish replication to reachable peers and the
+        uploads asked for (bounded by the drain timeout). Whether the drain finished."""
         self.draining = True
+        deadline = time.monotonic() + self.config.drain_timeout
         drained = self.replicator.drain(self.config.drain_timeout) if drain else False
+        if self.flusher is not None:
+            if drain:
+                flushed = self.flusher.drain(max(0.0, deadline - time.monotonic()))
+                drained = drained and flushed
+            self.flusher.stop()
         self.replicator.stop()
         self._persisting.shutdown(wait=True)
         if self._server is not None:

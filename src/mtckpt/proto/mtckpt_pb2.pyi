@@ -1,4 +1,5 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -49,7 +50,7 @@ class ReplicaState(_message.Message):
     def __init__(self, shard: _Optional[_Union[ShardId, _Mapping]] = ..., targets: _Optional[_Iterable[str]] = ..., stored: _Optional[_Iterable[str]] = ..., error: _Optional[str] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("node_id", "zone", "address", "memory_root", "replicas", "peers", "replication", "draining", "local_root")
+    __slots__ = ("node_id", "zone", "address", "memory_root", "replicas", "peers", "replication", "draining", "local_root", "remote_url", "flushes")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ZONE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +60,8 @@ class StatusReply(_message.Message):
     REPLICATION_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     LOCAL_ROOT_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_URL_FIELD_NUMBER: _ClassVar[int]
+    FLUSHES_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     zone: str
     address: str
@@ -68,7 +71,31 @@ class StatusReply(_message.Message):
     replication: _containers.RepeatedCompositeFieldContainer[ReplicaState]
     draining: bool
     local_root: str
-    def __init__(self, node_id: _Optional[str] = ..., zone: _Optional[str] = ..., address: _Optional[str] = ..., memory_root: _Optional[str] = ..., replicas: _Optional[int] = ..., peers: _Optional[_Iterable[_Union[PeerStatus, _Mapping]]] = ..., replication: _Optional[_Iterable[_Union[ReplicaState, _Mapping]]] = ..., draining: _Optional[bool] = ..., local_root: _Optional[str] = ...) -> None: ...
+    remote_url: str
+    flushes: _containers.RepeatedCompositeFieldContainer[FlushState]
+    def __init__(self, node_id: _Optional[str] = ..., zone: _Optional[str] = ..., address: _Optional[str] = ..., memory_root: _Optional[str] = ..., replicas: _Optional[int] = ..., peers: _Optional[_Iterable[_Union[PeerStatus, _Mapping]]] = ..., replication: _Optional[_Iterable[_Union[ReplicaState, _Mapping]]] = ..., draining: _Optional[bool] = ..., local_root: _Optional[str] = ..., remote_url: _Optional[str] = ..., flushes: _Optional[_Iterable[_Union[FlushState, _Mapping]]] = ...) -> None: ...
+
+class FlushState(_message.Message):
+    __slots__ = ("shard", "phase", "error")
+    class Phase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        QUEUED: _ClassVar[FlushState.Phase]
+        FLUSHING: _ClassVar[FlushState.Phase]
+        DONE: _ClassVar[FlushState.Phase]
+        SKIPPED: _ClassVar[FlushState.Phase]
+        FAILED: _ClassVar[FlushState.Phase]
+    QUEUED: FlushState.Phase
+    FLUSHING: FlushState.Phase
+    DONE: FlushState.Phase
+    SKIPPED: FlushState.Phase
+    FAILED: FlushState.Phase
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    shard: ShardId
+    phase: FlushState.Phase
+    error: str
+    def __init__(self, shard: _Optional[_Union[ShardId, _Mapping]] = ..., phase: _Optional[_Union[FlushState.Phase, str]] = ..., error: _Optional[str] = ...) -> None: ...
 
 class ListShardsRequest(_message.Message):
     __slots__ = ("run", "origin")
@@ -185,3 +212,13 @@ class RecoverReply(_message.Message):
     bytes: int
     sources: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, step: _Optional[int] = ..., ranks: _Optional[_Iterable[int]] = ..., bytes: _Optional[int] = ..., sources: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class FlushRequest(_message.Message):
+    __slots__ = ("shard",)
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    shard: ShardId
+    def __init__(self, shard: _Optional[_Union[ShardId, _Mapping]] = ...) -> None: ...
+
+class FlushReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -74,6 +74,11 @@ class DaemonStub:
                 request_serializer=mtckpt_dot_proto_dot_mtckpt__pb2.RecoverRequest.SerializeToString,
                 response_deserializer=mtckpt_dot_proto_dot_mtckpt__pb2.RecoverReply.FromString,
                 _registered_method=True)
+        self.Flush = channel.unary_unary(
+                '/mtckpt.v1.Daemon/Flush',
+                request_serializer=mtckpt_dot_proto_dot_mtckpt__pb2.FlushRequest.SerializeToString,
+                response_deserializer=mtckpt_dot_proto_dot_mtckpt__pb2.FlushReply.FromString,
+                _registered_method=True)
 
 
 class DaemonServicer:
@@ -140,6 +145,15 @@ class DaemonServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Flush(self, request, context):
+        """Upload this node's shard of a step to the daemon's object tier, then commit the step
+        there once every rank's shard is up; newest wins per run and rank. Returns at once:
+        Status reports how it goes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DaemonServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -182,6 +196,11 @@ def add_DaemonServicer_to_server(servicer, server):
                     servicer.Recover,
                     request_deserializer=mtckpt_dot_proto_dot_mtckpt__pb2.RecoverRequest.FromString,
                     response_serializer=mtckpt_dot_proto_dot_mtckpt__pb2.RecoverReply.SerializeToString,
+            ),
+            'Flush': grpc.unary_unary_rpc_method_handler(
+                    servicer.Flush,
+                    request_deserializer=mtckpt_dot_proto_dot_mtckpt__pb2.FlushRequest.FromString,
+                    response_serializer=mtckpt_dot_proto_dot_mtckpt__pb2.FlushReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -400,6 +419,33 @@ class Daemon:
             '/mtckpt.v1.Daemon/Recover',
             mtckpt_dot_proto_dot_mtckpt__pb2.RecoverRequest.SerializeToString,
             mtckpt_dot_proto_dot_mtckpt__pb2.RecoverReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Flush(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mtckpt.v1.Daemon/Flush',
+            mtckpt_dot_proto_dot_mtckpt__pb2.FlushRequest.SerializeToString,
+            mtckpt_dot_proto_dot_mtckpt__pb2.FlushReply.FromString,
             options,
             channel_credentials,
             insecure,

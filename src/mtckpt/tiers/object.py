@@ -20,7 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from .. import encoding, naming
-from ..errors import CorruptCheckpointError, TierError
+from ..config import ObjectTier
+from ..errors import ConfigError, CorruptCheckpointError, TierError
 from .base import Storage
 
 log = logging.getLogger(__name__)
@@ -208,6 +209,25 @@ class ObjectStorage(Storage):
             pass
         self.fs.invalidate_cache(self.run_dir(run))
         return True
+
+
+def object_storage(cfg: ObjectTier) -> ObjectStorage:
+    """The storage of an ObjectTier; a bucket that does not exist is a configuration error,
+    an endpoint that does not answer is reported (and retried by each flush)."""
+    try:
+        storage = ObjectStorage(cfg.url, storage_options=cfg.storage_options,
+                                part_size=cfg.part_size, concurrency=cfg.concurrency,
+                                retries=cfg.retries, compression=cfg.compression,
+                                compression_level=cfg.compression_level)  # fmt: skip
+    except TierError as exc:
+        raise ConfigError(str(exc)) from None
+    try:
+        storage.check()
+    except TierError as exc:
+        if "does not exist" in str(exc):
+            raise ConfigError(str(exc)) from None
+        log.error("%s (saves go on; its flushes are retried)", exc)
+    return storage
 
 
 class _Parts:

@@ -1,6 +1,7 @@
 """The trainer's side of the node daemon: where the memory tier is, telling the daemon
 when a step is committed there, following its replication for ``h.wait("peers")`` and
-``mgr.steps()``, and asking it to fetch this node's shards from peers before a restore.
+``mgr.steps()``, having it upload steps due for the object tier when it has one, and
+asking it to fetch this node's shards from peers before a restore.
 
 All of it runs off the training thread, except the recovery call made by ``restore``."""
 
@@ -17,6 +18,7 @@ from ..errors import ConfigError, TierError
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.2  # the trainer asks its daemon this often while a step replicates
+FLUSH_POLL_SECONDS = 0.5  # ... and this often while its daemon uploads a step
 DEGRADED_AFTER = 3.0  # seconds an error must last to fail h.wait("peers") (not a blip)
 
 
@@ -45,6 +47,7 @@ class DaemonLink:
                 f"PeerTier asks for {cfg.replicas}; start it with --replicas {cfg.replicas}"
             )
         self.node_id, self.memory_root = status.node_id, status.memory_root
+        self.remote_url = status.remote_url  # empty: the daemon uploads nothing
         self._queue: queue.Queue = queue.Queue()
         self._pending = 0
         self._cond = threading.Condition()
@@ -114,6 +117,42 @@ class DaemonLink:
             for e in self.client.status().replication
             if (e.shard.run, e.shard.rank, e.shard.origin) == (self.run, self.rank, self.node_id)
         ]
+
+    def flush(self, step: int) -> bool:
+        """Have the daemon upload this rank's shard of ``step`` to its object tier, and wait:
+        True once it is up, False if the daemon skipped it for a newer step. TierError if
+        the upload failed, or the daemon did not answer for ``timeout`` seconds."""
+        from ..proto import mtckpt_pb2 as pb
+
+        grpc, Phase = self._grpc, pb.FlushState.Phase
+        shard = pb.ShardId(run=self.run, step=step, rank=self.rank, origin=self.node_id)
+        asked, silent_since = False, None
+        while True:
+            try:
+                if not asked:
+                    self.client.flush(shard)
+                    asked = True
+                flushes = self.client.status().flushes
+            except grpc.RpcError as exc:
+                silent_since = silent_since or time.monotonic()
+                if time.monotonic() - silent_since > self.cfg.timeout:
+                    raise TierError(f"step {step} rank {self.rank}: the daemon at "
+                                    f"{self.cfg.daemon} does not answer ({exc.details()})"
+                                    ) from None  # fmt: skip
+                time.sleep(FLUSH_POLL_SECONDS)
+                continue
+            silent_since = None
+            state = next((f for f in flushes if f.shard == shard), None)
+            if state is None:  # a restarted daemon does not know it: ask again
+                asked = False
+            elif state.phase == Phase.DONE:
+                return True
+            elif state.phase == Phase.SKIPPED:
+                return False
+            elif state.phase == Phase.FAILED:
+                raise TierError(f"step {step} rank {self.rank}: the daemon's upload to "
+                                f"{self.remote_url} failed: {state.error}")  # fmt: skip
+            time.sleep(FLUSH_POLL_SECONDS)
 
     def replicated_steps(self) -> list[int]:
         """Steps whose shard of this rank every target peer holds, ascending."""
