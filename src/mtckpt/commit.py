@@ -24,12 +24,13 @@ def is_committed(storage: Storage, run: str, step: int) -> bool:
 
 def committed_steps(storage: Storage, run: str, rank: int | None = None) -> list[int]:
     """Committed steps, ascending; with ``rank``, only those holding that rank's shard."""
-    return [
-        step
-        for step in storage.steps(run)
-        if is_committed(storage, run, step)
-        and (rank is None or storage.exists(run, step, naming.manifest_file(rank)))
-    ]
+    wanted = [naming.COMMIT] if rank is None else [naming.COMMIT, naming.manifest_file(rank)]
+    steps = []
+    for step in storage.steps(run):
+        files = storage.files(run, step)  # one listing per step (one request on S3)
+        if all(name in files for name in wanted):
+            steps.append(step)
+    return steps
 
 
 def ranks_present(storage: Storage, run: str, step: int) -> set[int]:

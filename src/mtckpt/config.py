@@ -87,8 +87,9 @@ class LocalTier:
 class PeerTier:
     """Copies on other nodes, made by this node's daemon (``mtckpt daemon``), which also owns
     the memory tier: the manager learns the memory root from it. ``replicas``: the copies
-    ``h.wait("peers")`` expects (the daemon must be configured for at least as many);
-    ``timeout``: seconds it waits for them before failing."""
+    ``h.wait("peers")`` expects (the daemon must be configured for at least as many; 0: no
+    "peers" stage, the daemon only keeps node memory and uploads); ``timeout``: seconds
+    it waits for them before failing."""
 
     daemon: str = "unix:///run/mtckpt/mtckpt.sock"
     replicas: int = 1
@@ -101,9 +102,9 @@ class PeerTier:
         if (
             isinstance(self.replicas, bool)
             or not isinstance(self.replicas, int)
-            or self.replicas < 1
+            or self.replicas < 0
         ):
-            raise ConfigError(f"peers.replicas must be an int >= 1, got {self.replicas!r}")
+            raise ConfigError(f"peers.replicas must be an int >= 0, got {self.replicas!r}")
         if (
             isinstance(self.timeout, bool)
             or not isinstance(self.timeout, (int, float))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,11 +112,13 @@ def _zstd(what: str):
 
 
 def encode(
-    data: memoryview, chunk_size: int, compression: str | None, level: int, threads: int
-) -> tuple[Any, StoredFile]:
-    """``data`` (a whole data file) as it is to be stored, and its StoredFile."""
+    data: memoryview, chunk_size: int, compression: str | None, level: int, threads: int,
+    pool: Executor,
+) -> tuple[Any, Future]:  # fmt: skip
+    """``data`` (a whole data file) as it is to be stored, and its StoredFile, a future:
+    without compression, its crc32c is computed on ``pool`` while the caller uploads."""
     if compression is None:
-        return data, StoredFile("identity", data.nbytes, checksum.crc32c(data))
+        return data, pool.submit(lambda: StoredFile("identity", data.nbytes, checksum.crc32c(data)))
     zstandard = _zstd("remote")
     frame_size = max(chunk_size, FRAME_BYTES // chunk_size * chunk_size)
     local = threading.local()
@@ -126,8 +128,8 @@ def encode(
             local.compressor = zstandard.ZstdCompressor(level=level, write_checksum=True)
         return local.compressor.compress(data[start : start + frame_size])
 
-    with ThreadPoolExecutor(max(1, threads)) as pool:
-        frames = list(pool.map(compress, range(0, data.nbytes, frame_size)))
+    with ThreadPoolExecutor(max(1, threads)) as workers:
+        frames = list(workers.map(compress, range(0, data.nbytes, frame_size)))
     stored = bytearray(sum(map(len, frames)))
     view, crc, position = memoryview(stored), 0, 0
     for frame in frames:
@@ -136,7 +138,9 @@ def encode(
         position += len(frame)
     view.release()
     lengths = tuple(len(frame) for frame in frames)
-    return stored, StoredFile("zstd", len(stored), crc, level, frame_size, lengths)
+    done: Future = Future()
+    done.set_result(StoredFile("zstd", len(stored), crc, level, frame_size, lengths))
+    return stored, done
 
 
 def check_stored(data: Any, stored: StoredFile, where: str) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +25,7 @@ from . import (
     restore,
     retention,
     shard,
+    tiercopy,
     topology,
     tree,
 )
@@ -112,6 +114,7 @@ class CheckpointManager:
         _fastpath.backend()  # choose (and report) the fast path now, not mid-save
 
         self._peers = None if peers is None else DaemonLink(peers, self.run, self.rank)
+        self._replicating = peers is not None and peers.replicas > 0
         if self._peers is not None:
             root = self._peers.memory_root
             if memory is None:
@@ -131,9 +134,16 @@ class CheckpointManager:
             self._tiers.append((remote, object_storage(remote)))
         self._closed = False
         self._handles: list[SaveHandle] = []
+        self._populating: list[threading.Thread] = []  # restore(populate=True) copies
         self._last_saved_at: dict[str, float] = {}
+        # Tiers the node daemon writes too (node memory; the object tier when it uploads):
+        # its files in progress there are not a crashed trainer's leftovers.
+        daemon_writes = set()
+        if self._peers is not None:
+            daemon_writes = {"memory", "remote"} if self._peers.remote_url else {"memory"}
         for index, (cfg, storage) in enumerate(self._tiers):
-            self._prepare_storage(storage, cfg, essential=index == 0)
+            self._prepare_storage(storage, cfg, essential=index == 0,
+                                  clean=storage.name not in daemon_writes)  # fmt: skip
         self._newest = self.latest_step()
         self._pipeline = Pipeline(
             run=self.run,
@@ -145,7 +155,7 @@ class CheckpointManager:
             slower={s.name: self._slower_tier(cfg, s) for cfg, s in self._tiers[1:]},
             chunk_size=chunk_size,
             threads=max(1, self.threads // 2),
-            on_memory_commit=None if self._peers is None else self._peers.committed,
+            on_memory_commit=self._peers.committed if self._replicating else None,
         )
 
     def _slower_tier(self, cfg: Any, storage: Storage) -> SlowerTier:
@@ -174,9 +184,11 @@ class CheckpointManager:
             raise ConfigError("no run name: set the config key run, MTCKPT_RUN or run=...")
         return cls(**kwargs)
 
-    def _prepare_storage(self, storage: Storage, cfg: Any, essential: bool) -> None:
+    def _prepare_storage(self, storage: Storage, cfg: Any, essential: bool, clean: bool) -> None:
         try:
-            retention.clean_after_crash(storage, self.run, self.rank, self.world_size)
+            if clean:
+                retention.clean_after_crash(storage, self.run, self.rank, self.world_size)
+                storage.clean_leftovers(self.run, self.rank)
             retention.apply(storage, self.run, self.rank, self.world_size, cfg.keep,
                             keep_every=_keep_every(cfg))  # fmt: skip
         except OSError as exc:
@@ -271,7 +283,7 @@ class CheckpointManager:
 
     def _peer_stage(self) -> tuple[str, ...]:
         """The "peers" stage: every step committed in memory is replicated by the daemon."""
-        return () if self._peers is None else ("peers",)
+        return ("peers",) if self._replicating else ()
 
     def _replica_owners(self, leaves: list[tree.Leaf]) -> dict[str, int]:
         """Keys of shards whose bytes another rank stores: of the ranks holding the same
@@ -308,6 +320,12 @@ class CheckpointManager:
                 raise
             except Exception as exc:
                 first_error = first_error or exc
+        while self._populating:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            self._populating[0].join(remaining)
+            if self._populating[0].is_alive():
+                raise TimeoutError(f"copies of run {self.run!r} not done after {timeout} s")
+            self._populating.pop(0)
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         if not self._pipeline.wait_idle(remaining):
             raise TimeoutError(f"background work of run {self.run!r} not done after {timeout} s")
@@ -323,13 +341,16 @@ class CheckpointManager:
         step: int | None = None,
         strict: bool = True,
         allow_pickle: bool | None = None,
+        populate: bool = False,
     ) -> tuple[int, Any]:
         """``(step, state)`` of the newest complete step (or ``step``) whose copy verifies.
 
         Without ``target`` the saved tree comes back with numpy arrays. With one, its arrays
         are filled in place, its stateful objects get ``load_state_dict``, and the returned
         tree has the target's structure. ``strict=False`` restores the keys both share and
-        leaves the rest of the target as it is.
+        leaves the rest of the target as it is. With ``populate``, a step that came from a
+        slower tier (the object tier, local disk) is copied into this rank's faster tiers in
+        the background (``wait()`` waits for it), so that the next restart finds it there.
         """
         self._check_open()
         self._pipeline.wait_memory_idle()
@@ -381,11 +402,41 @@ class CheckpointManager:
                 )
             else:
                 log.info("restored step %d from the %s tier", candidate, storage.name)
+            if populate:
+                self._populate(candidate, storage)
             return candidate, tree.unflatten(node, {**targets, **values}.__getitem__)
         which = f"step {step}" if step is not None else "any step"
         raise CorruptCheckpointError(
             f"no good copy of {which} of run {self.run!r} for {everyone}: " + "; ".join(problems)
         )
+
+    def _populate(self, step: int, source: Storage) -> None:
+        """Copy this rank's shard of ``step`` from ``source`` into each faster tier (the first
+        from ``source``, the others from it), verified, on a background thread."""
+        storages = [storage for _, storage in self._tiers]
+        faster = storages[: storages.index(source)]
+        if not faster:
+            return
+
+        def copy() -> None:
+            origin = source
+            for storage in faster:
+                try:
+                    if commit.saved_world_size(origin, self.run, step) != self.world_size:
+                        log.info("step %d was saved by another world size: not copied to "
+                                 "%s", step, storage.describe())  # fmt: skip
+                        return
+                    tiercopy.copy_shard(origin, storage, self.run, step, self.rank)
+                    ranks = range(self.world_size) if storage.shared else self.node_ranks
+                    commit.try_commit(storage, self.run, step, self.world_size, ranks)
+                    origin = faster[0]
+                except Exception as exc:  # the restore is done; only the next one is slower
+                    log.warning("step %d: not copied to %s for the next restart: %s", step,
+                                storage.describe(), exc)  # fmt: skip
+
+        thread = threading.Thread(target=copy, name="mtckpt-populate", daemon=True)
+        thread.start()
+        self._populating.append(thread)
 
     def _load_step(self, step, holders, target, strict, allow_pickle, problems):
         """Load this rank's part of ``step`` from the fastest tier with a good copy:
@@ -456,7 +507,7 @@ class CheckpointManager:
         every peer chosen by the daemon holds)."""
         self._check_open()
         steps = {storage.name: self._committed(storage) for _, storage in self._tiers}
-        if self._peers is not None:
+        if self._replicating:
             steps["peers"] = self._peers.replicated_steps()
         return steps
 

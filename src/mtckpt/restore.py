@@ -4,7 +4,10 @@ The data file is mapped and walked chunk by chunk (the manifest holds one crc32c
 chunk): every chunk holding bytes that are read is checksummed in the same pass that copies
 them into their destination, which is the target's own array when one is given, so restore
 costs one copy. Chunks no wanted byte lies in are not read. Chunks are spread over threads;
-a mismatch names the file, the chunk and the keys it holds.
+a mismatch names the file, the chunk and the keys it holds. From the object tier (a
+storage read by ranged requests, whose manifest records how the file is stored), only the
+stored pieces under wanted bytes are fetched, in parallel, decoded, and copied the same
+way; no whole-file buffer is made.
 """
 
 from __future__ import annotations
@@ -168,24 +171,26 @@ def _fetch_verified(storage, manifest, targets, skip, where) -> dict[str, Any]:
     their destinations, every chunk checked; no whole-file buffer is made."""
     plan = _Plan(manifest, targets, skip)
     size = manifest.chunk_size
-    needed = _chunks_under(plan.segments, size)
+    segments = sorted((seg for seg in plan.segments if seg[1] > seg[0]), key=lambda seg: seg[0])
+    starts, ends = [seg[0] for seg in segments], [seg[1] for seg in segments]  # both ascending
     group = max(size, storage.part_size // size * size)
-    pieces = [
-        piece
-        for piece in manifest.stored.pieces(manifest.file_size, group)
-        if any(piece[2] // size <= i < -(-piece[3] // size) for i in needed)
-    ]
+    pieces = []  # (piece, the segments in it)
+    for piece in manifest.stored.pieces(manifest.file_size, group):
+        inside = segments[
+            bisect.bisect_right(ends, piece[2]) : bisect.bisect_left(starts, piece[3])
+        ]
+        if inside:
+            pieces.append((piece, inside))
 
-    def fetch(piece: tuple[int, int, int, int]) -> None:
-        stored_start, stored_end, start, end = piece
+    def fetch(item) -> None:
+        (stored_start, stored_end, start, end), inside = item
         data = storage.read_range(manifest.run, manifest.step, manifest.data_file,
                                   stored_start, stored_end)  # fmt: skip
         if manifest.stored.encoding == "zstd":
             data = encoding.decompress(data, end - start, where, start)
         src = np.frombuffer(data, np.uint8)
         chunks = range(start // size, -(-end // size))
-        copy_verified(src, manifest, plan.segments, threads=1, where=where, base=start,
-                      only=chunks)  # fmt: skip
+        copy_verified(src, manifest, inside, threads=1, where=where, base=start, only=chunks)
 
     try:
         with ThreadPoolExecutor(max(1, min(storage.concurrency, len(pieces)))) as pool:

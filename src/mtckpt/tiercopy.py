@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 from . import checksum, encoding, naming
 from .errors import ChecksumMismatchError
@@ -16,24 +17,33 @@ from .tiers.base import Storage
 WRITE_SIZE = 16 * 1024 * 1024  # bytes per write to the destination
 
 
-def put_shard(dest: Storage, manifest: RankManifest, data, where: str, threads: int = 1) -> None:
+def put_shard(
+    dest: Storage, manifest: RankManifest, data, where: str, threads: int = 1,
+    recheck: bool = False,
+) -> None:  # fmt: skip
     """Write a shard to ``dest``: ``data`` (its whole data file), every chunk checked against
     ``manifest`` before it is given out, then the manifest (the shard is whole on ``dest``
     once its manifest is there). A storage that takes whole files gets the file in one
-    buffer, encoded as it stores it, checked again once it is up, and a manifest that
-    records how it is stored."""
+    buffer, encoded as it stores it, and a manifest that records how it is stored; with
+    ``recheck`` (``data`` may be overwritten meanwhile: a memory slot no one pins), the
+    file is checked again once it is up, and deleted if it changed."""
     view = memoryview(data).cast("B")
     run, step = manifest.run, manifest.step
     if dest.whole_files:
         _check_chunks(view, manifest, 0, where, threads)
-        payload, stored = encoding.encode(view, manifest.chunk_size, dest.compression,
-                                          dest.compression_level, threads)  # fmt: skip
-        dest.write_stream(run, step, manifest.data_file, stored.size, [payload])
-        try:  # a file that changed during a long upload (a reused memory slot) is not kept
-            _check_chunks(view, manifest, 0, f"{where} (changed while it was uploaded)", threads)
-        except ChecksumMismatchError:
-            dest.delete(run, step, manifest.data_file)
-            raise
+        with ThreadPoolExecutor(1) as pool:  # the stored bytes' crc32c beside the upload
+            payload, stored = encoding.encode(view, manifest.chunk_size, dest.compression,
+                                              dest.compression_level, threads, pool)  # fmt: skip
+            size = memoryview(payload).nbytes
+            dest.write_stream(run, step, manifest.data_file, size, [payload])
+            stored = stored.result()
+        if recheck:
+            try:
+                _check_chunks(view, manifest, 0, f"{where} (changed while it was uploaded)",
+                              threads)  # fmt: skip
+            except ChecksumMismatchError:
+                dest.delete(run, step, manifest.data_file)
+                raise
         manifest = dataclasses.replace(manifest, stored=stored)
     else:
         dest.write_stream(run, step, manifest.data_file, manifest.file_size,
@@ -66,14 +76,16 @@ def _check_chunks(piece, manifest: RankManifest, first: int, where: str, threads
             )
 
 
-def copy_shard(source: Storage, dest: Storage, run: str, step: int, rank: int) -> int:
-    """Copy ``rank``'s shard of ``step`` from ``source`` to ``dest``, verified; the bytes
-    of its data file. Committing the step is the caller's."""
+def copy_shard(
+    source: Storage, dest: Storage, run: str, step: int, rank: int, recheck: bool = False
+) -> int:
+    """Copy ``rank``'s shard of ``step`` from ``source`` to ``dest``, verified (``recheck``:
+    see put_shard); the bytes of its data file. Committing the step is the caller's."""
     manifest = read_manifest(source, run, step, rank)
     where = f"{source.describe()}: step {step} {manifest.data_file}"
     data = open_data(source, manifest, where)
     try:
-        put_shard(dest, manifest, data, where)
+        put_shard(dest, manifest, data, where, recheck=recheck)
     finally:
         close_mapping(data)
     return manifest.file_size

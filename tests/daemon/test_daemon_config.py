@@ -71,6 +71,9 @@ def test_daemon_and_restore_take_their_settings_from_the_config_file(tmp_path):
         ("[daemon]\n", [], "no memory root"),
         ('[daemon]\nmemory_root = "/tmp/m"\n', ["--tls-cert", "c.pem"], "go together"),
         ('[daemon]\nmemory_root = "/tmp/m"\n', ["--nice", "25"], "nice must be 0..19"),
+        ('[daemon]\nmemory_root = "/tmp/m"\n', ["--remote", "bucket"], "remote.url must be a URL"),
+        ('[daemon]\nmemory_root = "/tmp/m"\n[remote]\nurl = "s3://b"\ncompression = "lz4"\n', [],
+         "remote.compression must be None or 'zstd'"),
     ],
 )
 def test_bad_daemon_settings_exit_1_with_the_reason(tmp_path, text, args, message):

@@ -92,8 +92,8 @@ def test_bad_peer_configuration_is_refused_with_the_reason(cluster, tmp_path):
     with pytest.raises(ConfigError, match="is not the memory root"):
         CheckpointManager(RUN, MemoryTier(str(tmp_path / "elsewhere")),
                           peers=PeerTier(daemon=address))  # fmt: skip
-    with pytest.raises(ConfigError, match="peers.replicas"):
-        PeerTier(replicas=0)
+    with pytest.raises(ConfigError, match="peers.replicas must be an int >= 0"):
+        PeerTier(replicas=-1)
 
 
 NODE_RANK = textwrap.dedent("""

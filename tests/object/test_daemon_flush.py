@@ -69,9 +69,9 @@ def remote_daemon(moto, bucket, tmp_path):
             process.kill()
 
 
-def trainer(daemon, remote: ObjectTier) -> CheckpointManager:
+def trainer(daemon, remote: ObjectTier, replicas: int = 1) -> CheckpointManager:
     with mock.patch.dict(os.environ, {"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}):
-        peers = PeerTier(daemon=f"unix://{daemon.socket}")
+        peers = PeerTier(daemon=f"unix://{daemon.socket}", replicas=replicas)
         return CheckpointManager(RUN, rank=0, world_size=1, peers=peers, remote=remote)
 
 
@@ -99,6 +99,16 @@ def test_the_daemon_uploads_what_its_trainer_saves(remote_daemon, shm_dir):
         step, restored = mgr.restore()
     assert step == 2
     assert_same_state(restored, state(2))
+
+
+def test_without_replicas_the_daemon_keeps_node_memory_and_uploads(remote_daemon):
+    daemon, remote = remote_daemon
+    with trainer(daemon, remote, replicas=0) as mgr:
+        handle = mgr.save(1, state(1))
+        handle.wait()
+        assert "peers" not in handle.tiers
+        assert mgr.steps() == {"memory": [1], "remote": [1]}
+    assert flushes(daemon)[1].phase == Phase.DONE
 
 
 def test_a_trainer_naming_another_url_than_its_daemon_is_refused(remote_daemon, bucket):

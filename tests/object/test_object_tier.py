@@ -18,6 +18,7 @@ from mtckpt import (
     CheckpointManager,
     ChecksumMismatchError,
     ConfigError,
+    LocalTier,
     MemoryTier,
     ObjectTier,
     TierError,
@@ -190,6 +191,52 @@ def test_the_stored_bytes_crc32c_is_checked_on_whole_file_reads(moto, bucket, sh
     with pytest.raises(ChecksumMismatchError, match="the stored bytes have crc32c"):
         tiercopy.copy_shard(storage, LocalStorage(tmp_path), RUN, 1, 0)
     assert LocalStorage(tmp_path).files(RUN, 1) == []
+
+
+def test_a_restore_from_the_object_tier_can_populate_the_node_tiers(moto, bucket, shm_dir,
+                                                                     tmp_path, caplog):  # fmt: skip
+    remote = s3_tier(moto, bucket, compression="zstd")
+    with manager(shm_dir / "a", remote) as mgr:
+        for step in (1, 2):
+            mgr.save(step, state(step)).wait()
+    caplog.set_level(logging.INFO, logger="mtckpt")
+
+    def node_manager() -> CheckpointManager:  # a new node: empty memory and disk
+        memory = MemoryTier(str(shm_dir / "fresh"), keep=2)
+        local = LocalTier(str(tmp_path / "local"), keep=2)
+        return CheckpointManager(RUN, rank=0, world_size=1, memory=memory, local=local,
+                                 remote=remote)  # fmt: skip
+
+    with node_manager() as mgr:
+        step, restored = mgr.restore(populate=True)
+        mgr.wait()
+        assert mgr.steps() == {"memory": [2], "local": [2], "remote": [1, 2]}
+    assert "restored step 2 from the remote tier" in caplog.text
+    assert_same_state(restored, state(2))
+    caplog.clear()
+    with node_manager() as mgr:  # the next restart: from node memory
+        step, restored = mgr.restore()
+    assert "restored step 2 from the memory tier" in caplog.text
+    assert_same_state(restored, state(2))
+
+
+def test_unfinished_uploads_of_a_killed_writer_are_aborted(moto, bucket, shm_dir):
+    storage = ObjectStorage(f"s3://{bucket}/ckpt", storage_options=moto.options())
+    mine, theirs = (storage.path(RUN, 5, naming.data_file(r)).split("/", 1)[1] for r in (0, 1))
+    for key in (mine, theirs):  # what a writer killed mid-upload leaves
+        storage.fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key)
+
+    def unfinished() -> list[str]:
+        listing = storage.fs.call_s3("list_multipart_uploads", Bucket=bucket)
+        return sorted(upload["Key"] for upload in listing.get("Uploads", []))
+
+    # moto dates every upload in 2010: the age limit is moved instead of the clock.
+    with mock.patch("mtckpt.tiers.object.STALE_UPLOAD_SECONDS", 1e12):
+        manager(shm_dir / "a", s3_tier(moto, bucket)).close()
+    assert unfinished() == sorted([mine, theirs])  # young: perhaps still under way
+    with mock.patch("mtckpt.tiers.object.STALE_UPLOAD_SECONDS", 0):
+        manager(shm_dir / "b", s3_tier(moto, bucket)).close()  # rank 0 aborts its own
+    assert unfinished() == [theirs]
 
 
 def test_a_bucket_that_does_not_exist_is_a_clear_error(moto, shm_dir):

@@ -218,3 +218,16 @@ def test_bad_daemon_settings_name_the_key(tmp_path, text, env, message):
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
         config.load_daemon(path, env=env)
+
+
+def test_the_daemon_uploads_where_the_remote_table_says(tmp_path):
+    path = tmp_path / "mtckpt.toml"
+    path.write_text('[daemon]\nmemory_root = "/dev/shm/m"\n'
+                    '[remote]\nurl = "s3://bucket/prefix"\nkeep = 5\ncompression = "zstd"\n')
+    assert config.load_daemon(path, env={})["remote"] == ObjectTier(
+        url="s3://bucket/prefix", keep=5, compression="zstd"
+    )
+    moved = config.load_daemon(path, env={"MTCKPT_DAEMON_REMOTE": "file:///mnt/ckpt"})
+    assert moved["remote"] == ObjectTier(url="file:///mnt/ckpt", keep=5, compression="zstd")
+    path.write_text('[daemon]\nmemory_root = "/dev/shm/m"\n')
+    assert "remote" not in config.load_daemon(path, env={})

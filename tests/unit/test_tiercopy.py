@@ -15,6 +15,7 @@ from mtckpt import (
 )
 from mtckpt.tiers.local import LocalStorage
 from mtckpt.tiers.memory import MemoryStorage
+from mtckpt.tiers.object import ObjectStorage
 
 RUN = "copy"
 
@@ -54,3 +55,26 @@ def test_a_truncated_data_file_is_not_copied(memory, tmp_path):
         f.truncate(1 << 20)
     with pytest.raises(CorruptCheckpointError, match="1048576 bytes, the manifest records"):
         tiercopy.copy_shard(memory, LocalStorage(tmp_path), RUN, 7, 0)
+
+
+class SlotReusedDuringUpload(ObjectStorage):
+    """A file:// object tier during whose upload the trainer writes the next step into the
+    same memory slot (what the daemon's flusher may meet when no trainer pins the step)."""
+
+    def __init__(self, url: str, slot_path) -> None:
+        super().__init__(url)
+        self.slot_path = slot_path
+
+    def write_stream(self, run, step, name, size, chunks):
+        super().write_stream(run, step, name, size, chunks)
+        with open(self.slot_path, "r+b") as f:
+            f.seek(1 << 20)
+            f.write(b"next step")
+
+
+def test_a_file_that_changes_during_its_upload_is_not_kept(memory, tmp_path):
+    remote = SlotReusedDuringUpload(f"file://{tmp_path}/remote",
+                                    memory.path(RUN, 7, naming.data_file(0)))  # fmt: skip
+    with pytest.raises(ChecksumMismatchError, match="changed while it was uploaded"):
+        tiercopy.copy_shard(memory, remote, RUN, 7, 0, recheck=True)
+    assert remote.files(RUN, 7) == []  # neither the data file nor a manifest is left

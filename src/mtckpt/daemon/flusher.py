@@ -130,7 +130,7 @@ class Flusher:
             raise CorruptCheckpointError(
                 f"{shard}: not committed in this node's memory or local tier"
             )
-        tiercopy.copy_shard(source, self.storage, run, step, rank)
+        tiercopy.copy_shard(source, self.storage, run, step, rank, recheck=True)
         world = commit.saved_world_size(source, run, step)
         commit.try_commit(self.storage, run, step, world, range(world))
         try:

@@ -65,5 +65,9 @@ class Storage(ABC):
     def remove_step_dir(self, run: str, step: int) -> bool:
         """Remove a step's directory if it is empty; whether it is gone."""
 
+    def clean_leftovers(self, run: str, rank: int) -> None:  # noqa: B027 - optional hook
+        """Remove what a killed writer of ``rank`` may have left outside the files (an
+        object store's unfinished multipart uploads)."""
+
     def close(self) -> None:  # noqa: B027 - an optional hook, not every storage holds anything
         """Release what this storage holds open."""

@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 BACKOFF_SECONDS = 0.2  # the first retry's wait; doubled each time, with jitter
 BACKOFF_MAX_SECONDS = 10.0
+# An unfinished multipart upload this old was left by a writer that died (or whose abort
+# failed): its parts are billed until aborted. Younger ones may still be under way.
+STALE_UPLOAD_SECONDS = 6 * 3600
 _PERMANENT = (FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError,
               ValueError, TypeError)  # fmt: skip
 
@@ -198,6 +201,28 @@ class ObjectStorage(Storage):
         except FileNotFoundError:
             pass
         self.fs.invalidate_cache(self.step_path(run, step))
+
+    def clean_leftovers(self, run: str, rank: int) -> None:
+        """Abort unfinished multipart uploads of ``rank``'s data files in ``run`` begun more
+        than STALE_UPLOAD_SECONDS ago (S3 only; an S3 lifecycle rule aborting incomplete
+        uploads after a day or two covers ranks that never start again)."""
+        if not self._multipart:
+            return
+        bucket, _, prefix = self.run_dir(run).partition("/")
+        name = naming.data_file(rank)
+        listing = self.call(f"list unfinished uploads under {bucket}/{prefix}",
+                            lambda: self.fs.call_s3("list_multipart_uploads", Bucket=bucket,
+                                                    Prefix=prefix + "/"))  # fmt: skip
+        now = time.time()
+        for upload in listing.get("Uploads", []):
+            key, initiated = upload["Key"], upload["Initiated"].timestamp()
+            if posixpath.basename(key) != name or now - initiated < STALE_UPLOAD_SECONDS:
+                continue
+            log.warning("%s: aborting an unfinished upload of %s begun %.1f h ago",
+                        self.describe(), key, (now - initiated) / 3600)  # fmt: skip
+            self.call(f"abort the upload of {key}",
+                      lambda k=key, u=upload["UploadId"]: self.fs.call_s3(
+                          "abort_multipart_upload", Bucket=bucket, Key=k, UploadId=u))  # fmt: skip
 
     def remove_step_dir(self, run: str, step: int) -> bool:
         if self.files(run, step):
