@@ -105,9 +105,14 @@ class Daemon:
         self.proc.wait(timeout=120)
 
 
-def state_of(nbytes: int, seed: int) -> dict:
+def state_of(nbytes: int, seed: int, weights: bool = False) -> dict:
+    """Random bytes, or with ``weights`` float32 values of a trained layer's spread (what
+    zstd can shrink a little: the exponent bytes repeat)."""
     rng = np.random.default_rng(seed)
     per = 64 << 20
+    if weights:
+        return {f"t{i}": (rng.standard_normal(min(per, nbytes - i * per) // 4, np.float32) * 0.02)
+                for i in range(-(-nbytes // per))}  # fmt: skip
     return {f"t{i}": rng.integers(0, 255, min(per, nbytes - i * per), dtype=np.uint8)
             for i in range(-(-nbytes // per))}  # fmt: skip
 
@@ -120,22 +125,24 @@ def manager(memory_root: Path, remote: mtckpt.ObjectTier | None,
 
 
 def flush_and_restore(url: str, options: dict, memory_root: Path, nbytes: int,
-                      repeats: int) -> dict:  # fmt: skip
+                      repeats: int, compression: str | None) -> dict:  # fmt: skip
     """Seconds from memory commit to flushed, per step; then the restore into an empty
     memory tier; and the plain upload / download of the data file's bytes."""
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(url, **options)
-    remote = mtckpt.ObjectTier(url=url, storage_options=options, keep=2)
+    remote = mtckpt.ObjectTier(url=url, storage_options=options, keep=2, compression=compression)
     flushed, plain_up, plain_down, data_size = [], [], [], 0
     with manager(memory_root / "a", remote) as mgr:
         for step in range(1, repeats + 1):  # interleaved with the plain uploads: the disk's
-            handle = mgr.save(step, state_of(nbytes, step))  # write-back hits both alike
+            state = state_of(nbytes, step, weights=compression is not None)
+            handle = mgr.save(step, state)  # write-back hits both alike
             handle.wait("memory")
             started = time.perf_counter()
             handle.wait("remote")
             flushed.append(time.perf_counter() - started)
             mgr.wait()  # retention done before the plain upload
+            stored = fs.size(f"{root}/{RUN}/{naming.step_dir(step)}/{naming.data_file(0)}")
             data_file = memory_root / "a" / RUN / naming.step_dir(step) / naming.data_file(0)
             data_size = data_file.stat().st_size
             data = data_file.read_bytes()
@@ -155,7 +162,7 @@ def flush_and_restore(url: str, options: dict, memory_root: Path, nbytes: int,
         step, _ = mgr.restore()
     restored = time.perf_counter() - started
     assert step == repeats
-    return {"bytes": data_size, "flush_s": flushed, "restore_s": restored,
+    return {"bytes": data_size, "stored_bytes": stored, "flush_s": flushed, "restore_s": restored,
             "plain_pipe_s": plain_up, "plain_cat_s": plain_down}  # fmt: skip
 
 
@@ -190,6 +197,8 @@ def main() -> None:
         default=10,
         help="nice value of the S3 emulator (10: it stands for a remote service)",
     )
+    parser.add_argument("--compression", choices=["zstd"], default=None,
+                        help="flush with zstd (the step then holds float32 weights-like data)")
     parser.add_argument("--out", default="bench-out/object.json")
     args = parser.parse_args()
     started = _dt.datetime.now(_dt.timezone.utc)
@@ -203,7 +212,7 @@ def main() -> None:
                    "file:// (local disk)": (f"file://{disk}/ckpt", {})}  # fmt: skip
         for label, (url, options) in targets.items():
             results[label] = flush_and_restore(url, options, memory / label[:2], nbytes,
-                                               args.repeats)  # fmt: skip
+                                               args.repeats, args.compression)  # fmt: skip
         labels = ("memory tier only", "flushing to file://", "flushing to S3, by the trainer",
                   "flushing to S3, by the node daemon")  # fmt: skip
         loops = {label: [] for label in labels}
@@ -239,13 +248,15 @@ def main() -> None:
         cat = statistics.median(r["plain_cat_s"])
         rows.append([label, f"{flush:.2f} s ({gib / flush:.2f} GiB/s)",
                      f"{plain:.2f} s ({gib / plain:.2f} GiB/s)", f"{r['restore_s']:.2f} s",
-                     f"{cat:.2f} s"])  # fmt: skip
+                     f"{cat:.2f} s", f"{r['stored_bytes'] / r['bytes']:.3f}"])  # fmt: skip
         checks.append(target_check(f"flush throughput / plain fs.pipe_file, {label}",
                                    plain / flush, 0.9, "min",
                                    "same bytes, same run; median of the repeats"))  # fmt: skip
-    print(f"\n{args.size_gib} GiB step, median of {args.repeats}:")
+    what = "zstd, float32 weights-like data" if args.compression else "random bytes"
+    print(f"\n{args.size_gib} GiB step ({what}), median of {args.repeats}:")
     print(markdown_table(["target", "mtckpt flush", "plain fs.pipe_file", "mtckpt restore "
-                          "(empty memory)", "plain fs.cat_file"], rows))  # fmt: skip
+                          "(empty memory)", "plain fs.cat_file", "stored / data bytes"],
+                         rows))  # fmt: skip
     if args.loop_rounds:
         base = statistics.mean(loops["memory tier only"])
         loop_rows = [
