@@ -10,8 +10,10 @@ Concatenated frames are one valid zstd stream: ``zstd -d`` reads the stored obje
 
 from __future__ import annotations
 
+import collections
 import itertools
 import threading
+from collections.abc import Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -114,33 +116,42 @@ def _zstd(what: str):
 def encode(
     data: memoryview, chunk_size: int, compression: str | None, level: int, threads: int,
     pool: Executor,
-) -> tuple[Any, Future]:  # fmt: skip
-    """``data`` (a whole data file) as it is to be stored, and its StoredFile, a future:
-    without compression, its crc32c is computed on ``pool`` while the caller uploads."""
+) -> tuple[Iterator[Any], Future]:  # fmt: skip
+    """``data`` (a whole data file) as the buffers to store, in order, and its StoredFile, a
+    future done once they are all given out. Without compression: ``data`` itself, its
+    crc32c computed on ``pool`` meanwhile. With zstd: frames compressed on ``threads``
+    threads a few ahead of the one given out, so the upload overlaps the compression."""
     if compression is None:
-        return data, pool.submit(lambda: StoredFile("identity", data.nbytes, checksum.crc32c(data)))
+        return iter([data]), pool.submit(
+            lambda: StoredFile("identity", data.nbytes, checksum.crc32c(data))
+        )
     zstandard = _zstd("remote")
     frame_size = max(chunk_size, FRAME_BYTES // chunk_size * chunk_size)
     local = threading.local()
+    done: Future = Future()
 
     def compress(start: int) -> bytes:
         if not hasattr(local, "compressor"):
             local.compressor = zstandard.ZstdCompressor(level=level, write_checksum=True)
         return local.compressor.compress(data[start : start + frame_size])
 
-    with ThreadPoolExecutor(max(1, threads)) as workers:
-        frames = list(workers.map(compress, range(0, data.nbytes, frame_size)))
-    stored = bytearray(sum(map(len, frames)))
-    view, crc, position = memoryview(stored), 0, 0
-    for frame in frames:
-        view[position : position + len(frame)] = frame
-        crc = checksum.crc32c(frame, crc)
-        position += len(frame)
-    view.release()
-    lengths = tuple(len(frame) for frame in frames)
-    done: Future = Future()
-    done.set_result(StoredFile("zstd", len(stored), crc, level, frame_size, lengths))
-    return stored, done
+    def frames() -> Iterator[bytes]:
+        starts = iter(range(0, data.nbytes, frame_size))
+        crc, lengths = 0, []
+        with ThreadPoolExecutor(max(1, threads)) as workers:
+            first = itertools.islice(starts, 2 * max(1, threads))
+            ahead = collections.deque(workers.submit(compress, s) for s in first)
+            while ahead:
+                frame = ahead.popleft().result()
+                following = next(starts, None)
+                if following is not None:
+                    ahead.append(workers.submit(compress, following))
+                crc = checksum.crc32c(frame, crc)
+                lengths.append(len(frame))
+                yield frame
+        done.set_result(StoredFile("zstd", sum(lengths), crc, level, frame_size, tuple(lengths)))
+
+    return frames(), done
 
 
 def check_stored(data: Any, stored: StoredFile, where: str) -> None:

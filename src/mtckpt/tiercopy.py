@@ -32,10 +32,10 @@ def put_shard(
     if dest.whole_files:
         _check_chunks(view, manifest, 0, where, threads)
         with ThreadPoolExecutor(1) as pool:  # the stored bytes' crc32c beside the upload
-            payload, stored = encoding.encode(view, manifest.chunk_size, dest.compression,
-                                              dest.compression_level, threads, pool)  # fmt: skip
-            size = memoryview(payload).nbytes
-            dest.write_stream(run, step, manifest.data_file, size, [payload])
+            pieces, stored = encoding.encode(view, manifest.chunk_size, dest.compression,
+                                             dest.compression_level, threads, pool)  # fmt: skip
+            size = view.nbytes if dest.compression is None else None  # zstd: known at the end
+            dest.write_stream(run, step, manifest.data_file, size, pieces)
             stored = stored.result()
         if recheck:
             try:

@@ -27,6 +27,7 @@ from mtckpt import (
     restore,
     tiercopy,
 )
+from mtckpt.tiers import object as object_tier
 from mtckpt.tiers.local import LocalStorage
 from mtckpt.tiers.object import ObjectStorage
 from states import assert_same_state
@@ -68,8 +69,9 @@ def test_steps_flushed_to_s3_restore_after_node_memory_is_gone(moto, bucket, shm
     assert "restored step 3 from the remote tier" in caplog.text
 
 
-def test_large_files_go_up_as_multipart_uploads(moto, bucket, shm_dir):
-    remote = s3_tier(moto, bucket, part_size=5 << 20, concurrency=3)
+@pytest.mark.parametrize("compression", [None, "zstd"])  # zstd: parts sent as frames come
+def test_large_files_go_up_as_multipart_uploads(moto, bucket, shm_dir, compression):
+    remote = s3_tier(moto, bucket, part_size=5 << 20, concurrency=3, compression=compression)
     with manager(shm_dir / "a", remote) as mgr:
         mgr.save(1, state(1, 13 << 20)).wait()
     storage = ObjectStorage(remote.url, storage_options=moto.options())
@@ -123,6 +125,14 @@ def test_a_damaged_object_is_detected_and_an_older_step_used(moto, bucket, shm_d
     assert step == 1
     assert_same_state(restored, state(1))
     assert "remote tier" in caplog.text and "step 2" in caplog.text
+
+
+def test_parts_are_cut_at_part_size_across_buffers():
+    chunks = [b"a" * 3, b"b" * 10, b"", b"c" * 2, b"d" * 4]
+    parts = [bytes(p) for p in object_tier._parts(chunks, 4)]
+    assert parts == [b"aaab", b"bbbb", b"bbbb", b"bccd", b"ddd"]
+    assert [bytes(p) for p in object_tier._parts([b"x" * 8], 4)] == [b"xxxx", b"xxxx"]
+    assert list(object_tier._parts([], 4)) == []
 
 
 def compressible_state(step: int) -> dict:

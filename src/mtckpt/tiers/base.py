@@ -54,8 +54,11 @@ class Storage(ABC):
         """Write a small file atomically."""
 
     @abstractmethod
-    def write_stream(self, run: str, step: int, name: str, size: int, chunks: Iterable) -> None:
-        """Write ``size`` bytes given as consecutive buffers atomically."""
+    def write_stream(
+        self, run: str, step: int, name: str, size: int | None, chunks: Iterable
+    ) -> None:
+        """Write ``size`` bytes given as consecutive buffers atomically (None: a size known
+        only at the end, given only to storages that take whole files)."""
 
     @abstractmethod
     def delete(self, run: str, step: int, name: str) -> None:

@@ -5,18 +5,20 @@ names; the step's ``COMMIT`` object, written last by whichever rank finds every 
 manifest present, is the only commit. Large files go up as multipart uploads with
 bounded concurrency; every request is retried with exponential backoff on errors that
 may pass (a dropped connection, an endpoint restarting), never on a missing bucket or a
-refused permission. Reads of a data file are ranged GETs run in parallel. Data files may be
+refused permission; each part of a multipart upload is retried on its own. Reads of a data
+file are ranged GETs run in parallel. Data files may be
 stored zstd-compressed (:mod:`mtckpt.encoding`); the manifest says how each one is stored.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import posixpath
 import random
 import time
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Any, TypeVar
 
 from .. import encoding, naming
@@ -170,29 +172,80 @@ class ObjectStorage(Storage):
     def write_bytes(self, run: str, step: int, name: str, data: bytes) -> None:
         self.write_stream(run, step, name, len(data), [data])
 
-    def write_stream(self, run: str, step: int, name: str, size: int, chunks: Iterable) -> None:
-        """Upload ``size`` bytes (one buffer: uploaded as it is; several: joined first) as
-        ``name``; above ``part_size``, in parts of that size, ``concurrency`` at a time."""
-        pieces = list(chunks)
-        data = memoryview(pieces[0]).cast("B") if len(pieces) == 1 else memoryview(b"".join(pieces))
-        if data.nbytes != size:
-            raise ValueError(f"{name}: expected {size} bytes, got {data.nbytes}")
+    def write_stream(
+        self, run: str, step: int, name: str, size: int | None, chunks: Iterable
+    ) -> None:
+        """Upload the consecutive buffers ``chunks`` (``size`` bytes; None: not known
+        beforehand) as ``name``. On S3, from two parts on, as a multipart upload: parts of
+        ``part_size`` sent as the chunks come, ``concurrency`` at a time, each retried on
+        its own; a failed upload is aborted."""
         path = self.path(run, step, name)
         if self._has_dirs:
             self.fs.makedirs(self.step_path(run, step), exist_ok=True)
         try:
-            if self._multipart and size >= 2 * self.part_size:  # s3fs's multipart threshold
-                options = {"chunksize": self.part_size, "max_concurrency": self.concurrency}
-                parts = _Parts(data)
-                self.call(f"upload {path}", lambda: self.fs.pipe_file(path, parts, **options))
-            else:  # a local file takes the view as it is; others may keep what they get
-                body = data if self._has_dirs else bytes(data)
+            if self._multipart:
+                sent = self._upload_parts(path, _parts(chunks, self.part_size))
+            else:
+                pieces = [memoryview(c).cast("B") for c in chunks]
+                body = pieces[0] if len(pieces) == 1 else memoryview(b"".join(pieces))
+                sent = body.nbytes
+                if not self._has_dirs:  # a local file takes the view; others may keep it
+                    body = bytes(body)
                 self.call(f"upload {path}", lambda: self.fs.pipe_file(path, body))
         except FileNotFoundError as exc:
             raise TierError(f"{self.describe()}: cannot upload {path}: {exc} (does the bucket "
                             "exist?)") from exc  # fmt: skip
         finally:
             self.fs.invalidate_cache(self.step_path(run, step))
+        if size is not None and sent != size:
+            self.delete(run, step, name)
+            raise ValueError(f"{path}: expected {size} bytes, got {sent}")
+
+    def _upload_parts(self, path: str, parts: Iterator[memoryview]) -> int:
+        """Upload ``parts`` to S3 as one object (one PUT if there is a single part); the
+        bytes sent."""
+        bucket, key = path.split("/", 1)
+        first = next(parts, memoryview(b""))
+        second = next(parts, None)
+        if second is None:
+            body = bytes(first)
+            self.call(f"upload {path}", lambda: self.fs.call_s3(
+                "put_object", Bucket=bucket, Key=key, Body=body))  # fmt: skip
+            return len(body)
+        started = self.call(f"start the upload of {path}", lambda: self.fs.call_s3(
+            "create_multipart_upload", Bucket=bucket, Key=key))  # fmt: skip
+        upload = started["UploadId"]
+
+        def send(number: int, part: memoryview) -> dict:
+            body = bytes(part)  # copied out of node memory only while in flight
+            reply = self.call(f"upload part {number} of {path}", lambda: self.fs.call_s3(
+                "upload_part", Bucket=bucket, Key=key, UploadId=upload, PartNumber=number,
+                Body=body))  # fmt: skip
+            return {"PartNumber": number, "ETag": reply["ETag"]}
+
+        sent, in_flight, done = 0, set(), []
+        try:
+            with ThreadPoolExecutor(self.concurrency) as pool:
+                for number, part in enumerate(itertools.chain([first, second], parts), 1):
+                    if len(in_flight) >= self.concurrency:
+                        finished, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
+                        done += [f.result() for f in finished]
+                    in_flight.add(pool.submit(send, number, part))
+                    sent += part.nbytes
+                done += [f.result() for f in in_flight]
+            listing = {"Parts": sorted(done, key=lambda p: p["PartNumber"])}
+            self.call(f"finish the upload of {path}", lambda: self.fs.call_s3(
+                "complete_multipart_upload", Bucket=bucket, Key=key, UploadId=upload,
+                MultipartUpload=listing))  # fmt: skip
+        except BaseException:
+            try:
+                self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key,
+                                UploadId=upload)  # fmt: skip
+            except Exception as exc:  # clean_leftovers aborts it later
+                log.warning("%s: cannot abort the upload of %s: %s", self.describe(), path,
+                            _reason(exc))  # fmt: skip
+            raise
+        return sent
 
     def delete(self, run: str, step: int, name: str) -> None:
         path = self.path(run, step, name)
@@ -255,18 +308,25 @@ def object_storage(cfg: ObjectTier) -> ObjectStorage:
     return storage
 
 
-class _Parts:
-    """A buffer whose slices are copied out as bytes only when asked for: s3fs slices one
-    part per request, ``concurrency`` at a time, so at most that many parts are copied."""
-
-    def __init__(self, view: memoryview) -> None:
-        self.view = view
-
-    def __len__(self) -> int:
-        return self.view.nbytes
-
-    def __getitem__(self, index: slice) -> bytes:
-        return bytes(self.view[index])
+def _parts(chunks: Iterable, size: int) -> Iterator[memoryview]:
+    """The bytes of ``chunks`` in parts of ``size`` (the last one shorter): slices of a
+    chunk where a part lies within it, else copies."""
+    pending = bytearray()
+    for chunk in chunks:
+        view = memoryview(chunk).cast("B")
+        while view.nbytes:
+            if not pending and view.nbytes >= size:
+                yield view[:size]
+                view = view[size:]
+                continue
+            take = min(size - len(pending), view.nbytes)
+            pending += view[:take]
+            view = view[take:]
+            if len(pending) == size:
+                yield memoryview(pending)
+                pending = bytearray()
+    if pending:
+        yield memoryview(pending)
 
 
 def _reason(exc: BaseException) -> str:
