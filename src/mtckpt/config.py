@@ -121,6 +121,8 @@ class ObjectTier:
     ``part_size`` go up as multipart uploads of ``concurrency`` parts at a time; a failed
     request is retried ``retries`` times with exponential backoff. ``compression="zstd"``
     stores data files as zstd frames of ``compression_level`` (needs ``mtckpt[zstd]``).
+    ``backlog``: a step due while a flush still runs replaces older ones waiting ("newest",
+    logged) or waits its turn ("queue": each keeps its node-memory copy until it is up).
     ``storage_options`` go to the fsspec filesystem (``endpoint_url``, ``key``, ...)."""
 
     url: str
@@ -134,6 +136,7 @@ class ObjectTier:
     retries: int = 5
     compression: str | None = None
     compression_level: int = encoding.DEFAULT_LEVEL
+    backlog: str = "newest"
 
     def __post_init__(self) -> None:
         if not isinstance(self.url, str) or "://" not in self.url:
@@ -157,6 +160,8 @@ class ObjectTier:
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ConfigError(f"remote.{name} must be an int >= {least}, got {value!r}")
         encoding.check_compression(self.compression, self.compression_level, "remote")
+        if self.backlog not in ("newest", "queue"):
+            raise ConfigError(f"remote.backlog must be 'newest' or 'queue', got {self.backlog!r}")
 
 
 TIER_CLASSES: dict[str, type] = {
@@ -166,7 +171,7 @@ _FIELD_KINDS = {"path": str, "every": int, "interval": float, "keep": int, "daem
                 "replicas": int, "token_file": str, "timeout": float, "url": str,
                 "keep_every": int, "storage_options": dict, "part_size": int,
                 "concurrency": int, "retries": int, "compression": str,
-                "compression_level": int}  # fmt: skip
+                "compression_level": int, "backlog": str}  # fmt: skip
 
 # Manager options other than tiers, with the type each takes.
 MANAGER_OPTIONS: dict[str, type] = {

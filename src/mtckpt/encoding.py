@@ -71,7 +71,10 @@ class StoredFile:
                 f"{where}: {len(frames)} zstd frames of {frame_size} bytes stored in {size} "
                 f"bytes do not fit a data file of {file_size} bytes in {chunk_size}-byte chunks"
             )
-        return cls(encoding, size, crc, _count(body["level"], "stored.level"), frame_size, frames)
+        level = body["level"]
+        if isinstance(level, bool) or not isinstance(level, int):
+            raise ValueError(f"stored.level must be an int, got {level!r}")
+        return cls(encoding, size, crc, level, frame_size, frames)
 
     def pieces(self, file_size: int, group: int) -> list[tuple[int, int, int, int]]:
         """``(stored_start, stored_end, data_start, data_end)`` of pieces that can be read

@@ -161,9 +161,12 @@ class CheckpointManager:
     def _slower_tier(self, cfg: Any, storage: Storage) -> SlowerTier:
         """How the pipeline writes a slower tier: itself, or for the object tier, by the node
         daemon when it uploads to the same URL."""
-        tier = SlowerTier(storage, cfg.keep, _keep_every(cfg))
+        tier = SlowerTier(storage, cfg.keep)
+        if not isinstance(cfg, ObjectTier):
+            return tier
+        tier.keep_every, tier.backlog = cfg.keep_every, cfg.backlog
         daemon = self._peers
-        if isinstance(cfg, ObjectTier) and daemon is not None and daemon.remote_url:
+        if daemon is not None and daemon.remote_url:
             if daemon.remote_url != cfg.url:
                 self._peers.close()
                 raise ConfigError(

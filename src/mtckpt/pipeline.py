@@ -4,8 +4,9 @@ The memory worker takes staged steps in order: checksums each chunk of the slot 
 code, GIL released), writes the rank manifest, publishes the slot into the step directory
 and commits it in the memory tier. Each slower tier has its own worker that copies
 committed steps from the memory tier, re-verifying every chunk on the way; if it falls
-behind, the newest due step wins and older queued ones are skipped (and logged). A memory
-step is not recycled while a slower tier still reads it.
+behind, the newest due step wins and older queued ones are skipped (and logged), unless
+the tier queues its backlog. A memory step is not recycled while a slower tier still reads
+it.
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ class SlowerTier:
     # Set when the node daemon writes this tier: ``flush(step)`` has it upload this rank's
     # shard (and commit, and apply retention) and waits; False if it skipped the step.
     flush: Callable[[int], bool] | None = None
+    # A step due while this tier is busy: "newest" replaces older ones waiting (skipped,
+    # logged); "queue" keeps them all, each pinned in node memory until it is written.
+    backlog: str = "newest"
     queue: collections.deque = field(default_factory=collections.deque)
     thread: threading.Thread | None = None
 
@@ -263,9 +267,11 @@ class Pipeline:
             self._cond.wait_for(lambda: tier.queue or self._tiers_closing)
             if not tier.queue:
                 return None
-            job = tier.queue.pop()  # newest wins
-            skipped = list(tier.queue)
-            tier.queue.clear()
+            if tier.backlog == "queue":  # every due step, oldest first
+                job, skipped = tier.queue.popleft(), []
+            else:  # newest wins
+                job, skipped = tier.queue.pop(), list(tier.queue)
+                tier.queue.clear()
         for old in skipped:
             log.warning(
                 "%s tier: skipping step %d because step %d is already due (the tier is "

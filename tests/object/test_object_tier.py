@@ -278,6 +278,24 @@ def test_an_endpoint_gone_mid_flush_stops_nothing_and_flushing_resumes(own_moto,
     assert_same_state(restored, state(4))
 
 
+@pytest.mark.parametrize("backlog", ["newest", "queue"])
+def test_the_backlog_policy_when_steps_come_faster_than_flushes(backlog, moto, bucket, shm_dir,
+                                                                caplog):  # fmt: skip
+    remote = s3_tier(moto, bucket, keep=10, backlog=backlog)
+    with mock.patch.dict(os.environ, {"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}):
+        memory = MemoryTier(str(shm_dir / "a"), keep=1)
+        with CheckpointManager(RUN, rank=0, world_size=1, memory=memory, remote=remote) as mgr:
+            handles = [mgr.save(step, state(step, 8 << 20)) for step in range(1, 7)]
+            mgr.wait()
+            flushed = mgr.steps()["remote"]
+    skipped = [h.step for h in handles if "remote" in h.skipped]
+    assert sorted(flushed + skipped) == [1, 2, 3, 4, 5, 6] and 6 in flushed
+    if backlog == "queue":
+        assert skipped == [] and "skipping step" not in caplog.text
+    else:  # six saves of 8 MiB in a row outrun their uploads (moto: about 45 MiB/s)
+        assert skipped and all(f"skipping step {s}" in caplog.text for s in skipped)
+
+
 @pytest.mark.parametrize("scheme", ["file", "memory"])
 def test_any_fsspec_url(scheme, tmp_path, shm_dir):
     where = f"file://{tmp_path}/ckpt" if scheme == "file" else f"memory://mt-{uuid.uuid4().hex}"

@@ -80,6 +80,7 @@ def test_the_remote_tier_from_toml_and_environment(tmp_path):
         ({"url": "s3://b", "every": None}, r"remote: set every"),
         ({"url": "s3://b", "compression": "gzip"}, r"remote.compression must be None or 'zstd'"),
         ({"url": "s3://b", "compression_level": 23}, r"remote.compression_level must be an int"),
+        ({"url": "s3://b", "backlog": "fifo"}, r"remote.backlog must be 'newest' or 'queue'"),
     ],
 )
 def test_remote_tier_validation(kwargs, message):

@@ -112,7 +112,7 @@ def test_truncated_or_non_json_manifest_is_corrupt():
 
 
 def test_how_a_tier_stores_the_data_file_round_trips():
-    zstd = StoredFile("zstd", 30, 0xABCDEF, level=3, frame_size=4096, frames=(20, 10))
+    zstd = StoredFile("zstd", 30, 0xABCDEF, level=-3, frame_size=4096, frames=(20, 10))
     for stored in (StoredFile("identity", 4096 + 24, 7), zstd):
         parsed = RankManifest.from_json(make_manifest(stored=stored).to_json(), "m")
         assert parsed.stored == stored
