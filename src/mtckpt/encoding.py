@@ -179,17 +179,12 @@ def decode(data: Any, stored: StoredFile, file_size: int, where: str, threads: i
         return data
     out = bytearray(file_size)
     view, source = memoryview(out), memoryview(data).cast("B")
-    starts = itertools.accumulate(stored.frames, initial=0)
-    frames = [
-        (start, start + length, index * stored.frame_size)
-        for index, (start, length) in enumerate(zip(starts, stored.frames, strict=False))
-    ]
 
-    def expand(frame: tuple[int, int, int]) -> None:
-        start, end, at = frame
-        size = min(stored.frame_size, file_size - at)
-        view[at : at + size] = decompress(source[start:end], size, where, at)
+    def expand(frame: tuple[int, int, int, int]) -> None:
+        stored_start, stored_end, start, end = frame
+        view[start:end] = decompress(source[stored_start:stored_end], end - start, where, start)
 
+    frames = stored.pieces(file_size, 1)  # one piece per frame
     try:
         with ThreadPoolExecutor(max(1, threads)) as pool:
             list(pool.map(expand, frames))

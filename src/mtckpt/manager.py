@@ -193,7 +193,7 @@ class CheckpointManager:
                 retention.clean_after_crash(storage, self.run, self.rank, self.world_size)
                 storage.clean_leftovers(self.run, self.rank)
             retention.apply(storage, self.run, self.rank, self.world_size, cfg.keep,
-                            keep_every=_keep_every(cfg))  # fmt: skip
+                            keep_every=getattr(cfg, "keep_every", None))  # fmt: skip
         except OSError as exc:
             if essential:
                 raise ConfigError(f"{storage.describe()} is not usable: {exc}") from exc
@@ -670,11 +670,6 @@ def _stage_into_slot(
         destinations.clear()  # drop the views of the slot
 
     return finish
-
-
-def _keep_every(cfg: Any) -> int | None:
-    """A tier's long-term step interval (only the object tier has one)."""
-    return getattr(cfg, "keep_every", None)
 
 
 def _framework(leaves: list[tree.Leaf]) -> str:

@@ -6,8 +6,8 @@ manifest present, is the only commit. Large files go up as multipart uploads wit
 bounded concurrency; every request is retried with exponential backoff on errors that
 may pass (a dropped connection, an endpoint restarting), never on a missing bucket or a
 refused permission; each part of a multipart upload is retried on its own. Reads of a data
-file are ranged GETs run in parallel. Data files may be
-stored zstd-compressed (:mod:`mtckpt.encoding`); the manifest says how each one is stored.
+file are ranged GETs run in parallel. Data files may be stored zstd-compressed
+(:mod:`mtckpt.encoding`); the manifest says how each one is stored.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ _PERMANENT = (FileNotFoundError, PermissionError, NotADirectoryError, IsADirecto
 class ObjectStorage(Storage):
     name = "remote"
     shared = True  # one storage for every rank of the job
-    whole_files = True  # takes a file as one buffer (then uploads it in parallel parts)
+    whole_files = True  # takes a data file whole, as it stores it (then sends it in parts)
 
     def __init__(
         self,
@@ -61,12 +61,9 @@ class ObjectStorage(Storage):
         self.url = url
         self.part_size, self.concurrency, self.retries = part_size, concurrency, retries
         self.compression, self.compression_level = compression, compression_level
-        options = dict(storage_options or {})
         protocol = url.split("://", 1)[0]
-        if protocol == "s3":
-            options.setdefault("max_concurrency", concurrency)
         try:
-            self.fs, root = fsspec.core.url_to_fs(url, **options)
+            self.fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
         except (ImportError, ValueError) as exc:
             raise TierError(f"remote tier {url}: {exc}") from None
         self.root = root.rstrip("/")
