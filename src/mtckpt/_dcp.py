@@ -132,16 +132,18 @@ class Reader(StorageReader):
                         state[fqn] = BytesStorageMetadata()
                         storage_data[MetadataIndex(fqn)] = (rank, key)
                         continue
-                    if record.stored_by is not None:
-                        continue  # a replica: the rank that stored it lists the chunk
-                    region = reshard.region_of(record)
-                    offsets = torch.Size(region.global_offset)
                     meta = state.setdefault(fqn, TensorStorageMetadata(
                         TensorProperties(dtype=_DTYPES[record.dtype]),
-                        torch.Size(region.global_shape), []))  # fmt: skip
-                    if MetadataIndex(fqn, offsets) not in storage_data:
-                        meta.chunks.append(ChunkStorageMetadata(offsets, torch.Size(region.shape)))
-                        storage_data[MetadataIndex(fqn, offsets)] = (rank, key)
+                        torch.Size(reshard.region_of(record).global_shape), []))  # fmt: skip
+                    for part in record.parts or (record,):
+                        if part.stored_by is not None:
+                            continue  # a replica: the rank that stored it lists the chunk
+                        region = reshard.region_of(part)
+                        offsets = torch.Size(region.global_offset)
+                        if MetadataIndex(fqn, offsets) not in storage_data:
+                            chunk = ChunkStorageMetadata(offsets, torch.Size(region.shape))
+                            meta.chunks.append(chunk)
+                            storage_data[MetadataIndex(fqn, offsets)] = (rank, part.key)
         finally:
             files.close()
         return Metadata(state_dict_metadata=state, storage_data=storage_data)

@@ -21,10 +21,13 @@ from . import shard
 from .errors import UnsupportedLeafError
 
 # Leaf kinds holding an array, and the module providing each kind's adapter.
-_KIND_MODULES = {"ndarray": None, "npscalar": None, "torch": "mtckpt.torch"}
+_KIND_MODULES = {"ndarray": None, "npscalar": None, "torch": "mtckpt.torch", "jax": "mtckpt.jax"}
 ARRAY_KINDS = frozenset(_KIND_MODULES)
 # Value types are recognised by the module their class comes from, or its top level.
-_VALUE_MODULES = {"torch": "mtckpt.torch", "mtckpt.torch": "mtckpt.torch"}
+_VALUE_MODULES = {
+    "torch": "mtckpt.torch", "mtckpt.torch": "mtckpt.torch",
+    "jax": "mtckpt.jax", "jaxlib": "mtckpt.jax", "mtckpt.jax": "mtckpt.jax",
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,14 @@ class Sharding:
     global_shape: tuple[int, ...]
     global_offset: tuple[int, ...]
     replicas: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Parts:
+    """A sharded array held here as several distinct shards (a JAX array over several
+    local devices): each local shard's array and its :class:`Sharding`."""
+
+    pieces: tuple[tuple[Any, Sharding], ...]
 
 
 @dataclass(frozen=True)
@@ -60,7 +71,8 @@ class ArrayAdapter:
 
     def leaf(self, value: Any) -> tuple[str, Any, Sharding | None]:
         """(leaf kind, the local array to save, its sharding or None for a whole array);
-        ValueError if the value cannot be saved."""
+        the local array may be :class:`Parts` (and the sharding None) for an array held here
+        as several shards. ValueError if the value cannot be saved."""
         raise NotImplementedError
 
     def describe(self, value: Any) -> tuple[str, tuple[int, ...], int]:
@@ -96,6 +108,11 @@ class ArrayAdapter:
         shape = self.target_signature(target)[1]
         return Region(tuple(shape), (0,) * len(shape), tuple(shape))
 
+    def target_regions(self, target: Any) -> list[Region]:
+        """The distinct parts of the global array the target holds here (one, unless it is
+        spread over several local devices)."""
+        return [self.target_region(target)]
+
     def target_local(self, target: Any) -> Any:
         """The target's local array (itself, unless sharded)."""
         return target
@@ -104,9 +121,16 @@ class ArrayAdapter:
         """A writable uint8 view of the (local) target's memory, if bytes can go straight in."""
         raise NotImplementedError
 
-    def fill(self, target: Any, dtype: str, shape: tuple[int, ...], buf: np.ndarray) -> None:
-        """Copy verified bytes into a target without ``target_bytes``."""
+    def fill(self, target: Any, dtype: str, shape: tuple[int, ...], buf: np.ndarray) -> Any:
+        """Copy verified bytes into a target without ``target_bytes``; returns the restored
+        value: the target, or a new array like it for immutable targets (JAX)."""
         raise NotImplementedError
+
+    def fill_regions(self, target: Any, dtype: str, bufs: list[np.ndarray]) -> Any:
+        """:meth:`fill` for a target of several regions: ``bufs`` hold the verified bytes of
+        each of :meth:`target_regions`."""
+        (region,) = self.target_regions(target)
+        return self.fill(target, dtype, region.shape, bufs[0])
 
     def fills_from_storage(self, target: Any) -> bool:
         """Whether ``fill`` should read the stored bytes in place, once verified, rather
@@ -160,8 +184,9 @@ class NumpyAdapter(ArrayAdapter):
             return target.reshape(-1).view(np.uint8)
         return None
 
-    def fill(self, target: np.ndarray, dtype: str, shape, buf: np.ndarray) -> None:
+    def fill(self, target: np.ndarray, dtype: str, shape, buf: np.ndarray) -> np.ndarray:
         np.copyto(target, buf.view(shard.numpy_dtype(dtype)).reshape(shape))
+        return target
 
     def new_value(self, kind: str, dtype: str, shape, buf: np.ndarray) -> Any:
         numpy_dtype = shard.numpy_dtype(dtype)
@@ -192,6 +217,15 @@ def for_target(obj: Any) -> ArrayAdapter | None:
     """The adapter that can fill ``obj`` in place on restore, or None (a new value is made)."""
     adapter = for_value(obj)
     return adapter if adapter is not None and adapter.is_target(obj) else None
+
+
+def container(obj: Any) -> tuple[list, list, Callable[[list], Any]] | None:
+    """A framework's own container (a JAX pytree node: flax struct dataclasses, TrainState):
+    its keys, its children and the function that builds it from new children; None if
+    ``obj`` is none (only asked once the framework is imported: else no object can be)."""
+    if "jax" not in sys.modules:
+        return None
+    return _load("mtckpt.jax").container(obj)
 
 
 def prepare_target(obj: Any) -> bool:

@@ -66,6 +66,11 @@ def for_job(world_size: int, timeout: float) -> Coordinator:
         from .torch import TorchCoordinator
 
         return TorchCoordinator(timeout)
+    if "jax" in sys.modules:
+        from . import jax
+
+        if jax.distributed_client() is not None:
+            return jax.JaxCoordinator(timeout)
     return UncoordinatedRanks(world_size)
 
 

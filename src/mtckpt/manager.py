@@ -250,13 +250,14 @@ class CheckpointManager:
         if "memory" not in due:
             due.insert(0, "memory")  # every step passes through memory on its way
         node, leaves = tree.flatten(state, allow_pickle=self.allow_pickle)
-        stored_by = self._replica_owners(leaves)
-        layout = shard.plan(_data_items(leaves, stored_by), self._shard_metadata(step))
+        data_leaves = tree.data_leaves(leaves)
+        stored_by = self._replica_owners(data_leaves)
+        layout = shard.plan(_data_items(data_leaves, stored_by), self._shard_metadata(step))
         if self._memory.free_slots(self.run, self.rank) == 0:
             self._pipeline.wait_memory_idle()  # its garbage collection may free a slot
         slot = self._memory.acquire(self.run, self.rank, layout.file_size)
         try:
-            finish_staging = _stage_into_slot(slot, layout, leaves, self.threads)
+            finish_staging = _stage_into_slot(slot, layout, data_leaves, self.threads)
             if self.staging == "blocking":
                 finish_staging()
         except BaseException:
@@ -272,7 +273,7 @@ class CheckpointManager:
                 layout=layout,
                 tree=node,
                 records=_leaf_records(leaves, layout, stored_by),
-                framework=_framework(leaves),
+                framework=_framework(data_leaves),
                 tiers=tuple(due[1:]),
                 handle=handle,
                 finish_staging=None if self.staging == "blocking" else finish_staging,
@@ -609,6 +610,13 @@ def _leaf_records(
     entries = {entry.key: entry for entry in layout.entries}
     records = []
     for leaf in leaves:
+        if leaf.parts:
+            parts = tuple(_leaf_records(list(leaf.parts), layout, stored_by))
+            shape = parts[0].global_shape
+            records.append(LeafRecord(leaf.key, leaf.kind, dtype=parts[0].dtype, shape=shape,
+                                      global_shape=shape, global_offset=(0,) * len(shape),
+                                      parts=parts))  # fmt: skip
+            continue
         sharding = leaf.sharding
         placed = {}
         if sharding is not None:
@@ -675,7 +683,7 @@ def _stage_into_slot(
 def _framework(leaves: list[tree.Leaf]) -> str:
     """What wrote the state, for the manifest: the framework of its arrays."""
     kinds = {leaf.kind for leaf in leaves}
-    return "torch" if "torch" in kinds else "numpy"
+    return next((kind for kind in ("torch", "jax") if kind in kinds), "numpy")
 
 
 def _listing(keys: list[str]) -> str:

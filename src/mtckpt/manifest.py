@@ -38,7 +38,10 @@ class LeafRecord:
 
     ``global_shape`` / ``global_offset`` describe a shard of a larger tensor; both are None
     for a whole tensor. ``stored_by`` names the rank whose data file holds the bytes of a
-    shard this rank holds a replica of (offset and nbytes are then None).
+    shard this rank holds a replica of (offset and nbytes are then None). A leaf this rank
+    holds as several shards (a JAX array over several local devices) has ``parts``: one
+    record per distinct shard, each named by its key in the data file; the leaf's own
+    ``shape`` is then the global shape and it has no bytes of its own.
     """
 
     key: str
@@ -51,6 +54,7 @@ class LeafRecord:
     global_shape: tuple[int, ...] | None = None
     global_offset: tuple[int, ...] | None = None
     stored_by: int | None = None
+    parts: tuple[LeafRecord, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"key": self.key, "kind": self.kind}
@@ -58,7 +62,9 @@ class LeafRecord:
             out["value"] = self.value.hex() if self.kind == "float" else self.value
             return out
         out.update(dtype=self.dtype, shape=list(self.shape))
-        if self.stored_by is None:
+        if self.parts:
+            out["parts"] = [part.to_json() for part in self.parts]
+        elif self.stored_by is None:
             out.update(offset=self.offset, nbytes=self.nbytes)
         else:
             out["stored_by"] = self.stored_by
@@ -142,10 +148,18 @@ class RankManifest:
         except (KeyError, TypeError, ValueError) as exc:
             raise CorruptCheckpointError(f"{where}: malformed manifest ({exc!r})") from None
 
-    def data_records(self) -> list[LeafRecord]:
-        """Leaves stored in the data file, in file order."""
-        data = (r for r in self.leaves if r.kind in DATA_KINDS and r.stored_by is None)
+    def data_records(self, parts: bool = True) -> list[LeafRecord]:
+        """Records whose bytes are in the data file, in file order: whole leaves, and the
+        parts of leaves held in parts (unless ``parts`` is false)."""
+        records = (p for r in self.leaves for p in (r.parts if parts else ()) or (r,))
+        data = (r for r in records if r.kind in DATA_KINDS and r.stored_by is None and not r.parts)
         return sorted(data, key=lambda r: (r.offset, r.nbytes))  # empty leaves first
+
+    def records_by_key(self) -> dict[str, LeafRecord]:
+        """Every record by its key: leaves by key path, parts by their data file key."""
+        found = {record.key: record for record in self.leaves}
+        found.update((part.key, part) for record in self.leaves for part in record.parts)
+        return found
 
     @property
     def data_bytes(self) -> int:
@@ -187,6 +201,9 @@ def _parse(body: dict[str, Any], where: str) -> RankManifest:
         tree_keys
     ):
         raise CorruptCheckpointError(f"{where}: tree structure and leaf list do not match")
+    part_keys = [part.key for leaf in leaves for part in leaf.parts]
+    if len(set(part_keys)) != len(part_keys) or set(part_keys) & set(tree_keys):
+        raise CorruptCheckpointError(f"{where}: parts of leaves share a data file key")
     return RankManifest(
         run=str(body["run"]),
         step=_int(body["step"], "step"),
@@ -226,6 +243,8 @@ def _parse_leaf(item: dict[str, Any], data_bytes: int, where: str) -> LeafRecord
     if dtype not in shard.ITEMSIZE:
         raise FormatVersionError(f"{where}: key {key!r} has unknown dtype {dtype!r}")
     shape = _shape(item["shape"], f"shape of {key!r}")
+    if "parts" in item:
+        return _parse_parted(key, kind, dtype, shape, item["parts"], data_bytes, where)
     stored_by = offset = nbytes = None
     if "stored_by" in item:
         stored_by = _int(item["stored_by"], f"stored_by of {key!r}")
@@ -256,6 +275,20 @@ def _parse_leaf(item: dict[str, Any], data_bytes: int, where: str) -> LeafRecord
     return LeafRecord(
         key, kind, None, dtype, shape, offset, nbytes, global_shape, global_offset, stored_by
     )
+
+
+def _parse_parted(key, kind, dtype, shape, items, data_bytes, where) -> LeafRecord:
+    if not isinstance(items, list) or not items:
+        raise ValueError(f"parts of {key!r} must be a non-empty list")
+    parts = tuple(_parse_leaf(item, data_bytes, where) for item in items)
+    for part in parts:
+        if part.kind != kind or part.dtype != dtype or part.global_shape != shape or part.parts:
+            raise CorruptCheckpointError(
+                f"{where}: key {key!r}: part {part.key!r} is not a {kind} {dtype} shard of "
+                f"global shape {shape}"
+            )
+    return LeafRecord(key, kind, dtype=dtype, shape=shape, global_shape=shape,
+                      global_offset=(0,) * len(shape), parts=parts)  # fmt: skip
 
 
 def _parse_value(kind: str, value: Any, key: str) -> Any:

@@ -61,7 +61,7 @@ class StepFiles:
             except CorruptCheckpointError as exc:
                 problems.append(str(exc))
                 continue
-            return storage, manifest, {record.key: record for record in manifest.leaves}
+            return storage, manifest, manifest.records_by_key()
         raise CorruptCheckpointError(
             f"step {self.step}: no usable shard of rank {rank} on this node ({'; '.join(problems)})"
         )
@@ -126,56 +126,66 @@ class StepFiles:
 class _Piece(NamedTuple):
     """The part of one saved shard that falls in a region being assembled."""
 
-    key: str
+    key: str  # the saved shard's key in its data file
+    output: Any  # the region it goes into
     source: Region  # the saved shard
     into: tuple[slice, ...]  # where it goes in the region
     out_of: tuple[slice, ...]  # where it comes from in the shard
 
 
-def plan(files: StepFiles, key: str, dtype: str, saved_world: int, region: Region) -> dict:
-    """The pieces of every saved shard of ``key`` that overlap ``region``, by rank.
-    Raises CorruptCheckpointError if the shards leave a gap."""
+def plan(
+    files: StepFiles, key: str, dtype: str, saved_world: int, region: Region, output: Any = None
+) -> dict:
+    """The pieces of every saved shard of ``key`` that overlap ``region`` (going into
+    ``output``), by rank. Raises CorruptCheckpointError if the shards leave a gap."""
     by_rank: dict[int, list[_Piece]] = {}
     copied: set[tuple] = set()  # shards seen in two places (replicas on two nodes) count once
     covered = 0
     for rank in range(saved_world):
         _, _, records = files.manifest(rank)
-        record = records.get(key)
-        if record is None or record.stored_by is not None:
-            continue
-        source = region_of(record)
-        if source.global_shape != region.global_shape or record.dtype != dtype:
-            raise CorruptCheckpointError(
-                f"key {key!r}: rank {rank} saved {record.dtype} of global shape "
-                f"{source.global_shape}, others {dtype} of {region.global_shape}"
-            )
-        lows = [max(s, r) for s, r in zip(source.global_offset, region.global_offset, strict=True)]
-        highs = [
-            min(s + n, r + m)
-            for s, n, r, m in zip(
-                source.global_offset, source.shape, region.global_offset, region.shape, strict=True
-            )
-        ]
-        placement = (source.global_offset, source.shape)
-        if any(lo >= hi for lo, hi in zip(lows, highs, strict=True)) or placement in copied:
-            continue
-        copied.add(placement)
-        into = tuple(
-            slice(lo - r, hi - r)
-            for lo, hi, r in zip(lows, highs, region.global_offset, strict=True)
-        )
-        out_of = tuple(
-            slice(lo - s, hi - s)
-            for lo, hi, s in zip(lows, highs, source.global_offset, strict=True)
-        )
-        by_rank.setdefault(rank, []).append(_Piece(key, source, into, out_of))
-        covered += math.prod(hi - lo for lo, hi in zip(lows, highs, strict=True))
+        leaf = records.get(key)
+        for record in () if leaf is None else leaf.parts or (leaf,):
+            if record.stored_by is not None:
+                continue
+            source = region_of(record)
+            if source.global_shape != region.global_shape or record.dtype != dtype:
+                raise CorruptCheckpointError(
+                    f"key {key!r}: rank {rank} saved {record.dtype} of global shape "
+                    f"{source.global_shape}, others {dtype} of {region.global_shape}"
+                )
+            piece = _overlap(record.key, output, source, region, copied)
+            if piece is not None:
+                by_rank.setdefault(rank, []).append(piece)
+                covered += math.prod(s.stop - s.start for s in piece.into)
     if covered != math.prod(region.shape):
         raise CorruptCheckpointError(
             f"key {key!r}: the saved shards cover {covered} of the {math.prod(region.shape)} "
             f"elements at offset {region.global_offset} of shape {region.shape} needed here"
         )
     return by_rank
+
+
+def _overlap(key, output, source: Region, region: Region, copied: set) -> _Piece | None:
+    """The piece of saved shard ``source`` inside ``region``; None if they do not overlap,
+    or a shard at the same place was taken already."""
+    lows = [max(s, r) for s, r in zip(source.global_offset, region.global_offset, strict=True)]
+    highs = [
+        min(s + n, r + m)
+        for s, n, r, m in zip(
+            source.global_offset, source.shape, region.global_offset, region.shape, strict=True
+        )
+    ]
+    placement = (source.global_offset, source.shape)
+    if any(lo >= hi for lo, hi in zip(lows, highs, strict=True)) or placement in copied:
+        return None
+    copied.add(placement)
+    into = tuple(
+        slice(lo - r, hi - r) for lo, hi, r in zip(lows, highs, region.global_offset, strict=True)
+    )
+    out_of = tuple(
+        slice(lo - s, hi - s) for lo, hi, s in zip(lows, highs, source.global_offset, strict=True)
+    )
+    return _Piece(key, output, source, into, out_of)
 
 
 def _span(shape: tuple[int, ...], box: tuple[slice, ...]) -> tuple[int, int, bool]:
@@ -191,48 +201,54 @@ def _span(shape: tuple[int, ...], box: tuple[slice, ...]) -> tuple[int, int, boo
 def assemble_values(
     files: StepFiles,
     manifest: RankManifest,
-    regions: dict[str, Region],
+    regions: dict[str, list[Region]],
     targets: dict[str, Any],
     threads: int = 1,
 ) -> dict[str, Any]:
-    """Assemble each region from the saved shards: into its target in place where the
-    target's memory allows, else into a new buffer (copied into the target, or a new value
-    without one). Each source file is read once, in one pass over the chunks it is needed
-    from, on ``threads`` threads; a slice that is one run of bytes in both the shard and
-    the region is copied in that pass, others right after it."""
+    """Assemble each leaf's regions from the saved shards: into its target in place where
+    the target's memory allows, else into new buffers (copied into the target, or a new
+    value without one). Each source file is read once, in one pass over the chunks it is
+    needed from, on ``threads`` threads; a slice that is one run of bytes in both the shard
+    and the region is copied in that pass, others right after it."""
     records = {record.key: record for record in manifest.leaves}
-    outputs = {}  # key -> (record, region, adapter, target, buffer, in place)
-    pieces: dict[int, list[tuple[_Piece, np.ndarray]]] = {}
-    for key, region in regions.items():
+    outputs = {}  # (key, region index) -> (dtype, region, buffer)
+    leaves = {}  # key -> (record, adapter, target, in place)
+    pieces: dict[int, list[_Piece]] = {}
+    for key, wanted in regions.items():
         record = records[key]
         target = targets.get(key)
         adapter = arrays.for_target(target)
-        buf = adapter.target_bytes(target) if adapter is not None else None
-        in_place = buf is not None
-        if not in_place:
-            buf = np.empty(math.prod(region.shape) * shard.ITEMSIZE[record.dtype], np.uint8)
-        outputs[key] = (record, region, adapter, target, buf, in_place)
-        for rank, found in plan(files, key, record.dtype, manifest.world_size, region).items():
-            pieces.setdefault(rank, []).extend((piece, buf) for piece in found)
+        buf = adapter.target_bytes(target) if adapter is not None and len(wanted) == 1 else None
+        leaves[key] = (record, adapter, target, buf is not None)
+        for index, region in enumerate(wanted):
+            if buf is None or index:
+                buf = np.empty(math.prod(region.shape) * shard.ITEMSIZE[record.dtype], np.uint8)
+            output = (key, index)
+            outputs[output] = (record.dtype, region, buf)
+            found = plan(files, key, record.dtype, manifest.world_size, region, output)
+            for rank, more in found.items():
+                pieces.setdefault(rank, []).extend(more)
     for rank, found in sorted(pieces.items()):
         _copy_pieces(files, rank, found, outputs, threads)
     values = {}
-    for key, (record, region, adapter, target, buf, in_place) in outputs.items():
+    for key, (record, adapter, target, in_place) in leaves.items():
+        bufs = [outputs[key, index][2] for index in range(len(regions[key]))]
         if adapter is None:
             kind = arrays.for_kind(record.kind)
-            values[key] = kind.new_value(record.kind, record.dtype, region.shape, buf)
-            continue
-        if not in_place:
-            adapter.fill(target, record.dtype, region.shape, buf)
-        values[key] = target
+            shape = regions[key][0].shape
+            values[key] = kind.new_value(record.kind, record.dtype, shape, bufs[0])
+        elif in_place:
+            values[key] = target
+        else:
+            values[key] = adapter.fill_regions(target, record.dtype, bufs)
     return values
 
 
 def _copy_pieces(files, rank, found, outputs, threads) -> None:
     ranges, strided = [], []
-    for piece, buf in found:
-        record, region = outputs[piece.key][:2]
-        item = shard.ITEMSIZE[record.dtype]
+    for piece in found:
+        dtype, region, buf = outputs[piece.output]
+        item = shard.ITEMSIZE[dtype]
         first, end, whole = _span(piece.source.shape, piece.out_of)
         dst_first, _, dst_whole = _span(region.shape, piece.into)
         if whole and dst_whole:
@@ -240,19 +256,19 @@ def _copy_pieces(files, rank, found, outputs, threads) -> None:
             ranges.append((piece.key, first * item, end * item, dst))
         else:
             ranges.append((piece.key, first * item, end * item, None))
-            strided.append((piece, buf, item))
+            strided.append((piece, item))
     manifest, data = files.copy(rank, ranges, threads)
     if not strided:
         return
     _, _, records = files.manifest(rank)
 
     def copy_one(entry) -> None:
-        piece, buf, item = entry
+        piece, item = entry
         raw = _RAW[item]
         start = manifest.data_start + records[piece.key].offset
         nbytes = math.prod(piece.source.shape) * item
         source = data[start : start + nbytes].view(raw).reshape(piece.source.shape)
-        region = outputs[piece.key][1]
+        _, region, buf = outputs[piece.output]
         np.copyto(buf.view(raw).reshape(region.shape)[piece.into], source[piece.out_of])
 
     if threads > 1 and len(strided) > 1:

@@ -74,6 +74,13 @@ def check_target(record: LeafRecord, target: Any, allow_pickle: bool) -> None:
             )
         if not writable:
             raise StateMismatchError(f"key {record.key!r}: the target array is read-only")
+        try:
+            adapter.target_regions(target)
+        except ValueError as exc:
+            raise StateMismatchError(
+                f"key {record.key!r}: the target's sharding does not fit its global shape "
+                f"{tuple(region.global_shape)}: {exc}"
+            ) from None
     elif (
         record.kind in arrays.ARRAY_KINDS
         and arrays.for_kind(record.kind) is arrays.NUMPY
@@ -94,10 +101,11 @@ def region_of(record: LeafRecord) -> arrays.Region:
 
 def regions_to_assemble(
     manifest: RankManifest, targets: Mapping[str, Any], skip: Collection[str]
-) -> dict[str, arrays.Region]:
+) -> dict[str, list[arrays.Region]]:
     """The array leaves whose target is not exactly the saved piece of this file (another
-    region of a sharded array, a replica another rank stored, or a whole array from a
-    sharded checkpoint), with the region each target wants."""
+    region of a sharded array, a replica another rank stored, a leaf saved or wanted in
+    several parts, or a whole array from a sharded checkpoint), with the regions each
+    target wants."""
     wanted = {}
     for record in manifest.leaves:
         if record.kind not in arrays.ARRAY_KINDS or record.key in skip:
@@ -105,11 +113,12 @@ def regions_to_assemble(
         held = region_of(record)
         adapter = arrays.for_target(targets.get(record.key))
         if adapter is not None:
-            region = adapter.target_region(targets[record.key])
+            regions = adapter.target_regions(targets[record.key])
         else:
-            region = arrays.Region(held.global_shape, (0,) * len(held.shape), held.global_shape)
-        if record.stored_by is not None or region != held:
-            wanted[record.key] = region
+            shape = held.global_shape
+            regions = [arrays.Region(shape, (0,) * len(shape), shape)]
+        if record.stored_by is not None or record.parts or regions != [held]:
+            wanted[record.key] = regions
     return wanted
 
 
@@ -212,7 +221,7 @@ class _Plan:
         self.in_place: set[str] = set()  # keys restored into the target's own array
         self.fixups = []  # (adapter, target, record, buffer): filled once their bytes verify
         self.segments = []
-        for record in manifest.data_records():
+        for record in manifest.data_records(parts=False):  # leaves in parts are assembled
             if record.key in skip:
                 continue
             target = targets.get(record.key)
@@ -240,7 +249,7 @@ class _Plan:
     def finish(self) -> dict[str, Any]:
         """Every leaf's value, once the segments are copied and verified."""
         for adapter, target, record, buf in self.fixups:
-            adapter.fill(target, record.dtype, record.shape, buf)
+            self.values[record.key] = adapter.fill(target, record.dtype, record.shape, buf)
         self.fixups.clear()
         values = self.values
         for record in self.manifest.leaves:
@@ -286,27 +295,35 @@ def copy_verified(
             f"{count} chunks the manifest records"
         )
     fastpath = _fastpath.backend()
-    starts = [start for start, _, _ in segments]
+    # Segments may overlap (one shard read into several regions): the first segment that
+    # can reach a chunk is found by the running maximum of their ends.
+    reach = list(itertools.accumulate((end for _, end, _ in segments), max))
 
     def check(index: int) -> None:
         lo, hi = index * size, min((index + 1) * size, manifest.file_size)
         only_copy = index in verified
         crc, position = 0, lo
-        first = max(0, bisect.bisect_right(starts, lo) - 1)
+        first = bisect.bisect_right(reach, lo)
         for start, end, dst in itertools.islice(segments, first, None):
             if start >= hi:
                 break
             a, b = max(start, lo), min(end, hi)
             if a >= b:
                 continue
-            piece = src[a - base : b - base]
-            if not only_copy and a > position:
+            if only_copy or b <= position:  # every byte of it checked already
+                if dst is not None:
+                    fastpath.copy(dst[a - start : b - start], src[a - base : b - base])
+                continue
+            if a < position:  # its head was checked with an earlier segment
+                if dst is not None:
+                    head = src[a - base : position - base]
+                    fastpath.copy(dst[a - start : position - start], head)
+                a = position
+            elif a > position:
                 crc = fastpath.crc32c(src[position - base : a - base], crc)
+            piece = src[a - base : b - base]
             if dst is None:
-                if not only_copy:
-                    crc = fastpath.crc32c(piece, crc)
-            elif only_copy:
-                fastpath.copy(dst[a - start : b - start], piece)
+                crc = fastpath.crc32c(piece, crc)
             else:
                 crc = fastpath.copy_crc32c(dst[a - start : b - start], piece, crc)
             position = b

@@ -191,13 +191,14 @@ class TorchAdapter(arrays.ArrayAdapter):
         local = self.target_local(target)
         return _as_bytes(local.detach()).numpy() if _plain(local, "cpu") else None
 
-    def fill(self, target: torch.Tensor, dtype: str, shape, buf: np.ndarray) -> None:
+    def fill(self, target: torch.Tensor, dtype: str, shape, buf: np.ndarray) -> torch.Tensor:
         local = self.target_local(target)
         with torch.no_grad():
             if self.fills_from_storage(target):
                 _copy_to_device(_as_bytes(local), buf)
             else:
                 local.copy_(_typed(buf, dtype, tuple(shape)))
+        return target
 
     def fills_from_storage(self, target: torch.Tensor) -> bool:
         return _plain(self.target_local(target), "cuda")

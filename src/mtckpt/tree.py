@@ -1,7 +1,8 @@
 """Flatten nested states into leaves with stable key paths, and build them back.
 
 A state is a tree of dicts (str or int keys), lists, tuples and named tuples, objects with
-``state_dict()`` / ``load_state_dict()``, and leaves. A leaf's key path joins the keys on
+``state_dict()`` / ``load_state_dict()``, a framework's own containers (JAX pytree nodes:
+flax struct dataclasses, ``TrainState``), and leaves. A leaf's key path joins the keys on
 the way to it with ``/``; inside a key ``~`` is written ``~0`` and ``/`` is written ``~1``
 (as in JSON Pointer), so distinct paths never collide. The structure is kept as a
 :class:`Node` tree that serializes to JSON for the manifest.
@@ -38,24 +39,37 @@ class Leaf:
 
     ``value`` is the object itself for value kinds, the array for array kinds (a 0-d array
     for ``npscalar``, a detached tensor for ``torch``), and the bytes to store for
-    ``bytes``, ``bytearray`` and ``pickle``.
+    ``bytes``, ``bytearray`` and ``pickle``. An array held here as several distinct shards
+    has them in ``parts`` (each a leaf named by its key in the data file) and no value.
     """
 
     key: str
     kind: str
     value: Any
     sharding: arrays.Sharding | None = None
+    parts: tuple[Leaf, ...] = ()
+
+
+def data_leaves(leaves: list[Leaf]) -> list[Leaf]:
+    """The leaves with bytes of their own: whole leaves, and the parts of leaves in parts."""
+    return [part for leaf in leaves for part in leaf.parts or (leaf,)]
+
+
+def part_key(path: str, global_offset: tuple[int, ...]) -> str:
+    """The data file key of the shard of ``path`` at ``global_offset``: ``~`` followed by
+    neither 0 nor 1 never occurs in a key path, so it cannot collide with one."""
+    return f"{path}~shard@{','.join(str(o) for o in global_offset)}"
 
 
 @dataclass(frozen=True)
 class Node:
     """The structure of a state: containers down to leaves (named by key path)."""
 
-    type: str  # "leaf" | "dict" | "list" | "tuple" | "namedtuple" | "stateful"
+    type: str  # "leaf" | "dict" | "list" | "tuple" | "namedtuple" | "stateful" | "pytree"
     children: tuple[Node, ...] = ()
-    keys: tuple[Any, ...] = ()  # dict keys, or a named tuple's field names
-    name: str = ""  # a leaf's key path, or a named tuple's / stateful object's class name
-    # A target's stateful object or named-tuple class; never saved.
+    keys: tuple[Any, ...] = ()  # dict keys, a named tuple's field names, a pytree node's keys
+    name: str = ""  # a leaf's key path, or a container's class name
+    # A target's stateful object, named-tuple class or pytree node builder; never saved.
     obj: Any = field(default=None, compare=False)
 
     def leaf_keys(self) -> Iterator[str]:
@@ -75,6 +89,8 @@ class Node:
             return {self.type: items}
         if self.type == "namedtuple":
             return {"namedtuple": self.name, "fields": list(self.keys), "items": items}
+        if self.type == "pytree":
+            return {"pytree": self.name, "keys": list(self.keys), "items": items}
         return {"stateful": self.name, "state": items[0]}
 
     @staticmethod
@@ -91,6 +107,12 @@ def _node_from_json(data: Any) -> Node:
         return Node("leaf", name=data)
     if not isinstance(data, dict) or len(data) not in (1, 2, 3):
         raise ValueError(f"unexpected tree node {data!r:.80}")
+    if "pytree" in data:
+        keys, items = list(data["keys"]), list(data["items"])
+        if len(keys) != len(items):
+            raise ValueError("pytree node keys and items differ in length")
+        data = {"dict": list(zip(keys, items, strict=True)), "name": str(data["pytree"])}
+        return replace(_node_from_json(data), type="pytree", name=data["name"])
     if "dict" in data:
         pairs = data["dict"]
         for key, _ in pairs:
@@ -166,7 +188,7 @@ def _flatten(obj: Any, path: str, leaves: list[Leaf], mode: str, active: set) ->
     active.add(id(obj))
     try:
         if isinstance(obj, dict):
-            return _flatten_dict(obj, path, leaves, mode, active)
+            return _flatten_pairs(obj.items(), path, leaves, mode, active)
         if isinstance(obj, (list, tuple)):
             children = tuple(
                 _flatten(item, join_path(path, index), leaves, mode, active)
@@ -184,6 +206,11 @@ def _flatten(obj: Any, path: str, leaves: list[Leaf], mode: str, active: set) ->
         if _is_stateful(obj):
             child = _flatten(obj.state_dict(), path, leaves, mode, active)
             return Node("stateful", children=(child,), name=_class_name(obj), obj=obj)
+        container = arrays.container(obj)
+        if container is not None:
+            keys, items, rebuild = container
+            node = _flatten_pairs(zip(keys, items, strict=True), path, leaves, mode, active)
+            return replace(node, type="pytree", name=_class_name(obj), obj=rebuild)
     finally:
         active.discard(id(obj))
 
@@ -200,10 +227,10 @@ def _flatten(obj: Any, path: str, leaves: list[Leaf], mode: str, active: set) ->
     )
 
 
-def _flatten_dict(obj: dict, path: str, leaves: list[Leaf], mode: str, active: set) -> Node:
+def _flatten_pairs(pairs, path: str, leaves: list[Leaf], mode: str, active: set) -> Node:
     seen: dict[str, Any] = {}
     keys, children = [], []
-    for key in obj:
+    for key, item in pairs:
         if isinstance(key, bool) or not isinstance(key, (str, int)):
             raise UnsupportedLeafError(
                 f"key {describe(path)}: dict key {key!r} of type {type(key).__name__} is not "
@@ -217,16 +244,21 @@ def _flatten_dict(obj: dict, path: str, leaves: list[Leaf], mode: str, active: s
             )
         seen[child_path] = key
         keys.append(key)
-        children.append(_flatten(obj[key], child_path, leaves, mode, active))
+        children.append(_flatten(item, child_path, leaves, mode, active))
     return Node("dict", children=tuple(children), keys=tuple(keys))
 
 
 def _array_leaf(adapter: arrays.ArrayAdapter, obj: Any, path: str) -> Leaf:
     try:
-        described = adapter.leaf(obj)
+        kind, value, sharding = adapter.leaf(obj)
     except ValueError as exc:
         raise UnsupportedLeafError(f"key {describe(path)}: {exc}") from None
-    return Leaf(path, *described)
+    if isinstance(value, arrays.Parts):
+        parts = tuple(
+            Leaf(part_key(path, s.global_offset), kind, piece, s) for piece, s in value.pieces
+        )
+        return Leaf(path, kind, None, parts=parts)
+    return Leaf(path, kind, value, sharding)
 
 
 def _is_stateful(obj: Any) -> bool:
@@ -259,6 +291,8 @@ def unflatten(node: Node, value_of: Callable[[str], Any]) -> Any:
     if node.type == "namedtuple":
         cls = node.obj if node.obj is not None else _namedtuple_class(node.name, node.keys)
         return cls(*items)
+    if node.type == "pytree":  # without the target's node, its fields as a dict
+        return node.obj(items) if node.obj is not None else dict(zip(node.keys, items, strict=True))
     if node.obj is not None:
         arrays.load_state(node.obj, items[0])
         return node.obj
