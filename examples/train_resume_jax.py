@@ -113,8 +113,8 @@ def trainer(args: argparse.Namespace) -> int:
 
 
 def launch(args: argparse.Namespace, memory: Path, local: Path) -> subprocess.Popen:
-    command = [sys.executable, __file__, "--trainer", "--memory", str(memory),
-               "--local", str(local), "--steps", str(args.steps), "--seed", str(args.seed)]  # fmt: skip
+    command = [sys.executable, __file__, "--trainer", "--memory", str(memory), "--local",
+               str(local), "--steps", str(args.steps), "--seed", str(args.seed)]  # fmt: skip
     return subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
 
 
