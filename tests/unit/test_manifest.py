@@ -143,3 +143,41 @@ def test_a_bad_stored_record_is_named(stored, error, message):
 
     with pytest.raises(error, match=message):
         RankManifest.from_json(rewrite(make_manifest().to_json(), edit), "m")
+
+
+def parted_manifest():
+    """w (4 x 3) held as two row shards, the second stored by rank 0."""
+    parts = (
+        LeafRecord("w~shard@0,0", "jax", dtype="F32", shape=(2, 3), offset=0, nbytes=24,
+                   global_shape=(4, 3), global_offset=(0, 0)),
+        LeafRecord("w~shard@2,0", "jax", dtype="F32", shape=(2, 3), global_shape=(4, 3),
+                   global_offset=(2, 0), stored_by=0),
+    )  # fmt: skip
+    w = LeafRecord("w", "jax", dtype="F32", shape=(4, 3), global_shape=(4, 3),
+                   global_offset=(0, 0), parts=parts)  # fmt: skip
+    return make_manifest(leaves=(w, LeafRecord("f", "float", value=1.0)))
+
+
+def test_a_leaf_in_parts_round_trips_and_lists_its_parts_as_data():
+    manifest = parted_manifest()
+    parsed = RankManifest.from_json(manifest.to_json(), "m")
+    assert parsed.leaves == manifest.leaves
+    assert [r.key for r in parsed.data_records()] == ["w~shard@0,0"]  # the other: rank 0's
+    assert parsed.data_records(parts=False) == []
+    assert set(parsed.records_by_key()) == {"w", "f", "w~shard@0,0", "w~shard@2,0"}
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda b: b["leaves"][0]["parts"][1].update(dtype="F16"), "is not a jax F32 shard"),
+        (lambda b: b["leaves"][0]["parts"][1].update(global_shape=[4, 4]), "global shape"),
+        (lambda b: b["leaves"][0]["parts"][1].update(key="w~shard@0,0"), "share a data file"),
+        (lambda b: b["leaves"][0]["parts"][1].update(key="f"), "share a data file"),
+        (lambda b: b["leaves"][0].update(parts=[]), "non-empty list"),
+        (lambda b: b["leaves"][0]["parts"][0].update(nbytes=48), "do not fit"),
+    ],
+)
+def test_inconsistent_parts_are_corrupt(edit, message):
+    with pytest.raises(CorruptCheckpointError, match=message):
+        RankManifest.from_json(rewrite(parted_manifest().to_json(), edit), "m")

@@ -156,3 +156,18 @@ def test_malformed_tree_json_raises(bad):
 
     with pytest.raises(CorruptCheckpointError, match="malformed tree structure"):
         Node.from_json(bad, "somewhere")
+
+
+def test_a_pytree_node_round_trips_through_json_and_rebuilds_as_a_dict():
+    node = Node("pytree", (Node("leaf", name="p/a"), Node("leaf", name="p/b")), keys=("a", "b"),
+                name="flax.training.train_state.TrainState")  # fmt: skip
+    parsed = Node.from_json(json.loads(json.dumps(node.to_json())))
+    assert parsed == node
+    assert unflatten(parsed, lambda key: key.upper()) == {"a": "P/A", "b": "P/B"}
+
+
+def test_a_malformed_pytree_node_is_corrupt():
+    from mtckpt import CorruptCheckpointError
+
+    with pytest.raises(CorruptCheckpointError, match="pytree node keys and items differ"):
+        Node.from_json({"pytree": "C", "keys": ["a"], "items": []})
