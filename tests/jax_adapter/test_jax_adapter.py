@@ -188,3 +188,16 @@ def test_values_that_cannot_be_saved_name_their_key(mesh, shm_dir):
         assert donated.is_deleted()
         with pytest.raises(UnsupportedLeafError, match=r"'x'.*deleted"):
             mgr.save(1, {"x": donated})
+
+
+def test_arrays_as_targets_give_their_shardings_and_async_staging_saves_them(mesh, shm_dir):
+    saved = {"w": jax.device_put(np.arange(256.0).reshape(16, 16), NamedSharding(mesh, P("data")))}
+    rows = NamedSharding(mesh, P(None, "model"))  # another layout, taken from the target array
+    target = {"w": jax.device_put(np.zeros((16, 16)), rows)}
+    with mtckpt.CheckpointManager("job", mtckpt.MemoryTier(shm_dir), staging="async") as mgr:
+        handle = mgr.save(1, saved)
+        handle.wait()
+        _, restored = mgr.restore(target)
+    assert restored["w"].sharding == rows
+    assert np.asarray(restored["w"]).tobytes() == np.asarray(saved["w"]).tobytes()
+    assert not np.asarray(target["w"]).any()  # jax arrays are immutable: a new one is made
