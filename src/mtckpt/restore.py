@@ -137,7 +137,7 @@ def load_shard(
     if the stored copy is damaged.
     """
     where = f"{storage.describe()}: step {manifest.step} {manifest.data_file}"
-    if manifest.stored is not None and hasattr(storage, "read_range"):
+    if manifest.stored is not None and storage.ranged_reads:
         return _fetch_verified(storage, manifest, targets, set(skip), where)
     mapping = open_data(storage, manifest, where, threads)
     try:

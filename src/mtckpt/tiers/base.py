@@ -25,6 +25,9 @@ class Storage(ABC):
     whole_files: bool = False
     compression: str | None = None
     compression_level: int = 3
+    #: Whether a restore should fetch the byte ranges it needs (``read_range``) rather than
+    #: ``map`` the whole file: a storage read by requests over the network.
+    ranged_reads: bool = False
 
     @abstractmethod
     def describe(self) -> str:

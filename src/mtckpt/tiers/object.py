@@ -42,6 +42,7 @@ class ObjectStorage(Storage):
     name = "remote"
     shared = True  # one storage for every rank of the job
     whole_files = True  # takes a data file whole, as it stores it (then sends it in parts)
+    ranged_reads = True
 
     def __init__(
         self,
