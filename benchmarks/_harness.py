@@ -329,6 +329,24 @@ def spawn_worker(
 # results: statistics, tables, targets, flags, reports
 
 
+def run_methods(script: str, args, memory_base: Path, local_base: Path) -> dict[str, dict]:
+    """Run each of ``args.method_list`` in its own worker process of ``script`` (the common
+    flags passed on), with fresh tier directories; their results by method."""
+    results: dict[str, dict] = {}
+    worker_args = ["--size-gib", repr(args.size_gib), "--tensors", str(args.tensors),
+                   "--repeats", str(args.repeats)]  # fmt: skip
+    for method in args.method_list:
+        print(f"running {method} ...", file=sys.stderr, flush=True)
+        result = spawn_worker(os.path.abspath(script), method, worker_args,
+                              memory_base / method, local_base / method)  # fmt: skip
+        results[method] = result
+        status = "FAILED: " + result["error"] if result.get("error") else "ok"
+        print(f"  {method}: {status} ({result.get('wall_s', 0):.1f} s)", file=sys.stderr)
+        if result.get("error") and result.get("stderr_tail"):
+            print(result["stderr_tail"], file=sys.stderr)
+    return results
+
+
 def stats(values: list[float], nbytes: int) -> dict:
     median = statistics.median(values)
     return {

@@ -43,8 +43,8 @@ from _harness import (
     prefaulted_like,
     print_results,
     ratio,
+    run_methods,
     run_worker_here,
-    spawn_worker,
     summarise,
     target_check,
     timed,
@@ -298,20 +298,9 @@ def main(argv=None) -> int:
     default_memory = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
     memory_base = make_fresh_dir(args.memory_root, default_memory, "mtckpt-bench-", created)
     local_base = make_fresh_dir(args.local_root, tempfile.gettempdir(), "mtckpt-bench-", created)
-    results: dict[str, dict] = {}
     started = _dt.datetime.now(_dt.timezone.utc)
     try:
-        for method in args.method_list:
-            print(f"running {method} ...", file=sys.stderr, flush=True)
-            worker_args = ["--size-gib", repr(args.size_gib), "--tensors", str(args.tensors),
-                           "--repeats", str(args.repeats)]  # fmt: skip
-            result = spawn_worker(os.path.abspath(__file__), method, worker_args,
-                                  memory_base / method, local_base / method)  # fmt: skip
-            results[method] = result
-            status = "FAILED: " + result["error"] if result.get("error") else "ok"
-            print(f"  {method}: {status} ({result.get('wall_s', 0):.1f} s)", file=sys.stderr)
-            if result.get("error") and result.get("stderr_tail"):
-                print(result["stderr_tail"], file=sys.stderr)
+        results = run_methods(__file__, args, memory_base, local_base)
     finally:
         clean_up(created)
 

@@ -49,9 +49,9 @@ from _harness import (
     parse_methods,
     peak_rss,
     prefaulted_like,
+    run_methods,
     run_worker_here,
     save_changed_once_staged,
-    spawn_worker,
     summarise,
     timed,
     workload_shapes,
@@ -571,20 +571,9 @@ def main(argv=None) -> int:
           f"repeats {args.repeats}", file=sys.stderr)  # fmt: skip
     print(f"memory root {memory_base}, local root {local_base}", file=sys.stderr)
 
-    results: dict[str, dict] = {}
     started = _dt.datetime.now(_dt.timezone.utc)
     try:
-        for method in args.method_list:
-            print(f"running {method} ...", file=sys.stderr, flush=True)
-            worker_args = ["--size-gib", repr(args.size_gib), "--tensors", str(args.tensors),
-                           "--repeats", str(args.repeats)]  # fmt: skip
-            result = spawn_worker(os.path.abspath(__file__), method, worker_args,
-                                  memory_base / method, local_base / method)  # fmt: skip
-            results[method] = result
-            status = "FAILED: " + result["error"] if result.get("error") else "ok"
-            print(f"  {method}: {status} ({result.get('wall_s', 0):.1f} s)", file=sys.stderr)
-            if result.get("error") and result.get("stderr_tail"):
-                print(result["stderr_tail"], file=sys.stderr)
+        results = run_methods(__file__, args, memory_base, local_base)
     finally:
         clean_up(created)
 

@@ -128,7 +128,7 @@ def trainer(args: argparse.Namespace) -> int:
 def launch(args: argparse.Namespace, memory: Path, local: Path) -> subprocess.Popen:
     command = [
         sys.executable,
-        __file__,
+        args.script,
         "--trainer",
         "--memory",
         str(memory),
@@ -191,7 +191,8 @@ def demo(args: argparse.Namespace) -> int:
         resumed_step = int(next(line for line in resumed if line.startswith("resumed")).split()[3])
         same_final = resumed[-1] == reference[-1]
         after = [line for line in resumed if line.startswith("step ")]
-        same_losses = after == reference[resumed_step : resumed_step + len(after)]
+        steps = [line for line in reference if line.startswith("step ")]
+        same_losses = after == steps[resumed_step : resumed_step + len(after)]
         print(
             f"4. resumed at step {resumed_step} after the kill at step {kill_at}; "
             f"{len(after)} steps retrained"
@@ -205,17 +206,19 @@ def demo(args: argparse.Namespace) -> int:
             shutil.rmtree(base, ignore_errors=True)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(train=trainer, script: str = __file__, steps: int = 300, doc: str = __doc__) -> int:
+    """The demo (or, with the hidden --trainer flag, the trainer ``train``) of ``script``."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--dir", help="keep the local tier and reference run here")
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kill-at", type=int, help="step after which to kill (default: random)")
     parser.add_argument("--trainer", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--memory", help=argparse.SUPPRESS)
     parser.add_argument("--local", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    return trainer(args) if args.trainer else demo(args)
+    args.script = script
+    return train(args) if args.trainer else demo(args)
 
 
 if __name__ == "__main__":

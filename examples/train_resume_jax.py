@@ -22,14 +22,7 @@ import argparse
 import hashlib
 import logging
 import os
-import random
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
-import time
-from pathlib import Path
 
 FEATURES, HIDDEN, BATCH = 128, 512, 64
 
@@ -112,82 +105,7 @@ def trainer(args: argparse.Namespace) -> int:
     return 0
 
 
-def launch(args: argparse.Namespace, memory: Path, local: Path) -> subprocess.Popen:
-    command = [sys.executable, __file__, "--trainer", "--memory", str(memory), "--local",
-               str(local), "--steps", str(args.steps), "--seed", str(args.seed)]  # fmt: skip
-    return subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-
-
-def run_to_end(proc: subprocess.Popen, echo: str) -> list[str]:
-    lines = []
-    for line in proc.stdout:
-        lines.append(line.strip())
-        if not line.startswith("step ") or line.startswith(f"step {echo}"):
-            print(f"   | {line.strip()}")
-    if proc.wait() != 0:
-        raise SystemExit(f"trainer failed with exit status {proc.returncode}")
-    return lines
-
-
-def demo(args: argparse.Namespace) -> int:
-    base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="mtckpt-jax-demo-"))
-    shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else base
-    memory = Path(tempfile.mkdtemp(prefix="mtckpt-jax-demo-", dir=shm))
-    kill_at = args.kill_at or random.Random(args.seed).randint(args.steps // 4, 3 * args.steps // 4)
-    print(f"checkpoints: memory tier {memory}, local tier {base / 'local'}")
-    try:
-        print(f"1. training for {args.steps} steps on a 4 x 2 mesh; SIGKILL after step {kill_at}")
-        proc = launch(args, memory, base / "local")
-        for line in proc.stdout:
-            if line.startswith(f"step {kill_at} "):
-                time.sleep(random.uniform(0, 0.003))  # land inside the next save, sometimes
-                proc.send_signal(signal.SIGKILL)
-                print(f"   | {line.strip()}\n   | -- killed (SIGKILL) --")
-                break
-        proc.wait()
-
-        print("2. restarting the trainer: it resumes from the newest good checkpoint")
-        resumed = run_to_end(launch(args, memory, base / "local"), echo=str(args.steps))
-
-        print("3. the same training without interruption, for reference")
-        ref_memory = Path(tempfile.mkdtemp(prefix="mtckpt-jax-demo-ref-", dir=shm))
-        try:
-            reference = run_to_end(
-                launch(args, ref_memory, base / "reference"), echo=str(args.steps)
-            )
-        finally:
-            shutil.rmtree(ref_memory, ignore_errors=True)
-
-        resumed_step = int(next(line for line in resumed if line.startswith("resumed")).split()[3])
-        same_final = resumed[-1] == reference[-1]
-        after = [line for line in resumed if line.startswith("step ")]
-        steps = [line for line in reference if line.startswith("step ")]
-        same_losses = after == steps[resumed_step : resumed_step + len(after)]
-        print(
-            f"4. resumed at step {resumed_step} after the kill at step {kill_at}; "
-            f"{len(after)} steps retrained"
-        )
-        print(f"   final parameters bit-identical to the uninterrupted run: {same_final}")
-        print(f"   losses after the resume identical step by step: {same_losses}")
-        return 0 if same_final and same_losses and resumed_step >= 1 else 1
-    finally:
-        shutil.rmtree(memory, ignore_errors=True)
-        if not args.dir:
-            shutil.rmtree(base, ignore_errors=True)
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dir", help="keep the local tier and reference run here")
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--kill-at", type=int, help="step after which to kill (default: random)")
-    parser.add_argument("--trainer", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--memory", help=argparse.SUPPRESS)
-    parser.add_argument("--local", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    return trainer(args) if args.trainer else demo(args)
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    from train_resume import main  # the same demo: kill, resume, compare
+
+    sys.exit(main(trainer, __file__, steps=200, doc=__doc__))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import MtckptError
 
@@ -40,6 +41,26 @@ class Coordinator:
     def settle(self, step: int, outcome: Outcome) -> list[Outcome]:
         """Every rank's outcome of loading ``step``, in rank order."""
         return [outcome]
+
+
+class GatheringCoordinator(Coordinator):
+    """Agreement by gathering one value from every rank: a distributed engine's part."""
+
+    rank: int
+
+    def _all_gather(self, value: Any, what: str) -> list[Any]:
+        """``value`` of every rank, in rank order; MtckptError naming ``what`` the ranks
+        were doing if they do not all answer in time."""
+        raise NotImplementedError
+
+    def agree(self, steps: list[int]) -> list[int]:
+        held = self._all_gather(sorted(steps), "agree on the steps to restore")
+        common = set(held[0]).intersection(*held[1:])
+        return sorted(common, reverse=True)
+
+    def settle(self, step: int, outcome: Outcome) -> list[Outcome]:
+        gathered = self._all_gather([outcome.status, outcome.reason], f"finish loading step {step}")
+        return [Outcome(status, reason) for status, reason in gathered]
 
 
 class UncoordinatedRanks(Coordinator):

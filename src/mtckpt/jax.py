@@ -229,7 +229,7 @@ def distributed_client() -> Any:
     return getattr(distributed.global_state, "client", None)
 
 
-class JaxCoordinator(coordination.Coordinator):
+class JaxCoordinator(coordination.GatheringCoordinator):
     """Restore agreement over jax.distributed's coordination service (its key-value store,
     which gives up after ``timeout`` seconds): no device collective, so it works on every
     backend and from any thread that runs the restore."""
@@ -259,12 +259,3 @@ class JaxCoordinator(coordination.Coordinator):
                 ) from exc
             gathered.append(json.loads(raw))
         return gathered
-
-    def agree(self, steps: list[int]) -> list[int]:
-        held = self._all_gather(sorted(steps), "agree on the steps to restore")
-        common = set(held[0]).intersection(*held[1:])
-        return sorted(common, reverse=True)
-
-    def settle(self, step: int, outcome: coordination.Outcome) -> list[coordination.Outcome]:
-        gathered = self._all_gather([outcome.status, outcome.reason], f"finish loading step {step}")
-        return [coordination.Outcome(status, reason) for status, reason in gathered]

@@ -443,7 +443,7 @@ class RNG:
                                           for s in state["torch_cuda"]])  # fmt: skip
 
 
-class TorchCoordinator(coordination.Coordinator):
+class TorchCoordinator(coordination.GatheringCoordinator):
     """Restore agreement over torch.distributed: a gloo group of its own, so that its
     collectives work beside any backend and give up after ``timeout`` seconds."""
 
@@ -462,15 +462,6 @@ class TorchCoordinator(coordination.Coordinator):
                 f"died or is not restoring): {exc}"
             ) from exc
         return gathered
-
-    def agree(self, steps: list[int]) -> list[int]:
-        held = self._all_gather(sorted(steps), "agree on the steps to restore")
-        common = set(held[0]).intersection(*held[1:])
-        return sorted(common, reverse=True)
-
-    def settle(self, step: int, outcome: coordination.Outcome) -> list[coordination.Outcome]:
-        gathered = self._all_gather((outcome.status, outcome.reason), f"finish loading step {step}")
-        return [coordination.Outcome(status, reason) for status, reason in gathered]
 
 
 _DCP_NAMES = ("Reader", "Writer", "export_dcp", "export_torch_save", "import_dcp",

@@ -12,6 +12,8 @@ from flax.training import train_state
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import mtckpt.jax
+
 # Saved on a ("data", "model") mesh: 8 distinct shards, 2 shards replicated 4 times, one
 # array replicated everywhere, 4 shards replicated twice.
 SPECS = {
@@ -56,15 +58,7 @@ def make_state(mesh, step: int, specs=SPECS) -> dict:
 
 def target(mesh, specs=SPECS) -> dict:
     """A restore target like make_state's, of ShapeDtypeStructs on ``mesh`` with ``specs``."""
-    state = make_state(mesh, 0, specs)
-    return jax.tree_util.tree_map(
-        lambda x: (
-            jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-            if isinstance(x, jax.Array)
-            else x
-        ),
-        state,
-    )
+    return mtckpt.jax.abstract(make_state(mesh, 0, specs))
 
 
 def leaves_by_path(tree) -> dict[str, object]:
