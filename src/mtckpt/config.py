@@ -208,10 +208,13 @@ def load(path: str | os.PathLike | None = None, env: Mapping[str, str] | None = 
     file's ``[daemon]`` table is the daemon's (:func:`load_daemon`).
     """
     env = os.environ if env is None else env
-    settings, source = _read(path, env)
+    return _manager_kwargs(*_read(path, env), env)
+
+
+def _manager_kwargs(settings: dict, source: str, env: Mapping[str, str]) -> dict:
+    """:func:`load`'s result from the file's settings (changed in place by the env)."""
     _check_keys(settings, source)
     _apply_env(settings, env)
-
     kwargs: dict[str, Any] = {k: settings[k] for k in MANAGER_OPTIONS if k in settings}
     for tier, cls in TIER_CLASSES.items():
         if tier in settings:
@@ -258,7 +261,7 @@ def load_daemon(
             else:
                 daemon[key] = _parse_env(name, env[name], kind, optional=False)
     url = daemon.pop("remote", None)
-    remote = load(path, env).get("remote")
+    remote = _manager_kwargs(settings, source, env).get("remote")  # the file read once
     if url is not None or remote is not None:
         daemon["remote"] = remote_at(url, remote)
     return daemon
