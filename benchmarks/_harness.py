@@ -347,6 +347,16 @@ def run_methods(script: str, args, memory_base: Path, local_base: Path) -> dict[
     return results
 
 
+def start_daemon(args: list[str], what: str) -> subprocess.Popen:
+    """``mtckpt daemon ARGS``, once it has printed its ready line."""
+    proc = subprocess.Popen([sys.executable, "-m", "mtckpt", "daemon", *args],
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    line = proc.stdout.readline()
+    if "ready" not in line:
+        raise RuntimeError(f"{what} did not start: {line!r}")
+    return proc
+
+
 def stats(values: list[float], nbytes: int) -> dict:
     median = statistics.median(values)
     return {

@@ -37,6 +37,7 @@ from _harness import (
     free_port,
     markdown_table,
     print_checks,
+    start_daemon,
     target_check,
     write_report,
 )
@@ -90,14 +91,12 @@ class Daemon:
                           f"{v['region_name']!r} }}" for k, v in options.items())  # fmt: skip
         config.write_text(f"[remote]\nurl = {url!r}\nkeep = 1\nstorage_options = {{ {table} }}\n")
         self.socket = memory_root.parent / f"{memory_root.name}.sock"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mtckpt", "daemon", "--node-id", "bench", "--replicas", "0",
-             "--listen", f"127.0.0.1:{free_port()}", "--socket", str(self.socket),
-             "--memory-root", str(memory_root), "--config", str(config)],
-            stdout=subprocess.PIPE, text=True,
+        self.proc = start_daemon(
+            ["--node-id", "bench", "--replicas", "0", "--listen", f"127.0.0.1:{free_port()}",
+             "--socket", str(self.socket), "--memory-root", str(memory_root),
+             "--config", str(config)],
+            "the daemon",
         )  # fmt: skip
-        if "ready" not in self.proc.stdout.readline():
-            raise RuntimeError("the daemon did not start")
         self.peers = mtckpt.PeerTier(daemon=f"unix://{self.socket}", replicas=0)
 
     def stop(self) -> None:

@@ -40,6 +40,7 @@ from _harness import (
     free_port,
     markdown_table,
     print_checks,
+    start_daemon,
     target_check,
     write_report,
 )
@@ -57,17 +58,14 @@ class Daemon:
         self.node, self.port = node, port
         self.root = base / node
         self.socket = sockets / f"{node}.sock"
-        self.args = [sys.executable, "-m", "mtckpt", "daemon", "--node-id", node,
+        self.args = ["--node-id", node,
                      "--listen", f"127.0.0.1:{port}", "--socket", str(self.socket),
                      "--memory-root", str(self.root),
                      "--peers", ",".join(f"127.0.0.1:{p}" for p in peers), *extra]  # fmt: skip
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> Daemon:
-        self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, text=True)
-        line = self.proc.stdout.readline()
-        if "ready" not in line:
-            raise RuntimeError(f"daemon {self.node} did not start: {line!r}")
+        self.proc = start_daemon(self.args, f"daemon {self.node}")
         return self
 
     def client(self) -> Client:
