@@ -350,7 +350,8 @@ class CheckpointManager:
         """``(step, state)`` of the newest complete step (or ``step``) whose copy verifies.
 
         Without ``target`` the saved tree comes back with numpy arrays. With one, its arrays
-        are filled in place, its stateful objects get ``load_state_dict``, and the returned
+        are filled in place (JAX arrays, immutable: new ones are built with the target's
+        shardings), its stateful objects get ``load_state_dict``, and the returned
         tree has the target's structure. ``strict=False`` restores the keys both share and
         leaves the rest of the target as it is. With ``populate``, a step that came from a
         slower tier (the object tier, local disk) is copied into this rank's faster tiers in
@@ -423,13 +424,18 @@ class CheckpointManager:
             return
 
         def copy() -> None:
+            try:
+                saved_world = commit.saved_world_size(source, self.run, step)
+            except Exception as exc:
+                log.warning("step %d: not copied to the faster tiers: %s", step, exc)
+                return
+            if saved_world != self.world_size:
+                log.info("step %d was saved by another world size: not copied to the faster "
+                         "tiers", step)  # fmt: skip
+                return
             origin = source
             for storage in faster:
                 try:
-                    if commit.saved_world_size(origin, self.run, step) != self.world_size:
-                        log.info("step %d was saved by another world size: not copied to "
-                                 "%s", step, storage.describe())  # fmt: skip
-                        return
                     tiercopy.copy_shard(origin, storage, self.run, step, self.rank)
                     ranks = range(self.world_size) if storage.shared else self.node_ranks
                     commit.try_commit(storage, self.run, step, self.world_size, ranks)
