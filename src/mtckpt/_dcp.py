@@ -202,21 +202,21 @@ def _items(manifest) -> list[tuple[str, str]]:
 # -- conversions (one process: whole tensors) ------------------------------------------------
 
 
-def _as_torch(value: Any) -> Any:
+def as_torch(value: Any) -> Any:
     """The same tree with numpy arrays as torch tensors (the torch formats store tensors)."""
     if isinstance(value, np.ndarray):
         return torch.from_numpy(value)
     if isinstance(value, dict):
-        return {key: _as_torch(item) for key, item in value.items()}
+        return {key: as_torch(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
-        return type(value)(_as_torch(item) for item in value)
+        return type(value)(as_torch(item) for item in value)
     return value
 
 
 def export_torch_save(manager: CheckpointManager, step: int | None, path: str | os.PathLike):
     """Write ``step`` (default: the newest) as one ``torch.save`` file of whole tensors."""
     step, state = manager.restore(step=step)
-    torch.save(_as_torch(state), path)
+    torch.save(as_torch(state), path)
     return step
 
 
@@ -229,7 +229,7 @@ def import_torch_save(path: str | os.PathLike, manager: CheckpointManager, step:
 def export_dcp(manager: CheckpointManager, step: int | None, directory: str | os.PathLike):
     """Write ``step`` (default: the newest) as a DCP checkpoint directory of whole tensors."""
     step, state = manager.restore(step=step)
-    dcp.save(_as_torch(state), checkpoint_id=directory, no_dist=True)
+    dcp.save(as_torch(state), checkpoint_id=directory, no_dist=True)
     return step
 
 

@@ -195,7 +195,7 @@ DAEMON_OPTIONS: dict[str, type] = {
     "peers": list, "peers_dns": str, "replicas": int, "zone": str, "keep": int,
     "token_file": str, "tls_cert": str, "tls_key": str, "tls_ca": str, "bandwidth": float,
     "drain_timeout": float, "scan_interval": float, "data_port": int, "nice": int,
-    "remote": str,
+    "remote": str, "metrics_listen": str,
 }  # fmt: skip
 
 

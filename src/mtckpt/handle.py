@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
 
 
 class SaveHandle:
@@ -13,8 +17,17 @@ class SaveHandle:
     step is due for (``h.tiers``). An error of a stage is raised by ``wait``.
     """
 
-    def __init__(self, step: int, tiers: tuple[str, ...], configured: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        step: int,
+        tiers: tuple[str, ...],
+        configured: tuple[str, ...],
+        on_finish: Callable[[str, float, BaseException | None, bool], None] | None = None,
+        started: float | None = None,
+    ) -> None:
         self.step = step
+        self._started = time.monotonic() if started is None else started
+        self._on_finish = on_finish  # (stage, seconds since save, error, skipped): metrics
         self.tiers = tiers
         self._configured = ("staged",) + configured
         self._events = {name: threading.Event() for name in ("staged",) + tiers}
@@ -36,6 +49,11 @@ class SaveHandle:
             self._errors[stage] = error
         if skipped:
             self._skipped.add(stage)
+        if self._on_finish is not None:
+            try:
+                self._on_finish(stage, time.monotonic() - self._started, error, skipped)
+            except Exception:  # a metric must never fail a save
+                log.exception("step %d: recording the %s stage's metrics failed", self.step, stage)
         self._events[stage].set()
 
     def done(self, stage: str | None = None) -> bool:

@@ -4,6 +4,7 @@ complete, verified step from the fastest tier that holds a good copy."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -31,6 +32,7 @@ from . import (
 )
 from .config import LocalTier, MemoryTier, ObjectTier, PeerTier
 from .errors import (
+    ChecksumMismatchError,
     ClosedError,
     ConfigError,
     CorruptCheckpointError,
@@ -40,6 +42,7 @@ from .errors import (
 )
 from .handle import SaveHandle
 from .manifest import DEFAULT_CHUNK_SIZE, LeafRecord
+from .metrics import Metrics
 from .pipeline import Pipeline, SaveJob, SlowerTier
 from .tiers.base import Storage
 from .tiers.local import LocalStorage
@@ -104,6 +107,7 @@ class CheckpointManager:
         if staging not in ("blocking", "async"):
             raise ConfigError(f"staging must be 'blocking' or 'async', got {staging!r}")
         self.staging = staging
+        self.metrics = Metrics()  # mgr.metrics.samples() / .render(): the daemon's families
         self.rank, self.world_size = topology.detect(rank, world_size)
         self.node_ranks = topology.node_ranks(self.rank, self.world_size)
         # A collective on every rank, so here in the foreground, never in a save.
@@ -263,7 +267,9 @@ class CheckpointManager:
         except BaseException:
             self._memory.release(slot, self.run, self.rank)
             raise
-        handle = SaveHandle(step, tuple(due) + self._peer_stage(), configured)
+        handle = SaveHandle(step, tuple(due) + self._peer_stage(), configured,
+                            on_finish=functools.partial(self._record_stage, layout.file_size),
+                            started=now)  # fmt: skip
         if self.staging == "blocking":
             handle._finish("staged")
         self._pipeline.submit(
@@ -284,6 +290,18 @@ class CheckpointManager:
             self._last_saved_at[name] = now
         self._handles = [h for h in self._handles if not h.done()] + [handle]
         return handle
+
+    def _record_stage(self, size: int, stage: str, seconds: float, error, skipped: bool) -> None:
+        if skipped:
+            return
+        if error is not None:
+            self.metrics.errors.inc(tier=stage)
+            if isinstance(error, ChecksumMismatchError):  # the memory copy changed
+                self.metrics.checksum_failures.inc(tier="memory")
+            return
+        self.metrics.save_seconds.observe(seconds, stage=stage)
+        if stage not in ("staged", "peers"):  # the daemon counts what it sends to peers
+            self.metrics.bytes_written.inc(size, tier=stage)
 
     def _peer_stage(self) -> tuple[str, ...]:
         """The "peers" stage: every step committed in memory is replicated by the daemon."""
@@ -358,6 +376,7 @@ class CheckpointManager:
         the background (``wait()`` waits for it), so that the next restart finds it there.
         """
         self._check_open()
+        started = time.monotonic()
         self._pipeline.wait_memory_idle()
         if self._peers is not None:
             self._peers.recover()  # a replacement node: its shards come from the peers
@@ -397,7 +416,9 @@ class CheckpointManager:
                 log.warning("step %d has no good copy on rank(s) %s; trying an older step",
                             candidate, failed)  # fmt: skip
                 continue
-            storage, node, values, targets = loaded
+            storage, node, values, targets, size = loaded
+            self.metrics.restore_seconds.observe(time.monotonic() - started, tier=storage.name)
+            self.metrics.bytes_read.inc(size, tier=storage.name)
             if candidate != candidates[0]:
                 log.warning(
                     "restored step %d from the %s tier: no good copy of newer step(s) %s",
@@ -450,7 +471,8 @@ class CheckpointManager:
 
     def _load_step(self, step, holders, target, strict, allow_pickle, problems):
         """Load this rank's part of ``step`` from the fastest tier with a good copy:
-        ``(Outcome, (storage, node, values, targets))``, or the error for RETRY / FATAL.
+        ``(Outcome, (storage, node, values, targets, bytes of the rank's file))``, or the
+        error for RETRY / FATAL.
 
         The rank reads its own file; a rank the saved world did not have reads rank 0's.
         Whatever the target holds that is not exactly a piece of that file (other shard
@@ -476,13 +498,15 @@ class CheckpointManager:
                     values.update(reshard.assemble_values(files, manifest, regions, targets,
                                                           threads=self.threads))  # fmt: skip
                 except CorruptCheckpointError as exc:
+                    self.metrics.checksum_failures.inc(tier=storage.name)
                     problems.append(str(exc))
                     log.warning("%s; trying the next copy", exc)
                     commit.decommit(storage, self.run, step, str(exc))
                     continue
                 except Exception as exc:  # no other copy or step can fix it: every rank stops
                     return coordination.Outcome(coordination.FATAL, str(exc)), exc
-                return coordination.Outcome(coordination.OK), (storage, node, values, targets)
+                loaded = (storage, node, values, targets, manifest.file_size)
+                return coordination.Outcome(coordination.OK), loaded
         finally:
             files.close()
         reason = f"rank {self.rank} has no good copy of step {step}"

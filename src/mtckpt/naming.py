@@ -35,6 +35,11 @@ def check_run(run: object) -> str:
     return _check_name(run, "run name")
 
 
+def runs_of(names) -> list[str]:
+    """The valid run names among ``names``, sorted."""
+    return sorted(name for name in names if isinstance(name, str) and _RUN_RE.match(name))
+
+
 def check_node_id(node_id: object) -> str:
     """Return ``node_id`` if it is a safe node name (as for runs), else raise ValueError."""
     return _check_name(node_id, "node id")

@@ -64,32 +64,37 @@ def test_daemon_and_restore_take_their_settings_from_the_config_file(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "text, args, message",
+    "text, args, message, code",
     [
-        ("[daemon]\nreplica = 1\n", [], "unknown key daemon.replica"),
-        ('[daemon]\nkeep = "x"\n', [], "daemon.keep must be of type int"),
-        ("[daemon]\n", [], "no memory root"),
-        ('[daemon]\nmemory_root = "/tmp/m"\n', ["--tls-cert", "c.pem"], "go together"),
-        ('[daemon]\nmemory_root = "/tmp/m"\n', ["--nice", "25"], "nice must be 0..19"),
-        ('[daemon]\nmemory_root = "/tmp/m"\n', ["--remote", "bucket"], "remote.url must be a URL"),
+        ("[daemon]\nreplica = 1\n", [], "unknown key daemon.replica", 1),
+        ('[daemon]\nkeep = "x"\n', [], "daemon.keep must be of type int", 1),
+        ("[daemon]\n", [], "no memory root", 2),
+        ('[daemon]\nmemory_root = "/tmp/m"\n', ["--tls-cert", "c.pem"], "go together", 2),
+        ('[daemon]\nmemory_root = "/tmp/m"\n', ["--nice", "25"], "nice must be 0..19", 1),
+        ('[daemon]\nmemory_root = "/tmp/m"\n', ["--remote", "bucket"], "remote.url must be a URL",
+         1),
         ('[daemon]\nmemory_root = "/tmp/m"\n[remote]\nurl = "s3://b"\ncompression = "lz4"\n', [],
-         "remote.compression must be None or 'zstd'"),
+         "remote.compression must be None or 'zstd'", 1),
     ],
 )
-def test_bad_daemon_settings_exit_1_with_the_reason(tmp_path, text, args, message):
+def test_bad_daemon_settings_exit_non_zero_with_the_reason(tmp_path, text, args, message, code):
+    """Bad settings exit 1, a missing or incomplete option (bad usage) 2; one line says why."""
     path = tmp_path / "mtckpt.toml"
     path.write_text(text)
     result = mtckpt("daemon", "--config", str(path), *args)
-    assert result.returncode == 1
+    assert result.returncode == code
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_restore_without_a_daemon_says_how_to_name_one(tmp_path):
+def test_restore_without_a_daemon_reads_the_configured_tiers(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MTCKPT_")}
+    env["MTCKPT_MEMORY_PATH"] = str(tmp_path / "empty")
     result = mtckpt("restore", "--run", "exp", "--json", env=env)
     assert result.returncode == 1
-    assert "which daemon?" in result.stderr
+    assert result.stderr.strip() == (
+        f"mtckpt restore: run exp has no complete step in memory tier ({tmp_path / 'empty'})"
+    )
 
 
 def test_the_daemon_runs_below_the_trainers_cpu_priority(cluster):

@@ -53,7 +53,8 @@ class BulkServer:
     sends a replica here) or :meth:`offer` (the peer fetches a file from here)."""
 
     def __init__(self, host: str, port: int, tls: TLSFiles | None,
-                 on_stored: Callable[[Incoming], None]) -> None:  # fmt: skip
+                 on_stored: Callable[[Incoming], None],
+                 on_failed: Callable[[Exception], None] = lambda exc: None) -> None:  # fmt: skip
         self._listener = socket.create_server((host, port), reuse_port=False)
         self.port = self._listener.getsockname()[1]
         self.tls = tls is not None
@@ -63,7 +64,7 @@ class BulkServer:
             self._context.load_cert_chain(tls.cert, tls.key)
             self._context.load_verify_locations(tls.ca)
             self._context.verify_mode = ssl.CERT_REQUIRED
-        self._on_stored = on_stored
+        self._on_stored, self._on_failed = on_stored, on_failed
         self._pending: dict[bytes, tuple[Incoming | Outgoing, float]] = {}
         self._lock = threading.Lock()
         self._closed = False
@@ -126,6 +127,7 @@ class BulkServer:
         except (OSError, MtckptError, ValueError) as exc:
             where = f"{transfer.where}: " if isinstance(transfer, Incoming) else ""
             log.warning("bulk transfer failed: %s%s", where, exc)
+            self._on_failed(exc)
             reason = f"{where}{exc}".encode()[:4096]
             try:
                 conn.sendall(STATUS.pack(1, len(reason)) + reason)

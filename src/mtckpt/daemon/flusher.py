@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 from .. import commit, retention, tiercopy
 from ..config import ObjectTier
-from ..errors import CorruptCheckpointError
+from ..errors import ChecksumMismatchError, CorruptCheckpointError
+from ..metrics import Metrics
 from ..proto import mtckpt_pb2 as pb
 from ..tiers.object import ObjectStorage
 from .holdings import Holdings, Shard
@@ -38,8 +39,14 @@ class FlushState:
 
 
 class Flusher:
-    def __init__(self, holdings: Holdings, tier: ObjectTier, storage: ObjectStorage) -> None:
-        self.holdings, self.tier, self.storage = holdings, tier, storage
+    def __init__(
+        self,
+        holdings: Holdings,
+        tier: ObjectTier,
+        storage: ObjectStorage,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.holdings, self.tier, self.storage, self.metrics = holdings, tier, storage, metrics
         self.state: dict[Shard, FlushState] = {}
         self._queue: collections.OrderedDict[tuple[str, int], Shard] = collections.OrderedDict()
         self._busy = False
@@ -109,19 +116,30 @@ class Flusher:
             error = ""
             started = time.monotonic()
             try:
-                self.flush(shard)
+                size = self.flush(shard)
             except Exception as exc:  # reported to the trainer; its next due step tries again
                 error = str(exc) or type(exc).__name__
                 log.error("remote tier: flushing %s failed: %s", shard, error)
+                self._count_failure(exc)
             else:
-                log.info("flushed %s to %s in %.1f s", shard, self.tier.url,
-                         time.monotonic() - started)  # fmt: skip
+                seconds = time.monotonic() - started
+                log.info("flushed %s to %s in %.1f s", shard, self.tier.url, seconds)
+                if self.metrics is not None:
+                    self.metrics.save_seconds.observe(seconds, stage="remote")
+                    self.metrics.bytes_written.inc(size, tier="remote")
             with self._cond:
                 self.state[shard] = FlushState(Phase.FAILED if error else Phase.DONE, error)
                 self._busy = False
                 self._cond.notify_all()
 
-    def flush(self, shard: Shard) -> None:
+    def _count_failure(self, exc: Exception) -> None:
+        if self.metrics is not None:
+            self.metrics.errors.inc(tier="remote")
+            if isinstance(exc, ChecksumMismatchError):  # the node's copy changed or rotted
+                self.metrics.checksum_failures.inc(tier="memory")
+
+    def flush(self, shard: Shard) -> int:
+        """Upload ``shard`` and commit its step there once every rank is up; its bytes."""
         run, step, rank = shard.run, shard.step, shard.rank
         source = next(
             (s for s in self.holdings.own_storages() if commit.is_committed(s, run, step)), None
@@ -130,7 +148,7 @@ class Flusher:
             raise CorruptCheckpointError(
                 f"{shard}: not committed in this node's memory or local tier"
             )
-        tiercopy.copy_shard(source, self.storage, run, step, rank, recheck=True)
+        size = tiercopy.copy_shard(source, self.storage, run, step, rank, recheck=True)
         world = commit.saved_world_size(source, run, step)
         commit.try_commit(self.storage, run, step, world, range(world))
         try:
@@ -138,3 +156,4 @@ class Flusher:
                             keep_every=self.tier.keep_every)  # fmt: skip
         except Exception as exc:
             log.warning("remote tier: garbage collection failed: %s", exc)
+        return size

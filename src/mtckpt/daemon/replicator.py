@@ -20,6 +20,7 @@ import grpc
 from .. import naming
 from ..errors import MtckptError
 from ..manifest import RankManifest
+from ..metrics import Metrics
 from ..proto import mtckpt_pb2 as pb
 from ..restore import close_mapping
 from . import bulk, frames
@@ -36,6 +37,7 @@ class ReplicaState:
     targets: list[str]
     stored: set[str] = field(default_factory=set)
     error: str = ""
+    since: float = field(default_factory=time.monotonic)  # when the shard was first listed
 
     @property
     def complete(self) -> bool:
@@ -53,8 +55,9 @@ class Replicator:
         bandwidth: float | None = None,
         scan_interval: float = 0.5,
         tls: TLSFiles | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
-        self.holdings, self.peers = holdings, peers
+        self.holdings, self.peers, self.metrics = holdings, peers, metrics
         self.zone, self.replicas = zone, replicas
         self.bandwidth, self.scan_interval, self.tls = bandwidth, scan_interval, tls
         self.state: dict[Shard, ReplicaState] = {}
@@ -75,7 +78,7 @@ class Replicator:
     def snapshot(self) -> dict[Shard, ReplicaState]:
         with self._lock:
             return {
-                s: ReplicaState(list(r.targets), set(r.stored), r.error)
+                s: ReplicaState(list(r.targets), set(r.stored), r.error, r.since)
                 for s, r in self.state.items()
             }
 
@@ -181,23 +184,27 @@ class Replicator:
                     with self._lock:
                         state.error = f"peer {node} unreachable: {unreachable[node]}"
                     continue
+                started = time.monotonic()
                 try:
-                    self.push(shard, self.peers.by_node(node).address)
+                    size = self.push(shard, self.peers.by_node(node).address)
                 except (grpc.RpcError, OSError, MtckptError) as exc:
                     reason = error_text(exc)
                     log.warning("replicating %s to %s failed: %s", shard, node, reason)
                     with self._lock:
                         state.error = f"push to {node} failed: {reason}"
                     continue
+                if self.metrics is not None:
+                    self.metrics.save_seconds.observe(time.monotonic() - started, stage="peers")
+                    self.metrics.bytes_written.inc(size, tier="peers")
                 with self._lock:
                     state.stored.add(node)
             with self._lock:
                 if state.complete:
                     state.error = short
 
-    def push(self, shard: Shard, address: str) -> None:
+    def push(self, shard: Shard, address: str) -> int:
         """Send a shard to the peer at ``address``: over its data port (bulk.py), or as a
-        gRPC stream where the peer has none."""
+        gRPC stream where the peer has none; the bytes of its data file."""
         storage = self.holdings.own
         manifest = storage.read_bytes(shard.run, shard.step, naming.manifest_file(shard.rank))
         path = storage.path(shard.run, shard.step, naming.data_file(shard.rank))
@@ -224,3 +231,4 @@ class Replicator:
                 finally:
                     close_mapping(mapping)
         log.info("replicated %s to %s", shard, address)
+        return size

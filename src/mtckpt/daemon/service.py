@@ -15,7 +15,8 @@ import grpc
 
 from .. import _fastpath, naming
 from ..config import ObjectTier
-from ..errors import MtckptError, StepNotFoundError
+from ..errors import ChecksumMismatchError, MtckptError, StepNotFoundError
+from ..metrics import Endpoint, Metrics
 from ..proto import mtckpt_pb2 as pb
 from ..proto import mtckpt_pb2_grpc as pb_grpc
 from ..tiers.object import object_storage
@@ -51,6 +52,7 @@ class DaemonConfig:
     data_port: int = 0  # the bulk data port, on the listen host (0: any free one)
     nice: int = 10  # added to the process's nice value by `mtckpt daemon`: training goes first
     remote: ObjectTier | None = None  # where trainers' Flush requests upload to
+    metrics_listen: str | None = None  # HOST:PORT of /metrics, /healthz, /readyz; None: off
 
     def __post_init__(self) -> None:
         naming.check_node_id(self.node_id)
@@ -158,7 +160,9 @@ class _Service(pb_grpc.DaemonServicer):
         try:
             stored = self.d.holdings.store(shard, header.manifest, pieces, header.data_size)
         except (MtckptError, ValueError) as exc:
+            self.d.transfer_failed(exc)
             context.abort(grpc.StatusCode.DATA_LOSS, str(exc))
+        self.d.metrics.replica_bytes.inc(stored)
         self.d.holdings.expire_replicas(shard.origin, shard.run)
         return pb.PushReply(bytes=stored)
 
@@ -204,6 +208,7 @@ class _Service(pb_grpc.DaemonServicer):
         return pb.FlushReply()
 
     def Recover(self, request, context):
+        started = time.monotonic()
         try:
             naming.check_run(request.run)
             step = request.step if request.HasField("step") else None
@@ -213,6 +218,8 @@ class _Service(pb_grpc.DaemonServicer):
             with lock:
                 result = recovery.recover(self.d.holdings, self.d.peers, request.run, step)
             self.d.persist(request.run, result)
+            self.d.metrics.restore_seconds.observe(time.monotonic() - started, tier="peers")
+            self.d.metrics.bytes_read.inc(result.bytes, tier="peers")
         except StepNotFoundError as exc:
             context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
         except (MtckptError, ValueError) as exc:
@@ -253,17 +260,21 @@ class Daemon:
         )
         self.peers = Peers(config.node_id, config.peers, config.peers_dns,
                            token=config.token, tls=config.tls)  # fmt: skip
+        self.metrics = DaemonMetrics(self)
         self.replicator = Replicator(
             self.holdings, self.peers, zone=config.zone, replicas=config.replicas,
             bandwidth=config.bandwidth, scan_interval=config.scan_interval, tls=config.tls,
+            metrics=self.metrics,
         )  # fmt: skip
         self.flusher: Flusher | None = None
         if config.remote is not None:
             storage = object_storage(config.remote)
-            self.flusher = Flusher(self.holdings, config.remote, storage)
+            self.flusher = Flusher(self.holdings, config.remote, storage, self.metrics)
         self.address: str | None = None
         self.bulk: BulkServer | None = None
+        self.endpoint: Endpoint | None = None
         self.draining = False
+        self.serving = False
         self._persisting = futures.ThreadPoolExecutor(1, thread_name_prefix="mtckpt-persist")
         self._server: grpc.Server | None = None
         self._stopped = threading.Event()
@@ -289,7 +300,8 @@ class Daemon:
                 raise OSError(f"cannot listen on {self.config.listen}")
             self.address = f"{self.config.listen.rsplit(':', 1)[0]}:{port}"
             host = host_of(self.config.listen)
-            self.bulk = BulkServer(host, self.config.data_port, self.config.tls, self._stored)
+            self.bulk = BulkServer(host, self.config.data_port, self.config.tls, self._stored,
+                                   self.transfer_failed)  # fmt: skip
         if self.config.socket:
             socket = self.config.socket
             path = unix_path(socket) if is_unix(socket) else socket
@@ -309,6 +321,11 @@ class Daemon:
         self.replicator.start()
         if self.flusher is not None:
             self.flusher.start()
+        if self.config.metrics_listen:
+            self.endpoint = Endpoint(self.config.metrics_listen, self.metrics,
+                                     live=lambda: not self._stopped.is_set(),
+                                     ready=lambda: self.serving and not self.draining)  # fmt: skip
+        self.serving = True
         log.info(
             "mtckpt daemon %s serving on %s %s",
             self.config.node_id,
@@ -332,7 +349,14 @@ class Daemon:
         self._persisting.submit(write)
 
     def _stored(self, incoming) -> None:
+        self.metrics.replica_bytes.inc(incoming.size)
         self.holdings.expire_replicas(incoming.shard.origin, incoming.shard.run)
+
+    def transfer_failed(self, exc: Exception) -> None:
+        """A replica or recovery transfer into this node failed: counted when its bytes
+        were damaged on the way."""
+        if isinstance(exc, ChecksumMismatchError):
+            self.metrics.checksum_failures.inc(tier="peers")
 
     def stop(self, drain: bool = True) -> bool:
         """Stop; with ``drain``, first finish replication to reachable peers and the
@@ -353,7 +377,49 @@ class Daemon:
             self.bulk.close()
         self.peers.close()
         self._stopped.set()
+        if self.endpoint is not None:
+            self.endpoint.close()
         return drained
 
     def wait(self) -> None:
         self._stopped.wait()
+
+
+
+class DaemonMetrics(Metrics):
+    """The trainer's families, plus the daemon's own: replicas received, and gauges read
+    from the replicator, the flusher and the peer list at each scrape."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        super().__init__()
+        self.daemon = daemon
+        self.replica_bytes = self.counter(
+            "mtckpt_replica_received_bytes", "Bytes of other nodes' shards received and stored."
+        )
+        self.gauge("mtckpt_replication_lag_seconds", "Age of the oldest committed shard that "
+                   "some chosen peer does not hold yet (0: all replicated).", read=self._lag)
+        self.gauge("mtckpt_replication_pending_shards",
+                   "Committed shards not yet held by every chosen peer.",
+                   read=lambda: len(self._unreplicated()))
+        self.gauge("mtckpt_flush_backlog_shards",
+                   "Shards queued for or being uploaded to the object tier.", read=self._backlog)
+        self.gauge("mtckpt_peers", "Peer daemons known, by state.", ("state",), read=self._peers)
+        self.gauge("mtckpt_draining", "1 while the daemon drains on SIGTERM.",
+                   read=lambda: int(daemon.draining))  # fmt: skip
+
+    def _unreplicated(self) -> list:
+        return [s for s in self.daemon.replicator.snapshot().values() if not s.complete]
+
+    def _lag(self) -> float:
+        return max((time.monotonic() - s.since for s in self._unreplicated()), default=0.0)
+
+    def _backlog(self) -> int:
+        if self.daemon.flusher is None:
+            return 0
+        waiting = (pb.FlushState.QUEUED, pb.FlushState.FLUSHING)
+        return sum(f.phase in waiting for f in self.daemon.flusher.snapshot().values())
+
+    def _peers(self) -> dict:
+        members = self.daemon.peers.members()
+        up = sum(m.reachable for m in members)
+        return {("reachable",): up, ("unreachable",): len(members) - up}

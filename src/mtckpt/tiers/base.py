@@ -34,6 +34,14 @@ class Storage(ABC):
         """Where this storage is, for messages: ``"memory tier (/dev/shm/mtckpt)"``."""
 
     @abstractmethod
+    def runs(self) -> list[str]:
+        """Runs with a directory here, sorted."""
+
+    @abstractmethod
+    def modified(self, run: str, step: int, name: str) -> float | None:
+        """When a file was last written (seconds since the epoch); None if unknown."""
+
+    @abstractmethod
     def steps(self, run: str) -> list[int]:
         """Steps with a directory (complete or not), ascending."""
 

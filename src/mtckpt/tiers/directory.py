@@ -46,6 +46,19 @@ class DirectoryStorage(Storage):
     def path(self, run: str, step: int, name: str) -> Path:
         return self.step_path(run, step) / naming.check_file_name(name)
 
+    def runs(self) -> list[str]:
+        try:
+            names = os.listdir(self.root)
+        except FileNotFoundError:
+            return []
+        return [name for name in naming.runs_of(names) if (self.root / name).is_dir()]
+
+    def modified(self, run: str, step: int, name: str) -> float | None:
+        try:
+            return self.path(run, step, name).stat().st_mtime
+        except FileNotFoundError:
+            return None
+
     def steps(self, run: str) -> list[int]:
         try:
             names = os.listdir(self.run_dir(run))

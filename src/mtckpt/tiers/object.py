@@ -127,6 +127,18 @@ class ObjectStorage(Storage):
 
     # -- Storage -------------------------------------------------------------------------------
 
+    def runs(self) -> list[str]:
+        return naming.runs_of(self._listing(self.root))
+
+    def modified(self, run: str, step: int, name: str) -> float | None:
+        path = self.path(run, step, name)
+        try:
+            info = self.call(f"look up {path}", lambda: self.fs.info(path))
+        except FileNotFoundError:
+            return None
+        when = info.get("LastModified") or info.get("mtime") or info.get("created")
+        return when.timestamp() if hasattr(when, "timestamp") else when
+
     def steps(self, run: str) -> list[int]:
         return naming.steps_of(self._listing(self.run_dir(run)))
 

@@ -9,12 +9,7 @@ import sys
 import time
 import uuid
 
-import pytest
-
-pytest.importorskip("s3fs")
-pytest.importorskip("moto")
-
-from daemons import free_port  # noqa: E402
+from daemons import free_port
 
 
 class MotoServer:
@@ -54,24 +49,3 @@ class MotoServer:
         name = name or f"b-{uuid.uuid4().hex[:12]}"
         s3fs.S3FileSystem(skip_instance_cache=True, **self.options()).mkdir(name)
         return name
-
-
-@pytest.fixture(scope="session")
-def moto():
-    server = MotoServer().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def bucket(moto) -> str:
-    """A fresh bucket on the shared endpoint."""
-    return moto.make_bucket()
-
-
-@pytest.fixture
-def own_moto():
-    """An endpoint of this test's own, which it may stop and start again."""
-    server = MotoServer().start()
-    yield server
-    server.stop()
