@@ -205,11 +205,14 @@ def _ls(args: argparse.Namespace) -> int:
                 row["status"] = "verified" if not problems else catalog.DAMAGED
                 row["problems"] += problems
             rows.append(row)
-    address = _daemon_address(args) if args.daemon or args.config else None
+    address = _daemon_address(args)
     if address is not None:
         rows += _peer_rows(address, args)
     if args.json:
         print(json.dumps(rows))
+        return 0
+    if not rows:
+        print(f"no checkpoints in {_described(tiers)}")
         return 0
     now = time.time()
     table = [("TIER", "RUN", "STEP", "STATUS", "RANKS", "WORLD", "SIZE", "AGE")]
@@ -222,8 +225,6 @@ def _ls(args: argparse.Namespace) -> int:
     for row in rows:
         for problem in row["problems"]:
             print(f"{row['tier']} {row['run']} step {row['step']}: {problem}")
-    if not rows:
-        print(f"no checkpoints in {_described(tiers)}")
     return 0
 
 
@@ -235,9 +236,13 @@ def _peer_rows(address: tuple[str, str | None], args: argparse.Namespace) -> lis
     from .daemon.rpc import Client, read_token
 
     token = read_token(address[1])
-    with Client(address[0], token=token, timeout=args.timeout) as client:
-        status = client.status()
-        daemons = [(f"daemon {status.node_id}", client.list_shards(run=args.run or ""))]
+    try:
+        with Client(address[0], token=token, timeout=args.timeout) as client:
+            status = client.status()
+            daemons = [(f"daemon {status.node_id}", client.list_shards(run=args.run or ""))]
+    except grpc.RpcError as exc:  # the tiers are listed all the same
+        print(f"mtckpt ls: daemon {address[0]}: {exc.details()}", file=sys.stderr)
+        return []
     for peer in status.peers:
         if not peer.reachable:
             continue

@@ -320,3 +320,11 @@ def test_bad_selection_exits_2_with_the_reason(tmp_path, tiers):
     (step_dir(tmp_path / "memory", 1).parent.parent / "other" / "step-000000000001").mkdir()
     which = mtckpt_cli("inspect", *tiers)
     assert which.returncode == 2 and "which run? give --run (found: exp, other" in which.stderr
+
+
+def test_ls_lists_the_tiers_when_the_daemon_does_not_answer(tmp_path, tiers):
+    gone = f"unix://{tmp_path / 'no.sock'}"
+    done = mtckpt_cli("ls", *tiers, "--daemon", gone, "--timeout", "5", "--json")
+    assert done.returncode == 0
+    assert len(json.loads(done.stdout)) == 6
+    assert done.stderr.startswith(f"mtckpt ls: daemon {gone}: ")
