@@ -17,7 +17,7 @@ import threading
 import time
 
 from . import arrays, catalog, config, export, naming
-from .config import MemoryTier, ObjectTier
+from .config import LocalTier, MemoryTier, ObjectTier
 from .errors import CorruptCheckpointError, MtckptError, StepNotFoundError
 from .tiers.base import Storage
 from .tiers.directory import DirectoryStorage
@@ -104,8 +104,7 @@ def _restore_from_tiers(args: argparse.Namespace) -> int:
         return _fail(args, f"--from {args.from_tier}: no such tier here (tiers: "
                            f"{', '.join(names)})")  # fmt: skip
     if args.to is not None:
-        dests = [LocalStorage(args.to)]
-        dests[0].name = "export"
+        dests = [DirectoryStorage(args.to, "export", durable=True, populate=True)]
         sources = [t for t in tiers if args.from_tier in (None, t.name)]
     else:
         first = names.index(args.from_tier) if args.from_tier else 0
@@ -406,7 +405,7 @@ def _export(args: argparse.Namespace) -> int:
 
 # -- selection: tiers, run, step ------------------------------------------------------------
 
-_DEFAULT_KEEP = {"memory": MemoryTier.keep, "local": 2, "remote": 3}
+_DEFAULT_KEEP = {"memory": MemoryTier.keep, "local": LocalTier.keep, "remote": ObjectTier.keep}
 
 
 def _tiers(args: argparse.Namespace, allow_filter: bool = True) -> list[Storage]:
