@@ -61,3 +61,23 @@ def assert_same_state(actual, expected, path="state"):
     else:
         assert type(actual) is type(expected), f"{path}: {type(actual)} != {type(expected)}"
         assert actual == expected, f"{path}: {actual!r} != {expected!r}"
+
+
+def assert_same_tensors(actual, expected, where=""):
+    """Exact equality of nested dicts / lists of torch tensors and plain values."""
+    import torch
+
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(actual, torch.Tensor), where
+        assert actual.dtype == expected.dtype and actual.shape == expected.shape, where
+        assert torch.equal(actual, expected), where
+    elif isinstance(expected, dict):
+        assert set(actual) == set(expected), where
+        for key in expected:
+            assert_same_tensors(actual[key], expected[key], f"{where}/{key}")
+    elif isinstance(expected, (list, tuple)):
+        assert len(actual) == len(expected), where
+        for index, (a, e) in enumerate(zip(actual, expected, strict=True)):
+            assert_same_tensors(a, e, f"{where}/{index}")
+    else:
+        assert actual == expected, where

@@ -18,26 +18,10 @@ import torch  # noqa: E402
 
 import mtckpt  # noqa: E402
 from mtckpt.integrations.lightning import MtckptCheckpointIO, Pointer, read_pointer  # noqa: E402
+from states import assert_same_tensors  # noqa: E402
 
 EPOCHS = 5
 KILL_AT = 14  # mid-epoch 3: the newest checkpoint is the end of epoch 2, step 12
-
-
-def assert_same_tensors(actual, expected, where=""):
-    if isinstance(expected, torch.Tensor):
-        assert isinstance(actual, torch.Tensor), where
-        assert actual.dtype == expected.dtype and actual.shape == expected.shape, where
-        assert torch.equal(actual, expected), where
-    elif isinstance(expected, dict):
-        assert list(actual) == list(expected), where
-        for key in expected:
-            assert_same_tensors(actual[key], expected[key], f"{where}/{key}")
-    elif isinstance(expected, (list, tuple)):
-        assert len(actual) == len(expected), where
-        for index, (a, e) in enumerate(zip(actual, expected, strict=True)):
-            assert_same_tensors(a, e, f"{where}/{index}")
-    else:
-        assert actual == expected, where
 
 
 def test_killed_run_resumes_from_mtckpt_bit_identical(tmp_path):

@@ -18,25 +18,9 @@ import torch  # noqa: E402
 
 import mtckpt  # noqa: E402
 from mtckpt.integrations.transformers import MtckptCallback  # noqa: E402
+from states import assert_same_tensors  # noqa: E402
 
 KILL_AT = 17  # mid-epoch 2 (10 steps an epoch)
-
-
-def assert_same(actual, expected, where=""):
-    if isinstance(expected, torch.Tensor):
-        assert isinstance(actual, torch.Tensor), where
-        assert actual.dtype == expected.dtype and actual.shape == expected.shape, where
-        assert torch.equal(actual, expected), where
-    elif isinstance(expected, dict):
-        assert sorted(actual) == sorted(expected), where
-        for key in expected:
-            assert_same(actual[key], expected[key], f"{where}/{key}")
-    elif isinstance(expected, (list, tuple)):
-        assert len(actual) == len(expected), where
-        for index, (a, e) in enumerate(zip(actual, expected, strict=True)):
-            assert_same(a, e, f"{where}/{index}")
-    else:
-        assert actual == expected, where
 
 
 def test_killed_trainer_resumes_from_mtckpt_bit_identical(tmp_path):
@@ -65,9 +49,11 @@ def test_killed_trainer_resumes_from_mtckpt_bit_identical(tmp_path):
     total = training.EPOCHS * training.STEPS_PER_EPOCH
     assert trainer.state.global_step == uninterrupted.state.global_step == total
     assert trainer.state.epoch == uninterrupted.state.epoch
-    assert_same(trainer.model.state_dict(), uninterrupted.model.state_dict(), "model")
-    assert_same(trainer.optimizer.state_dict(), uninterrupted.optimizer.state_dict(), "optimizer")
-    assert_same(
+    assert_same_tensors(trainer.model.state_dict(), uninterrupted.model.state_dict(), "model")
+    assert_same_tensors(
+        trainer.optimizer.state_dict(), uninterrupted.optimizer.state_dict(), "optimizer"
+    )
+    assert_same_tensors(
         trainer.lr_scheduler.state_dict(), uninterrupted.lr_scheduler.state_dict(), "scheduler"
     )
     # the log of the steps before the kill came back with the TrainerState

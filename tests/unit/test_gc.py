@@ -147,3 +147,38 @@ def test_page_locked_slots_unlock_when_unmapped_and_spares_lock_alike(shm_dir):
     storage.release(slot, "exp", 0)
     storage.close()
     assert events[3:] == [("unlock", address, None)]
+
+
+def _racing_gc(storage, monkeypatch):
+    """Each step directory made is removed once, right away, as another rank starting up
+    removes an uncommitted step's directory while it is empty."""
+    made = storage.make_step_dir
+    removed = set()
+
+    def make_then_lose(run, step):
+        path = made(run, step)
+        if step not in removed:
+            removed.add(step)
+            os.rmdir(path)
+        return path
+
+    monkeypatch.setattr(storage, "make_step_dir", make_then_lose)
+    return removed
+
+
+def test_a_step_directory_removed_by_another_ranks_gc_is_made_again(tmp_path, monkeypatch):
+    from mtckpt.tiers.local import LocalStorage
+    from mtckpt.tiers.memory import MemoryStorage
+
+    disk = LocalStorage(tmp_path / "disk")
+    assert _racing_gc(disk, monkeypatch) is not None
+    disk.write_bytes("exp", 1, "rank-00001.json", b"{}")
+    assert disk.read_bytes("exp", 1, "rank-00001.json") == b"{}"
+
+    memory = MemoryStorage(tmp_path / "memory")
+    removed = _racing_gc(memory, monkeypatch)
+    slot = memory.acquire("exp", 3, 4096)
+    memory.publish(slot, "exp", 0, 3)
+    assert removed == {0}
+    assert (tmp_path / "memory" / "exp" / "step-000000000000" / "rank-00003.safetensors").exists()
+    memory.close()

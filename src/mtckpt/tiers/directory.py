@@ -91,11 +91,10 @@ class DirectoryStorage(Storage):
 
     def write_stream(self, run: str, step: int, name: str, size: int, chunks: Iterable) -> None:
         final = self.path(run, step, name)
-        self.make_step_dir(run, step)
         temp = final.with_name(naming.temp_name(name))
         fastpath = _fastpath.backend()
         try:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            fd = self._create_temp(run, step, temp)
             try:
                 if self.durable and size:
                     fastpath.fallocate(fd, 0, size)  # full disk fails here, before any write
@@ -117,6 +116,19 @@ class DirectoryStorage(Storage):
             raise
         if self.durable:
             self.sync_dir(final.parent)
+
+    def _create_temp(self, run: str, step: int, temp: Path) -> int:
+        """Open a new temporary file in the step's directory, making the directory again if
+        another rank of the node removed it while it was empty (garbage collection of an
+        uncommitted step at its start-up)."""
+        for attempt in range(3):
+            self.make_step_dir(run, step)
+            try:
+                return os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     def delete(self, run: str, step: int, name: str) -> None:
         _unlink_quietly(self.step_path(run, step) / name)

@@ -65,6 +65,9 @@ class Slot:
             self.mm = None
 
 
+RENAME_ATTEMPTS = 5
+
+
 class MemoryStorage(DirectoryStorage):
     def __init__(self, root: str | os.PathLike) -> None:
         super().__init__(root, "memory", durable=False, populate=False)
@@ -153,8 +156,16 @@ class MemoryStorage(DirectoryStorage):
 
     def publish(self, slot: Slot, run: str, step: int, rank: int) -> None:
         """Rename a staged slot into its step directory as the rank's data file."""
-        final = self.make_step_dir(run, step) / naming.data_file(rank)
-        os.replace(slot.path, final)
+        for attempt in range(RENAME_ATTEMPTS):
+            final = self.make_step_dir(run, step) / naming.data_file(rank)
+            try:
+                os.replace(slot.path, final)
+                break
+            except FileNotFoundError:
+                # Another rank of the node, starting up, may remove the step directory while
+                # it is still empty (an uncommitted step); make it again.
+                if attempt + 1 == RENAME_ATTEMPTS or not slot.path.exists():
+                    raise
         slot.path = final
         with self._lock:
             self._bound[(run, step, rank)] = slot
