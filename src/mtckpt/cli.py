@@ -119,7 +119,7 @@ def _restore_from_tiers(args: argparse.Namespace) -> int:
         steps = [wanted]
     if not steps:
         return _fail(args, f"run {run} has no complete step in {_described(sources)}")
-    ranks = None if args.ranks is None else [int(r) for r in args.ranks]
+    ranks = args.ranks
     for step in steps:
         for source in sources:
             if step not in catalog.newest_complete(source, run):
@@ -540,6 +540,13 @@ def _print_table(rows: list[tuple[str, ...]]) -> None:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
+def _rank_list(text: str) -> list[int]:
+    try:
+        return sorted({int(item) for item in _comma_list(text)})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected ranks such as 0,1") from None
+
+
 def _comma_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
@@ -641,7 +648,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--from", dest="from_tier", choices=("memory", "local", "remote"),
                    help="read this tier only (and copy into the faster ones)")  # fmt: skip
     r.add_argument("--to", metavar="DIR", help="copy into this directory instead")
-    r.add_argument("--ranks", type=_comma_list, help="only these ranks (comma list; default: all)")
+    r.add_argument("--ranks", type=_rank_list, help="only these ranks (comma list; default: all)")
     daemon_flags(r)
     r.set_defaults(handler=_restore)
 

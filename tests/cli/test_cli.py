@@ -314,6 +314,8 @@ def test_bad_selection_exits_2_with_the_reason(tmp_path, tiers):
     done = mtckpt_cli("inspect", "--memory", tmp_path / "memory", "--tier", "remote")
     assert done.returncode == 2
     assert done.stderr.strip() == "mtckpt inspect: --tier remote: not configured (tiers: memory)"
+    bad_ranks = mtckpt_cli("restore", "--run", RUN, "--ranks", "0,x", *tiers)
+    assert bad_ranks.returncode == 2 and "'0,x': expected ranks such as 0,1" in bad_ranks.stderr
     bad_step = mtckpt_cli("inspect", "two", *tiers)
     assert bad_step.returncode == 2 and "step 'two': expected a step number" in bad_step.stderr
     (tmp_path / "memory" / "other").mkdir()
