@@ -77,7 +77,8 @@ def step_info(storage: Storage, run: str, step: int) -> StepInfo:
     if committed and missing:
         problems.append(f"committed rank(s) {missing} have no manifest")
     status = INCOMPLETE if not committed else DAMAGED if problems else COMPLETE
-    stamp = naming.COMMIT if committed else next(iter(files), None)
+    named = [name for name in files if naming.parse_rank_file(name) is not None]
+    stamp = naming.COMMIT if committed else next(iter(named), None)  # temp files have none
     return StepInfo(
         tier=storage.name, run=run, step=step, status=status, world_size=world,
         ranks=tuple(sorted(ranks)), committed_ranks=committed_ranks, bytes=size,

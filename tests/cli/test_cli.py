@@ -80,6 +80,7 @@ def test_every_command_has_help():
 def test_ls_shows_complete_incomplete_and_damaged_steps_with_sizes(tmp_path, tiers):
     memory = tmp_path / "memory"
     (step_dir(memory, 3) / "COMMIT").unlink()  # a save that never finished
+    (step_dir(memory, 3) / ".rank-00000.json.tmp-1-abc").write_text("{")  # and its leftover
     (step_dir(memory, 2) / "rank-00001.json").unlink()  # committed, a shard lost
     flip_byte(step_dir(memory, 1) / "rank-00000.safetensors")
     done = mtckpt_cli("ls", *tiers, "--json")
