@@ -242,14 +242,13 @@ def _peer_rows(address: tuple[str, str | None], args: argparse.Namespace) -> lis
     except grpc.RpcError as exc:  # the tiers are listed all the same
         print(f"mtckpt ls: daemon {address[0]}: {exc.details()}", file=sys.stderr)
         return []
-    for peer in status.peers:
-        if not peer.reachable:
-            continue
+    for peer in status.peers:  # unreachable ones too: the daemon may not have asked yet
         try:
-            with Client(peer.address, token=token, timeout=args.timeout) as client:
-                daemons.append((f"peer {peer.node_id}", client.list_shards(run=args.run or "")))
+            with Client(peer.address, token=token, timeout=min(args.timeout, 10)) as client:
+                listing = client.list_shards(run=args.run or "")
+            daemons.append((f"peer {listing.node_id or peer.address}", listing))
         except grpc.RpcError as exc:
-            print(f"mtckpt ls: peer {peer.node_id} ({peer.address}): {exc.details()}",
+            print(f"mtckpt ls: peer {peer.node_id or '?'} ({peer.address}): {exc.details()}",
                   file=sys.stderr)  # fmt: skip
     rows: dict[tuple, dict] = {}
     for tier, listing in daemons:

@@ -35,6 +35,12 @@ def test_the_readme_walkthrough_restores_a_lost_node_from_its_peers(cluster, tmp
     lost.lose_node()
     cluster.restart(lost)  # the replacement: same node id, empty roots
 
+    def knows_peers():
+        with lost.client() as client:
+            return sum(p.reachable for p in client.status().peers) == 2
+
+    wait_for(knows_peers, what="the replacement's first look at its peers")
+
     config = tmp_path / "mtckpt.toml"
     config.write_text(f'[daemon]\nsocket = "{lost.socket}"\nmemory_root = "{lost.memory_root}"\n')
     env = {k: v for k, v in os.environ.items() if not k.startswith("MTCKPT_")}
@@ -44,7 +50,7 @@ def test_the_readme_walkthrough_restores_a_lost_node_from_its_peers(cluster, tmp
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
-    assert "peer node-a" in out and "replica of node-b" in out  # ls: the peers' replicas
+    assert "peer node-a" in out and "replica of node-b" in out, out + done.stderr  # ls
     assert "run exp step 2: ranks [1] ready in node memory" in out  # restore
     assert "memory   exp step 2: ok" in out  # verify
 

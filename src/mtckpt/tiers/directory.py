@@ -91,6 +91,7 @@ class DirectoryStorage(Storage):
 
     def write_stream(self, run: str, step: int, name: str, size: int, chunks: Iterable) -> None:
         final = self.path(run, step, name)
+        self.make_step_dir(run, step)
         temp = final.with_name(naming.temp_name(name))
         fastpath = _fastpath.backend()
         try:
@@ -122,12 +123,12 @@ class DirectoryStorage(Storage):
         another rank of the node removed it while it was empty (garbage collection of an
         uncommitted step at its start-up)."""
         for attempt in range(3):
-            self.make_step_dir(run, step)
             try:
                 return os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             except FileNotFoundError:
                 if attempt == 2:
                     raise
+                self.make_step_dir(run, step)
         raise AssertionError("unreachable")
 
     def delete(self, run: str, step: int, name: str) -> None:
