@@ -9,7 +9,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import commit, naming, restore, tiercopy
+from . import commit, naming, restore, retention, tiercopy
 from .errors import CorruptCheckpointError, StepNotFoundError
 from .manifest import RankManifest
 from .tiers.base import Storage
@@ -48,6 +48,11 @@ class StepInfo:
 def step_info(storage: Storage, run: str, step: int) -> StepInfo:
     """What ``storage`` holds of ``step``, from its file listing, COMMIT and manifests
     (no data is read)."""
+    return _read_step(storage, run, step)[0]
+
+
+def _read_step(storage: Storage, run: str, step: int) -> tuple[StepInfo, list[RankManifest]]:
+    """:func:`step_info`, and the manifests that parse, by rank."""
     files = storage.files(run, step)
     problems: list[str] = []
     world, committed_ranks = None, ()
@@ -59,7 +64,7 @@ def step_info(storage: Storage, run: str, step: int) -> StepInfo:
             files.remove(naming.COMMIT)  # removed since the listing
         except (ValueError, KeyError, TypeError) as exc:
             problems.append(f"malformed {naming.COMMIT} ({exc!r})")
-    ranks, size = [], 0
+    found: list[RankManifest] = []
     for name in files:
         parsed = naming.parse_rank_file(name)
         if parsed is None or parsed[1] != "json":
@@ -69,9 +74,11 @@ def step_info(storage: Storage, run: str, step: int) -> StepInfo:
         except (CorruptCheckpointError, FileNotFoundError) as exc:
             problems.append(str(exc))
             continue
-        ranks.append(manifest.rank)
+        found.append(manifest)
         world = world or manifest.world_size
-        size += manifest.stored.size if manifest.stored is not None else manifest.file_size
+    found.sort(key=lambda m: m.rank)
+    ranks = [m.rank for m in found]
+    size = sum(m.stored.size if m.stored is not None else m.file_size for m in found)
     committed = naming.COMMIT in files
     missing = sorted(set(committed_ranks) - set(ranks))
     if committed and missing:
@@ -79,11 +86,12 @@ def step_info(storage: Storage, run: str, step: int) -> StepInfo:
     status = INCOMPLETE if not committed else DAMAGED if problems else COMPLETE
     named = [name for name in files if naming.parse_rank_file(name) is not None]
     stamp = naming.COMMIT if committed else next(iter(named), None)  # temp files have none
-    return StepInfo(
+    info = StepInfo(
         tier=storage.name, run=run, step=step, status=status, world_size=world,
-        ranks=tuple(sorted(ranks)), committed_ranks=committed_ranks, bytes=size,
+        ranks=tuple(ranks), committed_ranks=committed_ranks, bytes=size,
         modified=storage.modified(run, step, stamp) if stamp else None, problems=tuple(problems),
     )  # fmt: skip
+    return info, found
 
 
 def listing(storage: Storage, run: str | None = None) -> list[StepInfo]:
@@ -95,15 +103,14 @@ def listing(storage: Storage, run: str | None = None) -> list[StepInfo]:
 def verify(storage: Storage, run: str, step: int, threads: int = 1) -> tuple[int, list[str]]:
     """Check every chunk's crc32c of every shard of ``step`` on ``storage``: the bytes
     checked and the problems found (none: the step is good there)."""
-    info = step_info(storage, run, step)
+    info, manifests_found = _read_step(storage, run, step)
     problems = list(info.problems)
     if info.status == INCOMPLETE:
         problems.append("not committed")
     checked = 0
-    for rank in info.ranks:
-        where = f"{storage.describe()}: run {run} step {step} rank {rank}"
+    for manifest in manifests_found:
+        where = f"{storage.describe()}: run {run} step {step} rank {manifest.rank}"
         try:
-            manifest = restore.read_manifest(storage, run, step, rank)
             data = restore.open_data(storage, manifest, where, threads)
             try:
                 tiercopy.check_chunks(memoryview(data).cast("B"), manifest, 0, where, threads)
@@ -159,17 +166,11 @@ class Removal:
 
 
 def gc_plan(storage: Storage, run: str, keep: int, keep_every: int | None = None) -> list[Removal]:
-    """What garbage collection removes on ``storage``: committed steps beyond the newest
-    ``keep`` (multiples of ``keep_every`` are kept), and incomplete steps older than the
-    newest committed one (newer ones may be a save under way). The newest committed step
-    is never removed."""
-    committed = commit.committed_steps(storage, run)
-    if not committed:
-        return []
-    plan = [Removal(s, f"beyond the newest {keep} complete")
-            for s in committed[:-keep] if not keep_every or s % keep_every]  # fmt: skip
-    plan += [Removal(s, "incomplete, older than the newest complete step")
-             for s in storage.steps(run) if s < committed[-1] and s not in committed]  # fmt: skip
+    """What garbage collection removes on ``storage`` (:func:`retention.due`: the policy the
+    trainers apply), with the reason for each step."""
+    expired, stale = retention.due(storage, run, keep, keep_every)
+    plan = [Removal(s, f"beyond the newest {keep} complete") for s in expired]
+    plan += [Removal(s, "incomplete, older than the newest complete step") for s in stale]
     return sorted(plan, key=lambda r: r.step)
 
 
@@ -186,8 +187,8 @@ def remove_step(storage: Storage, run: str, step: int) -> None:
 
 def manifests(storage: Storage, run: str, step: int) -> list[RankManifest]:
     """Every rank's manifest of a step on ``storage``, by rank."""
-    info = step_info(storage, run, step)
+    info, found = _read_step(storage, run, step)
     if info.status == INCOMPLETE and not info.ranks:
         raise StepNotFoundError(f"{storage.describe()}: run {run} has no step {step}")
-    return [restore.read_manifest(storage, run, step, rank) for rank in info.ranks]
+    return found
 

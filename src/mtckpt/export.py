@@ -37,10 +37,7 @@ def read_step(
                 manifest = restore.read_manifest(storage, run, step, min(ranks))
                 for record in manifest.leaves:
                     restore.check_target(record, None, allow_pickle)
-                whole = restore.regions_to_assemble(manifest, {}, ())
-                values = restore.load_shard(storage, manifest, {}, skip=set(whole),
-                                            threads=threads)  # fmt: skip
-                values.update(reshard.assemble_values(files, manifest, whole, {}, threads))
+                values = reshard.load_values(files, storage, manifest, {}, set(), threads)
             except CorruptCheckpointError as exc:
                 problems.append(str(exc))
                 continue

@@ -491,12 +491,8 @@ class CheckpointManager:
                     node, targets = _graft_target(target, manifest)
                     skip = self._check_plan(manifest, node, targets, strict, allow_pickle,
                                             has_target=target is not None)  # fmt: skip
-                    regions = restore.regions_to_assemble(manifest, targets, skip)
-                    direct_skip = skip | set(regions)
-                    values = restore.load_shard(storage, manifest, targets,
-                                                skip=direct_skip, threads=self.threads)  # fmt: skip
-                    values.update(reshard.assemble_values(files, manifest, regions, targets,
-                                                          threads=self.threads))  # fmt: skip
+                    values = reshard.load_values(files, storage, manifest, targets, skip,
+                                                 self.threads)  # fmt: skip
                 except CorruptCheckpointError as exc:
                     self.metrics.checksum_failures.inc(tier=storage.name)
                     problems.append(str(exc))

@@ -22,7 +22,15 @@ from . import arrays, shard
 from .arrays import Region
 from .errors import CorruptCheckpointError
 from .manifest import LeafRecord, RankManifest
-from .restore import close_mapping, copy_verified, open_data, read_manifest, region_of
+from .restore import (
+    close_mapping,
+    copy_verified,
+    load_shard,
+    open_data,
+    read_manifest,
+    region_of,
+    regions_to_assemble,
+)
 from .tiers.base import Storage
 
 log = logging.getLogger(__name__)
@@ -277,3 +285,20 @@ def _copy_pieces(files, rank, found, outputs, threads) -> None:
     else:
         for entry in strided:
             copy_one(entry)
+
+
+def load_values(
+    files: StepFiles,
+    storage: Storage,
+    manifest: RankManifest,
+    targets: dict[str, Any],
+    skip: set[str],
+    threads: int = 1,
+) -> dict[str, Any]:
+    """Every leaf of ``manifest`` not in ``skip``: read from its own file on ``storage``
+    where the target (or, without one, the whole array) is exactly the saved piece, and
+    assembled from the step's other rank files where it is not."""
+    regions = regions_to_assemble(manifest, targets, skip)
+    values = load_shard(storage, manifest, targets, skip=skip | set(regions), threads=threads)
+    values.update(assemble_values(files, manifest, regions, targets, threads=threads))
+    return values

@@ -44,21 +44,30 @@ def apply(
     protected: Collection[int] = (),
     keep_every: int | None = None,
 ) -> list[int]:
-    """Remove committed steps beyond the newest ``keep`` (except multiples of ``keep_every``:
-    kept for the long term) and incomplete steps older than the newest committed one,
-    sparing ``protected`` steps; returns the steps removed."""
-    committed = commit.committed_steps(storage, run)
-    if not committed:
-        return []
-    expired = {s for s in committed[:-keep] if not keep_every or s % keep_every}
-    newest = committed[-1]
-    stale = {s for s in storage.steps(run) if s < newest and s not in committed}
-    removed = sorted((expired | stale) - set(protected))
+    """Remove the steps :func:`due` names, sparing ``protected`` steps; returns the steps
+    removed."""
+    expired, stale = due(storage, run, keep, keep_every)
+    removed = sorted((set(expired) | set(stale)) - set(protected))
     for step in removed:
         remove_rank_files(storage, run, step, rank, world_size)
     if removed:
         log.debug("%s: removed steps %s of run %r", storage.describe(), removed, run)
     return removed
+
+
+def due(
+    storage: Storage, run: str, keep: int, keep_every: int | None = None
+) -> tuple[list[int], list[int]]:
+    """The steps garbage collection removes, ascending: committed steps beyond the newest
+    ``keep`` (except multiples of ``keep_every``: kept for the long term), and incomplete
+    steps older than the newest committed one (newer ones may be a save under way). The
+    newest committed step is never among them."""
+    committed = commit.committed_steps(storage, run)
+    if not committed:
+        return [], []
+    expired = [s for s in committed[:-keep] if not keep_every or s % keep_every]
+    stale = [s for s in storage.steps(run) if s < committed[-1] and s not in committed]
+    return expired, stale
 
 
 def clean_after_crash(storage: Storage, run: str, rank: int, world_size: int) -> None:
