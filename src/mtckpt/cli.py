@@ -109,20 +109,21 @@ def _restore_from_tiers(args: argparse.Namespace) -> int:
     else:
         first = names.index(args.from_tier) if args.from_tier else 0
         sources = tiers[first:]
-    steps = sorted({s for t in sources for s in catalog.newest_complete(t, run)}, reverse=True)
+    complete = {source.name: set(catalog.newest_complete(source, run)) for source in sources}
+    steps = sorted(set().union(*complete.values()), reverse=True)
     if args.step not in (None, "latest"):
         wanted = _step_number(args.step)
         if wanted not in steps:
-            complete = steps[:10] or "none"
+            listed = steps[:10] or "none"
             return _fail(args, f"run {run} step {wanted} is not complete in "
-                               f"{_described(sources)} (complete: {complete})")  # fmt: skip
+                               f"{_described(sources)} (complete: {listed})")  # fmt: skip
         steps = [wanted]
     if not steps:
         return _fail(args, f"run {run} has no complete step in {_described(sources)}")
     ranks = args.ranks
     for step in steps:
         for source in sources:
-            if step not in catalog.newest_complete(source, run):
+            if step not in complete[source.name]:
                 continue
             targets = dests if args.to is not None else tiers[: tiers.index(source)]
             if not targets:  # already in the fastest tier: good if it verifies
@@ -153,9 +154,8 @@ def _restore_from_tiers(args: argparse.Namespace) -> int:
 def _copy_to(source, targets, run, step, ranks, args) -> tuple[list[int], int]:
     """Copy ``step`` from ``source`` into the first target, then from it into the others;
     a target that did not hold the step before keeps nothing of a failed copy."""
-    info = catalog.step_info(source, run, step)
-    wanted = list(info.ranks) if ranks is None else ranks
-    total = sum(m.file_size for m in catalog.manifests(source, run, step) if m.rank in wanted)
+    total = sum(m.file_size for m in catalog.manifests(source, run, step)
+                if ranks is None or m.rank in ranks)  # fmt: skip
     progress = Progress(f"step {step}", total * len(targets), args.json)
     origin, copied, size = source, [], 0
     try:
@@ -364,7 +364,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _gc(args: argparse.Namespace) -> int:
     tiers = _tiers(args)
-    settings = config.load(args.config)
+    settings = _settings(args)
     rows = []
     for storage in tiers:
         tier_cfg = settings.get(storage.name)
@@ -407,6 +407,15 @@ def _export(args: argparse.Namespace) -> int:
 _DEFAULT_KEEP = {"memory": MemoryTier.keep, "local": LocalTier.keep, "remote": ObjectTier.keep}
 
 
+def _settings(args: argparse.Namespace, daemon: bool = False) -> dict:
+    """The config file's settings (with MTCKPT_* variables): the library's, or with
+    ``daemon`` the daemon's; each read once per command."""
+    cache = vars(args).setdefault("settings", {})
+    if daemon not in cache:
+        cache[daemon] = (config.load_daemon if daemon else config.load)(args.config)
+    return cache[daemon]
+
+
 def _tiers(args: argparse.Namespace, allow_filter: bool = True) -> list[Storage]:
     """The tiers to read, fastest first: those given by --memory / --local / --remote, else
     the config file's and MTCKPT_* variables' (the library's; the memory tier by default),
@@ -419,8 +428,7 @@ def _tiers(args: argparse.Namespace, allow_filter: bool = True) -> list[Storage]
         memory, local = given["memory"], given["local"]
         remote = ObjectTier(url=given["remote"]) if given["remote"] else None
     else:
-        settings = config.load(args.config)
-        daemon = config.load_daemon(args.config)
+        settings, daemon = _settings(args), _settings(args, daemon=True)
         memory = (settings["memory"].path if "memory" in settings
                   else daemon.get("memory_root", MemoryTier.path))  # fmt: skip
         local = settings["local"].path if "local" in settings else daemon.get("local_root")
@@ -445,7 +453,7 @@ def _run_name(args: argparse.Namespace, tiers: list[Storage]) -> str:
     """--run, else the config's run, else the one run the tiers hold."""
     if args.run:
         return naming.check_run(args.run)
-    configured = config.load(args.config).get("run")
+    configured = _settings(args).get("run")
     if configured:
         return configured
     runs = sorted({run for storage in tiers for run in storage.runs()})
@@ -477,10 +485,10 @@ def _daemon_address(args: argparse.Namespace) -> tuple[str, str | None] | None:
     if neither names one."""
     if args.daemon:
         return args.daemon, args.token_file
-    peers = config.load(args.config).get("peers")
+    peers = _settings(args).get("peers")
     if peers is not None:
         return peers.daemon, args.token_file or peers.token_file
-    daemon = config.load_daemon(args.config)
+    daemon = _settings(args, daemon=True)
     if daemon.get("socket"):
         return f"unix://{daemon['socket']}", args.token_file or daemon.get("token_file")
     return None
