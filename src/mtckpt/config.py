@@ -123,7 +123,10 @@ class ObjectTier:
     stores data files as zstd frames of ``compression_level`` (needs ``mtckpt[zstd]``).
     ``backlog``: a step due while a flush still runs replaces older ones waiting ("newest",
     logged) or waits its turn ("queue": each keeps its node-memory copy until it is up).
-    ``storage_options`` go to the fsspec filesystem (``endpoint_url``, ``key``, ...)."""
+    ``storage_options`` go to the fsspec filesystem (``endpoint_url``, ``key``, ...).
+    ``uploader``: without a node daemon, "process" uploads from a helper process (the
+    trainer's GIL stays free), "thread" from the trainer's own threads; "auto" is "process"
+    except for ``memory://``, whose filesystem lives in the trainer's process."""
 
     url: str
     every: int | None = 1
@@ -137,6 +140,7 @@ class ObjectTier:
     compression: str | None = None
     compression_level: int = encoding.DEFAULT_LEVEL
     backlog: str = "newest"
+    uploader: str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.url, str) or "://" not in self.url:
@@ -162,6 +166,15 @@ class ObjectTier:
         encoding.check_compression(self.compression, self.compression_level, "remote")
         if self.backlog not in ("newest", "queue"):
             raise ConfigError(f"remote.backlog must be 'newest' or 'queue', got {self.backlog!r}")
+        if self.uploader not in ("auto", "process", "thread"):
+            raise ConfigError(
+                f"remote.uploader must be 'auto', 'process' or 'thread', got {self.uploader!r}"
+            )
+        if self.uploader == "process" and self.url.startswith("memory:"):
+            raise ConfigError(
+                f"remote.uploader 'process' cannot upload to {self.url!r}: a memory:// "
+                "filesystem lives in the trainer's process (use 'auto' or 'thread')"
+            )
 
 
 TIER_CLASSES: dict[str, type] = {
@@ -171,7 +184,7 @@ _FIELD_KINDS = {"path": str, "every": int, "interval": float, "keep": int, "daem
                 "replicas": int, "token_file": str, "timeout": float, "url": str,
                 "keep_every": int, "storage_options": dict, "part_size": int,
                 "concurrency": int, "retries": int, "compression": str,
-                "compression_level": int, "backlog": str}  # fmt: skip
+                "compression_level": int, "backlog": str, "uploader": str}  # fmt: skip
 
 # Manager options other than tiers, with the type each takes.
 MANAGER_OPTIONS: dict[str, type] = {

@@ -29,6 +29,7 @@ from . import (
     tiercopy,
     topology,
     tree,
+    uploader,
 )
 from .config import LocalTier, MemoryTier, ObjectTier, PeerTier
 from .errors import (
@@ -137,6 +138,7 @@ class CheckpointManager:
         if remote is not None:
             self._tiers.append((remote, object_storage(remote)))
         self._closed = False
+        self._uploader: uploader.Uploader | None = None  # the object tier's helper process
         self._handles: list[SaveHandle] = []
         self._populating: list[threading.Thread] = []  # restore(populate=True) copies
         self._last_saved_at: dict[str, float] = {}
@@ -164,7 +166,7 @@ class CheckpointManager:
 
     def _slower_tier(self, cfg: Any, storage: Storage) -> SlowerTier:
         """How the pipeline writes a slower tier: itself, or for the object tier, by the node
-        daemon when it uploads to the same URL."""
+        daemon when it uploads to the same URL, else by a helper process (``uploader``)."""
         tier = SlowerTier(storage, cfg.keep)
         if not isinstance(cfg, ObjectTier):
             return tier
@@ -179,6 +181,15 @@ class CheckpointManager:
                     "without one to have the trainers upload)"
                 )
             tier.flush = daemon.flush
+        elif not uploader.in_process(cfg):
+            try:
+                self._uploader = uploader.Uploader(cfg, self.run, self.rank, self.world_size,
+                                                   self._memory.root, max(1, self.threads // 2))
+            except ConfigError:
+                if self._peers is not None:
+                    self._peers.close()
+                raise
+            tier.flush = self._uploader.flush
         return tier
 
     @classmethod
@@ -570,6 +581,8 @@ class CheckpointManager:
             self.wait()
         finally:
             self._pipeline.close()
+            if self._uploader is not None:
+                self._uploader.close()
             for _, storage in self._tiers:
                 storage.close()
             if self._peers is not None:

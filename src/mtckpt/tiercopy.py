@@ -84,16 +84,16 @@ def check_chunks(piece, manifest: RankManifest, first: int, where: str, threads:
 
 def copy_shard(
     source: Storage, dest: Storage, run: str, step: int, rank: int, recheck: bool = False,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int], None] | None = None, threads: int = 1,
 ) -> int:  # fmt: skip
     """Copy ``rank``'s shard of ``step`` from ``source`` to ``dest``, verified (``recheck``,
-    ``progress``: see put_shard); the bytes of its data file. Committing the step is the
-    caller's."""
+    ``progress``, ``threads``: see put_shard); the bytes of its data file. Committing the
+    step is the caller's."""
     manifest = read_manifest(source, run, step, rank)
     where = f"{source.describe()}: step {step} {manifest.data_file}"
     data = open_data(source, manifest, where)
     try:
-        put_shard(dest, manifest, data, where, recheck=recheck, progress=progress)
+        put_shard(dest, manifest, data, where, threads, recheck, progress)
     finally:
         close_mapping(data)
     return manifest.file_size

@@ -299,9 +299,10 @@ class ObjectStorage(Storage):
         return True
 
 
-def object_storage(cfg: ObjectTier) -> ObjectStorage:
-    """The storage of an ObjectTier; a bucket that does not exist is a configuration error,
-    an endpoint that does not answer is reported (and retried by each flush)."""
+def object_storage(cfg: ObjectTier, check: bool = True) -> ObjectStorage:
+    """The storage of an ObjectTier. With ``check``, a bucket that does not exist is a
+    configuration error, an endpoint that does not answer is reported (and retried by each
+    flush)."""
     try:
         storage = ObjectStorage(cfg.url, storage_options=cfg.storage_options,
                                 part_size=cfg.part_size, concurrency=cfg.concurrency,
@@ -309,6 +310,8 @@ def object_storage(cfg: ObjectTier) -> ObjectStorage:
                                 compression_level=cfg.compression_level)  # fmt: skip
     except TierError as exc:
         raise ConfigError(str(exc)) from None
+    if not check:
+        return storage
     try:
         storage.check()
     except TierError as exc:
