@@ -126,7 +126,8 @@ class ObjectTier:
     ``storage_options`` go to the fsspec filesystem (``endpoint_url``, ``key``, ...).
     ``uploader``: without a node daemon, "process" uploads from a helper process (the
     trainer's GIL stays free), "thread" from the trainer's own threads; "auto" is "process"
-    except for ``memory://``, whose filesystem lives in the trainer's process."""
+    except for ``memory://`` and filesystems registered at run time, which live in the
+    trainer's process only."""
 
     url: str
     every: int | None = 1

@@ -37,8 +37,15 @@ HELPER = "import sys; from mtckpt.uploader import main; main(sys.argv)"
 
 
 def in_process(cfg: ObjectTier) -> bool:
-    """Whether ``cfg``'s uploads run on the trainer's threads rather than in a helper."""
-    return cfg.uploader == "thread" or (cfg.uploader == "auto" and cfg.url.startswith("memory:"))
+    """Whether ``cfg``'s uploads run on the trainer's threads rather than in a helper:
+    "auto" keeps them there for memory:// and for filesystems a fresh process cannot find
+    by name (registered at run time by the training script)."""
+    if cfg.uploader != "auto":
+        return cfg.uploader == "thread"
+    from fsspec.registry import known_implementations
+
+    protocols = [part.split("://", 1)[0] for part in cfg.url.split("::")]  # chained URLs too
+    return any(p == "memory" or p not in known_implementations for p in protocols)
 
 
 class Uploader:

@@ -12,7 +12,9 @@ import textwrap
 import time
 from pathlib import Path
 
+import fsspec
 import pytest
+from fsspec.implementations.local import LocalFileSystem
 from test_object_tier import RUN, manager, s3_tier, state
 
 from mtckpt import ConfigError, ObjectTier, TierError
@@ -116,3 +118,22 @@ def test_the_uploader_option_is_checked(shm_dir, tmp_path):
         assert helpers_of(os.getpid()) == []
         assert mgr.steps()["remote"] == [1]
     assert (tmp_path / "ckpt" / RUN).is_dir()
+
+
+def test_a_filesystem_registered_at_run_time_uploads_on_the_trainer_threads(shm_dir, tmp_path):
+    class Registered(LocalFileSystem):  # a fresh process would not know it by name
+        protocol = ("mtckpttest",)
+
+        def __init__(self, **options) -> None:
+            super().__init__(auto_mkdir=True, **options)
+
+    fsspec.register_implementation("mtckpttest", Registered, clobber=True)
+    remote = ObjectTier(url=f"mtckpttest://{tmp_path}/ckpt")
+    with manager(shm_dir / "a", remote) as mgr:
+        mgr.save(1, state(1)).wait()
+        assert helpers_of(os.getpid()) == []
+        assert mgr.steps()["remote"] == [1]
+    with manager(shm_dir / "b", ObjectTier(url=f"file://{tmp_path}/ckpt")) as mgr:
+        step, restored = mgr.restore()  # the same files, through a known filesystem
+    assert step == 1
+    assert_same_state(restored, state(1))
