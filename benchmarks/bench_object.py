@@ -215,7 +215,8 @@ def main() -> None:
                                                args.repeats, args.compression)  # fmt: skip
         labels = ("memory tier only", "flushing to file://",
                   "flushing to S3, by the trainer's helper process",
-                  "flushing to S3, on the trainer's threads", "flushing to S3, by the node daemon")  # fmt: skip
+                  "flushing to S3, on the trainer's threads",
+                  "flushing to S3, by the node daemon")  # fmt: skip
         loops = {label: [] for label in labels}
         loop_bytes = int(args.loop_size_gib * GIB)
         for round_ in range(args.loop_rounds):  # interleaved: drift hits both alike
