@@ -306,11 +306,8 @@ class Pipeline:
             self._unpin(job.step)
             job.handle._finish(name, error=error, skipped=skipped)
             if tier.flush is None:
-                try:
-                    retention.apply(tier.storage, self.run, self.rank, self.world_size,
-                                    tier.keep, keep_every=tier.keep_every)  # fmt: skip
-                except Exception as exc:
-                    log.warning("%s tier: garbage collection failed: %s", name, exc)
+                retention.apply_or_log(tier.storage, self.run, self.rank, self.world_size,
+                                       tier.keep, tier.keep_every)  # fmt: skip
             self._collect_memory_garbage()
             self._job_done()
 

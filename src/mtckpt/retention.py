@@ -55,6 +55,18 @@ def apply(
     return removed
 
 
+def apply_or_log(
+    storage: Storage, run: str, rank: int, world_size: int, keep: int,
+    keep_every: int | None = None,
+) -> None:  # fmt: skip
+    """:func:`apply` after a step was written to a slower tier; a failure is logged, never
+    raised: garbage collection failing must not stop checkpointing (the next step retries)."""
+    try:
+        apply(storage, run, rank, world_size, keep, keep_every=keep_every)
+    except Exception as exc:
+        log.warning("%s tier: garbage collection failed: %s", storage.name, exc)
+
+
 def due(
     storage: Storage, run: str, keep: int, keep_every: int | None = None
 ) -> tuple[list[int], list[int]]:

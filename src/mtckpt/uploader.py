@@ -28,8 +28,6 @@ from . import commit, retention, tiercopy
 from .config import ObjectTier
 from .errors import ConfigError, TierError
 
-log = logging.getLogger(__name__)
-
 NICE = 10  # as the node daemon: the training loop goes first
 STOP_SECONDS = 10.0  # for an idle helper to exit when asked, before it is killed
 PARENT_POLL_SECONDS = 0.2
@@ -181,11 +179,7 @@ def _serve(conn: Connection) -> None:
             error = _portable(exc)
         conn.send((captured.take(), error))
         if storage is not None:  # after the answer, as the pipeline's own tier workers do
-            try:
-                retention.apply(storage, run, rank, world_size, cfg.keep,
-                                keep_every=cfg.keep_every)  # fmt: skip
-            except Exception as exc:
-                log.warning("remote tier: garbage collection failed: %s", exc)
+            retention.apply_or_log(storage, run, rank, world_size, cfg.keep, cfg.keep_every)
     conn.send((captured.take(), None))  # what the last garbage collection logged
 
 

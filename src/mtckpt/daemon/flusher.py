@@ -151,9 +151,6 @@ class Flusher:
         size = tiercopy.copy_shard(source, self.storage, run, step, rank, recheck=True)
         world = commit.saved_world_size(source, run, step)
         commit.try_commit(self.storage, run, step, world, range(world))
-        try:
-            retention.apply(self.storage, run, rank, world, self.tier.keep,
-                            keep_every=self.tier.keep_every)  # fmt: skip
-        except Exception as exc:
-            log.warning("remote tier: garbage collection failed: %s", exc)
+        retention.apply_or_log(self.storage, run, rank, world, self.tier.keep,
+                               self.tier.keep_every)  # fmt: skip
         return size
