@@ -14,6 +14,8 @@
 #define MADV_POPULATE_WRITE 23
 #endif
 
+#define PREFAULT_CALL_BYTES ((uintptr_t)4 << 20)
+
 int prefault_pages(void *buf, size_t len)
 {
     if (len == 0)
@@ -25,7 +27,17 @@ int prefault_pages(void *buf, size_t len)
 #if defined(__linux__)
     uintptr_t start = first & ~(page - 1);
     uintptr_t stop = (end + page - 1) & ~(page - 1);
-    if (madvise((void *)start, stop - start, MADV_POPULATE_WRITE) == 0)
+    /* One call holds the process's mmap lock for its whole range; a training thread
+     * that maps or unmaps memory meanwhile (malloc does) waits for all of it, and then
+     * its own page faults queue behind that writer. Bounded calls let it in between. */
+    uintptr_t at = start;
+    while (at < stop) {
+        uintptr_t span = stop - at < PREFAULT_CALL_BYTES ? stop - at : PREFAULT_CALL_BYTES;
+        if (madvise((void *)at, span, MADV_POPULATE_WRITE) != 0)
+            break;
+        at += span;
+    }
+    if (at == stop)
         return 0;
     /* ENOMEM/EFAULT/EHWPOISON mean the pages cannot be backed (a full tmpfs, say): a
      * touch would then die of SIGBUS, so report it. Anything else (EINVAL from an older
