@@ -145,3 +145,28 @@ def test_several_ranks_per_node_replicate_and_recover_together(cluster):
     cluster.restart(lost)
     assert run_node(lost, [2, 3], 4, "restore") == ["2", "2"]
     assert run_node(daemons["m1"], [0, 1], 4, "restore") == ["2", "2"]
+
+
+def test_steps_the_daemon_cannot_replicate_before_they_expire_are_skipped(cluster, caplog):
+    """Saves faster than a capped replication: the daemon sends the newest steps first and
+    the older ones expire in memory unsent; their "peers" stage is skipped (newest wins)
+    instead of waiting out the timeout, and the newest step is replicated."""
+    daemons = cluster(["f1", "f2"], extra=["--bandwidth", str(4 << 20), "--keep", "2"])
+    big = {"w": np.random.default_rng(0).standard_normal((1024, 1024)).astype(np.float32)}
+    tier = PeerTier(daemon=f"unix://{daemons['f1'].socket}", timeout=120)
+    with (
+        caplog.at_level("INFO", logger="mtckpt"),
+        CheckpointManager(RUN, rank=0, world_size=1, peers=tier) as mgr,
+    ):
+        handles = []
+        for step in range(1, 7):
+            big["w"][0, 0] = step
+            handles.append(mgr.save(step, big))
+            handles[-1].wait("memory")
+        for h in handles:
+            h.wait("peers", timeout=60)  # none raises, none waits out PeerTier.timeout
+        skipped = [h.step for h in handles if "peers" in h.skipped]
+        assert skipped and 6 not in skipped
+        assert mgr.steps()["peers"][-1] == 6
+    assert f"skipping step {skipped[0]} because the daemon has moved on" in caplog.text
+    assert replicated(daemons["f1"], RUN, 6)

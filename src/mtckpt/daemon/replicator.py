@@ -188,6 +188,14 @@ class Replicator:
                 try:
                     size = self.push(shard, self.peers.by_node(node).address)
                 except (grpc.RpcError, OSError, MtckptError) as exc:
+                    if not self.holdings.own.step_path(shard.run, shard.step).exists():
+                        # The trainer's retention removed the step (its data file may have
+                        # been reused for a newer one while it was being sent).
+                        log.info("%s expired before it was replicated to %s (newer steps "
+                                 "went first)", shard, node)  # fmt: skip
+                        with self._lock:
+                            self.state.pop(shard, None)
+                        break
                     reason = error_text(exc)
                     log.warning("replicating %s to %s failed: %s", shard, node, reason)
                     with self._lock:

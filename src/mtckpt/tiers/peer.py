@@ -85,11 +85,21 @@ class DaemonLink:
                 if not notified:
                     self.client.notify(self.run, step)
                     notified = True
-                state = self._state(step)
+                entries = self._entries()
             except grpc.RpcError as exc:
                 state, error = None, f"daemon at {self.cfg.daemon}: {exc.details()}"
             else:
+                state = next((e for e in entries if e.shard.step == step), None)
                 error = state.error if state is not None else ""
+                newer = [e.shard.step for e in entries if e.shard.step > step]
+                if state is None and newer:
+                    # The daemon replicates the newest steps first and only its newest
+                    # `keep`: one it has gone past without it will never be replicated.
+                    log.info("peers tier: skipping step %d because the daemon has moved on "
+                             "to step %d (newest wins: the step expired, or was not among "
+                             "the newest it keeps, before it could be sent)", step, max(newer))
+                    handle._finish("peers", skipped=True)
+                    return
             if state is not None and _stored_everywhere(state) and not error:
                 handle._finish("peers")
                 return
@@ -106,9 +116,6 @@ class DaemonLink:
                     f"({why})"))  # fmt: skip
                 return
             time.sleep(POLL_SECONDS)
-
-    def _state(self, step: int):
-        return next((e for e in self._entries() if e.shard.step == step), None)
 
     def _entries(self) -> list:
         """The daemon's replication state of this rank's shards (every step)."""
