@@ -97,7 +97,8 @@ class DaemonLink:
                     # `keep`: one it has gone past without it will never be replicated.
                     log.info("peers tier: skipping step %d because the daemon has moved on "
                              "to step %d (newest wins: the step expired, or was not among "
-                             "the newest it keeps, before it could be sent)", step, max(newer))
+                             "the newest it keeps, before it could be sent)",
+                             step, max(newer))  # fmt: skip
                     handle._finish("peers", skipped=True)
                     return
             if state is not None and _stored_everywhere(state) and not error:
