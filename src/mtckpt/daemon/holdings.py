@@ -301,7 +301,7 @@ class Incoming:
     """A data file being received, in order, straight into a mapping of its temporary
     file: each piece is checked there while still in cache (each manifest chunk's crc32c
     as soon as the chunk is complete); :meth:`commit` renames the file into place and
-    writes the manifest (the shard is then whole). An expired replica's file is reused
+    writes the manifest (the shard is then whole); :meth:`close` always follows. An expired replica's file is reused
     when one is free (its tmpfs pages exist; ``spare``: already mapped with them present);
     a fresh file's pages are allocated up front (a full tmpfs fails there, not with SIGBUS
     on a write)."""
@@ -382,7 +382,8 @@ class Incoming:
             raise CorruptCheckpointError(
                 f"{self.where}: {self.received} of {self.size} bytes arrived"
             )
-        self._close_file()
+        # The mapping stays until close(): unmapping a GiB takes tens of milliseconds, and
+        # the sender waits for the status that follows this commit.
         os.replace(self.temp, self.final)
         self._done = True
         manifest_name = naming.manifest_file(self.shard.rank)
