@@ -14,7 +14,7 @@
 #define MADV_POPULATE_WRITE 23
 #endif
 
-#define PREFAULT_CALL_BYTES ((uintptr_t)4 << 20)
+#define PREFAULT_CALL_BYTES ((uintptr_t)512 << 10)
 
 int prefault_pages(void *buf, size_t len)
 {
