@@ -301,8 +301,9 @@ class Incoming:
     """A data file being received, in order, straight into a mapping of its temporary
     file: each piece is checked there while still in cache (each manifest chunk's crc32c
     as soon as the chunk is complete); :meth:`commit` renames the file into place and
-    writes the manifest (the shard is then whole); :meth:`close` always follows. An expired replica's file is reused
-    when one is free (its tmpfs pages exist; ``spare``: already mapped with them present);
+    writes the manifest (the shard is then whole); :meth:`close` always follows, and
+    unmaps. An expired replica's file is reused when one is free (its tmpfs pages exist;
+    ``spare``: already mapped with them present);
     a fresh file's pages are allocated up front (a full tmpfs fails there, not with SIGBUS
     on a write)."""
 
