@@ -74,11 +74,12 @@ def own_moto():
 def cluster(tmp_path):
     """A function starting daemons ``ids`` that list each other as peers; with
     ``dns=True`` they share one port on 127.0.0.1, 127.0.0.2, ... and find peers through
-    the name localhost instead (which resolves to the first only)."""
+    the name localhost instead (which resolves to the first only). Those also in
+    ``later`` are listed but not started (``cluster.restart`` starts one)."""
     sockets = Path(tempfile.mkdtemp(prefix="mtd-"))  # Unix socket paths must be short
     started: list[DaemonProcess] = []
 
-    def start(ids, extra=(), per_node=None, dns=False):
+    def start(ids, extra=(), per_node=None, dns=False, later=()):
         shared = free_port()
         ports = {node: shared if dns else free_port() for node in ids}
         daemons = {}
@@ -89,8 +90,9 @@ def cluster(tmp_path):
                 args += ["--peers-dns", f"localhost:{shared}"]
             host = f"127.0.0.{i + 1}" if dns else "127.0.0.1"
             daemon = DaemonProcess(node, tmp_path, sockets, ports[node], peers, args, host)
-            daemons[node] = daemon.start()
-            started.append(daemon)
+            daemons[node] = daemon
+            if node not in later:
+                started.append(daemon.start())
         return daemons
 
     start.restart = lambda daemon: started.append(daemon.start()) or daemon

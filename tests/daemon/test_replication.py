@@ -154,6 +154,40 @@ def test_a_peer_down_during_save_is_reported_and_caught_up(cluster):
     assert ("node-a", 2) in held
 
 
+def test_a_daemon_that_joins_later_is_used_without_restarting_the_others(cluster):
+    daemons = cluster(NODES, extra=["--replicas", "2"], later=["node-c"])
+    pid_a, pid_b = daemons["node-a"].proc.pid, daemons["node-b"].proc.pid
+    save(daemons["node-a"], 0, 1, [1])
+
+    def short_of_a_peer():
+        states = replication_of(daemons["node-a"], RUN, 1)
+        return states and states[0].stored == ["node-b"] and states[0].error
+
+    wait_for(short_of_a_peer, what="one replica of two, reported")
+    (state_,) = replication_of(daemons["node-a"], RUN, 1)
+    assert "2 replicas wanted, 1 other daemon(s) known" in state_.error
+    cluster.restart(daemons["node-c"])  # its first start: node-a and node-b run on
+    wait_for(lambda: replicated(daemons["node-a"], RUN, 1), what="the newcomer's replica")
+    (state_,) = replication_of(daemons["node-a"], RUN, 1)
+    assert sorted(state_.stored) == ["node-b", "node-c"] and not state_.error
+    assert daemons["node-a"].proc.pid == pid_a and daemons["node-b"].proc.pid == pid_b
+
+
+def test_replicas_go_to_another_zone(cluster):
+    zones = {"node-a": "rack-1", "node-b": "rack-1", "node-c": "rack-2", "node-d": "rack-2"}
+    daemons = cluster(list(zones), per_node={n: ["--zone", z] for n, z in zones.items()})
+    for rank, node in enumerate(zones):
+        save(daemons[node], rank, len(zones), [1])
+    for node in zones:
+        wait_for(lambda n=node: replicated(daemons[n], RUN, 1), what=f"{node} replicated")
+        (state_,) = replication_of(daemons[node], RUN, 1)
+        (holder,) = state_.stored
+        assert zones[holder] != zones[node], f"{node}'s replica is in its own zone on {holder}"
+        with daemons[holder].client() as client:
+            held = {i.shard.origin for i in client.list_shards(run=RUN).shards}
+        assert node in held
+
+
 def test_a_corrupted_replica_is_detected_and_another_source_used(cluster):
     daemons = cluster(NODES, extra=["--replicas", "2"])
     save(daemons["node-a"], 0, 1, [1])
