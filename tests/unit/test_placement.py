@@ -39,7 +39,7 @@ def test_a_node_that_leaves_moves_only_the_copies_it_held():
     after = {n: replica_targets(n, "", [(m, "") for m in everyone if m != gone], 1)
              for n in everyone if n != gone}  # fmt: skip
     moved = [n for n in after if after[n] != before[n]]
-    assert all(before[n] == [gone] for n in moved)
+    assert moved and all(before[n] == [gone] for n in moved)  # its ring predecessor moves
 
 
 def test_unlabelled_zones_and_too_few_members():
