@@ -88,12 +88,17 @@ def wait_for(condition, timeout=60.0, what="condition"):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-def replicated(daemon: DaemonProcess, run: str, step: int) -> bool:
-    """Every shard of ``step`` this daemon's node saved is held by all its targets."""
+def replicated(daemon: DaemonProcess, run: str, *steps: int) -> bool:
+    """Every shard of each of ``steps`` this daemon's node saved is held by all its
+    targets. Name every step a test relies on: the newest are pushed first, so one step
+    being done says nothing of an older one."""
     with daemon.client() as c:
         status = c.status()
-    states = [r for r in status.replication if r.shard.run == run and r.shard.step == step]
-    return bool(states) and all(set(r.targets) <= set(r.stored) and not r.error for r in states)
+    for step in steps:
+        states = [r for r in status.replication if r.shard.run == run and r.shard.step == step]
+        if not states or any(not set(r.targets) <= set(r.stored) or r.error for r in states):
+            return False
+    return True
 
 
 def replication_of(daemon: DaemonProcess, run: str, step: int):

@@ -30,7 +30,7 @@ def test_the_readme_walkthrough_restores_a_lost_node_from_its_peers(cluster, tmp
     for rank, node in enumerate(NODES):
         save(daemons[node], rank, len(NODES), [1, 2])
     for node in NODES:
-        wait_for(lambda n=node: replicated(daemons[n], "exp", 2), what=f"{node} replicated")
+        wait_for(lambda n=node: replicated(daemons[n], "exp", 1, 2), what=f"{node} replicated")
     lost = daemons["node-b"]
     lost.lose_node()
     cluster.restart(lost)  # the replacement: same node id, empty roots

@@ -35,7 +35,7 @@ def three(cluster):
     for rank, node in enumerate(NODES):
         save(daemons[node], rank, len(NODES), [1, 2])
     for node in NODES:
-        wait_for(lambda n=node: replicated(daemons[n], RUN, 2), what=f"{node} replicated")
+        wait_for(lambda n=node: replicated(daemons[n], RUN, 1, 2), what=f"{node} replicated")
     return daemons
 
 
@@ -95,7 +95,7 @@ def test_a_daemon_whose_memory_tier_was_lost_recovers_from_its_local_tier(cluste
     save(node, 0, 2, [1, 2], local=True)
     save(daemons["disk-b"], 1, 2, [1, 2])
     for daemon in daemons.values():
-        wait_for(lambda d=daemon: replicated(d, RUN, 2), what=f"{daemon.node_id} replicated")
+        wait_for(lambda d=daemon: replicated(d, RUN, 1, 2), what=f"{daemon.node_id} replicated")
     node.kill()
     shutil.rmtree(node.memory_root)  # a reboot: tmpfs gone, the disk kept
     cluster.restart(node)
@@ -225,7 +225,7 @@ def test_a_restarted_daemon_finds_what_its_roots_hold(three, cluster):
         after = sorted((i.shard.origin, i.shard.step, i.shard.rank, i.replica)
                        for i in client.list_shards().shards)  # fmt: skip
     assert after == before and any(r for *_, r in after) and any(not r for *_, r in after)
-    wait_for(lambda: replicated(daemon, RUN, 2), what="replication state rebuilt")
+    wait_for(lambda: replicated(daemon, RUN, 1, 2), what="replication state rebuilt")
 
 
 def test_sigterm_drains_and_exits_zero(cluster):
