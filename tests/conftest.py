@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from daemons import DaemonProcess, free_port
+from daemons import DaemonProcess, free_port, knows, wait_for
 from mtckpt import _fastpath
 from s3server import MotoServer
 
@@ -93,6 +93,10 @@ def cluster(tmp_path):
             daemons[node] = daemon
             if node not in later:
                 started.append(daemon.start())
+        if not dns:  # each knows the others up (placement is stable from the first save)
+            for daemon in (d for d in daemons.values() if d.proc is not None):
+                up = {d.address for d in daemons.values() if d.proc is not None} - {daemon.address}
+                wait_for(lambda d=daemon, up=up: knows(d, up), what=f"{daemon.node_id}'s peers")
         return daemons
 
     start.restart = lambda daemon: started.append(daemon.start()) or daemon

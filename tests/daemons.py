@@ -58,6 +58,13 @@ class DaemonProcess:
     def client(self, **kwargs) -> Client:
         return Client(f"unix://{self.socket}", **kwargs)
 
+    @property
+    def token(self) -> str | None:
+        """The token it was started with (``--token-file``), if any."""
+        if "--token-file" not in self.extra:
+            return None
+        return Path(self.extra[self.extra.index("--token-file") + 1]).read_text().strip()
+
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=30)
@@ -86,6 +93,13 @@ def wait_for(condition, timeout=60.0, what="condition"):
             return value
         time.sleep(0.1)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def knows(daemon: DaemonProcess, addresses: set[str]) -> bool:
+    """``daemon`` has reached the peers at ``addresses`` and learned who they are."""
+    with daemon.client(token=daemon.token) as c:
+        peers = {p.address: p for p in c.status().peers}
+    return all(a in peers and peers[a].reachable and peers[a].node_id for a in addresses)
 
 
 def replicated(daemon: DaemonProcess, run: str, *steps: int) -> bool:

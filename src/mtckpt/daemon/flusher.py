@@ -16,6 +16,7 @@ import collections
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .. import commit, retention, tiercopy
@@ -45,8 +46,11 @@ class Flusher:
         tier: ObjectTier,
         storage: ObjectStorage,
         metrics: Metrics | None = None,
+        on_change: Callable[[], None] = lambda: None,
     ) -> None:
+        """``on_change`` is called after a flush changes phase (Status waiters)."""
         self.holdings, self.tier, self.storage, self.metrics = holdings, tier, storage, metrics
+        self.on_change = on_change
         self.state: dict[Shard, FlushState] = {}
         self._queue: collections.OrderedDict[tuple[str, int], Shard] = collections.OrderedDict()
         self._busy = False
@@ -67,6 +71,7 @@ class Flusher:
             queued = self._queue.get(key)
             if queued is not None and queued.step > shard.step:
                 self.state[shard] = FlushState(Phase.SKIPPED, f"step {queued.step} is queued")
+                self.on_change()
                 return
             if queued is not None:
                 self.state[queued] = FlushState(Phase.SKIPPED, f"step {shard.step} is due")
@@ -79,6 +84,7 @@ class Flusher:
             self.state[shard] = FlushState()
             self._forget_old(key)
             self._cond.notify_all()
+        self.on_change()
 
     def snapshot(self) -> dict[Shard, FlushState]:
         with self._cond:
@@ -113,6 +119,7 @@ class Flusher:
                 _, shard = self._queue.popitem(last=False)
                 self._busy = True
                 self.state[shard].phase = Phase.FLUSHING
+            self.on_change()
             error = ""
             started = time.monotonic()
             try:
@@ -131,6 +138,7 @@ class Flusher:
                 self.state[shard] = FlushState(Phase.FAILED if error else Phase.DONE, error)
                 self._busy = False
                 self._cond.notify_all()
+            self.on_change()
 
     def _count_failure(self, exc: Exception) -> None:
         if self.metrics is not None:

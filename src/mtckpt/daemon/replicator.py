@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -56,8 +57,11 @@ class Replicator:
         scan_interval: float = 0.5,
         tls: TLSFiles | None = None,
         metrics: Metrics | None = None,
+        on_change: Callable[[], None] = lambda: None,
     ) -> None:
+        """``on_change`` is called after the replication state changes (Status waiters)."""
         self.holdings, self.peers, self.metrics = holdings, peers, metrics
+        self.on_change = on_change
         self.zone, self.replicas = zone, replicas
         self.bandwidth, self.scan_interval, self.tls = bandwidth, scan_interval, tls
         self.state: dict[Shard, ReplicaState] = {}
@@ -171,6 +175,7 @@ class Replicator:
                 state.stored &= set(targets)
                 if short:  # reported from the start, not once the pushes are done
                     state.error = short
+        self.on_change()
         for shard in shards:
             state = self.state[shard]
             for node in targets:
@@ -179,10 +184,12 @@ class Replicator:
                 if shard in held_by.get(node, ()):
                     with self._lock:
                         state.stored.add(node)
+                    self.on_change()
                     continue
                 if node in unreachable:
                     with self._lock:
                         state.error = f"peer {node} unreachable: {unreachable[node]}"
+                    self.on_change()
                     continue
                 started = time.monotonic()
                 try:
@@ -195,20 +202,24 @@ class Replicator:
                                  "went first)", shard, node)  # fmt: skip
                         with self._lock:
                             self.state.pop(shard, None)
+                        self.on_change()
                         break
                     reason = error_text(exc)
                     log.warning("replicating %s to %s failed: %s", shard, node, reason)
                     with self._lock:
                         state.error = f"push to {node} failed: {reason}"
+                    self.on_change()
                     continue
                 if self.metrics is not None:
                     self.metrics.save_seconds.observe(time.monotonic() - started, stage="peers")
                     self.metrics.bytes_written.inc(size, tier="peers")
                 with self._lock:
                     state.stored.add(node)
+                self.on_change()
             with self._lock:
                 if state.complete:
                     state.error = short
+            self.on_change()
 
     def push(self, shard: Shard, address: str) -> int:
         """Send a shard to the peer at ``address``: over its data port (bulk.py), or as a

@@ -129,12 +129,22 @@ class Client:
         )
         self._metadata = ((TOKEN_HEADER, token),) if token else ()
 
-    def status(self, timeout: float | None = None, wait_for_ready: bool = False) -> pb.StatusReply:
+    def status(
+        self,
+        timeout: float | None = None,
+        wait_for_ready: bool = False,
+        *,
+        changed_since: int = 0,
+        wait: float = 0.0,
+    ) -> pb.StatusReply:
         """``wait_for_ready``: wait (within ``timeout``) for a peer that is still starting
-        or reconnecting, rather than failing at once."""
+        or reconnecting, rather than failing at once. With ``wait`` seconds and the
+        ``version`` of an earlier reply, the daemon answers once its replication or flush
+        state differs from that reply's (or the time is up)."""
+        request = pb.StatusRequest(changed_since=changed_since, wait_seconds=wait)
         return self._stub.Status(
-            pb.StatusRequest(),
-            timeout=timeout or self.timeout,
+            request,
+            timeout=(timeout or self.timeout) + wait,
             metadata=self._metadata,
             wait_for_ready=wait_for_ready,
         )

@@ -4,6 +4,8 @@ SIGTERM."""
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import logging
 import os
 import threading
@@ -22,6 +24,7 @@ from ..proto import mtckpt_pb2_grpc as pb_grpc
 from ..tiers.object import object_storage
 from . import frames, recovery
 from .bulk import BulkServer
+from .changes import Changes
 from .flusher import Flusher
 from .holdings import Holdings, Shard
 from .peers import Peers
@@ -29,6 +32,9 @@ from .replicator import Replicator
 from .rpc import OPTIONS, SERVICE, TLSFiles, TokenCheck, host_of, is_unix, shard_id, unix_path
 
 log = logging.getLogger(__name__)
+
+MAX_STATUS_WAIT = 30.0  # seconds a long-polled Status waits at most
+FREE_WORKERS = 8  # RPC threads long-polled Status calls leave to the others
 
 
 @dataclass
@@ -48,7 +54,7 @@ class DaemonConfig:
     bandwidth: float | None = None  # bytes/s cap on replication pushes
     scan_interval: float = 0.5
     drain_timeout: float = 60.0
-    workers: int = 16
+    workers: int = 32  # RPC threads; all but FREE_WORKERS may wait in a long-polled Status
     data_port: int = 0  # the bulk data port, on the listen host (0: any free one)
     nice: int = 10  # added to the process's nice value by `mtckpt daemon`: training goes first
     remote: ObjectTier | None = None  # where trainers' Flush requests upload to
@@ -80,6 +86,27 @@ class _Service(pb_grpc.DaemonServicer):
         self._recovering_lock = threading.Lock()
 
     def Status(self, request, context):
+        changes = self.d.changes
+        generation = changes.generation
+        reply = self._status()
+        if request.wait_seconds <= 0 or reply.version != request.changed_since:
+            return reply
+        if not changes.take_waiter():
+            return reply
+        try:
+            deadline = time.monotonic() + min(request.wait_seconds, MAX_STATUS_WAIT)
+            while reply.version == request.changed_since and context.is_active():
+                left = deadline - time.monotonic()
+                if left <= 0 or self.d.stopping:
+                    break
+                # Woken by each change; once a second anyway, to see a cancelled call.
+                generation = changes.wait(generation, min(left, 1.0))
+                reply = self._status()
+        finally:
+            changes.give_waiter()
+        return reply
+
+    def _status(self) -> pb.StatusReply:
         d = self.d
         reply = pb.StatusReply(
             node_id=d.config.node_id, zone=d.config.zone, address=d.address or "",
@@ -102,6 +129,7 @@ class _Service(pb_grpc.DaemonServicer):
                 d.flusher.snapshot().items(), key=lambda i: (i[0].run, i[0].step, i[0].rank)
             ):
                 reply.flushes.add(shard=shard_id(shard), phase=flush.phase, error=flush.error)
+        reply.version = _fingerprint(reply)
         return reply
 
     def ListShards(self, request, context):
@@ -228,6 +256,14 @@ class _Service(pb_grpc.DaemonServicer):
                                sources=result.sources)  # fmt: skip
 
 
+def _fingerprint(reply: pb.StatusReply) -> int:
+    """What a long-polled Status compares: the replication and flush states, as 8 bytes."""
+    digest = hashlib.blake2b(digest_size=8)
+    for entry in itertools.chain(reply.replication, reply.flushes):
+        digest.update(entry.SerializeToString(deterministic=True))
+    return int.from_bytes(digest.digest(), "little") or 1
+
+
 def _handlers(service: _Service) -> grpc.GenericRpcHandler:
     """The Daemon service's methods, with Push and Fetch taking and giving frames encoded
     by hand (frames.py) instead of protobuf objects."""
@@ -261,19 +297,22 @@ class Daemon:
         self.peers = Peers(config.node_id, config.peers, config.peers_dns,
                            token=config.token, tls=config.tls)  # fmt: skip
         self.metrics = DaemonMetrics(self)
+        self.changes = Changes(waiters=max(0, config.workers - FREE_WORKERS))
         self.replicator = Replicator(
             self.holdings, self.peers, zone=config.zone, replicas=config.replicas,
             bandwidth=config.bandwidth, scan_interval=config.scan_interval, tls=config.tls,
-            metrics=self.metrics,
+            metrics=self.metrics, on_change=self.changes.notify,
         )  # fmt: skip
         self.flusher: Flusher | None = None
         if config.remote is not None:
             storage = object_storage(config.remote)
-            self.flusher = Flusher(self.holdings, config.remote, storage, self.metrics)
+            self.flusher = Flusher(self.holdings, config.remote, storage, self.metrics,
+                                   on_change=self.changes.notify)  # fmt: skip
         self.address: str | None = None
         self.bulk: BulkServer | None = None
         self.endpoint: Endpoint | None = None
         self.draining = False
+        self.stopping = False
         self.serving = False
         self._persisting = futures.ThreadPoolExecutor(1, thread_name_prefix="mtckpt-persist")
         self._server: grpc.Server | None = None
@@ -370,6 +409,8 @@ class Daemon:
                 drained = drained and flushed
             self.flusher.stop()
         self.replicator.stop()
+        self.stopping = True
+        self.changes.close()  # long-polled Status calls answer now
         self._persisting.shutdown(wait=True)
         if self._server is not None:
             self._server.stop(grace=5).wait()

@@ -85,7 +85,8 @@ class DaemonServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Status(self, request, context):
-        """Who this daemon is, its peers and the replication state of the steps it holds.
+        """Who this daemon is, its peers and the replication state of the steps it holds. Can
+        wait for that state to change (a long poll: see StatusRequest).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

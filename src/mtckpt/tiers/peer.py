@@ -8,6 +8,7 @@ All of it runs off the training thread, except the recovery call made by ``resto
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -17,8 +18,13 @@ from ..errors import ConfigError, TierError
 
 log = logging.getLogger(__name__)
 
-POLL_SECONDS = 0.2  # the trainer asks its daemon this often while a step replicates
-FLUSH_POLL_SECONDS = 0.5  # ... and this often while its daemon uploads a step
+# The trainer waits for its daemon's replication and upload state to change in a long-polled
+# Status of up to WAIT_SECONDS; it asks again no sooner than POLL_SECONDS (FLUSH_POLL_SECONDS
+# for an upload) when nothing changed: a daemon with no room for another waiting call
+# answers at once.
+WAIT_SECONDS = 10.0
+POLL_SECONDS = 0.2
+FLUSH_POLL_SECONDS = 0.5
 DEGRADED_AFTER = 3.0  # seconds an error must last to fail h.wait("peers") (not a blip)
 
 
@@ -80,15 +86,22 @@ class DaemonLink:
         deadline = time.monotonic() + self.cfg.timeout
         notified = False
         failing_since = None  # since when the daemon has reported an error
+        version = 0  # of the daemon's last Status
         while True:
+            decide_by = deadline if failing_since is None else min(
+                deadline, failing_since + DEGRADED_AFTER)  # fmt: skip
             try:
                 if not notified:
                     self.client.notify(self.run, step)
                     notified = True
-                entries = self._entries()
+                status = self._next_status(version, decide_by, POLL_SECONDS)
             except grpc.RpcError as exc:
                 state, error = None, f"daemon at {self.cfg.daemon}: {exc.details()}"
+                version = 0
+                time.sleep(POLL_SECONDS)
             else:
+                version = status.version
+                entries = self._mine(status)
                 state = next((e for e in entries if e.shard.step == step), None)
                 error = state.error if state is not None else ""
                 newer = [e.shard.step for e in entries if e.shard.step > step]
@@ -116,13 +129,23 @@ class DaemonLink:
                     f"step {step} rank {self.rank}: not replicated after {self.cfg.timeout} s "
                     f"({why})"))  # fmt: skip
                 return
-            time.sleep(POLL_SECONDS)
 
-    def _entries(self) -> list:
-        """The daemon's replication state of this rank's shards (every step)."""
+    def _next_status(self, version: int, decide_by: float, pace: float):
+        """The daemon's Status once it differs from the one of ``version`` (0: now), or
+        at ``decide_by`` (a monotonic time) at the latest; an unchanged one no sooner than
+        ``pace`` seconds after asking."""
+        asked = time.monotonic()
+        wait = min(WAIT_SECONDS, max(0.0, decide_by - asked)) if version else 0.0
+        status = self.client.status(changed_since=version, wait=wait)
+        if status.version == version:
+            time.sleep(max(0.0, pace - (time.monotonic() - asked)))
+        return status
+
+    def _mine(self, status) -> list:
+        """The replication state of this rank's shards (every step) in a daemon Status."""
         return [
             e
-            for e in self.client.status().replication
+            for e in status.replication
             if (e.shard.run, e.shard.rank, e.shard.origin) == (self.run, self.rank, self.node_id)
         ]
 
@@ -134,14 +157,15 @@ class DaemonLink:
 
         grpc, Phase = self._grpc, pb.FlushState.Phase
         shard = pb.ShardId(run=self.run, step=step, rank=self.rank, origin=self.node_id)
-        asked, silent_since = False, None
+        asked, silent_since, version = False, None, 0
         while True:
             try:
                 if not asked:
                     self.client.flush(shard)
                     asked = True
-                flushes = self.client.status().flushes
+                status = self._next_status(version, math.inf, FLUSH_POLL_SECONDS)
             except grpc.RpcError as exc:
+                version = 0
                 silent_since = silent_since or time.monotonic()
                 if time.monotonic() - silent_since > self.cfg.timeout:
                     raise TierError(f"step {step} rank {self.rank}: the daemon at "
@@ -149,10 +173,10 @@ class DaemonLink:
                                     ) from None  # fmt: skip
                 time.sleep(FLUSH_POLL_SECONDS)
                 continue
-            silent_since = None
-            state = next((f for f in flushes if f.shard == shard), None)
+            silent_since, version = None, status.version
+            state = next((f for f in status.flushes if f.shard == shard), None)
             if state is None:  # a restarted daemon does not know it: ask again
-                asked = False
+                asked, version = False, 0
             elif state.phase == Phase.DONE:
                 return True
             elif state.phase == Phase.SKIPPED:
@@ -160,12 +184,11 @@ class DaemonLink:
             elif state.phase == Phase.FAILED:
                 raise TierError(f"step {step} rank {self.rank}: the daemon's upload to "
                                 f"{self.remote_url} failed: {state.error}")  # fmt: skip
-            time.sleep(FLUSH_POLL_SECONDS)
 
     def replicated_steps(self) -> list[int]:
         """Steps whose shard of this rank every target peer holds, ascending."""
         try:
-            entries = self._entries()
+            entries = self._mine(self.client.status())
         except self._grpc.RpcError as exc:
             log.error("cannot reach the daemon at %s: %s", self.cfg.daemon, exc.details())
             return []
