@@ -8,7 +8,9 @@ Measured in the same run:
   loop that saves every few steps through PeerTier, with the daemons replicating against
   the same loop with --replicas 0 (target: under 5%), uncapped and with --bandwidth;
 - the time for a replacement node (daemon killed, roots deleted, restarted empty) to be
-  restore-ready: the Recover call that pulls its shard back from the peer.
+  restore-ready: the Recover call that pulls its shard back from the peer;
+- how soon ``h.wait("peers")`` returns for a small (1 MiB) step: the trainer long-polling
+  its daemon's Status, against asking it every 0.2 s (reported, no target).
 """
 
 from __future__ import annotations
@@ -195,6 +197,36 @@ def loop_step_times(base, sockets, extra, nbytes, steps, every, peers=True) -> l
     return times
 
 
+def wait_latencies(base, sockets, steps: int) -> dict[str, list[float]]:
+    """Seconds from ``h.wait("memory")`` to ``h.wait("peers")`` returning for a 1 MiB step,
+    with the long-polled Status and with the daemon made to answer at once (the trainer
+    then asks every POLL_SECONDS), in alternating rounds; 2 warm-up steps each."""
+    from mtckpt.tiers import peer
+
+    daemons = pair(base, sockets, [])
+    state = {"w": np.random.default_rng(3).standard_normal(1 << 18).astype(np.float32)}
+    waits: dict[str, list[float]] = {"long poll": [], f"asking every {peer.POLL_SECONDS} s": []}
+    long_poll, step = peer.WAIT_SECONDS, 0
+    try:
+        for _ in range(2):
+            for label, wait in zip(waits, (long_poll, 0.0), strict=True):
+                peer.WAIT_SECONDS = wait
+                with trainer(daemons["a"]) as mgr:
+                    for index in range(2 + steps // 2):
+                        step += 1
+                        handle = mgr.save(step, state)
+                        handle.wait("memory")
+                        started = time.perf_counter()
+                        handle.wait("peers")
+                        if index >= 2:
+                            waits[label].append(time.perf_counter() - started)
+    finally:
+        peer.WAIT_SECONDS = long_poll
+        for daemon in daemons.values():
+            daemon.stop()
+    return waits
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-gib", type=float, default=1.0, help="bytes replicated (1.0)")
@@ -211,6 +243,8 @@ def main() -> None:
     parser.add_argument("--loop-save-every", type=int, default=50)
     parser.add_argument("--loop-size-gib", type=float, default=0.25)
     parser.add_argument("--cap-mib-s", type=float, default=200.0, help="--bandwidth run")
+    parser.add_argument("--wait-steps", type=int, default=20,
+                        help="1 MiB steps timed for h.wait('peers'), per way (0: none)")
     parser.add_argument("--memory-root", default="/dev/shm")
     parser.add_argument("--out", default="bench-out/replication.json")
     args = parser.parse_args()
@@ -239,6 +273,7 @@ def main() -> None:
                     where, sockets, extra, loop_bytes, args.loop_steps, args.loop_save_every,
                     peers=not label.startswith("no replication"),
                 )  # fmt: skip
+        waits = wait_latencies(base / "wait", sockets, args.wait_steps) if args.wait_steps else {}
     finally:
         shutil.rmtree(base, ignore_errors=True)
         shutil.rmtree(sockets, ignore_errors=True)
@@ -269,9 +304,17 @@ def main() -> None:
     ]
     if loops:
         checks += loop_checks(loops, args)
+    if waits:
+        print('\nh.wait("peers") after h.wait("memory"), 1 MiB step:')
+        print(markdown_table(["trainer", "median ms", "p90 ms", "steps"], [
+            [label, f"{statistics.median(xs) * 1e3:.1f}",
+             f"{statistics.quantiles(xs, n=10)[-1] * 1e3:.1f}", str(len(xs))]
+            for label, xs in waits.items() if len(xs) > 1
+        ]))  # fmt: skip
     print_checks("targets", checks)
     write_report(args.out, "replication", started, {"raw_tcp_s": raw, "replication": repl,
-                                                    "loops": loops, "checks": checks})  # fmt: skip
+                                                    "loops": loops, "waits": waits,
+                                                    "checks": checks})  # fmt: skip
 
 
 def loop_checks(loops: dict, args) -> list[dict]:
