@@ -423,7 +423,10 @@ class Daemon:
         return drained
 
     def wait(self) -> None:
-        self._stopped.wait()
+        # In slices: a signal the kernel hands to another thread does not interrupt an
+        # endless wait, and Python runs its handler only when the main thread wakes.
+        while not self._stopped.wait(0.5):
+            pass
 
 
 
