@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from daemons import replicated, restore, save, state, wait_for
+from daemons import knows, replicated, restore, save, state, wait_for
 from states import assert_same_state
 
 README = Path(__file__).parents[2] / "README.md"
@@ -35,11 +35,8 @@ def test_the_readme_walkthrough_restores_a_lost_node_from_its_peers(cluster, tmp
     lost.lose_node()
     cluster.restart(lost)  # the replacement: same node id, empty roots
 
-    def knows_peers():
-        with lost.client() as client:
-            return sum(p.reachable for p in client.status().peers) == 2
-
-    wait_for(knows_peers, what="the replacement's first look at its peers")
+    others = {d.address for d in daemons.values()} - {lost.address}
+    wait_for(lambda: knows(lost, others), what="the replacement's first look at its peers")
 
     config = tmp_path / "mtckpt.toml"
     config.write_text(f'[daemon]\nsocket = "{lost.socket}"\nmemory_root = "{lost.memory_root}"\n')

@@ -27,6 +27,10 @@ class Changes:
             self._cond.wait_for(lambda: self.generation != generation or self._closed, timeout)
             return self.generation
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def take_waiter(self) -> bool:
         """A waiting slot, if one is free and waiting is still allowed."""
         with self._cond:

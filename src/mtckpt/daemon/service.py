@@ -97,7 +97,7 @@ class _Service(pb_grpc.DaemonServicer):
             deadline = time.monotonic() + min(request.wait_seconds, MAX_STATUS_WAIT)
             while reply.version == request.changed_since and context.is_active():
                 left = deadline - time.monotonic()
-                if left <= 0 or self.d.stopping:
+                if left <= 0 or changes.closed:
                     break
                 # Woken by each change; once a second anyway, to see a cancelled call.
                 generation = changes.wait(generation, min(left, 1.0))
@@ -312,7 +312,6 @@ class Daemon:
         self.bulk: BulkServer | None = None
         self.endpoint: Endpoint | None = None
         self.draining = False
-        self.stopping = False
         self.serving = False
         self._persisting = futures.ThreadPoolExecutor(1, thread_name_prefix="mtckpt-persist")
         self._server: grpc.Server | None = None
@@ -409,7 +408,6 @@ class Daemon:
                 drained = drained and flushed
             self.flusher.stop()
         self.replicator.stop()
-        self.stopping = True
         self.changes.close()  # long-polled Status calls answer now
         self._persisting.shutdown(wait=True)
         if self._server is not None:
