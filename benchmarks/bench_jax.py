@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import functools
 import os
 import shutil
 import sys
@@ -63,11 +64,15 @@ def jax_state(arrays: dict[str, np.ndarray]) -> dict:
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    mesh = jax.make_mesh((4, 2), ("data", "model"))
+    if jax.default_backend() == "cpu":
+        mesh, rows = jax.make_mesh((4, 2), ("data", "model")), 4
+    else:  # every accelerator of the machine along "data"
+        rows = len(jax.devices())
+        mesh = jax.make_mesh((rows,), ("data",))
     state = {}
     for name in list(arrays):
         value = arrays.pop(name)
-        spec = P("data") if value.shape[0] % 4 == 0 else P()
+        spec = P("data") if value.shape[0] % rows == 0 else P()
         state[name] = jax.device_put(value, NamedSharding(mesh, spec))
         state[name].block_until_ready()
     return state
@@ -132,6 +137,31 @@ def worker_memcpy(args, arrays, rec: Recorder) -> None:
     for index in range(WARMUP_SAVES + args.repeats):
         path.unlink(missing_ok=True)
         rec.add("write_fsync", timed(write_and_fsync)[0], warmup=index < WARMUP_SAVES)
+    path.unlink(missing_ok=True)
+    destinations.clear()  # the host copies go before the state moves to the devices
+    if args.platform != "cpu":
+        device_to_host(args, jax_state(arrays), rec)
+
+
+def device_to_host(args, state: dict, rec: Recorder) -> None:
+    """Accelerator baselines: the state's bytes to new host arrays (``jax.device_get``:
+    pageable memory) and to page-locked host memory (``jax.device_put`` to the
+    ``pinned_host`` memory kind), each waited for."""
+    import jax
+
+    def pinned(value):
+        return value.sharding.with_memory_kind("pinned_host")
+
+    def to_pinned() -> None:
+        jax.block_until_ready(jax.device_put(state, jax.tree.map(pinned, state)))
+
+    def fresh():  # a jax.Array keeps the host copy device_get made: time new arrays
+        return jax.block_until_ready(jax.tree.map(lambda value: value.copy(), state))
+
+    for index in range(WARMUP_SAVES + args.repeats):
+        rec.add("device_get", timed(functools.partial(jax.device_get, fresh()))[0],
+                warmup=index < WARMUP_SAVES)  # fmt: skip
+        rec.add("d2h_pinned", timed(to_pinned)[0], warmup=index < WARMUP_SAVES)
 
 
 def worker_mtckpt(args, arrays, rec: Recorder, staging: str = "blocking") -> None:
@@ -236,6 +266,11 @@ def render_table(results, summary, stat: str) -> str:
     written = fig(summary.get("memcpy"), "write_fsync", stat)
     if written is not None:
         rows.append(["file write + fsync (baseline)", "-", "-", "-", f"{written:.3f}"] + ["-"] * 3)
+    for label, metric in (("jax.device_get (baseline)", "device_get"),
+                          ("device_put to pinned_host (baseline)", "d2h_pinned")):  # fmt: skip
+        copied = fig(summary.get("memcpy"), metric, stat)
+        if copied is not None:
+            rows.append([label, f"{copied:.3f}"] + ["-"] * 6)
     return markdown_table(["method"] + [h for h, _ in COLUMNS], rows)
 
 
@@ -269,6 +304,17 @@ def comparisons(summary) -> tuple[list[dict], dict]:
             fig(orbax, "local_durable"), fig(summary.get("memcpy"), "write_fsync")),
         "mtckpt restore (memory) / np.copyto": ratio(fig(mt, "restore_memory"), copy),
     }  # fmt: skip
+    pinned = fig(summary.get("memcpy"), "d2h_pinned")
+    if pinned is not None:  # on an accelerator: staging against the bare copy to the host
+        ratios |= {
+            "mtckpt blocking / device_put to pinned_host": ratio(fig(mt, "blocking"), pinned),
+            "mtckpt staged / device_put to pinned_host": ratio(fig(mt, "staged"), pinned),
+            "mtckpt_async blocking / device_put to pinned_host": ratio(fig(mta, "blocking"),
+                                                                       pinned),
+            "jax.device_get / device_put to pinned_host": ratio(
+                fig(summary.get("memcpy"), "device_get"), pinned),
+            "Orbax blocking / device_put to pinned_host": ratio(fig(orbax, "blocking"), pinned),
+        }  # fmt: skip
     return checks, ratios
 
 
@@ -277,11 +323,17 @@ def parse_args(argv=None):
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_common_args(parser, METHODS, "bench-out/jax.json", "", "Orbax's checkpoints")
+    parser.add_argument("--platform", choices=("cpu", "gpu"), default=None,
+                        help="where the arrays live: 8 CPU devices (the default) or every "
+                             "CUDA GPU of the machine")  # fmt: skip
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.size_gib <= 0 or args.tensors < 1 or args.repeats < 1:
         parser.error("--size-gib must be > 0, --tensors and --repeats >= 1")
     args.method_list = parse_methods(parser, args.methods, METHODS)
+    if args.platform is None:  # a worker: its parent's choice
+        args.platform = "gpu" if os.environ.get("JAX_PLATFORMS") == "cuda" else "cpu"
+    os.environ["JAX_PLATFORMS"] = "cuda" if args.platform == "gpu" else "cpu"
     return args
 
 
@@ -308,8 +360,9 @@ def main(argv=None) -> int:
     checks, ratios = comparisons(summary)
     tables = {"median (s)": render_table(results, summary, "median"),
               "min (s)": render_table(results, summary, "min")}  # fmt: skip
+    where = "every GPU" if args.platform == "gpu" else f"{DEVICES} CPU devices (4 x 2 mesh)"
     notes = [
-        f"{args.size_gib} GiB of float32 jax.Arrays on {DEVICES} CPU devices (4 x 2 mesh); "
+        f"{args.size_gib} GiB of float32 jax.Arrays on {where}; "
         f"median / min of {args.repeats} after {WARMUP_SAVES} untimed saves",
         "mtckpt_async = staging='async': save() returns before the copy into node memory "
         "(jax arrays are immutable, so nothing has to wait for 'staged')",

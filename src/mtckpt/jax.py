@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -23,10 +24,12 @@ import jax
 import numpy as np
 from jax.sharding import SingleDeviceSharding
 
-from . import arrays, coordination, shard
+from . import _cuda, arrays, coordination, shard
 from .errors import MtckptError
 
 __all__ = ["abstract"]
+
+log = logging.getLogger(__name__)
 
 
 def _dtype_name(dtype: Any) -> str:
@@ -119,12 +122,36 @@ class JaxAdapter(arrays.ArrayAdapter):
             return None
         return np.asarray(value).reshape(-1).view(np.uint8)  # a view of the device buffer
 
-    def stage(self, items: list[tuple[jax.Array, np.ndarray]]) -> None:
-        for value, _ in items:  # start every device-to-host copy before waiting for one
-            value.copy_to_host_async()
+    def stage(self, items: list[tuple[jax.Array, np.ndarray]]) -> Callable[[], None] | None:
+        """CUDA arrays: one DMA each straight into the (page-locked) slot, on mtckpt's own
+        stream, once the computations producing them are done; the rest through a host
+        copy of each array."""
+        by_device: dict[int, list] = {}
+        through_host = []
         for value, dst in items:
+            ordinal = _cuda_ordinal(value, dst)
+            if ordinal is None:
+                through_host.append((value, dst))
+            else:
+                by_device.setdefault(ordinal, []).append((value, dst))
+        waits = []
+        for ordinal, copies in by_device.items():
+            try:
+                waits.append(_copy_to_host(ordinal, copies))
+            except _cuda.CudaError as exc:
+                _stop_direct_copies(exc)
+                through_host += copies
+        for value, _ in through_host:  # start every device-to-host copy before waiting for one
+            value.copy_to_host_async()
+        for value, dst in through_host:
             dst[:] = np.asarray(value).reshape(-1).view(np.uint8)
-        return None
+        if not waits:
+            return None
+        return lambda: [wait() for wait in waits] and None
+
+    def pinner(self, value: jax.Array) -> Callable[[np.ndarray], Callable[[], None]] | None:
+        (device,) = value.devices()
+        return _page_lock if _is_cuda(device) else None
 
     def is_target(self, obj: Any) -> bool:
         return self.handles(obj)
@@ -169,6 +196,72 @@ class JaxAdapter(arrays.ArrayAdapter):
 
 
 ADAPTER = JaxAdapter()
+
+_DIRECT = {"enabled": True}
+
+
+def _is_cuda(device: Any) -> bool:
+    if device.platform not in ("gpu", "cuda") or not _DIRECT["enabled"]:
+        return False
+    version = str(getattr(device.client, "platform_version", "")).lower()
+    return "rocm" not in version
+
+
+def _cuda_ordinal(value: jax.Array, dst: np.ndarray) -> int | None:
+    """The CUDA device ordinal of a single-device array whose buffer is the dense row-major
+    bytes ``dst`` expects (XLA's default layout), or None: it goes through a host copy."""
+    (device,) = value.devices()
+    if not _is_cuda(device) or dst.size == 0:
+        return None
+    try:
+        fmt = getattr(value, "format", None) or getattr(value, "layout", None)
+        layout = getattr(fmt, "layout", None) or getattr(fmt, "device_local_layout", None)
+        order = getattr(layout, "major_to_minor", None)
+        if order is not None and tuple(order) != tuple(range(value.ndim)):  # row-major
+            return None
+        if value.on_device_size_in_bytes() != dst.size:
+            return None
+    except Exception:  # an array kind whose layout jax cannot tell: the safe path
+        return None
+    return device.local_hardware_id
+
+
+def _copy_to_host(ordinal: int, copies: list[tuple[jax.Array, np.ndarray]]) -> Callable[[], None]:
+    """Enqueue each array's DMA into its slot bytes once the array is computed; returns what
+    waits for them to land (holding the arrays alive until then)."""
+    jax.block_until_ready([value for value, _ in copies])
+    landed = _cuda.copy_to_host(
+        ordinal,
+        [(dst.ctypes.data, value.unsafe_buffer_pointer(), dst.size) for value, dst in copies],
+    )
+
+    def wait() -> None:
+        landed()
+        copies.clear()
+
+    return wait
+
+
+def _stop_direct_copies(exc: Exception) -> None:
+    if _DIRECT["enabled"]:
+        _DIRECT["enabled"] = False
+        log.warning(
+            "copying jax arrays straight from the GPU into node memory failed (%s); "
+            "they go through a host copy from now on, slower", exc,
+        )  # fmt: skip
+
+
+def _page_lock(memory: np.ndarray) -> Callable[[], None]:
+    """Page-lock a slot for DMA from the GPU; where that is refused (a memlock limit), the
+    copies go to pageable memory: slower and synchronous, but correct."""
+    try:
+        return _cuda.page_lock(memory.ctypes.data, memory.nbytes)
+    except _cuda.CudaError as exc:
+        log.warning(
+            "cannot page-lock %d bytes of the memory tier for copies from the GPU (%s); "
+            "they go through pageable memory, synchronously and slower", memory.nbytes, exc,
+        )  # fmt: skip
+        return lambda: None
 
 
 def prepare_target(obj: Any) -> bool:
