@@ -21,10 +21,15 @@ def _gpus() -> list:
         return []
 
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not _gpus(), reason="needs a JAX GPU device"),
-]
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(autouse=True)
+def needs_a_gpu():
+    """Asked only when a test runs: asking at import would start jax's CPU backend before
+    tests/jax_adapter sets its device count."""
+    if not _gpus():
+        pytest.skip("needs a JAX GPU device")
 
 DTYPES = ["float32", "bfloat16", "float16", "int8", "uint8", "int16", "int32", "uint32", "bool"]
 
