@@ -95,7 +95,7 @@ class Daemon:
         self.proc = start_daemon(
             ["--node-id", "bench", "--replicas", "0", "--listen", f"127.0.0.1:{free_port()}",
              "--socket", str(self.socket), "--memory-root", str(memory_root),
-             "--config", str(config)],
+             "--config", str(config), "--insecure"],
             "the daemon",
         )  # fmt: skip
         self.peers = mtckpt.PeerTier(daemon=f"unix://{self.socket}", replicas=0)

@@ -63,7 +63,8 @@ class Daemon:
         self.args = ["--node-id", node,
                      "--listen", f"127.0.0.1:{port}", "--socket", str(self.socket),
                      "--memory-root", str(self.root),
-                     "--peers", ",".join(f"127.0.0.1:{p}" for p in peers), *extra]  # fmt: skip
+                     "--peers", ",".join(f"127.0.0.1:{p}" for p in peers), "--insecure",
+                     *extra]  # fmt: skip
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> Daemon:

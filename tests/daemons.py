@@ -41,10 +41,11 @@ class DaemonProcess:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> DaemonProcess:
+        authenticated = {"--token-file", "--tls-cert"} & set(self.extra)
         cmd = [sys.executable, "-m", "mtckpt", "-v", "daemon", "--node-id", self.node_id,
                "--listen", self.address, "--socket", str(self.socket),
                "--memory-root", str(self.memory_root), "--peers", ",".join(self.peers),
-               *self.extra]  # fmt: skip
+               *self.extra, *([] if authenticated else ["--insecure"])]  # fmt: skip
         log = open(self.log, "ab")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
         line = self.proc.stdout.readline()

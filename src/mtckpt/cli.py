@@ -585,11 +585,17 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--tls-cert", help="PEM certificate of this daemon (mTLS)")
     d.add_argument("--tls-key", help="PEM key of that certificate")
     d.add_argument("--tls-ca", help="PEM CA that signs every daemon's certificate")
+    d.add_argument("--insecure", action="store_const", const=True, default=None,
+                   help="serve peers without authentication: loopback addresses only, "
+                        "for tests on one machine")  # fmt: skip
     d.add_argument("--bandwidth", type=float, help="replication cap in bytes/s")
     d.add_argument("--drain-timeout", type=float, help="seconds, on SIGTERM (60)")
     d.add_argument("--scan-interval", type=float,
                    help="seconds between scans for committed steps (0.5)")  # fmt: skip
     d.add_argument("--data-port", type=int, help="bulk data port (0: any free one)")
+    d.add_argument("--stream-idle-timeout", type=float,
+                   help="seconds a peer's Fetch or Push stream may make no progress before "
+                        "it is cancelled (30)")  # fmt: skip
     d.add_argument("--nice", type=int, help="added to the daemon's nice value, 0..19 (10)")
     d.add_argument("--metrics-listen", help="HOST:PORT serving Prometheus /metrics, /healthz "
                    "and /readyz (default: none)")  # fmt: skip

@@ -209,7 +209,7 @@ DAEMON_OPTIONS: dict[str, type] = {
     "peers": list, "peers_dns": str, "replicas": int, "zone": str, "keep": int,
     "token_file": str, "tls_cert": str, "tls_key": str, "tls_ca": str, "bandwidth": float,
     "drain_timeout": float, "scan_interval": float, "data_port": int, "nice": int,
-    "remote": str, "metrics_listen": str,
+    "remote": str, "metrics_listen": str, "insecure": bool, "stream_idle_timeout": float,
 }  # fmt: skip
 
 
@@ -298,6 +298,8 @@ def _checked_daemon_value(where: str, key: str, value: Any) -> Any:
         return value
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is bool and isinstance(value, bool):
+        return value
     if not isinstance(value, kind) or isinstance(value, bool):
         raise ConfigError(f"{where} must be of type {kind.__name__}, got {value!r}")
     return value

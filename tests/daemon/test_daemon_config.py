@@ -33,7 +33,7 @@ def test_daemon_and_restore_take_their_settings_from_the_config_file(tmp_path):
     port = free_port()
     socket = tmp_path / "d.sock"
     token = tmp_path / "token"
-    token.write_text("s3cret\n")
+    token.write_text("s3cret-token-0123456789\n")
     path = tmp_path / "mtckpt.toml"
     path.write_text(
         'run = "exp"\n'
@@ -46,7 +46,7 @@ def test_daemon_and_restore_take_their_settings_from_the_config_file(tmp_path):
     with open(tmp_path / "daemon.log", "ab") as log:
         proc = start(["--node-id", "from-flag"], env, log)
     try:
-        with Client(f"unix://{socket}", token="s3cret") as client:
+        with Client(f"unix://{socket}", token="s3cret-token-0123456789") as client:
             status = client.status(timeout=10)
         assert status.node_id == "from-flag"  # the flag over the file
         assert status.zone == "rack-b"  # the variable over the file

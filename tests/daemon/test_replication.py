@@ -239,17 +239,18 @@ def test_sigterm_drains_and_exits_zero(cluster):
 
 def test_a_wrong_token_is_rejected(cluster, tmp_path):
     token = tmp_path / "token"
-    token.write_text("s3cret\n")
+    token.write_text("s3cret-token-0123456789\n")
     daemons = cluster(["tok-a", "tok-b"], extra=["--token-file", str(token)])
     daemon = daemons["tok-a"]
     for wrong in (None, "guess"):
         with daemon.client(token=wrong) as client, pytest.raises(grpc.RpcError) as info:
             client.status()
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    with daemon.client(token="s3cret") as client:
+    with daemon.client(token="s3cret-token-0123456789") as client:
         assert client.status().node_id == "tok-a"
-    save(daemon, 0, 1, [1], token="s3cret")  # peers use the token too
-    wait_for(lambda: replicated_with(daemon, "s3cret"), what="replication with the token")
+    save(daemon, 0, 1, [1], token="s3cret-token-0123456789")  # peers use the token too
+    wait_for(lambda: replicated_with(daemon, "s3cret-token-0123456789"),
+             what="replication with the token")
 
 
 def replicated_with(daemon, token):

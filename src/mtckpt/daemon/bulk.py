@@ -42,6 +42,8 @@ TICKET_BYTES = 32
 TICKET_SECONDS = 60.0
 STATUS = struct.Struct("<BI")  # status, length of the reason that follows
 SOCKET_TIMEOUT = 60.0
+TICKET_TIMEOUT = 10.0  # a connection must show its ticket within this (TLS handshake too)
+MAX_CONNECTIONS = 64  # data connections served at once; more are closed at once
 
 
 class BulkError(MtckptError):
@@ -68,6 +70,7 @@ class BulkServer:
         self._pending: dict[bytes, tuple[Incoming | Outgoing, float]] = {}
         self._lock = threading.Lock()
         self._closed = False
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._thread = threading.Thread(target=self._accept, name="mtckpt-bulk", daemon=True)
         self._thread.start()
 
@@ -94,16 +97,21 @@ class BulkServer:
     def _accept(self) -> None:
         while not self._closed:
             try:
-                conn, _ = self._listener.accept()
+                conn, address = self._listener.accept()
             except OSError:
                 return  # closed
+            if not self._slots.acquire(blocking=False):
+                log.warning("data port: %d connections open already; closed the one from %s",
+                            MAX_CONNECTIONS, address[0])  # fmt: skip
+                conn.close()
+                continue
             threading.Thread(target=self._serve, args=(conn,), name="mtckpt-bulk-conn",
                              daemon=True).start()  # fmt: skip
 
     def _serve(self, conn: socket.socket) -> None:
         transfer = None
         try:
-            conn.settimeout(SOCKET_TIMEOUT)
+            conn.settimeout(TICKET_TIMEOUT)
             if self._context is not None:
                 conn = self._context.wrap_socket(conn, server_side=True)
             ticket = _recv_exactly(conn, TICKET_BYTES)
@@ -111,6 +119,7 @@ class BulkServer:
                 transfer = self._pending.pop(ticket, (None, 0))[0]
             if transfer is None:
                 raise BulkError("unknown or expired ticket")
+            conn.settimeout(SOCKET_TIMEOUT)
             if isinstance(transfer, Outgoing):
                 with open(transfer.path, "rb") as f:
                     conn.sendall(STATUS.pack(0, 0))  # accepted: the frames follow
@@ -138,6 +147,7 @@ class BulkServer:
             if isinstance(transfer, Incoming):
                 transfer.close()
             conn.close()
+            self._slots.release()
 
     def close(self) -> None:
         self._closed = True

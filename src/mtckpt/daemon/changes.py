@@ -9,10 +9,11 @@ import threading
 
 
 class Changes:
-    def __init__(self, waiters: int) -> None:
+    def __init__(self, waiters: int, pools: tuple[str, ...] = ("trainers",)) -> None:
         self.generation = 0  # counts notify calls
         self._cond = threading.Condition()
-        self._free = waiters  # calls that may wait at once: the others answer at once
+        # Per pool of RPC threads: the calls that may wait at once; the others answer at once.
+        self._free = dict.fromkeys(pools, waiters)
         self._closed = False
 
     def notify(self) -> None:
@@ -31,17 +32,17 @@ class Changes:
     def closed(self) -> bool:
         return self._closed
 
-    def take_waiter(self) -> bool:
-        """A waiting slot, if one is free and waiting is still allowed."""
+    def take_waiter(self, pool: str = "trainers") -> bool:
+        """A waiting slot of ``pool``, if one is free and waiting is still allowed."""
         with self._cond:
-            if self._free <= 0 or self._closed:
+            if self._free[pool] <= 0 or self._closed:
                 return False
-            self._free -= 1
+            self._free[pool] -= 1
             return True
 
-    def give_waiter(self) -> None:
+    def give_waiter(self, pool: str = "trainers") -> None:
         with self._cond:
-            self._free += 1
+            self._free[pool] += 1
 
     def close(self) -> None:
         """Wake every waiter for good: the daemon stops."""

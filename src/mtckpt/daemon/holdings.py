@@ -277,7 +277,7 @@ class Holdings:
             for name in sorted(names, key=lambda n: not n.endswith(".json")):  # manifests first
                 path = storage.step_path(run, step) / name
                 if name.endswith(".safetensors") and self._free_count() < self.keep + 1:
-                    (self.root / FREE_DIR).mkdir(parents=True, exist_ok=True)
+                    (self.root / FREE_DIR).mkdir(mode=0o700, parents=True, exist_ok=True)
                     free = f"{origin}-{run}-{step}-{name}"
                     os.replace(path, self.root / FREE_DIR / free)
                     self._map_spare(free)
@@ -289,6 +289,19 @@ class Holdings:
                     s for s in self._world if (s.origin, s.run, s.step) == (origin, run, step)
                 ]:
                     del self._world[shard]
+
+    def clean_after_crash(self) -> None:
+        """At start-up: remove replicas a killed daemon was still receiving (temporary
+        files, possibly hundreds of MB each) and the step directories they leave empty."""
+        for origin in self._origins():
+            storage = self.storage(origin)
+            for run in self.runs(storage):
+                for step in storage.steps(run):
+                    for name in storage.files(run, step):
+                        if naming.temp_target(name) is not None:
+                            _unlink(storage.step_path(run, step) / name)
+                    if not storage.files(run, step):
+                        storage.remove_step_dir(run, step)
 
     def _free_count(self) -> int:
         try:
@@ -319,7 +332,7 @@ class Incoming:
         self._mapping: mmap.mmap | None = None
         self._view = memoryview(bytearray(0))  # the mapping
         flags = os.O_RDWR | os.O_CLOEXEC | (0 if reused else os.O_CREAT | os.O_EXCL)
-        self._fd = os.open(temp, flags, 0o644)
+        self._fd = os.open(temp, flags, 0o600)  # model weights: the owner's only
         try:
             if spare is not None:  # of this size: its pages are allocated and present
                 self._mapping, self._view = spare, memoryview(spare)

@@ -4,12 +4,14 @@ token, message sizes, and a small client for the Daemon service."""
 from __future__ import annotations
 
 import hmac
+import ipaddress
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
+from ..errors import ConfigError
 from ..proto import mtckpt_pb2 as pb
 from ..proto import mtckpt_pb2_grpc as pb_grpc
 from . import frames
@@ -60,11 +62,37 @@ def host_of(address: str) -> str:
     return address.rsplit(":", 1)[0].strip("[]")
 
 
+MIN_TOKEN = 16  # characters: `openssl rand -hex 32` gives 64
+MAX_TOKEN = 4096
+
+
 def read_token(path: str | None) -> str | None:
-    """The shared token in the file at ``path`` (None: no token)."""
+    """The shared token in the file at ``path`` (None: no token); ConfigError naming the
+    file if it cannot be a token (too short to resist guessing, or not printable ASCII,
+    which gRPC metadata cannot carry)."""
     if not path:
         return None
-    return Path(path).read_text().strip()
+    try:
+        token = Path(path).read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"token file {path}: cannot read a token: {exc}") from None
+    if not MIN_TOKEN <= len(token) <= MAX_TOKEN or not all(" " < c < "\x7f" for c in token):
+        raise ConfigError(
+            f"token file {path}: a token is {MIN_TOKEN} to {MAX_TOKEN} printable ASCII "
+            f"characters without spaces (found {len(token)} characters); make one with "
+            "`openssl rand -hex 32`"
+        )
+    return token
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or ``localhost``) is only reachable from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def is_unix(address: str) -> bool:

@@ -4,6 +4,7 @@ SIGTERM."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import logging
@@ -17,7 +18,7 @@ import grpc
 
 from .. import _fastpath, naming
 from ..config import ObjectTier
-from ..errors import ChecksumMismatchError, MtckptError, StepNotFoundError
+from ..errors import ChecksumMismatchError, ConfigError, MtckptError, StepNotFoundError
 from ..metrics import Endpoint, Metrics
 from ..proto import mtckpt_pb2 as pb
 from ..proto import mtckpt_pb2_grpc as pb_grpc
@@ -27,14 +28,26 @@ from .bulk import BulkServer
 from .changes import Changes
 from .flusher import Flusher
 from .holdings import Holdings, Shard
+from .limits import PeerLimits, Progress, certified_node
 from .peers import Peers
 from .replicator import Replicator
-from .rpc import OPTIONS, SERVICE, TLSFiles, TokenCheck, host_of, is_unix, shard_id, unix_path
+from .rpc import (
+    OPTIONS,
+    SERVICE,
+    TLSFiles,
+    TokenCheck,
+    host_of,
+    is_loopback,
+    is_unix,
+    shard_id,
+    unix_path,
+)
 
 log = logging.getLogger(__name__)
 
 MAX_STATUS_WAIT = 30.0  # seconds a long-polled Status waits at most
 FREE_WORKERS = 8  # RPC threads long-polled Status calls leave to the others
+TRAINER_ONLY = ("Notify", "Flush", "Recover")  # served on the Unix socket, not to peers
 
 
 @dataclass
@@ -59,17 +72,45 @@ class DaemonConfig:
     nice: int = 10  # added to the process's nice value by `mtckpt daemon`: training goes first
     remote: ObjectTier | None = None  # where trainers' Flush requests upload to
     metrics_listen: str | None = None  # HOST:PORT of /metrics, /healthz, /readyz; None: off
+    insecure: bool = False  # serve peers without authentication: loopback addresses only
+    stream_idle_timeout: float = 30.0  # seconds a peer's stream may make no progress
 
     def __post_init__(self) -> None:
-        naming.check_node_id(self.node_id)
+        try:
+            naming.check_node_id(self.node_id)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if not 0 <= self.nice <= 19:
-            raise ValueError(f"nice must be 0..19 (added to the nice value), got {self.nice}")
+            raise ConfigError(f"nice must be 0..19 (added to the nice value), got {self.nice}")
         if self.replicas < 0 or self.keep < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"replicas must be >= 0 and keep >= 1, got {self.replicas}, {self.keep}"
             )
         if self.listen is None and self.socket is None:
-            raise ValueError("the daemon needs a TCP address (listen) or a Unix socket")
+            raise ConfigError("the daemon needs a TCP address (listen) or a Unix socket")
+        if not self.stream_idle_timeout > 0:
+            raise ConfigError(
+                f"stream_idle_timeout must be > 0 seconds, got {self.stream_idle_timeout}"
+            )
+        if self.listen is not None:
+            self._check_peer_security()
+
+    def _check_peer_security(self) -> None:
+        """Peers are served only with a shared token or mutual TLS, or with ``insecure``
+        on a loopback address (tests on one machine)."""
+        if self.insecure and not is_loopback(host_of(self.listen)):
+            raise ConfigError(
+                f"--insecure is refused on {self.listen}: without authentication anyone who "
+                "reaches the port could push forged shards or read checkpoints; it is allowed "
+                "on loopback addresses only (127.0.0.1, ::1, localhost)"
+            )
+        if self.token is None and self.tls is None and not self.insecure:
+            raise ConfigError(
+                f"the daemon would serve peers on {self.listen} without authentication: give "
+                "--token-file FILE (a token shared by the daemons) or --tls-cert, --tls-key and "
+                "--tls-ca (mutual TLS, a certificate per node naming its node id), or "
+                "--insecure with a loopback --listen address (one machine, tests)"
+            )
 
 
 def _shard(ident: pb.ShardId, context) -> Shard:
@@ -80,10 +121,35 @@ def _shard(ident: pb.ShardId, context) -> Shard:
 
 
 class _Service(pb_grpc.DaemonServicer):
-    def __init__(self, daemon: Daemon) -> None:
+    """The Daemon service as served to trainers (the Unix socket) or to peers (TCP, with
+    per-peer limits, and with mutual TLS each peer's certificate bound to the shards it
+    may push or fetch)."""
+
+    def __init__(self, daemon: Daemon, peers: PeerLimits | None = None) -> None:
         self.d = daemon
+        self.peers = peers  # None: the trainers' service
+        self.pool = "trainers" if peers is None else "peers"
         self._recovering: dict[str, threading.Lock] = {}  # per run: one recovery at a time
         self._recovering_lock = threading.Lock()
+
+    def _held(self, context, kind: str, what: str):
+        """Count a stream or waiting call against the calling peer (trainers: no limit)."""
+        if self.peers is None:
+            return contextlib.nullcontext(Progress(context, what))
+        return self.peers.hold(context, kind, what)
+
+    def _check_certified(self, shard: Shard, context, action: str) -> None:
+        """With mutual TLS, a peer may push or fetch only shards saved by the node its
+        certificate names: no node can forge or read another's state."""
+        if self.peers is None or self.d.config.tls is None:
+            return
+        node = certified_node(context)
+        if node != shard.origin:
+            context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{shard}: peer {context.peer()} with a certificate for node {node!r} may not "
+                f"{action} shards of node {shard.origin!r}",
+            )
 
     def Status(self, request, context):
         changes = self.d.changes
@@ -91,7 +157,12 @@ class _Service(pb_grpc.DaemonServicer):
         reply = self._status()
         if request.wait_seconds <= 0 or reply.version != request.changed_since:
             return reply
-        if not changes.take_waiter():
+        with self._held(context, "waiting calls", "a long-polled Status"):
+            return self._wait_for_change(request, context, reply, generation)
+
+    def _wait_for_change(self, request, context, reply, generation: int) -> pb.StatusReply:
+        changes = self.d.changes
+        if not changes.take_waiter(self.pool):
             return reply
         try:
             deadline = time.monotonic() + min(request.wait_seconds, MAX_STATUS_WAIT)
@@ -103,7 +174,7 @@ class _Service(pb_grpc.DaemonServicer):
                 generation = changes.wait(generation, min(left, 1.0))
                 reply = self._status()
         finally:
-            changes.give_waiter()
+            changes.give_waiter(self.pool)
         return reply
 
     def _status(self) -> pb.StatusReply:
@@ -150,46 +221,42 @@ class _Service(pb_grpc.DaemonServicer):
 
     def Fetch(self, request, context):
         shard = _shard(request.shard, context)
-        try:
-            pieces = self.d.holdings.read(shard, request.manifest, request.offset, request.length)
-            crc32c = _fastpath.backend().crc32c
-            for offset, view in pieces:
-                yield frames.data_chunk(offset, view, crc32c(view))
-        except FileNotFoundError as exc:
-            context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        self._check_certified(shard, context, "fetch")
+        with self._held(context, "streams", f"a Fetch of {shard}") as progress:
+            try:
+                pieces = self.d.holdings.read(
+                    shard, request.manifest, request.offset, request.length
+                )
+                crc32c = _fastpath.backend().crc32c
+                for offset, view in pieces:
+                    yield frames.data_chunk(offset, view, crc32c(view))
+                    progress.moved()
+            except FileNotFoundError as exc:
+                context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
 
     def _header_shard(self, header: pb.PushHeader, context) -> Shard:
         shard = _shard(header.shard, context)
         if shard.origin == self.d.config.node_id:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"{shard}: this node's own shard cannot be pushed to it")  # fmt: skip
+        self._check_certified(shard, context, "push")
         return shard
 
     def Push(self, request_iterator, context):
-        try:
-            header = frames.read_push(next(request_iterator, b""))
-        except ValueError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"a malformed push: {exc}")
-        if not isinstance(header, pb.PushHeader):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a push starts with its header")
-        shard = self._header_shard(header, context)
-
-        def chunks():
-            for frame in request_iterator:
-                try:
-                    chunk = frames.read_push(frame)
-                except ValueError as exc:
-                    raise MtckptError(f"{shard}: a malformed chunk: {exc}") from None
-                if isinstance(chunk, pb.PushHeader):
-                    raise MtckptError(f"{shard}: a second header in one push")
-                yield chunk
-
-        pieces = frames.verified(chunks(), str(shard))
-        try:
-            stored = self.d.holdings.store(shard, header.manifest, pieces, header.data_size)
-        except (MtckptError, ValueError) as exc:
-            self.d.transfer_failed(exc)
-            context.abort(grpc.StatusCode.DATA_LOSS, str(exc))
+        with self._held(context, "streams", "a Push") as progress:
+            try:
+                header = frames.read_push(next(request_iterator, b""))
+            except ValueError as exc:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"a malformed push: {exc}")
+            if not isinstance(header, pb.PushHeader):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a push starts with its header")
+            shard = self._header_shard(header, context)
+            pieces = frames.verified(_push_chunks(request_iterator, shard, progress), str(shard))
+            try:
+                stored = self.d.holdings.store(shard, header.manifest, pieces, header.data_size)
+            except (MtckptError, ValueError) as exc:
+                self.d.transfer_failed(exc)
+                context.abort(grpc.StatusCode.DATA_LOSS, str(exc))
         self.d.metrics.replica_bytes.inc(stored)
         self.d.holdings.expire_replicas(shard.origin, shard.run)
         return pb.PushReply(bytes=stored)
@@ -209,6 +276,7 @@ class _Service(pb_grpc.DaemonServicer):
         if self.d.bulk is None:
             context.abort(grpc.StatusCode.UNIMPLEMENTED, "this daemon has no data port")
         shard = _shard(request.shard, context)
+        self._check_certified(shard, context, "fetch")
         try:
             outgoing = self.d.holdings.outgoing(shard)
         except FileNotFoundError as exc:
@@ -256,6 +324,19 @@ class _Service(pb_grpc.DaemonServicer):
                                sources=result.sources)  # fmt: skip
 
 
+def _push_chunks(request_iterator, shard: Shard, progress: Progress):
+    """The data chunks of a push after its header, each a sign of progress."""
+    for frame in request_iterator:
+        progress.moved()
+        try:
+            chunk = frames.read_push(frame)
+        except ValueError as exc:
+            raise MtckptError(f"{shard}: a malformed chunk: {exc}") from None
+        if isinstance(chunk, pb.PushHeader):
+            raise MtckptError(f"{shard}: a second header in one push")
+        yield chunk
+
+
 def _fingerprint(reply: pb.StatusReply) -> int:
     """What a long-polled Status compares: the replication and flush states, as 8 bytes."""
     digest = hashlib.blake2b(digest_size=8)
@@ -264,11 +345,23 @@ def _fingerprint(reply: pb.StatusReply) -> int:
     return int.from_bytes(digest.digest(), "little") or 1
 
 
+def _trainers_only(name: str):
+    def refuse(request, context):
+        context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                      f"{name} is served to this node's trainers only, on the daemon's Unix "
+                      "socket")  # fmt: skip
+
+    return refuse
+
+
 def _handlers(service: _Service) -> grpc.GenericRpcHandler:
     """The Daemon service's methods, with Push and Fetch taking and giving frames encoded
-    by hand (frames.py) instead of protobuf objects."""
+    by hand (frames.py) instead of protobuf objects; the trainers' own methods refused to
+    peers."""
 
     def unary(method, request):
+        if service.peers is not None and method.__name__ in TRAINER_ONLY:
+            method = _trainers_only(method.__name__)
         return grpc.unary_unary_rpc_method_handler(
             method, request.FromString, lambda reply: reply.SerializeToString()
         )
@@ -297,7 +390,8 @@ class Daemon:
         self.peers = Peers(config.node_id, config.peers, config.peers_dns,
                            token=config.token, tls=config.tls)  # fmt: skip
         self.metrics = DaemonMetrics(self)
-        self.changes = Changes(waiters=max(0, config.workers - FREE_WORKERS))
+        self.changes = Changes(waiters=max(0, config.workers - FREE_WORKERS),
+                               pools=("trainers", "peers"))  # fmt: skip
         self.replicator = Replicator(
             self.holdings, self.peers, zone=config.zone, replicas=config.replicas,
             bandwidth=config.bandwidth, scan_interval=config.scan_interval, tls=config.tls,
@@ -314,48 +408,19 @@ class Daemon:
         self.draining = False
         self.serving = False
         self._persisting = futures.ThreadPoolExecutor(1, thread_name_prefix="mtckpt-persist")
-        self._server: grpc.Server | None = None
+        self.limits = PeerLimits(idle_seconds=config.stream_idle_timeout)
+        self._servers: list[grpc.Server] = []
         self._stopped = threading.Event()
 
     def start(self) -> None:
         os.makedirs(self.config.memory_root, exist_ok=True)
         if self.config.local_root:
             os.makedirs(self.config.local_root, exist_ok=True)
-        interceptors = [TokenCheck(self.config.token)] if self.config.token else []
-        pool = futures.ThreadPoolExecutor(self.config.workers, thread_name_prefix="mtckpt-rpc")
-        server = grpc.server(pool, interceptors=interceptors, options=OPTIONS)
-        server.add_generic_rpc_handlers((_handlers(_Service(self)),))
+        self.holdings.clean_after_crash()
         if self.config.listen:
-            if self.config.tls is not None:
-                cert, key, ca = self.config.tls.read()
-                credentials = grpc.ssl_server_credentials(
-                    [(key, cert)], root_certificates=ca, require_client_auth=True
-                )
-                port = server.add_secure_port(self.config.listen, credentials)
-            else:
-                port = server.add_insecure_port(self.config.listen)
-            if port == 0:
-                raise OSError(f"cannot listen on {self.config.listen}")
-            self.address = f"{self.config.listen.rsplit(':', 1)[0]}:{port}"
-            host = host_of(self.config.listen)
-            self.bulk = BulkServer(host, self.config.data_port, self.config.tls, self._stored,
-                                   self.transfer_failed)  # fmt: skip
+            self._serve_peers()
         if self.config.socket:
-            socket = self.config.socket
-            path = unix_path(socket) if is_unix(socket) else socket
-            if os.path.exists(path):
-                os.unlink(path)  # a socket left by a killed daemon
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            server.add_insecure_port(f"unix://{path}")
-            old = os.umask(0o177)  # the socket is created 0600: only this user's trainers
-            try:
-                server.start()
-            finally:
-                os.umask(old)
-            os.chmod(path, 0o600)
-        else:
-            server.start()
-        self._server = server
+            self._serve_trainers()
         self.replicator.start()
         if self.flusher is not None:
             self.flusher.start()
@@ -370,6 +435,54 @@ class Daemon:
             self.address,
             self.config.socket,
         )
+
+    def _server(self, service: _Service, name: str, **options) -> grpc.Server:
+        """A gRPC server of its own threads: peers cannot take the trainers' and back."""
+        interceptors = [TokenCheck(self.config.token)] if self.config.token else []
+        pool = futures.ThreadPoolExecutor(self.config.workers, thread_name_prefix=name)
+        server = grpc.server(pool, interceptors=interceptors, options=OPTIONS, **options)
+        server.add_generic_rpc_handlers((_handlers(service),))
+        self._servers.append(server)
+        return server
+
+    def _serve_peers(self) -> None:
+        if self.config.token is None and self.config.tls is None:
+            log.warning(
+                "serving peers on %s WITHOUT AUTHENTICATION (--insecure): any process on "
+                "this machine can push forged shards and read checkpoints", self.config.listen,
+            )  # fmt: skip
+        server = self._server(_Service(self, self.limits), "mtckpt-peer-rpc",
+                              maximum_concurrent_rpcs=4 * self.config.workers)  # fmt: skip
+        if self.config.tls is not None:
+            cert, key, ca = self.config.tls.read()
+            credentials = grpc.ssl_server_credentials(
+                [(key, cert)], root_certificates=ca, require_client_auth=True
+            )
+            port = server.add_secure_port(self.config.listen, credentials)
+        else:
+            port = server.add_insecure_port(self.config.listen)
+        if port == 0:
+            raise OSError(f"cannot listen on {self.config.listen}")
+        server.start()
+        self.address = f"{self.config.listen.rsplit(':', 1)[0]}:{port}"
+        host = host_of(self.config.listen)
+        self.bulk = BulkServer(host, self.config.data_port, self.config.tls, self._stored,
+                               self.transfer_failed)  # fmt: skip
+
+    def _serve_trainers(self) -> None:
+        socket = self.config.socket
+        path = unix_path(socket) if is_unix(socket) else socket
+        if os.path.exists(path):
+            os.unlink(path)  # a socket left by a killed daemon
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        server = self._server(_Service(self), "mtckpt-rpc")
+        server.add_insecure_port(f"unix://{path}")
+        old = os.umask(0o177)  # the socket is created 0600: only this user's trainers
+        try:
+            server.start()
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
 
     def persist(self, run: str, recovered: recovery.Recovered) -> None:
         """Write a recovered step to the local tier, off the Recover call: the trainer
@@ -410,8 +523,10 @@ class Daemon:
         self.replicator.stop()
         self.changes.close()  # long-polled Status calls answer now
         self._persisting.shutdown(wait=True)
-        if self._server is not None:
-            self._server.stop(grace=5).wait()
+        stopped = [server.stop(grace=5) for server in self._servers]
+        for done in stopped:
+            done.wait()
+        self.limits.close()
         if self.bulk is not None:
             self.bulk.close()
         self.peers.close()
