@@ -4,15 +4,14 @@ manager's is one rank's."""
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import commit, naming, restore, retention, tiercopy
+from . import commit, naming, restore, tiercopy
 from .errors import CorruptCheckpointError, StepNotFoundError
 from .manifest import RankManifest
-from .tiers.base import Storage
+from .tiers.base import FileStat, Storage
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +24,10 @@ class StepInfo:
     ``committed_ranks``: those its COMMIT names (a node-local tier commits the node's
     ranks only). ``status``: complete (committed, every committed rank present),
     incomplete (not committed: a save under way, or one that died) or damaged (committed
-    but a shard is missing or its manifest does not parse: ``problems`` says which)."""
+    but the COMMIT marker or a manifest does not parse, a committed rank's shard is
+    missing, or a data file is not the size its manifest records: ``problems`` says
+    which). Complete is read from the listing and manifests alone: a flipped byte shows
+    only in :func:`verify`."""
 
     tier: str
     run: str
@@ -47,39 +49,36 @@ class StepInfo:
 
 def step_info(storage: Storage, run: str, step: int) -> StepInfo:
     """What ``storage`` holds of ``step``, from its file listing, COMMIT and manifests
-    (no data is read)."""
-    return _read_step(storage, run, step)[0]
+    (no data is read): the one decision whether a step is complete, for ``ls``, ``gc``
+    and retention alike."""
+    return read_step(storage, run, step)[0]
 
 
-def _read_step(storage: Storage, run: str, step: int) -> tuple[StepInfo, list[RankManifest]]:
-    """:func:`step_info`, and the manifests that parse, by rank."""
-    files = storage.files(run, step)
+def read_step(
+    storage: Storage, run: str, step: int, stats: dict[str, FileStat] | None = None
+) -> tuple[StepInfo, list[RankManifest]]:
+    """:func:`step_info`, and the manifests that parse, by rank; ``stats``: the step's
+    listing (:meth:`Storage.stat_files`) if the caller has it."""
+    stats = storage.stat_files(run, step) if stats is None else stats
+    files = list(stats)
     problems: list[str] = []
     world, committed_ranks = None, ()
     if naming.COMMIT in files:
         try:
-            marker = json.loads(storage.read_bytes(run, step, naming.COMMIT))
-            world, committed_ranks = int(marker["world_size"]), tuple(marker["ranks"])
+            world, committed_ranks = commit.read_marker(storage, run, step)
+            if not committed_ranks:
+                problems.append(f"{naming.COMMIT} names no rank")
         except FileNotFoundError:
             files.remove(naming.COMMIT)  # removed since the listing
-        except (ValueError, KeyError, TypeError) as exc:
-            problems.append(f"malformed {naming.COMMIT} ({exc!r})")
-    found: list[RankManifest] = []
-    for name in files:
-        parsed = naming.parse_rank_file(name)
-        if parsed is None or parsed[1] != "json":
-            continue
-        try:
-            manifest = restore.read_manifest(storage, run, step, parsed[0])
-        except (CorruptCheckpointError, FileNotFoundError) as exc:
+        except CorruptCheckpointError as exc:
             problems.append(str(exc))
-            continue
-        found.append(manifest)
+    committed = naming.COMMIT in files
+    found = _manifests_found(storage, run, step, files, problems)
+    for manifest in found:
         world = world or manifest.world_size
-    found.sort(key=lambda m: m.rank)
+        problems += _size_problems(storage, manifest, stats)
     ranks = [m.rank for m in found]
     size = sum(m.stored.size if m.stored is not None else m.file_size for m in found)
-    committed = naming.COMMIT in files
     missing = sorted(set(committed_ranks) - set(ranks))
     if committed and missing:
         problems.append(f"committed rank(s) {missing} have no manifest")
@@ -89,9 +88,40 @@ def _read_step(storage: Storage, run: str, step: int) -> tuple[StepInfo, list[Ra
     info = StepInfo(
         tier=storage.name, run=run, step=step, status=status, world_size=world,
         ranks=tuple(ranks), committed_ranks=committed_ranks, bytes=size,
-        modified=storage.modified(run, step, stamp) if stamp else None, problems=tuple(problems),
+        modified=stats[stamp].modified if stamp else None, problems=tuple(problems),
     )  # fmt: skip
     return info, found
+
+
+def _manifests_found(
+    storage: Storage, run: str, step: int, files: list[str], problems: list[str]
+) -> list[RankManifest]:
+    """The manifests among ``files`` that parse, by rank; each one that does not is a
+    problem."""
+    found = []
+    for name in files:
+        parsed = naming.parse_rank_file(name)
+        if parsed is None or parsed[1] != "json":
+            continue
+        try:
+            found.append(restore.read_manifest(storage, run, step, parsed[0]))
+        except (CorruptCheckpointError, FileNotFoundError) as exc:
+            problems.append(str(exc))
+    return sorted(found, key=lambda m: m.rank)
+
+
+def _size_problems(
+    storage: Storage, manifest: RankManifest, stats: dict[str, FileStat]
+) -> list[str]:
+    """Whether ``manifest``'s data file is there with the size it records (as stored)."""
+    where = f"{storage.describe()}: step {manifest.step} {manifest.data_file}"
+    wanted = manifest.stored.size if manifest.stored is not None else manifest.file_size
+    stat = stats.get(manifest.data_file)
+    if stat is None:
+        return [f"{where}: the data file is missing"]
+    if stat.size != wanted:
+        return [f"{where}: {stat.size} bytes, the manifest records {wanted}"]
+    return []
 
 
 def listing(storage: Storage, run: str | None = None) -> list[StepInfo]:
@@ -103,19 +133,14 @@ def listing(storage: Storage, run: str | None = None) -> list[StepInfo]:
 def verify(storage: Storage, run: str, step: int, threads: int = 1) -> tuple[int, list[str]]:
     """Check every chunk's crc32c of every shard of ``step`` on ``storage``: the bytes
     checked and the problems found (none: the step is good there)."""
-    info, manifests_found = _read_step(storage, run, step)
+    info, manifests_found = read_step(storage, run, step)
     problems = list(info.problems)
     if info.status == INCOMPLETE:
         problems.append("not committed")
     checked = 0
     for manifest in manifests_found:
-        where = f"{storage.describe()}: run {run} step {step} rank {manifest.rank}"
         try:
-            data = restore.open_data(storage, manifest, where, threads)
-            try:
-                tiercopy.check_chunks(memoryview(data).cast("B"), manifest, 0, where, threads)
-            finally:
-                restore.close_mapping(data)
+            verify_shard(storage, manifest, threads)
         except (CorruptCheckpointError, OSError) as exc:
             problems.append(str(exc))
             continue
@@ -123,9 +148,22 @@ def verify(storage: Storage, run: str, step: int, threads: int = 1) -> tuple[int
     return checked, problems
 
 
+def verify_shard(storage: Storage, manifest: RankManifest, threads: int = 1) -> None:
+    """Read ``manifest``'s whole data file from ``storage`` and check every chunk's crc32c.
+    Raises CorruptCheckpointError (ChecksumMismatchError for bad bytes) if the copy is
+    damaged, OSError if it cannot be read now."""
+    where = f"{storage.describe()}: run {manifest.run} step {manifest.step} rank {manifest.rank}"
+    data = restore.open_data(storage, manifest, where, threads)
+    try:
+        tiercopy.check_chunks(memoryview(data).cast("B"), manifest, 0, where, threads)
+    finally:
+        restore.close_mapping(data)
+
+
 def newest_complete(storage: Storage, run: str) -> list[int]:
-    """Committed steps of ``run`` on ``storage``, newest first."""
-    return sorted(commit.committed_steps(storage, run), reverse=True)
+    """Complete steps of ``run`` on ``storage`` (:func:`step_info`), newest first."""
+    steps = reversed(storage.steps(run))
+    return [step for step in steps if step_info(storage, run, step).status == COMPLETE]
 
 
 def copy_step(
@@ -159,21 +197,6 @@ def copy_step(
     return wanted, copied
 
 
-@dataclass(frozen=True)
-class Removal:
-    step: int
-    reason: str
-
-
-def gc_plan(storage: Storage, run: str, keep: int, keep_every: int | None = None) -> list[Removal]:
-    """What garbage collection removes on ``storage`` (:func:`retention.due`: the policy the
-    trainers apply), with the reason for each step."""
-    expired, stale = retention.due(storage, run, keep, keep_every)
-    plan = [Removal(s, f"beyond the newest {keep} complete") for s in expired]
-    plan += [Removal(s, "incomplete, older than the newest complete step") for s in stale]
-    return sorted(plan, key=lambda r: r.step)
-
-
 def remove_step(storage: Storage, run: str, step: int) -> None:
     """Remove every file of ``step`` (COMMIT first, so it is never seen committed with a
     shard gone)."""
@@ -187,7 +210,7 @@ def remove_step(storage: Storage, run: str, step: int) -> None:
 
 def manifests(storage: Storage, run: str, step: int) -> list[RankManifest]:
     """Every rank's manifest of a step on ``storage``, by rank."""
-    info, found = _read_step(storage, run, step)
+    info, found = read_step(storage, run, step)
     if info.status == INCOMPLETE and not info.ranks:
         raise StepNotFoundError(f"{storage.describe()}: run {run} has no step {step}")
     return found

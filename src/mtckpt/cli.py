@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 
-from . import arrays, catalog, config, export, naming
+from . import arrays, catalog, config, export, naming, retention
 from .config import LocalTier, MemoryTier, ObjectTier
 from .errors import CorruptCheckpointError, MtckptError, StepNotFoundError
 from .tiers.base import Storage
@@ -364,14 +364,13 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _gc(args: argparse.Namespace) -> int:
     tiers = _tiers(args)
-    settings = _settings(args)
     rows = []
     for storage in tiers:
-        tier_cfg = settings.get(storage.name)
-        keep = args.keep or getattr(tier_cfg, "keep", None) or _DEFAULT_KEEP[storage.name]
-        keep_every = getattr(tier_cfg, "keep_every", None)
+        keep, keep_every = _gc_policy(args, storage.name)
         for run in [args.run] if args.run else storage.runs():
-            for removal in catalog.gc_plan(storage, run, keep, keep_every):
+            # rank None: the newest complete step's every shard is verified before an
+            # older step goes (the operator removes whole steps)
+            for removal in retention.plan(storage, run, keep, keep_every):
                 if args.apply:
                     catalog.remove_step(storage, run, removal.step)
                 rows.append({"tier": storage.name, "run": run, "step": removal.step,
@@ -405,6 +404,16 @@ def _export(args: argparse.Namespace) -> int:
 # -- selection: tiers, run, step ------------------------------------------------------------
 
 _DEFAULT_KEEP = {"memory": MemoryTier.keep, "local": LocalTier.keep, "remote": ObjectTier.keep}
+
+
+def _gc_policy(args: argparse.Namespace, tier: str) -> tuple[int, int | None]:
+    """``keep`` and ``keep_every`` for ``tier``: the flags, else the tier's in the config
+    file (and MTCKPT_* variables), else the tier's defaults."""
+    tier_cfg = _settings(args).get(tier)
+    keep = args.keep if args.keep is not None else getattr(tier_cfg, "keep", _DEFAULT_KEEP[tier])
+    keep_every = (args.keep_every if args.keep_every is not None
+                  else getattr(tier_cfg, "keep_every", None))  # fmt: skip
+    return keep, keep_every
 
 
 def _settings(args: argparse.Namespace, daemon: bool = False) -> dict:
@@ -547,6 +556,16 @@ def _print_table(rows: list[tuple[str, ...]]) -> None:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= 1")
+    return value
+
+
 def _rank_list(text: str) -> list[int]:
     try:
         return sorted({int(item) for item in _comma_list(text)})
@@ -666,14 +685,21 @@ def parser() -> argparse.ArgumentParser:
     r.set_defaults(handler=_restore)
 
     g = commands.add_parser(
-        "gc", help="remove expired and incomplete steps (a dry run unless --apply)",
-        description="Per tier and run: complete steps beyond the newest KEEP (the tier's "
-        "keep in the config, or --keep; multiples of the object tier's keep_every stay) and "
-        "incomplete steps older than the newest complete one. The newest complete step is "
-        "never removed. Prints what it would remove unless --apply.",
+        "gc", help="remove expired, damaged and incomplete steps (a dry run unless --apply)",
+        description="Per tier and run: damaged steps (a COMMIT or manifest that does not "
+        "parse, a shard missing, a data file of the wrong size), incomplete steps older than "
+        "the newest committed one, and complete steps beyond the newest KEEP complete ones "
+        "(the tier's keep in the config, or --keep; multiples of KEEP_EVERY stay), these "
+        "only once the newest complete step passes checksum verification (one that fails "
+        "is damaged, and the next older one is considered). The newest good step is never "
+        "removed. Prints what it would remove unless --apply.",
     )  # fmt: skip
     selection(g, "only this run (default: every run)")
-    g.add_argument("--keep", type=int, help="complete steps to keep per tier")
+    g.add_argument("--keep", type=_at_least_one, help="complete steps to keep per tier "
+                   "(default: the tier's keep in the config, else 2 (remote: 3))")
+    g.add_argument("--keep-every", type=_at_least_one, metavar="N",
+                   help="also keep complete steps that are multiples of N (default: the "
+                   "config's remote.keep_every)")  # fmt: skip
     g.add_argument("--apply", action="store_true", help="remove them (default: a dry run)")
     g.set_defaults(handler=_gc)
 

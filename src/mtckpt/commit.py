@@ -2,7 +2,10 @@
 
 A rank's shard exists once its manifest exists (the manifest is written after the data
 file). ``COMMIT`` is written last, once every rank expected on that storage is present;
-restore, listing and garbage collection all decide completeness with :func:`is_committed`.
+:func:`is_committed` says whether a step is committed; whether a committed step is whole
+(its marker and manifests parse, its files have their recorded sizes) is
+:func:`mtckpt.catalog.step_info`'s to say, for listing and garbage collection alike
+(restore checks every chunk it reads).
 """
 
 from __future__ import annotations
@@ -60,17 +63,31 @@ def try_commit(
 
 def saved_world_size(storage: Storage, run: str, step: int) -> int:
     """The world size a committed step was saved with, from its COMMIT marker."""
-    where = f"{storage.describe()}: step {step} {naming.COMMIT}"
     try:
-        marker = json.loads(storage.read_bytes(run, step, naming.COMMIT))
-        world_size = marker["world_size"]
+        return read_marker(storage, run, step)[0]
     except FileNotFoundError:
-        raise CorruptCheckpointError(f"{where}: the commit marker is gone") from None
+        raise CorruptCheckpointError(
+            f"{storage.describe()}: step {step} {naming.COMMIT}: the commit marker is gone"
+        ) from None
+
+
+def read_marker(storage: Storage, run: str, step: int) -> tuple[int, tuple[int, ...]]:
+    """The world size and the ranks a step's COMMIT marker records. FileNotFoundError if
+    there is none; CorruptCheckpointError if it does not parse."""
+    where = f"{storage.describe()}: step {step} {naming.COMMIT}"
+    raw = storage.read_bytes(run, step, naming.COMMIT)
+    try:
+        marker = json.loads(raw)
+        world_size, ranks = marker["world_size"], marker["ranks"]
     except (ValueError, KeyError, TypeError) as exc:
         raise CorruptCheckpointError(f"{where}: malformed commit marker ({exc!r})") from None
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise CorruptCheckpointError(f"{where}: world_size {world_size!r} is not a positive int")
-    return world_size
+    if not isinstance(ranks, list) or not all(
+        isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in ranks
+    ):
+        raise CorruptCheckpointError(f"{where}: ranks {ranks!r} is not a list of ranks")
+    return world_size, tuple(ranks)
 
 
 def decommit(storage: Storage, run: str, step: int, reason: str) -> None:

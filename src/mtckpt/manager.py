@@ -147,6 +147,9 @@ class CheckpointManager:
         daemon_writes = set()
         if self._peers is not None:
             daemon_writes = {"memory", "remote"} if self._peers.remote_url else {"memory"}
+        # What this process verified on each tier: retention removes a step only once a
+        # newer one verifies, and reads no data for what was checked already.
+        self._verdicts = {storage.name: retention.Verdicts() for _, storage in self._tiers}
         for index, (cfg, storage) in enumerate(self._tiers):
             self._prepare_storage(storage, cfg, essential=index == 0,
                                   clean=storage.name not in daemon_writes)  # fmt: skip
@@ -162,12 +165,13 @@ class CheckpointManager:
             chunk_size=chunk_size,
             threads=max(1, self.threads // 2),
             on_memory_commit=self._peers.committed if self._replicating else None,
+            memory_verdicts=self._verdicts[self._memory.name],
         )
 
     def _slower_tier(self, cfg: Any, storage: Storage) -> SlowerTier:
         """How the pipeline writes a slower tier: itself, or for the object tier, by the node
         daemon when it uploads to the same URL, else by a helper process (``uploader``)."""
-        tier = SlowerTier(storage, cfg.keep)
+        tier = SlowerTier(storage, cfg.keep, verdicts=self._verdicts[storage.name])
         if not isinstance(cfg, ObjectTier):
             return tier
         tier.keep_every, tier.backlog = cfg.keep_every, cfg.backlog
@@ -208,7 +212,9 @@ class CheckpointManager:
                 retention.clean_after_crash(storage, self.run, self.rank, self.world_size)
                 storage.clean_leftovers(self.run, self.rank)
             retention.apply(storage, self.run, self.rank, self.world_size, cfg.keep,
-                            keep_every=getattr(cfg, "keep_every", None))  # fmt: skip
+                            keep_every=getattr(cfg, "keep_every", None),
+                            verdicts=self._verdicts[storage.name],
+                            threads=self.threads)  # fmt: skip
         except OSError as exc:
             if essential:
                 raise ConfigError(f"{storage.describe()} is not usable: {exc}") from exc
@@ -468,7 +474,8 @@ class CheckpointManager:
             origin = source
             for storage in faster:
                 try:
-                    tiercopy.copy_shard(origin, storage, self.run, step, self.rank)
+                    tiercopy.copy_shard(origin, storage, self.run, step, self.rank,
+                                        verified=self._verdicts[storage.name].record)
                     ranks = range(self.world_size) if storage.shared else self.node_ranks
                     commit.try_commit(storage, self.run, step, self.world_size, ranks)
                     origin = faster[0]

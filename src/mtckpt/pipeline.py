@@ -55,6 +55,9 @@ class SlowerTier:
     # A step due while this tier is busy: "newest" replaces older ones waiting (skipped,
     # logged); "queue" keeps them all, each pinned in node memory until it is written.
     backlog: str = "newest"
+    # What this process verified there (copies are checked on the way): retention after
+    # each step then reads no data.
+    verdicts: retention.Verdicts = field(default_factory=retention.Verdicts)
     queue: collections.deque = field(default_factory=collections.deque)
     thread: threading.Thread | None = None
 
@@ -73,8 +76,11 @@ class Pipeline:
         chunk_size: int,
         threads: int,
         on_memory_commit: Callable[[int, SaveHandle], None] | None = None,
+        memory_verdicts: retention.Verdicts | None = None,
     ) -> None:
         self.run, self.rank, self.world_size = run, rank, world_size
+        # Each commit checksums the staged bytes: the memory tier's verdicts come free.
+        self.memory_verdicts = memory_verdicts or retention.Verdicts()
         self.on_memory_commit = on_memory_commit
         self.node_ranks = node_ranks
         self.memory, self.memory_keep = memory, memory_keep
@@ -229,6 +235,7 @@ class Pipeline:
             self.run, job.step, naming.manifest_file(self.rank), job.manifest_json
         )
         commit.try_commit(self.memory, self.run, job.step, self.world_size, self.node_ranks)
+        self.memory_verdicts.record(job.manifest)
         for name in job.tiers:
             with self._cond:
                 self._pins[job.step] += 1
@@ -248,6 +255,8 @@ class Pipeline:
                     self.world_size,
                     self.memory_keep,
                     protected=pinned,
+                    verdicts=self.memory_verdicts,
+                    threads=self.threads,
                 )
                 self.memory.trim(self.run, self.rank, max_free=1)
         except Exception as exc:  # garbage collection failing must not stop checkpointing
@@ -293,7 +302,7 @@ class Pipeline:
                 if tier.flush is not None:
                     skipped = not tier.flush(job.step)
                 else:
-                    self._copy_to_tier(tier.storage, job)
+                    self._copy_to_tier(tier, job)
             except BaseException as exc:
                 log.error(
                     "%s tier: step %d failed: %s (training continues; the next due "
@@ -307,17 +316,19 @@ class Pipeline:
             job.handle._finish(name, error=error, skipped=skipped)
             if tier.flush is None:
                 retention.apply_or_log(tier.storage, self.run, self.rank, self.world_size,
-                                       tier.keep, tier.keep_every)  # fmt: skip
+                                       tier.keep, tier.keep_every, tier.verdicts,
+                                       self.threads)  # fmt: skip
             self._collect_memory_garbage()
             self._job_done()
 
-    def _copy_to_tier(self, storage: Storage, job: SaveJob) -> None:
-        manifest = job.manifest
+    def _copy_to_tier(self, tier: SlowerTier, job: SaveJob) -> None:
+        storage, manifest = tier.storage, job.manifest
         where = (
             f"step {job.step} rank {self.rank}: the memory tier copy changed after it was "
             f"committed; not copied to {storage.describe()}"
         )
         tiercopy.put_shard(storage, manifest, job.slot.view(), where, self.threads)
+        tier.verdicts.record(manifest)
         ranks = range(self.world_size) if storage.shared else self.node_ranks
         commit.try_commit(storage, self.run, job.step, self.world_size, ranks)
 

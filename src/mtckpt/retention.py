@@ -1,4 +1,13 @@
-"""Garbage collection: expired steps, incomplete steps, and leftovers of crashed writers.
+"""Garbage collection: expired steps, damaged and incomplete steps, and leftovers of
+crashed writers.
+
+Retention never removes the last good copy of a run on a tier. Only complete steps
+(:func:`mtckpt.catalog.step_info`: COMMIT parses, the manifests of the ranks it names are
+valid, every data file has its recorded size) count toward ``keep``; a damaged step is
+removed first and never counts. A step beyond the newest ``keep`` is removed only once the
+newest complete step has passed checksum verification on that tier (this rank's shard; a
+step that fails is damaged, and the next older one is considered). :class:`Verdicts`
+remembers what was verified, so retention after every step reads no data.
 
 Several ranks may share one storage (a node's memory or disk). Each rank removes only its
 own files (and files of ranks outside the current world); whoever comes first removes
@@ -9,9 +18,13 @@ with a shard missing. The memory tier turns a rank's data files back into slots.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Collection
+from dataclasses import dataclass
 
-from . import commit, naming
+from . import catalog, commit, naming, restore
+from .errors import CorruptCheckpointError, FormatVersionError
+from .manifest import RankManifest
 from .tiers.base import Storage
 
 log = logging.getLogger(__name__)
@@ -35,6 +48,183 @@ def remove_rank_files(storage: Storage, run: str, step: int, rank: int, world_si
     storage.remove_step_dir(run, step)
 
 
+@dataclass(frozen=True)
+class Removal:
+    step: int
+    reason: str
+
+
+class Verdicts:
+    """What this process knows of one storage's steps, so that retention, which runs after
+    every step, reads no data in the steady state: each step's reading
+    (:func:`catalog.read_step`, reused while the step's listing is unchanged) and the shards
+    known to pass checksum verification there, recorded by whoever checked every chunk (the
+    memory tier's commit, a verified copy to a slower tier) or by a verification here.
+
+    On the object tier this means a shard is downloaded for verification only when a
+    removal depends on it (a step beyond ``keep`` is due and the newest complete step's
+    shard of this rank was neither uploaded nor verified by this process), and then once
+    per process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._steps: dict[tuple[str, int], tuple[dict, tuple | None]] = {}
+        self._good: dict[tuple[str, int, int], tuple] = {}
+
+    def record(self, manifest: RankManifest) -> None:
+        """``manifest``'s shard is good on this storage: its every chunk was just checked."""
+        with self._lock:
+            self._good[manifest.run, manifest.step, manifest.rank] = _identity(manifest)
+
+    def read(self, storage: Storage, run: str, step: int) -> tuple[catalog.StepInfo, dict] | None:
+        """The step's :class:`catalog.StepInfo` and each shard's identity, by rank; None for
+        a step written in a newer format (neither counted nor removed: a newer mtckpt's)."""
+        stats = storage.stat_files(run, step)
+        with self._lock:
+            cached = self._steps.get((run, step))
+        if cached is not None and cached[0] == stats:
+            return cached[1]
+        try:
+            info, manifests = catalog.read_step(storage, run, step, stats)
+            known = info, {m.rank: _identity(m) for m in manifests}
+        except FormatVersionError as exc:
+            log.warning("%s: run %r step %d is left alone: %s", storage.describe(), run, step,
+                        exc)  # fmt: skip
+            known = None
+        with self._lock:
+            self._steps[run, step] = (stats, known)
+        return known
+
+    def is_good(self, run: str, step: int, rank: int, identity: tuple) -> bool:
+        with self._lock:
+            return self._good.get((run, step, rank)) == identity
+
+    def forget(self, run: str, present: Collection[int]) -> None:
+        """Drop what is known of ``run``'s steps gone from the listing ``present`` (not of
+        newer ones: a step may have been written and recorded since the listing)."""
+        newest = max(present, default=-1)
+        with self._lock:
+            for known in (self._steps, self._good):
+                gone = [k for k in known if k[0] == run and k[1] < newest and k[1] not in present]
+                for key in gone:
+                    del known[key]
+
+
+def _identity(manifest: RankManifest) -> tuple:
+    """What a verdict is about: the data file a manifest describes."""
+    return manifest.file_size, manifest.chunk_size, manifest.chunk_crc32c
+
+
+def plan(
+    storage: Storage,
+    run: str,
+    keep: int,
+    keep_every: int | None = None,
+    *,
+    rank: int | None = None,
+    verdicts: Verdicts | None = None,
+    threads: int = 1,
+) -> list[Removal]:
+    """What garbage collection removes of ``run`` on ``storage``, by step: damaged steps,
+    incomplete steps older than the newest committed one (newer ones may be a save under
+    way), and complete steps beyond the newest ``keep`` complete (except multiples of
+    ``keep_every``: kept for the long term). Those last only once the newest complete step
+    passes checksum verification (``rank``'s shard; for ``rank=None``, the operator's
+    view, every shard); one that fails is damaged, and the next older complete step is
+    considered. The newest complete step that verifies is never among them; if
+    it cannot be read now, no complete step is."""
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise ValueError(f"keep must be an int >= 1, got {keep!r}")
+    verdicts = Verdicts() if verdicts is None else verdicts
+    steps = storage.steps(run)
+    known = {step: verdicts.read(storage, run, step) for step in steps}
+    known = {step: found for step, found in known.items() if found is not None}
+    verdicts.forget(run, steps)
+    failed: dict[int, str] = {}
+    while True:
+        removals, kept, expired = _classify(known, keep, keep_every, failed)
+        if not expired:
+            return removals
+        newest = kept[0]
+        problem = _verify_newest(storage, run, newest, known[newest], rank, verdicts, threads)
+        if problem is None:  # cannot tell now: nothing that depends on it goes
+            return removals
+        if not problem:
+            reason = f"beyond the newest {keep} complete (step {newest} verified)"
+            return sorted(removals + [Removal(s, reason) for s in expired], key=_by_step)
+        log.warning("%s: run %r step %d fails checksum verification (damaged; the next "
+                    "older step is considered): %s", storage.describe(), run, newest,
+                    problem)  # fmt: skip
+        failed[newest] = problem
+
+
+def _by_step(removal: Removal) -> int:
+    return removal.step
+
+
+def _classify(
+    known: dict[int, tuple[catalog.StepInfo, dict]],
+    keep: int,
+    keep_every: int | None,
+    failed: dict[int, str],
+) -> tuple[list[Removal], list[int], list[int]]:
+    """The removals that need no verification (damaged and stale steps), the complete
+    steps counted toward ``keep`` (newest first), and the complete steps beyond them."""
+    removals, kept, expired = [], [], []
+    committed = [s for s, (info, _) in known.items() if info.status != catalog.INCOMPLETE]
+    newest_committed = max(committed, default=None)
+    for step in sorted(known, reverse=True):
+        info = known[step][0]
+        if step in failed or info.status == catalog.DAMAGED:
+            problems = [failed[step]] if step in failed else info.problems
+            removals.append(Removal(step, f"damaged: {'; '.join(problems)}"))
+        elif info.status == catalog.INCOMPLETE:
+            if newest_committed is not None and step < newest_committed:
+                removals.append(Removal(step, "incomplete, older than the newest complete step"))
+        elif len(kept) < keep:
+            kept.append(step)
+        elif not keep_every or step % keep_every:
+            expired.append(step)
+    return sorted(removals, key=_by_step), kept, expired
+
+
+def _verify_newest(
+    storage: Storage,
+    run: str,
+    step: int,
+    known: tuple[catalog.StepInfo, dict],
+    rank: int | None,
+    verdicts: Verdicts,
+    threads: int,
+) -> str | None:
+    """'' if ``step``'s shards pass checksum verification on ``storage`` (known from
+    ``verdicts``, else read now), the problem if one does not, None if one cannot be read
+    now. The shards: ``rank``'s; for a rank the step has none of (a new world size), the
+    one its rank picks, so that the ranks of a larger world share the work; for None,
+    every one."""
+    shards = known[1]
+    if rank is None:
+        ranks = sorted(shards)
+    else:
+        ranks = [rank] if rank in shards else sorted(shards)[rank % len(shards) :][:1]
+    for shard_rank in ranks:
+        if verdicts.is_good(run, step, shard_rank, shards[shard_rank]):
+            continue
+        log.info("%s: verifying run %r step %d rank %d before removing older steps",
+                 storage.describe(), run, step, shard_rank)  # fmt: skip
+        try:
+            manifest = restore.read_manifest(storage, run, step, shard_rank)
+            catalog.verify_shard(storage, manifest, threads)
+        except CorruptCheckpointError as exc:
+            return str(exc)
+        except OSError as exc:
+            log.warning("%s: cannot verify run %r step %d, so no older step is removed now: "
+                        "%s", storage.describe(), run, step, exc)  # fmt: skip
+            return None
+        verdicts.record(manifest)
+    return ""
+
+
 def apply(
     storage: Storage,
     run: str,
@@ -43,13 +233,23 @@ def apply(
     keep: int,
     protected: Collection[int] = (),
     keep_every: int | None = None,
+    verdicts: Verdicts | None = None,
+    threads: int = 1,
 ) -> list[int]:
-    """Remove the steps :func:`due` names, sparing ``protected`` steps; returns the steps
-    removed."""
-    expired, stale = due(storage, run, keep, keep_every)
-    removed = sorted((set(expired) | set(stale)) - set(protected))
-    for step in removed:
-        remove_rank_files(storage, run, step, rank, world_size)
+    """Remove this rank's files of the steps :func:`plan` names, sparing ``protected``
+    steps; returns the steps removed. ``verdicts``: what this process knows of
+    ``storage`` (none: a step is verified before older ones go)."""
+    removals = plan(storage, run, keep, keep_every, rank=rank, verdicts=verdicts,
+                    threads=threads)  # fmt: skip
+    removed = []
+    for removal in removals:
+        if removal.step in protected:
+            continue
+        if removal.reason.startswith("damaged"):
+            log.warning("%s: removing run %r step %d: %s", storage.describe(), run,
+                        removal.step, removal.reason)  # fmt: skip
+        remove_rank_files(storage, run, removal.step, rank, world_size)
+        removed.append(removal.step)
     if removed:
         log.debug("%s: removed steps %s of run %r", storage.describe(), removed, run)
     return removed
@@ -57,29 +257,15 @@ def apply(
 
 def apply_or_log(
     storage: Storage, run: str, rank: int, world_size: int, keep: int,
-    keep_every: int | None = None,
+    keep_every: int | None = None, verdicts: Verdicts | None = None, threads: int = 1,
 ) -> None:  # fmt: skip
     """:func:`apply` after a step was written to a slower tier; a failure is logged, never
     raised: garbage collection failing must not stop checkpointing (the next step retries)."""
     try:
-        apply(storage, run, rank, world_size, keep, keep_every=keep_every)
+        apply(storage, run, rank, world_size, keep, keep_every=keep_every, verdicts=verdicts,
+              threads=threads)  # fmt: skip
     except Exception as exc:
         log.warning("%s tier: garbage collection failed: %s", storage.name, exc)
-
-
-def due(
-    storage: Storage, run: str, keep: int, keep_every: int | None = None
-) -> tuple[list[int], list[int]]:
-    """The steps garbage collection removes, ascending: committed steps beyond the newest
-    ``keep`` (except multiples of ``keep_every``: kept for the long term), and incomplete
-    steps older than the newest committed one (newer ones may be a save under way). The
-    newest committed step is never among them."""
-    committed = commit.committed_steps(storage, run)
-    if not committed:
-        return [], []
-    expired = [s for s in committed[:-keep] if not keep_every or s % keep_every]
-    stale = [s for s in storage.steps(run) if s < committed[-1] and s not in committed]
-    return expired, stale
 
 
 def clean_after_crash(storage: Storage, run: str, rank: int, world_size: int) -> None:

@@ -85,10 +85,12 @@ def check_chunks(piece, manifest: RankManifest, first: int, where: str, threads:
 def copy_shard(
     source: Storage, dest: Storage, run: str, step: int, rank: int, recheck: bool = False,
     progress: Callable[[int], None] | None = None, threads: int = 1,
+    verified: Callable[[RankManifest], None] | None = None,
 ) -> int:  # fmt: skip
     """Copy ``rank``'s shard of ``step`` from ``source`` to ``dest``, verified (``recheck``,
-    ``progress``, ``threads``: see put_shard); the bytes of its data file. Committing the
-    step is the caller's."""
+    ``progress``, ``threads``: see put_shard); the bytes of its data file. ``verified`` is
+    given the manifest once the shard is on ``dest``, every chunk checked (retention's
+    Verdicts.record). Committing the step is the caller's."""
     manifest = read_manifest(source, run, step, rank)
     where = f"{source.describe()}: step {step} {manifest.data_file}"
     data = open_data(source, manifest, where)
@@ -96,4 +98,6 @@ def copy_shard(
         put_shard(dest, manifest, data, where, threads, recheck, progress)
     finally:
         close_mapping(data)
+    if verified is not None:
+        verified(manifest)
     return manifest.file_size

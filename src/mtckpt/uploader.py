@@ -168,18 +168,21 @@ def _serve(conn: Connection) -> None:
     logging.getLogger("mtckpt").addHandler(captured)
     logging.getLogger("mtckpt").setLevel(logging.INFO)
     storage = None
+    verdicts = retention.Verdicts()  # the shards uploaded here were checked on the way
     while (step := conn.recv()) is not None:
         error = None
         try:
             if storage is None:
                 storage = object_storage(cfg, check=False)
-            tiercopy.copy_shard(source, storage, run, step, rank, threads=threads)
+            tiercopy.copy_shard(source, storage, run, step, rank, threads=threads,
+                                verified=verdicts.record)
             commit.try_commit(storage, run, step, world_size, range(world_size))
         except Exception as exc:
             error = _portable(exc)
         conn.send((captured.take(), error))
         if storage is not None:  # after the answer, as the pipeline's own tier workers do
-            retention.apply_or_log(storage, run, rank, world_size, cfg.keep, cfg.keep_every)
+            retention.apply_or_log(storage, run, rank, world_size, cfg.keep, cfg.keep_every,
+                                   verdicts, threads)  # fmt: skip
     conn.send((captured.take(), None))  # what the last garbage collection logged
 
 

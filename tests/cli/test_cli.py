@@ -225,6 +225,65 @@ def test_gc_is_a_dry_run_unless_applied_and_keeps_the_newest(tmp_path, tiers):
     assert "nothing to remove" in mtckpt_cli("gc", *tiers, "--keep", "1", "--tier", "local").stdout
 
 
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--keep", "0"), ("--keep", "-2"), ("--keep", "two"), ("--keep-every", "0")]
+)
+def test_gc_refuses_a_keep_below_one(tmp_path, tiers, flag, value):
+    done = mtckpt_cli("gc", *tiers, flag, value, "--apply")
+    assert done.returncode == 2
+    assert f"mtckpt gc: error: argument {flag}: '{value}': expected an integer >= 1" in done.stderr
+    for root in (tmp_path / "memory", tmp_path / "local"):
+        assert sorted(p.name for p in (root / RUN).glob("step-*")) == [
+            f"step-{s:012d}" for s in STEPS]  # fmt: skip
+
+
+def test_gc_takes_keep_from_the_config_file_else_the_tier_default(tmp_path, tiers):
+    memory, local = tmp_path / "memory", tmp_path / "local"
+    config = tmp_path / "mtckpt.toml"
+    config.write_text(f'[memory]\npath = "{memory}"\nkeep = 3\n'
+                      f'[local]\npath = "{local}"\nkeep = 1\n')  # fmt: skip
+    done = mtckpt_cli("gc", "--config", config, "--json")
+    assert done.returncode == 0, done.stderr
+    assert [(r["tier"], r["step"]) for r in json.loads(done.stdout)] == [("local", 1), ("local", 2)]
+    assert json.loads(done.stdout)[0]["reason"] == "beyond the newest 1 complete (step 3 verified)"
+    default = mtckpt_cli("gc", *tiers, "--json")  # no config: each tier's default keep, 2
+    assert [(r["tier"], r["step"]) for r in json.loads(default.stdout)] == [
+        ("memory", 1), ("local", 1)]  # fmt: skip
+
+
+def test_gc_apply_keeps_the_good_step_when_the_newer_ones_are_damaged(tmp_path, tiers):
+    local = tmp_path / "local"
+    for step in (2, 3):  # cut short: ls sees it from the sizes
+        data = step_dir(local, step) / "rank-00001.safetensors"
+        os.truncate(data, data.stat().st_size - 10)
+    listed = {r["step"]: r for r in json.loads(mtckpt_cli("ls", *tiers, "--tier", "local",
+                                                          "--json").stdout)}  # fmt: skip
+    assert [listed[s]["status"] for s in STEPS] == ["complete", "damaged", "damaged"]
+    assert "rank-00001.safetensors: " in listed[3]["problems"][0]
+    assert "bytes, the manifest records" in listed[3]["problems"][0]
+    done = mtckpt_cli("gc", *tiers, "--tier", "local", "--keep", "1", "--apply")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == [
+        "removed local exp step 2", "removed local exp step 3"]  # fmt: skip
+    assert all(": damaged: " in line for line in lines)
+    assert sorted(p.name for p in (local / RUN).iterdir()) == ["step-000000000001"]
+    assert mtckpt_cli("verify", "1", "--local", local).returncode == 0
+
+
+def test_gc_apply_verifies_the_newest_step_before_removing_older_ones(tmp_path, tiers):
+    local = tmp_path / "local"
+    flip_byte(step_dir(local, 3) / "rank-00000.safetensors")  # only the checksums tell
+    assert mtckpt_cli("ls", *tiers, "--tier", "local", "--json").stdout.count("damaged") == 0
+    done = mtckpt_cli("gc", *tiers, "--tier", "local", "--keep", "1", "--apply", "--json")
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)
+    assert [(r["step"], r["removed"]) for r in rows] == [(1, True), (3, True)]
+    assert rows[0]["reason"] == "beyond the newest 1 complete (step 2 verified)"
+    assert rows[1]["reason"].startswith("damaged: ") and "has crc32c" in rows[1]["reason"]
+    assert sorted(p.name for p in (local / RUN).iterdir()) == ["step-000000000002"]
+
+
 @pytest.mark.parametrize("fmt", ["safetensors", "torch", "dcp"])
 def test_export_writes_whole_tensors_assembled_from_every_rank(tmp_path, tiers, fmt):
     out = tmp_path / f"step3.{fmt}"

@@ -50,6 +50,7 @@ class Flusher:
     ) -> None:
         """``on_change`` is called after a flush changes phase (Status waiters)."""
         self.holdings, self.tier, self.storage, self.metrics = holdings, tier, storage, metrics
+        self.verdicts = retention.Verdicts()  # the shards flushed here were checked on the way
         self.on_change = on_change
         self.state: dict[Shard, FlushState] = {}
         self._queue: collections.OrderedDict[tuple[str, int], Shard] = collections.OrderedDict()
@@ -156,9 +157,10 @@ class Flusher:
             raise CorruptCheckpointError(
                 f"{shard}: not committed in this node's memory or local tier"
             )
-        size = tiercopy.copy_shard(source, self.storage, run, step, rank, recheck=True)
+        size = tiercopy.copy_shard(source, self.storage, run, step, rank, recheck=True,
+                                   verified=self.verdicts.record)
         world = commit.saved_world_size(source, run, step)
         commit.try_commit(self.storage, run, step, world, range(world))
         retention.apply_or_log(self.storage, run, rank, world, self.tier.keep,
-                               self.tier.keep_every)  # fmt: skip
+                               self.tier.keep_every, self.verdicts)  # fmt: skip
         return size

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
+
+
+class FileStat(NamedTuple):
+    size: int
+    modified: float | None  # seconds since the epoch; None if the storage does not say
 
 
 class Storage(ABC):
@@ -48,6 +53,11 @@ class Storage(ABC):
     @abstractmethod
     def files(self, run: str, step: int) -> list[str]:
         """Names of the files in a step, temporary files included; [] if none."""
+
+    @abstractmethod
+    def stat_files(self, run: str, step: int) -> dict[str, FileStat]:
+        """:meth:`files` with each file's size and modification time, from one listing
+        (one request on an object store); {} if none."""
 
     @abstractmethod
     def exists(self, run: str, step: int, name: str) -> bool: ...

@@ -16,7 +16,7 @@ from typing import Any
 
 from .. import _fastpath, naming
 from ..errors import TierError
-from .base import Storage
+from .base import FileStat, Storage
 
 _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
@@ -71,6 +71,20 @@ class DirectoryStorage(Storage):
             return sorted(os.listdir(self.step_path(run, step)))
         except FileNotFoundError:
             return []
+
+    def stat_files(self, run: str, step: int) -> dict[str, FileStat]:
+        stats = {}
+        try:
+            with os.scandir(self.step_path(run, step)) as entries:
+                for entry in entries:
+                    try:
+                        st = entry.stat()
+                    except FileNotFoundError:  # removed since the listing
+                        continue
+                    stats[entry.name] = FileStat(st.st_size, st.st_mtime)
+        except FileNotFoundError:
+            return {}
+        return dict(sorted(stats.items()))
 
     def exists(self, run: str, step: int, name: str) -> bool:
         return self.path(run, step, name).exists()

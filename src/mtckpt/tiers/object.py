@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 from .. import encoding, naming
 from ..config import ObjectTier
 from ..errors import ConfigError, CorruptCheckpointError, TierError
-from .base import Storage
+from .base import FileStat, Storage
 
 log = logging.getLogger(__name__)
 
@@ -136,14 +136,27 @@ class ObjectStorage(Storage):
             info = self.call(f"look up {path}", lambda: self.fs.info(path))
         except FileNotFoundError:
             return None
-        when = info.get("LastModified") or info.get("mtime") or info.get("created")
-        return when.timestamp() if hasattr(when, "timestamp") else when
+        return _when(info)
 
     def steps(self, run: str) -> list[int]:
         return naming.steps_of(self._listing(self.run_dir(run)))
 
     def files(self, run: str, step: int) -> list[str]:
         return self._listing(self.step_path(run, step))
+
+    def stat_files(self, run: str, step: int) -> dict[str, FileStat]:
+        path = self.step_path(run, step)
+        self.fs.invalidate_cache(path)
+        try:
+            entries = self.call(f"list {path}", lambda: self.fs.ls(path, detail=True))
+        except FileNotFoundError:
+            return {}
+        stats = {}
+        for entry in entries:
+            if entry.get("type") != "directory":
+                name = posixpath.basename(str(entry["name"]).rstrip("/"))
+                stats[name] = FileStat(int(entry.get("size") or 0), _when(entry))
+        return dict(sorted(stats.items()))
 
     def exists(self, run: str, step: int, name: str) -> bool:
         return name in self.files(run, step)
@@ -340,6 +353,12 @@ def _parts(chunks: Iterable, size: int) -> Iterator[memoryview]:
                 pending = bytearray()
     if pending:
         yield memoryview(pending)
+
+
+def _when(info: dict) -> float | None:
+    """When an object was last written, from its listing or ``info`` entry."""
+    when = info.get("LastModified") or info.get("mtime") or info.get("created")
+    return when.timestamp() if hasattr(when, "timestamp") else when
 
 
 def _reason(exc: BaseException) -> str:
