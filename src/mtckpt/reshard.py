@@ -265,7 +265,8 @@ def verify_assembly(
 def _verify_pieces(files, rank, found, outputs, threads) -> list[tuple]:
     """Check the chunks of ``rank``'s file the pieces are read from, copying the pieces
     that are one run of bytes into new buffers; returns the copies left for later:
-    ``("run", dst, src)`` into a target's memory, ``("strided", piece, item, source)``."""
+    ``("run", dst, src)`` into a target's memory, ``("strided", piece, item, source,
+    output)`` for every piece that is not one run of bytes in both."""
     ranges, later = [], []
     for piece in found:
         dtype, region, buf, own = outputs[piece.output]
