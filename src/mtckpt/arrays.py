@@ -228,11 +228,12 @@ def container(obj: Any) -> tuple[list, list, Callable[[list], Any]] | None:
     return _load("mtckpt.jax").container(obj)
 
 
-def prepare_target(obj: Any) -> bool:
+def prepare_target(obj: Any) -> Callable[[], None] | None:
     """Let a framework give a stateful restore target the state the checkpoint has for it
-    (a torch optimizer that has not stepped yet); whether ``obj`` changed."""
+    (a torch optimizer that has not stepped yet); if ``obj`` changed, the function that
+    reverts it (for a restore that fails), else None."""
     module = _framework_module(obj)
-    return module is not None and _load(module).prepare_target(obj)
+    return None if module is None else _load(module).prepare_target(obj)
 
 
 def load_state(obj: Any, state: Any) -> None:

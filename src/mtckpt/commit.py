@@ -90,7 +90,15 @@ def read_marker(storage: Storage, run: str, step: int) -> tuple[int, tuple[int, 
     return world_size, tuple(ranks)
 
 
-def decommit(storage: Storage, run: str, step: int, reason: str) -> None:
-    """Mark a step incomplete on ``storage`` (its copy there is bad); GC removes it later."""
+def decommit(storage: Storage, run: str, step: int, reason: str) -> bool:
+    """Mark a step incomplete on ``storage`` (its copy there is bad); GC removes it later.
+    A storage that cannot be written (mounted read-only) keeps the step: that is logged,
+    and restore goes on to the next copy all the same. Whether the mark was removed."""
+    try:
+        storage.delete(run, step, naming.COMMIT)
+    except OSError as exc:
+        log.warning("%s: step %d is damaged (%s) but cannot be marked incomplete there: %s",
+                    storage.describe(), step, reason, str(exc))  # fmt: skip
+        return False
     log.warning("%s: step %d is no longer committed there: %s", storage.describe(), step, reason)
-    storage.delete(run, step, naming.COMMIT)
+    return True

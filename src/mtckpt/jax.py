@@ -264,8 +264,8 @@ def _page_lock(memory: np.ndarray) -> Callable[[], None]:
         return lambda: None
 
 
-def prepare_target(obj: Any) -> bool:
-    return False
+def prepare_target(obj: Any) -> None:
+    return None
 
 
 def already_loaded(obj: Any, state: Any) -> bool:

@@ -401,39 +401,68 @@ class CheckpointManager:
         holders = {
             storage.name: set(self._committed(storage, any_rank=True)) for _, storage in self._tiers
         }
+        candidates = self._candidates(holders, step)
+        undo: list[Callable[[], None]] = []  # reverts stateful targets prepared for the restore
+        try:
+            return self._restore_newest(candidates, step, holders, target, strict,
+                                        allow_pickle, populate, started, undo)  # fmt: skip
+        except BaseException:
+            for revert in reversed(undo):
+                revert()
+            raise
+
+    def _everyone(self) -> str:
+        return "every rank" if self.world_size > 1 else f"rank {self.rank}"
+
+    def _candidates(self, holders: dict[str, set[int]], step: int | None) -> list[int]:
+        """The steps to try, newest first: ``step`` alone, or every step all ranks hold."""
         held = set().union(*holders.values())
         agreed = self._coordinator.agree(sorted(held))
-        everyone = "every rank" if self.world_size > 1 else f"rank {self.rank}"
         if step is not None:
             naming.check_step(step)
             if step not in agreed:
                 raise StepNotFoundError(
-                    f"step {step} of run {self.run!r} is not complete for {everyone} in "
-                    f"{self._where()}; complete steps: {agreed[:10] or 'none'} (this rank "
+                    f"step {step} of run {self.run!r} is not complete for {self._everyone()} "
+                    f"in {self._where()}; complete steps: {agreed[:10] or 'none'} (this rank "
                     f"holds {sorted(held, reverse=True)[:10] or 'none'})"
                 )
-            candidates = [step]
-        elif not agreed:
+            return [step]
+        if not agreed:
             raise StepNotFoundError(
-                f"no checkpoint of run {self.run!r} is complete for {everyone} in "
+                f"no checkpoint of run {self.run!r} is complete for {self._everyone()} in "
                 f"{self._where()} (this rank holds {sorted(held, reverse=True)[:10] or 'none'})"
             )
-        else:
-            candidates = agreed
+        return agreed
+
+    def _restore_newest(self, candidates, step, holders, target, strict, allow_pickle,
+                        populate, started, undo) -> tuple[int, Any]:  # fmt: skip
+        """Restore the first of ``candidates`` that every rank verifies. Each rank checks its
+        part first; only once all ranks found a good copy does any byte go into ``target``,
+        so a step that fails anywhere leaves the target as it was."""
+        storages = [storage for _, storage in self._tiers]
         problems: list[str] = []
         for candidate in candidates:
-            outcome, loaded = self._load_step(candidate, holders, target, strict, allow_pickle,
-                                              problems)  # fmt: skip
-            outcomes = self._coordinator.settle(candidate, outcome)
-            if outcome.status == coordination.FATAL:
-                raise loaded
-            coordination.raise_for_others(candidate, outcomes, self.rank)
-            if any(o.status != coordination.OK for o in outcomes):
-                failed = [r for r, o in enumerate(outcomes) if o.status != coordination.OK]
-                log.warning("step %d has no good copy on rank(s) %s; trying an older step",
-                            candidate, failed)  # fmt: skip
-                continue
-            storage, node, values, targets, size = loaded
+            files = reshard.StepFiles(storages, self.run, candidate)
+            verified = None
+            try:
+                outcome, loaded = self._load_step(candidate, files, holders, target, strict,
+                                                  allow_pickle, problems, undo)  # fmt: skip
+                if outcome.status == coordination.OK:
+                    storage, node, verified, targets, size = loaded
+                outcomes = self._coordinator.settle(candidate, outcome)
+                if outcome.status == coordination.FATAL:
+                    raise loaded
+                coordination.raise_for_others(candidate, outcomes, self.rank)
+                if any(o.status != coordination.OK for o in outcomes):
+                    failed = [r for r, o in enumerate(outcomes) if o.status != coordination.OK]
+                    log.warning("step %d has no good copy on rank(s) %s; trying an older step",
+                                candidate, failed)  # fmt: skip
+                    continue
+                values = verified.fill()
+            finally:
+                if verified is not None:
+                    verified.close()
+                files.close()
             self.metrics.restore_seconds.observe(time.monotonic() - started, tier=storage.name)
             self.metrics.bytes_read.inc(size, tier=storage.name)
             if candidate != candidates[0]:
@@ -450,7 +479,8 @@ class CheckpointManager:
             return candidate, tree.unflatten(node, {**targets, **values}.__getitem__)
         which = f"step {step}" if step is not None else "any step"
         raise CorruptCheckpointError(
-            f"no good copy of {which} of run {self.run!r} for {everyone}: " + "; ".join(problems)
+            f"no good copy of {which} of run {self.run!r} for {self._everyone()}: "
+            + "; ".join(problems)
         )
 
     def _populate(self, step: int, source: Storage) -> None:
@@ -487,42 +517,39 @@ class CheckpointManager:
         thread.start()
         self._populating.append(thread)
 
-    def _load_step(self, step, holders, target, strict, allow_pickle, problems):
-        """Load this rank's part of ``step`` from the fastest tier with a good copy:
-        ``(Outcome, (storage, node, values, targets, bytes of the rank's file))``, or the
-        error for RETRY / FATAL.
+    def _load_step(self, step, files, holders, target, strict, allow_pickle, problems, undo):
+        """Verify this rank's part of ``step`` in the fastest tier with a good copy:
+        ``(Outcome, (storage, node, verified values, targets, bytes of the rank's file))``,
+        or the error for RETRY / FATAL. Nothing goes into ``target`` yet (the verified
+        values' ``fill`` does that); what prepares a stateful target goes in ``undo``.
 
         The rank reads its own file; a rank the saved world did not have reads rank 0's.
         Whatever the target holds that is not exactly a piece of that file (other shard
         regions after a change of world size or placements) is assembled from every
-        rank's file of the step on this node."""
-        storages = [storage for _, storage in self._tiers]
-        files = reshard.StepFiles(storages, self.run, step)
-        try:
-            for storage in storages:
-                if step not in holders[storage.name]:
-                    continue
-                try:
-                    saved_world = commit.saved_world_size(storage, self.run, step)
-                    base = self.rank if self.rank < saved_world else 0
-                    manifest = restore.read_manifest(storage, self.run, step, base)
-                    node, targets = _graft_target(target, manifest)
-                    skip = self._check_plan(manifest, node, targets, strict, allow_pickle,
-                                            has_target=target is not None)  # fmt: skip
-                    values = reshard.load_values(files, storage, manifest, targets, skip,
+        rank's file of the step on this node (``files``)."""
+        for storage in files.storages:
+            if step not in holders[storage.name]:
+                continue
+            try:
+                saved_world = commit.saved_world_size(storage, self.run, step)
+                base = self.rank if self.rank < saved_world else 0
+                manifest = restore.read_manifest(storage, self.run, step, base)
+                node, targets = _graft_target(target, manifest, undo)
+                skip = self._check_plan(manifest, node, targets, strict, allow_pickle,
+                                        has_target=target is not None)  # fmt: skip
+                verified = reshard.verify_values(files, storage, manifest, targets, skip,
                                                  self.threads)  # fmt: skip
-                except CorruptCheckpointError as exc:
-                    self.metrics.checksum_failures.inc(tier=storage.name)
-                    problems.append(str(exc))
-                    log.warning("%s; trying the next copy", exc)
-                    commit.decommit(storage, self.run, step, str(exc))
-                    continue
-                except Exception as exc:  # no other copy or step can fix it: every rank stops
-                    return coordination.Outcome(coordination.FATAL, str(exc)), exc
-                loaded = (storage, node, values, targets, manifest.file_size)
-                return coordination.Outcome(coordination.OK), loaded
-        finally:
-            files.close()
+            except CorruptCheckpointError as exc:
+                self.metrics.checksum_failures.inc(tier=storage.name)
+                reason = str(exc)  # not the error: its traceback holds the data file mapped
+                problems.append(reason)
+                log.warning("%s; trying the next copy", reason)
+                commit.decommit(storage, self.run, step, reason)
+                continue
+            except Exception as exc:  # no other copy or step can fix it: every rank stops
+                return coordination.Outcome(coordination.FATAL, str(exc)), exc
+            loaded = (storage, node, verified, targets, manifest.file_size)
+            return coordination.Outcome(coordination.OK), loaded
         reason = f"rank {self.rank} has no good copy of step {step}"
         return coordination.Outcome(coordination.RETRY, reason), None
 
@@ -621,16 +648,19 @@ class CheckpointManager:
         )
 
 
-def _graft_target(target: Any, manifest) -> tuple[tree.Node, dict[str, Any]]:
+def _graft_target(target: Any, manifest, undo: list) -> tuple[tree.Node, dict[str, Any]]:
     """The structure to rebuild and the target's leaves by key. Stateful objects whose
     empty state the checkpoint fills are first prepared by their framework (a torch
-    optimizer gets its state, shaped and sharded like its parameters)."""
+    optimizer gets its state, shaped and sharded like its parameters); what reverts that,
+    should the restore fail, goes in ``undo``."""
     if target is None:
         return manifest.tree, {}
     node, leaves = tree.flatten(target, as_target=True)
     filled: list = []
     grafted = tree.graft(node, manifest.tree, filled)
-    if [obj for obj in filled if arrays.prepare_target(obj)]:
+    reverts = [revert for revert in map(arrays.prepare_target, filled) if revert is not None]
+    undo.extend(reverts)
+    if reverts:
         node, leaves = tree.flatten(target, as_target=True)
         grafted = tree.graft(node, manifest.tree)
     return grafted, {leaf.key: leaf.value for leaf in leaves}

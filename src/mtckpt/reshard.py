@@ -13,23 +13,25 @@ from __future__ import annotations
 import logging
 import math
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import arrays, shard
+from . import _fastpath, arrays, shard
 from .arrays import Region
 from .errors import CorruptCheckpointError
 from .manifest import LeafRecord, RankManifest
 from .restore import (
+    VerifiedShard,
     close_mapping,
     copy_verified,
-    load_shard,
     open_data,
     read_manifest,
     region_of,
     regions_to_assemble,
+    verify_shard,
 )
 from .tiers.base import Storage
 
@@ -106,7 +108,7 @@ class StepFiles:
             except CorruptCheckpointError as exc:
                 with self._lock:
                     if self._manifests.get(rank, (None,))[0] is storage:
-                        log.warning("%s; trying the next copy", exc)
+                        log.warning("%s; trying the next copy", str(exc))
                         self._bad.setdefault(rank, []).append((storage, str(exc)))
                         del self._manifests[rank]
                         self._verified.pop(rank, None)
@@ -206,20 +208,21 @@ def _span(shape: tuple[int, ...], box: tuple[slice, ...]) -> tuple[int, int, boo
     return first, last + 1, last + 1 - first == math.prod(extents)
 
 
-def assemble_values(
+def verify_assembly(
     files: StepFiles,
     manifest: RankManifest,
     regions: dict[str, list[Region]],
     targets: dict[str, Any],
     threads: int = 1,
-) -> dict[str, Any]:
-    """Assemble each leaf's regions from the saved shards: into its target in place where
-    the target's memory allows, else into new buffers (copied into the target, or a new
-    value without one). Each source file is read once, in one pass over the chunks it is
-    needed from, on ``threads`` threads; a slice that is one run of bytes in both the shard
-    and the region is copied in that pass, others right after it."""
+) -> Callable[[], dict[str, Any]]:
+    """Check every chunk each leaf's regions are assembled from, in the saved shards; what
+    goes into new buffers is copied in that pass. Returns the function that copies the rest
+    into the targets (in place where their memory allows, else through new buffers) and
+    gives each leaf's value; call it while ``files`` is open. Nothing in ``targets``
+    changes before. Each source file is read in one pass over the chunks it is needed
+    from, on ``threads`` threads."""
     records = {record.key: record for record in manifest.leaves}
-    outputs = {}  # (key, region index) -> (dtype, region, buffer)
+    outputs = {}  # (key, region index) -> (dtype, region, buffer, whether the target's memory)
     leaves = {}  # key -> (record, adapter, target, in place)
     pieces: dict[int, list[_Piece]] = {}
     for key, wanted in regions.items():
@@ -229,54 +232,82 @@ def assemble_values(
         buf = adapter.target_bytes(target) if adapter is not None and len(wanted) == 1 else None
         leaves[key] = (record, adapter, target, buf is not None)
         for index, region in enumerate(wanted):
-            if buf is None or index:
+            own = buf is not None and not index
+            if not own:
                 buf = np.empty(math.prod(region.shape) * shard.ITEMSIZE[record.dtype], np.uint8)
             output = (key, index)
-            outputs[output] = (record.dtype, region, buf)
+            outputs[output] = (record.dtype, region, buf, own)
             found = plan(files, key, record.dtype, manifest.world_size, region, output)
             for rank, more in found.items():
                 pieces.setdefault(rank, []).extend(more)
+    later = []  # copies into the targets' memory and strided copies, once all is verified
     for rank, found in sorted(pieces.items()):
-        _copy_pieces(files, rank, found, outputs, threads)
-    values = {}
-    for key, (record, adapter, target, in_place) in leaves.items():
-        bufs = [outputs[key, index][2] for index in range(len(regions[key]))]
-        if adapter is None:
-            kind = arrays.for_kind(record.kind)
-            shape = regions[key][0].shape
-            values[key] = kind.new_value(record.kind, record.dtype, shape, bufs[0])
-        elif in_place:
-            values[key] = target
-        else:
-            values[key] = adapter.fill_regions(target, record.dtype, bufs)
-    return values
+        later.extend(_verify_pieces(files, rank, found, outputs, threads))
+
+    def fill() -> dict[str, Any]:
+        _copy_later(later, threads)
+        values = {}
+        for key, (record, adapter, target, in_place) in leaves.items():
+            bufs = [outputs[key, index][2] for index in range(len(regions[key]))]
+            if adapter is None:
+                kind = arrays.for_kind(record.kind)
+                shape = regions[key][0].shape
+                values[key] = kind.new_value(record.kind, record.dtype, shape, bufs[0])
+            elif in_place:
+                values[key] = target
+            else:
+                values[key] = adapter.fill_regions(target, record.dtype, bufs)
+        return values
+
+    return fill
 
 
-def _copy_pieces(files, rank, found, outputs, threads) -> None:
-    ranges, strided = [], []
+def _verify_pieces(files, rank, found, outputs, threads) -> list[tuple]:
+    """Check the chunks of ``rank``'s file the pieces are read from, copying the pieces
+    that are one run of bytes into new buffers; returns the copies left for later:
+    ``("run", dst, src)`` into a target's memory, ``("strided", piece, item, source,
+    output)`` for every piece that is not one run of bytes in both."""
+    ranges, later = [], []
     for piece in found:
-        dtype, region, buf = outputs[piece.output]
+        dtype, region, buf, own = outputs[piece.output]
         item = shard.ITEMSIZE[dtype]
         first, end, whole = _span(piece.source.shape, piece.out_of)
         dst_first, _, dst_whole = _span(region.shape, piece.into)
+        dst = None
         if whole and dst_whole:
             dst = buf[dst_first * item : (dst_first + end - first) * item]
-            ranges.append((piece.key, first * item, end * item, dst))
+            if own:
+                later.append(("run", dst, piece.key, first * item, end * item))
+                dst = None
         else:
-            ranges.append((piece.key, first * item, end * item, None))
-            strided.append((piece, item))
+            later.append(("strided", piece, item))
+        ranges.append((piece.key, first * item, end * item, dst))
     manifest, data = files.copy(rank, ranges, threads)
-    if not strided:
-        return
     _, _, records = files.manifest(rank)
+    copies = []
+    for entry in later:
+        if entry[0] == "run":
+            _, dst, key, start, end = entry
+            offset = manifest.data_start + records[key].offset
+            copies.append(("run", dst, data[offset + start : offset + end]))
+        else:
+            _, piece, item = entry
+            offset = manifest.data_start + records[piece.key].offset
+            nbytes = math.prod(piece.source.shape) * item
+            source = data[offset : offset + nbytes].view(_RAW[item]).reshape(piece.source.shape)
+            copies.append(("strided", piece, item, source, outputs[piece.output]))
+    return copies
+
+
+def _copy_later(copies: list[tuple], threads: int) -> None:
+    """The copies :func:`_verify_pieces` left, from verified bytes."""
+    runs = [entry for entry in copies if entry[0] == "run"]
+    _fastpath.backend().copy_many([e[1] for e in runs], [e[2] for e in runs], threads)
+    strided = [entry for entry in copies if entry[0] == "strided"]
 
     def copy_one(entry) -> None:
-        piece, item = entry
+        _, piece, item, source, (_, region, buf, _) = entry
         raw = _RAW[item]
-        start = manifest.data_start + records[piece.key].offset
-        nbytes = math.prod(piece.source.shape) * item
-        source = data[start : start + nbytes].view(raw).reshape(piece.source.shape)
-        _, region, buf = outputs[piece.output]
         np.copyto(buf.view(raw).reshape(region.shape)[piece.into], source[piece.out_of])
 
     if threads > 1 and len(strided) > 1:
@@ -285,6 +316,46 @@ def _copy_pieces(files, rank, found, outputs, threads) -> None:
     else:
         for entry in strided:
             copy_one(entry)
+    copies.clear()
+
+
+class VerifiedValues:
+    """Every leaf of a rank's shard of a step, verified and not yet in the targets:
+    :meth:`fill` puts it there and gives the values; :meth:`close` releases the files
+    (the caller's ``StepFiles`` too stay open until then)."""
+
+    def __init__(self, own: VerifiedShard, assembly: Callable[[], dict[str, Any]]) -> None:
+        self._own, self._assembly = own, assembly
+
+    def fill(self) -> dict[str, Any]:
+        values = self._own.fill()
+        values.update(self._assembly())
+        return values
+
+    def close(self) -> None:
+        self._own.close()
+
+
+def verify_values(
+    files: StepFiles,
+    storage: Storage,
+    manifest: RankManifest,
+    targets: dict[str, Any],
+    skip: set[str],
+    threads: int = 1,
+) -> VerifiedValues:
+    """Every leaf of ``manifest`` not in ``skip``, verified: read from its own file on
+    ``storage`` where the target (or, without one, the whole array) is exactly the saved
+    piece, and assembled from the step's other rank files where it is not. Nothing in
+    ``targets`` changes until :meth:`VerifiedValues.fill`."""
+    regions = regions_to_assemble(manifest, targets, skip)
+    own = verify_shard(storage, manifest, targets, skip=skip | set(regions), threads=threads)
+    try:
+        assembly = verify_assembly(files, manifest, regions, targets, threads=threads)
+    except BaseException:
+        own.close()
+        raise
+    return VerifiedValues(own, assembly)
 
 
 def load_values(
@@ -295,10 +366,9 @@ def load_values(
     skip: set[str],
     threads: int = 1,
 ) -> dict[str, Any]:
-    """Every leaf of ``manifest`` not in ``skip``: read from its own file on ``storage``
-    where the target (or, without one, the whole array) is exactly the saved piece, and
-    assembled from the step's other rank files where it is not."""
-    regions = regions_to_assemble(manifest, targets, skip)
-    values = load_shard(storage, manifest, targets, skip=skip | set(regions), threads=threads)
-    values.update(assemble_values(files, manifest, regions, targets, threads=threads))
-    return values
+    """:func:`verify_values`, then its fill: every leaf's value."""
+    verified = verify_values(files, storage, manifest, targets, skip, threads)
+    try:
+        return verified.fill()
+    finally:
+        verified.close()

@@ -1,13 +1,15 @@
-"""Reading one rank's shard back from a storage, verified while it is copied.
+"""Reading one rank's shard back from a storage, verified before any of it lands.
 
 The data file is mapped and walked chunk by chunk (the manifest holds one crc32c per
-chunk): every chunk holding bytes that are read is checksummed in the same pass that copies
-them into their destination, which is the target's own array when one is given, so restore
-costs one copy. Chunks no wanted byte lies in are not read. Chunks are spread over threads;
-a mismatch names the file, the chunk and the keys it holds. From the object tier (a
-storage read by ranged requests, whose manifest records how the file is stored), only the
-stored pieces under wanted bytes are fetched, in parallel, decoded, and copied the same
-way; no whole-file buffer is made.
+chunk). A restore first checks every chunk holding bytes it reads, copying in the same pass
+what goes into new buffers (values without a target); only once every chunk is good are the
+bytes copied into the target's own arrays, so a damaged copy leaves the caller's memory as
+it was. Chunks no wanted byte lies in are not read. Chunks are spread over threads; a
+mismatch names the file, the chunk and the keys it holds. From the object tier (a storage
+read by ranged requests, whose manifest records how the file is stored), only the stored
+pieces under wanted bytes are fetched, in parallel, decoded, checked and copied the same
+way, bytes bound for a target's memory into a staging buffer first (the network, not that
+copy, sets the pace); no whole-file buffer is made.
 """
 
 from __future__ import annotations
@@ -122,32 +124,55 @@ def regions_to_assemble(
     return wanted
 
 
-def load_shard(
+class VerifiedShard:
+    """A shard whose wanted bytes are all verified but not yet in the target's memory:
+    :meth:`fill` puts them there and gives every leaf's value; :meth:`close` releases the
+    data file (after ``fill``, or instead of it when the restore goes elsewhere)."""
+
+    def __init__(self, plan: _Plan, mapping: Any = None, threads: int = 1) -> None:
+        self._plan, self._mapping, self._threads = plan, mapping, threads
+
+    def fill(self) -> dict[str, Any]:
+        """Copy the verified bytes into the targets' memory; every leaf's value."""
+        copies = self._plan.into_targets
+        _fastpath.backend().copy_many([d for d, _ in copies], [s for _, s in copies],
+                                      self._threads)  # fmt: skip
+        copies.clear()
+        return self._plan.finish()  # before the mapping closes: targets may take views of it
+
+    def close(self) -> None:
+        self._plan = None
+        close_mapping(self._mapping)
+        self._mapping = None
+
+
+def verify_shard(
     storage: Storage,
     manifest: RankManifest,
     targets: Mapping[str, Any],
     *,
     skip: Collection[str] = (),
     threads: int,
-) -> dict[str, Any]:
-    """The value of every leaf of the shard; numpy arrays in ``targets`` are filled in place.
-
-    Leaves in ``skip`` are verified but not returned. Call :func:`check_target` for every
-    other leaf first. Raises CorruptCheckpointError (ChecksumMismatchError for bad bytes)
-    if the stored copy is damaged.
-    """
+) -> VerifiedShard:
+    """Check every chunk of the shard's data file under the bytes of the leaves not in
+    ``skip`` (copying those without a target into new buffers on the way); nothing in
+    ``targets`` changes until :meth:`VerifiedShard.fill`. Call :func:`check_target` for
+    every leaf first. Raises CorruptCheckpointError (ChecksumMismatchError for bad bytes)
+    if the stored copy is damaged."""
     where = f"{storage.describe()}: step {manifest.step} {manifest.data_file}"
     if manifest.stored is not None and storage.ranged_reads:
-        return _fetch_verified(storage, manifest, targets, set(skip), where)
+        return VerifiedShard(_fetch_verified(storage, manifest, targets, set(skip), where),
+                             threads=threads)  # fmt: skip
     mapping = open_data(storage, manifest, where, threads)
     try:
         src = np.frombuffer(mapping, np.uint8) if manifest.file_size else np.zeros(0, np.uint8)
         plan = _Plan(manifest, targets, set(skip), src)
         copy_verified(src, manifest, plan.segments, threads=threads, where=where)
-        return plan.finish()  # before the mapping closes: targets may take views of it
-    finally:
+    except BaseException:
         src = plan = None
         close_mapping(mapping)
+        raise
+    return VerifiedShard(plan, mapping, threads)
 
 
 def open_data(storage: Storage, manifest: RankManifest, where: str, threads: int = 1) -> Any:
@@ -174,10 +199,11 @@ def open_data(storage: Storage, manifest: RankManifest, where: str, threads: int
     return mapping
 
 
-def _fetch_verified(storage, manifest, targets, skip, where) -> dict[str, Any]:
-    """load_shard from a storage read by ranged requests: the stored pieces under wanted
-    bytes are fetched ``storage.concurrency`` at a time, decoded, and copied straight into
-    their destinations, every chunk checked; no whole-file buffer is made."""
+def _fetch_verified(storage, manifest, targets, skip, where) -> _Plan:
+    """verify_shard from a storage read by ranged requests: the stored pieces under wanted
+    bytes are fetched ``storage.concurrency`` at a time, decoded, and copied into new
+    buffers (for a target's memory: staging buffers), every chunk checked; no whole-file
+    buffer is made."""
     plan = _Plan(manifest, targets, skip)
     size = manifest.chunk_size
     segments = sorted((seg for seg in plan.segments if seg[1] > seg[0]), key=lambda seg: seg[0])
@@ -206,14 +232,16 @@ def _fetch_verified(storage, manifest, targets, skip, where) -> dict[str, Any]:
             list(pool.map(fetch, pieces))
     except FileNotFoundError:
         raise CorruptCheckpointError(f"{where}: the data file is missing") from None
-    return plan.finish()
+    return plan
 
 
 class _Plan:
-    """Where the wanted bytes of a shard's data file go (``segments``: start, end and
-    destination array) and how the leaves' values are made of them once verified. With
-    ``src``, the mapped data file, targets that fill from storage take views of it; else
-    they get a copy."""
+    """Where the wanted bytes of a shard's data file go (``segments``: start, end and a new
+    buffer, or None for bytes that are only checked), what is copied into the targets'
+    memory once every chunk is good (``into_targets``: destination, source), and how the
+    leaves' values are made of them. With ``src``, the mapped data file, the targets'
+    bytes come from it and targets that fill from storage take views of it; without,
+    from staging buffers that the segments fill."""
 
     def __init__(self, manifest: RankManifest, targets, skip, src: np.ndarray | None = None):
         self.manifest, self.skip = manifest, skip
@@ -221,30 +249,32 @@ class _Plan:
         self.in_place: set[str] = set()  # keys restored into the target's own array
         self.fixups = []  # (adapter, target, record, buffer): filled once their bytes verify
         self.segments = []
+        self.into_targets: list[tuple[np.ndarray, np.ndarray]] = []
         for record in manifest.data_records(parts=False):  # leaves in parts are assembled
             if record.key in skip:
                 continue
+            start = manifest.data_start + record.offset
+            end = start + record.nbytes
             target = targets.get(record.key)
             adapter = arrays.for_target(target)
-            dst = adapter.target_bytes(target) if adapter is not None else None
-            if adapter is not None:
-                self.in_place.add(record.key)
-                self.values[record.key] = target
-            start = manifest.data_start + record.offset
-            if (
-                dst is None
-                and adapter is not None
-                and adapter.fills_from_storage(target)
-                and (src is not None)
-            ):
-                self.fixups.append((adapter, target, record, src[start : start + record.nbytes]))
-            elif dst is None:
+            if adapter is None:
+                dst = self.values[record.key] = np.empty(record.nbytes, np.uint8)
+                self.segments.append((start, end, dst))
+                continue
+            self.in_place.add(record.key)
+            self.values[record.key] = target
+            own = adapter.target_bytes(target)
+            if own is not None:
+                staged = np.empty(record.nbytes, np.uint8) if src is None else None
+                self.into_targets.append((own, src[start:end] if src is not None else staged))
+                self.segments.append((start, end, staged))
+            elif adapter.fills_from_storage(target) and src is not None:
+                self.fixups.append((adapter, target, record, src[start:end]))
+                self.segments.append((start, end, None))
+            else:
                 dst = np.empty(record.nbytes, np.uint8)
-                if adapter is not None:
-                    self.fixups.append((adapter, target, record, dst))
-                else:
-                    self.values[record.key] = dst
-            self.segments.append((start, start + record.nbytes, dst))
+                self.fixups.append((adapter, target, record, dst))
+                self.segments.append((start, end, dst))
 
     def finish(self) -> dict[str, Any]:
         """Every leaf's value, once the segments are copied and verified."""
@@ -356,11 +386,9 @@ def copy_verified(
         batches = min(len(needed), threads * 4)
         per = -(-len(needed) // batches)
         with ThreadPoolExecutor(max_workers=min(threads, batches)) as pool:
-            futures = [
-                pool.submit(check_all, needed[i : i + per]) for i in range(0, len(needed), per)
-            ]
-            for future in futures:
-                future.result()
+            # Executor.map keeps no future (whose error refers to this frame) alive after
+            # it raises: no reference cycle keeps ``src`` mapped until the next collection.
+            list(pool.map(check_all, [needed[i : i + per] for i in range(0, len(needed), per)]))
     return set(needed).difference(verified)
 
 

@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -210,27 +211,32 @@ class TorchAdapter(arrays.ArrayAdapter):
 ADAPTER = TorchAdapter()
 
 
-def prepare_target(obj: Any) -> bool:
+def prepare_target(obj: Any) -> Callable[[], None] | None:
     """Give an optimizer without state the state its parameters need, as its first step
     would (zero gradients, a learning rate of 0 for that step), so that a checkpoint's
-    state restores into it in place, sharded like the parameters. Other objects: no-op."""
+    state restores into it in place, sharded like the parameters; returns what takes that
+    state away again (a restore that fails). Other objects: no-op, None."""
     if not isinstance(obj, torch.optim.Optimizer) or obj.state:
-        return False
+        return None
     params = [p for group in obj.param_groups for p in group["params"] if p.requires_grad]
     if not params or any(p.grad is not None for p in params):
-        return False
+        return None
+    groups = [dict(group) for group in obj.param_groups]
     for param in params:
         param.grad = torch.zeros_like(param)
-    rates = [group.get("lr") for group in obj.param_groups]
     for group in obj.param_groups:
         if "lr" in group:
             group["lr"] = torch.tensor(0.0) if isinstance(group["lr"], torch.Tensor) else 0.0
     obj.step()
-    for group, rate in zip(obj.param_groups, rates, strict=True):
-        if rate is not None:
-            group["lr"] = rate
+    for group, before in zip(obj.param_groups, groups, strict=True):
+        group.clear()
+        group.update(before)
     obj.zero_grad(set_to_none=True)
-    return True
+
+    def revert() -> None:
+        obj.state.clear()
+
+    return revert
 
 
 _SIDE_STREAMS: dict[Any, Any] = {}

@@ -18,8 +18,13 @@ from states import assert_same_state, make_state
 TESTS = Path(__file__).resolve().parents[1]
 
 
+def _pythonpath() -> str:
+    """The tests' helpers, then what this process imports mtckpt from (a work tree's src)."""
+    return os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
+
+
 def start_trainer(memory, local, scale, steps=10_000):
-    env = {**os.environ, "PYTHONPATH": str(TESTS), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONPATH": _pythonpath(), "PYTHONUNBUFFERED": "1"}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         env.pop(name, None)
     command = [

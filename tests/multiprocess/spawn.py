@@ -47,7 +47,9 @@ def run_ranks(
         env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "LOCAL_WORLD_SIZE")}
         env.update(
             RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port), PYTHONPATH=str(TESTS), PYTHONUNBUFFERED="1",
+            MASTER_PORT=str(port), PYTHONUNBUFFERED="1",
+            # the tests' helpers, then what the caller imports mtckpt from (a work tree's src)
+            PYTHONPATH=os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])),
             OMP_NUM_THREADS="1",
         )  # fmt: skip
         env.update((per_rank_env or {}).get(rank, {}))

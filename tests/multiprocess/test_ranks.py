@@ -10,8 +10,13 @@ from pathlib import Path
 TESTS = Path(__file__).resolve().parents[1]
 
 
+def _pythonpath() -> str:
+    """The tests' helpers, then what this process imports mtckpt from (a work tree's src)."""
+    return os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
+
+
 def run_rank(rank, world, mode, memory, local, steps=(), extra_env=None):
-    env = {**os.environ, "PYTHONPATH": str(TESTS), "RANK": str(rank), "WORLD_SIZE": str(world)}
+    env = {**os.environ, "PYTHONPATH": _pythonpath(), "RANK": str(rank), "WORLD_SIZE": str(world)}
     env.pop("LOCAL_RANK", None)
     env.pop("LOCAL_WORLD_SIZE", None)
     env.update(extra_env or {})

@@ -78,6 +78,21 @@ def test_a_corrupt_shard_on_one_rank_moves_every_rank_to_an_older_step(tmp_path)
     )
 
 
+def test_a_step_one_rank_cannot_restore_is_put_in_no_rank_target(tmp_path):
+    """Rank 0 verifies its copy, rank 1 finds none: rank 0 must not have filled its target
+    (each rank verifies first; bytes land only once every rank has a good copy)."""
+    check_ok(run_ranks("torch_worker.py", 2, ["save", "--root", str(tmp_path), "--steps", "3"]))
+    flip_byte(shard(tmp_path, "shm", 3, 1))
+    flip_byte(shard(tmp_path, "disk", 3, 1))
+    results = run_ranks("torch_worker.py", 2, ["restore", "--root", str(tmp_path)], timeout=120)
+    assert [r.returncode for r in results] == [1, 1], [r.stderr for r in results]
+    for result in results:
+        assert "error CorruptCheckpointError: no good copy of any step of run 'job'" in (
+            result.stdout
+        )
+        assert "target untouched: True" in result.stdout, result.stdout
+
+
 def test_a_target_mismatch_on_one_rank_stops_every_rank(tmp_path):
     check_ok(run_ranks("torch_worker.py", 2, ["save", "--root", str(tmp_path), "--steps", "1"]))
     results = run_ranks(

@@ -225,6 +225,8 @@ def main() -> int:
             step, state = mgr.restore(target)
         except mtckpt.MtckptError as exc:
             print(f"error {type(exc).__name__}: {exc}", flush=True)
+            untouched = torch.equal(target["w"], rank_state(rank, 0)["w"])
+            print(f"target untouched: {untouched}", flush=True)
             mgr.close()
             dist.destroy_process_group()  # every rank gets here: tear down together
             return 1

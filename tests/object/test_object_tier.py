@@ -18,6 +18,7 @@ from mtckpt import (
     CheckpointManager,
     ChecksumMismatchError,
     ConfigError,
+    CorruptCheckpointError,
     LocalTier,
     MemoryTier,
     ObjectTier,
@@ -125,6 +126,31 @@ def test_a_damaged_object_is_detected_and_an_older_step_used(moto, bucket, shm_d
     assert step == 1
     assert_same_state(restored, state(1))
     assert "remote tier" in caplog.text and "step 2" in caplog.text
+
+
+@pytest.mark.parametrize("compression", [None, "zstd"])
+def test_a_damaged_object_leaves_the_target_untouched(moto, bucket, shm_dir, compression):
+    """Pieces fetched one at a time, in file order: the damage is in the last one, after
+    the others verified; none of their bytes lands in the target."""
+    remote = s3_tier(moto, bucket, compression=compression, part_size=5 << 20, concurrency=1)
+    with manager(shm_dir / "a", remote) as mgr:
+        mgr.save(1, state(1, 13 << 20)).wait()
+    storage = ObjectStorage(remote.url, storage_options=moto.options())
+    path = storage.path(RUN, 1, naming.data_file(0))
+    data = bytearray(storage.fs.cat_file(path))
+    data[-3000] ^= 0x01
+    storage.fs.pipe_file(path, bytes(data))
+    target = {"w": np.zeros(13 << 20, np.uint8), "b": np.full(1000, 3.0, np.float32), "step": 0}
+    with manager(shm_dir / "fresh", remote) as mgr, pytest.raises(CorruptCheckpointError) as info:
+        mgr.restore(target)
+    assert "remote tier" in str(info.value) and "step 1" in str(info.value)
+    assert not target["w"].any()
+    assert target["b"].tobytes() == np.full(1000, 3.0, np.float32).tobytes()
+    with manager(shm_dir / "b", remote) as mgr:  # a good copy restores into the same target
+        mgr.save(2, state(2, 13 << 20)).wait()
+    with manager(shm_dir / "fresh2", remote) as mgr:
+        assert mgr.restore(target)[0] == 2
+    assert_same_state(target, state(2, 13 << 20) | {"step": 0})
 
 
 def test_parts_are_cut_at_part_size_across_buffers():

@@ -177,3 +177,34 @@ def test_missing_source_file_in_every_tier_names_the_rank(tiers):
     target = shards(full_state(0), 0, 2, 1)
     with manager(tiers, 0, 2) as mgr, pytest.raises(CorruptCheckpointError, match="rank 2"):
         mgr.restore(target)
+
+
+@pytest.mark.parametrize("damaged", [0, 1])
+@pytest.mark.parametrize("dim", [0, 1], ids=["contiguous-pieces", "strided-pieces"])
+def test_a_failed_resharded_restore_leaves_the_target_untouched(tiers, damaged, dim):
+    """World 2 restored on one rank: a whole tensor of rank 0's own file is read directly,
+    the sharded ones assembled from both files. With the only step's rank ``damaged`` file
+    damaged in every tier, no byte of either lands in the target."""
+
+    def with_plain(step):
+        return {"plain": torch.arange(5000, dtype=torch.float32) + step}
+
+    for rank in range(2):
+        with manager(tiers, rank, 2) as mgr:
+            mgr.save(1, {**shards(full_state(1), rank, 2, dim), **with_plain(1)}).wait()
+    for tier in ("memory", "local"):
+        path = data_file(tiers, tier, 1, damaged)
+        with open(path.replace(".safetensors", ".json"), "rb") as f:
+            manifest = RankManifest.from_json(f.read(), path)
+        record = next(r for r in manifest.leaves if r.key == "w")
+        flip_byte(path, manifest.data_start + record.offset + record.nbytes // 2)
+    target = {**shards(full_state(0), 0, 1, dim), **with_plain(0)}
+    target["plain"].fill_(-1.0)
+    before = {key: (value.tensor if isinstance(value, LocalShard) else value).clone()
+              for key, value in target.items()}  # fmt: skip
+    expected = f"no usable shard of rank {damaged}"
+    with manager(tiers, 0, 1) as mgr, pytest.raises(CorruptCheckpointError, match=expected):
+        mgr.restore(target)
+    for key, value in target.items():
+        tensor = value.tensor if isinstance(value, LocalShard) else value
+        assert tensor.numpy().tobytes() == before[key].numpy().tobytes(), key
