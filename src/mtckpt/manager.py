@@ -46,6 +46,7 @@ from .manifest import DEFAULT_CHUNK_SIZE, LeafRecord
 from .metrics import Metrics
 from .pipeline import Pipeline, SaveJob, SlowerTier
 from .tiers.base import Storage
+from .tiers.directory import DirectoryStorage
 from .tiers.local import LocalStorage
 from .tiers.memory import MemoryStorage, Slot
 from .tiers.object import object_storage
@@ -142,6 +143,20 @@ class CheckpointManager:
         self._handles: list[SaveHandle] = []
         self._populating: list[threading.Thread] = []  # restore(populate=True) copies
         self._last_saved_at: dict[str, float] = {}
+        try:
+            self._lock_node_tiers()
+            self._start(memory.keep, chunk_size, collective_timeout)
+        except BaseException:  # nothing of this manager stays held
+            if self._uploader is not None:
+                self._uploader.close()
+            for _, storage in self._tiers:
+                storage.close()
+            if self._peers is not None:
+                self._peers.close()
+            raise
+
+    def _start(self, memory_keep: int, chunk_size: int, collective_timeout: float) -> None:
+        """Clean up after a crashed predecessor, apply retention and start the pipeline."""
         # Tiers the node daemon writes too (node memory; the object tier when it uploads):
         # its files in progress there are not a crashed trainer's leftovers.
         daemon_writes = set()
@@ -157,12 +172,23 @@ class CheckpointManager:
             world_size=self.world_size,
             node_ranks=self.node_ranks,
             memory=self._memory,
-            memory_keep=memory.keep,
+            memory_keep=memory_keep,
             slower={s.name: self._slower_tier(cfg, s) for cfg, s in self._tiers[1:]},
             chunk_size=chunk_size,
             threads=max(1, self.threads // 2),
             on_memory_commit=self._peers.committed if self._replicating else None,
+            node_timeout=collective_timeout,
+            node_origin=topology.node_ranks_origin(),
         )
+
+    def _lock_node_tiers(self) -> None:
+        """Hold this run and rank on the node's tiers (memory, local) until close: a second
+        manager of the same run and rank there gets RankInUseError, before its start-up
+        could remove this one's files in progress. Only the trainer's own lock file: a
+        daemon's memory tier stays the daemon's."""
+        for _, storage in self._tiers:
+            if isinstance(storage, DirectoryStorage):
+                storage.lock_rank(self.run, self.rank)
 
     def _slower_tier(self, cfg: Any, storage: Storage) -> SlowerTier:
         """How the pipeline writes a slower tier: itself, or for the object tier, by the node
@@ -174,7 +200,6 @@ class CheckpointManager:
         daemon = self._peers
         if daemon is not None and daemon.remote_url:
             if daemon.remote_url != cfg.url:
-                self._peers.close()
                 raise ConfigError(
                     f"remote.url {cfg.url!r} is not the object tier {daemon.remote_url!r} of "
                     f"the daemon at {daemon.cfg.daemon}; use the same URL (or start the daemon "
@@ -182,13 +207,8 @@ class CheckpointManager:
                 )
             tier.flush = daemon.flush
         elif not uploader.in_process(cfg):
-            try:
-                self._uploader = uploader.Uploader(cfg, self.run, self.rank, self.world_size,
-                                                   self._memory.root, max(1, self.threads // 2))
-            except ConfigError:
-                if self._peers is not None:
-                    self._peers.close()
-                raise
+            self._uploader = uploader.Uploader(cfg, self.run, self.rank, self.world_size,
+                                               self._memory.root, max(1, self.threads // 2))
             tier.flush = self._uploader.flush
         return tier
 
@@ -348,9 +368,11 @@ class CheckpointManager:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 handle.wait(timeout=remaining)
-            except TimeoutError:
-                self._handles = handles
-                raise
+            except TimeoutError as exc:
+                if not handle.done():  # this wait's time is up, not a stage's error
+                    self._handles = handles
+                    raise
+                first_error = first_error or exc
             except Exception as exc:
                 first_error = first_error or exc
         while self._populating:

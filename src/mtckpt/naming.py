@@ -96,6 +96,11 @@ def manifest_file(rank: int) -> str:
     return f"rank-{rank:05d}.json"
 
 
+def lock_file(rank: int) -> str:
+    """The file in a run's directory a rank's manager holds locked while it is open."""
+    return f".rank-{rank:05d}.lock"
+
+
 def parse_rank_file(name: str) -> tuple[int, str] | None:
     """``(rank, "safetensors" | "json")`` for a rank file name, else None."""
     match = _RANK_FILE_RE.match(name)

@@ -19,6 +19,7 @@ import torch
 import mtckpt
 from daemons import replicated, save, wait_for
 from mtckpt.torch import LocalShard
+from node import side_by_side
 
 RUN = "exp"
 STEPS = (1, 2, 3)
@@ -43,15 +44,21 @@ def rank_state(step: int, rank: int) -> dict:
 
 
 def save_two_ranks(memory: Path, local: Path, steps=STEPS) -> None:
-    """Two ranks of one node save ``steps`` into its memory and local tiers."""
+    """Two ranks of one node save ``steps`` into its memory and local tiers, side by side."""
+    managers = []
     for rank in (0, 1):
         env = {"LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2"}
-        with mock.patch.dict(os.environ, env), mtckpt.CheckpointManager(
-            RUN, rank=rank, world_size=2, memory=mtckpt.MemoryTier(str(memory), keep=5),
-            local=mtckpt.LocalTier(str(local), keep=5),
-        ) as mgr:  # fmt: skip
+        with mock.patch.dict(os.environ, env):
+            managers.append(mtckpt.CheckpointManager(
+                RUN, rank=rank, world_size=2, memory=mtckpt.MemoryTier(str(memory), keep=5),
+                local=mtckpt.LocalTier(str(local), keep=5)))  # fmt: skip
+
+    def save(mgr):
+        with mgr:
             for step in steps:
-                mgr.save(step, rank_state(step, rank)).wait()
+                mgr.save(step, rank_state(step, mgr.rank)).wait()
+
+    side_by_side(save, managers)
 
 
 @pytest.fixture
@@ -220,7 +227,7 @@ def test_gc_is_a_dry_run_unless_applied_and_keeps_the_newest(tmp_path, tiers):
     applied = mtckpt_cli("gc", *tiers, "--keep", "1", "--tier", "local", "--apply")
     assert applied.returncode == 0
     assert "removed local exp step 1: beyond the newest 1 complete" in applied.stdout
-    assert sorted(p.name for p in (local / RUN).iterdir()) == ["step-000000000003"]
+    assert sorted(p.name for p in (local / RUN).glob("step-*")) == ["step-000000000003"]
     assert len(list((tmp_path / "memory" / RUN).glob("step-*"))) == 3  # --tier local only
     assert "nothing to remove" in mtckpt_cli("gc", *tiers, "--keep", "1", "--tier", "local").stdout
 

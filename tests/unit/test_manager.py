@@ -277,6 +277,7 @@ def test_schedules_and_retention_per_tier(shm_dir, tmp_path):
         assert due[:5] == [("memory", "local")] + [("memory",)] * 3 + [("memory", "local")]
         assert mgr.steps() == {"memory": [8, 9, 10], "local": [4, 8]}
         assert sorted(os.listdir(os.path.join(tiers["local"].path, "exp"))) == [
+            ".rank-00000.lock",
             "step-000000000004",
             "step-000000000008",
         ]
