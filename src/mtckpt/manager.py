@@ -40,6 +40,7 @@ from .errors import (
     StateMismatchError,
     StepExistsError,
     StepNotFoundError,
+    TierError,
 )
 from .handle import SaveHandle
 from .manifest import DEFAULT_CHUNK_SIZE, LeafRecord
@@ -185,10 +186,18 @@ class CheckpointManager:
         """Hold this run and rank on the node's tiers (memory, local) until close: a second
         manager of the same run and rank there gets RankInUseError, before its start-up
         could remove this one's files in progress. Only the trainer's own lock file: a
-        daemon's memory tier stays the daemon's."""
-        for _, storage in self._tiers:
-            if isinstance(storage, DirectoryStorage):
+        daemon's memory tier stays the daemon's. A local tier that cannot be used now is
+        reported and written without the lock when it can (as :meth:`_prepare_storage`)."""
+        for index, (_, storage) in enumerate(self._tiers):
+            if not isinstance(storage, DirectoryStorage):
+                continue
+            try:
                 storage.lock_rank(self.run, self.rank)
+            except TierError as exc:
+                if index == 0:
+                    raise ConfigError(f"{storage.describe()} is not usable: {exc}") from exc
+                log.error("%s is not usable (saves go on without it until it is): %s",
+                          storage.describe(), exc)  # fmt: skip
 
     def _slower_tier(self, cfg: Any, storage: Storage) -> SlowerTier:
         """How the pipeline writes a slower tier: itself, or for the object tier, by the node
@@ -268,7 +277,7 @@ class CheckpointManager:
         saved arrays may be modified.
         """
         self._check_open()
-        naming.check_step(step)
+        step = naming.check_step(step)
         if self._newest is not None and step <= self._newest:
             raise StepExistsError(
                 f"step {step} is not newer than step {self._newest}, which run {self.run!r} "
@@ -421,7 +430,7 @@ class CheckpointManager:
         agreed = self._coordinator.agree(sorted(held))
         everyone = "every rank" if self.world_size > 1 else f"rank {self.rank}"
         if step is not None:
-            naming.check_step(step)
+            step = naming.check_step(step)
             if step not in agreed:
                 raise StepNotFoundError(
                     f"step {step} of run {self.run!r} is not complete for {everyone} in "
@@ -581,11 +590,18 @@ class CheckpointManager:
         )
 
     def delete(self, step: int) -> None:
-        """Remove ``step`` (this rank's shard, and its commit) from every tier."""
+        """Remove ``step`` (this rank's shard, and its commit) from every tier;
+        StepNotFoundError if no tier holds it."""
         self._check_open()
-        naming.check_step(step)
+        step = naming.check_step(step)
         self.wait()
-        for _, storage in self._tiers:
+        holding = [storage for _, storage in self._tiers if step in storage.steps(self.run)]
+        if not holding:
+            raise StepNotFoundError(
+                f"cannot delete step {step} of run {self.run!r}: no tier holds it (looked in "
+                f"{self._where()})"
+            )
+        for storage in holding:
             retention.remove_rank_files(storage, self.run, step, self.rank, self.world_size)
         self._newest = self.latest_step()
 

@@ -332,6 +332,53 @@ def test_bad_selection_exits_2_with_the_reason(tmp_path, tiers):
     assert which.returncode == 2 and "which run? give --run (found: exp, other" in which.stderr
 
 
+def test_inspect_of_a_garbage_manifest_names_the_file_and_exits_1(tmp_path, tiers):
+    memory, local = tmp_path / "memory", tmp_path / "local"
+    (step_dir(memory, 3) / "rank-00001.json").write_bytes(b"\x00garbage{")
+    done = mtckpt_cli("inspect", "3", *tiers, "--json")  # the local tier's copy is good
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["tier"] == "local"
+    assert done.stderr.startswith(f"mtckpt inspect: memory tier ({memory}): step 3 "
+                                  "rank-00001.json: manifest is not valid JSON")  # fmt: skip
+    (step_dir(local, 3) / "rank-00000.json").write_text("[]")
+    bad = mtckpt_cli("inspect", "3", *tiers)
+    assert bad.returncode == 1 and bad.stdout == ""
+    assert bad.stderr.startswith(
+        f"mtckpt inspect: run exp step 3 has no readable copy: memory tier ({memory}): step 3 "
+        "rank-00001.json: manifest is not valid JSON"
+    ), bad.stderr
+    assert f"local tier ({local}): step 3 rank-00000.json: manifest is not a JSON object" in (
+        bad.stderr
+    )
+    assert "Traceback" not in bad.stderr
+
+
+def test_ls_verify_exits_1_when_a_copy_is_damaged(tmp_path, tiers):
+    assert mtckpt_cli("ls", *tiers, "--verify").returncode == 0
+    flip_byte(step_dir(tmp_path / "local", 2) / "rank-00000.safetensors")
+    for extra in ([], ["--json"]):
+        done = mtckpt_cli("ls", *tiers, "--verify", *extra)
+        assert done.returncode == 1
+        assert done.stderr == "mtckpt ls: 1 damaged copy found\n"
+    assert mtckpt_cli("ls", *tiers).returncode == 0  # listing alone reads no data
+
+
+def test_a_tier_directory_given_that_does_not_exist_is_an_error(tmp_path, tiers):
+    gone = tmp_path / "nonexistent"
+    for command in (["ls"], ["ls", "--verify"], ["inspect"], ["verify", "--all"], ["gc"],
+                    ["export", "--out", tmp_path / "x.safetensors"]):  # fmt: skip
+        for flag in ("--memory", "--local"):
+            given = ["--memory", tmp_path / "memory", "--local", tmp_path / "local"]
+            given[given.index(flag) + 1] = gone
+            done = mtckpt_cli(*command, *given)
+            assert done.returncode == 2, (command, flag, done.stdout)
+            assert done.stderr == f"mtckpt {command[0]}: {flag} {gone}: no such directory\n"
+    # restore fills a tier that is gone (a node's memory after a reboot)
+    done = mtckpt_cli("restore", "--run", RUN, "--memory", gone, "--local", tmp_path / "local")
+    assert done.returncode == 0, done.stderr
+    assert (step_dir(gone, 3) / "COMMIT").exists()
+
+
 def test_ls_lists_the_tiers_when_the_daemon_does_not_answer(tmp_path, tiers):
     gone = f"unix://{tmp_path / 'no.sock'}"
     done = mtckpt_cli("ls", *tiers, "--daemon", gone, "--timeout", "5", "--json")

@@ -178,8 +178,15 @@ class DirectoryStorage(Storage):
                 f"by {f'pid {holder}{own}' if holder else 'another process'}, a manager of the "
                 "same run and rank not closed yet; close it first, or use another run name"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:  # a filesystem without locks
+            os.close(fd)
+            raise self.error(f"cannot lock {path}", exc) from exc
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:
+            os.close(fd)
+            raise self.error(f"cannot write {path}", exc) from exc
         self._locks.append(fd)
         _LOCK_FDS.add(fd)
 
