@@ -108,18 +108,23 @@ def test_a_manager_of_another_process_is_named_by_its_pid(shm_dir):
 def test_a_forked_child_does_not_keep_the_lock(shm_dir):
     mgr = CheckpointManager("exp", MemoryTier(str(shm_dir)))
     read, write = os.pipe()
+    started, started_write = os.pipe()
     pid = os.fork()
     if pid == 0:  # a data loader worker, say: outlives the manager's close for a while
         os.close(write)
+        os.write(started_write, b"!")  # its fork handlers have run
         os.read(read, 1)
         os._exit(0)
     os.close(read)
+    os.close(started_write)
     try:
+        assert os.read(started, 1) == b"!"
         mgr.close()
         with CheckpointManager("exp", MemoryTier(str(shm_dir))):
             pass
     finally:
         os.close(write)
+        os.close(started)
         os.waitpid(pid, 0)
 
 
