@@ -97,7 +97,7 @@ def _restore(args: argparse.Namespace) -> int:
 
 
 def _restore_from_tiers(args: argparse.Namespace) -> int:
-    tiers = _tiers(args, allow_filter=False)
+    tiers = _tiers(args, allow_filter=False, must_exist=False)
     run = _run_name(args, tiers)
     names = [t.name for t in tiers]
     if args.from_tier is not None and args.from_tier not in names:
@@ -207,9 +207,14 @@ def _ls(args: argparse.Namespace) -> int:
     address = _daemon_address(args)
     if address is not None:
         rows += _peer_rows(address, args)
+    damaged = sum(row["status"] == catalog.DAMAGED for row in rows)
+    code = 1 if args.verify and damaged else 0
+    if code:
+        print(f"mtckpt ls: {damaged} damaged cop{'y' if damaged == 1 else 'ies'} found",
+              file=sys.stderr)  # fmt: skip
     if args.json:
         print(json.dumps(rows))
-        return 0
+        return code
     if not rows:
         print(f"no checkpoints in {_described(tiers)}")
         return 0
@@ -224,7 +229,7 @@ def _ls(args: argparse.Namespace) -> int:
     for row in rows:
         for problem in row["problems"]:
             print(f"{row['tier']} {row['run']} step {row['step']}: {problem}")
-    return 0
+    return code
 
 
 def _peer_rows(address: tuple[str, str | None], args: argparse.Namespace) -> list[dict]:
@@ -270,9 +275,22 @@ def _inspect(args: argparse.Namespace) -> int:
     tiers = _tiers(args)
     run = _run_name(args, tiers)
     step = _chosen_step(args, tiers, run)
-    storage = next((t for t in tiers if step in catalog.newest_complete(t, run)), None)
+    storage, problems = None, []
+    for tier in (t for t in tiers if step in catalog.newest_complete(t, run)):
+        info = catalog.step_info(tier, run, step)
+        if info.problems or not info.ranks:
+            problems += info.problems or [f"{tier.describe()}: step {step}: no rank manifest"]
+            continue
+        storage = tier
+        break
     if storage is None:
+        if problems:
+            return _fail(args, f"run {run} step {step} has no readable copy: "
+                               + "; ".join(problems))  # fmt: skip
         return _fail(args, f"run {run} step {step} is not complete in {_described(tiers)}")
+    if problems:
+        print(f"mtckpt inspect: {'; '.join(problems)}; showing the {storage.name} tier's copy",
+              file=sys.stderr)  # fmt: skip
     manifests = catalog.manifests(storage, run, step)
     first = manifests[0]
     leaves: dict[str, dict] = {}
@@ -425,16 +443,23 @@ def _settings(args: argparse.Namespace, daemon: bool = False) -> dict:
     return cache[daemon]
 
 
-def _tiers(args: argparse.Namespace, allow_filter: bool = True) -> list[Storage]:
+def _tiers(
+    args: argparse.Namespace, allow_filter: bool = True, must_exist: bool = True
+) -> list[Storage]:
     """The tiers to read, fastest first: those given by --memory / --local / --remote, else
     the config file's and MTCKPT_* variables' (the library's; the memory tier by default),
-    narrowed to --tier."""
+    narrowed to --tier. A directory given by a flag must exist, unless ``must_exist`` is
+    False (restore fills missing ones); a configured one may be gone (a wiped node)."""
     from .tiers.object import object_storage
 
     storages: list[Storage] = []
     given = {"memory": args.memory, "local": args.local, "remote": args.remote}
     if any(given.values()):
         memory, local = given["memory"], given["local"]
+        for flag in ("memory", "local"):
+            path = given[flag]
+            if must_exist and path and not config.expand_path(path).is_dir():
+                raise UsageError(f"mtckpt {args.command}: --{flag} {path}: no such directory")
         remote = ObjectTier(url=given["remote"]) if given["remote"] else None
     else:
         settings, daemon = _settings(args), _settings(args, daemon=True)

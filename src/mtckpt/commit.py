@@ -46,6 +46,11 @@ def ranks_present(storage: Storage, run: str, step: int) -> set[int]:
     return ranks
 
 
+def ranks_by_step(storage: Storage, run: str) -> dict[int, set[int]]:
+    """The ranks whose shard is in each step of ``run`` on ``storage``."""
+    return {step: ranks_present(storage, run, step) for step in storage.steps(run)}
+
+
 def try_commit(
     storage: Storage, run: str, step: int, world_size: int, expected_ranks: Iterable[int]
 ) -> bool:

@@ -49,3 +49,14 @@ class TierError(MtckptError, OSError):
 
 class ClosedError(MtckptError, RuntimeError):
     """The CheckpointManager was used after close()."""
+
+
+class NodeRanksMissingError(MtckptError, TimeoutError):
+    """Ranks this node's storage expects never wrote their shard of a step there: a rank
+    of the node died or saves other steps, or ranks of several nodes were taken to share
+    one (``LOCAL_RANK`` / ``LOCAL_WORLD_SIZE`` not set as torchrun sets them)."""
+
+
+class RankInUseError(MtckptError, RuntimeError):
+    """Another CheckpointManager (in this process or another) already holds this run and
+    rank on a node-local tier."""

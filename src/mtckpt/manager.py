@@ -40,12 +40,14 @@ from .errors import (
     StateMismatchError,
     StepExistsError,
     StepNotFoundError,
+    TierError,
 )
 from .handle import SaveHandle
 from .manifest import DEFAULT_CHUNK_SIZE, LeafRecord
 from .metrics import Metrics
 from .pipeline import Pipeline, SaveJob, SlowerTier
 from .tiers.base import Storage
+from .tiers.directory import DirectoryStorage
 from .tiers.local import LocalStorage
 from .tiers.memory import MemoryStorage, Slot
 from .tiers.object import object_storage
@@ -142,6 +144,20 @@ class CheckpointManager:
         self._handles: list[SaveHandle] = []
         self._populating: list[threading.Thread] = []  # restore(populate=True) copies
         self._last_saved_at: dict[str, float] = {}
+        try:
+            self._lock_node_tiers()
+            self._start(memory.keep, chunk_size, collective_timeout)
+        except BaseException:  # nothing of this manager stays held
+            if self._uploader is not None:
+                self._uploader.close()
+            for _, storage in self._tiers:
+                storage.close()
+            if self._peers is not None:
+                self._peers.close()
+            raise
+
+    def _start(self, memory_keep: int, chunk_size: int, collective_timeout: float) -> None:
+        """Clean up after a crashed predecessor, apply retention and start the pipeline."""
         # Tiers the node daemon writes too (node memory; the object tier when it uploads):
         # its files in progress there are not a crashed trainer's leftovers.
         daemon_writes = set()
@@ -160,13 +176,32 @@ class CheckpointManager:
             world_size=self.world_size,
             node_ranks=self.node_ranks,
             memory=self._memory,
-            memory_keep=memory.keep,
+            memory_keep=memory_keep,
             slower={s.name: self._slower_tier(cfg, s) for cfg, s in self._tiers[1:]},
             chunk_size=chunk_size,
             threads=max(1, self.threads // 2),
             on_memory_commit=self._peers.committed if self._replicating else None,
             memory_verdicts=self._verdicts[self._memory.name],
+            node_timeout=collective_timeout,
+            node_origin=topology.node_ranks_origin(),
         )
+
+    def _lock_node_tiers(self) -> None:
+        """Hold this run and rank on the node's tiers (memory, local) until close: a second
+        manager of the same run and rank there gets RankInUseError, before its start-up
+        could remove this one's files in progress. Only the trainer's own lock file: a
+        daemon's memory tier stays the daemon's. A local tier that cannot be used now is
+        reported and written without the lock when it can (as :meth:`_prepare_storage`)."""
+        for index, (_, storage) in enumerate(self._tiers):
+            if not isinstance(storage, DirectoryStorage):
+                continue
+            try:
+                storage.lock_rank(self.run, self.rank)
+            except TierError as exc:
+                if index == 0:
+                    raise ConfigError(f"{storage.describe()} is not usable: {exc}") from exc
+                log.error("%s is not usable (saves go on without it until it is): %s",
+                          storage.describe(), exc)  # fmt: skip
 
     def _slower_tier(self, cfg: Any, storage: Storage) -> SlowerTier:
         """How the pipeline writes a slower tier: itself, or for the object tier, by the node
@@ -178,7 +213,6 @@ class CheckpointManager:
         daemon = self._peers
         if daemon is not None and daemon.remote_url:
             if daemon.remote_url != cfg.url:
-                self._peers.close()
                 raise ConfigError(
                     f"remote.url {cfg.url!r} is not the object tier {daemon.remote_url!r} of "
                     f"the daemon at {daemon.cfg.daemon}; use the same URL (or start the daemon "
@@ -186,13 +220,8 @@ class CheckpointManager:
                 )
             tier.flush = daemon.flush
         elif not uploader.in_process(cfg):
-            try:
-                self._uploader = uploader.Uploader(cfg, self.run, self.rank, self.world_size,
-                                                   self._memory.root, max(1, self.threads // 2))
-            except ConfigError:
-                if self._peers is not None:
-                    self._peers.close()
-                raise
+            self._uploader = uploader.Uploader(cfg, self.run, self.rank, self.world_size,
+                                               self._memory.root, max(1, self.threads // 2))
             tier.flush = self._uploader.flush
         return tier
 
@@ -254,7 +283,7 @@ class CheckpointManager:
         saved arrays may be modified.
         """
         self._check_open()
-        naming.check_step(step)
+        step = naming.check_step(step)
         if self._newest is not None and step <= self._newest:
             raise StepExistsError(
                 f"step {step} is not newer than step {self._newest}, which run {self.run!r} "
@@ -354,9 +383,11 @@ class CheckpointManager:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 handle.wait(timeout=remaining)
-            except TimeoutError:
-                self._handles = handles
-                raise
+            except TimeoutError as exc:
+                if not handle.done():  # this wait's time is up, not a stage's error
+                    self._handles = handles
+                    raise
+                first_error = first_error or exc
             except Exception as exc:
                 first_error = first_error or exc
         while self._populating:
@@ -419,7 +450,7 @@ class CheckpointManager:
         held = set().union(*holders.values())
         agreed = self._coordinator.agree(sorted(held))
         if step is not None:
-            naming.check_step(step)
+            step = naming.check_step(step)
             if step not in agreed:
                 raise StepNotFoundError(
                     f"step {step} of run {self.run!r} is not complete for {self._everyone()} "
@@ -593,11 +624,18 @@ class CheckpointManager:
         )
 
     def delete(self, step: int) -> None:
-        """Remove ``step`` (this rank's shard, and its commit) from every tier."""
+        """Remove ``step`` (this rank's shard, and its commit) from every tier;
+        StepNotFoundError if no tier holds it."""
         self._check_open()
-        naming.check_step(step)
+        step = naming.check_step(step)
         self.wait()
-        for _, storage in self._tiers:
+        holding = [storage for _, storage in self._tiers if step in storage.steps(self.run)]
+        if not holding:
+            raise StepNotFoundError(
+                f"cannot delete step {step} of run {self.run!r}: no tier holds it (looked in "
+                f"{self._where()})"
+            )
+        for storage in holding:
             retention.remove_rank_files(storage, self.run, step, self.rank, self.world_size)
         self._newest = self.latest_step()
 

@@ -7,6 +7,8 @@ here before they are ever joined into a path.
 
 from __future__ import annotations
 
+import numbers
+import operator
 import os
 import re
 import uuid
@@ -46,9 +48,11 @@ def check_node_id(node_id: object) -> str:
 
 
 def check_step(step: object) -> int:
-    """Return ``step`` if it is an int in [0, MAX_STEP], else raise ValueError / TypeError."""
-    if isinstance(step, bool) or not isinstance(step, int):
+    """``step`` as an int if it is an integer in [0, MAX_STEP] (any integral type but bool:
+    ``numpy.int64`` too), else raise ValueError / TypeError."""
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral):
         raise TypeError(f"step must be an int, got {type(step).__name__} {step!r}")
+    step = operator.index(step)
     if not 0 <= step <= MAX_STEP:
         raise ValueError(f"step {step} is out of range: expected 0 <= step <= {MAX_STEP}")
     return step
@@ -94,6 +98,11 @@ def data_file(rank: int) -> str:
 
 def manifest_file(rank: int) -> str:
     return f"rank-{rank:05d}.json"
+
+
+def lock_file(rank: int) -> str:
+    """The file in a run's directory a rank's manager holds locked while it is open."""
+    return f".rank-{rank:05d}.lock"
 
 
 def parse_rank_file(name: str) -> tuple[int, str] | None:

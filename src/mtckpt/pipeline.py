@@ -14,11 +14,12 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import checksum, commit, naming, retention, tiercopy
-from .errors import MtckptError
+from .errors import MtckptError, NodeRanksMissingError
 from .handle import SaveHandle
 from .manifest import LeafRecord, RankManifest
 from .shard import Layout
@@ -27,6 +28,13 @@ from .tiers.memory import MemoryStorage, Slot
 from .tree import Node
 
 log = logging.getLogger(__name__)
+
+# A step committed in node memory waits there for the node's other ranks: who is missing
+# is logged after NODE_WAIT_FIRST_LOG seconds (half the timeout if shorter), then every
+# NODE_WAIT_LOG_EVERY; the storage is listed again at most every NODE_POLL_SECONDS.
+NODE_WAIT_FIRST_LOG = 5.0
+NODE_WAIT_LOG_EVERY = 30.0
+NODE_POLL_SECONDS = 0.05
 
 
 @dataclass
@@ -77,12 +85,18 @@ class Pipeline:
         threads: int,
         on_memory_commit: Callable[[int, SaveHandle], None] | None = None,
         memory_verdicts: retention.Verdicts | None = None,
+        node_timeout: float = 600.0,
+        node_origin: str = "",
     ) -> None:
         self.run, self.rank, self.world_size = run, rank, world_size
         # Each commit checksums the staged bytes: the memory tier's verdicts come free.
         self.memory_verdicts = memory_verdicts or retention.Verdicts()
         self.on_memory_commit = on_memory_commit
         self.node_ranks = node_ranks
+        # How long a step waits in node memory for the node's other ranks, and where
+        # node_ranks came from (for the error saying why they may never come).
+        self.node_timeout, self.node_origin = node_timeout, node_origin
+        self._absent: frozenset[int] = frozenset()  # ranks a step last waited for in vain
         self.memory, self.memory_keep = memory, memory_keep
         self.chunk_size, self.threads = chunk_size, threads
         self._cond = threading.Condition()
@@ -234,7 +248,13 @@ class Pipeline:
         self.memory.write_bytes(
             self.run, job.step, naming.manifest_file(self.rank), job.manifest_json
         )
-        commit.try_commit(self.memory, self.run, job.step, self.world_size, self.node_ranks)
+        try:
+            self._commit_on_node(job.step)
+        except NodeRanksMissingError:
+            with self._retention_lock:  # the step will never commit: give its slot back
+                retention.remove_rank_files(self.memory, self.run, job.step, self.rank,
+                                            self.world_size)  # fmt: skip
+            raise
         self.memory_verdicts.record(job.manifest)
         for name in job.tiers:
             with self._cond:
@@ -242,6 +262,51 @@ class Pipeline:
                 self._active += 1
                 self._tiers[name].queue.append(job)
                 self._cond.notify_all()
+
+    def _commit_on_node(self, step: int) -> None:
+        """Commit ``step`` in node memory once every rank of the node has its shard there
+        (the last to arrive writes COMMIT; the others see their ranks present and write the
+        same marker). NodeRanksMissingError at once if a missing rank saved a newer step
+        instead, or is still absent from every step after an earlier step waited in vain
+        for it; else after ``node_timeout`` seconds, having logged who is missing."""
+        started = time.monotonic()
+        next_log = started + min(NODE_WAIT_FIRST_LOG, self.node_timeout / 2)
+        pause = 0.001
+        while not commit.try_commit(self.memory, self.run, step, self.world_size,
+                                    self.node_ranks):  # fmt: skip
+            held = commit.ranks_by_step(self.memory, self.run)
+            missing = sorted(set(self.node_ranks) - held.get(step, set()))
+            if not missing:
+                continue  # arrived since try_commit looked
+            newer = {r: s for s, ranks in held.items() if s > step for r in ranks if r in missing}
+            if newer:
+                raise self._missing_error(step, missing, "saved newer step(s) "
+                                          f"{sorted(set(newer.values()))} but not this one")
+            absent = frozenset(r for r in missing if not any(r in ranks for ranks in held.values()))
+            if absent and absent == set(missing) and absent <= self._absent:
+                raise self._missing_error(step, missing, "have written no step here yet, and "
+                                          "an earlier step waited for them in vain")
+            now = time.monotonic()
+            if now - started >= self.node_timeout:
+                self._absent = absent
+                raise self._missing_error(step, missing, "did not write their shard within "
+                                          f"{self.node_timeout:g} s (collective_timeout)")
+            if now >= next_log:
+                log.warning("step %d: waiting %.0f s for rank(s) %s of this node to write their "
+                            "shard into the %s; this node's ranks %s are %s", step, now - started,
+                            missing, self.memory.describe(), list(self.node_ranks),
+                            self.node_origin)  # fmt: skip
+                next_log = now + NODE_WAIT_LOG_EVERY
+            time.sleep(pause)
+            pause = min(pause * 2, NODE_POLL_SECONDS)
+        self._absent = frozenset()
+
+    def _missing_error(self, step: int, missing: list[int], why: str) -> NodeRanksMissingError:
+        return NodeRanksMissingError(
+            f"step {step} of run {self.run!r} cannot commit in the {self.memory.describe()}: "
+            f"rank(s) {missing} of this node {why}; this node's ranks {list(self.node_ranks)} "
+            f"are {self.node_origin or 'given'}"
+        )
 
     def _collect_memory_garbage(self) -> None:
         try:

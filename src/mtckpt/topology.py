@@ -50,6 +50,20 @@ def node_ranks(rank: int, world_size: int, env: Mapping[str, str] | None = None)
     return tuple(range(first, first + local_world))
 
 
+def node_ranks_origin(env: Mapping[str, str] | None = None) -> str:
+    """Where :func:`node_ranks` took this node's ranks from, for messages."""
+    env = os.environ if env is None else env
+    if "LOCAL_WORLD_SIZE" in env and "LOCAL_RANK" in env:
+        return (
+            f"from LOCAL_RANK={env['LOCAL_RANK']}, LOCAL_WORLD_SIZE={env['LOCAL_WORLD_SIZE']} "
+            "(a rank of this node died, or saves other steps)"
+        )
+    return (
+        "the whole world, as LOCAL_RANK / LOCAL_WORLD_SIZE are not set (with ranks on "
+        "several nodes, set them as torchrun does)"
+    )
+
+
 def _from_torch() -> tuple[int, int] | None:
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():

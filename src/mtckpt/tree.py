@@ -171,6 +171,8 @@ def flatten(
 def _flatten(obj: Any, path: str, leaves: list[Leaf], mode: str, active: set) -> Node:
     kind = _VALUE_TYPES.get(type(obj))
     if kind is not None:
+        if kind == "str" and mode != "target":
+            _check_text(obj, f"key {describe(path)}: the string value")
         leaves.append(Leaf(path, kind, obj))
         return Node("leaf", name=path)
     adapter = arrays.for_value(obj)
@@ -236,6 +238,8 @@ def _flatten_pairs(pairs, path: str, leaves: list[Leaf], mode: str, active: set)
                 f"key {describe(path)}: dict key {key!r} of type {type(key).__name__} is not "
                 "supported; keys must be str or int"
             )
+        if isinstance(key, str):
+            _check_text(key, f"key {describe(join_path(path, key))}")
         child_path = join_path(path, key)
         if child_path in seen:
             raise KeyCollisionError(
@@ -246,6 +250,18 @@ def _flatten_pairs(pairs, path: str, leaves: list[Leaf], mode: str, active: set)
         keys.append(key)
         children.append(_flatten(item, child_path, leaves, mode, active))
     return Node("dict", children=tuple(children), keys=tuple(keys))
+
+
+def _check_text(text: str, what: str) -> None:
+    """UnsupportedLeafError naming ``what`` if ``text`` is not valid Unicode (a lone
+    surrogate), which the manifest (UTF-8 JSON) and the safetensors header cannot hold."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise UnsupportedLeafError(
+            f"{what} is not valid Unicode text: {exc.reason} at position {exc.start} "
+            f"({text[exc.start]!r}); keys and strings are stored as UTF-8"
+        ) from None
 
 
 def _array_leaf(adapter: arrays.ArrayAdapter, obj: Any, path: str) -> Leaf:

@@ -19,6 +19,7 @@ import torch
 import mtckpt
 from daemons import replicated, save, wait_for
 from mtckpt.torch import LocalShard
+from node import side_by_side
 
 RUN = "exp"
 STEPS = (1, 2, 3)
@@ -43,15 +44,21 @@ def rank_state(step: int, rank: int) -> dict:
 
 
 def save_two_ranks(memory: Path, local: Path, steps=STEPS) -> None:
-    """Two ranks of one node save ``steps`` into its memory and local tiers."""
+    """Two ranks of one node save ``steps`` into its memory and local tiers, side by side."""
+    managers = []
     for rank in (0, 1):
         env = {"LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2"}
-        with mock.patch.dict(os.environ, env), mtckpt.CheckpointManager(
-            RUN, rank=rank, world_size=2, memory=mtckpt.MemoryTier(str(memory), keep=5),
-            local=mtckpt.LocalTier(str(local), keep=5),
-        ) as mgr:  # fmt: skip
+        with mock.patch.dict(os.environ, env):
+            managers.append(mtckpt.CheckpointManager(
+                RUN, rank=rank, world_size=2, memory=mtckpt.MemoryTier(str(memory), keep=5),
+                local=mtckpt.LocalTier(str(local), keep=5)))  # fmt: skip
+
+    def save(mgr):
+        with mgr:
             for step in steps:
-                mgr.save(step, rank_state(step, rank)).wait()
+                mgr.save(step, rank_state(step, mgr.rank)).wait()
+
+    side_by_side(save, managers)
 
 
 @pytest.fixture
@@ -220,7 +227,7 @@ def test_gc_is_a_dry_run_unless_applied_and_keeps_the_newest(tmp_path, tiers):
     applied = mtckpt_cli("gc", *tiers, "--keep", "1", "--tier", "local", "--apply")
     assert applied.returncode == 0
     assert "removed local exp step 1: beyond the newest 1 complete" in applied.stdout
-    assert sorted(p.name for p in (local / RUN).iterdir()) == ["step-000000000003"]
+    assert sorted(p.name for p in (local / RUN).glob("step-*")) == ["step-000000000003"]
     assert len(list((tmp_path / "memory" / RUN).glob("step-*"))) == 3  # --tier local only
     assert "nothing to remove" in mtckpt_cli("gc", *tiers, "--keep", "1", "--tier", "local").stdout
 
@@ -382,6 +389,53 @@ def test_bad_selection_exits_2_with_the_reason(tmp_path, tiers):
     (step_dir(tmp_path / "memory", 1).parent.parent / "other" / "step-000000000001").mkdir()
     which = mtckpt_cli("inspect", *tiers)
     assert which.returncode == 2 and "which run? give --run (found: exp, other" in which.stderr
+
+
+def test_inspect_of_a_garbage_manifest_names_the_file_and_exits_1(tmp_path, tiers):
+    memory, local = tmp_path / "memory", tmp_path / "local"
+    (step_dir(memory, 3) / "rank-00001.json").write_bytes(b"\x00garbage{")
+    done = mtckpt_cli("inspect", "3", *tiers, "--json")  # the local tier's copy is good
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["tier"] == "local"
+    assert done.stderr.startswith(f"mtckpt inspect: memory tier ({memory}): step 3 "
+                                  "rank-00001.json: manifest is not valid JSON")  # fmt: skip
+    (step_dir(local, 3) / "rank-00000.json").write_text("[]")
+    bad = mtckpt_cli("inspect", "3", *tiers)
+    assert bad.returncode == 1 and bad.stdout == ""
+    assert bad.stderr.startswith(
+        f"mtckpt inspect: run exp step 3 has no readable copy: memory tier ({memory}): step 3 "
+        "rank-00001.json: manifest is not valid JSON"
+    ), bad.stderr
+    assert f"local tier ({local}): step 3 rank-00000.json: manifest is not a JSON object" in (
+        bad.stderr
+    )
+    assert "Traceback" not in bad.stderr
+
+
+def test_ls_verify_exits_1_when_a_copy_is_damaged(tmp_path, tiers):
+    assert mtckpt_cli("ls", *tiers, "--verify").returncode == 0
+    flip_byte(step_dir(tmp_path / "local", 2) / "rank-00000.safetensors")
+    for extra in ([], ["--json"]):
+        done = mtckpt_cli("ls", *tiers, "--verify", *extra)
+        assert done.returncode == 1
+        assert done.stderr == "mtckpt ls: 1 damaged copy found\n"
+    assert mtckpt_cli("ls", *tiers).returncode == 0  # listing alone reads no data
+
+
+def test_a_tier_directory_given_that_does_not_exist_is_an_error(tmp_path, tiers):
+    gone = tmp_path / "nonexistent"
+    for command in (["ls"], ["ls", "--verify"], ["inspect"], ["verify", "--all"], ["gc"],
+                    ["export", "--out", tmp_path / "x.safetensors"]):  # fmt: skip
+        for flag in ("--memory", "--local"):
+            given = ["--memory", tmp_path / "memory", "--local", tmp_path / "local"]
+            given[given.index(flag) + 1] = gone
+            done = mtckpt_cli(*command, *given)
+            assert done.returncode == 2, (command, flag, done.stdout)
+            assert done.stderr == f"mtckpt {command[0]}: {flag} {gone}: no such directory\n"
+    # restore fills a tier that is gone (a node's memory after a reboot)
+    done = mtckpt_cli("restore", "--run", RUN, "--memory", gone, "--local", tmp_path / "local")
+    assert done.returncode == 0, done.stderr
+    assert (step_dir(gone, 3) / "COMMIT").exists()
 
 
 def test_ls_lists_the_tiers_when_the_daemon_does_not_answer(tmp_path, tiers):

@@ -15,9 +15,11 @@ def main() -> int:
     parser.add_argument("--memory", required=True)
     parser.add_argument("--local", required=True)
     parser.add_argument("--steps", type=int, nargs="*", default=[])
+    parser.add_argument("--collective-timeout", type=float, default=600.0)
     args = parser.parse_args()
     rank = int(os.environ["RANK"])
-    with CheckpointManager("ranks", MemoryTier(args.memory), LocalTier(args.local)) as mgr:
+    with CheckpointManager("ranks", MemoryTier(args.memory), LocalTier(args.local),
+                           collective_timeout=args.collective_timeout) as mgr:  # fmt: skip
         assert (mgr.rank, mgr.world_size) == (rank, int(os.environ["WORLD_SIZE"]))
         if args.mode == "save":
             for step in args.steps:

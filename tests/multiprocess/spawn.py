@@ -11,7 +11,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import mtckpt
+
 TESTS = Path(__file__).resolve().parents[1]
+# The ranks import the tests' helpers and the same mtckpt as the test (a worktree's, not an
+# installed one).
+PYTHONPATH = os.pathsep.join([str(TESTS), str(Path(mtckpt.__file__).resolve().parents[1])])
 
 
 @dataclass
@@ -47,9 +52,7 @@ def run_ranks(
         env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "LOCAL_WORLD_SIZE")}
         env.update(
             RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port), PYTHONUNBUFFERED="1",
-            # the tests' helpers, then what the caller imports mtckpt from (a work tree's src)
-            PYTHONPATH=os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])),
+            MASTER_PORT=str(port), PYTHONPATH=PYTHONPATH, PYTHONUNBUFFERED="1",
             OMP_NUM_THREADS="1",
         )  # fmt: skip
         env.update((per_rank_env or {}).get(rank, {}))

@@ -5,18 +5,12 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-TESTS = Path(__file__).resolve().parents[1]
-
-
-def _pythonpath() -> str:
-    """The tests' helpers, then what this process imports mtckpt from (a work tree's src)."""
-    return os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
+from spawn import PYTHONPATH, TESTS
 
 
-def run_rank(rank, world, mode, memory, local, steps=(), extra_env=None):
-    env = {**os.environ, "PYTHONPATH": _pythonpath(), "RANK": str(rank), "WORLD_SIZE": str(world)}
+def run_rank(rank, world, mode, memory, local, steps=(), extra_env=None, timeout=600):
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH, "RANK": str(rank), "WORLD_SIZE": str(world)}
     env.pop("LOCAL_RANK", None)
     env.pop("LOCAL_WORLD_SIZE", None)
     env.update(extra_env or {})
@@ -28,6 +22,8 @@ def run_rank(rank, world, mode, memory, local, steps=(), extra_env=None):
         str(memory),
         "--local",
         str(local),
+        "--collective-timeout",
+        str(timeout),
         "--steps",
         *map(str, steps),
     ]
@@ -63,12 +59,22 @@ def test_two_ranks_commit_together_and_restore_their_own_shards(shm_dir, tmp_pat
     assert outputs == ["rank 0 restored 2\n", "rank 1 restored 2\n"]
 
 
-def test_a_step_missing_one_rank_is_not_committed(shm_dir, tmp_path):
+def test_a_step_one_rank_of_the_node_never_saves_fails_on_the_other_and_is_not_committed(
+    shm_dir, tmp_path
+):
     local = tmp_path / "local"
     finish([run_rank(r, 2, "save", shm_dir, local, steps=[0, 1]) for r in range(2)])
-    finish([run_rank(0, 2, "save", shm_dir, local, steps=[2])])  # rank 1 never saves step 2
-    step2 = shm_dir / "ranks" / "step-000000000002"
-    assert (step2 / "rank-00000.json").exists() and not (step2 / "COMMIT").exists()
+    alone = run_rank(0, 2, "save", shm_dir, local, steps=[2], timeout=3)  # rank 1 never does
+    _, err = alone.communicate(timeout=120)
+    assert alone.returncode == 1
+    assert (
+        "mtckpt.errors.NodeRanksMissingError: step 2 of run 'ranks' cannot commit in the "
+        f"memory tier ({shm_dir}): rank(s) [1] of this node did not write their shard within "
+        "3 s (collective_timeout); this node's ranks [0, 1] are the whole world" in err
+    ), err
+    assert "step 2: waiting 2 s for rank(s) [1] of this node" in err, err
+    assert not (shm_dir / "ranks" / "step-000000000002").exists()  # its slot is free again
+    assert not (local / "ranks" / "step-000000000002").exists()
     outputs = finish([run_rank(r, 2, "restore", shm_dir, local) for r in range(2)])
     assert outputs == ["rank 0 restored 1\n", "rank 1 restored 1\n"]
 

@@ -15,19 +15,27 @@ from mtckpt import CheckpointManager, MemoryTier, ObjectTier, commit, naming  # 
 from mtckpt.daemon.flusher import Flusher, Phase  # noqa: E402
 from mtckpt.daemon.holdings import Holdings, Shard  # noqa: E402
 from mtckpt.tiers.object import object_storage  # noqa: E402
+from node import side_by_side  # noqa: E402
 
 RUN = "fl"
 
 
 def saved_steps(root, steps, world=2):
-    """Every rank of a ``world``-rank job on this node saves ``steps`` into ``root``."""
+    """Every rank of a ``world``-rank job on this node saves ``steps`` into ``root``, side
+    by side."""
+    managers = []
     for rank in range(world):
         env = {"LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world)}
         with mock.patch.dict(os.environ, env):
             memory = MemoryTier(str(root), keep=len(steps))
-            with CheckpointManager(RUN, rank=rank, world_size=world, memory=memory) as mgr:
-                for step in steps:
-                    mgr.save(step, {"w": np.full(1000, step + rank, np.int32)}).wait()
+            managers.append(CheckpointManager(RUN, rank=rank, world_size=world, memory=memory))
+
+    def save(mgr):
+        with mgr:
+            for step in steps:
+                mgr.save(step, {"w": np.full(1000, step + mgr.rank, np.int32)}).wait()
+
+    side_by_side(save, managers)
 
 
 def test_newest_wins_and_the_step_commits_once_every_rank_is_up(shm_dir, tmp_path):

@@ -239,11 +239,60 @@ def test_steps_must_increase(tiers):
         assert mgr.restore() == (4, {"x": 2})
 
 
-@pytest.mark.parametrize("step", [-1, 10**12, 1.0, True, "3"])
+@pytest.mark.parametrize(
+    "step", [-1, 10**12, 1.0, True, "3", np.bool_(True), np.float64(2), np.int64(-1)]
+)
 def test_bad_step_values(tiers, step):
     with manager(tiers) as mgr:
         with pytest.raises((TypeError, ValueError), match="step"):
             mgr.save(step, {"x": 1})
+
+
+@pytest.mark.parametrize("kind", [np.int64, np.uint32, np.int8])
+def test_numpy_integer_steps_are_steps(tiers, kind):
+    with manager(tiers) as mgr:
+        assert mgr.should_save(kind(3))
+        mgr.save(kind(3), {"x": 3}).wait()
+        handle = mgr.save(kind(4), {"x": 4})
+        assert type(handle.step) is int and handle.step == 4
+        handle.wait()
+        manifest = json.loads(open(os.path.join(step_dir(tiers["local"], 4), "rank-00000.json"))
+                              .read())  # fmt: skip
+        assert manifest["step"] == 4
+        step, state = mgr.restore(step=kind(3))
+        assert (type(step), step, state) == (int, 3, {"x": 3})
+        mgr.delete(kind(4))
+        assert mgr.steps() == {"memory": [3], "local": [3]}
+
+
+def test_deleting_a_step_no_tier_holds_names_it_and_the_tiers(tiers):
+    with manager(tiers) as mgr:
+        mgr.save(1, {"x": 1}).wait()
+        with pytest.raises(StepNotFoundError) as missing:
+            mgr.delete(999)
+        assert str(missing.value) == (
+            f"cannot delete step 999 of run 'exp': no tier holds it (looked in memory tier "
+            f"({tiers['memory'].path}), local tier ({tiers['local'].path}))"
+        )
+        assert mgr.steps() == {"memory": [1], "local": [1]}
+
+
+@pytest.mark.parametrize(
+    ("state", "named"),
+    [
+        ({"w\ud800": np.ones(3)}, "key 'w\\ud800' is not valid Unicode text"),
+        ({"a": [{"\udfff": 1}]}, "key 'a/0/\\udfff' is not valid Unicode text"),
+        ({"a": {"b": "text\ud800"}}, "key 'a/b': the string value is not valid Unicode text"),
+    ],
+)
+def test_a_lone_surrogate_in_a_key_or_string_names_the_key(tiers, state, named):
+    with manager(tiers) as mgr:
+        with pytest.raises(UnsupportedLeafError) as refused:
+            mgr.save(1, state)
+        assert str(refused.value).startswith(named), str(refused.value)
+        assert "surrogates not allowed at position" in str(refused.value)
+        assert mgr.steps() == {"memory": [], "local": []}
+        mgr.save(1, {"w": np.ones(3)}).wait()  # nothing was staged for the refused one
 
 
 def test_unknown_step_and_empty_run(tiers):
@@ -277,6 +326,7 @@ def test_schedules_and_retention_per_tier(shm_dir, tmp_path):
         assert due[:5] == [("memory", "local")] + [("memory",)] * 3 + [("memory", "local")]
         assert mgr.steps() == {"memory": [8, 9, 10], "local": [4, 8]}
         assert sorted(os.listdir(os.path.join(tiers["local"].path, "exp"))) == [
+            ".rank-00000.lock",
             "step-000000000004",
             "step-000000000008",
         ]

@@ -14,6 +14,7 @@ torch = pytest.importorskip("torch")
 from mtckpt import CheckpointManager, CorruptCheckpointError, LocalTier, MemoryTier  # noqa: E402
 from mtckpt.manifest import RankManifest  # noqa: E402
 from mtckpt.torch import LocalShard  # noqa: E402
+from node import side_by_side  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("backend")
 
@@ -53,10 +54,14 @@ def manager(tiers, rank, world):
 
 
 def save_on(tiers, world, dim, steps=(1,), state=full_state):
-    for rank in range(world):
+    """Every rank of a ``world``-rank node saves ``steps``, side by side."""
+
+    def save(rank):
         with manager(tiers, rank, world) as mgr:
             for step in steps:
                 mgr.save(step, shards(state(step), rank, world, dim)).wait()
+
+    side_by_side(save, range(world))
 
 
 def restore_on(tiers, world, dim, step=None):

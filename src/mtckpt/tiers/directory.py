@@ -3,11 +3,14 @@
 A file is written to a hidden temporary name in its step directory and renamed onto its
 final name once complete; with ``durable=True`` the file and then the directory are
 fsynced around the rename, so a crash leaves either the old state or the whole new file.
+Every directory and file made here is the owner's only (0700, 0600): checkpoints hold a
+model's weights.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import mmap
 import os
 from collections.abc import Iterable
@@ -15,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import _fastpath, naming
-from ..errors import TierError
+from ..errors import RankInUseError, TierError
 from .base import FileStat, Storage
 
 _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
@@ -33,6 +36,7 @@ class DirectoryStorage(Storage):
         self.name = name
         self.durable = durable
         self.populate = populate
+        self._locks: list[int] = []  # descriptors of the lock files held (lock_rank)
 
     def describe(self) -> str:
         return f"{self.name} tier ({self.root})"
@@ -138,7 +142,7 @@ class DirectoryStorage(Storage):
         uncommitted step at its start-up)."""
         for attempt in range(3):
             try:
-                return os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                return os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             except FileNotFoundError:
                 if attempt == 2:
                     raise
@@ -162,10 +166,50 @@ class DirectoryStorage(Storage):
     def make_step_dir(self, run: str, step: int) -> Path:
         path = self.step_path(run, step)
         try:
-            path.mkdir(parents=True, exist_ok=True)
+            make_private_dirs(path)
         except OSError as exc:
             raise self.error(f"cannot create {path}", exc) from exc
         return path
+
+    def lock_rank(self, run: str, rank: int) -> None:
+        """Hold ``run``'s ``rank`` on this storage until :meth:`close`, so that no second
+        manager of the same run and rank works here meanwhile (its start-up would remove
+        this one's files in progress): RankInUseError naming the holder if one does."""
+        path = self.run_dir(run) / naming.lock_file(rank)
+        try:
+            make_private_dirs(path.parent)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise self.error(f"cannot open {path}", exc) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            own = " (this process)" if holder == str(os.getpid()) else ""
+            raise RankInUseError(
+                f"run {run!r} rank {rank} is in use on the {self.describe()}: {path} is locked "
+                f"by {f'pid {holder}{own}' if holder else 'another process'}, a manager of the "
+                "same run and rank not closed yet; close it first, or use another run name"
+            ) from None
+        except OSError as exc:  # a filesystem without locks
+            os.close(fd)
+            raise self.error(f"cannot lock {path}", exc) from exc
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:
+            os.close(fd)
+            raise self.error(f"cannot write {path}", exc) from exc
+        self._locks.append(fd)
+        _LOCK_FDS.add(fd)
+
+    def close(self) -> None:
+        """Release the ranks this storage holds (:meth:`lock_rank`)."""
+        for fd in self._locks:
+            _LOCK_FDS.discard(fd)
+            os.close(fd)
+        self._locks.clear()
 
     def sync_dir(self, path: Path) -> None:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -180,6 +224,37 @@ class DirectoryStorage(Storage):
         if exc.errno == errno.ENOSPC:
             reason = "no space left on device"
         return TierError(exc.errno or 0, f"{self.describe()}: {what}: {reason}")
+
+
+def make_private_dirs(path: Path) -> None:
+    """Make ``path`` and its missing parents, each the owner's only (0700); directories
+    that exist are left as they are."""
+    missing = []
+    while not path.is_dir() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            pass  # made meanwhile by another rank of the node
+
+
+# Lock files held open: a child forked by the trainer (a data loader worker) closes its
+# copies, or it would hold the lock after the trainer is gone.
+_LOCK_FDS: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in _LOCK_FDS:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _LOCK_FDS.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
 
 
 def _unlink_quietly(path: Path) -> None:

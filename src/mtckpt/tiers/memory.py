@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import _fastpath, naming
-from .directory import DirectoryStorage
+from .directory import DirectoryStorage, make_private_dirs
 
 Pinner = Callable[[np.ndarray], Callable[[], None]]
 
@@ -82,7 +82,7 @@ class MemoryStorage(DirectoryStorage):
         key = (run, rank)
         if key not in self._free:  # first use: adopt slots a previous process left behind
             directory = self.slot_dir(run, rank)
-            directory.mkdir(parents=True, exist_ok=True)
+            make_private_dirs(directory)
             self._free[key] = [
                 Slot(path, path.stat().st_size)
                 for path in sorted(directory.iterdir())
@@ -124,9 +124,9 @@ class MemoryStorage(DirectoryStorage):
 
     def _create(self, run: str, rank: int, size: int) -> Slot:
         directory = self.slot_dir(run, rank)
-        directory.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(directory)
         slot = Slot(directory / f"slot-{uuid.uuid4().hex[:12]}", 0)
-        os.close(os.open(slot.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
+        os.close(os.open(slot.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
         try:
             self._fit(slot, size)
         except BaseException:
@@ -141,6 +141,7 @@ class MemoryStorage(DirectoryStorage):
         slot.unmap()
         fd = os.open(slot.path, os.O_RDWR | os.O_CLOEXEC)
         try:
+            os.fchmod(fd, 0o600)  # a slot left by an older version may be world-readable
             old = os.fstat(fd).st_size
             os.ftruncate(fd, size)
             if size > old:
@@ -212,6 +213,7 @@ class MemoryStorage(DirectoryStorage):
             pass
 
     def close(self) -> None:
+        super().close()
         with self._lock:
             for slots in self._free.values():
                 for slot in slots:
