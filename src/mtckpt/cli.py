@@ -276,10 +276,15 @@ def _inspect(args: argparse.Namespace) -> int:
     run = _run_name(args, tiers)
     step = _chosen_step(args, tiers, run)
     storage, problems = None, []
-    for tier in (t for t in tiers if step in catalog.newest_complete(t, run)):
+    for tier in (t for t in tiers if step in t.steps(run)):
         info = catalog.step_info(tier, run, step)
-        if info.problems or not info.ranks:
-            problems += info.problems or [f"{tier.describe()}: step {step}: no rank manifest"]
+        if info.status == catalog.DAMAGED:
+            problems += info.problems
+            continue
+        if info.status != catalog.COMPLETE:
+            continue
+        if not info.ranks:
+            problems.append(f"{tier.describe()}: step {step}: no rank manifest")
             continue
         storage = tier
         break

@@ -85,7 +85,9 @@ def read_marker(storage: Storage, run: str, step: int) -> tuple[int, tuple[int, 
         marker = json.loads(raw)
         world_size, ranks = marker["world_size"], marker["ranks"]
     except (ValueError, KeyError, TypeError) as exc:
-        raise CorruptCheckpointError(f"{where}: malformed commit marker ({exc!r})") from None
+        raise CorruptCheckpointError(
+            f"{where}: malformed commit marker ({type(exc).__name__}: {exc})"
+        ) from None
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise CorruptCheckpointError(f"{where}: world_size {world_size!r} is not a positive int")
     if not isinstance(ranks, list) or not all(

@@ -146,7 +146,9 @@ class RankManifest:
         except (CorruptCheckpointError, FormatVersionError):
             raise
         except (KeyError, TypeError, ValueError) as exc:
-            raise CorruptCheckpointError(f"{where}: malformed manifest ({exc!r})") from None
+            raise CorruptCheckpointError(
+                f"{where}: malformed manifest ({type(exc).__name__}: {exc})"
+            ) from None
 
     def data_records(self, parts: bool = True) -> list[LeafRecord]:
         """Records whose bytes are in the data file, in file order: whole leaves, and the

@@ -274,7 +274,7 @@ def test_gc_apply_keeps_the_good_step_when_the_newer_ones_are_damaged(tmp_path, 
     assert [line.split(":")[0] for line in lines] == [
         "removed local exp step 2", "removed local exp step 3"]  # fmt: skip
     assert all(": damaged: " in line for line in lines)
-    assert sorted(p.name for p in (local / RUN).iterdir()) == ["step-000000000001"]
+    assert sorted(p.name for p in (local / RUN).glob("step-*")) == ["step-000000000001"]
     assert mtckpt_cli("verify", "1", "--local", local).returncode == 0
 
 
@@ -288,7 +288,7 @@ def test_gc_apply_verifies_the_newest_step_before_removing_older_ones(tmp_path, 
     assert [(r["step"], r["removed"]) for r in rows] == [(1, True), (3, True)]
     assert rows[0]["reason"] == "beyond the newest 1 complete (step 2 verified)"
     assert rows[1]["reason"].startswith("damaged: ") and "has crc32c" in rows[1]["reason"]
-    assert sorted(p.name for p in (local / RUN).iterdir()) == ["step-000000000002"]
+    assert sorted(p.name for p in (local / RUN).glob("step-*")) == ["step-000000000002"]
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "torch", "dcp"])

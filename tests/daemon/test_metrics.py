@@ -87,9 +87,11 @@ def test_the_trainer_counts_saves_restores_bytes_and_damaged_copies(tmp_path):
             mgr.save(step, state).wait()
         data = tmp_path / "mem" / RUN / "step-000000000003" / "rank-00000.safetensors"
         size = data.stat().st_size
-        raw = bytearray(data.read_bytes())
-        raw[-5] ^= 0xFF  # a flipped byte in the newest memory copy
-        data.write_bytes(bytes(raw))
+        with open(data, "r+b") as f:  # a flipped byte in the newest memory copy, in place
+            f.seek(size - 5)
+            byte = f.read(1)[0]
+            f.seek(size - 5)
+            f.write(bytes([byte ^ 0xFF]))
         step, _ = mgr.restore()
         samples = mgr.metrics.samples()
     assert step == 3  # from the local copy

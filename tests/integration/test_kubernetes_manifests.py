@@ -211,3 +211,13 @@ def the_file(pod: dict, c: dict, path: str, docs: list[dict], kind: str = "Confi
                 doc = the(kind, docs, source[source_kind]["name"])
                 return doc.get("data", doc.get("stringData"))[item["key"]]
     raise AssertionError(f"{c['name']}: no {kind} key at {path}")
+
+
+def test_the_secret_placeholder_is_refused_as_a_token(tmp_path):
+    from mtckpt.daemon.rpc import read_token
+    from mtckpt.errors import ConfigError
+
+    placeholder = the("Secret", documents())["stringData"]["token"]
+    (tmp_path / "token").write_text(placeholder)
+    with pytest.raises(ConfigError, match="printable ASCII characters without spaces"):
+        read_token(str(tmp_path / "token"))

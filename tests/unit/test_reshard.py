@@ -11,7 +11,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from mtckpt import CheckpointManager, CorruptCheckpointError, LocalTier, MemoryTier  # noqa: E402
+from mtckpt import (  # noqa: E402
+    CheckpointManager,
+    CorruptCheckpointError,
+    LocalTier,
+    MemoryTier,
+    StepNotFoundError,
+)
 from mtckpt.manifest import RankManifest  # noqa: E402
 from mtckpt.torch import LocalShard  # noqa: E402
 from node import side_by_side  # noqa: E402
@@ -177,11 +183,20 @@ def test_only_the_chunks_a_region_reads_are_checked(tiers, caplog):
 
 def test_missing_source_file_in_every_tier_names_the_rank(tiers):
     save_on(tiers, 3, 0)
-    for tier in ("memory", "local"):
-        os.remove(data_file(tiers, tier, 1, 2))
     target = shards(full_state(0), 0, 2, 1)
     with manager(tiers, 0, 2) as mgr, pytest.raises(CorruptCheckpointError, match="rank 2"):
+        for tier in ("memory", "local"):  # after the manager's retention, which removes it
+            os.remove(data_file(tiers, tier, 1, 2))
         mgr.restore(target)
+
+
+def test_retention_removes_a_step_missing_a_data_file_and_says_which(tiers, caplog):
+    save_on(tiers, 3, 0)
+    for tier in ("memory", "local"):
+        os.remove(data_file(tiers, tier, 1, 2))
+    with manager(tiers, 0, 2) as mgr, pytest.raises(StepNotFoundError, match="'rs'"):
+        mgr.restore(shards(full_state(0), 0, 2, 1))
+    assert caplog.text.count("step 1 rank-00002.safetensors: the data file is missing") == 2
 
 
 @pytest.mark.parametrize("damaged", [0, 1])
@@ -194,9 +209,7 @@ def test_a_failed_resharded_restore_leaves_the_target_untouched(tiers, damaged, 
     def with_plain(step):
         return {"plain": torch.arange(5000, dtype=torch.float32) + step}
 
-    for rank in range(2):
-        with manager(tiers, rank, 2) as mgr:
-            mgr.save(1, {**shards(full_state(1), rank, 2, dim), **with_plain(1)}).wait()
+    save_on(tiers, 2, dim, state=lambda step: {**full_state(step), **with_plain(step)})
     for tier in ("memory", "local"):
         path = data_file(tiers, tier, 1, damaged)
         with open(path.replace(".safetensors", ".json"), "rb") as f:
