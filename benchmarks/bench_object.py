@@ -197,8 +197,12 @@ def main() -> None:
         default=10,
         help="nice value of the S3 emulator (10: it stands for a remote service)",
     )
-    parser.add_argument("--compression", choices=["zstd"], default=None,
-                        help="flush with zstd (the step then holds float32 weights-like data)")
+    parser.add_argument(
+        "--compression",
+        choices=["zstd"],
+        default=None,
+        help="flush with zstd (the step then holds float32 weights-like data)",
+    )
     parser.add_argument("--out", default="bench-out/object.json")
     args = parser.parse_args()
     started = _dt.datetime.now(_dt.timezone.utc)

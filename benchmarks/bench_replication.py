@@ -244,8 +244,12 @@ def main() -> None:
     parser.add_argument("--loop-save-every", type=int, default=50)
     parser.add_argument("--loop-size-gib", type=float, default=0.25)
     parser.add_argument("--cap-mib-s", type=float, default=200.0, help="--bandwidth run")
-    parser.add_argument("--wait-steps", type=int, default=20,
-                        help="1 MiB steps timed for h.wait('peers'), per way (0: none)")
+    parser.add_argument(
+        "--wait-steps",
+        type=int,
+        default=20,
+        help="1 MiB steps timed for h.wait('peers'), per way (0: none)",
+    )
     parser.add_argument("--memory-root", default="/dev/shm")
     parser.add_argument("--out", default="bench-out/replication.json")
     args = parser.parse_args()

@@ -214,4 +214,3 @@ def manifests(storage: Storage, run: str, step: int) -> list[RankManifest]:
     if info.status == INCOMPLETE and not info.ranks:
         raise StepNotFoundError(f"{storage.describe()}: run {run} has no step {step}")
     return found
-

@@ -725,21 +725,31 @@ def parser() -> argparse.ArgumentParser:
         "removed. Prints what it would remove unless --apply.",
     )  # fmt: skip
     selection(g, "only this run (default: every run)")
-    g.add_argument("--keep", type=_at_least_one, help="complete steps to keep per tier "
-                   "(default: the tier's keep in the config, else 2 (remote: 3))")
+    g.add_argument(
+        "--keep",
+        type=_at_least_one,
+        help="complete steps to keep per tier "
+        "(default: the tier's keep in the config, else 2 (remote: 3))",
+    )
     g.add_argument("--keep-every", type=_at_least_one, metavar="N",
                    help="also keep complete steps that are multiples of N (default: the "
                    "config's remote.keep_every)")  # fmt: skip
     g.add_argument("--apply", action="store_true", help="remove them (default: a dry run)")
     g.set_defaults(handler=_gc)
 
-    e = commands.add_parser("export", help="write a step as safetensors, torch.save or DCP",
-                            description="Whole tensors, assembled from every rank's shards.")
+    e = commands.add_parser(
+        "export",
+        help="write a step as safetensors, torch.save or DCP",
+        description="Whole tensors, assembled from every rank's shards.",
+    )
     e.add_argument("step", nargs="?", help="a step number or 'latest' (default)")
     e.add_argument("--format", choices=export.FORMATS, default="safetensors")
     e.add_argument("--out", required=True, help="the file (a directory for dcp)")
-    e.add_argument("--allow-pickle", action="store_true",
-                   help="read leaves saved with pickle (only for checkpoints you trust)")
+    e.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="read leaves saved with pickle (only for checkpoints you trust)",
+    )
     selection(e)
     e.set_defaults(handler=_export)
     return top

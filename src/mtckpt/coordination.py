@@ -42,6 +42,11 @@ class Coordinator:
         """Every rank's outcome of loading ``step``, in rank order."""
         return [outcome]
 
+    def ranks_sharing(self, identity: str) -> tuple[int, ...] | None:
+        """The ranks whose ``identity`` equals this rank's, ascending, identical on each of
+        them; None where the ranks cannot be asked."""
+        return (0,)
+
 
 class GatheringCoordinator(Coordinator):
     """Agreement by gathering one value from every rank: a distributed engine's part."""
@@ -62,6 +67,10 @@ class GatheringCoordinator(Coordinator):
         gathered = self._all_gather([outcome.status, outcome.reason], f"finish loading step {step}")
         return [Outcome(status, reason) for status, reason in gathered]
 
+    def ranks_sharing(self, identity: str) -> tuple[int, ...] | None:
+        ids = self._all_gather(identity, "tell which ranks share a node")
+        return tuple(rank for rank, other in enumerate(ids) if other == identity)
+
 
 class UncoordinatedRanks(Coordinator):
     """Several ranks without an initialised torch.distributed or jax.distributed: each rank
@@ -75,6 +84,9 @@ class UncoordinatedRanks(Coordinator):
             "have them agree",
             world_size,
         )
+
+    def ranks_sharing(self, identity: str) -> tuple[int, ...] | None:
+        return None
 
 
 def for_job(world_size: int, timeout: float) -> Coordinator:

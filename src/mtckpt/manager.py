@@ -47,7 +47,7 @@ from .manifest import DEFAULT_CHUNK_SIZE, LeafRecord
 from .metrics import Metrics
 from .pipeline import Pipeline, SaveJob, SlowerTier
 from .tiers.base import Storage
-from .tiers.directory import DirectoryStorage
+from .tiers.directory import DirectoryStorage, make_private_dirs
 from .tiers.local import LocalStorage
 from .tiers.memory import MemoryStorage, Slot
 from .tiers.object import object_storage
@@ -112,7 +112,6 @@ class CheckpointManager:
         self.staging = staging
         self.metrics = Metrics()  # mgr.metrics.samples() / .render(): the daemon's families
         self.rank, self.world_size = topology.detect(rank, world_size)
-        self.node_ranks = topology.node_ranks(self.rank, self.world_size)
         # A collective on every rank, so here in the foreground, never in a save.
         self._coordinator = coordination.for_job(self.world_size, collective_timeout)
         self.allow_pickle = bool(allow_pickle)
@@ -145,6 +144,7 @@ class CheckpointManager:
         self._populating: list[threading.Thread] = []  # restore(populate=True) copies
         self._last_saved_at: dict[str, float] = {}
         try:
+            self.node_ranks, self._node_origin = self._find_node_ranks()
             self._lock_node_tiers()
             self._start(memory.keep, chunk_size, collective_timeout)
         except BaseException:  # nothing of this manager stays held
@@ -183,8 +183,24 @@ class CheckpointManager:
             on_memory_commit=self._peers.committed if self._replicating else None,
             memory_verdicts=self._verdicts[self._memory.name],
             node_timeout=collective_timeout,
-            node_origin=topology.node_ranks_origin(),
+            node_origin=self._node_origin,
         )
+
+    def _find_node_ranks(self) -> tuple[tuple[int, ...], str]:
+        """The ranks that share this node's memory (and local) tier, and where that came
+        from: LOCAL_RANK / LOCAL_WORLD_SIZE, else every rank's node identity gathered (a
+        collective, as the manager's construction is on every rank), else the world."""
+        if self.world_size > 1 and not topology.local_ranks_given():
+            daemon_node = self._peers.node_id if self._peers is not None else None
+            try:
+                make_private_dirs(self._memory.root)
+                identity = topology.node_identity(self._memory.root, daemon_node)
+            except OSError as exc:  # reported by the memory tier's preparation next
+                identity = f"unusable memory root: {exc}"
+            found = self._coordinator.ranks_sharing(identity)
+            if found is not None:
+                return found, topology.GATHERED
+        return topology.node_ranks(self.rank, self.world_size), topology.node_ranks_origin()
 
     def _lock_node_tiers(self) -> None:
         """Hold this run and rank on the node's tiers (memory, local) until close: a second
@@ -220,8 +236,14 @@ class CheckpointManager:
                 )
             tier.flush = daemon.flush
         elif not uploader.in_process(cfg):
-            self._uploader = uploader.Uploader(cfg, self.run, self.rank, self.world_size,
-                                               self._memory.root, max(1, self.threads // 2))
+            self._uploader = uploader.Uploader(
+                cfg,
+                self.run,
+                self.rank,
+                self.world_size,
+                self._memory.root,
+                max(1, self.threads // 2),
+            )
             tier.flush = self._uploader.flush
         return tier
 
@@ -535,8 +557,14 @@ class CheckpointManager:
             origin = source
             for storage in faster:
                 try:
-                    tiercopy.copy_shard(origin, storage, self.run, step, self.rank,
-                                        verified=self._verdicts[storage.name].record)
+                    tiercopy.copy_shard(
+                        origin,
+                        storage,
+                        self.run,
+                        step,
+                        self.rank,
+                        verified=self._verdicts[storage.name].record,
+                    )
                     ranks = range(self.world_size) if storage.shared else self.node_ranks
                     commit.try_commit(storage, self.run, step, self.world_size, ranks)
                     origin = faster[0]

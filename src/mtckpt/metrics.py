@@ -140,8 +140,7 @@ class Metrics:
         )
         self.restore_seconds = self.histogram(
             "mtckpt_restore_seconds",
-            "Seconds of one restore, by the tier it came from (the daemon: a recovery from "
-            "peers).",
+            "Seconds of one restore, by the tier it came from (the daemon: a recovery from peers).",
             ("tier",),
         )
         self.bytes_written = self.counter(
@@ -156,7 +155,8 @@ class Metrics:
             ("tier",),
         )
         self.errors = self.counter(
-            "mtckpt_errors", "Failed saves of a step to a tier (the step stays in faster tiers).",
+            "mtckpt_errors",
+            "Failed saves of a step to a tier (the step stays in faster tiers).",
             ("tier",),
         )
 

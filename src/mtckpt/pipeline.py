@@ -280,17 +280,27 @@ class Pipeline:
                 continue  # arrived since try_commit looked
             newer = {r: s for s, ranks in held.items() if s > step for r in ranks if r in missing}
             if newer:
-                raise self._missing_error(step, missing, "saved newer step(s) "
-                                          f"{sorted(set(newer.values()))} but not this one")
+                raise self._missing_error(
+                    step,
+                    missing,
+                    f"saved newer step(s) {sorted(set(newer.values()))} but not this one",
+                )
             absent = frozenset(r for r in missing if not any(r in ranks for ranks in held.values()))
             if absent and absent == set(missing) and absent <= self._absent:
-                raise self._missing_error(step, missing, "have written no step here yet, and "
-                                          "an earlier step waited for them in vain")
+                raise self._missing_error(
+                    step,
+                    missing,
+                    "have written no step here yet, and an earlier step waited for them in vain",
+                )
             now = time.monotonic()
             if now - started >= self.node_timeout:
                 self._absent = absent
-                raise self._missing_error(step, missing, "did not write their shard within "
-                                          f"{self.node_timeout:g} s (collective_timeout)")
+                raise self._missing_error(
+                    step,
+                    missing,
+                    "did not write their shard within "
+                    f"{self.node_timeout:g} s (collective_timeout)",
+                )
             if now >= next_log:
                 log.warning("step %d: waiting %.0f s for rank(s) %s of this node to write their "
                             "shard into the %s; this node's ranks %s are %s", step, now - started,

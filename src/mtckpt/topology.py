@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 
 from . import naming
 from .errors import ConfigError
@@ -28,11 +30,38 @@ def detect(
     return rank, world_size
 
 
+def local_ranks_given(env: Mapping[str, str] | None = None) -> bool:
+    """Whether the environment says which ranks share this node (as torchrun does)."""
+    env = os.environ if env is None else env
+    return "LOCAL_WORLD_SIZE" in env and "LOCAL_RANK" in env
+
+
+def node_identity(root: Path, daemon_node: str | None = None) -> str:
+    """What the ranks sharing this node's tiers have in common: the node daemon's id, else
+    this machine's boot id with the device and inode of the memory root (so ranks in
+    network namespaces of one machine, each with its own root, are nodes apart)."""
+    if daemon_node:
+        return f"daemon {daemon_node}"
+    try:
+        machine = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        machine = socket.gethostname()
+    found = root.stat()
+    return f"{machine} {found.st_dev}:{found.st_ino}"
+
+
+GATHERED = (
+    "those that shared this node's memory root when the manager started (every rank was "
+    "asked, as LOCAL_RANK / LOCAL_WORLD_SIZE are not set): a rank of this node died, or "
+    "saves other steps"
+)
+
+
 def node_ranks(rank: int, world_size: int, env: Mapping[str, str] | None = None) -> tuple[int, ...]:
     """Ranks on this node (sharing its memory and local tiers), from ``LOCAL_RANK`` and
     ``LOCAL_WORLD_SIZE`` as torchrun sets them; without them, all ranks."""
     env = os.environ if env is None else env
-    if "LOCAL_WORLD_SIZE" not in env or "LOCAL_RANK" not in env:
+    if not local_ranks_given(env):
         return tuple(range(world_size))
     try:
         local_rank, local_world = int(env["LOCAL_RANK"]), int(env["LOCAL_WORLD_SIZE"])

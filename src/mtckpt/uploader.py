@@ -75,8 +75,10 @@ class Uploader:
                 logs, error = self._conn.recv()
             except (EOFError, OSError):
                 code = self._stop()
-                raise TierError(f"step {step} {self.where} ended before it answered (exit "
-                                f"code {code}); the next due step starts a new one") from None
+                raise TierError(
+                    f"step {step} {self.where} ended before it answered (exit "
+                    f"code {code}); the next due step starts a new one"
+                ) from None
         _replay(logs)
         if error is not None:
             raise error
@@ -174,8 +176,9 @@ def _serve(conn: Connection) -> None:
         try:
             if storage is None:
                 storage = object_storage(cfg, check=False)
-            tiercopy.copy_shard(source, storage, run, step, rank, threads=threads,
-                                verified=verdicts.record)
+            tiercopy.copy_shard(
+                source, storage, run, step, rank, threads=threads, verified=verdicts.record
+            )
             commit.try_commit(storage, run, step, world_size, range(world_size))
         except Exception as exc:
             error = _portable(exc)

@@ -339,7 +339,7 @@ def test_the_tiers_come_from_the_config_file_and_s3(tmp_path, moto, bucket):
     config.write_text(
         f'run = "{RUN}"\n[memory]\npath = "{tmp_path / "memory"}"\n'
         f'[local]\npath = "{tmp_path / "local"}"\n[remote]\nurl = "{remote}"\n'
-        f'[remote.storage_options]\n{options}\n'
+        f"[remote.storage_options]\n{options}\n"
         '[remote.storage_options.client_kwargs]\nregion_name = "eu-west-1"\n'
     )
     with mtckpt.CheckpointManager.from_config(config) as mgr:

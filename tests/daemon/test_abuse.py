@@ -73,8 +73,11 @@ def stalled_push(sender, receiver) -> tuple[threading.Thread, dict, threading.Ev
 
     def messages():
         yield frames.push_header(header)
-        yield frames.push_chunk(0, data[: frames.CHUNK_BYTES],
-                                frames._fastpath.backend().crc32c(data[: frames.CHUNK_BYTES]))
+        yield frames.push_chunk(
+            0,
+            data[: frames.CHUNK_BYTES],
+            frames._fastpath.backend().crc32c(data[: frames.CHUNK_BYTES]),
+        )
         release.wait(120)
 
     def push():

@@ -71,10 +71,18 @@ def test_daemon_and_restore_take_their_settings_from_the_config_file(tmp_path):
         ("[daemon]\n", [], "no memory root", 2),
         ('[daemon]\nmemory_root = "/tmp/m"\n', ["--tls-cert", "c.pem"], "go together", 2),
         ('[daemon]\nmemory_root = "/tmp/m"\n', ["--nice", "25"], "nice must be 0..19", 1),
-        ('[daemon]\nmemory_root = "/tmp/m"\n', ["--remote", "bucket"], "remote.url must be a URL",
-         1),
-        ('[daemon]\nmemory_root = "/tmp/m"\n[remote]\nurl = "s3://b"\ncompression = "lz4"\n', [],
-         "remote.compression must be None or 'zstd'", 1),
+        (
+            '[daemon]\nmemory_root = "/tmp/m"\n',
+            ["--remote", "bucket"],
+            "remote.url must be a URL",
+            1,
+        ),
+        (
+            '[daemon]\nmemory_root = "/tmp/m"\n[remote]\nurl = "s3://b"\ncompression = "lz4"\n',
+            [],
+            "remote.compression must be None or 'zstd'",
+            1,
+        ),
     ],
 )
 def test_bad_daemon_settings_exit_non_zero_with_the_reason(tmp_path, text, args, message, code):

@@ -249,8 +249,10 @@ def test_a_wrong_token_is_rejected(cluster, tmp_path):
     with daemon.client(token="s3cret-token-0123456789") as client:
         assert client.status().node_id == "tok-a"
     save(daemon, 0, 1, [1], token="s3cret-token-0123456789")  # peers use the token too
-    wait_for(lambda: replicated_with(daemon, "s3cret-token-0123456789"),
-             what="replication with the token")
+    wait_for(
+        lambda: replicated_with(daemon, "s3cret-token-0123456789"),
+        what="replication with the token",
+    )
 
 
 def replicated_with(daemon, token):

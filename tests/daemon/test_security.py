@@ -163,8 +163,11 @@ def test_a_node_cannot_push_or_fetch_another_nodes_shards(pki_cluster):
 def test_peers_cannot_call_the_trainers_methods(pki_cluster):
     daemons, certs = pki_cluster
     with tls_client(daemons["tls-b"], certs, "tls-a") as peer:
-        for call in (lambda: peer.notify("exp", 1), lambda: peer.recover("exp", timeout=10),
-                     lambda: peer.flush(pb.ShardId(run="exp", step=1, rank=0, origin="tls-b"))):
+        for call in (
+            lambda: peer.notify("exp", 1),
+            lambda: peer.recover("exp", timeout=10),
+            lambda: peer.flush(pb.ShardId(run="exp", step=1, rank=0, origin="tls-b")),
+        ):
             with pytest.raises(grpc.RpcError) as info:
                 call()
             assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED

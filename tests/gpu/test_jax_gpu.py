@@ -31,6 +31,7 @@ def needs_a_gpu():
     if not _gpus():
         pytest.skip("needs a JAX GPU device")
 
+
 DTYPES = ["float32", "bfloat16", "float16", "int8", "uint8", "int16", "int32", "uint32", "bool"]
 
 

@@ -1,6 +1,8 @@
-"""Ranks of two nodes started with RANK / WORLD_SIZE but no LOCAL_RANK / LOCAL_WORLD_SIZE:
-each rank takes the whole world to share its node's tiers and waits there for ranks that
-write elsewhere. The wait logs who is missing, then fails the step with
+"""Ranks of two nodes started with RANK / WORLD_SIZE but no LOCAL_RANK / LOCAL_WORLD_SIZE.
+In a torch.distributed group, the manager asks every rank for its node (the daemon's node
+id, else the machine and the memory root) and commits with the ranks that share it.
+Without one, each rank takes the whole world to share its node's tiers and waits there
+for ranks that write elsewhere: the wait logs who is missing, then fails the step with
 NodeRanksMissingError at collective_timeout, through h.wait() and mgr.wait(); later steps
 fail at once; nothing is left in node memory but the free slot."""
 
@@ -61,3 +63,36 @@ def test_with_a_node_daemon_the_peers_stage_fails_with_it(cluster):
     results = run_ranks("node_worker.py", 2, ["--daemons", sockets,
                         "--collective-timeout", str(TIMEOUT)], timeout=120)  # fmt: skip
     check_failed_fast(results, lambda rank: daemons[f"n{rank}"].memory_root)
+
+
+def check_committed(results, node_ranks):
+    for result in check_ok(results):
+        seen = outcomes(result)
+        assert [seen[f"step {s}"]["error"] for s in (0, 1)] == [None, None]
+        assert seen["mgr.wait"]["error"] is None
+        assert seen["restore"]["node_ranks"] == node_ranks(result.rank)
+        assert (seen["restore"]["step"], seen["restore"]["w"]) == (1, 1.0)
+
+
+def test_in_a_process_group_the_ranks_of_each_node_are_found(tmp_path):
+    pytest.importorskip("torch")
+    results = run_ranks("node_worker.py", 2, ["--memory", str(tmp_path), "--gloo",
+                        "--collective-timeout", "60"], timeout=120)  # fmt: skip
+    check_committed(results, lambda rank: [rank])
+
+
+def test_in_a_process_group_ranks_sharing_a_memory_root_are_one_node(tmp_path):
+    pytest.importorskip("torch")
+    results = run_ranks("node_worker.py", 2, ["--memory", str(tmp_path), "--gloo",
+                        "--one-node", "--collective-timeout", "60"], timeout=120)  # fmt: skip
+    check_committed(results, lambda rank: [0, 1])
+
+
+def test_with_node_daemons_in_a_process_group_each_daemon_is_a_node(cluster):
+    pytest.importorskip("grpc")
+    pytest.importorskip("torch")
+    daemons = cluster(["g0", "g1"])
+    sockets = ",".join(f"unix://{daemons[n].socket}" for n in ("g0", "g1"))
+    results = run_ranks("node_worker.py", 2, ["--daemons", sockets, "--gloo",
+                        "--collective-timeout", "60"], timeout=120)  # fmt: skip
+    check_committed(results, lambda rank: [rank])

@@ -138,8 +138,9 @@ def test_a_rank_killed_mid_save_leaves_the_others_running_and_the_step_uncommitt
     assert results[0].returncode == 0 and results[0].lines() == [
         f"survivor: step 3 of run 'job' cannot commit in the memory tier ({tmp_path / 'shm'}): "
         "rank(s) [1] of this node did not write their shard within 5 s (collective_timeout); "
-        "this node's ranks [0, 1] are the whole world, as LOCAL_RANK / LOCAL_WORLD_SIZE are "
-        "not set (with ranks on several nodes, set them as torchrun does)"
+        "this node's ranks [0, 1] are those that shared this node's memory root when the "
+        "manager started (every rank was asked, as LOCAL_RANK / LOCAL_WORLD_SIZE are not set): "
+        "a rank of this node died, or saves other steps"
     ]
     assert not shard(tmp_path, "shm", 3, 0).parent.exists()  # the survivor's shard is gone
     after = check_ok(run_ranks("torch_worker.py", 2, ["restore", "--root", str(tmp_path)]))

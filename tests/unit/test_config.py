@@ -223,8 +223,10 @@ def test_bad_daemon_settings_name_the_key(tmp_path, text, env, message):
 
 def test_the_daemon_uploads_where_the_remote_table_says(tmp_path):
     path = tmp_path / "mtckpt.toml"
-    path.write_text('[daemon]\nmemory_root = "/dev/shm/m"\n'
-                    '[remote]\nurl = "s3://bucket/prefix"\nkeep = 5\ncompression = "zstd"\n')
+    path.write_text(
+        '[daemon]\nmemory_root = "/dev/shm/m"\n'
+        '[remote]\nurl = "s3://bucket/prefix"\nkeep = 5\ncompression = "zstd"\n'
+    )
     assert config.load_daemon(path, env={})["remote"] == ObjectTier(
         url="s3://bucket/prefix", keep=5, compression="zstd"
     )

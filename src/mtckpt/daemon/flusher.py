@@ -157,8 +157,9 @@ class Flusher:
             raise CorruptCheckpointError(
                 f"{shard}: not committed in this node's memory or local tier"
             )
-        size = tiercopy.copy_shard(source, self.storage, run, step, rank, recheck=True,
-                                   verified=self.verdicts.record)
+        size = tiercopy.copy_shard(
+            source, self.storage, run, step, rank, recheck=True, verified=self.verdicts.record
+        )
         world = commit.saved_world_size(source, run, step)
         commit.try_commit(self.storage, run, step, world, range(world))
         retention.apply_or_log(self.storage, run, rank, world, self.tier.keep,

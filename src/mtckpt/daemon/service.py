@@ -542,7 +542,6 @@ class Daemon:
             pass
 
 
-
 class DaemonMetrics(Metrics):
     """The trainer's families, plus the daemon's own: replicas received, and gauges read
     from the replicator, the flusher and the peer list at each scrape."""
@@ -553,13 +552,22 @@ class DaemonMetrics(Metrics):
         self.replica_bytes = self.counter(
             "mtckpt_replica_received_bytes", "Bytes of other nodes' shards received and stored."
         )
-        self.gauge("mtckpt_replication_lag_seconds", "Age of the oldest committed shard that "
-                   "some chosen peer does not hold yet (0: all replicated).", read=self._lag)
-        self.gauge("mtckpt_replication_pending_shards",
-                   "Committed shards not yet held by every chosen peer.",
-                   read=lambda: len(self._unreplicated()))
-        self.gauge("mtckpt_flush_backlog_shards",
-                   "Shards queued for or being uploaded to the object tier.", read=self._backlog)
+        self.gauge(
+            "mtckpt_replication_lag_seconds",
+            "Age of the oldest committed shard that "
+            "some chosen peer does not hold yet (0: all replicated).",
+            read=self._lag,
+        )
+        self.gauge(
+            "mtckpt_replication_pending_shards",
+            "Committed shards not yet held by every chosen peer.",
+            read=lambda: len(self._unreplicated()),
+        )
+        self.gauge(
+            "mtckpt_flush_backlog_shards",
+            "Shards queued for or being uploaded to the object tier.",
+            read=self._backlog,
+        )
         self.gauge("mtckpt_peers", "Peer daemons known, by state.", ("state",), read=self._peers)
         self.gauge("mtckpt_draining", "1 while the daemon drains on SIGTERM.",
                    read=lambda: int(daemon.draining))  # fmt: skip
