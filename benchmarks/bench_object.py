@@ -44,7 +44,7 @@ from _harness import (
 )
 
 import mtckpt
-from mtckpt import naming
+from mtckpt.format import naming
 
 RUN = "bench"
 

@@ -30,8 +30,9 @@ from torch.distributed.checkpoint.planner import LoadItemType, WriteItemType
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
 
-from . import naming, reshard
+from . import reshard
 from .errors import StepNotFoundError
+from .format import naming
 from .manager import CheckpointManager
 from .torch import _DTYPES, LocalShard, _typed
 

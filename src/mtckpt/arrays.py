@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from . import shard
 from .errors import UnsupportedLeafError
+from .format import shard
 
 # Leaf kinds holding an array, and the module providing each kind's adapter.
 _KIND_MODULES = {"ndarray": None, "npscalar": None, "torch": "mtckpt.torch", "jax": "mtckpt.jax"}

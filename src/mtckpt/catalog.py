@@ -8,9 +8,10 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import commit, naming, restore, tiercopy
+from . import restore, tiercopy
 from .errors import CorruptCheckpointError, StepNotFoundError
-from .manifest import RankManifest
+from .format import commit, naming
+from .format.manifest import RankManifest
 from .tiers.base import FileStat, Storage
 
 log = logging.getLogger(__name__)

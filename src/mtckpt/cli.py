@@ -16,9 +16,10 @@ import sys
 import threading
 import time
 
-from . import arrays, catalog, config, export, naming, retention
+from . import arrays, catalog, config, export, retention
 from .config import LocalTier, MemoryTier, ObjectTier
 from .errors import CorruptCheckpointError, MtckptError, StepNotFoundError
+from .format import naming
 from .tiers.base import Storage
 from .tiers.directory import DirectoryStorage
 from .tiers.local import LocalStorage

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import encoding
 from .errors import ConfigError
+from .format import encoding
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -11,9 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from . import arrays, commit, reshard, restore, tree
+from . import arrays, reshard, restore, tree
 from .errors import CorruptCheckpointError, StepNotFoundError
-from .manifest import RankManifest
+from .format import commit
+from .format.manifest import RankManifest
 from .tiers.base import Storage
 
 FORMATS = ("safetensors", "torch", "dcp")

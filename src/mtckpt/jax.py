@@ -24,8 +24,9 @@ import jax
 import numpy as np
 from jax.sharding import SingleDeviceSharding
 
-from . import _cuda, arrays, coordination, shard
+from . import _cuda, arrays, coordination
 from .errors import MtckptError
+from .format import shard
 
 __all__ = ["abstract"]
 

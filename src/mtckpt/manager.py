@@ -18,14 +18,11 @@ import numpy as np
 from . import (
     _fastpath,
     arrays,
-    commit,
     config,
     coordination,
-    naming,
     reshard,
     restore,
     retention,
-    shard,
     tiercopy,
     topology,
     tree,
@@ -42,8 +39,9 @@ from .errors import (
     StepNotFoundError,
     TierError,
 )
+from .format import commit, naming, shard
+from .format.manifest import DEFAULT_CHUNK_SIZE, LeafRecord
 from .handle import SaveHandle
-from .manifest import DEFAULT_CHUNK_SIZE, LeafRecord
 from .metrics import Metrics
 from .pipeline import Pipeline, SaveJob, SlowerTier
 from .tiers.base import Storage

@@ -18,11 +18,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import checksum, commit, naming, retention, tiercopy
+from . import checksum, retention, tiercopy
 from .errors import MtckptError, NodeRanksMissingError
+from .format import commit, naming
+from .format.manifest import LeafRecord, RankManifest
+from .format.shard import Layout
 from .handle import SaveHandle
-from .manifest import LeafRecord, RankManifest
-from .shard import Layout
 from .tiers.base import Storage
 from .tiers.memory import MemoryStorage, Slot
 from .tree import Node

@@ -19,10 +19,11 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import _fastpath, arrays, shard
+from . import _fastpath, arrays
 from .arrays import Region
 from .errors import CorruptCheckpointError
-from .manifest import LeafRecord, RankManifest
+from .format import shard
+from .format.manifest import LeafRecord, RankManifest
 from .restore import (
     VerifiedShard,
     close_mapping,

@@ -23,14 +23,15 @@ from typing import Any
 
 import numpy as np
 
-from . import _fastpath, arrays, encoding, naming, shard
+from . import _fastpath, arrays
 from .errors import (
     ChecksumMismatchError,
     CorruptCheckpointError,
     StateMismatchError,
     UnsupportedLeafError,
 )
-from .manifest import LeafRecord, RankManifest
+from .format import encoding, naming, shard
+from .format.manifest import LeafRecord, RankManifest
 from .tiers.base import Storage
 from .tree import DATA_KINDS
 

@@ -22,9 +22,10 @@ import threading
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from . import catalog, commit, naming, restore
+from . import catalog, restore
 from .errors import CorruptCheckpointError, FormatVersionError
-from .manifest import RankManifest
+from .format import commit, naming
+from .format.manifest import RankManifest
 from .tiers.base import Storage
 
 log = logging.getLogger(__name__)

@@ -8,9 +8,10 @@ import dataclasses
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
-from . import checksum, encoding, naming
+from . import checksum
 from .errors import ChecksumMismatchError
-from .manifest import RankManifest
+from .format import encoding, naming
+from .format.manifest import RankManifest
 from .restore import close_mapping, open_data, read_manifest
 from .tiers.base import Storage
 

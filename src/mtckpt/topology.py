@@ -8,8 +8,8 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from . import naming
 from .errors import ConfigError
+from .format import naming
 
 
 def detect(

@@ -24,9 +24,10 @@ import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from . import commit, retention, tiercopy
+from . import retention, tiercopy
 from .config import ObjectTier
 from .errors import ConfigError, TierError
+from .format import commit
 
 NICE = 10  # as the node daemon: the training loop goes first
 STOP_SECONDS = 10.0  # for an idle helper to exit when asked, before it is killed

@@ -15,7 +15,7 @@ from mtckpt import (
     LocalTier,
     MemoryTier,
 )
-from mtckpt.manifest import _self_crc
+from mtckpt.format.manifest import _self_crc
 from states import assert_same_state, make_state
 
 pytestmark = pytest.mark.usefixtures("backend")

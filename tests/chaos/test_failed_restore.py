@@ -13,8 +13,9 @@ import uuid
 import numpy as np
 import pytest
 
-from mtckpt import CheckpointManager, CorruptCheckpointError, LocalTier, MemoryTier, naming
-from mtckpt.manifest import RankManifest
+from mtckpt import CheckpointManager, CorruptCheckpointError, LocalTier, MemoryTier
+from mtckpt.format import naming
+from mtckpt.format.manifest import RankManifest
 from states import assert_same_state
 
 pytestmark = pytest.mark.usefixtures("backend")

@@ -11,10 +11,10 @@ import grpc
 import numpy as np
 
 from daemons import TRAIN_RUN, replicated, save, trainer, wait_for
-from mtckpt import naming
 from mtckpt.daemon import frames
 from mtckpt.daemon.limits import STREAMS_PER_PEER
 from mtckpt.daemon.rpc import Client
+from mtckpt.format import naming
 from mtckpt.proto import mtckpt_pb2 as pb
 
 UNREAD = 40

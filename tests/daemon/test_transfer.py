@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from daemons import save
-from mtckpt import naming
 from mtckpt.daemon import bulk, frames
 from mtckpt.daemon.holdings import Holdings, Shard
 from mtckpt.daemon.rpc import shard_id
-from mtckpt.manifest import RankManifest
+from mtckpt.format import naming
+from mtckpt.format.manifest import RankManifest
 from mtckpt.proto import mtckpt_pb2 as pb
 
 RUN = "exp"

@@ -12,7 +12,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from mtckpt import cli, config, naming
+from mtckpt import cli, config
+from mtckpt.format import naming
 
 MANIFESTS = Path(__file__).resolve().parents[2] / "integrations" / "kubernetes"
 # Native sidecars are on by default from 1.29, the preStop sleep action from 1.30.

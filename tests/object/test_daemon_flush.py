@@ -18,14 +18,8 @@ import pytest
 pytest.importorskip("grpc")
 
 from daemons import DaemonProcess, free_port, wait_for  # noqa: E402
-from mtckpt import (  # noqa: E402
-    CheckpointManager,
-    ConfigError,
-    MemoryTier,
-    ObjectTier,
-    PeerTier,
-    naming,
-)
+from mtckpt import CheckpointManager, ConfigError, MemoryTier, ObjectTier, PeerTier
+from mtckpt.format import naming  # noqa: E402
 from mtckpt.proto import mtckpt_pb2 as pb  # noqa: E402
 from mtckpt.tiers.object import ObjectStorage  # noqa: E402
 from states import assert_same_state  # noqa: E402

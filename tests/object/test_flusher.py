@@ -11,9 +11,10 @@ import pytest
 
 pytest.importorskip("grpc")
 
-from mtckpt import CheckpointManager, MemoryTier, ObjectTier, commit, naming  # noqa: E402
+from mtckpt import CheckpointManager, MemoryTier, ObjectTier
 from mtckpt.daemon.flusher import Flusher, Phase  # noqa: E402
 from mtckpt.daemon.holdings import Holdings, Shard  # noqa: E402
+from mtckpt.format import commit, naming  # noqa: E402
 from mtckpt.tiers.object import object_storage  # noqa: E402
 from node import side_by_side  # noqa: E402
 

@@ -4,8 +4,8 @@ import math
 import pytest
 
 from mtckpt import ChecksumMismatchError, CorruptCheckpointError, FormatVersionError
-from mtckpt.encoding import StoredFile
-from mtckpt.manifest import FORMAT_VERSION, LeafRecord, RankManifest, _self_crc
+from mtckpt.format.encoding import StoredFile
+from mtckpt.format.manifest import FORMAT_VERSION, LeafRecord, RankManifest, _self_crc
 from mtckpt.tree import Node
 
 

@@ -18,7 +18,7 @@ from mtckpt import (  # noqa: E402
     MemoryTier,
     StepNotFoundError,
 )
-from mtckpt.manifest import RankManifest  # noqa: E402
+from mtckpt.format.manifest import RankManifest  # noqa: E402
 from mtckpt.torch import LocalShard  # noqa: E402
 from node import side_by_side  # noqa: E402
 

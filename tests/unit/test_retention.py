@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mtckpt import CheckpointManager, LocalTier, MemoryTier, ObjectTier, naming
+from mtckpt import CheckpointManager, LocalTier, MemoryTier, ObjectTier
+from mtckpt.format import naming
 from mtckpt.tiers.directory import DirectoryStorage
 from mtckpt.tiers.object import ObjectStorage
 from states import assert_same_state

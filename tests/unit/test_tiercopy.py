@@ -10,9 +10,9 @@ from mtckpt import (
     ChecksumMismatchError,
     CorruptCheckpointError,
     MemoryTier,
-    naming,
     tiercopy,
 )
+from mtckpt.format import naming
 from mtckpt.tiers.local import LocalStorage
 from mtckpt.tiers.memory import MemoryStorage
 from mtckpt.tiers.object import ObjectStorage

@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 from .. import _fastpath
 from ..errors import MtckptError
-from ..manifest import RankManifest
+from ..format.manifest import RankManifest
 from . import frames
 from .holdings import Incoming, Outgoing
 from .rpc import TLSFiles

@@ -19,9 +19,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .. import commit, retention, tiercopy
+from .. import retention, tiercopy
 from ..config import ObjectTier
 from ..errors import ChecksumMismatchError, CorruptCheckpointError
+from ..format import commit
 from ..metrics import Metrics
 from ..proto import mtckpt_pb2 as pb
 from ..tiers.object import ObjectStorage

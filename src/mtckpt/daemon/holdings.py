@@ -14,9 +14,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import _fastpath, commit, naming
+from .. import _fastpath
 from ..errors import ChecksumMismatchError, CorruptCheckpointError
-from ..manifest import RankManifest
+from ..format import commit, naming
+from ..format.manifest import RankManifest
 from ..restore import close_mapping
 from ..tiers.directory import DirectoryStorage
 from ..tiers.local import LocalStorage

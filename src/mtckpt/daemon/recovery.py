@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from .. import commit, tiercopy
+from .. import tiercopy
 from ..errors import (
     CorruptCheckpointError,
     MtckptError,
     StepNotFoundError,
 )
+from ..format import commit
 from . import bulk, frames
 from .holdings import Holdings, Shard
 from .peers import Peers

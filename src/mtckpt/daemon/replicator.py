@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from .. import naming
 from ..errors import MtckptError
-from ..manifest import RankManifest
+from ..format import naming
+from ..format.manifest import RankManifest
 from ..metrics import Metrics
 from ..proto import mtckpt_pb2 as pb
 from ..restore import close_mapping

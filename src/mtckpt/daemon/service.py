@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from .. import _fastpath, naming
+from .. import _fastpath
 from ..config import ObjectTier
 from ..errors import ChecksumMismatchError, ConfigError, MtckptError, StepNotFoundError
+from ..format import naming
 from ..metrics import Endpoint, Metrics
 from ..proto import mtckpt_pb2 as pb
 from ..proto import mtckpt_pb2_grpc as pb_grpc

@@ -16,7 +16,7 @@ class Storage(ABC):
     """Files of checkpoints, addressed by (run, step, file name).
 
     Writes are atomic: a file appears under its name only once it is complete. Storage knows
-    nothing of manifests, commits or policies; :mod:`mtckpt.commit` and the pipeline do.
+    nothing of manifests, commits or policies; :mod:`mtckpt.format.commit` and the pipeline do.
     """
 
     #: Short tier name used in messages and in ``CheckpointManager.steps()``.
@@ -26,7 +26,7 @@ class Storage(ABC):
     shared: bool = False
     #: Whether ``write_stream`` wants a data file as one buffer rather than as pieces; such
     #: a storage records how it stores each data file in the manifest it keeps
-    #: (:mod:`mtckpt.encoding`), compressed when ``compression`` is set.
+    #: (:mod:`mtckpt.format.encoding`), compressed when ``compression`` is set.
     whole_files: bool = False
     compression: str | None = None
     compression_level: int = 3

@@ -17,8 +17,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .. import _fastpath, naming
+from .. import _fastpath
 from ..errors import RankInUseError, TierError
+from ..format import naming
 from .base import FileStat, Storage
 
 _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import _fastpath, naming
+from .. import _fastpath
+from ..format import naming
 from .directory import DirectoryStorage, make_private_dirs
 
 Pinner = Callable[[np.ndarray], Callable[[], None]]

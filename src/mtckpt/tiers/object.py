@@ -7,7 +7,7 @@ bounded concurrency; every request is retried with exponential backoff on errors
 may pass (a dropped connection, an endpoint restarting), never on a missing bucket or a
 refused permission; each part of a multipart upload is retried on its own. Reads of a data
 file are ranged GETs run in parallel. Data files may be stored zstd-compressed
-(:mod:`mtckpt.encoding`); the manifest says how each one is stored.
+(:mod:`mtckpt.format.encoding`); the manifest says how each one is stored.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Any, TypeVar
 
-from .. import encoding, naming
 from ..config import ObjectTier
 from ..errors import ConfigError, CorruptCheckpointError, TierError
+from ..format import encoding, naming
 from .base import FileStat, Storage
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import KeyCollisionError
+from ..errors import KeyCollisionError
 
 HEADER_ALIGN = 4096
 METADATA_KEY = "__metadata__"

@@ -14,9 +14,9 @@ import json
 import logging
 from collections.abc import Iterable
 
+from ..errors import CorruptCheckpointError
+from ..tiers.base import Storage
 from . import naming
-from .errors import CorruptCheckpointError
-from .tiers.base import Storage
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from . import checksum
-from .errors import ChecksumMismatchError, ConfigError, CorruptCheckpointError, FormatVersionError
+from .. import checksum
+from ..errors import ChecksumMismatchError, ConfigError, CorruptCheckpointError, FormatVersionError
 
 ENCODINGS = ("identity", "zstd")
 FRAME_BYTES = 8 * 1024 * 1024  # data-file bytes per zstd frame, rounded down to whole chunks
