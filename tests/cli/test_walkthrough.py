@@ -1,7 +1,7 @@
-"""The README's restore-after-node-loss walk-through, run exactly as written: three
-daemons (real processes), trainers on each save, one node is lost (daemon SIGKILLed,
-roots deleted) and replaced; the README's commands run in bash on the replacement; the
-trainer's restore is then bit-exact from node memory."""
+"""The operator's restore-after-node-loss walk-through (docs/operations.md), run exactly
+as written: three daemons (real processes), trainers on each save, one node is lost
+(daemon SIGKILLed, roots deleted) and replaced; the page's commands run in bash on the
+replacement; the trainer's restore is then bit-exact from node memory."""
 
 from __future__ import annotations
 
@@ -14,18 +14,18 @@ from pathlib import Path
 from daemons import knows, replicated, restore, save, state, wait_for
 from states import assert_same_state
 
-README = Path(__file__).parents[2] / "README.md"
+PAGE = Path(__file__).parents[2] / "docs" / "operations.md"
 NODES = ["node-a", "node-b", "node-c"]
 
 
 def walkthrough() -> str:
-    text = README.read_text()
+    text = PAGE.read_text()
     match = re.search(r"<!-- operator-walkthrough.*?-->\n```bash\n(.*?)```", text, re.S)
-    assert match, "the README has no operator walk-through block"
+    assert match, f"{PAGE} has no operator walk-through block"
     return match.group(1)
 
 
-def test_the_readme_walkthrough_restores_a_lost_node_from_its_peers(cluster, tmp_path):
+def test_the_documented_walkthrough_restores_a_lost_node_from_its_peers(cluster, tmp_path):
     daemons = cluster(NODES)
     for rank, node in enumerate(NODES):
         save(daemons[node], rank, len(NODES), [1, 2])
