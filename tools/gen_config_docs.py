@@ -339,7 +339,7 @@ def render() -> str:
         "its numpy fallback |",
         "| `RANK`, `WORLD_SIZE` | rank and world size when no distributed engine is initialised |",
         "| `LOCAL_RANK`, `LOCAL_WORLD_SIZE` | the ranks on this node, which share its tiers "
-        "(unset: every rank is on this node) |",
+        "(unset: the ranks sharing this node's memory root, asked in a process group; without one, every rank) |",
         "",
     ]
     return "\n".join(lines)
