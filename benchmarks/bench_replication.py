@@ -202,7 +202,7 @@ def wait_latencies(base, sockets, steps: int) -> dict[str, list[float]]:
     """Seconds from ``h.wait("memory")`` to ``h.wait("peers")`` returning for a 1 MiB step,
     with the long-polled Status and with the daemon made to answer at once (the trainer
     then asks every POLL_SECONDS), in alternating rounds; 2 warm-up steps each."""
-    from mtckpt.tiers import peer
+    from mtckpt.daemon import link as peer
 
     daemons = pair(base, sockets, [])
     state = {"w": np.random.default_rng(3).standard_normal(1 << 18).astype(np.float32)}

@@ -249,7 +249,7 @@ def tier_sections(selection: dict[str, argparse.Action]) -> list[str]:
 
 def daemon_section(daemon: argparse.ArgumentParser) -> list[str]:
     from mtckpt import config
-    from mtckpt.daemon import DaemonConfig
+    from mtckpt.daemon.service import DaemonConfig
 
     flags = _flags(daemon)
     declared = set(config.DAEMON_OPTIONS)
@@ -339,7 +339,8 @@ def render() -> str:
         "its numpy fallback |",
         "| `RANK`, `WORLD_SIZE` | rank and world size when no distributed engine is initialised |",
         "| `LOCAL_RANK`, `LOCAL_WORLD_SIZE` | the ranks on this node, which share its tiers "
-        "(unset: the ranks sharing this node's memory root, asked in a process group; without one, every rank) |",
+        "(unset: the ranks sharing this node's memory root, asked in a process group; "
+        "without one, every rank) |",
         "",
     ]
     return "\n".join(lines)

@@ -8,10 +8,11 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import restore, tiercopy
+from . import tiercopy
 from .errors import CorruptCheckpointError, StepNotFoundError
 from .format import commit, naming
 from .format.manifest import RankManifest
+from .restore import read as restore
 from .tiers.base import FileStat, Storage
 
 log = logging.getLogger(__name__)

@@ -11,10 +11,12 @@ from typing import Any
 
 import numpy as np
 
-from . import arrays, reshard, restore, tree
+from . import arrays, tree
 from .errors import CorruptCheckpointError, StepNotFoundError
 from .format import commit
 from .format.manifest import RankManifest
+from .restore import read as restore
+from .restore import reshard
 from .tiers.base import Storage
 
 FORMATS = ("safetensors", "torch", "dcp")

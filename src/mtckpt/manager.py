@@ -15,26 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from . import (
-    _fastpath,
-    arrays,
-    config,
-    coordination,
-    reshard,
-    restore,
-    retention,
-    tiercopy,
-    topology,
-    tree,
-    uploader,
-)
+from . import _fastpath, arrays, config, coordination, retention, tiercopy, topology, tree, uploader
 from .config import LocalTier, MemoryTier, ObjectTier, PeerTier
+from .daemon.link import DaemonLink
 from .errors import (
     ChecksumMismatchError,
     ClosedError,
     ConfigError,
-    CorruptCheckpointError,
-    StateMismatchError,
     StepExistsError,
     StepNotFoundError,
     TierError,
@@ -44,16 +31,14 @@ from .format.manifest import DEFAULT_CHUNK_SIZE, LeafRecord
 from .handle import SaveHandle
 from .metrics import Metrics
 from .pipeline import Pipeline, SaveJob, SlowerTier
+from .restore.plan import Restorer
 from .tiers.base import Storage
 from .tiers.directory import DirectoryStorage, make_private_dirs
 from .tiers.local import LocalStorage
 from .tiers.memory import MemoryStorage, Slot
 from .tiers.object import object_storage
-from .tiers.peer import DaemonLink
 
 log = logging.getLogger(__name__)
-
-_MAX_LISTED_KEYS = 20
 
 
 class CheckpointManager:
@@ -136,6 +121,9 @@ class CheckpointManager:
             self._tiers.append((local, LocalStorage(config.expand_path(local.path))))
         if remote is not None:
             self._tiers.append((remote, object_storage(remote)))
+        self._restorer = Restorer(self.run, self.rank, self.world_size,
+                                  [storage for _, storage in self._tiers], self._coordinator,
+                                  self.metrics, self.threads)  # fmt: skip
         self._closed = False
         self._uploader: uploader.Uploader | None = None  # the object tier's helper process
         self._handles: list[SaveHandle] = []
@@ -452,87 +440,19 @@ class CheckpointManager:
         holders = {
             storage.name: set(self._committed(storage, any_rank=True)) for _, storage in self._tiers
         }
-        candidates = self._candidates(holders, step)
+        candidates = self._restorer.candidates(holders, step)
         undo: list[Callable[[], None]] = []  # reverts stateful targets prepared for the restore
         try:
-            return self._restore_newest(candidates, step, holders, target, strict,
-                                        allow_pickle, populate, started, undo)  # fmt: skip
+            restored, state, storage = self._restorer.restore_newest(
+                candidates, step, holders, target, strict, allow_pickle, started, undo
+            )
         except BaseException:
             for revert in reversed(undo):
                 revert()
             raise
-
-    def _everyone(self) -> str:
-        return "every rank" if self.world_size > 1 else f"rank {self.rank}"
-
-    def _candidates(self, holders: dict[str, set[int]], step: int | None) -> list[int]:
-        """The steps to try, newest first: ``step`` alone, or every step all ranks hold."""
-        held = set().union(*holders.values())
-        agreed = self._coordinator.agree(sorted(held))
-        if step is not None:
-            step = naming.check_step(step)
-            if step not in agreed:
-                raise StepNotFoundError(
-                    f"step {step} of run {self.run!r} is not complete for {self._everyone()} "
-                    f"in {self._where()}; complete steps: {agreed[:10] or 'none'} (this rank "
-                    f"holds {sorted(held, reverse=True)[:10] or 'none'})"
-                )
-            return [step]
-        if not agreed:
-            raise StepNotFoundError(
-                f"no checkpoint of run {self.run!r} is complete for {self._everyone()} in "
-                f"{self._where()} (this rank holds {sorted(held, reverse=True)[:10] or 'none'})"
-            )
-        return agreed
-
-    def _restore_newest(self, candidates, step, holders, target, strict, allow_pickle,
-                        populate, started, undo) -> tuple[int, Any]:  # fmt: skip
-        """Restore the first of ``candidates`` that every rank verifies. Each rank checks its
-        part first; only once all ranks found a good copy does any byte go into ``target``,
-        so a step that fails anywhere leaves the target as it was."""
-        storages = [storage for _, storage in self._tiers]
-        problems: list[str] = []
-        for candidate in candidates:
-            files = reshard.StepFiles(storages, self.run, candidate)
-            verified = None
-            try:
-                outcome, loaded = self._load_step(candidate, files, holders, target, strict,
-                                                  allow_pickle, problems, undo)  # fmt: skip
-                if outcome.status == coordination.OK:
-                    storage, node, verified, targets, size = loaded
-                outcomes = self._coordinator.settle(candidate, outcome)
-                if outcome.status == coordination.FATAL:
-                    raise loaded
-                coordination.raise_for_others(candidate, outcomes, self.rank)
-                if any(o.status != coordination.OK for o in outcomes):
-                    failed = [r for r, o in enumerate(outcomes) if o.status != coordination.OK]
-                    log.warning("step %d has no good copy on rank(s) %s; trying an older step",
-                                candidate, failed)  # fmt: skip
-                    continue
-                values = verified.fill()
-            finally:
-                if verified is not None:
-                    verified.close()
-                files.close()
-            self.metrics.restore_seconds.observe(time.monotonic() - started, tier=storage.name)
-            self.metrics.bytes_read.inc(size, tier=storage.name)
-            if candidate != candidates[0]:
-                log.warning(
-                    "restored step %d from the %s tier: no good copy of newer step(s) %s",
-                    candidate,
-                    storage.name,
-                    [s for s in candidates if s > candidate],
-                )
-            else:
-                log.info("restored step %d from the %s tier", candidate, storage.name)
-            if populate:
-                self._populate(candidate, storage)
-            return candidate, tree.unflatten(node, {**targets, **values}.__getitem__)
-        which = f"step {step}" if step is not None else "any step"
-        raise CorruptCheckpointError(
-            f"no good copy of {which} of run {self.run!r} for {self._everyone()}: "
-            + "; ".join(problems)
-        )
+        if populate:
+            self._populate(restored, storage)
+        return restored, state
 
     def _populate(self, step: int, source: Storage) -> None:
         """Copy this rank's shard of ``step`` from ``source`` into each faster tier (the first
@@ -573,64 +493,6 @@ class CheckpointManager:
         thread = threading.Thread(target=copy, name="mtckpt-populate", daemon=True)
         thread.start()
         self._populating.append(thread)
-
-    def _load_step(self, step, files, holders, target, strict, allow_pickle, problems, undo):
-        """Verify this rank's part of ``step`` in the fastest tier with a good copy:
-        ``(Outcome, (storage, node, verified values, targets, bytes of the rank's file))``,
-        or the error for RETRY / FATAL. Nothing goes into ``target`` yet (the verified
-        values' ``fill`` does that); what prepares a stateful target goes in ``undo``.
-
-        The rank reads its own file; a rank the saved world did not have reads rank 0's.
-        Whatever the target holds that is not exactly a piece of that file (other shard
-        regions after a change of world size or placements) is assembled from every
-        rank's file of the step on this node (``files``)."""
-        for storage in files.storages:
-            if step not in holders[storage.name]:
-                continue
-            try:
-                saved_world = commit.saved_world_size(storage, self.run, step)
-                base = self.rank if self.rank < saved_world else 0
-                manifest = restore.read_manifest(storage, self.run, step, base)
-                node, targets = _graft_target(target, manifest, undo)
-                skip = self._check_plan(manifest, node, targets, strict, allow_pickle,
-                                        has_target=target is not None)  # fmt: skip
-                verified = reshard.verify_values(files, storage, manifest, targets, skip,
-                                                 self.threads)  # fmt: skip
-            except CorruptCheckpointError as exc:
-                self.metrics.checksum_failures.inc(tier=storage.name)
-                reason = str(exc)  # not the error: its traceback holds the data file mapped
-                problems.append(reason)
-                log.warning("%s; trying the next copy", reason)
-                commit.decommit(storage, self.run, step, reason)
-                continue
-            except Exception as exc:  # no other copy or step can fix it: every rank stops
-                return coordination.Outcome(coordination.FATAL, str(exc)), exc
-            loaded = (storage, node, verified, targets, manifest.file_size)
-            return coordination.Outcome(coordination.OK), loaded
-        reason = f"rank {self.rank} has no good copy of step {step}"
-        return coordination.Outcome(coordination.RETRY, reason), None
-
-    def _check_plan(self, manifest, node, targets, strict, allow_pickle, has_target) -> set[str]:
-        """Raise StateMismatchError where the target cannot take the saved state; returns
-        the saved keys not to read (not in a non-strict target)."""
-        saved = {record.key: record for record in manifest.leaves}
-        skip: set[str] = set()
-        if has_target:
-            wanted = set(node.leaf_keys())
-            missing = [key for key in targets if key not in saved]
-            unexpected = [key for key in saved if key not in wanted]
-            if strict and (missing or unexpected):
-                raise StateMismatchError(
-                    f"step {manifest.step} of run {self.run!r} and the restore target differ: "
-                    f"keys missing from the checkpoint: {_listing(missing)}; keys not in the "
-                    f"target: {_listing(unexpected)}; pass strict=False to restore the keys "
-                    "they share"
-                )
-            skip = set(unexpected)
-        for key, record in saved.items():
-            if key not in skip:
-                restore.check_target(record, targets.get(key), allow_pickle)
-        return skip
 
     # -- inspecting and removing -----------------------------------------------------------
 
@@ -710,24 +572,6 @@ class CheckpointManager:
             f"CheckpointManager(run={self.run!r}, rank={self.rank}/{self.world_size}, "
             f"tiers=[{self._where()}])"
         )
-
-
-def _graft_target(target: Any, manifest, undo: list) -> tuple[tree.Node, dict[str, Any]]:
-    """The structure to rebuild and the target's leaves by key. Stateful objects whose
-    empty state the checkpoint fills are first prepared by their framework (a torch
-    optimizer gets its state, shaped and sharded like its parameters); what reverts that,
-    should the restore fail, goes in ``undo``."""
-    if target is None:
-        return manifest.tree, {}
-    node, leaves = tree.flatten(target, as_target=True)
-    filled: list = []
-    grafted = tree.graft(node, manifest.tree, filled)
-    reverts = [revert for revert in map(arrays.prepare_target, filled) if revert is not None]
-    undo.extend(reverts)
-    if reverts:
-        node, leaves = tree.flatten(target, as_target=True)
-        grafted = tree.graft(node, manifest.tree)
-    return grafted, {leaf.key: leaf.value for leaf in leaves}
 
 
 def _data_items(
@@ -824,9 +668,3 @@ def _framework(leaves: list[tree.Leaf]) -> str:
     """What wrote the state, for the manifest: the framework of its arrays."""
     kinds = {leaf.kind for leaf in leaves}
     return next((kind for kind in ("torch", "jax") if kind in kinds), "numpy")
-
-
-def _listing(keys: list[str]) -> str:
-    shown = ", ".join(repr(k) for k in keys[:_MAX_LISTED_KEYS])
-    more = f" and {len(keys) - _MAX_LISTED_KEYS} more" if len(keys) > _MAX_LISTED_KEYS else ""
-    return f"[{shown}{more}]" if keys else "none"

@@ -22,10 +22,11 @@ import threading
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from . import catalog, restore
+from . import catalog
 from .errors import CorruptCheckpointError, FormatVersionError
 from .format import commit, naming
 from .format.manifest import RankManifest
+from .restore import read as restore
 from .tiers.base import Storage
 
 log = logging.getLogger(__name__)

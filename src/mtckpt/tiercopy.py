@@ -12,7 +12,7 @@ from . import checksum
 from .errors import ChecksumMismatchError
 from .format import encoding, naming
 from .format.manifest import RankManifest
-from .restore import close_mapping, open_data, read_manifest
+from .restore.read import close_mapping, open_data, read_manifest
 from .tiers.base import Storage
 
 WRITE_SIZE = 16 * 1024 * 1024  # bytes per write to the destination

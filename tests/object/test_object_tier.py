@@ -24,10 +24,10 @@ from mtckpt import (
     ObjectTier,
     TierError,
     checksum,
-    restore,
     tiercopy,
 )
 from mtckpt.format import naming
+from mtckpt.restore import read as restore
 from mtckpt.tiers import object as object_tier
 from mtckpt.tiers.local import LocalStorage
 from mtckpt.tiers.object import ObjectStorage

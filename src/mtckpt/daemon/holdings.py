@@ -18,7 +18,7 @@ from .. import _fastpath
 from ..errors import ChecksumMismatchError, CorruptCheckpointError
 from ..format import commit, naming
 from ..format.manifest import RankManifest
-from ..restore import close_mapping
+from ..restore.read import close_mapping
 from ..tiers.directory import DirectoryStorage
 from ..tiers.local import LocalStorage
 from .frames import CHUNK_BYTES

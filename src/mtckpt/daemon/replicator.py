@@ -23,7 +23,7 @@ from ..format import naming
 from ..format.manifest import RankManifest
 from ..metrics import Metrics
 from ..proto import mtckpt_pb2 as pb
-from ..restore import close_mapping
+from ..restore.read import close_mapping
 from . import bulk, frames
 from .holdings import Holdings, Shard
 from .peers import Peers

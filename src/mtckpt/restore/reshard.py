@@ -19,12 +19,13 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import _fastpath, arrays
-from .arrays import Region
-from .errors import CorruptCheckpointError
-from .format import shard
-from .format.manifest import LeafRecord, RankManifest
-from .restore import (
+from .. import _fastpath, arrays
+from ..arrays import Region
+from ..errors import CorruptCheckpointError
+from ..format import shard
+from ..format.manifest import LeafRecord, RankManifest
+from ..tiers.base import Storage
+from .read import (
     VerifiedShard,
     close_mapping,
     copy_verified,
@@ -34,7 +35,6 @@ from .restore import (
     regions_to_assemble,
     verify_shard,
 )
-from .tiers.base import Storage
 
 log = logging.getLogger(__name__)
 

@@ -23,17 +23,17 @@ from typing import Any
 
 import numpy as np
 
-from . import _fastpath, arrays
-from .errors import (
+from .. import _fastpath, arrays
+from ..errors import (
     ChecksumMismatchError,
     CorruptCheckpointError,
     StateMismatchError,
     UnsupportedLeafError,
 )
-from .format import encoding, naming, shard
-from .format.manifest import LeafRecord, RankManifest
-from .tiers.base import Storage
-from .tree import DATA_KINDS
+from ..format import encoding, naming, shard
+from ..format.manifest import LeafRecord, RankManifest
+from ..tiers.base import Storage
+from ..tree import DATA_KINDS
 
 
 def read_manifest(storage: Storage, run: str, step: int, rank: int) -> RankManifest:
