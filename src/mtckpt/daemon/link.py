@@ -33,7 +33,7 @@ class DaemonLink:
         try:
             import grpc
 
-            from ..tiers.rpc import Client, read_token
+            from .rpc import Client, read_token
         except ImportError as exc:
             raise ConfigError(f"peers= needs grpcio: pip install 'mtckpt[grpc]' ({exc})") from None
         self._grpc = grpc
