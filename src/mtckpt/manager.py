@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from . import _fastpath, arrays, config, coordination, retention, tiercopy, topology, tree, uploader
-from .config import LocalTier, MemoryTier, ObjectTier, PeerTier
+from .config import LocalTier, ManagerOptions, MemoryTier, ObjectTier, PeerTier
 from .daemon.link import DaemonLink
 from .errors import (
     ChecksumMismatchError,
@@ -27,7 +27,7 @@ from .errors import (
     TierError,
 )
 from .format import commit, naming, shard
-from .format.manifest import DEFAULT_CHUNK_SIZE, LeafRecord
+from .format.manifest import LeafRecord
 from .handle import SaveHandle
 from .metrics import Metrics
 from .pipeline import Pipeline, SaveJob, SlowerTier
@@ -58,40 +58,24 @@ class CheckpointManager:
         peers: PeerTier | None = None,
         remote: ObjectTier | None = None,
         *,
-        rank: int | None = None,
-        world_size: int | None = None,
-        allow_pickle: bool = False,
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
-        threads: int | None = None,
-        collective_timeout: float = 600.0,
-        staging: str = "blocking",
+        rank: int | None = ManagerOptions.rank,
+        world_size: int | None = ManagerOptions.world_size,
+        allow_pickle: bool = ManagerOptions.allow_pickle,
+        chunk_size: int = ManagerOptions.chunk_size,
+        threads: int | None = ManagerOptions.threads,
+        collective_timeout: float = ManagerOptions.collective_timeout,
+        staging: str = ManagerOptions.staging,
     ) -> None:
-        try:
-            self.run = naming.check_run(run)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        if peers is not None and not isinstance(peers, PeerTier):
-            raise ConfigError(f"peers must be a mtckpt.PeerTier, got {type(peers).__name__}")
-        if memory is not None and not isinstance(memory, MemoryTier):
-            raise ConfigError(f"memory must be a mtckpt.MemoryTier, got {type(memory).__name__}")
-        if local is not None and not isinstance(local, LocalTier):
-            raise ConfigError(f"local must be a mtckpt.LocalTier, got {type(local).__name__}")
-        if remote is not None and not isinstance(remote, ObjectTier):
-            raise ConfigError(f"remote must be a mtckpt.ObjectTier, got {type(remote).__name__}")
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 4096:
-            raise ConfigError(f"chunk_size must be an int >= 4096, got {chunk_size!r}")
-        if threads is not None and (
-            isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
-        ):
-            raise ConfigError(f"threads must be a positive int or None, got {threads!r}")
-        if (
-            isinstance(collective_timeout, bool)
-            or not isinstance(collective_timeout, (int, float))
-            or collective_timeout <= 0
-        ):
-            raise ConfigError(f"collective_timeout must be > 0 seconds, got {collective_timeout!r}")
-        if staging not in ("blocking", "async"):
-            raise ConfigError(f"staging must be 'blocking' or 'async', got {staging!r}")
+        tiers = {"peers": peers, "memory": memory, "local": local, "remote": remote}
+        for name, tier in tiers.items():
+            cls = config.TIER_CLASSES[name]
+            if tier is not None and not isinstance(tier, cls):
+                raise ConfigError(
+                    f"{name} must be a mtckpt.{cls.__name__}, got {type(tier).__name__}"
+                )
+        opts = ManagerOptions(run, rank, world_size, allow_pickle, chunk_size, threads,
+                              collective_timeout, staging)  # fmt: skip
+        self.run = opts.run
         self.staging = staging
         self.metrics = Metrics()  # mgr.metrics.samples() / .render(): the daemon's families
         self.rank, self.world_size = topology.detect(rank, world_size)

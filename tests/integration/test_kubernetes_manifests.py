@@ -215,7 +215,7 @@ def the_file(pod: dict, c: dict, path: str, docs: list[dict], kind: str = "Confi
 
 
 def test_the_secret_placeholder_is_refused_as_a_token(tmp_path):
-    from mtckpt.daemon.rpc import read_token
+    from mtckpt.daemon.auth import read_token
     from mtckpt.errors import ConfigError
 
     placeholder = the("Secret", documents())["stringData"]["token"]

@@ -27,9 +27,10 @@ from ..errors import (
 )
 from ..format import commit
 from . import bulk, frames
+from .auth import host_of
 from .holdings import Holdings, Shard
 from .peers import Peers
-from .rpc import error_text, host_of, shard_id
+from .rpc import error_text, shard_id
 
 log = logging.getLogger(__name__)
 

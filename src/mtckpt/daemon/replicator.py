@@ -25,10 +25,11 @@ from ..metrics import Metrics
 from ..proto import mtckpt_pb2 as pb
 from ..restore.read import close_mapping
 from . import bulk, frames
+from .auth import TLSFiles, host_of
 from .holdings import Holdings, Shard
 from .peers import Peers
 from .placement import replica_targets
-from .rpc import TLSFiles, error_text, host_of, shard_id
+from .rpc import error_text, shard_id
 
 log = logging.getLogger(__name__)
 
