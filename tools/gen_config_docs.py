@@ -171,14 +171,14 @@ def tier_sections(selection: dict[str, argparse.Action]) -> list[str]:
 
 
 def daemon_section(daemon: argparse.ArgumentParser) -> list[str]:
-    from mtckpt import config
-    from mtckpt.config import DaemonConfig
+    from mtckpt.daemon import config as daemon_config
+    from mtckpt.daemon.config import DaemonConfig
 
     flags = _flags(daemon)
-    declared = set(config.DAEMON_OPTIONS)
+    declared = set(daemon_config.DAEMON_OPTIONS)
     if declared ^ (set(flags) - {"config"}):
         raise SystemExit(
-            "config.DAEMON_OPTIONS and the flags of `mtckpt daemon` differ: "
+            "daemon_config.DAEMON_OPTIONS and the flags of `mtckpt daemon` differ: "
             f"{sorted(declared ^ (set(flags) - {'config'}))}"
         )
     fields = {field.name: field for field in dataclasses.fields(DaemonConfig)}
@@ -191,7 +191,7 @@ def daemon_section(daemon: argparse.ArgumentParser) -> list[str]:
         _row("flag", "TOML key", "environment", "type", "default", "meaning"),
         "|---|---|---|---|---|---|",
     ]
-    for key, kind in config.DAEMON_OPTIONS.items():
+    for key, kind in daemon_config.DAEMON_OPTIONS.items():
         action = flags[key]
         env = f"`MTCKPT_DAEMON_{key.upper()}`"
         if key == "node_id":

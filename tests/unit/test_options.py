@@ -8,6 +8,7 @@ import inspect
 import pytest
 
 from mtckpt import CheckpointManager, ConfigError, config, options
+from mtckpt.daemon import config as daemon_config
 
 
 def test_the_managers_keyword_arguments_are_its_declared_options():
@@ -19,7 +20,7 @@ def test_the_managers_keyword_arguments_are_its_declared_options():
 
 
 @pytest.mark.parametrize(
-    "cls", [config.ManagerOptions, config.DaemonConfig, *config.TIER_CLASSES.values()]
+    "cls", [config.ManagerOptions, daemon_config.DaemonConfig, *config.TIER_CLASSES.values()]
 )
 def test_every_option_says_what_it_means_and_has_one_type(cls):
     kinds = options.kinds(cls)
@@ -56,7 +57,9 @@ def test_the_daemons_flags_are_its_declared_options():
     (commands,) = [a for a in cli.parser()._actions if a.choices and "daemon" in a.choices]
     daemon = commands.choices["daemon"]
     flags = {a.dest: a for a in daemon._actions if a.option_strings and a.dest != "help"}
-    assert set(flags) - {"config"} == {f.name for f in dataclasses.fields(config.DaemonConfig)}
+    assert set(flags) - {"config"} == {
+        f.name for f in dataclasses.fields(daemon_config.DaemonConfig)
+    }
     assert flags["keep"].type is int and flags["bandwidth"].type is float
     assert flags["replicas"].help == "Copies of each shard on peers. (1)"
     assert flags["insecure"].const is True and flags["insecure"].default is None

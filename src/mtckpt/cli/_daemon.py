@@ -11,7 +11,8 @@ import signal
 import threading
 
 from .. import options
-from ..config import DAEMON_OPTIONS, DaemonConfig, load_daemon, remote_at
+from ..config import remote_at
+from ..daemon.config import DAEMON_OPTIONS, DaemonConfig, load_daemon
 from . import _common as common
 
 

@@ -16,7 +16,6 @@ from concurrent import futures
 import grpc
 
 from .. import _fastpath
-from ..config import DaemonConfig
 from ..errors import ChecksumMismatchError, ConfigError, MtckptError, StepNotFoundError
 from ..format import naming
 from ..metrics import Endpoint, Metrics
@@ -27,6 +26,7 @@ from . import frames, recovery
 from .auth import TLSFiles, host_of, is_loopback, read_token
 from .bulk import BulkServer
 from .changes import Changes
+from .config import DaemonConfig
 from .flusher import Flusher
 from .holdings import Holdings, Shard
 from .limits import PeerLimits, Progress, certified_node
