@@ -269,7 +269,7 @@ def load(path: str | os.PathLike | None = None, env: Mapping[str, str] | None = 
     ``path`` defaults to ``$MTCKPT_CONFIG``; with neither, only the environment is read.
     Environment variables override the file: ``MTCKPT_RUN``, ``MTCKPT_MEMORY_KEEP``,
     ``MTCKPT_LOCAL_PATH``, ... (``MTCKPT_`` + section + ``_`` + key, upper case). The
-    file's ``[daemon]`` table is the daemon's (:func:`load_daemon`).
+    file's ``[daemon]`` table is the daemon's (:func:`mtckpt.daemon.config.load_daemon`).
     """
     env = os.environ if env is None else env
     return _manager_kwargs(*_read(path, env), env)
