@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .. import _fastpath, arrays, tree
+from .. import _fastpath, arrays, frameworks, tree
 from ..format import shard
 from ..format.manifest import LeafRecord
 from ..tiers.memory import Slot
@@ -107,4 +107,4 @@ def stage_into_slot(
 def framework_of(leaves: list[tree.Leaf]) -> str:
     """What wrote the state, for the manifest: the framework of its arrays."""
     kinds = {leaf.kind for leaf in leaves}
-    return next((kind for kind in ("torch", "jax") if kind in kinds), "numpy")
+    return next((f.name for f in frameworks.FRAMEWORKS if f.name in kinds), "numpy")
