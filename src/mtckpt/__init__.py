@@ -22,8 +22,8 @@ from .errors import (
     TierError,
     UnsupportedLeafError,
 )
-from .handle import SaveHandle
 from .manager import CheckpointManager
+from .pipeline.handle import SaveHandle
 
 __all__ = [
     "CheckpointManager",

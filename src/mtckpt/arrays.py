@@ -9,25 +9,18 @@ theirs shows up; the core imports no framework.
 
 from __future__ import annotations
 
-import importlib
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from . import frameworks
 from .errors import UnsupportedLeafError
 from .format import shard
 
-# Leaf kinds holding an array, and the module providing each kind's adapter.
-_KIND_MODULES = {"ndarray": None, "npscalar": None, "torch": "mtckpt.torch", "jax": "mtckpt.jax"}
-ARRAY_KINDS = frozenset(_KIND_MODULES)
-# Value types are recognised by the module their class comes from, or its top level.
-_VALUE_MODULES = {
-    "torch": "mtckpt.torch", "mtckpt.torch": "mtckpt.torch",
-    "jax": "mtckpt.jax", "jaxlib": "mtckpt.jax", "mtckpt.jax": "mtckpt.jax",
-}  # fmt: skip
+# Leaf kinds holding an array: numpy's, and each framework's.
+ARRAY_KINDS = frozenset({"ndarray", "npscalar", *frameworks.BY_NAME})
 
 
 @dataclass(frozen=True)
@@ -206,10 +199,10 @@ def for_value(obj: Any) -> ArrayAdapter | None:
     """The adapter of an array of any framework, or None if ``obj`` is no array."""
     if NUMPY.handles(obj):
         return NUMPY
-    module = _framework_module(obj)
-    if module is None:
+    framework = _framework_of(obj)
+    if framework is None:
         return None
-    adapter = _load(module).ADAPTER
+    adapter = frameworks.adapter(framework).ADAPTER
     return adapter if adapter.handles(obj) else None
 
 
@@ -223,50 +216,42 @@ def container(obj: Any) -> tuple[list, list, Callable[[list], Any]] | None:
     """A framework's own container (a JAX pytree node: flax struct dataclasses, TrainState):
     its keys, its children and the function that builds it from new children; None if
     ``obj`` is none (only asked once the framework is imported: else no object can be)."""
-    if "jax" not in sys.modules:
-        return None
-    return _load("mtckpt.jax").container(obj)
+    return frameworks.container(obj)
 
 
 def prepare_target(obj: Any) -> Callable[[], None] | None:
     """Let a framework give a stateful restore target the state the checkpoint has for it
     (a torch optimizer that has not stepped yet); if ``obj`` changed, the function that
     reverts it (for a restore that fails), else None."""
-    module = _framework_module(obj)
-    return None if module is None else _load(module).prepare_target(obj)
+    framework = _framework_of(obj)
+    return None if framework is None else frameworks.adapter(framework).prepare_target(obj)
 
 
 def load_state(obj: Any, state: Any) -> None:
     """``obj.load_state_dict(state)``, unless its framework sees that the restore already
     filled the object's own memory with ``state`` (a module restored in place)."""
-    module = _framework_module(obj)
-    if module is None or not _load(module).already_loaded(obj, state):
+    framework = _framework_of(obj)
+    if framework is None or not frameworks.adapter(framework).already_loaded(obj, state):
         obj.load_state_dict(state)
 
 
-def _load(module: str):
-    """An adapter module, imported on its first use (this runs for every leaf)."""
-    return sys.modules.get(module) or importlib.import_module(module)
-
-
-def _framework_module(obj: Any) -> str | None:
-    """The adapter module of the framework ``obj``'s class, or a base class, comes from
-    (a user's torch.nn.Module subclass is torch's)."""
+def _framework_of(obj: Any) -> frameworks.Framework | None:
+    """The framework ``obj``'s class, or a base class, comes from (a user's
+    torch.nn.Module subclass is torch's)."""
     for cls in type(obj).__mro__[:-1]:
-        name = cls.__module__
-        module = _VALUE_MODULES.get(name) or _VALUE_MODULES.get(name.split(".", 1)[0])
-        if module is not None:
-            return module
+        framework = frameworks.owning(cls.__module__)
+        if framework is not None:
+            return framework
     return None
 
 
 def for_kind(kind: str) -> ArrayAdapter:
     """The adapter that builds values of a saved leaf kind: the framework's own when it is
     installed, numpy otherwise (a torch checkpoint read without torch gives numpy arrays)."""
-    module = _KIND_MODULES[kind]
-    if module is None:
+    framework = frameworks.BY_NAME.get(kind)
+    if framework is None:
         return NUMPY
     try:
-        return _load(module).ADAPTER
+        return frameworks.adapter(framework).ADAPTER
     except ImportError:
         return NUMPY

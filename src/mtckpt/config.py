@@ -15,8 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import options
 from .errors import ConfigError
-from .format import encoding
+from .format import encoding, naming
+from .format.manifest import DEFAULT_CHUNK_SIZE
+from .options import option
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -26,24 +29,10 @@ else:  # pragma: no cover
 DEFAULT_MEMORY_PATH = "/dev/shm/mtckpt"
 
 
-def _check_schedule(tier: str, every: Any, interval: Any, keep: Any) -> None:
-    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
-        raise ConfigError(f"{tier}.every must be a positive int or None, got {every!r}")
-    if interval is not None and (
-        isinstance(interval, bool) or not isinstance(interval, (int, float)) or interval <= 0
-    ):
-        raise ConfigError(
-            f"{tier}.interval must be a positive number of seconds or None, got {interval!r}"
-        )
-    if every is None and interval is None:
-        raise ConfigError(f"{tier}: set every (steps) and/or interval (seconds); both are None")
-    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-        raise ConfigError(f"{tier}.keep must be an int >= 1, got {keep!r}")
-
-
-def _check_path(tier: str, path: Any) -> None:
-    if not isinstance(path, (str, os.PathLike)) or not str(path):
-        raise ConfigError(f"{tier}.path must be a non-empty path, got {path!r}")
+def _check_schedule(tier: Any, section: str) -> None:
+    options.validate(tier, f"{section}.")
+    if tier.every is None and tier.interval is None:
+        raise ConfigError(f"{section}: set every (steps) and/or interval (seconds); both are None")
 
 
 def is_due(tier: MemoryTier | LocalTier, step: int, seconds_since_last: float | None) -> bool:
@@ -55,122 +44,151 @@ def is_due(tier: MemoryTier | LocalTier, step: int, seconds_since_last: float | 
     return False
 
 
+_EVERY = (
+    "Take every step that is a multiple of this. `every` and `interval` may both be set; at "
+    "least one must be."
+)
+_INTERVAL = "Also take a step when this many seconds have passed since the tier's last one."
+_KEEP = (
+    "Complete steps kept on the tier; older ones go once the newest complete one has passed "
+    "checksum verification there."
+)
+_SECONDS = options.optional(
+    options.Rule(lambda v: options.POSITIVE_SECONDS.test(v), "a positive number of seconds")
+)
+
+
 @dataclass(frozen=True)
 class MemoryTier:
     """Node memory (a tmpfs directory): where every save is staged. Survives a trainer crash."""
 
-    path: str = DEFAULT_MEMORY_PATH
-    every: int | None = 1
-    interval: float | None = None
-    keep: int = 2
+    path: str = option(
+        DEFAULT_MEMORY_PATH,
+        help="The node's memory tier: a tmpfs directory. Every save is staged here. With "
+        "`peers=` leave `memory` out: the daemon's memory root is used.",
+        rule=options.PATH,
+    )
+    every: int | None = option(1, help=_EVERY, rule=options.optional(options.POSITIVE_INT))
+    interval: float | None = option(None, help=_INTERVAL, rule=_SECONDS)
+    keep: int = option(2, help=_KEEP, rule=options.int_at_least(1))
 
     def __post_init__(self) -> None:
-        _check_path("memory", self.path)
-        _check_schedule("memory", self.every, self.interval, self.keep)
+        _check_schedule(self, "memory")
 
 
 @dataclass(frozen=True)
 class LocalTier:
     """Node-local disk, written from the memory tier in the background with fsync + rename."""
 
-    path: str
-    every: int | None = 1
-    interval: float | None = None
-    keep: int = 2
+    path: str = option(
+        help="The node-local disk directory, written from the memory tier in the background "
+        "(fsync, then rename). Required.",
+        rule=options.PATH,
+    )
+    every: int | None = option(1, help=_EVERY, rule=options.optional(options.POSITIVE_INT))
+    interval: float | None = option(None, help=_INTERVAL, rule=_SECONDS)
+    keep: int = option(2, help=_KEEP, rule=options.int_at_least(1))
 
     def __post_init__(self) -> None:
-        _check_path("local", self.path)
-        _check_schedule("local", self.every, self.interval, self.keep)
+        _check_schedule(self, "local")
 
 
 @dataclass(frozen=True)
 class PeerTier:
     """Copies on other nodes, made by this node's daemon (``mtckpt daemon``), which also owns
-    the memory tier: the manager learns the memory root from it. ``replicas``: the copies
-    ``h.wait("peers")`` expects (the daemon must be configured for at least as many; 0: no
-    "peers" stage, the daemon only keeps node memory and uploads); ``timeout``: seconds
-    it waits for them before failing."""
+    the memory tier: the manager learns the memory root from it."""
 
-    daemon: str = "unix:///run/mtckpt/mtckpt.sock"
-    replicas: int = 1
-    token_file: str | None = None
-    timeout: float = 600.0
+    daemon: str = option(
+        "unix:///run/mtckpt/mtckpt.sock",
+        help="Address of this node's daemon: `unix:///PATH` or `HOST:PORT`.",
+        rule=options.Rule(lambda v: isinstance(v, str) and bool(v), "an address"),
+    )
+    replicas: int = option(
+        1,
+        help='Copies on peers that `h.wait("peers")` expects; the daemon must make at least '
+        'as many. 0: no "peers" stage (the daemon only holds node memory and uploads).',
+        rule=options.int_at_least(0),
+    )
+    token_file: str | None = option(
+        None,
+        help="File holding the daemon's shared token, sent with every call.",
+        rule=options.optional(options.PATH),
+    )
+    timeout: float = option(
+        600.0,
+        help="Seconds the trainer waits for its replicas, the daemon's uploads or a recovery "
+        "before it fails.",
+        rule=options.POSITIVE_SECONDS,
+    )
 
     def __post_init__(self) -> None:
-        if not isinstance(self.daemon, str) or not self.daemon:
-            raise ConfigError(f"peers.daemon must be an address, got {self.daemon!r}")
-        if (
-            isinstance(self.replicas, bool)
-            or not isinstance(self.replicas, int)
-            or self.replicas < 0
-        ):
-            raise ConfigError(f"peers.replicas must be an int >= 0, got {self.replicas!r}")
-        if (
-            isinstance(self.timeout, bool)
-            or not isinstance(self.timeout, (int, float))
-            or self.timeout <= 0
-        ):
-            raise ConfigError(f"peers.timeout must be > 0 seconds, got {self.timeout!r}")
+        options.validate(self, "peers.")
 
 
 @dataclass(frozen=True)
 class ObjectTier:
     """Object storage at any fsspec URL (``s3://bucket/prefix``, ``gs://``, ``file://``,
-    ``memory://``), flushed from the memory tier in the background. ``keep`` complete steps
-    are kept, and every step that is a multiple of ``keep_every`` besides. Files above
-    ``part_size`` go up as multipart uploads of ``concurrency`` parts at a time; a failed
-    request is retried ``retries`` times with exponential backoff. ``compression="zstd"``
-    stores data files as zstd frames of ``compression_level`` (needs ``mtckpt[zstd]``).
-    ``backlog``: a step due while a flush still runs replaces older ones waiting ("newest",
-    logged) or waits its turn ("queue": each keeps its node-memory copy until it is up).
-    ``storage_options`` go to the fsspec filesystem (``endpoint_url``, ``key``, ...).
-    ``uploader``: without a node daemon, "process" uploads from a helper process (the
-    trainer's GIL stays free), "thread" from the trainer's own threads; "auto" is "process"
-    except for ``memory://`` and filesystems registered at run time, which live in the
-    trainer's process only."""
+    ``memory://``), flushed from the memory tier in the background."""
 
-    url: str
-    every: int | None = 1
-    interval: float | None = None
-    keep: int = 3
-    keep_every: int | None = None
-    storage_options: dict = dataclasses.field(default_factory=dict)
-    part_size: int = 32 * 1024 * 1024
-    concurrency: int = 8
-    retries: int = 5
-    compression: str | None = None
-    compression_level: int = encoding.DEFAULT_LEVEL
-    backlog: str = "newest"
-    uploader: str = "auto"
+    url: str = option(
+        help="Any fsspec URL: `s3://bucket/prefix`, `gs://`, `file://`, `memory://`. Required.",
+        rule=options.Rule(
+            lambda v: isinstance(v, str) and "://" in v, "a URL such as s3://bucket/prefix"
+        ),
+    )
+    every: int | None = option(1, help=_EVERY, rule=options.optional(options.POSITIVE_INT))
+    interval: float | None = option(None, help=_INTERVAL, rule=_SECONDS)
+    keep: int = option(3, help=_KEEP, rule=options.int_at_least(1))
+    keep_every: int | None = option(
+        None,
+        help="Also keep every complete step that is a multiple of this.",
+        rule=options.optional(options.POSITIVE_INT),
+    )
+    storage_options: dict = option(
+        help="Passed to the fsspec filesystem (`endpoint_url`, `key`, ...). A table: TOML only.",
+        rule=options.TABLE,
+        factory=dict,
+    )
+    part_size: int = option(
+        32 * 1024 * 1024,
+        help="Files larger than this go up as multipart uploads of parts this size (at least "
+        "5 MiB).",
+        rule=options.int_at_least(5 * 1024 * 1024),
+    )
+    concurrency: int = option(
+        8, help="Parts uploaded, and ranged reads made, at a time.", rule=options.int_at_least(1)
+    )
+    retries: int = option(
+        5,
+        help="Times a failed request is retried, with exponential backoff.",
+        rule=options.int_at_least(0),
+    )
+    compression: str | None = option(
+        None,
+        help='`"zstd"` stores data files as zstd frames (needs `mtckpt[zstd]`); unset: as they '
+        "are.",
+    )
+    compression_level: int = option(
+        encoding.DEFAULT_LEVEL, help="The zstd level, -7..22: higher compresses more, slower."
+    )
+    backlog: str = option(
+        "newest",
+        help='`"newest"`: a step due while a flush runs replaces older waiting ones (logged). '
+        '`"queue"`: every due step waits its turn, keeping its node-memory copy.',
+        rule=options.one_of("newest", "queue"),
+    )
+    uploader: str = option(
+        "auto",
+        help='Without a node daemon: `"process"` uploads from a helper process (the '
+        "trainer's GIL stays free), `\"thread\"` on the trainer's threads (`storage_options` "
+        'that do not pickle). `"auto"`: `"process"`, except for `memory://` and filesystems '
+        "registered at run time.",
+        rule=options.one_of("auto", "process", "thread"),
+    )
 
     def __post_init__(self) -> None:
-        if not isinstance(self.url, str) or "://" not in self.url:
-            raise ConfigError(
-                f"remote.url must be a URL such as s3://bucket/prefix, got {self.url!r}"
-            )
-        _check_schedule("remote", self.every, self.interval, self.keep)
-        if self.keep_every is not None and (
-            isinstance(self.keep_every, bool) or not isinstance(self.keep_every, int)
-            or self.keep_every < 1
-        ):  # fmt: skip
-            raise ConfigError(
-                f"remote.keep_every must be a positive int or None, got {self.keep_every!r}"
-            )
-        if not isinstance(self.storage_options, dict):
-            raise ConfigError(
-                f"remote.storage_options must be a table, got {self.storage_options!r}"
-            )
-        for name, least in (("part_size", 5 * 1024 * 1024), ("concurrency", 1), ("retries", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ConfigError(f"remote.{name} must be an int >= {least}, got {value!r}")
+        _check_schedule(self, "remote")
         encoding.check_compression(self.compression, self.compression_level, "remote")
-        if self.backlog not in ("newest", "queue"):
-            raise ConfigError(f"remote.backlog must be 'newest' or 'queue', got {self.backlog!r}")
-        if self.uploader not in ("auto", "process", "thread"):
-            raise ConfigError(
-                f"remote.uploader must be 'auto', 'process' or 'thread', got {self.uploader!r}"
-            )
         if self.uploader == "process" and self.url.startswith("memory:"):
             raise ConfigError(
                 f"remote.uploader 'process' cannot upload to {self.url!r}: a memory:// "
@@ -181,36 +199,68 @@ class ObjectTier:
 TIER_CLASSES: dict[str, type] = {
     "memory": MemoryTier, "local": LocalTier, "peers": PeerTier, "remote": ObjectTier,
 }  # fmt: skip
-_FIELD_KINDS = {"path": str, "every": int, "interval": float, "keep": int, "daemon": str,
-                "replicas": int, "token_file": str, "timeout": float, "url": str,
-                "keep_every": int, "storage_options": dict, "part_size": int,
-                "concurrency": int, "retries": int, "compression": str,
-                "compression_level": int, "backlog": str, "uploader": str}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ManagerOptions:
+    """The :class:`~mtckpt.CheckpointManager`'s options other than its tiers (its keyword
+    arguments; ``run`` and these keys at the top of the config file)."""
+
+    run: str = option(
+        help="The run's name: its directory on every tier. 1-128 letters, digits, `.`, `_` "
+        "or `-`, starting with a letter or digit. Required (`from_config` refuses a file "
+        "without it).",
+    )
+    rank: int | None = option(
+        None,
+        help="This process's rank. Unset: `torch.distributed` or `jax.distributed` when "
+        "initialised, else `RANK`, else 0.",
+    )
+    world_size: int | None = option(
+        None,
+        help="The number of ranks. Unset: `torch.distributed` or `jax.distributed` when "
+        "initialised, else `WORLD_SIZE`, else 1.",
+    )
+    allow_pickle: bool = option(
+        False,
+        help="Save (and restore) leaves of other types with pickle. Needed on both sides; only "
+        "for checkpoints you trust.",
+    )
+    chunk_size: int = option(
+        DEFAULT_CHUNK_SIZE,
+        help="Bytes per crc32c chunk of a data file (at least 4096). A restore verifies the "
+        "whole chunks under the bytes it reads.",
+        rule=options.int_at_least(4096),
+    )
+    threads: int | None = option(
+        None,
+        help="Threads for staging copies, checksums and verification. Unset: the CPU count, "
+        "at most 8.",
+        rule=options.optional(options.POSITIVE_INT),
+    )
+    collective_timeout: float = option(
+        600.0,
+        help="Seconds a rank waits for the others: restore's agreement on a step, and the "
+        "node's other ranks before a step is committed (`NodeRanksMissingError`).",
+        rule=options.POSITIVE_SECONDS,
+    )
+    staging: str = option(
+        "blocking",
+        help='`"blocking"`: `save` returns once the arrays may be modified. `"async"`: once '
+        'the copy into node memory is started; modify them after `h.wait("staged")`.',
+        rule=options.one_of("blocking", "async"),
+    )
+
+    def __post_init__(self) -> None:
+        try:
+            naming.check_run(self.run)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        options.validate(self)
+
 
 # Manager options other than tiers, with the type each takes.
-MANAGER_OPTIONS: dict[str, type] = {
-    "run": str,
-    "rank": int,
-    "world_size": int,
-    "allow_pickle": bool,
-    "chunk_size": int,
-    "threads": int,
-    "collective_timeout": float,
-    "staging": str,
-}
-_OPTIONAL = {"every", "interval", "rank", "world_size", "threads", "token_file", "keep_every",
-             "compression"}  # fmt: skip
-
-
-# The node daemon's options: its [daemon] table, MTCKPT_DAEMON_* variables and the flags of
-# `mtckpt daemon` (the same names, with dashes). MTCKPT_NODE_ID also sets node_id.
-DAEMON_OPTIONS: dict[str, type] = {
-    "node_id": str, "listen": str, "socket": str, "memory_root": str, "local_root": str,
-    "peers": list, "peers_dns": str, "replicas": int, "zone": str, "keep": int,
-    "token_file": str, "tls_cert": str, "tls_key": str, "tls_ca": str, "bandwidth": float,
-    "drain_timeout": float, "scan_interval": float, "data_port": int, "nice": int,
-    "remote": str, "metrics_listen": str, "insecure": bool, "stream_idle_timeout": float,
-}  # fmt: skip
+MANAGER_OPTIONS: dict[str, type] = {n: k.base for n, k in options.kinds(ManagerOptions).items()}
 
 
 def load(path: str | os.PathLike | None = None, env: Mapping[str, str] | None = None) -> dict:
@@ -219,7 +269,7 @@ def load(path: str | os.PathLike | None = None, env: Mapping[str, str] | None = 
     ``path`` defaults to ``$MTCKPT_CONFIG``; with neither, only the environment is read.
     Environment variables override the file: ``MTCKPT_RUN``, ``MTCKPT_MEMORY_KEEP``,
     ``MTCKPT_LOCAL_PATH``, ... (``MTCKPT_`` + section + ``_`` + key, upper case). The
-    file's ``[daemon]`` table is the daemon's (:func:`load_daemon`).
+    file's ``[daemon]`` table is the daemon's (:func:`mtckpt.daemon.config.load_daemon`).
     """
     env = os.environ if env is None else env
     return _manager_kwargs(*_read(path, env), env)
@@ -239,70 +289,11 @@ def _manager_kwargs(settings: dict, source: str, env: Mapping[str, str]) -> dict
     return kwargs
 
 
-def load_daemon(
-    path: str | os.PathLike | None = None, env: Mapping[str, str] | None = None
-) -> dict[str, Any]:
-    """The daemon's settings: the ``[daemon]`` table of the TOML file (``path``, default
-    ``$MTCKPT_CONFIG``) overridden by ``MTCKPT_DAEMON_*`` variables (``MTCKPT_NODE_ID``
-    for ``node_id`` too); only the keys set. ``peers`` is a list of ``HOST:PORT`` (in a
-    variable: a comma list). Without ``memory_root`` (``local_root``), the file's
-    ``[memory] path`` (``[local] path``): the daemon shares the trainers' tiers. ``remote``
-    is the ObjectTier the daemon uploads to: the file's ``[remote]`` table (and
-    ``MTCKPT_REMOTE_*``), at the URL ``daemon.remote`` when that is set."""
-    env = os.environ if env is None else env
-    settings, source = _read(path, env)
-    table = settings.get("daemon", {})
-    if not isinstance(table, dict):
-        raise ConfigError(f"{source}: [daemon] must be a table")
-    daemon: dict[str, Any] = {}
-    for key, value in table.items():
-        if key not in DAEMON_OPTIONS:
-            raise ConfigError(
-                f"{source}: unknown key daemon.{key}; expected one of {sorted(DAEMON_OPTIONS)}"
-            )
-        daemon[key] = _checked_daemon_value(f"{source}: daemon.{key}", key, value)
-    for tier in ("memory", "local"):
-        section, key = settings.get(tier), f"{tier}_root"
-        if key not in daemon and isinstance(section, dict) and "path" in section:
-            daemon[key] = _checked_daemon_value(f"{source}: {tier}.path", key, section["path"])
-    if "MTCKPT_NODE_ID" in env:
-        daemon["node_id"] = env["MTCKPT_NODE_ID"].strip()
-    for key, kind in DAEMON_OPTIONS.items():
-        name = f"MTCKPT_DAEMON_{key.upper()}"
-        if name in env:
-            if kind is list:
-                daemon[key] = [p.strip() for p in env[name].split(",") if p.strip()]
-            else:
-                daemon[key] = _parse_env(name, env[name], kind, optional=False)
-    url = daemon.pop("remote", None)
-    remote = _manager_kwargs(settings, source, env).get("remote")  # the file read once
-    if url is not None or remote is not None:
-        daemon["remote"] = remote_at(url, remote)
-    return daemon
-
-
 def remote_at(url: str | None, tier: ObjectTier | None) -> ObjectTier:
     """``tier`` (default: an ObjectTier of default settings) at ``url`` if one is given."""
     if tier is None:
         return ObjectTier(url=url)
     return tier if url is None else dataclasses.replace(tier, url=url)
-
-
-def _checked_daemon_value(where: str, key: str, value: Any) -> Any:
-    kind = DAEMON_OPTIONS[key]
-    if kind is list:
-        if isinstance(value, str):
-            value = [p.strip() for p in value.split(",") if p.strip()]
-        if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
-            raise ConfigError(f"{where} must be a list of HOST:PORT strings, got {value!r}")
-        return value
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if kind is bool and isinstance(value, bool):
-        return value
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise ConfigError(f"{where} must be of type {kind.__name__}, got {value!r}")
-    return value
 
 
 def _read(path: str | os.PathLike | None, env: Mapping[str, str]) -> tuple[dict, str]:
@@ -340,17 +331,16 @@ def _check_keys(settings: dict[str, Any], source: str) -> None:
 
 
 def _apply_env(settings: dict[str, Any], env: Mapping[str, str]) -> None:
-    for key, kind in MANAGER_OPTIONS.items():
+    for key, kind in options.kinds(ManagerOptions).items():
         name = f"MTCKPT_{key.upper()}"
         if name in env:
-            settings[key] = _parse_env(name, env[name], kind, key in _OPTIONAL)
+            settings[key] = _parse_env(name, env[name], kind.base, kind.optional)
     for tier, cls in TIER_CLASSES.items():
-        for f in dataclasses.fields(cls):
-            name = f"MTCKPT_{tier.upper()}_{f.name.upper()}"
+        for field, kind in options.kinds(cls).items():
+            name = f"MTCKPT_{tier.upper()}_{field.upper()}"
             if name in env:
-                kind = _FIELD_KINDS[f.name]
                 section = settings.setdefault(tier, {})
-                section[f.name] = _parse_env(name, env[name], kind, f.name in _OPTIONAL)
+                section[field] = _parse_env(name, env[name], kind.base, kind.optional)
 
 
 def _parse_env(name: str, raw: str, kind: type, optional: bool) -> Any:

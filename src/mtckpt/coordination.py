@@ -10,10 +10,10 @@ every rank raises instead of waiting for it. Saves never use a collective.
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass
 from typing import Any
 
+from . import frameworks
 from .errors import MtckptError
 
 log = logging.getLogger(__name__)
@@ -94,16 +94,9 @@ def for_job(world_size: int, timeout: float) -> Coordinator:
     its collectives give up after ``timeout`` seconds with a clear error."""
     if world_size == 1:
         return Coordinator()
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        from .torch import TorchCoordinator
-
-        return TorchCoordinator(timeout)
-    if "jax" in sys.modules:
-        from . import jax
-
-        if jax.distributed_client() is not None:
-            return jax.JaxCoordinator(timeout)
+    coordinator = frameworks.job_coordinator(timeout)
+    if coordinator is not None:
+        return coordinator
     return UncoordinatedRanks(world_size)
 
 

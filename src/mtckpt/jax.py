@@ -323,6 +323,19 @@ def distributed_client() -> Any:
     return getattr(distributed.global_state, "client", None)
 
 
+def distributed_job() -> tuple[int, int] | None:
+    """This process's index and the process count, once jax.distributed is initialised
+    (the core asks through :mod:`mtckpt.frameworks`)."""
+    if distributed_client() is None:
+        return None
+    return jax.process_index(), jax.process_count()
+
+
+def job_coordinator(timeout: float) -> JaxCoordinator | None:
+    """The ranks' agreement over jax.distributed, once it is initialised."""
+    return JaxCoordinator(timeout) if distributed_client() is not None else None
+
+
 class JaxCoordinator(coordination.GatheringCoordinator):
     """Restore agreement over jax.distributed's coordination service (its key-value store,
     which gives up after ``timeout`` seconds): no device collective, so it works on every

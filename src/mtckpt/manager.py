@@ -13,10 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from . import _fastpath, arrays, config, coordination, retention, tiercopy, topology, tree, uploader
-from .config import LocalTier, MemoryTier, ObjectTier, PeerTier
+from . import _fastpath, config, coordination, retention, topology, tree
+from .config import LocalTier, ManagerOptions, MemoryTier, ObjectTier, PeerTier
 from .daemon.link import DaemonLink
 from .errors import (
     ChecksumMismatchError,
@@ -27,15 +25,17 @@ from .errors import (
     TierError,
 )
 from .format import commit, naming, shard
-from .format.manifest import DEFAULT_CHUNK_SIZE, LeafRecord
-from .handle import SaveHandle
 from .metrics import Metrics
-from .pipeline import Pipeline, SaveJob, SlowerTier
+from .pipeline import uploader
+from .pipeline.handle import SaveHandle
+from .pipeline.stages import Pipeline, SaveJob, SlowerTier
+from .pipeline.staging import data_items, framework_of, leaf_records, stage_into_slot
+from .restore import populate
 from .restore.plan import Restorer
 from .tiers.base import Storage
 from .tiers.directory import DirectoryStorage, make_private_dirs
 from .tiers.local import LocalStorage
-from .tiers.memory import MemoryStorage, Slot
+from .tiers.memory import MemoryStorage
 from .tiers.object import object_storage
 
 log = logging.getLogger(__name__)
@@ -58,40 +58,24 @@ class CheckpointManager:
         peers: PeerTier | None = None,
         remote: ObjectTier | None = None,
         *,
-        rank: int | None = None,
-        world_size: int | None = None,
-        allow_pickle: bool = False,
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
-        threads: int | None = None,
-        collective_timeout: float = 600.0,
-        staging: str = "blocking",
+        rank: int | None = ManagerOptions.rank,
+        world_size: int | None = ManagerOptions.world_size,
+        allow_pickle: bool = ManagerOptions.allow_pickle,
+        chunk_size: int = ManagerOptions.chunk_size,
+        threads: int | None = ManagerOptions.threads,
+        collective_timeout: float = ManagerOptions.collective_timeout,
+        staging: str = ManagerOptions.staging,
     ) -> None:
-        try:
-            self.run = naming.check_run(run)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        if peers is not None and not isinstance(peers, PeerTier):
-            raise ConfigError(f"peers must be a mtckpt.PeerTier, got {type(peers).__name__}")
-        if memory is not None and not isinstance(memory, MemoryTier):
-            raise ConfigError(f"memory must be a mtckpt.MemoryTier, got {type(memory).__name__}")
-        if local is not None and not isinstance(local, LocalTier):
-            raise ConfigError(f"local must be a mtckpt.LocalTier, got {type(local).__name__}")
-        if remote is not None and not isinstance(remote, ObjectTier):
-            raise ConfigError(f"remote must be a mtckpt.ObjectTier, got {type(remote).__name__}")
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 4096:
-            raise ConfigError(f"chunk_size must be an int >= 4096, got {chunk_size!r}")
-        if threads is not None and (
-            isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
-        ):
-            raise ConfigError(f"threads must be a positive int or None, got {threads!r}")
-        if (
-            isinstance(collective_timeout, bool)
-            or not isinstance(collective_timeout, (int, float))
-            or collective_timeout <= 0
-        ):
-            raise ConfigError(f"collective_timeout must be > 0 seconds, got {collective_timeout!r}")
-        if staging not in ("blocking", "async"):
-            raise ConfigError(f"staging must be 'blocking' or 'async', got {staging!r}")
+        tiers = {"peers": peers, "memory": memory, "local": local, "remote": remote}
+        for name, tier in tiers.items():
+            cls = config.TIER_CLASSES[name]
+            if tier is not None and not isinstance(tier, cls):
+                raise ConfigError(
+                    f"{name} must be a mtckpt.{cls.__name__}, got {type(tier).__name__}"
+                )
+        opts = ManagerOptions(run, rank, world_size, allow_pickle, chunk_size, threads,
+                              collective_timeout, staging)  # fmt: skip
+        self.run = opts.run
         self.staging = staging
         self.metrics = Metrics()  # mgr.metrics.samples() / .render(): the daemon's families
         self.rank, self.world_size = topology.detect(rank, world_size)
@@ -104,17 +88,7 @@ class CheckpointManager:
 
         self._peers = None if peers is None else DaemonLink(peers, self.run, self.rank)
         self._replicating = peers is not None and peers.replicas > 0
-        if self._peers is not None:
-            root = self._peers.memory_root
-            if memory is None:
-                memory = MemoryTier(path=root)
-            elif config.expand_path(memory.path).resolve() != Path(root).resolve():
-                self._peers.close()
-                raise ConfigError(
-                    f"memory.path {memory.path!r} is not the memory root {root!r} of the daemon "
-                    f"at {peers.daemon}; leave memory= out to use the daemon's"
-                )
-        memory = MemoryTier() if memory is None else memory
+        memory = self._memory_tier(memory, peers)
         self._memory = MemoryStorage(config.expand_path(memory.path))
         self._tiers: list[tuple[Any, Storage]] = [(memory, self._memory)]
         if local is not None:
@@ -141,6 +115,22 @@ class CheckpointManager:
             if self._peers is not None:
                 self._peers.close()
             raise
+
+    def _memory_tier(self, memory: MemoryTier | None, peers: PeerTier | None) -> MemoryTier:
+        """``memory``, or the default; with a node daemon, its memory root (``memory`` may
+        only name the same directory)."""
+        if self._peers is None:
+            return MemoryTier() if memory is None else memory
+        root = self._peers.memory_root
+        if memory is None:
+            return MemoryTier(path=root)
+        if config.expand_path(memory.path).resolve() != Path(root).resolve():
+            self._peers.close()
+            raise ConfigError(
+                f"memory.path {memory.path!r} is not the memory root {root!r} of the daemon "
+                f"at {peers.daemon}; leave memory= out to use the daemon's"
+            )
+        return memory
 
     def _start(self, memory_keep: int, chunk_size: int, collective_timeout: float) -> None:
         """Clean up after a crashed predecessor, apply retention and start the pipeline."""
@@ -310,12 +300,12 @@ class CheckpointManager:
         node, leaves = tree.flatten(state, allow_pickle=self.allow_pickle)
         data_leaves = tree.data_leaves(leaves)
         stored_by = self._replica_owners(data_leaves)
-        layout = shard.plan(_data_items(data_leaves, stored_by), self._shard_metadata(step))
+        layout = shard.plan(data_items(data_leaves, stored_by), self._shard_metadata(step))
         if self._memory.free_slots(self.run, self.rank) == 0:
             self._pipeline.wait_memory_idle()  # its garbage collection may free a slot
         slot = self._memory.acquire(self.run, self.rank, layout.file_size)
         try:
-            finish_staging = _stage_into_slot(slot, layout, data_leaves, self.threads)
+            finish_staging = stage_into_slot(slot, layout, data_leaves, self.threads)
             if self.staging == "blocking":
                 finish_staging()
         except BaseException:
@@ -332,8 +322,8 @@ class CheckpointManager:
                 slot=slot,
                 layout=layout,
                 tree=node,
-                records=_leaf_records(leaves, layout, stored_by),
-                framework=_framework(data_leaves),
+                records=leaf_records(leaves, layout, stored_by),
+                framework=framework_of(data_leaves),
                 tiers=tuple(due[1:]),
                 handle=handle,
                 finish_staging=None if self.staging == "blocking" else finish_staging,
@@ -455,44 +445,16 @@ class CheckpointManager:
         return restored, state
 
     def _populate(self, step: int, source: Storage) -> None:
-        """Copy this rank's shard of ``step`` from ``source`` into each faster tier (the first
-        from ``source``, the others from it), verified, on a background thread."""
+        """Copy this rank's shard of ``step`` from ``source`` into each faster tier, in the
+        background (``wait()`` waits for it)."""
         storages = [storage for _, storage in self._tiers]
         faster = storages[: storages.index(source)]
-        if not faster:
-            return
-
-        def copy() -> None:
-            try:
-                saved_world = commit.saved_world_size(source, self.run, step)
-            except Exception as exc:
-                log.warning("step %d: not copied to the faster tiers: %s", step, exc)
-                return
-            if saved_world != self.world_size:
-                log.info("step %d was saved by another world size: not copied to the faster "
-                         "tiers", step)  # fmt: skip
-                return
-            origin = source
-            for storage in faster:
-                try:
-                    tiercopy.copy_shard(
-                        origin,
-                        storage,
-                        self.run,
-                        step,
-                        self.rank,
-                        verified=self._verdicts[storage.name].record,
-                    )
-                    ranks = range(self.world_size) if storage.shared else self.node_ranks
-                    commit.try_commit(storage, self.run, step, self.world_size, ranks)
-                    origin = faster[0]
-                except Exception as exc:  # the restore is done; only the next one is slower
-                    log.warning("step %d: not copied to %s for the next restart: %s", step,
-                                storage.describe(), exc)  # fmt: skip
-
-        thread = threading.Thread(target=copy, name="mtckpt-populate", daemon=True)
-        thread.start()
-        self._populating.append(thread)
+        if faster:
+            verdicts = {name: v.record for name, v in self._verdicts.items()}
+            self._populating.append(populate.start(
+                source, faster, self.run, step, self.rank, self.world_size, self.node_ranks,
+                verdicts,
+            ))  # fmt: skip
 
     # -- inspecting and removing -----------------------------------------------------------
 
@@ -572,99 +534,3 @@ class CheckpointManager:
             f"CheckpointManager(run={self.run!r}, rank={self.rank}/{self.world_size}, "
             f"tiers=[{self._where()}])"
         )
-
-
-def _data_items(
-    leaves: list[tree.Leaf], stored_by: dict[str, int]
-) -> list[tuple[str, str, tuple[int, ...], int]]:
-    items = []
-    for leaf in leaves:
-        if leaf.key in stored_by:
-            continue
-        if leaf.kind in arrays.ARRAY_KINDS:
-            items.append((leaf.key, *arrays.for_kind(leaf.kind).describe(leaf.value)))
-        elif leaf.kind in tree.BYTES_KINDS:
-            items.append((leaf.key, "U8", (len(leaf.value),), len(leaf.value)))
-    return items
-
-
-def _leaf_records(
-    leaves: list[tree.Leaf], layout: shard.Layout, stored_by: dict[str, int]
-) -> list[LeafRecord]:
-    entries = {entry.key: entry for entry in layout.entries}
-    records = []
-    for leaf in leaves:
-        if leaf.parts:
-            parts = tuple(_leaf_records(list(leaf.parts), layout, stored_by))
-            shape = parts[0].global_shape
-            records.append(LeafRecord(leaf.key, leaf.kind, dtype=parts[0].dtype, shape=shape,
-                                      global_shape=shape, global_offset=(0,) * len(shape),
-                                      parts=parts))  # fmt: skip
-            continue
-        sharding = leaf.sharding
-        placed = {}
-        if sharding is not None:
-            placed = dict(global_shape=sharding.global_shape, global_offset=sharding.global_offset)
-        if leaf.key in stored_by:
-            dtype, shape, _ = arrays.for_kind(leaf.kind).describe(leaf.value)
-            where = dict(dtype=dtype, shape=tuple(shape), stored_by=stored_by[leaf.key])
-            records.append(LeafRecord(leaf.key, leaf.kind, **where, **placed))
-        elif leaf.key in entries:
-            entry = entries[leaf.key]
-            where = dict(dtype=entry.dtype, shape=entry.shape, offset=entry.offset,
-                         nbytes=entry.nbytes)  # fmt: skip
-            records.append(LeafRecord(leaf.key, leaf.kind, **where, **placed))
-        else:
-            records.append(LeafRecord(leaf.key, leaf.kind, value=leaf.value))
-    return records
-
-
-def _stage_into_slot(
-    slot: Slot, layout: shard.Layout, leaves: list[tree.Leaf], threads: int
-) -> Callable[[], None]:
-    """Start copying the header and every leaf's bytes into the slot; returns the function
-    that finishes it. Strided and byte-swapped arrays are copied now by their framework and
-    device arrays enqueued on a copy stream; what finishes is one multi-threaded native
-    copy of everything in host memory and contiguous, and waiting for the device copies."""
-    view = slot.view()
-    view[: len(layout.header)] = np.frombuffer(layout.header, np.uint8)
-    leaf_of = {leaf.key: leaf for leaf in leaves}
-    destinations, sources, waits = [], [], []
-    framework_copies: dict[arrays.ArrayAdapter, list] = {}
-    for entry in layout.entries:
-        leaf = leaf_of[entry.key]
-        start = layout.data_start + entry.offset
-        dst = view[start : start + entry.nbytes]
-        if leaf.kind in tree.BYTES_KINDS:
-            destinations.append(dst)
-            sources.append(leaf.value)
-            continue
-        adapter = arrays.for_kind(leaf.kind)
-        source = adapter.host_bytes(leaf.value)
-        if source is None:
-            framework_copies.setdefault(adapter, []).append((leaf.value, dst))
-        else:
-            destinations.append(dst)
-            sources.append(source)
-    del view
-    for adapter, items in framework_copies.items():
-        pinner = next(filter(None, (adapter.pinner(value) for value, _ in items)), None)
-        if pinner is not None:
-            slot.pin(adapter.name, pinner)
-        pending = adapter.stage(items)
-        if pending is not None:
-            waits.append(pending)
-
-    def finish() -> None:
-        _fastpath.backend().copy_many(destinations, sources, threads)
-        for wait in waits:
-            wait()
-        destinations.clear()  # drop the views of the slot
-
-    return finish
-
-
-def _framework(leaves: list[tree.Leaf]) -> str:
-    """What wrote the state, for the manifest: the framework of its arrays."""
-    kinds = {leaf.kind for leaf in leaves}
-    return next((kind for kind in ("torch", "jax") if kind in kinds), "numpy")

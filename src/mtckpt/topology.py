@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from . import frameworks
 from .errors import ConfigError
 from .format import naming
 
@@ -22,7 +22,7 @@ def detect(
     """
     env = os.environ if env is None else env
     if rank is None and world_size is None:
-        found = _from_torch() or _from_jax() or _from_env(env)
+        found = frameworks.distributed_job() or _from_env(env)
         rank, world_size = found if found else (0, 1)
     elif rank is None or world_size is None:
         raise ConfigError("give both rank and world_size, or neither")
@@ -91,27 +91,6 @@ def node_ranks_origin(env: Mapping[str, str] | None = None) -> str:
         "the whole world, as LOCAL_RANK / LOCAL_WORLD_SIZE are not set (with ranks on "
         "several nodes, set them as torchrun does)"
     )
-
-
-def _from_torch() -> tuple[int, int] | None:
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return None
-
-
-def _from_jax() -> tuple[int, int] | None:
-    if "jax" not in sys.modules:
-        return None
-    try:
-        from jax._src import distributed
-    except ImportError:
-        return None
-    if getattr(distributed.global_state, "client", None) is None:
-        return None
-    import jax
-
-    return jax.process_index(), jax.process_count()
 
 
 def _from_env(env: Mapping[str, str]) -> tuple[int, int] | None:

@@ -449,6 +449,19 @@ class RNG:
                                           for s in state["torch_cuda"]])  # fmt: skip
 
 
+def distributed_job() -> tuple[int, int] | None:
+    """This rank and the world size, once torch.distributed is initialised (the core asks
+    through :mod:`mtckpt.frameworks`)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return None
+
+
+def job_coordinator(timeout: float) -> TorchCoordinator | None:
+    """The ranks' agreement over torch.distributed, once it is initialised."""
+    return TorchCoordinator(timeout) if distributed_job() is not None else None
+
+
 class TorchCoordinator(coordination.GatheringCoordinator):
     """Restore agreement over torch.distributed: a gloo group of its own, so that its
     collectives work beside any backend and give up after ``timeout`` seconds."""

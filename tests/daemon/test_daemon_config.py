@@ -70,7 +70,7 @@ def test_daemon_and_restore_take_their_settings_from_the_config_file(tmp_path):
         ('[daemon]\nkeep = "x"\n', [], "daemon.keep must be of type int", 1),
         ("[daemon]\n", [], "no memory root", 2),
         ('[daemon]\nmemory_root = "/tmp/m"\n', ["--tls-cert", "c.pem"], "go together", 2),
-        ('[daemon]\nmemory_root = "/tmp/m"\n', ["--nice", "25"], "nice must be 0..19", 1),
+        ('[daemon]\nmemory_root = "/tmp/m"\n', ["--nice", "25"], "nice must be an int in 0..19", 1),
         (
             '[daemon]\nmemory_root = "/tmp/m"\n',
             ["--remote", "bucket"],

@@ -15,7 +15,8 @@ import pytest
 
 from daemons import free_port, make_certs, replicated, save, wait_for
 from mtckpt.daemon import frames
-from mtckpt.daemon.rpc import Client, TLSFiles
+from mtckpt.daemon.auth import TLSFiles
+from mtckpt.daemon.rpc import Client
 from mtckpt.proto import mtckpt_pb2 as pb
 from mtckpt.proto import mtckpt_pb2_grpc as pb_grpc
 

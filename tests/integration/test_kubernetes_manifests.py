@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from mtckpt import cli, config
+from mtckpt.daemon import config as daemon_config
 from mtckpt.format import naming
 
 MANIFESTS = Path(__file__).resolve().parents[2] / "integrations" / "kubernetes"
@@ -68,7 +69,7 @@ def test_every_config_in_a_configmap_is_one_that_mtckpt_loads(tmp_path):
         toml = tmp_path / "mtckpt.toml"
         toml.write_text(text)
         manager = config.load(toml, env={})
-        daemon = config.load_daemon(toml, env={})
+        daemon = daemon_config.load_daemon(toml, env={})
         assert manager["memory"].path == daemon["memory_root"]
         assert manager["local"].path == daemon["local_root"]
         assert manager["peers"].daemon == f"unix://{daemon['socket']}"
@@ -127,7 +128,7 @@ def check_daemon_pod(workload, daemon, trainer, docs, fields, tmp_path):
     assert daemon["command"][0] == "mtckpt" and args.command == "daemon"
     toml = tmp_path / "mtckpt.toml"
     toml.write_text(the_file(pod, daemon, args.config, docs))
-    settings = config.load_daemon(toml, env=env_of(daemon, fields))
+    settings = daemon_config.load_daemon(toml, env=env_of(daemon, fields))
     naming.check_node_id(settings["node_id"])
     paths = [settings["memory_root"], settings["local_root"],
              str(PurePosixPath(settings["socket"]).parent)]  # fmt: skip
@@ -215,7 +216,7 @@ def the_file(pod: dict, c: dict, path: str, docs: list[dict], kind: str = "Confi
 
 
 def test_the_secret_placeholder_is_refused_as_a_token(tmp_path):
-    from mtckpt.daemon.rpc import read_token
+    from mtckpt.daemon.auth import read_token
     from mtckpt.errors import ConfigError
 
     placeholder = the("Secret", documents())["stringData"]["token"]

@@ -20,7 +20,7 @@ from test_object_tier import RUN, manager, s3_tier, state
 from mtckpt import ConfigError, ObjectTier, TierError
 from states import assert_same_state
 
-HELPER_MARK = b"from mtckpt.uploader import main"
+HELPER_MARK = b"from mtckpt.pipeline.uploader import main"
 
 
 def helpers_of(parent: int) -> list[int]:

@@ -1,6 +1,7 @@
 import pytest
 
 from mtckpt import CheckpointManager, ConfigError, LocalTier, MemoryTier, ObjectTier, config
+from mtckpt.daemon import config as daemon_config
 
 
 @pytest.mark.parametrize(
@@ -181,7 +182,7 @@ def test_daemon_settings_from_file_then_environment(tmp_path):
     assert config.load(path, env={})["run"] == "exp"  # the manager's loader skips [daemon]
     env = {"MTCKPT_CONFIG": str(path), "MTCKPT_DAEMON_REPLICAS": "3",
            "MTCKPT_DAEMON_PEERS": "c:3, d:4", "MTCKPT_NODE_ID": "env-node"}  # fmt: skip
-    assert config.load_daemon(None, env=env) == {
+    assert daemon_config.load_daemon(None, env=env) == {
         "node_id": "env-node",
         "peers": ["c:3", "d:4"],
         "replicas": 3,
@@ -190,13 +191,13 @@ def test_daemon_settings_from_file_then_environment(tmp_path):
         "memory_root": "/dev/shm/from-memory",  # no memory_root: the memory tier's path
         "local_root": "/mnt/from-local",
     }
-    assert config.load_daemon(None, env={"MTCKPT_DAEMON_MEMORY_ROOT": "/m"}) == {
+    assert daemon_config.load_daemon(None, env={"MTCKPT_DAEMON_MEMORY_ROOT": "/m"}) == {
         "memory_root": "/m"
     }
     path.write_text(
         '[local]\npath = "/l"\n[daemon]\npeers = "a:1,b:2"\nmemory_root = "/x"\nlocal_root = "/y"\n'
     )
-    assert config.load_daemon(path, env={}) == {
+    assert daemon_config.load_daemon(path, env={}) == {
         "peers": ["a:1", "b:2"],
         "memory_root": "/x",
         "local_root": "/y",
@@ -218,7 +219,7 @@ def test_bad_daemon_settings_name_the_key(tmp_path, text, env, message):
     path = tmp_path / "bad.toml"
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
-        config.load_daemon(path, env=env)
+        daemon_config.load_daemon(path, env=env)
 
 
 def test_the_daemon_uploads_where_the_remote_table_says(tmp_path):
@@ -227,10 +228,10 @@ def test_the_daemon_uploads_where_the_remote_table_says(tmp_path):
         '[daemon]\nmemory_root = "/dev/shm/m"\n'
         '[remote]\nurl = "s3://bucket/prefix"\nkeep = 5\ncompression = "zstd"\n'
     )
-    assert config.load_daemon(path, env={})["remote"] == ObjectTier(
+    assert daemon_config.load_daemon(path, env={})["remote"] == ObjectTier(
         url="s3://bucket/prefix", keep=5, compression="zstd"
     )
-    moved = config.load_daemon(path, env={"MTCKPT_DAEMON_REMOTE": "file:///mnt/ckpt"})
+    moved = daemon_config.load_daemon(path, env={"MTCKPT_DAEMON_REMOTE": "file:///mnt/ckpt"})
     assert moved["remote"] == ObjectTier(url="file:///mnt/ckpt", keep=5, compression="zstd")
     path.write_text('[daemon]\nmemory_root = "/dev/shm/m"\n')
-    assert "remote" not in config.load_daemon(path, env={})
+    assert "remote" not in daemon_config.load_daemon(path, env={})

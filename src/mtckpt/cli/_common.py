@@ -9,6 +9,7 @@ import time
 
 from .. import catalog, config
 from ..config import MemoryTier, ObjectTier
+from ..daemon import config as daemon_config
 from ..errors import StepNotFoundError
 from ..format import naming
 from ..tiers.base import Storage
@@ -25,7 +26,7 @@ def config_settings(args: argparse.Namespace, daemon: bool = False) -> dict:
     ``daemon`` the daemon's; each read once per command."""
     cache = vars(args).setdefault("settings", {})
     if daemon not in cache:
-        cache[daemon] = (config.load_daemon if daemon else config.load)(args.config)
+        cache[daemon] = (daemon_config.load_daemon if daemon else config.load)(args.config)
     return cache[daemon]
 
 

@@ -58,7 +58,8 @@ def _restore(args: argparse.Namespace) -> int:
         return _restore_from_tiers(args)
     import grpc
 
-    from ..daemon.rpc import Client, read_token
+    from ..daemon.auth import read_token
+    from ..daemon.rpc import Client
 
     step = None if args.step in (None, "latest") else common.step_number(args.step)
     run = common.run_name(args, [])

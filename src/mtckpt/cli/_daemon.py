@@ -4,11 +4,15 @@ the config file."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import faulthandler
 import os
 import signal
 import threading
 
+from .. import options
+from ..config import remote_at
+from ..daemon.config import DAEMON_OPTIONS, DaemonConfig, load_daemon
 from . import _common as common
 
 
@@ -21,43 +25,27 @@ def add_parsers(commands) -> None:
         "variable; flags override variables, which override the file.",
     )
     d.add_argument("--config", help="TOML file (default: $MTCKPT_CONFIG)")
-    d.add_argument("--node-id", help="this node's id (default: $MTCKPT_NODE_ID or hostname)")
-    d.add_argument("--listen", help="HOST:PORT for peers (127.0.0.1:7787)")
-    d.add_argument("--socket", help="Unix socket path for trainers and operators")
-    d.add_argument("--memory-root", help="the node's memory tier directory")
-    d.add_argument("--local-root", help="the node's local tier directory (recovered steps too)")
-    d.add_argument("--peers", type=common.comma_list, help="comma list of peer HOST:PORT")
-    d.add_argument("--peers-dns", help="NAME:PORT resolving to every daemon")
-    d.add_argument("--replicas", type=int, help="copies of each shard on peers (1)")
-    d.add_argument("--zone", help="failure-domain label (zone, rack)")
-    d.add_argument("--keep", type=int, help="steps of each run kept as replicas (2)")
-    d.add_argument("--token-file", help="file holding the shared token")
-    d.add_argument("--tls-cert", help="PEM certificate of this daemon (mTLS)")
-    d.add_argument("--tls-key", help="PEM key of that certificate")
-    d.add_argument("--tls-ca", help="PEM CA that signs every daemon's certificate")
-    d.add_argument("--insecure", action="store_const", const=True, default=None,
-                   help="serve peers without authentication: loopback addresses only, "
-                        "for tests on one machine")  # fmt: skip
-    d.add_argument("--bandwidth", type=float, help="replication cap in bytes/s")
-    d.add_argument("--drain-timeout", type=float, help="seconds, on SIGTERM (60)")
-    d.add_argument("--scan-interval", type=float,
-                   help="seconds between scans for committed steps (0.5)")  # fmt: skip
-    d.add_argument("--data-port", type=int, help="bulk data port (0: any free one)")
-    d.add_argument("--stream-idle-timeout", type=float,
-                   help="seconds a peer's Fetch or Push stream may make no progress before "
-                        "it is cancelled (30)")  # fmt: skip
-    d.add_argument("--nice", type=int, help="added to the daemon's nice value, 0..19 (10)")
-    d.add_argument("--metrics-listen", help="HOST:PORT serving Prometheus /metrics, /healthz "
-                   "and /readyz (default: none)")  # fmt: skip
-    d.add_argument("--remote", help="object tier URL trainers' steps are flushed to (default: "
-                   "the config file's [remote] table, whose other settings apply too)")  # fmt: skip
+    for field in dataclasses.fields(DaemonConfig):
+        d.add_argument(f"--{field.name.replace('_', '-')}", **_flag(field))
     d.set_defaults(handler=_daemon)
 
 
+def _flag(field: dataclasses.Field) -> dict:
+    """argparse keywords of a daemon option's flag: its type, and its meaning with the
+    default. Every flag defaults to None: only what is given overrides the file."""
+    kind = options.kinds(DaemonConfig)[field.name].base
+    text = options.help_of(field)
+    if field.default not in (dataclasses.MISSING, None, "", False):
+        text = f"{text} ({field.default})"
+    if kind is bool:
+        return {"action": "store_const", "const": True, "default": None, "help": text}
+    if kind is list:
+        return {"type": common.comma_list, "help": text}
+    return {"type": kind, "help": text}
+
+
 def _daemon(args: argparse.Namespace) -> int:
-    from ..config import DAEMON_OPTIONS, load_daemon, remote_at
-    from ..daemon.rpc import TLSFiles, read_token
-    from ..daemon.service import Daemon, DaemonConfig
+    from ..daemon.service import Daemon
 
     settings = load_daemon(args.config)
     for key in DAEMON_OPTIONS:  # flags override the file and the environment
@@ -70,11 +58,9 @@ def _daemon(args: argparse.Namespace) -> int:
             "mtckpt daemon: no memory root: give --memory-root, or memory_root in the config "
             "file's [daemon] table, or MTCKPT_DAEMON_MEMORY_ROOT"
         )
-    tls_files = [settings.pop(key, None) for key in ("tls_cert", "tls_key", "tls_ca")]
+    tls_files = [settings.get(key) for key in ("tls_cert", "tls_key", "tls_ca")]
     if any(tls_files) and not all(tls_files):
         raise common.UsageError("mtckpt daemon: --tls-cert, --tls-key and --tls-ca go together")
-    settings["tls"] = TLSFiles(*tls_files) if all(tls_files) else None
-    settings["token"] = read_token(settings.pop("token_file", None))
     settings.setdefault("node_id", os.uname().nodename)
     config = DaemonConfig(**settings)
     os.nice(config.nice)

@@ -107,7 +107,8 @@ def _peer_rows(address: tuple[str, str | None], args: argparse.Namespace) -> lis
     step and origin (the node that saved it)."""
     import grpc
 
-    from ..daemon.rpc import Client, read_token
+    from ..daemon.auth import read_token
+    from ..daemon.rpc import Client
 
     token = read_token(address[1])
     try:

@@ -30,8 +30,8 @@ from .. import _fastpath
 from ..errors import MtckptError
 from ..format.manifest import RankManifest
 from . import frames
+from .auth import TLSFiles
 from .holdings import Incoming, Outgoing
-from .rpc import TLSFiles
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,8 @@ class DaemonLink:
         try:
             import grpc
 
-            from .rpc import Client, read_token
+            from .auth import read_token
+            from .rpc import Client
         except ImportError as exc:
             raise ConfigError(f"peers= needs grpcio: pip install 'mtckpt[grpc]' ({exc})") from None
         self._grpc = grpc

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import grpc
 
-from .rpc import Client, TLSFiles, error_text
+from .auth import TLSFiles
+from .rpc import Client, error_text
 
 log = logging.getLogger(__name__)
 

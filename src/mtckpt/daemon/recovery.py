@@ -27,9 +27,10 @@ from ..errors import (
 )
 from ..format import commit
 from . import bulk, frames
+from .auth import host_of
 from .holdings import Holdings, Shard
 from .peers import Peers
-from .rpc import error_text, host_of, shard_id
+from .rpc import error_text, shard_id
 
 log = logging.getLogger(__name__)
 
@@ -51,33 +52,29 @@ class _Copy:
     world_size: int
 
 
-def recover(holdings: Holdings, peers: Peers, run: str, step: int | None = None) -> Recovered:
-    me = holdings.node_id
-    peers.refresh()
-    copies: list[_Copy] = [_Copy(me, None, h.shard, h.world_size) for h in holdings.list(run=run)]
+def _copies(holdings: Holdings, peers: Peers, run: str) -> list[_Copy]:
+    """Every copy of ``run``'s shards this daemon and its reachable peers list."""
+    copies = [_Copy(holdings.node_id, None, h.shard, h.world_size) for h in holdings.list(run=run)]
     for member in peers.members():
         if not member.reachable:
             continue
         try:
             listing = peers.client(member.address).list_shards(run=run)
         except grpc.RpcError as exc:
-            log.warning(
-                "recovery: %s (%s) did not list: %s",
-                member.node_id,
-                member.address,
-                error_text(exc),
-            )
+            log.warning("recovery: %s (%s) did not list: %s", member.node_id, member.address,
+                        error_text(exc))  # fmt: skip
             continue
         for info in listing.shards:
             s = info.shard
-            copies.append(
-                _Copy(
-                    listing.node_id,
-                    member.address,
-                    Shard(s.run, s.step, s.rank, s.origin),
-                    info.world_size,
-                )
-            )
+            shard = Shard(s.run, s.step, s.rank, s.origin)
+            copies.append(_Copy(listing.node_id, member.address, shard, info.world_size))
+    return copies
+
+
+def recover(holdings: Holdings, peers: Peers, run: str, step: int | None = None) -> Recovered:
+    me = holdings.node_id
+    peers.refresh()
+    copies = _copies(holdings, peers, run)
     by_step: dict[int, list[_Copy]] = {}
     for copy in copies:
         by_step.setdefault(copy.shard.step, []).append(copy)

@@ -25,10 +25,11 @@ from ..metrics import Metrics
 from ..proto import mtckpt_pb2 as pb
 from ..restore.read import close_mapping
 from . import bulk, frames
+from .auth import TLSFiles, host_of
 from .holdings import Holdings, Shard
 from .peers import Peers
 from .placement import replica_targets
-from .rpc import TLSFiles, error_text, host_of, shard_id
+from .rpc import error_text, shard_id
 
 log = logging.getLogger(__name__)
 
@@ -131,35 +132,15 @@ class Replicator:
                 self._cycle_done.notify_all()
 
     def cycle(self) -> None:
+        """One scan: list the node's newest shards, ask each target peer what it holds of
+        them, and push what it lacks, newest steps first."""
         me = self.holdings.node_id
-        own = self.holdings.list(origin=me)
-        newest: dict[str, list[int]] = {}
-        for held in own:
-            newest.setdefault(held.shard.run, []).append(held.shard.step)
-        keep = {
-            run: set(sorted(set(steps))[-self.holdings.keep :]) for run, steps in newest.items()
-        }
-        shards = sorted(
-            (h.shard for h in own if h.shard.step in keep[h.shard.run]),
-            key=lambda s: (-s.step, s.run, s.rank),
-        )
+        shards = self._newest_own_shards()
         members = [m for m in self.peers.members() if m.node_id]
         targets = replica_targets(
             me, self.zone, [(m.node_id, m.zone) for m in members], self.replicas
         )
-        held_by: dict[str, set[Shard]] = {}
-        unreachable: dict[str, str] = {}
-        for node in targets:
-            member = self.peers.by_node(node)
-            try:
-                listing = self.peers.client(member.address).list_shards(origin=me)
-            except grpc.RpcError as exc:
-                unreachable[node] = error_text(exc)
-                continue
-            held_by[node] = {
-                Shard(i.shard.run, i.shard.step, i.shard.rank, i.shard.origin)
-                for i in listing.shards
-            }
+        held_by, unreachable = self._listings(targets, me)
         short = ""
         if len(targets) < self.replicas:
             short = f"{self.replicas} replicas wanted, {len(targets)} other daemon(s) known"
@@ -177,49 +158,94 @@ class Replicator:
                     state.error = short
         self.on_change()
         for shard in shards:
-            state = self.state[shard]
-            for node in targets:
-                if self._stopping.is_set():
-                    return
-                if shard in held_by.get(node, ()):
-                    with self._lock:
-                        state.stored.add(node)
-                    self.on_change()
-                    continue
-                if node in unreachable:
-                    with self._lock:
-                        state.error = f"peer {node} unreachable: {unreachable[node]}"
-                    self.on_change()
-                    continue
-                started = time.monotonic()
-                try:
-                    size = self.push(shard, self.peers.by_node(node).address)
-                except (grpc.RpcError, OSError, MtckptError) as exc:
-                    if not self.holdings.own.step_path(shard.run, shard.step).exists():
-                        # The trainer's retention removed the step (its data file may have
-                        # been reused for a newer one while it was being sent).
-                        log.info("%s expired before it was replicated to %s (newer steps "
-                                 "went first)", shard, node)  # fmt: skip
-                        with self._lock:
-                            self.state.pop(shard, None)
-                        self.on_change()
-                        break
-                    reason = error_text(exc)
-                    log.warning("replicating %s to %s failed: %s", shard, node, reason)
-                    with self._lock:
-                        state.error = f"push to {node} failed: {reason}"
-                    self.on_change()
-                    continue
-                if self.metrics is not None:
-                    self.metrics.save_seconds.observe(time.monotonic() - started, stage="peers")
-                    self.metrics.bytes_written.inc(size, tier="peers")
+            if not self._replicate(shard, targets, held_by, unreachable):
+                return
+            with self._lock:
+                if self.state.get(shard) is not None and self.state[shard].complete:
+                    self.state[shard].error = short
+            self.on_change()
+
+    def _newest_own_shards(self) -> list[Shard]:
+        """This node's shards of the newest ``keep`` steps of each run, newest first."""
+        own = self.holdings.list(origin=self.holdings.node_id)
+        newest: dict[str, list[int]] = {}
+        for held in own:
+            newest.setdefault(held.shard.run, []).append(held.shard.step)
+        keep = {
+            run: set(sorted(set(steps))[-self.holdings.keep :]) for run, steps in newest.items()
+        }
+        return sorted(
+            (h.shard for h in own if h.shard.step in keep[h.shard.run]),
+            key=lambda s: (-s.step, s.run, s.rank),
+        )
+
+    def _listings(
+        self, targets: list[str], me: str
+    ) -> tuple[dict[str, set[Shard]], dict[str, str]]:
+        """What each target holds of this node's shards, and why the unreachable ones are."""
+        held_by: dict[str, set[Shard]] = {}
+        unreachable: dict[str, str] = {}
+        for node in targets:
+            member = self.peers.by_node(node)
+            try:
+                listing = self.peers.client(member.address).list_shards(origin=me)
+            except grpc.RpcError as exc:
+                unreachable[node] = error_text(exc)
+                continue
+            held_by[node] = {
+                Shard(i.shard.run, i.shard.step, i.shard.rank, i.shard.origin)
+                for i in listing.shards
+            }
+        return held_by, unreachable
+
+    def _replicate(
+        self,
+        shard: Shard,
+        targets: list[str],
+        held_by: dict[str, set[Shard]],
+        unreachable: dict[str, str],
+    ) -> bool:
+        """Push ``shard`` to every target that lacks it; False once stopping."""
+        state = self.state[shard]
+        for node in targets:
+            if self._stopping.is_set():
+                return False
+            if shard in held_by.get(node, ()):
                 with self._lock:
                     state.stored.add(node)
                 self.on_change()
+                continue
+            if node in unreachable:
+                with self._lock:
+                    state.error = f"peer {node} unreachable: {unreachable[node]}"
+                self.on_change()
+                continue
+            started = time.monotonic()
+            try:
+                size = self.push(shard, self.peers.by_node(node).address)
+            except (grpc.RpcError, OSError, MtckptError) as exc:
+                if not self.holdings.own.step_path(shard.run, shard.step).exists():
+                    # The trainer's retention removed the step (its data file may have been
+                    # reused for a newer one while it was being sent).
+                    log.info("%s expired before it was replicated to %s (newer steps went "
+                             "first)", shard, node)  # fmt: skip
+                    with self._lock:
+                        self.state.pop(shard, None)
+                    self.on_change()
+                    return True
+                reason = error_text(exc)
+                log.warning("replicating %s to %s failed: %s", shard, node, reason)
+                with self._lock:
+                    state.error = f"push to {node} failed: {reason}"
+                self.on_change()
+                continue
+            if self.metrics is not None:
+                self.metrics.save_seconds.observe(time.monotonic() - started, stage="peers")
+                self.metrics.bytes_written.inc(size, tier="peers")
             with self._lock:
-                if state.complete:
-                    state.error = short
+                state.stored.add(node)
             self.on_change()
+        return True
 
     def push(self, shard: Shard, address: str) -> int:
         """Send a shard to the peer at ``address``: over its data port (bulk.py), or as a

@@ -12,12 +12,10 @@ import os
 import threading
 import time
 from concurrent import futures
-from dataclasses import dataclass, field
 
 import grpc
 
 from .. import _fastpath
-from ..config import ObjectTier
 from ..errors import ChecksumMismatchError, ConfigError, MtckptError, StepNotFoundError
 from ..format import naming
 from ..metrics import Endpoint, Metrics
@@ -25,24 +23,16 @@ from ..proto import mtckpt_pb2 as pb
 from ..proto import mtckpt_pb2_grpc as pb_grpc
 from ..tiers.object import object_storage
 from . import frames, recovery
+from .auth import TLSFiles, host_of, is_loopback, read_token
 from .bulk import BulkServer
 from .changes import Changes
+from .config import DaemonConfig
 from .flusher import Flusher
 from .holdings import Holdings, Shard
 from .limits import PeerLimits, Progress, certified_node
 from .peers import Peers
 from .replicator import Replicator
-from .rpc import (
-    OPTIONS,
-    SERVICE,
-    TLSFiles,
-    TokenCheck,
-    host_of,
-    is_loopback,
-    is_unix,
-    shard_id,
-    unix_path,
-)
+from .rpc import OPTIONS, SERVICE, TokenCheck, is_unix, shard_id, unix_path
 
 log = logging.getLogger(__name__)
 
@@ -51,67 +41,28 @@ FREE_WORKERS = 8  # RPC threads long-polled Status calls leave to the others
 TRAINER_ONLY = ("Notify", "Flush", "Recover")  # served on the Unix socket, not to peers
 
 
-@dataclass
-class DaemonConfig:
-    node_id: str
-    memory_root: str
-    local_root: str | None = None  # the node's local tier: recovered steps are written there
-    listen: str | None = "127.0.0.1:7787"  # host:port for peers; None: no TCP
-    socket: str | None = None  # path of the Unix socket for trainers and operators
-    peers: list[str] = field(default_factory=list)
-    peers_dns: str | None = None  # NAME:PORT resolving to every daemon
-    replicas: int = 1
-    zone: str = ""
-    keep: int = 2  # steps of each run kept as replicas
-    token: str | None = None
-    tls: TLSFiles | None = None
-    bandwidth: float | None = None  # bytes/s cap on replication pushes
-    scan_interval: float = 0.5
-    drain_timeout: float = 60.0
-    workers: int = 32  # RPC threads; all but FREE_WORKERS may wait in a long-polled Status
-    data_port: int = 0  # the bulk data port, on the listen host (0: any free one)
-    nice: int = 10  # added to the process's nice value by `mtckpt daemon`: training goes first
-    remote: ObjectTier | None = None  # where trainers' Flush requests upload to
-    metrics_listen: str | None = None  # HOST:PORT of /metrics, /healthz, /readyz; None: off
-    insecure: bool = False  # serve peers without authentication: loopback addresses only
-    stream_idle_timeout: float = 30.0  # seconds a peer's stream may make no progress
-
-    def __post_init__(self) -> None:
-        try:
-            naming.check_node_id(self.node_id)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        if not 0 <= self.nice <= 19:
-            raise ConfigError(f"nice must be 0..19 (added to the nice value), got {self.nice}")
-        if self.replicas < 0 or self.keep < 1:
-            raise ConfigError(
-                f"replicas must be >= 0 and keep >= 1, got {self.replicas}, {self.keep}"
-            )
-        if self.listen is None and self.socket is None:
-            raise ConfigError("the daemon needs a TCP address (listen) or a Unix socket")
-        if not self.stream_idle_timeout > 0:
-            raise ConfigError(
-                f"stream_idle_timeout must be > 0 seconds, got {self.stream_idle_timeout}"
-            )
-        if self.listen is not None:
-            self._check_peer_security()
-
-    def _check_peer_security(self) -> None:
-        """Peers are served only with a shared token or mutual TLS, or with ``insecure``
-        on a loopback address (tests on one machine)."""
-        if self.insecure and not is_loopback(host_of(self.listen)):
-            raise ConfigError(
-                f"--insecure is refused on {self.listen}: without authentication anyone who "
-                "reaches the port could push forged shards or read checkpoints; it is allowed "
-                "on loopback addresses only (127.0.0.1, ::1, localhost)"
-            )
-        if self.token is None and self.tls is None and not self.insecure:
-            raise ConfigError(
-                f"the daemon would serve peers on {self.listen} without authentication: give "
-                "--token-file FILE (a token shared by the daemons) or --tls-cert, --tls-key and "
-                "--tls-ca (mutual TLS, a certificate per node naming its node id), or "
-                "--insecure with a loopback --listen address (one machine, tests)"
-            )
+def _credentials(config: DaemonConfig) -> tuple[str | None, TLSFiles | None]:
+    """The shared token and the TLS files the daemon serves with; ConfigError unless peers
+    are served with at least one of them, or with ``insecure`` on a loopback address
+    (tests on one machine)."""
+    token = read_token(config.token_file)
+    tls = TLSFiles(config.tls_cert, config.tls_key, config.tls_ca) if config.tls_cert else None
+    if config.listen is None:
+        return token, tls
+    if config.insecure and not is_loopback(host_of(config.listen)):
+        raise ConfigError(
+            f"--insecure is refused on {config.listen}: without authentication anyone who "
+            "reaches the port could push forged shards or read checkpoints; it is allowed "
+            "on loopback addresses only (127.0.0.1, ::1, localhost)"
+        )
+    if token is None and tls is None and not config.insecure:
+        raise ConfigError(
+            f"the daemon would serve peers on {config.listen} without authentication: give "
+            "--token-file FILE (a token shared by the daemons) or --tls-cert, --tls-key and "
+            "--tls-ca (mutual TLS, a certificate per node naming its node id), or "
+            "--insecure with a loopback --listen address (one machine, tests)"
+        )
+    return token, tls
 
 
 def _shard(ident: pb.ShardId, context) -> Shard:
@@ -142,7 +93,7 @@ class _Service(pb_grpc.DaemonServicer):
     def _check_certified(self, shard: Shard, context, action: str) -> None:
         """With mutual TLS, a peer may push or fetch only shards saved by the node its
         certificate names: no node can forge or read another's state."""
-        if self.peers is None or self.d.config.tls is None:
+        if self.peers is None or self.d.tls is None:
             return
         node = certified_node(context)
         if node != shard.origin:
@@ -385,17 +336,18 @@ def _handlers(service: _Service) -> grpc.GenericRpcHandler:
 class Daemon:
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
+        self.token, self.tls = _credentials(config)
         self.holdings = Holdings(
             config.node_id, config.memory_root, config.keep, local_root=config.local_root
         )
         self.peers = Peers(config.node_id, config.peers, config.peers_dns,
-                           token=config.token, tls=config.tls)  # fmt: skip
+                           token=self.token, tls=self.tls)  # fmt: skip
         self.metrics = DaemonMetrics(self)
         self.changes = Changes(waiters=max(0, config.workers - FREE_WORKERS),
                                pools=("trainers", "peers"))  # fmt: skip
         self.replicator = Replicator(
             self.holdings, self.peers, zone=config.zone, replicas=config.replicas,
-            bandwidth=config.bandwidth, scan_interval=config.scan_interval, tls=config.tls,
+            bandwidth=config.bandwidth, scan_interval=config.scan_interval, tls=self.tls,
             metrics=self.metrics, on_change=self.changes.notify,
         )  # fmt: skip
         self.flusher: Flusher | None = None
@@ -439,7 +391,7 @@ class Daemon:
 
     def _server(self, service: _Service, name: str, **options) -> grpc.Server:
         """A gRPC server of its own threads: peers cannot take the trainers' and back."""
-        interceptors = [TokenCheck(self.config.token)] if self.config.token else []
+        interceptors = [TokenCheck(self.token)] if self.token else []
         pool = futures.ThreadPoolExecutor(self.config.workers, thread_name_prefix=name)
         server = grpc.server(pool, interceptors=interceptors, options=OPTIONS, **options)
         server.add_generic_rpc_handlers((_handlers(service),))
@@ -447,15 +399,15 @@ class Daemon:
         return server
 
     def _serve_peers(self) -> None:
-        if self.config.token is None and self.config.tls is None:
+        if self.token is None and self.tls is None:
             log.warning(
                 "serving peers on %s WITHOUT AUTHENTICATION (--insecure): any process on "
                 "this machine can push forged shards and read checkpoints", self.config.listen,
             )  # fmt: skip
         server = self._server(_Service(self, self.limits), "mtckpt-peer-rpc",
                               maximum_concurrent_rpcs=4 * self.config.workers)  # fmt: skip
-        if self.config.tls is not None:
-            cert, key, ca = self.config.tls.read()
+        if self.tls is not None:
+            cert, key, ca = self.tls.read()
             credentials = grpc.ssl_server_credentials(
                 [(key, cert)], root_certificates=ca, require_client_auth=True
             )
@@ -467,7 +419,7 @@ class Daemon:
         server.start()
         self.address = f"{self.config.listen.rsplit(':', 1)[0]}:{port}"
         host = host_of(self.config.listen)
-        self.bulk = BulkServer(host, self.config.data_port, self.config.tls, self._stored,
+        self.bulk = BulkServer(host, self.config.data_port, self.tls, self._stored,
                                self.transfer_failed)  # fmt: skip
 
     def _serve_trainers(self) -> None:

@@ -70,8 +70,8 @@ from ..errors import (
     StepExistsError,
     StepNotFoundError,
 )
-from ..handle import SaveHandle
 from ..manager import CheckpointManager
+from ..pipeline.handle import SaveHandle
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import pickle
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -362,35 +362,47 @@ def copy_verified(
             return
         if position < hi:
             crc = fastpath.crc32c(src[position - base : hi - base], crc)
-        expected = manifest.chunk_crc32c[index]
-        if crc != expected:
-            keys = [
-                r.key
-                for r in manifest.data_records()
-                if manifest.data_start + r.offset < hi
-                and manifest.data_start + r.offset + r.nbytes > lo
-            ]
-            raise ChecksumMismatchError(
-                f"{where}: chunk {index} (bytes {lo}-{hi}) has crc32c {crc:#010x}, recorded "
-                f"{expected:#010x}; keys affected: {keys[:8]}{' ...' if len(keys) > 8 else ''}"
-            )
+        if crc != manifest.chunk_crc32c[index]:
+            raise _mismatch(manifest, where, index, lo, hi, crc)
 
-    def check_all(indices: list[int]) -> None:
-        for index in indices:
-            check(index)
-
-    if threads <= 1 or len(needed) <= 1:
-        check_all(needed)
-    else:
-        # A few batches per thread: chunks may be small, and a task per chunk costs more
-        # than checking it.
-        batches = min(len(needed), threads * 4)
-        per = -(-len(needed) // batches)
-        with ThreadPoolExecutor(max_workers=min(threads, batches)) as pool:
-            # Executor.map keeps no future (whose error refers to this frame) alive after
-            # it raises: no reference cycle keeps ``src`` mapped until the next collection.
-            list(pool.map(check_all, [needed[i : i + per] for i in range(0, len(needed), per)]))
+    _in_batches(check, needed, threads)
     return set(needed).difference(verified)
+
+
+def _mismatch(
+    manifest: RankManifest, where: str, index: int, lo: int, hi: int, crc: int
+) -> ChecksumMismatchError:
+    """The error for chunk ``index`` (bytes ``lo``-``hi``) found with ``crc``: it names the
+    keys whose bytes the chunk holds."""
+    keys = [
+        r.key
+        for r in manifest.data_records()
+        if manifest.data_start + r.offset < hi and manifest.data_start + r.offset + r.nbytes > lo
+    ]
+    return ChecksumMismatchError(
+        f"{where}: chunk {index} (bytes {lo}-{hi}) has crc32c {crc:#010x}, recorded "
+        f"{manifest.chunk_crc32c[index]:#010x}; keys affected: "
+        f"{keys[:8]}{' ...' if len(keys) > 8 else ''}"
+    )
+
+
+def _in_batches(work: Callable[[int], None], indices: list[int], threads: int) -> None:
+    """``work(i)`` for every index, on up to ``threads`` threads: a few batches per thread
+    (chunks may be small, and a task per chunk costs more than checking it)."""
+
+    def run(batch: list[int]) -> None:
+        for index in batch:
+            work(index)
+
+    if threads <= 1 or len(indices) <= 1:
+        run(indices)
+        return
+    batches = min(len(indices), threads * 4)
+    per = -(-len(indices) // batches)
+    with ThreadPoolExecutor(max_workers=min(threads, batches)) as pool:
+        # Executor.map keeps no future (whose error refers to this frame) alive after it
+        # raises: no reference cycle keeps the source mapped until the next collection.
+        list(pool.map(run, [indices[i : i + per] for i in range(0, len(indices), per)]))
 
 
 def _finish_value(record: LeafRecord, buf: np.ndarray) -> Any:

@@ -24,15 +24,15 @@ import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from . import retention, tiercopy
-from .config import ObjectTier
-from .errors import ConfigError, TierError
-from .format import commit
+from .. import retention, tiercopy
+from ..config import ObjectTier
+from ..errors import ConfigError, TierError
+from ..format import commit
 
 NICE = 10  # as the node daemon: the training loop goes first
 STOP_SECONDS = 10.0  # for an idle helper to exit when asked, before it is killed
 PARENT_POLL_SECONDS = 0.2
-HELPER = "import sys; from mtckpt.uploader import main; main(sys.argv)"
+HELPER = "import sys; from mtckpt.pipeline.uploader import main; main(sys.argv)"
 
 
 def in_process(cfg: ObjectTier) -> bool:
@@ -162,8 +162,8 @@ def _end_with_parent(parent: int) -> None:
 
 
 def _serve(conn: Connection) -> None:
-    from .tiers.memory import MemoryStorage
-    from .tiers.object import object_storage
+    from ..tiers.memory import MemoryStorage
+    from ..tiers.object import object_storage
 
     cfg, run, rank, world_size, memory_root, threads = pickle.loads(conn.recv_bytes())
     source = MemoryStorage(memory_root)

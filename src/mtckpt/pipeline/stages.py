@@ -18,15 +18,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import checksum, retention, tiercopy
-from .errors import MtckptError, NodeRanksMissingError
-from .format import commit, naming
-from .format.manifest import LeafRecord, RankManifest
-from .format.shard import Layout
+from .. import checksum, retention, tiercopy
+from ..errors import MtckptError, NodeRanksMissingError
+from ..format import commit, naming
+from ..format.manifest import LeafRecord, RankManifest
+from ..format.shard import Layout
+from ..tiers.base import Storage
+from ..tiers.memory import MemoryStorage, Slot
+from ..tree import Node
 from .handle import SaveHandle
-from .tiers.base import Storage
-from .tiers.memory import MemoryStorage, Slot
-from .tree import Node
 
 log = logging.getLogger(__name__)
 
