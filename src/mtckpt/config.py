@@ -58,6 +58,18 @@ _SECONDS = options.optional(
 )
 
 
+def _every() -> Any:
+    return option(1, help=_EVERY, rule=options.optional(options.POSITIVE_INT))
+
+
+def _interval() -> Any:
+    return option(None, help=_INTERVAL, rule=_SECONDS)
+
+
+def _keep(default: int) -> Any:
+    return option(default, help=_KEEP, rule=options.int_at_least(1))
+
+
 @dataclass(frozen=True)
 class MemoryTier:
     """Node memory (a tmpfs directory): where every save is staged. Survives a trainer crash."""
@@ -68,9 +80,9 @@ class MemoryTier:
         "`peers=` leave `memory` out: the daemon's memory root is used.",
         rule=options.PATH,
     )
-    every: int | None = option(1, help=_EVERY, rule=options.optional(options.POSITIVE_INT))
-    interval: float | None = option(None, help=_INTERVAL, rule=_SECONDS)
-    keep: int = option(2, help=_KEEP, rule=options.int_at_least(1))
+    every: int | None = _every()
+    interval: float | None = _interval()
+    keep: int = _keep(2)
 
     def __post_init__(self) -> None:
         _check_schedule(self, "memory")
@@ -85,9 +97,9 @@ class LocalTier:
         "(fsync, then rename). Required.",
         rule=options.PATH,
     )
-    every: int | None = option(1, help=_EVERY, rule=options.optional(options.POSITIVE_INT))
-    interval: float | None = option(None, help=_INTERVAL, rule=_SECONDS)
-    keep: int = option(2, help=_KEEP, rule=options.int_at_least(1))
+    every: int | None = _every()
+    interval: float | None = _interval()
+    keep: int = _keep(2)
 
     def __post_init__(self) -> None:
         _check_schedule(self, "local")
@@ -136,9 +148,9 @@ class ObjectTier:
             lambda v: isinstance(v, str) and "://" in v, "a URL such as s3://bucket/prefix"
         ),
     )
-    every: int | None = option(1, help=_EVERY, rule=options.optional(options.POSITIVE_INT))
-    interval: float | None = option(None, help=_INTERVAL, rule=_SECONDS)
-    keep: int = option(3, help=_KEEP, rule=options.int_at_least(1))
+    every: int | None = _every()
+    interval: float | None = _interval()
+    keep: int = _keep(3)
     keep_every: int | None = option(
         None,
         help="Also keep every complete step that is a multiple of this.",

@@ -108,12 +108,7 @@ class CheckpointManager:
             self._lock_node_tiers()
             self._start(memory.keep, chunk_size, collective_timeout)
         except BaseException:  # nothing of this manager stays held
-            if self._uploader is not None:
-                self._uploader.close()
-            for _, storage in self._tiers:
-                storage.close()
-            if self._peers is not None:
-                self._peers.close()
+            self._release()
             raise
 
     def _memory_tier(self, memory: MemoryTier | None, peers: PeerTier | None) -> MemoryTier:
@@ -503,12 +498,16 @@ class CheckpointManager:
             self.wait()
         finally:
             self._pipeline.close()
-            if self._uploader is not None:
-                self._uploader.close()
-            for _, storage in self._tiers:
-                storage.close()
-            if self._peers is not None:
-                self._peers.close()
+            self._release()
+
+    def _release(self) -> None:
+        """Stop the upload helper, close the storages and the daemon link."""
+        if self._uploader is not None:
+            self._uploader.close()
+        for _, storage in self._tiers:
+            storage.close()
+        if self._peers is not None:
+            self._peers.close()
 
     def __enter__(self) -> CheckpointManager:
         return self

@@ -13,10 +13,13 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from ..errors import CorruptCheckpointError
-from ..tiers.base import Storage
 from . import naming
+
+if TYPE_CHECKING:  # the format is what tiers hold: it uses a storage, never imports tiers/
+    from ..tiers.base import Storage
 
 log = logging.getLogger(__name__)
 
