@@ -29,11 +29,18 @@ from .metrics import Metrics
 from .pipeline import uploader
 from .pipeline.handle import SaveHandle
 from .pipeline.stages import Pipeline, SaveJob, SlowerTier
-from .pipeline.staging import data_items, framework_of, leaf_records, stage_into_slot
+from .pipeline.staging import (
+    data_items,
+    framework_of,
+    leaf_records,
+    replica_owners,
+    shard_metadata,
+    stage_into_slot,
+)
 from .restore import populate
 from .restore.plan import Restorer
 from .tiers.base import Storage
-from .tiers.directory import DirectoryStorage, make_private_dirs
+from .tiers.directory import DirectoryStorage
 from .tiers.local import LocalStorage
 from .tiers.memory import MemoryStorage
 from .tiers.object import object_storage
@@ -104,7 +111,10 @@ class CheckpointManager:
         self._populating: list[threading.Thread] = []  # restore(populate=True) copies
         self._last_saved_at: dict[str, float] = {}
         try:
-            self.node_ranks, self._node_origin = self._find_node_ranks()
+            daemon_node = self._peers.node_id if self._peers is not None else None
+            self.node_ranks, self._node_origin = topology.find_node_ranks(
+                self.rank, self.world_size, self._memory.root, daemon_node, self._coordinator
+            )
             self._lock_node_tiers()
             self._start(memory.keep, chunk_size, collective_timeout)
         except BaseException:  # nothing of this manager stays held
@@ -156,22 +166,6 @@ class CheckpointManager:
             node_timeout=collective_timeout,
             node_origin=self._node_origin,
         )
-
-    def _find_node_ranks(self) -> tuple[tuple[int, ...], str]:
-        """The ranks that share this node's memory (and local) tier, and where that came
-        from: LOCAL_RANK / LOCAL_WORLD_SIZE, else every rank's node identity gathered (a
-        collective, as the manager's construction is on every rank), else the world."""
-        if self.world_size > 1 and not topology.local_ranks_given():
-            daemon_node = self._peers.node_id if self._peers is not None else None
-            try:
-                make_private_dirs(self._memory.root)
-                identity = topology.node_identity(self._memory.root, daemon_node)
-            except OSError as exc:  # reported by the memory tier's preparation next
-                identity = f"unusable memory root: {exc}"
-            found = self._coordinator.ranks_sharing(identity)
-            if found is not None:
-                return found, topology.GATHERED
-        return topology.node_ranks(self.rank, self.world_size), topology.node_ranks_origin()
 
     def _lock_node_tiers(self) -> None:
         """Hold this run and rank on the node's tiers (memory, local) until close: a second
@@ -294,8 +288,11 @@ class CheckpointManager:
             due.insert(0, "memory")  # every step passes through memory on its way
         node, leaves = tree.flatten(state, allow_pickle=self.allow_pickle)
         data_leaves = tree.data_leaves(leaves)
-        stored_by = self._replica_owners(data_leaves)
-        layout = shard.plan(data_items(data_leaves, stored_by), self._shard_metadata(step))
+        stored_by = replica_owners(data_leaves, self.rank, self.node_ranks)
+        layout = shard.plan(
+            data_items(data_leaves, stored_by),
+            shard_metadata(self.run, step, self.rank, self.world_size),
+        )
         if self._memory.free_slots(self.run, self.rank) == 0:
             self._pipeline.wait_memory_idle()  # its garbage collection may free a slot
         slot = self._memory.acquire(self.run, self.rank, layout.file_size)
@@ -345,26 +342,6 @@ class CheckpointManager:
     def _peer_stage(self) -> tuple[str, ...]:
         """The "peers" stage: every step committed in memory is replicated by the daemon."""
         return ("peers",) if self._replicating else ()
-
-    def _replica_owners(self, leaves: list[tree.Leaf]) -> dict[str, int]:
-        """Keys of shards whose bytes another rank stores: of the ranks holding the same
-        shard on this node, the lowest stores it (each node keeps a whole copy)."""
-        owners = {}
-        for leaf in leaves:
-            if leaf.sharding is not None:
-                holders = [r for r in leaf.sharding.replicas if r in self.node_ranks]
-                if holders and min(holders) != self.rank:
-                    owners[leaf.key] = min(holders)
-        return owners
-
-    def _shard_metadata(self, step: int) -> dict[str, str]:
-        return {
-            "format": "mtckpt",
-            "run": self.run,
-            "step": str(step),
-            "rank": str(self.rank),
-            "world_size": str(self.world_size),
-        }
 
     def wait(self, timeout: float | None = None) -> None:
         """Wait for all pending work of every tier, garbage collection included; raise the

@@ -6,10 +6,12 @@ import os
 import socket
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from . import frameworks
 from .errors import ConfigError
 from .format import naming
+from .tiers.directory import make_private_dirs
 
 
 def detect(
@@ -55,6 +57,24 @@ GATHERED = (
     "asked, as LOCAL_RANK / LOCAL_WORLD_SIZE are not set): a rank of this node died, or "
     "saves other steps"
 )
+
+
+def find_node_ranks(
+    rank: int, world_size: int, memory_root: Path, daemon_node: str | None, coordinator: Any
+) -> tuple[tuple[int, ...], str]:
+    """The ranks that share this node's memory (and local) tier, and where that came from:
+    LOCAL_RANK / LOCAL_WORLD_SIZE, else every rank's :func:`node_identity` gathered by
+    ``coordinator`` (a collective: every rank builds its manager), else the world."""
+    if world_size > 1 and not local_ranks_given():
+        try:
+            make_private_dirs(memory_root)
+            identity = node_identity(memory_root, daemon_node)
+        except OSError as exc:  # the memory tier's preparation reports it next
+            identity = f"unusable memory root: {exc}"
+        found = coordinator.ranks_sharing(identity)
+        if found is not None:
+            return found, GATHERED
+    return node_ranks(rank, world_size), node_ranks_origin()
 
 
 def node_ranks(rank: int, world_size: int, env: Mapping[str, str] | None = None) -> tuple[int, ...]:

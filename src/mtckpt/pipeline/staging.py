@@ -4,7 +4,7 @@ slot: the leaves whose bytes go in the file, their manifest records, and the cop
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -108,3 +108,21 @@ def framework_of(leaves: list[tree.Leaf]) -> str:
     """What wrote the state, for the manifest: the framework of its arrays."""
     kinds = {leaf.kind for leaf in leaves}
     return next((f.name for f in frameworks.FRAMEWORKS if f.name in kinds), "numpy")
+
+
+def replica_owners(leaves: list[tree.Leaf], rank: int, node_ranks: Sequence[int]) -> dict[str, int]:
+    """Keys of shards whose bytes another rank stores: of the ranks holding the same shard
+    on this node, the lowest stores it (each node keeps a whole copy)."""
+    owners = {}
+    for leaf in leaves:
+        if leaf.sharding is not None:
+            holders = [r for r in leaf.sharding.replicas if r in node_ranks]
+            if holders and min(holders) != rank:
+                owners[leaf.key] = min(holders)
+    return owners
+
+
+def shard_metadata(run: str, step: int, rank: int, world_size: int) -> dict[str, str]:
+    """The safetensors header's ``__metadata__`` of a rank's data file."""
+    return {"format": "mtckpt", "run": run, "step": str(step), "rank": str(rank),
+            "world_size": str(world_size)}  # fmt: skip
