@@ -284,10 +284,10 @@ def load(path: str | os.PathLike | None = None, env: Mapping[str, str] | None = 
     file's ``[daemon]`` table is the daemon's (:func:`mtckpt.daemon.config.load_daemon`).
     """
     env = os.environ if env is None else env
-    return _manager_kwargs(*_read(path, env), env)
+    return manager_kwargs(*read_file(path, env), env)
 
 
-def _manager_kwargs(settings: dict, source: str, env: Mapping[str, str]) -> dict:
+def manager_kwargs(settings: dict, source: str, env: Mapping[str, str]) -> dict:
     """:func:`load`'s result from the file's settings (changed in place by the env)."""
     _check_keys(settings, source)
     _apply_env(settings, env)
@@ -308,7 +308,7 @@ def remote_at(url: str | None, tier: ObjectTier | None) -> ObjectTier:
     return tier if url is None else dataclasses.replace(tier, url=url)
 
 
-def _read(path: str | os.PathLike | None, env: Mapping[str, str]) -> tuple[dict, str]:
+def read_file(path: str | os.PathLike | None, env: Mapping[str, str]) -> tuple[dict, str]:
     """The TOML file's settings (none without a file) and how to name it in errors."""
     path = path if path is not None else env.get("MTCKPT_CONFIG") or None
     if path is None:
@@ -346,16 +346,16 @@ def _apply_env(settings: dict[str, Any], env: Mapping[str, str]) -> None:
     for key, kind in options.kinds(ManagerOptions).items():
         name = f"MTCKPT_{key.upper()}"
         if name in env:
-            settings[key] = _parse_env(name, env[name], kind.base, kind.optional)
+            settings[key] = parse_env(name, env[name], kind.base, kind.optional)
     for tier, cls in TIER_CLASSES.items():
         for field, kind in options.kinds(cls).items():
             name = f"MTCKPT_{tier.upper()}_{field.upper()}"
             if name in env:
                 section = settings.setdefault(tier, {})
-                section[field] = _parse_env(name, env[name], kind.base, kind.optional)
+                section[field] = parse_env(name, env[name], kind.base, kind.optional)
 
 
-def _parse_env(name: str, raw: str, kind: type, optional: bool) -> Any:
+def parse_env(name: str, raw: str, kind: type, optional: bool) -> Any:
     text = raw.strip()
     if optional and text.lower() in ("", "none"):
         return None

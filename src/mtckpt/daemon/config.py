@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import options
-from ..config import ObjectTier, _manager_kwargs, _parse_env, _read, remote_at
+from ..config import ObjectTier, manager_kwargs, parse_env, read_file, remote_at
 from ..errors import ConfigError
 from ..format import naming
 from ..options import option
@@ -126,7 +126,7 @@ def load_daemon(
     is the ObjectTier the daemon uploads to: the file's ``[remote]`` table (and
     ``MTCKPT_REMOTE_*``), at the URL ``daemon.remote`` when that is set."""
     env = os.environ if env is None else env
-    settings, source = _read(path, env)
+    settings, source = read_file(path, env)
     table = settings.get("daemon", {})
     if not isinstance(table, dict):
         raise ConfigError(f"{source}: [daemon] must be a table")
@@ -149,9 +149,9 @@ def load_daemon(
             if kind is list:
                 daemon[key] = [p.strip() for p in env[name].split(",") if p.strip()]
             else:
-                daemon[key] = _parse_env(name, env[name], kind, optional=False)
+                daemon[key] = parse_env(name, env[name], kind, optional=False)
     url = daemon.pop("remote", None)
-    remote = _manager_kwargs(settings, source, env).get("remote")  # the file read once
+    remote = manager_kwargs(settings, source, env).get("remote")  # the file read once
     if url is not None or remote is not None:
         daemon["remote"] = remote_at(url, remote)
     return daemon
