@@ -17,10 +17,9 @@ import numpy as np
 
 from . import frameworks
 from .errors import UnsupportedLeafError
-from .format import shard
+from .format import shard, structure
 
-# Leaf kinds holding an array: numpy's, and each framework's.
-ARRAY_KINDS = frozenset({"ndarray", "npscalar", *frameworks.BY_NAME})
+ARRAY_KINDS = structure.ARRAY_KINDS  # the leaf kinds an adapter here handles
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import pytest
 from mtckpt import ChecksumMismatchError, CorruptCheckpointError, FormatVersionError
 from mtckpt.format.encoding import StoredFile
 from mtckpt.format.manifest import FORMAT_VERSION, LeafRecord, RankManifest, _self_crc
-from mtckpt.tree import Node
+from mtckpt.format.structure import Node
 
 
 def make_manifest(**changes):

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from mtckpt import KeyCollisionError, UnsupportedLeafError
-from mtckpt.tree import Node, flatten, unflatten
+from mtckpt.format.structure import Node
+from mtckpt.tree import flatten, unflatten
 
 Point = collections.namedtuple("Point", ["x", "y"])
 

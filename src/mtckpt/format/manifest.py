@@ -16,9 +16,9 @@ from typing import Any
 
 from .. import checksum
 from ..errors import ChecksumMismatchError, CorruptCheckpointError, FormatVersionError
-from ..tree import DATA_KINDS, VALUE_KINDS, Node
 from . import shard
 from .encoding import StoredFile
+from .structure import DATA_KINDS, VALUE_KINDS, Node
 
 FORMAT_VERSION = 1
 DEFAULT_CHUNK_SIZE = 1024 * 1024

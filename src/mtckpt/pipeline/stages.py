@@ -23,9 +23,9 @@ from ..errors import MtckptError, NodeRanksMissingError
 from ..format import commit, naming
 from ..format.manifest import LeafRecord, RankManifest
 from ..format.shard import Layout
+from ..format.structure import Node
 from ..tiers.base import Storage
 from ..tiers.memory import MemoryStorage, Slot
-from ..tree import Node
 from .handle import SaveHandle
 
 log = logging.getLogger(__name__)

@@ -11,6 +11,7 @@ import numpy as np
 from .. import _fastpath, arrays, frameworks, tree
 from ..format import shard
 from ..format.manifest import LeafRecord
+from ..format.structure import BYTES_KINDS
 from ..tiers.memory import Slot
 
 
@@ -23,7 +24,7 @@ def data_items(
             continue
         if leaf.kind in arrays.ARRAY_KINDS:
             items.append((leaf.key, *arrays.for_kind(leaf.kind).describe(leaf.value)))
-        elif leaf.kind in tree.BYTES_KINDS:
+        elif leaf.kind in BYTES_KINDS:
             items.append((leaf.key, "U8", (len(leaf.value),), len(leaf.value)))
     return items
 
@@ -75,7 +76,7 @@ def stage_into_slot(
         leaf = leaf_of[entry.key]
         start = layout.data_start + entry.offset
         dst = view[start : start + entry.nbytes]
-        if leaf.kind in tree.BYTES_KINDS:
+        if leaf.kind in BYTES_KINDS:
             destinations.append(dst)
             sources.append(leaf.value)
             continue

@@ -32,8 +32,8 @@ from ..errors import (
 )
 from ..format import encoding, naming, shard
 from ..format.manifest import LeafRecord, RankManifest
+from ..format.structure import DATA_KINDS
 from ..tiers.base import Storage
-from ..tree import DATA_KINDS
 
 
 def read_manifest(storage: Storage, run: str, step: int, rank: int) -> RankManifest:
