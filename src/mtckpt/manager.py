@@ -22,7 +22,6 @@ from .errors import (
     ConfigError,
     StepExistsError,
     StepNotFoundError,
-    TierError,
 )
 from .format import commit, naming, shard
 from .metrics import Metrics
@@ -115,7 +114,6 @@ class CheckpointManager:
             self.node_ranks, self._node_origin = topology.find_node_ranks(
                 self.rank, self.world_size, self._memory.root, daemon_node, self._coordinator
             )
-            self._lock_node_tiers()
             self._start(memory.keep, chunk_size, collective_timeout)
         except BaseException:  # nothing of this manager stays held
             self._release()
@@ -167,23 +165,6 @@ class CheckpointManager:
             node_origin=self._node_origin,
         )
 
-    def _lock_node_tiers(self) -> None:
-        """Hold this run and rank on the node's tiers (memory, local) until close: a second
-        manager of the same run and rank there gets RankInUseError, before its start-up
-        could remove this one's files in progress. Only the trainer's own lock file: a
-        daemon's memory tier stays the daemon's. A local tier that cannot be used now is
-        reported and written without the lock when it can (as :meth:`_prepare_storage`)."""
-        for index, (_, storage) in enumerate(self._tiers):
-            if not isinstance(storage, DirectoryStorage):
-                continue
-            try:
-                storage.lock_rank(self.run, self.rank)
-            except TierError as exc:
-                if index == 0:
-                    raise ConfigError(f"{storage.describe()} is not usable: {exc}") from exc
-                log.error("%s is not usable (saves go on without it until it is): %s",
-                          storage.describe(), exc)  # fmt: skip
-
     def _slower_tier(self, cfg: Any, storage: Storage) -> SlowerTier:
         """How the pipeline writes a slower tier: itself, or for the object tier, by the node
         daemon when it uploads to the same URL, else by a helper process (``uploader``)."""
@@ -223,7 +204,14 @@ class CheckpointManager:
         return cls(**kwargs)
 
     def _prepare_storage(self, storage: Storage, cfg: Any, essential: bool, clean: bool) -> None:
+        """Hold this run and rank on a node tier until close (a second manager of them gets
+        RankInUseError before its start-up could remove this one's files in progress; the
+        trainer's own lock: a daemon's memory tier stays the daemon's), clean up after a
+        crashed predecessor and apply retention. An unusable tier other than memory is
+        reported, and written when it can be."""
         try:
+            if isinstance(storage, DirectoryStorage):
+                storage.lock_rank(self.run, self.rank)
             if clean:
                 retention.clean_after_crash(storage, self.run, self.rank, self.world_size)
                 storage.clean_leftovers(self.run, self.rank)
