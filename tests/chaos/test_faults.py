@@ -20,6 +20,7 @@ def test_random_faults_never_give_wrong_data(tmp_path, moto):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(7200)  # 2,000 trials take about 40 minutes on 2 cores
 def test_soak_random_faults(tmp_path, moto):
     trials = int(os.environ.get("MTCKPT_SOAK_TRIALS", "2000"))
     seed = int(os.environ.get("MTCKPT_SOAK_SEED", "2026"))

@@ -116,5 +116,6 @@ def test_sigkill_with_memory_tier_lost(shm_dir, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_sigkill_soak(shm_dir, tmp_path):
     run_scenario(shm_dir, tmp_path, cycles=60, seed=int(os.environ.get("MTCKPT_SOAK_SEED", "1")))
