@@ -54,7 +54,7 @@ _KEEP = (
     "checksum verification there."
 )
 _SECONDS = options.optional(
-    options.Rule(lambda v: options.POSITIVE_SECONDS.test(v), "a positive number of seconds")
+    options.Rule(options.POSITIVE_SECONDS.test, "a positive number of seconds")
 )
 
 
@@ -113,7 +113,7 @@ class PeerTier:
     daemon: str = option(
         "unix:///run/mtckpt/mtckpt.sock",
         help="Address of this node's daemon: `unix:///PATH` or `HOST:PORT`.",
-        rule=options.Rule(lambda v: isinstance(v, str) and bool(v), "an address"),
+        rule=options.Rule(options.TEXT.test, "an address"),
     )
     replicas: int = option(
         1,

@@ -491,7 +491,7 @@ class CheckpointManager:
             raise ClosedError(f"the CheckpointManager of run {self.run!r} is closed")
 
     def _where(self) -> str:
-        return ", ".join(storage.describe() for _, storage in self._tiers)
+        return self._restorer.where
 
     def __repr__(self) -> str:
         return (

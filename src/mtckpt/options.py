@@ -112,5 +112,10 @@ def kinds(cls: type) -> dict[str, Kind]:
     return out
 
 
+def comma_list(text: str) -> list[str]:
+    """A list option as a variable or a flag writes it: ``a:1, b:2`` -> ``["a:1", "b:2"]``."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 def help_of(field: dataclasses.Field) -> str:
     return field.metadata.get("help", "")

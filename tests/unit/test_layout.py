@@ -31,17 +31,22 @@ def modules() -> dict[str, tuple[Path, str]]:
     return found
 
 
+def absolute(node: ast.ImportFrom, package: str) -> str:
+    """The module a ``from ... import`` statement in ``package`` imports from."""
+    if not node.level:
+        return node.module or ""
+    parts = package.split(".")
+    parts = parts[: len(parts) - (node.level - 1)]
+    return ".".join(parts + ([node.module] if node.module else []))
+
+
 def imports(path: Path, package: str, known: dict) -> set[str]:
     """The modules ``path`` imports at module level (not under TYPE_CHECKING)."""
     out = set()
     for node in ast.parse(path.read_text()).body:
         if not isinstance(node, ast.ImportFrom):
             continue
-        base = node.module or ""
-        if node.level:
-            parts = package.split(".")
-            parts = parts[: len(parts) - (node.level - 1)]
-            base = ".".join(parts + ([node.module] if node.module else []))
+        base = absolute(node, package)
         for alias in node.names:
             full = f"{base}.{alias.name}"
             out.add(full if full in known else base)
@@ -112,11 +117,7 @@ def test_the_core_names_no_framework_module():
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    parts = package.split(".")
-                    parts = parts[: len(parts) - (node.level - 1)]
-                    base = ".".join(parts + ([node.module] if node.module else []))
+                base = absolute(node, package)
                 names = [base] + [f"{base}.{alias.name}" for alias in node.names]
             else:
                 continue

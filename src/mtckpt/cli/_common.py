@@ -7,7 +7,7 @@ import json
 import sys
 import time
 
-from .. import catalog, config
+from .. import catalog, config, options
 from ..config import MemoryTier, ObjectTier
 from ..daemon import config as daemon_config
 from ..errors import StepNotFoundError
@@ -150,13 +150,9 @@ def at_least_one(text: str) -> int:
 
 def rank_list(text: str) -> list[int]:
     try:
-        return sorted({int(item) for item in comma_list(text)})
+        return sorted({int(item) for item in options.comma_list(text)})
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected ranks such as 0,1") from None
-
-
-def comma_list(text: str) -> list[str]:
-    return [item.strip() for item in text.split(",") if item.strip()]
 
 
 # -- output -----------------------------------------------------------------------------------

@@ -33,14 +33,14 @@ def add_parsers(commands) -> None:
 def _flag(field: dataclasses.Field) -> dict:
     """argparse keywords of a daemon option's flag: its type, and its meaning with the
     default. Every flag defaults to None: only what is given overrides the file."""
-    kind = options.kinds(DaemonConfig)[field.name].base
+    kind = DAEMON_OPTIONS[field.name]
     text = options.help_of(field)
     if field.default not in (dataclasses.MISSING, None, "", False):
         text = f"{text} ({field.default})"
     if kind is bool:
         return {"action": "store_const", "const": True, "default": None, "help": text}
     if kind is list:
-        return {"type": common.comma_list, "help": text}
+        return {"type": options.comma_list, "help": text}
     return {"type": kind, "help": text}
 
 

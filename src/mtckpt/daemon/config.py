@@ -147,7 +147,7 @@ def load_daemon(
         name = f"MTCKPT_DAEMON_{key.upper()}"
         if name in env:
             if kind is list:
-                daemon[key] = [p.strip() for p in env[name].split(",") if p.strip()]
+                daemon[key] = options.comma_list(env[name])
             else:
                 daemon[key] = parse_env(name, env[name], kind, optional=False)
     url = daemon.pop("remote", None)
@@ -161,7 +161,7 @@ def _checked_daemon_value(where: str, key: str, value: Any) -> Any:
     kind = DAEMON_OPTIONS[key]
     if kind is list:
         if isinstance(value, str):
-            value = [p.strip() for p in value.split(",") if p.strip()]
+            value = options.comma_list(value)
         if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
             raise ConfigError(f"{where} must be a list of HOST:PORT strings, got {value!r}")
         return value
