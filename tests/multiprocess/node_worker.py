@@ -56,6 +56,12 @@ def main() -> int:
         print(json.dumps({"what": "restore", "node_ranks": list(mgr.node_ranks), "step": step,
                           "w": float(state["w"][0])}), flush=True)  # fmt: skip
     mgr.close()
+    if args.gloo:
+        # Every rank tears the group down together: a process that exits while gloo's
+        # threads still talk to its peer may abort ("terminate called without an active
+        # exception").
+        dist.barrier()
+        dist.destroy_process_group()
     return 0
 
 
