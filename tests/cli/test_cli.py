@@ -186,7 +186,25 @@ def test_restore_refills_the_faster_tier_verified_and_skips_a_damaged_copy(tmp_p
     assert again.returncode == 0
     assert "is in the memory tier already, the fastest, and verifies" in again.stdout
     absent = mtckpt_cli("restore", "--run", RUN, "--step", "7", *tiers)
-    assert absent.returncode == 1 and "run exp step 7 is not complete in" in absent.stderr
+    assert absent.returncode == 1 and (
+        "step 7 of run 'exp' is not complete for every rank in memory tier" in absent.stderr
+    )
+
+
+def test_restore_with_every_copy_damaged_names_each_and_exits_1(tmp_path, tiers):
+    memory, local = tmp_path / "memory", tmp_path / "local"
+    subprocess.run(["rm", "-rf", str(memory)], check=True)
+    for step in STEPS:
+        flip_byte(step_dir(local, step) / "rank-00001.safetensors")
+    done = mtckpt_cli("restore", "--run", RUN, *tiers)
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        f"mtckpt restore: no good copy of any step of run 'exp' for every rank in memory tier "
+        f"({memory}), local tier ({local}): "
+    ), last
+    assert [f"step {s} rank-00001.safetensors: chunk 0" in last for s in STEPS] == [True] * 3
+    assert not any(memory.glob(f"{RUN}/step-*"))  # nothing half-copied is left
 
 
 def test_restore_to_a_directory_makes_a_tier_root_a_manager_restores_from(tmp_path, tiers):

@@ -101,7 +101,8 @@ def test_restore_without_a_daemon_reads_the_configured_tiers(tmp_path):
     result = mtckpt("restore", "--run", "exp", "--json", env=env)
     assert result.returncode == 1
     assert result.stderr.strip() == (
-        f"mtckpt restore: run exp has no complete step in memory tier ({tmp_path / 'empty'})"
+        "mtckpt restore: no checkpoint of run 'exp' is complete for every rank in memory tier "
+        f"({tmp_path / 'empty'})"
     )
 
 

@@ -8,6 +8,7 @@ import sys
 
 from .. import catalog, export
 from ..errors import CorruptCheckpointError
+from ..restore import plan
 from ..tiers.directory import DirectoryStorage
 from . import _common as common
 
@@ -89,56 +90,44 @@ def _restore_from_tiers(args: argparse.Namespace) -> int:
     else:
         first = names.index(args.from_tier) if args.from_tier else 0
         sources = tiers[first:]
-    complete = {source.name: set(catalog.newest_complete(source, run)) for source in sources}
-    steps = sorted(set().union(*complete.values()), reverse=True)
-    if args.step not in (None, "latest"):
-        wanted = common.step_number(args.step)
-        if wanted not in steps:
-            listed = steps[:10] or "none"
-            return common.fail(args, f"run {run} step {wanted} is not complete in "
-                               f"{common.described(sources)} (complete: {listed})")  # fmt: skip
-        steps = [wanted]
-    if not steps:
-        return common.fail(args, f"run {run} has no complete step in {common.described(sources)}")
-    ranks = args.ranks
+    holders = {source.name: set(catalog.newest_complete(source, run)) for source in sources}
+    complete = sorted(set().union(*holders.values()), reverse=True)
+    wanted = None if args.step in (None, "latest") else common.step_number(args.step)
+    where = f"every rank in {common.described(sources)}"
+    steps = plan.steps_to_try(complete, wanted, run, where)  # StepNotFoundError: exit 1
+    problems: list[str] = []
     for step in steps:
-        for source in sources:
-            if step not in complete[source.name]:
-                continue
+        for source in plan.copies(step, sources, holders):
             targets = dests if args.to is not None else tiers[: tiers.index(source)]
-            if not targets:  # already in the fastest tier: good if it verifies
-                checked, problems = catalog.verify(source, run, step)
-                if problems:
-                    print(f"mtckpt restore: {'; '.join(problems)}; trying another copy",
-                          file=sys.stderr)  # fmt: skip
-                    continue
-                result = {"run": run, "step": step, "source": source.name, "to": [],
-                          "bytes": checked}  # fmt: skip
-                common.emit(
-                    args,
-                    result,
-                    f"run {run} step {step} is in the {source.name} tier already, "
-                    "the fastest, and verifies: nothing to copy",
-                )
-                return 0
             try:
-                copied, size = _copy_to(source, targets, run, step, ranks, args)
+                result = _copy_or_verify(source, targets, run, step, args)
             except CorruptCheckpointError as exc:
+                problems.append(str(exc))
                 print(f"mtckpt restore: {exc}; trying another copy", file=sys.stderr)
                 continue
-            result = {"run": run, "step": step, "ranks": copied, "bytes": size,
-                      "source": source.name, "to": [t.describe() for t in targets]}  # fmt: skip
-            common.emit(
-                args,
-                result,
-                f"run {run} step {step}: ranks {copied} ({common.human_size(size)}, "
-                f"verified) from the {source.name} tier to "
-                f"{common.described(targets)}",
-            )
+            common.emit(args, *result)
             return 0
-    return common.fail(
-        args, f"run {run}: no good copy of step(s) {steps[:10]} in {common.described(sources)}"
-    )
+    which = f"step {wanted}" if wanted is not None else "any step"
+    return common.fail(args, f"no good copy of {which} of run {run!r} for {where}: "
+                       + "; ".join(problems))  # fmt: skip
+
+
+def _copy_or_verify(source, targets, run, step, args) -> tuple[dict, str]:
+    """Copy ``step`` from ``source`` into ``targets``, or with none (``source`` is the
+    fastest tier) verify it there: the JSON result and the line to print.
+    CorruptCheckpointError if the copy is damaged."""
+    if not targets:
+        checked, problems = catalog.verify(source, run, step)
+        if problems:
+            raise CorruptCheckpointError("; ".join(problems))
+        result = {"run": run, "step": step, "source": source.name, "to": [], "bytes": checked}
+        return result, (f"run {run} step {step} is in the {source.name} tier already, the "
+                        "fastest, and verifies: nothing to copy")  # fmt: skip
+    copied, size = _copy_to(source, targets, run, step, args.ranks, args)
+    result = {"run": run, "step": step, "ranks": copied, "bytes": size,
+              "source": source.name, "to": [t.describe() for t in targets]}  # fmt: skip
+    return result, (f"run {run} step {step}: ranks {copied} ({common.human_size(size)}, "
+                    f"verified) from the {source.name} tier to {common.described(targets)}")
 
 
 def _copy_to(source, targets, run, step, ranks, args) -> tuple[list[int], int]:

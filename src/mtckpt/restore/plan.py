@@ -40,21 +40,8 @@ class Restorer:
         """The steps to try, newest first: ``step`` alone, or every step all ranks hold."""
         held = set().union(*holders.values())
         agreed = self.coordinator.agree(sorted(held))
-        if step is not None:
-            step = naming.check_step(step)
-            if step not in agreed:
-                raise StepNotFoundError(
-                    f"step {step} of run {self.run!r} is not complete for {self._everyone()} "
-                    f"in {self.where}; complete steps: {agreed[:10] or 'none'} (this rank "
-                    f"holds {sorted(held, reverse=True)[:10] or 'none'})"
-                )
-            return [step]
-        if not agreed:
-            raise StepNotFoundError(
-                f"no checkpoint of run {self.run!r} is complete for {self._everyone()} in "
-                f"{self.where} (this rank holds {sorted(held, reverse=True)[:10] or 'none'})"
-            )
-        return agreed
+        note = f" (this rank holds {sorted(held, reverse=True)[:10] or 'none'})"
+        return steps_to_try(agreed, step, self.run, f"{self._everyone()} in {self.where}", note)
 
     def restore_newest(self, candidates, step, holders, target, strict, allow_pickle,
                         started, undo) -> tuple[int, Any, Storage]:  # fmt: skip
@@ -114,9 +101,7 @@ class Restorer:
         Whatever the target holds that is not exactly a piece of that file (other shard
         regions after a change of world size or placements) is assembled from every
         rank's file of the step on this node (``files``)."""
-        for storage in files.storages:
-            if step not in holders[storage.name]:
-                continue
+        for storage in copies(step, files.storages, holders):
             try:
                 saved_world = commit.saved_world_size(storage, self.run, step)
                 base = self.rank if self.rank < saved_world else 0
@@ -161,6 +146,30 @@ class Restorer:
             if key not in skip:
                 read.check_target(record, targets.get(key), allow_pickle)
         return skip
+
+
+def steps_to_try(complete: list[int], step: int | None, run: str, who: str,
+                 note: str = "") -> list[int]:  # fmt: skip
+    """The rule of every restore, the library's and the CLI's: ``step`` alone, else every
+    step of ``complete`` (newest first); StepNotFoundError naming ``who`` (whose copies,
+    where) when ``step`` is not complete or nothing is."""
+    if step is not None:
+        step = naming.check_step(step)
+        if step not in complete:
+            raise StepNotFoundError(
+                f"step {step} of run {run!r} is not complete for {who}; complete steps: "
+                f"{complete[:10] or 'none'}{note}"
+            )
+        return [step]
+    if not complete:
+        raise StepNotFoundError(f"no checkpoint of run {run!r} is complete for {who}{note}")
+    return complete
+
+
+def copies(step: int, storages: list[Storage], holders: dict[str, set[int]]) -> list[Storage]:
+    """Where a restore reads ``step`` from, in order: the storages (fastest first) whose
+    ``holders`` entry has it complete. The next is tried when a copy turns out damaged."""
+    return [storage for storage in storages if step in holders[storage.name]]
 
 
 def graft_target(target: Any, manifest, undo: list) -> tuple[tree.Node, dict[str, Any]]:
