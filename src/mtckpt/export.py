@@ -63,7 +63,7 @@ def write(fmt: str, manifest: RankManifest, values: dict[str, Any], out: str | o
         raise ValueError(f"unknown export format {fmt!r}: expected one of {', '.join(FORMATS)}")
     import torch
 
-    from ._dcp import as_torch
+    from .adapters.dcp import as_torch
 
     state = tree.unflatten(manifest.tree, values.__getitem__)
     if fmt == "torch":

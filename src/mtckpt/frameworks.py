@@ -1,7 +1,7 @@
 """The frameworks mtckpt adapts, in the one table the core asks instead of naming them.
 
-Each framework has an adapter module (``mtckpt.torch``, ``mtckpt.jax``) that the core
-imports only once the program has imported the framework itself. An adapter provides
+Each framework has an adapter module (``mtckpt.adapters.torch``, ``mtckpt.adapters.jax``)
+that the core imports only once the program has imported the framework itself. An adapter provides
 ``ADAPTER`` (its :class:`mtckpt.arrays.ArrayAdapter`) and may provide
 ``distributed_job()`` (this rank and the world size, once its distributed engine is
 initialised), ``job_coordinator(timeout)`` (the ranks' agreement over that engine) and
@@ -26,8 +26,8 @@ class Framework:
 
 
 FRAMEWORKS = (
-    Framework("torch", "mtckpt.torch", ("torch",)),
-    Framework("jax", "mtckpt.jax", ("jax", "jaxlib")),
+    Framework("torch", "mtckpt.adapters.torch", ("torch",)),
+    Framework("jax", "mtckpt.adapters.jax", ("jax", "jaxlib")),
 )
 BY_NAME = {framework.name: framework for framework in FRAMEWORKS}
 

@@ -17,7 +17,7 @@ import lightning_training as training  # noqa: E402
 import torch  # noqa: E402
 
 import mtckpt  # noqa: E402
-from mtckpt.integrations.lightning import MtckptCheckpointIO, Pointer, read_pointer  # noqa: E402
+from mtckpt.adapters.lightning import MtckptCheckpointIO, Pointer, read_pointer  # noqa: E402
 from states import assert_same_tensors  # noqa: E402
 
 EPOCHS = 5

@@ -1,2 +1,3 @@
-"""Plugins for training frameworks: ``mtckpt.integrations.lightning`` (PyTorch Lightning) and
-``mtckpt.integrations.transformers`` (Hugging Face Trainer). Each imports its framework."""
+"""Plugins for training frameworks, public: ``mtckpt.integrations.lightning`` (PyTorch
+Lightning) and ``mtckpt.integrations.transformers`` (Hugging Face Trainer). Each imports its
+framework; the adapters are in :mod:`mtckpt.adapters`."""

@@ -30,10 +30,10 @@ from torch.distributed.checkpoint.planner import LoadItemType, WriteItemType
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
 
-from .errors import StepNotFoundError
-from .format import naming
-from .manager import CheckpointManager
-from .restore import reshard
+from ..errors import StepNotFoundError
+from ..format import naming
+from ..manager import CheckpointManager
+from ..restore import reshard
 from .torch import _DTYPES, LocalShard, _typed
 
 __all__ = ["Reader", "Writer", "export_dcp", "export_torch_save", "import_dcp", "import_torch_save"]
