@@ -456,9 +456,37 @@ def test_a_tier_directory_given_that_does_not_exist_is_an_error(tmp_path, tiers)
     assert (step_dir(gone, 3) / "COMMIT").exists()
 
 
-def test_ls_lists_the_tiers_when_the_daemon_does_not_answer(tmp_path, tiers):
+def test_ls_lists_the_tiers_and_exits_1_when_the_daemon_does_not_answer(tmp_path, tiers):
     gone = f"unix://{tmp_path / 'no.sock'}"
     done = mtckpt_cli("ls", *tiers, "--daemon", gone, "--timeout", "5", "--json")
-    assert done.returncode == 0
+    assert done.returncode == 1
     assert len(json.loads(done.stdout)) == 6
     assert done.stderr.startswith(f"mtckpt ls: daemon {gone}: ")
+    assert done.stderr.endswith(f"mtckpt ls: not listed: daemon {gone} (could not be reached)\n")
+
+
+def test_ls_with_a_wrong_or_no_token_or_a_peer_gone_exits_1_naming_it(cluster, tmp_path):
+    token, wrong = tmp_path / "token", tmp_path / "wrong"
+    token.write_text("s3cret-token-0123456789\n")
+    wrong.write_text("not-the-token-0123456789\n")
+    daemons = cluster(["ls-a", "ls-b"], extra=["--token-file", str(token)])
+    a, b = daemons["ls-a"], daemons["ls-b"]
+    where = ["--daemon", f"unix://{a.socket}", "--memory", a.memory_root, "--timeout", "10"]
+    assert mtckpt_cli("ls", *where, "--token-file", token).returncode == 0
+    for given in (["--token-file", wrong], []):
+        done = mtckpt_cli("ls", *where, *given)
+        assert done.returncode == 1, (given, done.stdout)
+        assert done.stderr.startswith(f"mtckpt ls: daemon unix://{a.socket}: "), done.stderr
+        assert "not listed: daemon unix://" in done.stderr
+        assert "no checkpoints in" in done.stdout  # its own tiers are listed all the same
+    b.kill()
+    done = mtckpt_cli("ls", *where, "--token-file", token)
+    assert done.returncode == 1
+    assert f"mtckpt ls: not listed: peer ls-b ({b.address}) (could not be reached)" in done.stderr
+
+
+def test_restore_from_a_daemon_that_does_not_answer_exits_1_naming_it(tmp_path):
+    gone = f"unix://{tmp_path / 'no.sock'}"
+    done = mtckpt_cli("restore", "--run", RUN, "--daemon", gone, "--timeout", "5")
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"mtckpt restore: daemon {gone}: "), done.stderr

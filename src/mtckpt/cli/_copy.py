@@ -68,7 +68,7 @@ def _restore(args: argparse.Namespace) -> int:
         try:
             reply = client.recover(run, step, timeout=args.timeout)
         except grpc.RpcError as exc:
-            return common.fail(args, exc.details())
+            return common.fail(args, f"daemon {address[0]}: {exc.details()}")
     result = {"run": run, "step": reply.step, "ranks": list(reply.ranks),
               "bytes": reply.bytes, "sources": list(reply.sources)}  # fmt: skip
     source = ", ".join(reply.sources) or "this node (nothing to fetch)"

@@ -75,19 +75,23 @@ def _ls(args: argparse.Namespace) -> int:
                 row["problems"] += problems
             rows.append(row)
     address = common.daemon_address(args)
+    unreachable: list[str] = []
     if address is not None:
-        rows += _peer_rows(address, args)
+        rows += _peer_rows(address, args, unreachable)
     damaged = sum(row["status"] == catalog.DAMAGED for row in rows)
-    code = 1 if args.verify and damaged else 0
-    if code:
+    code = 1 if (args.verify and damaged) or unreachable else 0
+    if args.verify and damaged:
         print(f"mtckpt ls: {damaged} damaged cop{'y' if damaged == 1 else 'ies'} found",
+              file=sys.stderr)  # fmt: skip
+    if unreachable:
+        print(f"mtckpt ls: not listed: {', '.join(unreachable)} (could not be reached)",
               file=sys.stderr)  # fmt: skip
     if args.json:
         print(json.dumps(rows))
         return code
     if not rows:
         print(f"no checkpoints in {common.described(tiers)}")
-        return 0
+        return code
     now = time.time()
     table = [("TIER", "RUN", "STEP", "STATUS", "RANKS", "WORLD", "SIZE", "AGE")]
     for row in rows:
@@ -102,9 +106,11 @@ def _ls(args: argparse.Namespace) -> int:
     return code
 
 
-def _peer_rows(address: tuple[str, str | None], args: argparse.Namespace) -> list[dict]:
+def _peer_rows(address: tuple[str, str | None], args: argparse.Namespace,
+               unreachable: list[str]) -> list[dict]:  # fmt: skip
     """What this node's daemon and each peer it knows hold: one row per daemon, run,
-    step and origin (the node that saved it)."""
+    step and origin (the node that saved it). The daemons that did not answer go in
+    ``unreachable``, each with the reason printed."""
     import grpc
 
     from ..daemon.auth import read_token
@@ -117,6 +123,7 @@ def _peer_rows(address: tuple[str, str | None], args: argparse.Namespace) -> lis
             daemons = [(f"daemon {status.node_id}", client.list_shards(run=args.run or ""))]
     except grpc.RpcError as exc:  # the tiers are listed all the same
         print(f"mtckpt ls: daemon {address[0]}: {exc.details()}", file=sys.stderr)
+        unreachable.append(f"daemon {address[0]}")
         return []
     for peer in status.peers:  # unreachable ones too: the daemon may not have asked yet
         try:
@@ -124,8 +131,9 @@ def _peer_rows(address: tuple[str, str | None], args: argparse.Namespace) -> lis
                 listing = client.list_shards(run=args.run or "")
             daemons.append((f"peer {listing.node_id or peer.address}", listing))
         except grpc.RpcError as exc:
-            print(f"mtckpt ls: peer {peer.node_id or '?'} ({peer.address}): {exc.details()}",
-                  file=sys.stderr)  # fmt: skip
+            name = f"peer {peer.node_id or '?'} ({peer.address})"
+            print(f"mtckpt ls: {name}: {exc.details()}", file=sys.stderr)
+            unreachable.append(name)
     rows: dict[tuple, dict] = {}
     for tier, listing in daemons:
         for held in listing.shards:
