@@ -2,13 +2,21 @@
 (a Kubernetes headless service), re-read on every refresh, so daemons that go away or
 appear are noticed without restarting the others. A peer keeps its identity (node id,
 zone) from its last answer while unreachable, so replica placement does not move when a
-peer is briefly down."""
+peer is briefly down.
+
+Membership costs each daemon the same at any cluster size: a peer is asked who it is
+until it answers once; after that only the peers this node replicates to (``watch``) are
+asked again, every refresh, and one that does not answer is asked again after a backoff
+(doubling up to BACKOFF_MAX). Recovery asks everyone (``refresh(everyone=True)``). A peer
+that stops answering is logged at once with its id, address and reason, then every
+REPORT_EVERY seconds with how long it has been gone; its return is logged too."""
 
 from __future__ import annotations
 
 import logging
 import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -20,6 +28,11 @@ from .rpc import Client, error_text
 log = logging.getLogger(__name__)
 
 
+BACKOFF_MAX = 5.0  # seconds between probes of a peer that does not answer, at most
+REPORT_EVERY = 30.0  # seconds between log lines about a peer still gone
+UNKNOWN_GRACE = 5.0  # a peer never reached is logged once this long without an answer
+
+
 @dataclass
 class Member:
     address: str
@@ -27,6 +40,13 @@ class Member:
     zone: str = ""
     reachable: bool = False
     error: str = ""
+    down_since: float | None = None  # monotonic time it stopped answering
+    failures: int = 0  # probes in a row without an answer
+    next_probe: float = 0.0
+    reported: float | None = None  # when its absence was last logged
+
+    def name(self) -> str:
+        return f"peer {self.node_id or '?'} ({self.address})"
 
 
 class Peers:
@@ -46,7 +66,11 @@ class Peers:
         self._token, self.tls, self._timeout = token, tls, timeout
         self._members: dict[str, Member] = {}
         self._clients: dict[str, Client] = {}
+        self._watched: set[str] = set()
         self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.refreshed = threading.Event()  # set once every listed peer was asked once
 
     def addresses(self) -> list[str]:
         if not self._dns:
@@ -75,22 +99,76 @@ class Peers:
                 )
             return self._clients[address]
 
-    def refresh(self) -> None:
-        """Ask every listed daemon who it is (all at once); forget those no longer listed."""
+    def watch(self, node_ids: list[str]) -> None:
+        """Keep asking these peers (the replica targets) whether they are up."""
+        with self._lock:
+            self._watched = set(node_ids)
+
+    def start(self, interval: float) -> None:
+        """Refresh every ``interval`` seconds on a thread of its own, so a peer that stops
+        answering is noticed while transfers to it hang."""
+
+        def run() -> None:
+            while not self._closed.is_set():
+                try:
+                    self.refresh()
+                except Exception:  # keep watching; the next refresh retries
+                    log.exception("peer refresh failed")
+                self.refreshed.set()
+                self._closed.wait(interval)
+
+        self._thread = threading.Thread(target=run, name="mtckpt-peers", daemon=True)
+        self._thread.start()
+
+    def refresh(self, everyone: bool = False) -> None:
+        """Ask the listed daemons that are due (all with ``everyone``) who they are, all at
+        once; forget those no longer listed."""
         addresses = self.addresses()
-        if addresses:
-            with ThreadPoolExecutor(max_workers=min(16, len(addresses))) as pool:
-                answers = list(pool.map(self._ask, addresses))
+        now = time.monotonic()
+        with self._lock:
+            due = [a for a in addresses if everyone or self._due(self._members.get(a), now)]
+        if len(due) > 1:
+            with ThreadPoolExecutor(max_workers=min(16, len(due))) as pool:
+                answers = list(pool.map(self._ask, due))
         else:
-            answers = []
+            answers = [self._ask(a) for a in due]
+        now = time.monotonic()
         with self._lock:
             for member in answers:
+                self._settle(self._members.get(member.address), member, now)
                 self._members[member.address] = member
             for gone in set(self._members) - set(addresses):
                 del self._members[gone]
                 client = self._clients.pop(gone, None)
                 if client is not None:
                     client.close()
+
+    def _due(self, member: Member | None, now: float) -> bool:
+        if member is None:
+            return True
+        wanted = not member.node_id or member.node_id in self._watched
+        return wanted and now >= member.next_probe
+
+    def _settle(self, before: Member | None, member: Member, now: float) -> None:
+        """Carry the history over from ``before`` and log a change of state."""
+        if member.reachable:
+            if before is not None and before.down_since is not None and before.reported:
+                log.info("%s reachable again after %.0f s", member.name(),
+                         now - before.down_since)  # fmt: skip
+            return
+        member.down_since = before.down_since if before and before.down_since else now
+        member.failures = (before.failures if before else 0) + 1
+        member.next_probe = now + min(BACKOFF_MAX, 0.5 * 2**member.failures)
+        member.reported = before.reported if before else None
+        gone = now - member.down_since
+        if member.reported is None:
+            if member.node_id or gone >= UNKNOWN_GRACE:
+                member.reported = now
+                log.warning("%s unreachable%s: %s", member.name(),
+                            f" for {gone:.0f} s" if gone >= 1 else "", member.error)  # fmt: skip
+        elif now - member.reported >= REPORT_EVERY:
+            member.reported = now
+            log.warning("%s unreachable for %.0f s: %s", member.name(), gone, member.error)
 
     def _ask(self, address: str) -> Member:
         with self._lock:
@@ -117,6 +195,7 @@ class Peers:
         return None
 
     def close(self) -> None:
+        self._closed.set()
         with self._lock:
             for client in self._clients.values():
                 client.close()

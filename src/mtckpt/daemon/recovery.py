@@ -73,7 +73,7 @@ def _copies(holdings: Holdings, peers: Peers, run: str) -> list[_Copy]:
 
 def recover(holdings: Holdings, peers: Peers, run: str, step: int | None = None) -> Recovered:
     me = holdings.node_id
-    peers.refresh()
+    peers.refresh(everyone=True)
     copies = _copies(holdings, peers, run)
     by_step: dict[int, list[_Copy]] = {}
     for copy in copies:

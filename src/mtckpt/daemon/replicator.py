@@ -91,6 +91,8 @@ class Replicator:
         """Run replication until nothing reachable is pending (or ``timeout``); whether it
         finished."""
         deadline = time.monotonic() + timeout
+        if not self.state and not self._newest_own_shards():
+            return True  # nothing of this node's to send
         with self._lock:
             # A cycle under way may have listed the shards before the last commit: only
             # one that starts after this call counts, hence the next but one.
@@ -110,7 +112,10 @@ class Replicator:
     def stop(self) -> None:
         self._stopping.set()
         self._wake.set()
-        self._thread.join(timeout=10)
+        self._thread.join(timeout=0.2)
+        if self._thread.is_alive():  # in a call to a peer: closing the channels ends it
+            self.peers.close()
+            self._thread.join(timeout=10)
 
     def _pending_reachable(self) -> bool:
         reachable = {m.node_id for m in self.peers.members() if m.reachable}
@@ -123,7 +128,6 @@ class Replicator:
             if self._stopping.is_set():
                 break
             try:
-                self.peers.refresh()
                 self.cycle()
             except Exception:  # keep replicating; the next cycle retries
                 log.exception("replication cycle failed")
@@ -134,12 +138,15 @@ class Replicator:
     def cycle(self) -> None:
         """One scan: list the node's newest shards, ask each target peer what it holds of
         them, and push what it lacks, newest steps first."""
+        if not self.peers.refreshed.is_set():
+            return  # who the peers are is not known yet: placing now would misplace
         me = self.holdings.node_id
         shards = self._newest_own_shards()
         members = [m for m in self.peers.members() if m.node_id]
         targets = replica_targets(
             me, self.zone, [(m.node_id, m.zone) for m in members], self.replicas
         )
+        self.peers.watch(targets)
         held_by, unreachable = self._listings(targets, me)
         short = ""
         if len(targets) < self.replicas:

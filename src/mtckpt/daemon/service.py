@@ -99,6 +99,7 @@ class Daemon:
             self._serve_peers()
         if self.config.socket:
             self._serve_trainers()
+        self.peers.start(self.config.scan_interval)
         self.replicator.start()
         if self.flusher is not None:
             self.flusher.start()
@@ -216,7 +217,7 @@ class Daemon:
     def wait(self) -> None:
         # In slices: a signal the kernel hands to another thread does not interrupt an
         # endless wait, and Python runs its handler only when the main thread wakes.
-        while not self._stopped.wait(0.5):
+        while not self._stopped.wait(0.1):
             pass
 
 
