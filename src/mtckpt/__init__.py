@@ -7,6 +7,7 @@ checksum-verified step from the fastest tier that has a good copy.
 
 from .config import LocalTier, MemoryTier, ObjectTier, PeerTier
 from .errors import (
+    AgreementError,
     ChecksumMismatchError,
     ClosedError,
     ConfigError,
@@ -26,6 +27,7 @@ from .manager import CheckpointManager
 from .pipeline.handle import SaveHandle
 
 __all__ = [
+    "AgreementError",
     "CheckpointManager",
     "ChecksumMismatchError",
     "ClosedError",

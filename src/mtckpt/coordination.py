@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import frameworks
-from .errors import MtckptError
+from .errors import AgreementError, MtckptError
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +34,14 @@ class Coordinator:
 
     world_size = 1
 
-    def agree(self, steps: list[int]) -> list[int]:
-        """The steps every rank holds, newest first, identical on every rank."""
+    def agree(self, steps: list[int], step: int | None = None) -> list[int]:
+        """The steps every rank holds, newest first, identical on every rank (``step``:
+        the one every rank was asked to restore, if any)."""
         return sorted(steps, reverse=True)
+
+    def learn_complete(self, complete: list[int], unreachable: list[str]) -> None:
+        """What the node daemons say is complete for every rank across them (newest
+        first), and which peers they could not ask."""
 
     def settle(self, step: int, outcome: Outcome) -> list[Outcome]:
         """Every rank's outcome of loading ``step``, in rank order."""
@@ -58,7 +63,7 @@ class GatheringCoordinator(Coordinator):
         were doing if they do not all answer in time."""
         raise NotImplementedError
 
-    def agree(self, steps: list[int]) -> list[int]:
+    def agree(self, steps: list[int], step: int | None = None) -> list[int]:
         held = self._all_gather(sorted(steps), "agree on the steps to restore")
         common = set(held[0]).intersection(*held[1:])
         return sorted(common, reverse=True)
@@ -73,17 +78,49 @@ class GatheringCoordinator(Coordinator):
 
 
 class UncoordinatedRanks(Coordinator):
-    """Several ranks without an initialised torch.distributed or jax.distributed: each rank
-    decides alone, which is safe only when every rank holds the same steps."""
+    """Several ranks without an initialised torch.distributed or jax.distributed. With node
+    daemons, the ranks agree through them: every daemon that reaches all its peers sees the
+    same steps complete across the nodes, and each rank restores the newest of those (or
+    raises AgreementError where it cannot); a daemon that cannot reach a peer may see fewer,
+    so that is an AgreementError too. Without daemons each rank decides alone, which is
+    safe only when every rank holds the same steps: said in a warning when it happens."""
 
     def __init__(self, world_size: int) -> None:
         self.world_size = world_size
-        log.warning(
-            "%d ranks restore without torch.distributed or jax.distributed initialised: each "
-            "rank picks its own newest good step; initialise the process group first to "
-            "have them agree",
-            world_size,
-        )
+        self.complete: list[int] | None = None
+        self.unreachable: list[str] = []
+
+    def learn_complete(self, complete: list[int], unreachable: list[str]) -> None:
+        self.complete, self.unreachable = list(complete), list(unreachable)
+
+    def agree(self, steps: list[int], step: int | None = None) -> list[int]:
+        if step is not None:  # every rank was asked for the same step: nothing to agree
+            return sorted(steps, reverse=True)
+        if self.complete is None:
+            log.warning(
+                "%d ranks restore without torch.distributed or jax.distributed initialised "
+                "and without node daemons: each rank picks its own newest good step; "
+                "initialise the process group first to have them agree",
+                self.world_size,
+            )
+            return sorted(steps, reverse=True)
+        if self.unreachable:
+            raise AgreementError(
+                f"the {self.world_size} ranks cannot agree on a step through the node "
+                f"daemons: {', '.join(self.unreachable)} did not answer, so steps complete "
+                "on it may be missing here; bring it back or remove it from the peers, "
+                "initialise torch.distributed / jax.distributed, or pass step="
+            )
+        return list(self.complete)
+
+    def settle(self, step: int, outcome: Outcome) -> list[Outcome]:
+        if self.complete is not None and outcome.status == RETRY:
+            raise AgreementError(
+                f"step {step} is the newest step complete for every rank across the node "
+                f"daemons, but {outcome.reason}; the other ranks may restore it, so this "
+                "rank stops instead of restoring an older one"
+            )
+        return [outcome]
 
     def ranks_sharing(self, identity: str) -> tuple[int, ...] | None:
         return None

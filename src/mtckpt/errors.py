@@ -57,6 +57,10 @@ class NodeRanksMissingError(MtckptError, TimeoutError):
     one (``LOCAL_RANK`` / ``LOCAL_WORLD_SIZE`` not set as torchrun sets them)."""
 
 
+class AgreementError(MtckptError, RuntimeError):
+    """The ranks of a job cannot agree on one step to restore."""
+
+
 class RankInUseError(MtckptError, RuntimeError):
     """Another CheckpointManager (in this process or another) already holds this run and
     rank on a node-local tier."""

@@ -362,15 +362,9 @@ class CheckpointManager:
 
     # -- restoring ---------------------------------------------------------------------------
 
-    def restore(
-        self,
-        target: Any = None,
-        *,
-        step: int | None = None,
-        strict: bool = True,
-        allow_pickle: bool | None = None,
-        populate: bool = False,
-    ) -> tuple[int, Any]:
+    def restore(self, target: Any = None, *, step: int | None = None, strict: bool = True,
+                allow_pickle: bool | None = None,
+                populate: bool = False) -> tuple[int, Any]:  # fmt: skip
         """``(step, state)`` of the newest complete step (or ``step``) whose copy verifies.
 
         Without ``target`` the saved tree comes back with numpy arrays. With one, its arrays
@@ -384,8 +378,10 @@ class CheckpointManager:
         self._check_open()
         started = time.monotonic()
         self._pipeline.wait_memory_idle()
-        if self._peers is not None:
-            self._peers.recover()  # a replacement node: its shards come from the peers
+        if self._peers is not None:  # fetches a replacement node's shards from the peers
+            known = self._peers.recover()  # the daemons' view: ranks agree through it
+            if known is not None:
+                self._coordinator.learn_complete(*known)
         allow_pickle = self.allow_pickle if allow_pickle is None else allow_pickle
         holders = {
             storage.name: set(self._committed(storage, any_rank=True)) for _, storage in self._tiers

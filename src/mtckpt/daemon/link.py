@@ -195,22 +195,23 @@ class DaemonLink:
             return []
         return sorted(e.shard.step for e in entries if _stored_everywhere(e) and not e.error)
 
-    def recover(self) -> None:
+    def recover(self) -> tuple[list[int], list[str]] | None:
         """Have the daemon fetch this node's shards of the newest step complete across the
-        daemons, when this node lacks them (a replacement node)."""
+        daemons, when this node lacks them (a replacement node). The steps complete for
+        every rank across the daemons, newest first, and the peers that did not answer
+        (the list may lack steps then); None without an answer."""
         grpc = self._grpc
         try:
             reply = self.client.recover(self.run, timeout=self.cfg.timeout)
         except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                return  # no step complete across the daemons: restore finds what there is
-            log.warning(
-                "the daemon could not recover run %r from peers: %s", self.run, exc.details()
-            )
-            return
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                log.warning("the daemon could not recover run %r from peers: %s", self.run,
+                            exc.details())  # fmt: skip
+            return None  # NOT_FOUND: no step complete across the daemons
         if reply.bytes:
             log.info("step %d: %d bytes of this node's shards fetched from peers %s",
                      reply.step, reply.bytes, list(reply.sources))  # fmt: skip
+        return list(reply.complete), list(reply.unreachable)
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         with self._cond:

@@ -42,6 +42,8 @@ class Recovered:
     bytes: int = 0
     sources: list[str] = field(default_factory=list)
     world_size: int = 0
+    complete: list[int] = field(default_factory=list)  # across the daemons, newest first
+    unreachable: list[str] = field(default_factory=list)  # peers that did not answer
 
 
 @dataclass
@@ -52,17 +54,20 @@ class _Copy:
     world_size: int
 
 
-def _copies(holdings: Holdings, peers: Peers, run: str) -> list[_Copy]:
-    """Every copy of ``run``'s shards this daemon and its reachable peers list."""
+def _copies(holdings: Holdings, peers: Peers, run: str,
+            unreachable: list[str]) -> list[_Copy]:  # fmt: skip
+    """Every copy of ``run``'s shards this daemon and its reachable peers list; the peers
+    that did not list go in ``unreachable``."""
     copies = [_Copy(holdings.node_id, None, h.shard, h.world_size) for h in holdings.list(run=run)]
     for member in peers.members():
         if not member.reachable:
+            unreachable.append(member.name())
             continue
         try:
             listing = peers.client(member.address).list_shards(run=run)
         except grpc.RpcError as exc:
-            log.warning("recovery: %s (%s) did not list: %s", member.node_id, member.address,
-                        error_text(exc))  # fmt: skip
+            log.warning("recovery: %s did not list: %s", member.name(), error_text(exc))
+            unreachable.append(member.name())
             continue
         for info in listing.shards:
             s = info.shard
@@ -74,7 +79,8 @@ def _copies(holdings: Holdings, peers: Peers, run: str) -> list[_Copy]:
 def recover(holdings: Holdings, peers: Peers, run: str, step: int | None = None) -> Recovered:
     me = holdings.node_id
     peers.refresh(everyone=True)
-    copies = _copies(holdings, peers, run)
+    unreachable: list[str] = []
+    copies = _copies(holdings, peers, run, unreachable)
     by_step: dict[int, list[_Copy]] = {}
     for copy in copies:
         by_step.setdefault(copy.shard.step, []).append(copy)
@@ -93,7 +99,7 @@ def recover(holdings: Holdings, peers: Peers, run: str, step: int | None = None)
     found = by_step[chosen]
     world = found[0].world_size
     mine = sorted({c.shard.rank for c in found if c.shard.origin == me})
-    result = Recovered(chosen, mine)
+    result = Recovered(chosen, mine, complete=complete, unreachable=unreachable)
     in_memory = commit.ranks_present(holdings.own, run, chosen)
     local = holdings.local
     in_local = set() if local is None else commit.ranks_present(local, run, chosen)

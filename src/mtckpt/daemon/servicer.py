@@ -241,7 +241,8 @@ class Servicer(pb_grpc.DaemonServicer):
         except (MtckptError, ValueError) as exc:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         return pb.RecoverReply(step=result.step, ranks=result.ranks, bytes=result.bytes,
-                               sources=result.sources)  # fmt: skip
+                               sources=result.sources, complete=result.complete,
+                               unreachable=result.unreachable)  # fmt: skip
 
 
 def _push_chunks(request_iterator, shard: Shard, progress: Progress):

@@ -208,16 +208,20 @@ class RecoverRequest(_message.Message):
     def __init__(self, run: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
 
 class RecoverReply(_message.Message):
-    __slots__ = ("step", "ranks", "bytes", "sources")
+    __slots__ = ("step", "ranks", "bytes", "sources", "complete", "unreachable")
     STEP_FIELD_NUMBER: _ClassVar[int]
     RANKS_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
     SOURCES_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    UNREACHABLE_FIELD_NUMBER: _ClassVar[int]
     step: int
     ranks: _containers.RepeatedScalarFieldContainer[int]
     bytes: int
     sources: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, step: _Optional[int] = ..., ranks: _Optional[_Iterable[int]] = ..., bytes: _Optional[int] = ..., sources: _Optional[_Iterable[str]] = ...) -> None: ...
+    complete: _containers.RepeatedScalarFieldContainer[int]
+    unreachable: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, step: _Optional[int] = ..., ranks: _Optional[_Iterable[int]] = ..., bytes: _Optional[int] = ..., sources: _Optional[_Iterable[str]] = ..., complete: _Optional[_Iterable[int]] = ..., unreachable: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class FlushRequest(_message.Message):
     __slots__ = ("shard",)

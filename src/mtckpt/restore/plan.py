@@ -39,7 +39,7 @@ class Restorer:
     def candidates(self, holders: dict[str, set[int]], step: int | None) -> list[int]:
         """The steps to try, newest first: ``step`` alone, or every step all ranks hold."""
         held = set().union(*holders.values())
-        agreed = self.coordinator.agree(sorted(held))
+        agreed = self.coordinator.agree(sorted(held), step)
         note = f" (this rank holds {sorted(held, reverse=True)[:10] or 'none'})"
         return steps_to_try(agreed, step, self.run, f"{self._everyone()} in {self.where}", note)
 
