@@ -29,6 +29,7 @@ from collections.abc import Callable
 from .. import _fastpath
 from ..errors import MtckptError
 from ..format.manifest import RankManifest
+from ..tiers.memory import open_held
 from . import frames
 from .auth import TLSFiles
 from .holdings import Incoming, Outgoing
@@ -121,7 +122,7 @@ class BulkServer:
                 raise BulkError("unknown or expired ticket")
             conn.settimeout(SOCKET_TIMEOUT)
             if isinstance(transfer, Outgoing):
-                with open(transfer.path, "rb") as f:
+                with open_held(transfer.path) as f:  # not reused while it is sent
                     conn.sendall(STATUS.pack(0, 0))  # accepted: the frames follow
                     _send_frames(conn, f.fileno(), transfer.manifest, tls=self.tls)
                 return

@@ -10,6 +10,7 @@ Status) and is caught up once it answers again. Bytes per second can be capped.
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import threading
 import time
@@ -24,6 +25,7 @@ from ..format.manifest import RankManifest
 from ..metrics import Metrics
 from ..proto import mtckpt_pb2 as pb
 from ..restore.read import close_mapping
+from ..tiers.memory import open_held
 from . import bulk, frames
 from .auth import TLSFiles, host_of
 from .holdings import Holdings, Shard
@@ -164,7 +166,11 @@ class Replicator:
                 if short:  # reported from the start, not once the pushes are done
                     state.error = short
         self.on_change()
+        current = None
         for shard in shards:
+            if current not in (None, (shard.run, shard.step)) and self._wake.is_set():
+                return  # a newer step was saved meanwhile: it goes next, not this older one
+            current = (shard.run, shard.step)
             if not self._replicate(shard, targets, held_by, unreachable):
                 return
             with self._lock:
@@ -231,11 +237,12 @@ class Replicator:
             try:
                 size = self.push(shard, self.peers.by_node(node).address)
             except (grpc.RpcError, OSError, MtckptError) as exc:
-                if not self.holdings.own.step_path(shard.run, shard.step).exists():
-                    # The trainer's retention removed the step (its data file may have been
-                    # reused for a newer one while it was being sent).
-                    log.info("%s expired before it was replicated to %s (newer steps went "
-                             "first)", shard, node)  # fmt: skip
+                expired = isinstance(exc, FileNotFoundError)
+                if expired or not self.holdings.own.step_path(shard.run, shard.step).exists():
+                    # The trainer's retention removed the step before its send began (one
+                    # being sent is held: it finishes).
+                    log.info("%s expired before it was sent to %s (newer steps go first)",
+                             shard, node)  # fmt: skip
                     with self._lock:
                         self.state.pop(shard, None)
                     self.on_change()
@@ -261,7 +268,7 @@ class Replicator:
         manifest = storage.read_bytes(shard.run, shard.step, naming.manifest_file(shard.rank))
         path = storage.path(shard.run, shard.step, naming.data_file(shard.rank))
         client = self.peers.client(address)
-        with open(path, "rb") as f:
+        with open_held(path) as f:  # the trainer does not reuse it while it is sent
             size = os.fstat(f.fileno()).st_size
             header = pb.PushHeader(shard=shard_id(shard), manifest=manifest, data_size=size)
             try:
@@ -277,7 +284,7 @@ class Replicator:
                 bulk.send(host, ticket.port, ticket.ticket, f.fileno(), described, tls=tls,
                           bandwidth=self.bandwidth)  # fmt: skip
             else:
-                mapping = storage.map(shard.run, shard.step, naming.data_file(shard.rank))
+                mapping = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) if size else b""
                 try:
                     client.push(frames.push_messages(header, mapping, self.bandwidth))
                 finally:

@@ -5,16 +5,25 @@ slower than copying into resident pages). So a rank's data file is staged into a
 a file in ``{run}/.slots/rank-NNNNN/`` that is already allocated and mapped. Publishing a
 step renames the slot into the step directory; when the step expires, its data file is
 renamed back into the slot directory, still mapped, for a later step to reuse.
+
+A reader that must see a step's bytes unchanged for a while (the node daemon sending it to
+a peer) opens its data file with :func:`open_held`. While it is held, the expiring step's
+file is unlinked instead of reused: the reader keeps its bytes (tmpfs frees them when it
+closes the file) and the next save takes a new slot.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import logging
 import mmap
 import os
 import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -23,6 +32,33 @@ from ..format import naming
 from .directory import DirectoryStorage, make_private_dirs
 
 Pinner = Callable[[np.ndarray], Callable[[], None]]
+
+log = logging.getLogger(__name__)
+
+
+def open_held(path: Path) -> BinaryIO:
+    """Open a published data file for reading and hold it until the file is closed: an
+    expiring step then does not hand this file back as a slot, so its bytes cannot change
+    under the reader. FileNotFoundError if the step has expired already."""
+    f = open(path, "rb")  # noqa: SIM115 (the caller closes it)
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_SH)
+        if os.stat(path).st_ino != os.fstat(f.fileno()).st_ino:  # recycled meanwhile
+            raise FileNotFoundError(errno.ENOENT, "the step expired as it was opened", str(path))
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+def _held(fd: int) -> bool:
+    """Whether a reader holds the file (:func:`open_held`); if not, this process holds it
+    exclusively until ``fd`` is closed, so no reader can start meanwhile."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    return False
 
 
 class Slot:
@@ -178,15 +214,31 @@ class MemoryStorage(DirectoryStorage):
             self._free_list(run, rank).append(slot)
 
     def recycle(self, run: str, step: int, rank: int) -> None:
-        """Turn a rank's data file of an expiring step back into a free slot."""
+        """Turn a rank's data file of an expiring step back into a free slot; one a reader
+        holds (:func:`open_held`) is unlinked instead."""
         data = self.step_path(run, step) / naming.data_file(rank)
         with self._lock:
             slot = self._bound.pop((run, step, rank), None)
             free = self._free_list(run, rank)
             target = self.slot_dir(run, rank) / f"slot-{uuid.uuid4().hex[:12]}"
             try:
-                os.replace(data, target)
+                fd = os.open(data, os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
+                fd = None
+            try:
+                held = fd is not None and _held(fd)
+                if held:
+                    os.unlink(data)
+                    log.info("step %d rank %d of run %r expires while it is being sent: "
+                             "its data file is left to the sender", step, rank, run)  # fmt: skip
+                else:
+                    os.replace(data, target)
+            except FileNotFoundError:
+                held = True  # gone: nothing to reuse
+            finally:
+                if fd is not None:
+                    os.close(fd)
+            if held:
                 if slot is not None:
                     slot.unmap()
                 return

@@ -1,0 +1,48 @@
+"""Saves faster than the link (issue 26.1): a step being sent holds its data file, so
+the send finishes even when the step expires meanwhile (the trainer takes a new slot
+instead of reusing that file); then the newest step goes next. Peers keep receiving recent
+steps, the receiver sees no damaged transfer, and a node lost afterwards restores from
+them bit-exact."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+
+import numpy as np
+
+from daemons import trainer, wait_for
+
+RUN = "slow"
+MIB = 1 << 20
+
+
+def state(step: int) -> dict:
+    return {"w": np.full(MIB, step, np.float32), "step": step}  # 4 MiB
+
+
+def sent(daemon) -> set[int]:
+    """The steps ``daemon`` logged as sent to a peer."""
+    found = re.findall(rf"replicated run '{RUN}' step (\d+) ", daemon.log.read_text())
+    return {int(step) for step in found}
+
+
+def test_saves_faster_than_the_link_keep_recent_steps_on_peers(cluster, caplog):
+    daemons = cluster(["slow-a", "slow-b"], per_node={"slow-a": ["--bandwidth", str(4 * MIB)]})
+    a, b = daemons["slow-a"], daemons["slow-b"]
+    caplog.set_level(logging.INFO, logger="mtckpt.tiers.memory")
+    with trainer(a, 0, 1, peers=True, run=RUN) as mgr:  # keep 2; a send takes about 1 s
+        for step in range(1, 21):  # one every 0.2 s: five per send
+            mgr.save(step, state(step)).wait("memory")
+            time.sleep(0.2)
+        during = sent(a)
+        wait_for(lambda: 20 in sent(a), what="the newest step sent once saves stop")
+    assert "expires while it is being sent" in caplog.text  # held, not reused
+    assert "crc32c" not in b.log.read_text()  # no transfer was damaged under the sender
+    assert len(during) >= 2, during  # steps kept reaching the peer while saves outpaced it
+    a.lose_node()
+    a.start()  # a replacement with the same node id
+    with trainer(a, 0, 1, peers=True, run=RUN) as mgr:
+        step, restored = mgr.restore()
+    assert step == 20 and np.array_equal(restored["w"], state(20)["w"])
