@@ -36,7 +36,7 @@ from .pipeline.staging import (
     shard_metadata,
     stage_into_slot,
 )
-from .restore import populate
+from .restore import populate as populating
 from .restore.plan import Restorer
 from .tiers.base import Storage
 from .tiers.directory import DirectoryStorage
@@ -108,6 +108,7 @@ class CheckpointManager:
         self._uploader: uploader.Uploader | None = None  # the object tier's helper process
         self._handles: list[SaveHandle] = []
         self._populating: list[threading.Thread] = []  # restore(populate=True) copies
+        self._resumed_from: int | None = None  # the step restored, until a save follows it
         self._last_saved_at: dict[str, float] = {}
         try:
             daemon_node = self._peers.node_id if self._peers is not None else None
@@ -260,11 +261,13 @@ class CheckpointManager:
         self._check_open()
         step = naming.check_step(step)
         if self._newest is not None and step <= self._newest:
-            raise StepExistsError(
-                f"step {step} is not newer than step {self._newest}, which run {self.run!r} "
-                "already holds; steps must increase (CheckpointManager.delete(step) removes "
-                "newer steps to go back)"
-            )
+            if self._resumed_from is None or step <= self._resumed_from:
+                raise StepExistsError(
+                    f"step {step} is not newer than step {self._newest}, which run "
+                    f"{self.run!r} already holds; steps must increase "
+                    "(CheckpointManager.delete(step) removes newer steps to go back)"
+                )
+            self._rewind(step)
         now = time.monotonic()
         due = [s.name for _, s in self._tiers] if force else self._due_tiers(step, now)
         configured = tuple(s.name for _, s in self._tiers) + self._peer_stage()
@@ -348,12 +351,12 @@ class CheckpointManager:
                 first_error = first_error or exc
             except Exception as exc:
                 first_error = first_error or exc
-        while self._populating:
+        while self._populating:  # restore(populate=True)'s copies
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             self._populating[0].join(remaining)
             if self._populating[0].is_alive():
                 raise TimeoutError(f"copies of run {self.run!r} not done after {timeout} s")
-            self._populating.pop(0)
+            del self._populating[0]
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         if not self._pipeline.wait_idle(remaining):
             raise TimeoutError(f"background work of run {self.run!r} not done after {timeout} s")
@@ -368,13 +371,12 @@ class CheckpointManager:
         """``(step, state)`` of the newest complete step (or ``step``) whose copy verifies.
 
         Without ``target`` the saved tree comes back with numpy arrays. With one, its arrays
-        are filled in place (JAX arrays, immutable: new ones are built with the target's
-        shardings), its stateful objects get ``load_state_dict``, and the returned
-        tree has the target's structure. ``strict=False`` restores the keys both share and
-        leaves the rest of the target as it is. With ``populate``, a step that came from a
-        slower tier (the object tier, local disk) is copied into this rank's faster tiers in
-        the background (``wait()`` waits for it), so that the next restart finds it there.
-        """
+        are filled in place (JAX arrays, immutable: new ones with the target's shardings),
+        its stateful objects get ``load_state_dict``, and the tree returned has the target's
+        structure. ``strict=False`` restores the keys both share. With ``populate``, a step
+        from a slower tier is copied into this rank's faster tiers in the background
+        (``wait()`` waits for it). When the ranks agree on an older step than this rank
+        holds, the next save removes the newer ones: training resumed from the older."""
         self._check_open()
         started = time.monotonic()
         self._pipeline.wait_memory_idle()
@@ -396,21 +398,12 @@ class CheckpointManager:
             for revert in reversed(undo):
                 revert()
             raise
-        if populate:
-            self._populate(restored, storage)
-        return restored, state
-
-    def _populate(self, step: int, source: Storage) -> None:
-        """Copy this rank's shard of ``step`` from ``source`` into each faster tier, in the
-        background (``wait()`` waits for it)."""
-        storages = [storage for _, storage in self._tiers]
-        faster = storages[: storages.index(source)]
-        if faster:
+        self._resumed_from = restored if step is None else None  # see _rewind
+        if populate and storage is not self._tiers[0][1]:  # copied into the faster tiers
             verdicts = {name: v.record for name, v in self._verdicts.items()}
-            self._populating.append(populate.start(
-                source, faster, self.run, step, self.rank, self.world_size, self.node_ranks,
-                verdicts,
-            ))  # fmt: skip
+            args = (self.run, restored, self.rank, self.world_size, self.node_ranks, verdicts)
+            self._populating.append(populating.start(storage, [s for _, s in self._tiers], *args))
+        return restored, state
 
     # -- inspecting and removing -----------------------------------------------------------
 
@@ -428,6 +421,17 @@ class CheckpointManager:
         return max(
             (s for _, storage in self._tiers for s in self._committed(storage)), default=None
         )
+
+    def _rewind(self, step: int) -> None:
+        """Training resumed from the step the ranks agreed on, older than this rank's newest
+        (another node lost newer ones): those go before ``step`` does (not after step=N)."""
+        newer = sorted({s for _, t in self._tiers for s in t.steps(self.run)
+                        if s > self._resumed_from})  # fmt: skip
+        log.warning("step %d follows the restored step %d: removing this rank's steps %s, "
+                    "saved before", step, self._resumed_from, newer)  # fmt: skip
+        for old in newer:
+            self.delete(old)
+        self._resumed_from = None
 
     def delete(self, step: int) -> None:
         """Remove ``step`` (this rank's shard, and its commit) from every tier;

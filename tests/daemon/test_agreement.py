@@ -43,8 +43,18 @@ def test_ranks_restore_the_newest_step_complete_across_the_daemons(cluster, capl
         with trainer(daemons[rank], rank) as mgr:
             assert mgr.steps()["memory"][-1] == (3 if rank == 0 else 2)
             step, restored = mgr.restore()
-        assert step == 2 and restored["w"][0] == 20 + rank
+            assert step == 2 and restored["w"][0] == 20 + rank
+            # Training resumes from step 2: rank 0's old step 3 gives way to the new one,
+            # on its node and on the peer holding its replica.
+            mgr.save(3, {"w": np.full(4096, 300 + rank, np.float32), "step": 3}).wait("peers")
     assert "each rank picks its own" not in caplog.text
+    assert "step 3 follows the restored step 2: removing this rank's steps [3]" in caplog.text
+    daemons[0].lose_node()
+    daemons[0].start()
+    for rank in (0, 1):
+        with trainer(daemons[rank], rank) as mgr:
+            step, restored = mgr.restore()
+        assert step == 3 and restored["w"][0] == 300 + rank
 
 
 def test_a_daemon_that_cannot_reach_a_peer_makes_it_an_agreement_error(cluster):

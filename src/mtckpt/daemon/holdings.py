@@ -63,6 +63,7 @@ class Held:
     world_size: int
     data_size: int
     replica: bool
+    manifest_crc: int = 0  # crc32c of the manifest: two saves of one step differ in it
 
 
 class Holdings:
@@ -127,7 +128,10 @@ class Holdings:
                 shard = Shard(run, step, rank, origin)
                 try:
                     size = storage.path(run, step, naming.data_file(rank)).stat().st_size
-                    held.append(Held(shard, world or self._world_of(storage, shard), size, replica))
+                    manifest = storage.read_bytes(run, step, naming.manifest_file(rank))
+                    crc = _fastpath.backend().crc32c(manifest)
+                    world = world or self._world_of(storage, shard)
+                    held.append(Held(shard, world, size, replica, crc))
                 except (OSError, CorruptCheckpointError):
                     continue  # removed meanwhile, or a damaged manifest: not offered
         return held
@@ -399,9 +403,12 @@ class Incoming:
             )
         # The mapping stays until close(): unmapping a GiB takes tens of milliseconds, and
         # the sender waits for the status that follows this commit.
+        manifest_name = naming.manifest_file(self.shard.rank)
+        # A replica replaced by another save of its step is not whole until its manifest
+        # is back: the manifest goes first.
+        self.storage.delete(self.shard.run, self.shard.step, manifest_name)
         os.replace(self.temp, self.final)
         self._done = True
-        manifest_name = naming.manifest_file(self.shard.rank)
         self.storage.write_bytes(self.shard.run, self.shard.step, manifest_name, self.manifest_json)
 
     def close(self) -> None:

@@ -69,6 +69,7 @@ class Replicator:
         self.bandwidth, self.scan_interval, self.tls = bandwidth, scan_interval, tls
         self.state: dict[Shard, ReplicaState] = {}
         self._lock = threading.Lock()
+        self._manifest_crc: dict[Shard, int] = {}
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._cycles = 0
@@ -187,6 +188,7 @@ class Replicator:
         keep = {
             run: set(sorted(set(steps))[-self.holdings.keep :]) for run, steps in newest.items()
         }
+        self._manifest_crc = {h.shard: h.manifest_crc for h in own}
         return sorted(
             (h.shard for h in own if h.shard.step in keep[h.shard.run]),
             key=lambda s: (-s.step, s.run, s.rank),
@@ -194,9 +196,11 @@ class Replicator:
 
     def _listings(
         self, targets: list[str], me: str
-    ) -> tuple[dict[str, set[Shard]], dict[str, str]]:
-        """What each target holds of this node's shards, and why the unreachable ones are."""
-        held_by: dict[str, set[Shard]] = {}
+    ) -> tuple[dict[str, set[tuple[Shard, int]]], dict[str, str]]:
+        """What each target holds of this node's shards (with their manifests' crc32c: a
+        replica of an earlier save of the step is not this one), and why the unreachable
+        ones are."""
+        held_by: dict[str, set[tuple[Shard, int]]] = {}
         unreachable: dict[str, str] = {}
         for node in targets:
             member = self.peers.by_node(node)
@@ -206,7 +210,7 @@ class Replicator:
                 unreachable[node] = error_text(exc)
                 continue
             held_by[node] = {
-                Shard(i.shard.run, i.shard.step, i.shard.rank, i.shard.origin)
+                (Shard(i.shard.run, i.shard.step, i.shard.rank, i.shard.origin), i.manifest_crc)
                 for i in listing.shards
             }
         return held_by, unreachable
@@ -215,7 +219,7 @@ class Replicator:
         self,
         shard: Shard,
         targets: list[str],
-        held_by: dict[str, set[Shard]],
+        held_by: dict[str, set[tuple[Shard, int]]],
         unreachable: dict[str, str],
     ) -> bool:
         """Push ``shard`` to every target that lacks it; False once stopping."""
@@ -223,7 +227,7 @@ class Replicator:
         for node in targets:
             if self._stopping.is_set():
                 return False
-            if shard in held_by.get(node, ()):
+            if (shard, self._manifest_crc.get(shard)) in held_by.get(node, ()):
                 with self._lock:
                     state.stored.add(node)
                 self.on_change()

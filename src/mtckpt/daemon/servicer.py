@@ -136,6 +136,7 @@ class Servicer(pb_grpc.DaemonServicer):
             reply.shards.add(
                 shard=shard_id(held.shard),
                 world_size=held.world_size, data_size=held.data_size, replica=held.replica,
+                manifest_crc=held.manifest_crc,
             )  # fmt: skip
         return reply
 

@@ -112,16 +112,18 @@ class ListShardsRequest(_message.Message):
     def __init__(self, run: _Optional[str] = ..., origin: _Optional[str] = ...) -> None: ...
 
 class ShardInfo(_message.Message):
-    __slots__ = ("shard", "world_size", "data_size", "replica")
+    __slots__ = ("shard", "world_size", "data_size", "replica", "manifest_crc")
     SHARD_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     DATA_SIZE_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_CRC_FIELD_NUMBER: _ClassVar[int]
     shard: ShardId
     world_size: int
     data_size: int
     replica: bool
-    def __init__(self, shard: _Optional[_Union[ShardId, _Mapping]] = ..., world_size: _Optional[int] = ..., data_size: _Optional[int] = ..., replica: _Optional[bool] = ...) -> None: ...
+    manifest_crc: int
+    def __init__(self, shard: _Optional[_Union[ShardId, _Mapping]] = ..., world_size: _Optional[int] = ..., data_size: _Optional[int] = ..., replica: _Optional[bool] = ..., manifest_crc: _Optional[int] = ...) -> None: ...
 
 class ListShardsReply(_message.Message):
     __slots__ = ("node_id", "shards")

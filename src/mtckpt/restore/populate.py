@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 def start(
     source: Storage,
-    faster: Sequence[Storage],
+    storages: Sequence[Storage],
     run: str,
     step: int,
     rank: int,
@@ -25,10 +25,13 @@ def start(
     node_ranks: Sequence[int],
     verified: dict[str, Callable[[RankManifest], None]],
 ) -> threading.Thread:
-    """Copy ``rank``'s shard of ``step`` from ``source`` into each of ``faster`` (the first
-    from ``source``, the others from it), verified, and commit it there, on a thread of its
-    own (returned, started). ``verified[tier]`` records each shard checked into a tier.
+    """Copy ``rank``'s shard of ``step`` from ``source`` into each tier of ``storages``
+    (fastest first) faster than it (the first from ``source``, the others from that one),
+    verified, and commit it there, on a thread of its own (returned, started).
+    ``verified[tier]`` records each shard checked into a tier.
     A step saved by another world size is left where it is."""
+
+    faster = storages[: list(storages).index(source)]
 
     def copy() -> None:
         try:
