@@ -108,7 +108,6 @@ class CheckpointManager:
         self._uploader: uploader.Uploader | None = None  # the object tier's helper process
         self._handles: list[SaveHandle] = []
         self._populating: list[threading.Thread] = []  # restore(populate=True) copies
-        self._resumed_from: int | None = None  # the step restored, until a save follows it
         self._last_saved_at: dict[str, float] = {}
         try:
             daemon_node = self._peers.node_id if self._peers is not None else None
@@ -261,7 +260,7 @@ class CheckpointManager:
         self._check_open()
         step = naming.check_step(step)
         if self._newest is not None and step <= self._newest:
-            if self._resumed_from is None or step <= self._resumed_from:
+            if self._restorer.agreed is None or step <= self._restorer.agreed:
                 raise StepExistsError(
                     f"step {step} is not newer than step {self._newest}, which run "
                     f"{self.run!r} already holds; steps must increase "
@@ -398,7 +397,6 @@ class CheckpointManager:
             for revert in reversed(undo):
                 revert()
             raise
-        self._resumed_from = restored if step is None else None  # see _rewind
         if populate and storage is not self._tiers[0][1]:  # copied into the faster tiers
             verdicts = {name: v.record for name, v in self._verdicts.items()}
             args = (self.run, restored, self.rank, self.world_size, self.node_ranks, verdicts)
@@ -423,15 +421,15 @@ class CheckpointManager:
         )
 
     def _rewind(self, step: int) -> None:
-        """Training resumed from the step the ranks agreed on, older than this rank's newest
-        (another node lost newer ones): those go before ``step`` does (not after step=N)."""
-        newer = sorted({s for _, t in self._tiers for s in t.steps(self.run)
-                        if s > self._resumed_from})  # fmt: skip
+        """Training resumed from the step the ranks agreed on (0: none), older than this
+        rank's newest (another node lost newer ones): those go before ``step`` does."""
+        after = self._restorer.agreed
+        newer = sorted({s for _, t in self._tiers for s in t.steps(self.run) if s > after})
         log.warning("step %d follows the restored step %d: removing this rank's steps %s, "
-                    "saved before", step, self._resumed_from, newer)  # fmt: skip
+                    "saved before", step, after, newer)  # fmt: skip
         for old in newer:
             self.delete(old)
-        self._resumed_from = None
+        self._restorer.agreed = None
 
     def delete(self, step: int) -> None:
         """Remove ``step`` (this rank's shard, and its commit) from every tier;

@@ -32,6 +32,9 @@ class Restorer:
         self.storages, self.coordinator = storages, coordinator
         self.metrics, self.threads = metrics, threads
         self.where = ", ".join(storage.describe() for storage in storages)
+        # The step the ranks' last restore without a step number agreed on (0: none; they
+        # start over): this rank's newer steps are from before it (the manager's _rewind).
+        self.agreed: int | None = None
 
     def _everyone(self) -> str:
         return "every rank" if self.world_size > 1 else f"rank {self.rank}"
@@ -41,6 +44,7 @@ class Restorer:
         held = set().union(*holders.values())
         agreed = self.coordinator.agree(sorted(held), step)
         note = f" (this rank holds {sorted(held, reverse=True)[:10] or 'none'})"
+        self.agreed = 0 if step is None and not agreed else None
         return steps_to_try(agreed, step, self.run, f"{self._everyone()} in {self.where}", note)
 
     def restore_newest(self, candidates, step, holders, target, strict, allow_pickle,
@@ -84,6 +88,7 @@ class Restorer:
                 )
             else:
                 log.info("restored step %d from the %s tier", candidate, storage.name)
+            self.agreed = candidate if step is None else None
             return candidate, tree.unflatten(node, {**targets, **values}.__getitem__), storage
         which = f"step {step}" if step is not None else "any step"
         raise CorruptCheckpointError(
