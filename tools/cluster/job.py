@@ -1,0 +1,324 @@
+"""The simulated cluster and its training job: N nodes (network namespaces), each with the
+node daemon and M trainer ranks as the manifests run them, an S3 endpoint (moto_server)
+on the hub, failures injected on a schedule, and a supervisor that restarts the whole job
+when a rank dies, as torchrun's elastic agent or a Kubernetes Job would."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .manifests import NodeSpec, host_path, node_spec
+from .network import Network, in_ns
+
+WORKER = Path(__file__).resolve().with_name("worker.py")
+SRC = Path(__file__).resolve().parents[2] / "src"
+S3_PORT = 5000
+FAILURES = ("trainer", "daemon", "node", "two-nodes", "link", "slow")
+BACKOFF_LIMIT = 6  # restarts after failures not injected, as a Job's backoffLimit
+
+
+class ClusterError(RuntimeError):
+    """The cluster could not start, or the job did not finish in time: what and why."""
+
+
+@dataclass
+class Config:
+    """One configuration of the job: ``peers`` (mtckpt with node daemons), ``no-peers``
+    (mtckpt with memory, local and object tiers) or ``dcp`` (DCP to S3, the baseline)."""
+
+    name: str
+    remote_every: int = 20  # mtckpt's object tier; DCP's every
+    local_every: int = 10
+
+
+@dataclass
+class Failure:
+    kind: str
+    nodes: list[int]
+    injected: float
+    step: int = 0  # the newest step done when it was injected
+    detected: float | None = None
+    restarted: float | None = None
+    restored: float | None = None
+    restored_step: int | None = None
+    tiers: list[str | None] = field(default_factory=list)
+
+
+class Node:
+    def __init__(self, index: int, root: Path, net: Network, config: Config, token: str,
+                 s3: dict) -> None:  # fmt: skip
+        self.index, self.root, self.net, self.cfg = index, root, net, config
+        self.ns = net.links[index].ns
+        self.token, self.s3 = token, s3
+        self.daemon: subprocess.Popen | None = None
+        self.ranks: list[subprocess.Popen] = []
+        self.spec: NodeSpec = node_spec(index, root)
+
+    def prepare(self) -> None:
+        """The node's volumes, config file and token (again after a loss: empty roots)."""
+        for directory in {*self.spec.daemon.mounts.values(), *self.spec.trainer.mounts.values()}:
+            directory.mkdir(parents=True, exist_ok=True)
+        config = self.spec.config
+        if self.cfg.name == "no-peers":
+            config = _drop_table(_drop_table(config, "peers"), "daemon")
+        config = config.replace("every = 100", f"every = {self.cfg.local_every}")
+        if self.cfg.name != "dcp":
+            config += (f'\n[remote]\nurl = "s3://{self.s3["bucket"]}/mtckpt"\n'
+                       f"every = {self.cfg.remote_every}\nkeep = 2\n"
+                       f"storage_options = {_toml_inline(self.s3['options'])}\n")  # fmt: skip
+        path = Path(host_path(self.spec.daemon, self.spec.daemon.env["MTCKPT_CONFIG"]))
+        path.write_text(config)
+        (path.parent / "token").write_text(self.token + "\n")
+
+    def env(self, container) -> dict:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MTCKPT_")}
+        env.update(container.env)
+        env["MTCKPT_CONFIG"] = host_path(container, container.env["MTCKPT_CONFIG"])
+        env["PYTHONPATH"] = os.pathsep.join([str(SRC), env.get("PYTHONPATH", "")])
+        env["CLUSTER_S3_OPTIONS"] = json.dumps(self.s3["options"])
+        return env
+
+    def start_daemon(self) -> None:
+        if self.cfg.name != "peers":
+            return
+        command = [sys.executable, "-m", *self.spec.daemon.command]
+        command = [host_path(self.spec.daemon, part) for part in command]
+        log = open(self.root / "daemon.log", "ab")  # noqa: SIM115 (the child's stderr)
+        self.daemon = subprocess.Popen(in_ns(self.ns, *command), env=self.env(self.spec.daemon),
+                                       stdout=subprocess.PIPE, stderr=log, text=True)  # fmt: skip
+        line = self.daemon.stdout.readline()
+        if "ready" not in line:
+            raise ClusterError(f"node {self.index}: the daemon did not start: "
+                               f"{(self.root / 'daemon.log').read_text()[-2000:]}")  # fmt: skip
+
+    def start_ranks(self, ranks: int, nodes: int, worker_args: list[str], events: Path) -> None:
+        master = self.net.links[0].address
+        for local in range(ranks):
+            env = self.env(self.spec.trainer)
+            env.update(RANK=str(self.index * ranks + local), WORLD_SIZE=str(nodes * ranks),
+                       LOCAL_RANK=str(local), LOCAL_WORLD_SIZE=str(ranks), MASTER_ADDR=master,
+                       MASTER_PORT=str(self.spec.master_port), OMP_NUM_THREADS="1",
+                       GLOO_SOCKET_IFNAME=self.net.links[self.index].inside)  # fmt: skip
+            log = open(self.root / f"rank{local}.log", "ab")  # noqa: SIM115
+            command = [sys.executable, str(WORKER), *worker_args, "--events", str(events)]
+            self.ranks.append(subprocess.Popen(in_ns(self.ns, *command), env=env,
+                                               stdout=log, stderr=log))  # fmt: skip
+
+    def kill_ranks(self) -> None:
+        for proc in self.ranks:
+            if proc.poll() is None:
+                proc.kill()
+        for proc in self.ranks:
+            proc.wait(timeout=30)
+        self.ranks = []
+
+    def kill_daemon(self) -> None:
+        if self.daemon is not None and self.daemon.poll() is None:
+            self.daemon.kill()
+            self.daemon.wait(timeout=30)
+        self.daemon = None
+
+    def lose(self) -> None:
+        """Trainer and daemon SIGKILLed, the node's volumes wiped."""
+        self.kill_ranks()
+        self.kill_daemon()
+        for directory in {*self.spec.daemon.mounts.values(), *self.spec.trainer.mounts.values()}:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def _drop_table(text: str, name: str) -> str:
+    out, skipping = [], False
+    for line in text.splitlines():
+        if line.startswith("["):
+            skipping = line.strip() == f"[{name}]"
+        if not skipping:
+            out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def _toml_inline(value) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_inline(v)}" for k, v in value.items()) + "}"
+    return json.dumps(value)
+
+
+class Cluster:
+    """Start with ``with Cluster(...) as cluster:``; ``run(...)`` runs one job."""
+
+    def __init__(self, nodes: int, ranks: int, config: Config, root: Path, *,
+                 shaping_mbit: float | None = None) -> None:  # fmt: skip
+        self.n, self.ranks, self.cfg, self.root = nodes, ranks, config, root
+        self.shaping = shaping_mbit
+        self.net = Network(nodes)
+        self.moto: subprocess.Popen | None = None
+        self.nodes: list[Node] = []
+
+    def __enter__(self) -> Cluster:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self.net.create()
+        s3 = self._start_s3()
+        token = secrets.token_urlsafe(24)
+        for i in range(self.n):
+            node = Node(i, self.root / f"n{i}", self.net, self.cfg, token, s3)
+            node.prepare()
+            self.nodes.append(node)
+            if self.shaping:
+                self.net.shape(i, self.shaping)
+        for node in self.nodes:
+            node.start_daemon()
+
+    def _start_s3(self) -> dict:
+        host = self.net.hub_address
+        command = [sys.executable, "-m", "moto.server", "-H", host, "-p", str(S3_PORT)]
+        self.moto = subprocess.Popen(in_ns(self.net.hub, *command), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)  # fmt: skip
+        url = f"http://{host}:{S3_PORT}"
+        options = {"endpoint_url": url, "key": "testing", "secret": "testing",
+                   "client_kwargs": {"region_name": "eu-west-1"}}  # fmt: skip
+        probe = ("import s3fs,sys,json,time\nfor _ in range(300):\n try:\n  s3fs.S3FileSystem("
+                 "**json.loads(sys.argv[1])).mkdir('ckpt'); break\n except Exception:\n"
+                 "  time.sleep(0.1)\nelse: sys.exit(1)")  # fmt: skip
+        done = subprocess.run(in_ns(self.net.hub, sys.executable, "-c", probe, json.dumps(options)),
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        if done.returncode != 0:
+            raise ClusterError(f"the S3 endpoint did not start: {done.stderr[-2000:]}")
+        return {"bucket": "ckpt", "options": options, "url": url}
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.kill_ranks()
+            if node.daemon is not None and node.daemon.poll() is None:
+                node.daemon.send_signal(signal.SIGTERM)
+        for node in self.nodes:
+            try:
+                node.daemon and node.daemon.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                node.kill_daemon()
+        if self.moto is not None and self.moto.poll() is None:
+            self.moto.kill()
+            self.moto.wait(timeout=30)
+        self.net.destroy()
+
+    def run(self, steps: int, *, step_seconds: float, mib: float, every: float,
+            failures: list[str], timeout: float, limit: int | None = None) -> dict:  # fmt: skip
+        """Train ``steps`` steps with a failure every ``every`` seconds (kinds taken in
+        turn from ``failures``; at most ``limit``); the events of every rank and the
+        failures."""
+        events = self.root / f"events-{self.cfg.name}.jsonl"
+        worker = [
+            "--mode", "dcp" if self.cfg.name == "dcp" else "mtckpt", "--steps", str(steps),
+            "--step-seconds", str(step_seconds), "--mib", str(mib), "--dcp-url",
+            "s3://ckpt/dcp", "--dcp-every", str(self.cfg.remote_every),
+        ]  # fmt: skip
+        started = time.time()
+        deadline = time.monotonic() + timeout
+        self._start_job(worker, events)
+        done: list[Failure] = []
+        next_failure = time.monotonic() + every if failures else float("inf")
+        pending: Failure | None = None
+        while True:
+            if time.monotonic() > deadline:
+                raise ClusterError(f"the job did not finish within {timeout} s")
+            codes = [p.poll() for n in self.nodes for p in n.ranks]
+            if all(code == 0 for code in codes):
+                break
+            if any(code not in (None, 0) for code in codes):
+                if pending is None and sum(f.kind == "crash" for f in done) >= BACKOFF_LIMIT:
+                    raise ClusterError(f"the job failed {BACKOFF_LIMIT + 1} times by itself; "
+                                       f"the last rank log: {self._crash_log()}")  # fmt: skip
+                pending = pending or Failure("crash", [], time.time())
+                pending.detected = time.time()
+                self._restart(worker, events, pending)
+                done.append(pending)
+                pending = None
+            elif (
+                time.monotonic() >= next_failure
+                and pending is None
+                and (limit is None or len(done) < limit)
+            ):
+                kind = failures[len(done) % len(failures)]
+                pending = self._inject(kind, len(done), events)
+                next_failure = time.monotonic() + every
+                if kind in ("daemon", "link", "slow"):  # the job goes on: nothing to restart
+                    done.append(pending)
+                    pending = None
+            time.sleep(0.05)
+        wall = time.time() - started
+        return {"config": self.cfg.name, "wall": wall, "started": started, "events": events,
+                "failures": done, "steps": steps, "step_seconds": step_seconds}  # fmt: skip
+
+    def _crash_log(self) -> str:
+        for node in self.nodes:
+            for local, proc in enumerate(node.ranks):
+                if proc.poll() not in (None, 0):
+                    return (node.root / f"rank{local}.log").read_text()[-3000:]
+        return "(none)"
+
+    def _start_job(self, worker: list[str], events: Path) -> None:
+        for node in self.nodes:
+            node.start_ranks(self.ranks, self.n, worker, events)
+
+    def _inject(self, kind: str, count: int, events: Path) -> Failure:
+        victim = 1 + count % (self.n - 1) if self.n > 1 else 0  # not node 0: the master
+        failure = Failure(kind, [victim], time.time(), _newest_step(events))
+        node = self.nodes[victim]
+        if kind == "trainer":
+            node.ranks[0].kill()
+        elif kind == "daemon":
+            node.kill_daemon()
+            node.start_daemon()  # the kubelet restarts the sidecar
+        elif kind in ("node", "two-nodes"):
+            if kind == "two-nodes" and self.n > 2:
+                failure.nodes.append(1 + (victim % (self.n - 1)))
+            for index in failure.nodes:
+                self.nodes[index].lose()
+        elif kind == "link":
+            self.net.cut(victim)
+            time.sleep(5)
+            self.net.heal(victim)
+        elif kind == "slow":
+            self.net.shape(victim, 50)
+        else:
+            raise ValueError(f"failure kind {kind!r}: expected one of {FAILURES}")
+        return failure
+
+    def _restart(self, worker: list[str], events: Path, failure: Failure) -> None:
+        """Tear the job down and start it again; lost nodes come back empty, same ids."""
+        for node in self.nodes:
+            node.kill_ranks()
+        for index in failure.nodes:
+            node = self.nodes[index]
+            if failure.kind in ("node", "two-nodes"):
+                node.prepare()
+                node.start_daemon()
+        failure.restarted = time.time()
+        self._start_job(worker, events)
+
+
+def _newest_step(events: Path) -> int:
+    newest = 0
+    if events.exists():
+        for line in events.read_text().splitlines():
+            record = json.loads(line)
+            if record["event"] == "step":
+                newest = max(newest, record["step"])
+    return newest
