@@ -4,16 +4,16 @@ costs with nobody to watch). Membership should cost each daemon the same at any 
 
     python benchmarks/bench_membership.py [--sizes 4,16,64] [--window 20]
 
-Each size: N daemons on loopback (tiny memory roots, every other daemon in --peers,
---replicas 1), started one after another; once each lists all others with their node
-ids, the CPU time (user + system, from /proc) each uses over --window seconds."""
+Each size: N daemons on loopback, each on an address of its own (127.0.x.y, the usual
+ports; tiny memory roots, every other daemon in --peers, --replicas 1), started one after
+another; once each lists all others with their node ids, the CPU time (user + system,
+from /proc) each uses over --window seconds."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,16 +21,7 @@ import time
 from pathlib import Path
 
 TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
+PORT = 7787  # every daemon on its own loopback address (127.0.x.y), as on its own node
 
 
 def cpu_seconds(pid: int) -> float:
@@ -38,22 +29,22 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
-def start(n: int, root: Path) -> list[tuple[subprocess.Popen, str]]:
-    ports = free_ports(n)
-    daemons = []
-    for i, port in enumerate(ports):
-        peers = ",".join(f"127.0.0.1:{p}" for p in ports if p != port)
+def start(n: int, root: Path, daemons: list[tuple[subprocess.Popen, str]]) -> None:
+    """Start ``n`` daemons, each appended to ``daemons`` as it starts (the caller stops
+    them, those started before a failure too)."""
+    hosts = [f"127.0.{1 + i // 250}.{1 + i % 250}" for i in range(n)]  # one address each
+    for i, host in enumerate(hosts):
+        peers = ",".join(f"{h}:{PORT}" for h in hosts if h != host)
         socket_path = root / f"d{i}.sock"
         command = [sys.executable, "-m", "mtckpt", "daemon", "--node-id", f"d{i}",
-                   "--listen", f"127.0.0.1:{port}", "--socket", str(socket_path),
+                   "--listen", f"{host}:{PORT}", "--socket", str(socket_path),
                    "--memory-root", str(root / f"m{i}"), "--peers", peers, "--replicas", "1",
                    "--insecure", "--workers", "4"]  # fmt: skip
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                text=True)  # fmt: skip
-        if "ready" not in proc.stdout.readline():
-            raise RuntimeError(f"daemon d{i} did not start")
+        log = open(root / f"d{i}.log", "wb")  # noqa: SIM115 (the daemon's stderr)
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
         daemons.append((proc, f"unix://{socket_path}"))
-    return daemons
+        if "ready" not in proc.stdout.readline():
+            raise RuntimeError(f"daemon d{i} did not start: {(root / f'd{i}.log').read_text()}")
 
 
 def all_known(daemons, n: int) -> bool:
@@ -69,8 +60,9 @@ def all_known(daemons, n: int) -> bool:
 
 def measure(n: int, window: float, settle: float) -> dict:
     with tempfile.TemporaryDirectory(prefix="mtc-mem-", dir="/dev/shm") as root:
-        daemons = start(n, Path(root))
+        daemons: list[tuple[subprocess.Popen, str]] = []
         try:
+            start(n, Path(root), daemons)
             started = time.monotonic()
             while not all_known(daemons, n):
                 if time.monotonic() - started > 600:
@@ -85,7 +77,10 @@ def measure(n: int, window: float, settle: float) -> dict:
             for proc, _ in daemons:
                 proc.terminate()
             for proc, _ in daemons:
-                proc.wait(timeout=60)
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
     per = [1000 * u / window for u in used]
     return {"daemons": n, "learned_s": round(learned, 1), "mean_mcores": sum(per) / n,
             "max_mcores": max(per)}  # fmt: skip

@@ -7,7 +7,8 @@ peer is briefly down.
 Membership costs each daemon the same at any cluster size: a peer is asked who it is
 until it answers once; after that only the peers this node replicates to (``watch``) are
 asked again, every refresh, and one that does not answer is asked again after a backoff
-(doubling up to BACKOFF_MAX). Recovery asks everyone (``refresh(everyone=True)``). A peer
+(doubling up to BACKOFF_MAX); the others' state (Status, metrics) is as of their last
+answer. Recovery asks everyone (``refresh(everyone=True)``). A peer
 that stops answering is logged at once with its id, address and reason, then every
 REPORT_EVERY seconds with how long it has been gone; its return is logged too."""
 
