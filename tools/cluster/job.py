@@ -219,10 +219,11 @@ class Cluster:
         self.net.destroy()
 
     def run(self, steps: int, *, step_seconds: float, mib: float, every: float,
-            failures: list[str], timeout: float, limit: int | None = None) -> dict:  # fmt: skip
+            failures: list[str], timeout: float, limit: int | None = None,
+            from_step: int = 0) -> dict:  # fmt: skip
         """Train ``steps`` steps with a failure every ``every`` seconds (kinds taken in
-        turn from ``failures``; at most ``limit``); the events of every rank and the
-        failures."""
+        turn from ``failures``; at most ``limit``; none before step ``from_step``); the
+        events of every rank and the failures."""
         events = self.root / f"events-{self.cfg.name}.jsonl"
         worker = [
             "--mode", "dcp" if self.cfg.name == "dcp" else "mtckpt", "--steps", str(steps),
@@ -254,6 +255,7 @@ class Cluster:
                 time.monotonic() >= next_failure
                 and pending is None
                 and (limit is None or len(done) < limit)
+                and (not from_step or _newest_step(events) >= from_step)
             ):
                 kind = failures[len(done) % len(failures)]
                 pending = self._inject(kind, len(done), events)
