@@ -350,12 +350,12 @@ class CheckpointManager:
                 first_error = first_error or exc
             except Exception as exc:
                 first_error = first_error or exc
-        while self._populating:  # restore(populate=True)'s copies
+        while self._populating:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             self._populating[0].join(remaining)
             if self._populating[0].is_alive():
                 raise TimeoutError(f"copies of run {self.run!r} not done after {timeout} s")
-            del self._populating[0]
+            self._populating.pop(0)
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         if not self._pipeline.wait_idle(remaining):
             raise TimeoutError(f"background work of run {self.run!r} not done after {timeout} s")

@@ -69,7 +69,6 @@ class Replicator:
         self.bandwidth, self.scan_interval, self.tls = bandwidth, scan_interval, tls
         self.state: dict[Shard, ReplicaState] = {}
         self._lock = threading.Lock()
-        self._manifest_crc: dict[Shard, int] = {}
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._cycles = 0
@@ -144,7 +143,8 @@ class Replicator:
         if not self.peers.refreshed.is_set():
             return  # who the peers are is not known yet: placing now would misplace
         me = self.holdings.node_id
-        shards = self._newest_own_shards()
+        own = self._newest_own_shards()
+        shards = list(own)
         members = [m for m in self.peers.members() if m.node_id]
         targets = replica_targets(
             me, self.zone, [(m.node_id, m.zone) for m in members], self.replicas
@@ -172,15 +172,16 @@ class Replicator:
             if current not in (None, (shard.run, shard.step)) and self._wake.is_set():
                 return  # a newer step was saved meanwhile: it goes next, not this older one
             current = (shard.run, shard.step)
-            if not self._replicate(shard, targets, held_by, unreachable):
+            if not self._replicate(shard, own[shard], targets, held_by, unreachable):
                 return
             with self._lock:
                 if self.state.get(shard) is not None and self.state[shard].complete:
                     self.state[shard].error = short
             self.on_change()
 
-    def _newest_own_shards(self) -> list[Shard]:
-        """This node's shards of the newest ``keep`` steps of each run, newest first."""
+    def _newest_own_shards(self) -> dict[Shard, int]:
+        """This node's shards of the newest ``keep`` steps of each run, newest first, with
+        their manifests' crc32c."""
         own = self.holdings.list(origin=self.holdings.node_id)
         newest: dict[str, list[int]] = {}
         for held in own:
@@ -188,11 +189,11 @@ class Replicator:
         keep = {
             run: set(sorted(set(steps))[-self.holdings.keep :]) for run, steps in newest.items()
         }
-        self._manifest_crc = {h.shard: h.manifest_crc for h in own}
-        return sorted(
-            (h.shard for h in own if h.shard.step in keep[h.shard.run]),
-            key=lambda s: (-s.step, s.run, s.rank),
+        kept = sorted(
+            (h for h in own if h.shard.step in keep[h.shard.run]),
+            key=lambda h: (-h.shard.step, h.shard.run, h.shard.rank),
         )
+        return {h.shard: h.manifest_crc for h in kept}
 
     def _listings(
         self, targets: list[str], me: str
@@ -218,16 +219,18 @@ class Replicator:
     def _replicate(
         self,
         shard: Shard,
+        manifest_crc: int,
         targets: list[str],
         held_by: dict[str, set[tuple[Shard, int]]],
         unreachable: dict[str, str],
     ) -> bool:
-        """Push ``shard`` to every target that lacks it; False once stopping."""
+        """Push ``shard`` to every target that lacks this save of it (its manifest's
+        crc32c); False once stopping."""
         state = self.state[shard]
         for node in targets:
             if self._stopping.is_set():
                 return False
-            if (shard, self._manifest_crc.get(shard)) in held_by.get(node, ()):
+            if (shard, manifest_crc) in held_by.get(node, ()):
                 with self._lock:
                     state.stored.add(node)
                 self.on_change()

@@ -221,24 +221,7 @@ class MemoryStorage(DirectoryStorage):
             slot = self._bound.pop((run, step, rank), None)
             free = self._free_list(run, rank)
             target = self.slot_dir(run, rank) / f"slot-{uuid.uuid4().hex[:12]}"
-            try:
-                fd = os.open(data, os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                fd = None
-            try:
-                held = fd is not None and _held(fd)
-                if held:
-                    os.unlink(data)
-                    log.info("step %d rank %d of run %r expires while it is being sent: "
-                             "its data file is left to the sender", step, rank, run)  # fmt: skip
-                else:
-                    os.replace(data, target)
-            except FileNotFoundError:
-                held = True  # gone: nothing to reuse
-            finally:
-                if fd is not None:
-                    os.close(fd)
-            if held:
+            if not self._give_back(data, target, f"step {step} rank {rank} of run {run!r}"):
                 if slot is not None:
                     slot.unmap()
                 return
@@ -246,6 +229,27 @@ class MemoryStorage(DirectoryStorage):
                 slot = Slot(target, target.stat().st_size)
             slot.path = target
             free.append(slot)
+
+    @staticmethod
+    def _give_back(data: Path, target: Path, what: str) -> bool:
+        """Rename ``data`` to the free slot ``target``; False where it is gone already or
+        a reader holds it (it is unlinked then: the reader keeps its bytes)."""
+        try:
+            fd = os.open(data, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            if _held(fd):
+                os.unlink(data)
+                log.info("%s expires while it is being sent: its data file is left to the "
+                         "sender", what)  # fmt: skip
+                return False
+            os.replace(data, target)
+            return True
+        except FileNotFoundError:
+            return False
+        finally:
+            os.close(fd)
 
     def trim(self, run: str, rank: int, max_free: int) -> None:
         """Delete free slots beyond ``max_free``, the unmapped and smallest first."""
