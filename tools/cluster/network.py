@@ -6,6 +6,7 @@ shaped (``tc tbf``), cut and restored. Needs root (CAP_NET_ADMIN)."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -28,6 +29,32 @@ def ip(*args: str, ns: str | None = None) -> None:
 def in_ns(ns: str, *command: str) -> list[str]:
     """``command`` run inside namespace ``ns``."""
     return ["ip", "netns", "exec", ns, *command]
+
+
+def reap_stale() -> list[str]:
+    """Remove the namespaces (and their /etc files) of harnesses no longer running: one
+    killed before its cleanup (SIGKILL, a timeout) leaves them. Their names carry the
+    harness's pid. The namespaces removed."""
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    removed = []
+    for name in (line.split()[0] for line in listed.splitlines() if line.strip()):
+        found = re.fullmatch(r"m(\d+)-(hub|n\d+)", name)
+        if found is None or _alive(int(found.group(1))):
+            continue
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        shutil.rmtree(NETNS_ETC / name, ignore_errors=True)
+        removed.append(name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def can_make_namespaces() -> str | None:
@@ -58,11 +85,11 @@ class Network:
     """``nodes`` namespaces on a bridge; ``names`` adds host names (each node is
     ``{prefix}-{i}``, and ``group`` resolves to every node, as a headless service does)."""
 
-    def __init__(self, nodes: int, *, tag: str | None = None, group: str = "train",
+    def __init__(self, nodes: int, *, group: str = "train",
                  node_name: str = "train-{i}.train") -> None:  # fmt: skip
         if not 1 <= nodes <= 200:
             raise ValueError(f"nodes: expected 1..200, got {nodes}")
-        self.tag = tag or f"m{os.getpid() % 100000}"
+        self.tag = f"m{os.getpid()}"  # the harness's pid: see reap_stale
         self.subnet = 64 + os.getpid() % 128  # 10.77.<subnet>.0/24, per harness
         self.hub = f"{self.tag}-hub"
         self.hub_address = f"10.77.{self.subnet}.254"
@@ -87,6 +114,7 @@ class Network:
         self.destroy()
 
     def create(self) -> None:
+        reap_stale()
         ip("netns", "add", self.hub)
         self._made.append(self.hub)
         ip("link", "add", "br0", "type", "bridge", ns=self.hub)

@@ -19,7 +19,6 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 
 
 class Events:
@@ -87,7 +86,8 @@ def dcp_latest(url: str, options: dict) -> int:
 
 
 def dcp_restore(state: dict, url: str, options: dict, events: Events) -> int:
-    import torch.distributed.checkpoint as dcp
+    import torch.distributed.checkpoint as dcp  # only the baseline pays for importing DCP
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 
     started = time.monotonic()
     latest = torch.tensor([dcp_latest(url, options) if dist.get_rank() == 0 else 0])
@@ -98,6 +98,13 @@ def dcp_restore(state: dict, url: str, options: dict, events: Events) -> int:
     events("restored", step=step, tier="remote" if step else None,
            seconds=time.monotonic() - started)  # fmt: skip
     return step
+
+
+def dcp_save(state: dict, url: str, options: dict) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+    dcp.save(state, storage_writer=FsspecWriter(url, **options))
 
 
 def main() -> int:
@@ -122,8 +129,6 @@ def main() -> int:
         mgr, restored = mtckpt_restore(state, events)
     else:
         mgr, restored = None, dcp_restore(state, args.dcp_url, options, events)
-    import torch.distributed.checkpoint as dcp
-
     for step in range(restored + 1, args.steps + 1):
         time.sleep(args.step_seconds)  # the step's compute
         dist.all_reduce(torch.ones(1))  # the gradients' exchange: the ranks go in step
@@ -131,8 +136,7 @@ def main() -> int:
         if mgr is not None:
             mgr.save(step, state)
         elif step % args.dcp_every == 0:
-            dcp.save(state, storage_writer=FsspecWriter(f"{args.dcp_url}/step-{step}",
-                                                            **options))  # fmt: skip
+            dcp_save(state, f"{args.dcp_url}/step-{step}", options)
         events("step", step=step)
     if mgr is not None:
         mgr.close()
