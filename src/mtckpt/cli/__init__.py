@@ -12,7 +12,7 @@ import logging
 import sys
 
 from ..errors import MtckptError
-from . import _copy, _daemon, _steps
+from . import _copy, _daemon, _plan, _steps
 from ._common import UsageError
 
 __all__ = ["main", "parser"]
@@ -25,6 +25,7 @@ def parser() -> argparse.ArgumentParser:
     _daemon.add_parsers(commands)
     _steps.add_parsers(commands)
     _copy.add_parsers(commands)
+    _plan.add_parsers(commands)
     return top
 
 
