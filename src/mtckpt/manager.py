@@ -215,6 +215,8 @@ class CheckpointManager:
             if clean:
                 retention.clean_after_crash(storage, self.run, self.rank, self.world_size)
                 storage.clean_leftovers(self.run, self.rank)
+            if storage.shared and self.world_size > 1:  # each upload applies it; here each
+                return  # rank would read every rank's manifests of every step (ranks² reads)
             retention.apply(storage, self.run, self.rank, self.world_size, cfg.keep,
                             keep_every=getattr(cfg, "keep_every", None),
                             verdicts=self._verdicts[storage.name],
