@@ -154,8 +154,8 @@ class Peers:
         """Carry the history over from ``before`` and log a change of state."""
         if member.reachable:
             if before is not None and before.down_since is not None and before.reported:
-                log.info("%s reachable again after %.0f s", member.name(),
-                         now - before.down_since)  # fmt: skip
+                log.warning("%s reachable again after %.0f s", member.name(),
+                            now - before.down_since)  # fmt: skip
             return
         member.down_since = before.down_since if before and before.down_since else now
         member.failures = (before.failures if before else 0) + 1
