@@ -2,11 +2,13 @@
 the node daemon and a trainer rank started as the Kubernetes manifests start them, one
 torch.distributed (gloo) job across them, an S3 endpoint on the bridge. A node is lost
 (trainer and daemon SIGKILLed, its volumes wiped, a replacement with the same node id);
-the job restarts and every rank resumes from the same step, the lost node's from its
-peers, never from S3, and the job ends bit-identical to an uninterrupted run."""
+the job restarts (whole, or in-process: only the lost ranks start again) and every rank
+resumes from the same step, the lost node's from its peers, never from S3, and the job
+ends bit-identical to an uninterrupted run."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -32,6 +34,12 @@ def run_with_node_loss(config: str, root: Path, steps: int = 100) -> dict:
     return summarize(run)
 
 
+def started_after(events: Path, t: float) -> set[int]:
+    """The ranks whose process started at ``t`` or later."""
+    records = [json.loads(line) for line in events.read_text().splitlines()]
+    return {r["rank"] for r in records if r["event"] == "start" and r["t"] >= t}
+
+
 def test_a_lost_node_resumes_from_its_peers_and_the_job_ends_bit_identical(tmp_path):
     summary = run_with_node_loss("peers", tmp_path)
     assert summary["bit_identical"]
@@ -41,6 +49,20 @@ def test_a_lost_node_resumes_from_its_peers_and_the_job_ends_bit_identical(tmp_p
     assert failure["step"] >= 40  # the loss came mid-training
     assert failure["restored_step"] >= failure["step"] - 2  # little work redone
     assert "remote" not in failure["tiers"] and "peers" in failure["tiers"], failure
+
+
+def test_in_process_only_the_lost_ranks_start_again_and_the_others_restore_in_place(tmp_path):
+    with Cluster(3, 1, Config("peers", remote_every=50, restart="in-process"), tmp_path) as c:
+        run = c.run(100, step_seconds=0.2, mib=4, every=1, failures=["node"], timeout=400,
+                    limit=1, from_step=40)  # fmt: skip
+    summary = summarize(run)
+    assert summary["bit_identical"]
+    (failure,) = summary["failures"]
+    assert failure["kind"] == "node" and failure["same_step"]
+    assert failure["restored_step"] >= failure["step"] - 2
+    assert "peers" in failure["tiers"] and "memory" in failure["tiers"], failure
+    assert started_after(run["events"], run["failures"][0].restarted) == {1}  # node 1's rank
+    assert summary["plan_inputs"]["failures_per_hour"]["node"] > 0
 
 
 @pytest.mark.slow

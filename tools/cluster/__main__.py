@@ -37,6 +37,13 @@ def main(argv: list[str] | None = None) -> int:
         default=20,
         help="steps between object-store checkpoints, mtckpt's and DCP's (20)",
     )
+    parser.add_argument(
+        "--restart",
+        choices=("job", "in-process"),
+        default="job",
+        help="after a failure, start the whole job again (job: torchrun, a Kubernetes Job) "
+        "or only the dead ranks, the others joining a new process group (in-process)",
+    )
     parser.add_argument("--shape-mbit", type=float, help="cap every node's link (tc tbf)")
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--out", type=Path, default=Path("bench-out/cluster"))
@@ -54,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     summaries = []
     for name in args.configs.split(","):
-        config = Config(name, remote_every=args.remote_every)
+        config = Config(name, remote_every=args.remote_every, restart=args.restart)
         with tempfile.TemporaryDirectory(prefix="mtc-") as root:
             with Cluster(args.nodes, args.ranks, config, Path(root),
                          shaping_mbit=args.shape_mbit) as cluster:  # fmt: skip
@@ -66,9 +73,39 @@ def main(argv: list[str] | None = None) -> int:
         print(table(summaries[-1:]), flush=True)
     print(table(summaries))
     (args.out / "cluster.json").write_text(json.dumps(summaries, indent=1))
+    print(predictions(summaries, args.out))
     if plot(summaries, args.out / "timeline.png"):
         print(f"timeline: {args.out / 'timeline.png'}")
     return 0
+
+
+def predictions(summaries: list[dict], out: Path) -> str:
+    """Each configuration's measurements written as ``mtckpt plan --inputs`` files, and the
+    planner's goodput for the configuration that ran beside the measured one."""
+    from mtckpt.plan import PlanInputs, TierCost, optimize, simulate
+
+    lines = [
+        "| configuration | measured goodput (from the first step) | planner, analytic | "
+        "planner, simulated | planner's recommended every |",
+        "|---|---|---|---|---|",
+    ]
+    for s in summaries:
+        raw = s["plan_inputs"]
+        path = out / f"plan-inputs-{s['config']}.json"
+        path.write_text(json.dumps(raw, indent=1))
+        if not raw["failures_per_hour"]:
+            continue
+        fields = {k: v for k, v in raw.items() if k not in ("version", "tiers")}
+        tiers = tuple(TierCost(name, **cost) for name, cost in raw["tiers"].items())
+        inputs = PlanInputs(tiers=tiers, **fields)
+        plan = optimize(inputs)
+        ran = plan.configured
+        simulated = simulate(inputs, ran.every, replications=3)
+        every = ", ".join(f"{k} {v}" for k, v in plan.recommended.every.items())
+        sim = f"{simulated.goodput:.3f} ± {simulated.half_width:.3f}"
+        lines.append(f"| {s['config']} | {s['goodput_steady']:.3f} | {ran.goodput:.3f} | "
+                     f"{sim} | {every} |")  # fmt: skip
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

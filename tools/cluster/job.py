@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -22,6 +23,8 @@ from .network import Network, in_ns
 WORKER = Path(__file__).resolve().with_name("worker.py")
 SRC = Path(__file__).resolve().parents[2] / "src"
 S3_PORT = 5000
+METRICS_PORT = 9090  # the manifests' metrics_listen
+IN_PROCESS_COLLECTIVE_TIMEOUT = 20.0
 FAILURES = ("trainer", "daemon", "node", "two-nodes", "link", "slow")
 BACKOFF_LIMIT = 6  # restarts after failures not injected, as a Job's backoffLimit
 
@@ -38,6 +41,9 @@ class Config:
     name: str
     remote_every: int = 20  # mtckpt's object tier; DCP's every
     local_every: int = 10
+    restart: str = "job"  # or "in-process": only the dead ranks are started again
+    restore_first: bool = False  # restore before the process group is up (mtckpt)
+    link_down: float = 5.0  # seconds a "link" failure lasts
 
 
 @dataclass
@@ -60,7 +66,7 @@ class Node:
         self.ns = net.links[index].ns
         self.token, self.s3 = token, s3
         self.daemon: subprocess.Popen | None = None
-        self.ranks: list[subprocess.Popen] = []
+        self.ranks: list[subprocess.Popen | None] = []
         self.spec: NodeSpec = node_spec(index, root)
 
     def prepare(self) -> None:
@@ -88,6 +94,10 @@ class Node:
         return env
 
     def start_daemon(self) -> None:
+        self.launch_daemon()
+        self.await_daemon()
+
+    def launch_daemon(self) -> None:
         if self.cfg.name != "peers":
             return
         command = [sys.executable, "-m", *self.spec.daemon.command]
@@ -95,31 +105,64 @@ class Node:
         log = open(self.root / "daemon.log", "ab")  # noqa: SIM115 (the child's stderr)
         self.daemon = subprocess.Popen(in_ns(self.ns, *command), env=self.env(self.spec.daemon),
                                        stdout=subprocess.PIPE, stderr=log, text=True)  # fmt: skip
+
+    def await_daemon(self) -> None:
+        """Until the daemon is ready, as the sidecar's startup probe gates the trainer."""
+        if self.daemon is None:
+            return
         line = self.daemon.stdout.readline()
         if "ready" not in line:
             raise ClusterError(f"node {self.index}: the daemon did not start: "
                                f"{(self.root / 'daemon.log').read_text()[-2000:]}")  # fmt: skip
 
-    def start_ranks(self, ranks: int, nodes: int, worker_args: list[str], events: Path) -> None:
+    def start_ranks(self, ranks: int, nodes: int, worker_args: list[str], events: Path,
+                    generation: int = 0) -> None:  # fmt: skip
+        """The node's ranks that are not running (all of them at a job's start)."""
         master = self.net.links[0].address
+        if len(self.ranks) != ranks:
+            self.ranks = [None] * ranks
         for local in range(ranks):
+            if self.ranks[local] is not None and self.ranks[local].poll() is None:
+                continue
             env = self.env(self.spec.trainer)
             env.update(RANK=str(self.index * ranks + local), WORLD_SIZE=str(nodes * ranks),
                        LOCAL_RANK=str(local), LOCAL_WORLD_SIZE=str(ranks), MASTER_ADDR=master,
                        MASTER_PORT=str(self.spec.master_port), OMP_NUM_THREADS="1",
-                       GLOO_SOCKET_IFNAME=self.net.links[self.index].inside)  # fmt: skip
+                       GLOO_SOCKET_IFNAME=self.net.links[self.index].inside,
+                       CLUSTER_GENERATION=str(generation))  # fmt: skip
+            if self.cfg.restart == "in-process":
+                # a survivor whose node-mate died between the gradients' exchange and its
+                # save waits this long for that shard before giving the step up
+                env["MTCKPT_COLLECTIVE_TIMEOUT"] = str(IN_PROCESS_COLLECTIVE_TIMEOUT)
             log = open(self.root / f"rank{local}.log", "ab")  # noqa: SIM115
             command = [sys.executable, str(WORKER), *worker_args, "--events", str(events)]
-            self.ranks.append(subprocess.Popen(in_ns(self.ns, *command), env=env,
-                                               stdout=log, stderr=log))  # fmt: skip
+            self.ranks[local] = subprocess.Popen(in_ns(self.ns, *command), env=env,
+                                                 stdout=log, stderr=log)  # fmt: skip
 
     def kill_ranks(self) -> None:
         for proc in self.ranks:
-            if proc.poll() is None:
+            if proc is not None and proc.poll() is None:
                 proc.kill()
         for proc in self.ranks:
-            proc.wait(timeout=30)
-        self.ranks = []
+            if proc is not None:
+                proc.wait(timeout=30)
+
+    def daemon_bytes(self) -> dict[str, float]:
+        """What the node daemon moved so far, from its metrics: ``peers`` (replicas pushed),
+        ``remote`` (its uploads) and ``peers-read`` (shards served to a recovering node)."""
+        if self.daemon is None or self.daemon.poll() is not None:
+            return {}
+        url = f"http://{self.net.links[self.index].address}:{METRICS_PORT}/metrics"
+        code = f"import urllib.request as u; print(u.urlopen({url!r}, timeout=10).read().decode())"
+        done = subprocess.run(in_ns(self.ns, sys.executable, "-c", code), capture_output=True,
+                              text=True, timeout=60)  # fmt: skip
+        out: dict[str, float] = {}
+        for kind, tier, value in re.findall(
+            r'^mtckpt_(written|read)_bytes_total\{tier="(\w+)"\} (\S+)$', done.stdout, re.M
+        ):
+            key = tier if kind == "written" else f"{tier}-read"
+            out[key] = out.get(key, 0.0) + float(value)
+        return out
 
     def kill_daemon(self) -> None:
         if self.daemon is not None and self.daemon.poll() is None:
@@ -161,6 +204,10 @@ class Cluster:
         self.net = Network(nodes)
         self.moto: subprocess.Popen | None = None
         self.nodes: list[Node] = []
+        self.rendezvous = root / "rendezvous.json"  # in-process restarts' generation
+        self.generation = 0
+        self.last_restart = 0.0
+        self.daemon_bytes: dict[str, float] = {}  # what the daemons moved, those lost included
 
     def __enter__(self) -> Cluster:
         try:
@@ -230,6 +277,10 @@ class Cluster:
             "--step-seconds", str(step_seconds), "--mib", str(mib), "--dcp-url",
             "s3://ckpt/dcp", "--dcp-every", str(self.cfg.remote_every),
         ]  # fmt: skip
+        if self.cfg.restart == "in-process":
+            worker += ["--rendezvous", str(self.rendezvous)]
+        if self.cfg.restore_first:
+            worker.append("--restore-first")
         started = time.time()
         deadline = time.monotonic() + timeout
         self._start_job(worker, events)
@@ -239,14 +290,14 @@ class Cluster:
         while True:
             if time.monotonic() > deadline:
                 raise ClusterError(f"the job did not finish within {timeout} s")
-            codes = [p.poll() for n in self.nodes for p in n.ranks]
+            codes = [p.poll() if p else None for n in self.nodes for p in n.ranks]
             if all(code == 0 for code in codes):
                 break
             if any(code not in (None, 0) for code in codes):
                 if pending is None and sum(f.kind == "crash" for f in done) >= BACKOFF_LIMIT:
                     raise ClusterError(f"the job failed {BACKOFF_LIMIT + 1} times by itself; "
                                        f"the last rank log: {self._crash_log()}")  # fmt: skip
-                pending = pending or Failure("crash", [], time.time())
+                pending = pending or Failure("crash", [], time.time(), _newest_step(events))
                 pending.detected = time.time()
                 self._restart(worker, events, pending)
                 done.append(pending)
@@ -265,13 +316,19 @@ class Cluster:
                     pending = None
             time.sleep(0.05)
         wall = time.time() - started
-        return {"config": self.cfg.name, "wall": wall, "started": started, "events": events,
-                "failures": done, "steps": steps, "step_seconds": step_seconds}  # fmt: skip
+        for node in self.nodes:
+            self._count_daemon_bytes(node)
+        return {"daemon_bytes": self.daemon_bytes,
+                "config": self.cfg.name, "wall": wall, "started": started, "events": events,
+                "failures": done, "steps": steps, "step_seconds": step_seconds, "nodes": self.n,
+                "state_bytes_per_node": int(mib * (1 << 20)) * self.ranks,
+                "every": {"local": self.cfg.local_every,
+                          "remote": self.cfg.remote_every}}  # fmt: skip
 
     def _crash_log(self) -> str:
         for node in self.nodes:
             for local, proc in enumerate(node.ranks):
-                if proc.poll() not in (None, 0):
+                if proc is not None and proc.poll() not in (None, 0):
                     return (node.root / f"rank{local}.log").read_text()[-3000:]
         return "(none)"
 
@@ -286,16 +343,18 @@ class Cluster:
         if kind == "trainer":
             node.ranks[0].kill()
         elif kind == "daemon":
+            self._count_daemon_bytes(node)  # what it moved, before its counters are lost
             node.kill_daemon()
             node.start_daemon()  # the kubelet restarts the sidecar
         elif kind in ("node", "two-nodes"):
             if kind == "two-nodes" and self.n > 2:
                 failure.nodes.append(1 + (victim % (self.n - 1)))
             for index in failure.nodes:
+                self._count_daemon_bytes(self.nodes[index])
                 self.nodes[index].lose()
         elif kind == "link":
             self.net.cut(victim)
-            time.sleep(5)
+            time.sleep(self.cfg.link_down)
             self.net.heal(victim)
         elif kind == "slow":
             self.net.shape(victim, 50)
@@ -304,16 +363,46 @@ class Cluster:
         return failure
 
     def _restart(self, worker: list[str], events: Path, failure: Failure) -> None:
-        """Tear the job down and start it again; lost nodes come back empty, same ids."""
-        for node in self.nodes:
-            node.kill_ranks()
-        for index in failure.nodes:
-            node = self.nodes[index]
-            if failure.kind in ("node", "two-nodes"):
-                node.prepare()
-                node.start_daemon()
+        """Tear the job down and start it again (in-process: start the dead ranks again and
+        tell the others the next generation); lost nodes come back empty, same ids."""
+        in_process = self.cfg.restart == "in-process"
+        if in_process and not _all_restored(events, self.last_restart, self.n * self.ranks):
+            in_process = False  # a failure during a restart: the whole job starts again
+        self.last_restart = time.time()
+        if self.cfg.restart == "in-process":
+            self.generation += 1
+            pending = self.rendezvous.with_suffix(".tmp")
+            pending.write_text(json.dumps({"generation": self.generation}))
+            pending.rename(self.rendezvous)
+        if not in_process:
+            for node in self.nodes:
+                node.kill_ranks()
+        replaced = [self.nodes[i] for i in failure.nodes if failure.kind in ("node", "two-nodes")]
+        for node in replaced:
+            node.prepare()
+            node.launch_daemon()
         failure.restarted = time.time()
-        self._start_job(worker, events)
+        for node in self.nodes:
+            if node not in replaced:
+                node.start_ranks(self.ranks, self.n, worker, events, self.generation)
+        for node in replaced:  # their ranks wait for their daemon, the others need not
+            node.await_daemon()
+            node.start_ranks(self.ranks, self.n, worker, events, self.generation)
+
+    def _count_daemon_bytes(self, node: Node) -> None:
+        for key, value in node.daemon_bytes().items():
+            self.daemon_bytes[key] = self.daemon_bytes.get(key, 0.0) + value
+
+
+def _all_restored(events: Path, since: float, world: int) -> bool:
+    """Whether every rank restored since ``since`` (the job's last restart is over)."""
+    ranks = set()
+    if events.exists():
+        for line in events.read_text().splitlines():
+            record = json.loads(line)
+            if record["event"] == "restored" and record["t"] >= since:
+                ranks.add(record["rank"])
+    return len(ranks) == world
 
 
 def _newest_step(events: Path) -> int:

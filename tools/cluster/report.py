@@ -1,5 +1,6 @@
 """Goodput and recovery from a job's events: useful training time (the steps of the final
-state times the compute per step) over wall time; per failure the time to detect it,
+state times a step's own time: compute and the gradients' all-reduce, without checkpoints
+or failures) over wall time; per failure the time to detect it,
 restart the job and restore, the step restored and the tier each rank restored from, and
 the time lost (work redone + restore). A PNG timeline (step vs time, one line per
 configuration, failures marked) where matplotlib is installed."""
@@ -14,11 +15,42 @@ def _events(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+PHASES = ("replacement", "python", "import", "rendezvous", "manager", "restore")
+
+
+def phases(failure, after: list[dict]) -> dict:
+    """Where a restart's time went, each phase ending when the last rank got through it:
+    the replacement node's daemon started (before its ranks may start), the interpreter
+    started, torch imported, the process group joined, the checkpoint manager built, the
+    restore done."""
+    first: dict[tuple[str, int], dict] = {}
+    for e in after:
+        first.setdefault((e["event"], e["rank"]), e)
+
+    def last(event: str, key: str = "t") -> float | None:
+        times = [e[key] for (name, _), e in first.items() if name == event]
+        return max(times) if times else None
+
+    marks = [failure.detected, failure.restarted, last("start", "launched"), last("start"),
+             last("joined"), last("manager"), last("restored")]  # fmt: skip
+    out, previous = {}, marks[0]
+    for name, mark in zip(PHASES, marks[1:], strict=True):
+        if mark is not None:
+            out[name] = mark - previous
+            previous = mark
+    return out
+
+
 def summarize(run: dict) -> dict:
     events = _events(run["events"])
+    steps = [e for e in events if e["event"] == "step"]
+    cost = step_cost(steps) or run["step_seconds"]
     failures = []
+    restarts = [f.restarted for f in run["failures"] if f.restarted] + [float("inf")]
     for failure in run["failures"]:
-        after = [e for e in events if failure.restarted and e["t"] >= failure.restarted]
+        until = min((t for t in restarts if failure.restarted and t > failure.restarted),
+                    default=float("inf"))  # fmt: skip
+        after = [e for e in events if failure.restarted and failure.restarted <= e["t"] < until]
         restored = [e for e in after if e["event"] == "restored"]
         first = {}
         for e in restored:
@@ -28,26 +60,38 @@ def summarize(run: dict) -> dict:
                "at": failure.injected - run["started"]}  # fmt: skip
         if failure.restarted and restored:
             step = min(e["step"] for e in restored)
-            restore = max(e["seconds"] for e in restored)
+            split = phases(failure, after)
+            # the job's restore: from its last rank ready (joined, manager built) to its
+            # last rank restored; a rank's own restore time also counts its wait for others
+            restore = split.get("restore", max(e["seconds"] for e in restored))
             done_at = max(e["t"] for e in restored)
             row.update(
                 detect=failure.detected - failure.injected,
                 restart=done_at - restore - failure.detected,
+                phases=split,
                 restore=restore,
                 restored_step=step,
                 same_step=len({e["step"] for e in restored}) == 1,
                 tiers=sorted({str(e["tier"]) for e in restored}),
-                redone=(failure.step - step) * run["step_seconds"],
+                redone=(failure.step - step) * cost,
             )
             row["lost"] = row["redone"] + restore
         failures.append(row)
     done = [e for e in events if e["event"] == "done"]
-    useful = run["steps"] * run["step_seconds"]
+    useful = run["steps"] * cost
+    first_step = min((e["t"] for e in steps), default=run["started"]) - run["started"]
     return {
         "config": run["config"],
         "wall": run["wall"],
+        "step_cost": cost,
         "useful": useful,
         "goodput": useful / run["wall"],
+        # from the first step: the job's first start left out, as a long job sees it
+        "goodput_steady": (useful - cost) / (run["wall"] - first_step),
+        "first_step": first_step,
+        "bytes": bytes_moved(run, events),
+        "save_stall": _mean([e["saved"] for e in steps if _saves(run, e["step"])]),
+        "plan_inputs": plan_inputs(run, steps, failures),
         "bit_identical": bool(done) and all(e["ok"] for e in done),
         "failures": failures,
         "timeline": [
@@ -58,20 +102,100 @@ def summarize(run: dict) -> dict:
     }
 
 
+def step_cost(steps: list[dict]) -> float | None:
+    """A training step's own time, its compute and the gradients' all-reduce without the
+    checkpoint: the median time between rank 0's consecutive steps, less the later one's
+    save (the intervals a failure interrupted fall outside the median)."""
+    ranked = [e for e in steps if e["rank"] == 0]
+    own = sorted(b["t"] - a["t"] - b.get("saved", 0.0)
+                 for a, b in zip(ranked, ranked[1:], strict=False)
+                 if b["step"] == a["step"] + 1)  # fmt: skip
+    return own[len(own) // 2] if own else None
+
+
+PLAN_CLASSES = {"node": "node", "two-nodes": "two-nodes", "trainer": "trainer",
+                "crash": "trainer", "daemon": "daemon"}  # fmt: skip
+
+
+def bytes_moved(run: dict, events: list[dict]) -> dict[str, float]:
+    """Bytes written per tier by the ranks' checkpointing (each process's, summed) and the
+    daemons (replicas pushed to peers, uploads; ``peers-read``: served to recovering
+    nodes), a lost daemon's counted before it was lost."""
+    out: dict[str, float] = dict(run.get("daemon_bytes", {}))
+    for e in events:
+        if e["event"] == "written":
+            for tier, value in e["tiers"].items():
+                out[tier] = out.get(tier, 0.0) + value
+    return out
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def _saves(run: dict, step: int) -> bool:
+    """Whether ``step`` saved on the training thread: every step for mtckpt (the memory
+    tier's copy), DCP's steps only."""
+    return run["config"] != "dcp" or step % run["every"]["remote"] == 0
+
+
+def plan_inputs(run: dict, steps: list[dict], failures: list[dict]) -> dict:
+    """The run's measurements as ``mtckpt plan --inputs`` reads them (version 1): failures
+    per hour as they came, the restart (injection to restore start), and per tier the stall
+    of a save, the restore (the slowest rank's, from the failures that used the tier), and
+    the durable lag, taken as the restore's time (the same bytes over the same path)."""
+    handled = [f for f in failures if "lost" in f]
+    training = run["wall"] - (min(e["t"] for e in steps) - run["started"] if steps else 0.0)
+    rates: dict[str, float] = {}
+    for failure in failures:
+        name = PLAN_CLASSES.get(failure["kind"])
+        if name:
+            rates[name] = rates.get(name, 0.0) + 3600 / training
+    stall = _mean([e["saved"] for e in steps if _saves(run, e["step"])])
+    names = ["remote"] if run["config"] == "dcp" else ["memory", "local", "remote"]
+    if run["config"] == "peers":
+        names.insert(1, "peers")
+    every = {"memory": 1, "peers": 1, **run["every"]}
+    tiers = {}
+    for name in names:
+        restores = [f["restore"] for f in handled if name in f["tiers"]]
+        if restores or name == names[0]:
+            restore = _mean(restores) or stall
+            first = name == names[0]  # the tier whose copy is the save's stall
+            tiers[name] = {"every": every[name], "stall_seconds": stall if first else 0.0,
+                           "durable_seconds": stall if first else restore,
+                           "restore_seconds": restore}  # fmt: skip
+    return {
+        "version": 1,
+        "step_seconds": step_cost(steps) or run["step_seconds"],
+        "nodes": run["nodes"],
+        "state_bytes_per_node": run["state_bytes_per_node"],
+        "restart_seconds": _mean([f["detect"] + f["restart"] for f in handled]),
+        "failures_per_hour": rates,
+        "tiers": tiers,
+    }
+
+
 def table(summaries: list[dict]) -> str:
     lines = [
-        "| configuration | goodput | wall s | failures | mean lost s | mean restore s | "
-        "tiers restored from | bit-identical |",
-        "|---|---|---|---|---|---|---|---|",
+        "| configuration | goodput | from the first step | wall s | failures | mean lost s | "
+        "mean restore s | restart phases, mean s | tiers restored from | MiB written per "
+        "tier | bit-identical |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
         handled = [f for f in s["failures"] if "lost" in f]
         lost = sum(f["lost"] for f in handled) / len(handled) if handled else 0.0
         restore = sum(f["restore"] for f in handled) / len(handled) if handled else 0.0
         tiers = sorted({t for f in handled for t in f["tiers"]})
-        lines.append(f"| {s['config']} | {s['goodput']:.3f} | {s['wall']:.0f} | "
-                     f"{len(s['failures'])} | {lost:.1f} | {restore:.2f} | "
-                     f"{', '.join(tiers) or '-'} | {s['bit_identical']} |")  # fmt: skip
+        spent = {p: [f["phases"][p] for f in handled if p in f["phases"]] for p in PHASES}
+        split = ", ".join(f"{p} {sum(v) / len(v):.1f}" for p, v in spent.items() if v)
+        moved = ", ".join(f"{k} {v / (1 << 20):.0f}" for k, v in sorted(s["bytes"].items()))
+        lines.append(f"| {s['config']} | {s['goodput']:.3f} | {s['goodput_steady']:.3f} | "
+                     f"{s['wall']:.0f} | "
+                     f"{len(s['failures'])} | {lost:.1f} | {restore:.2f} | {split or '-'} | "
+                     f"{', '.join(tiers) or '-'} | {moved or '-'} | "
+                     f"{s['bit_identical']} |")  # fmt: skip
     return "\n".join(lines)
 
 

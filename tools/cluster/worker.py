@@ -9,6 +9,7 @@ seconds), each step, done (whether the state is bit-identical to an uninterrupte
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -17,8 +18,10 @@ import sys
 import time
 from datetime import timedelta
 
-import torch
-import torch.distributed as dist
+LAUNCHED = time.time()  # before torch's import: the report splits a restart into its phases
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 
 
 class Events:
@@ -61,12 +64,17 @@ def mtckpt_restore(state: dict, events: Events):
     seen = TierSeen()
     logging.getLogger("mtckpt").addHandler(seen)
     logging.getLogger("mtckpt").setLevel(logging.INFO)
+    started = time.monotonic()
     mgr = mtckpt.CheckpointManager.from_config()
+    events("manager", seconds=time.monotonic() - started)
     started = time.monotonic()
     try:
         step, _ = mgr.restore(state)
     except mtckpt.StepNotFoundError:
         step = 0
+    except BaseException:
+        mgr.close()  # its rank's lock goes with it: the next manager takes it
+        raise
     events("restored", step=step, tier=seen.tier if step else None,
            seconds=time.monotonic() - started)  # fmt: skip
     return mgr, step
@@ -100,11 +108,12 @@ def dcp_restore(state: dict, url: str, options: dict, events: Events) -> int:
     return step
 
 
-def dcp_save(state: dict, url: str, options: dict) -> None:
+def dcp_save(state: dict, url: str, options: dict, events: Events) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
     dcp.save(state, storage_writer=FsspecWriter(url, **options))
+    events("written", tiers={"remote": sum(t.numel() * t.element_size() for t in state.values())})
 
 
 def main() -> int:
@@ -116,35 +125,124 @@ def main() -> int:
     parser.add_argument("--dcp-url")
     parser.add_argument("--dcp-every", type=int, default=10)
     parser.add_argument("--events", required=True)
+    parser.add_argument("--rendezvous", help="in-process restarts: the generation file "
+                        "the supervisor writes; without it a fault ends the process")  # fmt: skip
+    parser.add_argument("--restore-first", action="store_true", help="restore before the "
+                        "process group is up (the ranks agree through the daemons)")  # fmt: skip
     args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)  # mtckpt's warnings in the rank's log
     rank = int(os.environ["RANK"])
     events = Events(args.events, rank)
-    events("start")
-    dist.init_process_group("gloo", timeout=timedelta(seconds=120))
-    events("joined")
+    events("start", launched=LAUNCHED)
     w = initial(rank, args.mib)
     state = {f"rank{rank}.w": w}  # a key per rank: DCP keeps one copy of equal keys
-    options = json.loads(os.environ.get("CLUSTER_S3_OPTIONS", "{}"))
-    if args.mode == "mtckpt":
-        mgr, restored = mtckpt_restore(state, events)
-    else:
-        mgr, restored = None, dcp_restore(state, args.dcp_url, options, events)
-    for step in range(restored + 1, args.steps + 1):
-        time.sleep(args.step_seconds)  # the step's compute
-        dist.all_reduce(torch.ones(1))  # the gradients' exchange: the ranks go in step
-        w.add_(1.0)
-        if mgr is not None:
-            mgr.save(step, state)
-        elif step % args.dcp_every == 0:
-            dcp_save(state, f"{args.dcp_url}/step-{step}", options)
-        events("step", step=step)
-    if mgr is not None:
-        mgr.close()
-    ok = torch.equal(w, initial(rank, args.mib) + float(args.steps))
+    generation = int(os.environ.get("CLUSTER_GENERATION", "0"))
+    restored = restore(args, rank, state, events) if args.restore_first else None
+    timeout = 10 if args.rendezvous else 120
+    while True:
+        try:
+            join(generation, timeout)
+            events("joined", generation=generation)
+            ok = train(args, rank, state, events, restored)
+            restored = None
+            dist.barrier()  # the others are done too (or one died: its restart restores)
+            break
+        except Exception as exc:  # a peer died: gloo's errors, mtckpt's (a lost agreement)
+            if not args.rendezvous:
+                raise
+            events("fault", error=str(exc)[:300])
+        leave()
+        generation = next_generation(args.rendezvous, generation)
     events("done", ok=ok)
-    dist.barrier()
     dist.destroy_process_group()
     return 0 if ok else 3
+
+
+def join(generation: int, collective_timeout: float) -> None:
+    """The job's process group; each in-process restart meets on a port of its own. The
+    rendezvous waits up to 120 s for every rank; a collective gives up after
+    ``collective_timeout`` (a rank that waits on a live peer which waits on a dead one
+    learns of the death only so)."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    port = int(os.environ["MASTER_PORT"]) + generation
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], port, world, is_master=rank == 0,
+                          timeout=timedelta(seconds=120))  # fmt: skip
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
+                            timeout=timedelta(seconds=collective_timeout))  # fmt: skip
+
+
+def leave() -> None:
+    """Out of the process group, its connections closed (the peers blocked on this rank
+    learn of the fault from that), once nothing refers to it."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    gc.collect()
+
+
+def next_generation(path: str, current: int, timeout: float = 120) -> int:
+    """The supervisor's next generation, once it has replaced the dead ranks."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            generation = json.loads(open(path).read())["generation"]
+        except (OSError, ValueError):
+            generation = current
+        if generation > current:
+            return generation
+        time.sleep(0.05)
+    raise TimeoutError(f"rank {os.environ['RANK']}: no restart generation after {current} "
+                       f"in {path} within {timeout} s")  # fmt: skip
+
+
+def written(mgr) -> dict[str, float]:
+    """Bytes this process's manager wrote, by tier."""
+    found = (re.fullmatch(r'mtckpt_written_bytes_total\{tier="(\w+)"\}', k) for k in
+             mgr.metrics.samples())  # fmt: skip
+    return {m.group(1): mgr.metrics.samples()[m.group(0)] for m in found if m}
+
+
+def restore(args, rank: int, state: dict, events: Events) -> tuple:
+    """The newest checkpoint restored into ``state`` (the initial state where there is
+    none): the manager (None for DCP) and the step."""
+    if args.mode == "mtckpt":
+        mgr, step = mtckpt_restore(state, events)
+    else:
+        options = json.loads(os.environ.get("CLUSTER_S3_OPTIONS", "{}"))
+        mgr, step = None, dcp_restore(state, args.dcp_url, options, events)
+    if not step:
+        state[f"rank{rank}.w"].copy_(initial(rank, args.mib))
+    return mgr, step
+
+
+def train(args, rank: int, state: dict, events: Events, restored: tuple | None) -> bool:
+    """Restore the newest checkpoint (unless ``restored`` already), train to the end, and
+    whether the state is the uninterrupted run's."""
+    (w,) = state.values()
+    options = json.loads(os.environ.get("CLUSTER_S3_OPTIONS", "{}"))
+    mgr, restored = restored or restore(args, rank, state, events)
+    try:
+        for step in range(restored + 1, args.steps + 1):
+            time.sleep(args.step_seconds)  # the step's compute
+            dist.all_reduce(torch.ones(1))  # the gradients' exchange: the ranks go in step
+            w.add_(1.0)
+            saving = time.monotonic()
+            if mgr is not None:
+                mgr.save(step, state)
+            elif step % args.dcp_every == 0:
+                dcp_save(state, f"{args.dcp_url}/step-{step}", options, events)
+            events("step", step=step, saved=time.monotonic() - saving)
+    except BaseException:
+        if mgr is not None:
+            try:  # its group is gone with the peer: a new manager comes with the new group
+                mgr.close()
+            except Exception as exc:
+                events("close-failed", error=str(exc)[:300])
+            events("written", tiers=written(mgr))
+        raise
+    if mgr is not None:
+        mgr.close()
+        events("written", tiers=written(mgr))
+    return torch.equal(w, initial(rank, args.mib) + float(args.steps))
 
 
 if __name__ == "__main__":
