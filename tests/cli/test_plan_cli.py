@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from plan_inputs import HARNESS
+
 TIERS = ["--tier", "memory:stall=0.3,durable=0.6,restore=2",
          "--tier", "peers:durable=20,restore=20",
          "--tier", "local:stall=0.5,durable=10,restore=10",
@@ -17,21 +19,6 @@ TIERS = ["--tier", "memory:stall=0.3,durable=0.6,restore=2",
 JOB = ["--nodes", "64", "--step-seconds", "2", "--mtbf-hours", "1000", "--trainer-crashes-per-day",
        "4", "--restart-seconds", "120", "--state-gib", "40"]  # fmt: skip
 QUICK = ["--runs", "2", "--sim-failures", "300"]
-HARNESS = {
-    "version": 1, "step_seconds": 0.5, "nodes": 4, "state_bytes_per_node": 33554432,
-    "restart_seconds": 12.0, "failures_per_hour": {"node": 30.0, "trainer": 0.0},
-    "peer_losses_tolerated": 1,
-    "tiers": {
-        "memory": {"every": 1, "stall_seconds": 0.01, "durable_seconds": 0.02,
-                   "restore_seconds": 0.2},
-        "peers": {"every": 1, "stall_seconds": 0.0, "durable_seconds": 0.3,
-                  "restore_seconds": 1.5},
-        "local": {"every": 10, "stall_seconds": 0.0, "durable_seconds": 1.0,
-                  "restore_seconds": 1.0},
-        "remote": {"every": 20, "stall_seconds": 0.0, "durable_seconds": 4.0,
-                   "restore_seconds": 5.0},
-    },
-}  # fmt: skip
 
 
 def plan(*args) -> subprocess.CompletedProcess:
@@ -110,7 +97,7 @@ def test_inputs_file_predicts_the_configured_schedule_and_flags_override_it(inpu
     assert out.returncode == 0, out.stderr
     inputs = json.loads(out.stdout)["inputs"]
     assert inputs["step_seconds"] == 1.0
-    assert inputs["failures_per_hour"] == {"node": 2.0, "trainer": 0.0}
+    assert inputs["failures_per_hour"] == {"node": 2.0, "trainer": 0.0, "two-nodes": 0.0}
     assert inputs["tiers"]["memory"] == {"stall_seconds": 0.05, "durable_seconds": 0.02,
                                          "restore_seconds": 0.2, "every": 1}  # fmt: skip
     assert inputs["restart_seconds"] == 12.0  # the file's, not the default

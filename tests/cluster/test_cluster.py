@@ -51,6 +51,7 @@ def test_a_lost_node_resumes_from_its_peers_and_the_job_ends_bit_identical(tmp_p
     assert "remote" not in failure["tiers"] and "peers" in failure["tiers"], failure
 
 
+@pytest.mark.slow
 def test_in_process_only_the_lost_ranks_start_again_and_the_others_restore_in_place(tmp_path):
     with Cluster(3, 1, Config("peers", remote_every=50, restart="in-process"), tmp_path) as c:
         run = c.run(100, step_seconds=0.2, mib=4, every=1, failures=["node"], timeout=400,

@@ -90,7 +90,13 @@ def test_ranks_restoring_without_a_process_group_agree_through_the_daemons(tmp_p
         )
     summary = summarize(run)
     assert summary["bit_identical"]
-    (failure,) = summary["failures"]
-    assert failure["same_step"] and failure["restored_step"] >= failure["step"] - 2, failure
-    assert "peers" in failure["tiers"], failure
+    loss, *retries = summary["failures"]
+    # a rank whose daemon cannot reach the replacement's yet raises AgreementError, and
+    # the job is restarted again, as a Job's backoff would
+    assert all(f["kind"] == "crash" for f in retries), summary["failures"]
+    assert rank_logs.count("AgreementError:") == len(retries)
+    for restart in [loss, *retries]:
+        assert restart.get("same_step", True), restart  # every rank, one step
+    final = summary["failures"][-1]
+    assert final["restored_step"] >= loss["step"] - 2 and "peers" in final["tiers"], final
     assert rank_logs.count("each rank picks its own") == 3  # the first start's, only

@@ -1,9 +1,10 @@
 """Goodput and recovery from a job's events: useful training time (the steps of the final
 state times a step's own time: compute and the gradients' all-reduce, without checkpoints
-or failures) over wall time; per failure the time to detect it,
-restart the job and restore, the step restored and the tier each rank restored from, and
-the time lost (work redone + restore). A PNG timeline (step vs time, one line per
-configuration, failures marked) where matplotlib is installed."""
+or failures) over wall time; per failure the time to detect it, restart the job (in
+phases) and restore, the step restored and the tier each rank restored from, and the time
+lost (work redone + restore); bytes written per tier; the run's inputs for ``mtckpt
+plan``. A PNG timeline (step vs time, one line per configuration, failures marked) where
+matplotlib is installed."""
 
 from __future__ import annotations
 

@@ -17,6 +17,7 @@ import re
 import sys
 import time
 from datetime import timedelta
+from pathlib import Path
 
 LAUNCHED = time.time()  # before torch's import: the report splits a restart into its phases
 
@@ -143,8 +144,8 @@ def main() -> int:
         try:
             join(generation, timeout)
             events("joined", generation=generation)
-            ok = train(args, rank, state, events, restored)
-            restored = None
+            first, restored = restored, None  # a restore before the group: once only
+            ok = train(args, rank, state, events, first)
             dist.barrier()  # the others are done too (or one died: its restart restores)
             break
         except Exception as exc:  # a peer died: gloo's errors, mtckpt's (a lost agreement)
@@ -184,7 +185,7 @@ def next_generation(path: str, current: int, timeout: float = 120) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            generation = json.loads(open(path).read())["generation"]
+            generation = json.loads(Path(path).read_text())["generation"]
         except (OSError, ValueError):
             generation = current
         if generation > current:
