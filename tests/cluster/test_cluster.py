@@ -8,23 +8,11 @@ ends bit-identical to an uninterrupted run."""
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
-from tools.cluster.job import Cluster, Config  # noqa: E402
-from tools.cluster.network import can_make_namespaces  # noqa: E402
-from tools.cluster.report import summarize  # noqa: E402
-
-pytest.importorskip("torch")
-pytest.importorskip("grpc")
-WHY = can_make_namespaces()
-pytestmark = pytest.mark.skipif(WHY is not None, reason=f"network namespaces: {WHY}")
+from tools.cluster.job import Cluster, Config
+from tools.cluster.report import read_events, summarize
 
 
 def run_with_node_loss(config: str, root: Path, steps: int = 100) -> dict:
@@ -36,8 +24,7 @@ def run_with_node_loss(config: str, root: Path, steps: int = 100) -> dict:
 
 def started_after(events: Path, t: float) -> set[int]:
     """The ranks whose process started at ``t`` or later."""
-    records = [json.loads(line) for line in events.read_text().splitlines()]
-    return {r["rank"] for r in records if r["event"] == "start" and r["t"] >= t}
+    return {e["rank"] for e in read_events(events) if e["event"] == "start" and e["t"] >= t}
 
 
 def test_a_lost_node_resumes_from_its_peers_and_the_job_ends_bit_identical(tmp_path):

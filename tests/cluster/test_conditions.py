@@ -7,22 +7,11 @@ the process group is up agree through the daemons on one step after a node loss.
 from __future__ import annotations
 
 import re
-import sys
-from pathlib import Path
 
 import pytest
+from tools.cluster.job import Cluster, Config
+from tools.cluster.report import summarize
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
-from tools.cluster.job import Cluster, Config  # noqa: E402
-from tools.cluster.network import can_make_namespaces  # noqa: E402
-from tools.cluster.report import summarize  # noqa: E402
-
-pytest.importorskip("torch")
-pytest.importorskip("grpc")
-WHY = can_make_namespaces()
-pytestmark = pytest.mark.skipif(WHY is not None, reason=f"network namespaces: {WHY}")
 NO_REMOTE = 10_000  # the object tier's every: never reached, so peers are all there is
 
 

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 def predictions(summaries: list[dict], out: Path) -> str:
     """Each configuration's measurements written as ``mtckpt plan --inputs`` files, and the
     planner's goodput for the configuration that ran beside the measured one."""
-    from mtckpt.plan import PlanInputs, TierCost, optimize, simulate
+    from mtckpt.plan import build_inputs, optimize, simulate
 
     lines = [
         "| configuration | measured goodput (from the first step) | planner, analytic | "
@@ -95,9 +95,7 @@ def predictions(summaries: list[dict], out: Path) -> str:
         path.write_text(json.dumps(raw, indent=1))
         if not raw["failures_per_hour"]:
             continue
-        fields = {k: v for k, v in raw.items() if k not in ("version", "tiers")}
-        tiers = tuple(TierCost(name, **cost) for name, cost in raw["tiers"].items())
-        inputs = PlanInputs(tiers=tiers, **fields)
+        inputs = build_inputs(raw)
         plan = optimize(inputs)
         ran = plan.configured
         simulated = simulate(inputs, ran.every, replications=3)

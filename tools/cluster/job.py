@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .manifests import NodeSpec, host_path, node_spec
 from .network import Network, in_ns
+from .report import read_events
 
 WORKER = Path(__file__).resolve().with_name("worker.py")
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -396,20 +397,9 @@ class Cluster:
 
 def _all_restored(events: Path, since: float, world: int) -> bool:
     """Whether every rank restored since ``since`` (the job's last restart is over)."""
-    ranks = set()
-    if events.exists():
-        for line in events.read_text().splitlines():
-            record = json.loads(line)
-            if record["event"] == "restored" and record["t"] >= since:
-                ranks.add(record["rank"])
+    ranks = {e["rank"] for e in read_events(events) if e["event"] == "restored" and e["t"] >= since}
     return len(ranks) == world
 
 
 def _newest_step(events: Path) -> int:
-    newest = 0
-    if events.exists():
-        for line in events.read_text().splitlines():
-            record = json.loads(line)
-            if record["event"] == "step":
-                newest = max(newest, record["step"])
-    return newest
+    return max((e["step"] for e in read_events(events) if e["event"] == "step"), default=0)

@@ -11,8 +11,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from mtckpt.plan import FAILURE_CLASSES
 
-def _events(path: Path) -> list[dict]:
+
+def read_events(path: Path) -> list[dict]:
+    """Every rank's events so far, in the order written (none before the file exists)."""
+    if not path.exists():
+        return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
@@ -43,11 +48,11 @@ def phases(failure, after: list[dict]) -> dict:
 
 
 def summarize(run: dict) -> dict:
-    events = _events(run["events"])
+    events = read_events(run["events"])
     steps = [e for e in events if e["event"] == "step"]
     cost = step_cost(steps) or run["step_seconds"]
     failures = []
-    restarts = [f.restarted for f in run["failures"] if f.restarted] + [float("inf")]
+    restarts = [f.restarted for f in run["failures"] if f.restarted]
     for failure in run["failures"]:
         until = min((t for t in restarts if failure.restarted and t > failure.restarted),
                     default=float("inf"))  # fmt: skip
@@ -81,6 +86,7 @@ def summarize(run: dict) -> dict:
     done = [e for e in events if e["event"] == "done"]
     useful = run["steps"] * cost
     first_step = min((e["t"] for e in steps), default=run["started"]) - run["started"]
+    stall = _mean([e["saved"] for e in steps if _saves(run, e["step"])])
     return {
         "config": run["config"],
         "wall": run["wall"],
@@ -91,8 +97,8 @@ def summarize(run: dict) -> dict:
         "goodput_steady": (useful - cost) / (run["wall"] - first_step),
         "first_step": first_step,
         "bytes": bytes_moved(run, events),
-        "save_stall": _mean([e["saved"] for e in steps if _saves(run, e["step"])]),
-        "plan_inputs": plan_inputs(run, steps, failures),
+        "save_stall": stall,
+        "plan_inputs": plan_inputs(run, failures, cost, stall, run["wall"] - first_step),
         "bit_identical": bool(done) and all(e["ok"] for e in done),
         "failures": failures,
         "timeline": [
@@ -112,10 +118,6 @@ def step_cost(steps: list[dict]) -> float | None:
                  for a, b in zip(ranked, ranked[1:], strict=False)
                  if b["step"] == a["step"] + 1)  # fmt: skip
     return own[len(own) // 2] if own else None
-
-
-PLAN_CLASSES = {"node": "node", "two-nodes": "two-nodes", "trainer": "trainer",
-                "crash": "trainer", "daemon": "daemon"}  # fmt: skip
 
 
 def bytes_moved(run: dict, events: list[dict]) -> dict[str, float]:
@@ -140,19 +142,19 @@ def _saves(run: dict, step: int) -> bool:
     return run["config"] != "dcp" or step % run["every"]["remote"] == 0
 
 
-def plan_inputs(run: dict, steps: list[dict], failures: list[dict]) -> dict:
-    """The run's measurements as ``mtckpt plan --inputs`` reads them (version 1): failures
-    per hour as they came, the restart (injection to restore start), and per tier the stall
-    of a save, the restore (the slowest rank's, from the failures that used the tier), and
-    the durable lag, taken as the restore's time (the same bytes over the same path)."""
+def plan_inputs(run: dict, failures: list[dict], step_cost: float, stall: float,
+                training: float) -> dict:  # fmt: skip
+    """The run's measurements as ``mtckpt plan --inputs`` reads them (version 1): the
+    step's own time, failures per hour of ``training`` (an uninjected crash counts as a
+    trainer's), the restart (injection to restore start), and per tier the ``stall`` of a
+    save, the restore (the job's, from the failures that used the tier), and the durable
+    lag, taken as the restore's time (the same bytes over the same path)."""
     handled = [f for f in failures if "lost" in f]
-    training = run["wall"] - (min(e["t"] for e in steps) - run["started"] if steps else 0.0)
     rates: dict[str, float] = {}
     for failure in failures:
-        name = PLAN_CLASSES.get(failure["kind"])
-        if name:
+        name = "trainer" if failure["kind"] == "crash" else failure["kind"]
+        if name in FAILURE_CLASSES:
             rates[name] = rates.get(name, 0.0) + 3600 / training
-    stall = _mean([e["saved"] for e in steps if _saves(run, e["step"])])
     names = ["remote"] if run["config"] == "dcp" else ["memory", "local", "remote"]
     if run["config"] == "peers":
         names.insert(1, "peers")
@@ -168,7 +170,7 @@ def plan_inputs(run: dict, steps: list[dict], failures: list[dict]) -> dict:
                            "restore_seconds": restore}  # fmt: skip
     return {
         "version": 1,
-        "step_seconds": step_cost(steps) or run["step_seconds"],
+        "step_seconds": step_cost,
         "nodes": run["nodes"],
         "state_bytes_per_node": run["state_bytes_per_node"],
         "restart_seconds": _mean([f["detect"] + f["restart"] for f in handled]),
@@ -186,11 +188,11 @@ def table(summaries: list[dict]) -> str:
     ]
     for s in summaries:
         handled = [f for f in s["failures"] if "lost" in f]
-        lost = sum(f["lost"] for f in handled) / len(handled) if handled else 0.0
-        restore = sum(f["restore"] for f in handled) / len(handled) if handled else 0.0
+        lost = _mean([f["lost"] for f in handled])
+        restore = _mean([f["restore"] for f in handled])
         tiers = sorted({t for f in handled for t in f["tiers"]})
         spent = {p: [f["phases"][p] for f in handled if p in f["phases"]] for p in PHASES}
-        split = ", ".join(f"{p} {sum(v) / len(v):.1f}" for p, v in spent.items() if v)
+        split = ", ".join(f"{p} {_mean(v):.1f}" for p, v in spent.items() if v)
         moved = ", ".join(f"{k} {v / (1 << 20):.0f}" for k, v in sorted(s["bytes"].items()))
         lines.append(f"| {s['config']} | {s['goodput']:.3f} | {s['goodput_steady']:.3f} | "
                      f"{s['wall']:.0f} | "

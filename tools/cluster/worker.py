@@ -131,6 +131,7 @@ def main() -> int:
     parser.add_argument("--restore-first", action="store_true", help="restore before the "
                         "process group is up (the ranks agree through the daemons)")  # fmt: skip
     args = parser.parse_args()
+    args.s3_options = json.loads(os.environ.get("CLUSTER_S3_OPTIONS", "{}"))
     logging.basicConfig(level=logging.WARNING)  # mtckpt's warnings in the rank's log
     rank = int(os.environ["RANK"])
     events = Events(args.events, rank)
@@ -197,9 +198,9 @@ def next_generation(path: str, current: int, timeout: float = 120) -> int:
 
 def written(mgr) -> dict[str, float]:
     """Bytes this process's manager wrote, by tier."""
-    found = (re.fullmatch(r'mtckpt_written_bytes_total\{tier="(\w+)"\}', k) for k in
-             mgr.metrics.samples())  # fmt: skip
-    return {m.group(1): mgr.metrics.samples()[m.group(0)] for m in found if m}
+    samples = mgr.metrics.samples()
+    found = (re.fullmatch(r'mtckpt_written_bytes_total\{tier="(\w+)"\}', k) for k in samples)
+    return {m.group(1): samples[m.group(0)] for m in found if m}
 
 
 def restore(args, rank: int, state: dict, events: Events) -> tuple:
@@ -208,8 +209,7 @@ def restore(args, rank: int, state: dict, events: Events) -> tuple:
     if args.mode == "mtckpt":
         mgr, step = mtckpt_restore(state, events)
     else:
-        options = json.loads(os.environ.get("CLUSTER_S3_OPTIONS", "{}"))
-        mgr, step = None, dcp_restore(state, args.dcp_url, options, events)
+        mgr, step = None, dcp_restore(state, args.dcp_url, args.s3_options, events)
     if not step:
         state[f"rank{rank}.w"].copy_(initial(rank, args.mib))
     return mgr, step
@@ -219,7 +219,6 @@ def train(args, rank: int, state: dict, events: Events, restored: tuple | None) 
     """Restore the newest checkpoint (unless ``restored`` already), train to the end, and
     whether the state is the uninterrupted run's."""
     (w,) = state.values()
-    options = json.loads(os.environ.get("CLUSTER_S3_OPTIONS", "{}"))
     mgr, restored = restored or restore(args, rank, state, events)
     try:
         for step in range(restored + 1, args.steps + 1):
@@ -230,7 +229,7 @@ def train(args, rank: int, state: dict, events: Events, restored: tuple | None) 
             if mgr is not None:
                 mgr.save(step, state)
             elif step % args.dcp_every == 0:
-                dcp_save(state, f"{args.dcp_url}/step-{step}", options, events)
+                dcp_save(state, f"{args.dcp_url}/step-{step}", args.s3_options, events)
             events("step", step=step, saved=time.monotonic() - saving)
     except BaseException:
         if mgr is not None:
