@@ -20,13 +20,6 @@ def daemon_logs(cluster: Cluster) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="known (issue 26): the lost node's newest replica lags the others' by a few "
-    "transfers, and by then the survivors kept only their newest `keep` steps in memory, "
-    "so no step is complete for every rank and the job starts over; the daemons must keep "
-    "the newest step replicated by every node",
-)
 def test_saves_faster_than_a_shaped_link_leave_a_recent_step_on_the_peers(tmp_path):
     """4 MiB saved about every 0.1 s over links capped at 40 Mbit/s (a transfer takes about
     0.8 s): the node lost at step 60 or later resumes from its peer, a few transfers back."""

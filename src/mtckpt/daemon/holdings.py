@@ -22,6 +22,8 @@ from ..restore.read import close_mapping
 from ..tiers.directory import DirectoryStorage
 from ..tiers.local import LocalStorage
 from .frames import CHUNK_BYTES
+from .kept import KeptSteps
+from .sync import sync_steps
 
 REPLICAS_DIR = ".replicas"
 FREE_DIR = ".replicas-free"  # expired replicas' data files, reused for new ones
@@ -79,6 +81,7 @@ class Holdings:
         self.keep = keep
         self.own = DirectoryStorage(self.root, "memory", durable=False, populate=False)
         self.local = None if local_root is None else LocalStorage(local_root)
+        self.kept = KeptSteps(self.own)
         self._world: dict[Shard, int] = {}  # world size of replicas, from their manifests
         self._spares: dict[str, mmap.mmap] = {}  # free files mapped with their pages present
         self._lock = threading.Lock()
@@ -97,8 +100,10 @@ class Holdings:
         return _valid_names(storage.root, naming.check_run)
 
     def own_storages(self) -> list[DirectoryStorage]:
-        """Where this node's own shards are: the memory tier, then the local tier."""
-        return [self.own] if self.local is None else [self.own, self.local]
+        """Where this node's own shards are: the memory tier, the local tier, the sync steps
+        kept after the trainers expired them."""
+        local = [] if self.local is None else [self.local]
+        return [self.own, *local, self.kept.storage]
 
     def list(self, run: str = "", origin: str = "") -> list[Held]:
         """Every complete shard held: own shards of steps committed in the memory or the
@@ -157,11 +162,11 @@ class Holdings:
 
     def outgoing(self, shard: Shard) -> Outgoing:
         """What a peer may fetch of a held shard's data file (for the data port)."""
-        storage = self._holding(shard)
+        storage = self.holding(shard)
         path = storage.path(shard.run, shard.step, naming.data_file(shard.rank))
         return Outgoing(path, self.manifest(shard, storage))
 
-    def _holding(self, shard: Shard) -> DirectoryStorage:
+    def holding(self, shard: Shard) -> DirectoryStorage:
         """The storage holding ``shard`` whole, or FileNotFoundError."""
         own = shard.origin == self.node_id
         for storage in self.own_storages() if own else [self.storage(shard.origin)]:
@@ -174,7 +179,7 @@ class Holdings:
         self, shard: Shard, manifest: bool, offset: int, length: int
     ) -> Iterator[tuple[int, memoryview]]:
         """``(offset, bytes)`` pieces of a held file, at most CHUNK_BYTES each."""
-        storage = self._holding(shard)
+        storage = self.holding(shard)
         name = naming.manifest_file(shard.rank) if manifest else naming.data_file(shard.rank)
         mapping = storage.map(shard.run, shard.step, name)
         try:
@@ -273,11 +278,14 @@ class Holdings:
         if old is not None:
             old.close()
 
-    def expire_replicas(self, origin: str, run: str) -> None:
-        """Keep the newest ``keep`` steps of ``origin``'s replicas of ``run``; the data files
-        of older ones are kept (a few) for the next replicas to be written into."""
+    def expire_replicas(self, origin: str, run: str, stride: int = 1) -> None:
+        """Keep the newest ``keep`` steps of ``origin``'s replicas of ``run`` and, with a
+        sync ``stride`` above 1, its newest sync steps; the data files of older ones are
+        kept (a few) for the next replicas to be written into."""
         storage = self.storage(origin)
-        for step in storage.steps(run)[: -self.keep]:
+        steps = storage.steps(run)
+        kept = set(steps[-self.keep :]) | set(sync_steps(steps, stride) if stride > 1 else [])
+        for step in (s for s in steps if s not in kept):
             names = storage.files(run, step)
             for name in sorted(names, key=lambda n: not n.endswith(".json")):  # manifests first
                 path = storage.step_path(run, step) / name

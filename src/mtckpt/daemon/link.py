@@ -60,12 +60,27 @@ class DaemonLink:
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._worker, name="mtckpt-peers", daemon=True)
         self._thread.start()
+        # Each commit is told at once, not after the steps before it are followed: the
+        # daemon keeps a sync step before the trainer's retention expires it.
+        self._notices: queue.Queue = queue.Queue()
+        self._notifier = threading.Thread(target=self._notify_each, name="mtckpt-notify",
+                                          daemon=True)  # fmt: skip
+        self._notifier.start()
 
     def committed(self, step: int, handle) -> None:
-        """``step`` is committed in memory on this rank: follow its replication."""
+        """``step`` is committed in memory on this rank: tell the daemon, follow its
+        replication."""
+        self._notices.put(step)
         with self._cond:
             self._pending += 1
         self._queue.put((step, handle))
+
+    def _notify_each(self) -> None:
+        while (step := self._notices.get()) is not None:
+            try:
+                self.client.notify(self.run, step)
+            except self._grpc.RpcError:
+                pass  # the follower tells it again, and the daemon scans its memory tier
 
     def _worker(self) -> None:
         while True:
@@ -218,7 +233,9 @@ class DaemonLink:
             return self._cond.wait_for(lambda: self._pending == 0, timeout)
 
     def close(self) -> None:
+        self._notices.put(None)
         self._queue.put(None)
+        self._notifier.join(timeout=30)
         self._thread.join(timeout=30)
         self.client.close()
 

@@ -25,6 +25,7 @@ import grpc
 
 from .auth import TLSFiles
 from .rpc import Client, error_text
+from .sync import Strides, check_stride
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,10 @@ class Peers:
         token: str | None = None,
         tls: TLSFiles | None = None,
         timeout: float = 1.0,
+        strides: Strides | None = None,
     ) -> None:
         self.node_id = node_id
+        self.strides = strides
         self._static = list(addresses or [])
         self._dns = dns
         self._token, self.tls, self._timeout = token, tls, timeout
@@ -182,7 +185,18 @@ class Peers:
         else:
             member.node_id, member.zone = reply.node_id, reply.zone
             member.reachable = True
+            self._hear_stride(member, reply)
         return member
+
+    def _hear_stride(self, member: Member, reply) -> None:
+        if self.strides is None or not reply.sync_stride:  # a daemon that says none
+            return
+        try:
+            stride, ttl = check_stride(reply.sync_stride, reply.sync_ttl, member.name())
+        except ValueError as exc:
+            log.warning("ignoring what %s", exc)
+            return
+        self.strides.hear(member.address, stride, ttl)
 
     def members(self) -> list[Member]:
         """The other daemons ever identified (reachable or not), and those never reached."""

@@ -6,7 +6,8 @@ ranks across them (or the step asked for), and fetches the shards saved by this 
 from the peers holding replicas, several at once and spread over the sources, verifying
 each chunk against the manifest as it arrives; a bad or unreachable source is replaced
 by the next one. Shards this node's local tier still holds (a daemon restarted after its
-memory tier was lost) are copied from there instead. The shards land in this node's memory
+memory tier was lost) or its daemon kept (a sync step the trainers expired) are copied
+from there instead. The shards land in this node's memory
 tier with the step's COMMIT, so the trainer then restores at memory speed; with a local
 root, :func:`persist` then writes them to the local tier too.
 """
@@ -101,18 +102,18 @@ def recover(holdings: Holdings, peers: Peers, run: str, step: int | None = None)
     mine = sorted({c.shard.rank for c in found if c.shard.origin == me})
     result = Recovered(chosen, mine, complete=complete, unreachable=unreachable)
     in_memory = commit.ranks_present(holdings.own, run, chosen)
-    local = holdings.local
-    in_local = set() if local is None else commit.ranks_present(local, run, chosen)
-    for rank in sorted((set(mine) - in_memory) & in_local):
-        try:
-            result.bytes += tiercopy.copy_shard(local, holdings.own, run, chosen, rank)
-        except (MtckptError, OSError) as exc:
-            log.warning("recovery: rank %d from %s failed: %s; trying the peers",
-                        rank, local.describe(), exc)  # fmt: skip
-            continue
-        in_memory.add(rank)
-        if "local" not in result.sources:
-            result.sources.append("local")
+    for storage in holdings.own_storages()[1:]:  # the local tier, the kept sync steps
+        present = commit.ranks_present(storage, run, chosen)
+        for rank in sorted((set(mine) - in_memory) & present):
+            try:
+                result.bytes += tiercopy.copy_shard(storage, holdings.own, run, chosen, rank)
+            except (MtckptError, OSError) as exc:
+                log.warning("recovery: rank %d from %s failed: %s; trying the peers",
+                            rank, storage.describe(), exc)  # fmt: skip
+                continue
+            in_memory.add(rank)
+            if storage.name not in result.sources:
+                result.sources.append(storage.name)
     missing = [rank for rank in mine if rank not in in_memory]
     if missing:
         sources = {

@@ -1,10 +1,13 @@
 """Pushing this node's committed shards to the peers chosen to hold them.
 
 Runs in its own thread of the daemon, never in the trainer: woken by a trainer's Notify
-or every ``scan_interval`` seconds, it lists the node's own committed shards (newest steps
-first, the newest ``keep`` of each run), asks each target peer which it already holds,
-and streams the others. A peer that is down leaves the shard degraded (reported in
-Status) and is caught up once it answers again. Bytes per second can be capped.
+or every ``scan_interval`` seconds, it lists the node's own committed shards (the newest
+``keep`` steps of each run and its kept sync steps), asks each target peer which it already
+holds, and streams the others: sync steps first, then the newest. While its transfers lag
+behind the saves it sends sync steps only (daemon/sync.py), and the newest once the saves
+pause. A peer that is down leaves
+the shard degraded (reported in Status) and is caught up once it answers again. Bytes per
+second can be capped.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from .holdings import Holdings, Shard
 from .peers import Peers
 from .placement import replica_targets
 from .rpc import error_text, shard_id
+from .sync import Strides, is_sync, sync_steps
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +64,16 @@ class Replicator:
         scan_interval: float = 0.5,
         tls: TLSFiles | None = None,
         metrics: Metrics | None = None,
+        strides: Strides | None = None,
         on_change: Callable[[], None] = lambda: None,
     ) -> None:
         """``on_change`` is called after the replication state changes (Status waiters)."""
         self.holdings, self.peers, self.metrics = holdings, peers, metrics
+        self.strides = strides or Strides()
+        self._stride = 1  # the cluster's, as last logged
+        self._pushes = 0  # shards sent
+        self._began = 0.0  # monotonic time the step being sent began
+        self._sending = 0.0  # seconds the last step took to send
         self.on_change = on_change
         self.zone, self.replicas = zone, replicas
         self.bandwidth, self.scan_interval, self.tls = bandwidth, scan_interval, tls
@@ -143,7 +153,8 @@ class Replicator:
         if not self.peers.refreshed.is_set():
             return  # who the peers are is not known yet: placing now would misplace
         me = self.holdings.node_id
-        own = self._newest_own_shards()
+        stride = self._sync_stride()
+        own = self._newest_own_shards(stride)
         shards = list(own)
         members = [m for m in self.peers.members() if m.node_id]
         targets = replica_targets(
@@ -167,21 +178,71 @@ class Replicator:
                 if short:  # reported from the start, not once the pushes are done
                     state.error = short
         self.on_change()
-        current = None
+        current, began, pushes = None, 0, 0
         for shard in shards:
-            if current not in (None, (shard.run, shard.step)) and self._wake.is_set():
-                return  # a newer step was saved meanwhile: it goes next, not this older one
-            current = (shard.run, shard.step)
+            if current != (shard.run, shard.step):
+                self._measure_lag(current, began, pushes)
+                if current is not None and self._wake.is_set():
+                    return  # a newer step was saved meanwhile: it goes next, not this older one
+                current, pushes = (shard.run, shard.step), self._pushes
+                began, self._began = self._newest(shard.run), time.monotonic()
             if not self._replicate(shard, own[shard], targets, held_by, unreachable):
                 return
             with self._lock:
                 if self.state.get(shard) is not None and self.state[shard].complete:
                     self.state[shard].error = short
             self.on_change()
+        self._measure_lag(current, began, pushes)
 
-    def _newest_own_shards(self) -> dict[Shard, int]:
-        """This node's shards of the newest ``keep`` steps of each run, newest first, with
-        their manifests' crc32c."""
+    def _newest(self, run: str) -> int:
+        return max(self.holdings.own.steps(run), default=0)
+
+    def _measure_lag(self, current: tuple[str, int] | None, began: int, pushes: int) -> None:
+        """Steps saved while a step's shards were sent (from ``began``, the newest then),
+        where any was sent: the lag behind the saves that sets this node's stride."""
+        if current is not None and self._pushes > pushes:
+            self.strides.lagged(self._newest(current[0]) - began)
+            self._sending = time.monotonic() - self._began
+
+    def _quiet(self, run: str, newest: int) -> bool:
+        """Whether steps other than sync steps are sent: unless this node lags, or the
+        saves have paused for as long as a step takes to send (a lagging node's newest
+        step reaches its peers once the saves stop)."""
+        if self.strides.own == 1:
+            return True
+        committed = self.holdings.own.modified(run, newest, naming.COMMIT)
+        return committed is not None and time.time() - committed >= self._sending
+
+    def _sync_stride(self) -> int:
+        """The cluster's sync stride, after keeping this node's newest sync steps (and
+        releasing the others) to match it."""
+        stride = self.strides.cluster()
+        if stride != self._stride:
+            log.warning("the cluster's replication stride is now %d (this node's %d): %s",
+                        stride, self.strides.own,
+                        "every step replicated" if stride == 1 else
+                        f"steps {stride} apart are sent first and kept")  # fmt: skip
+            self._stride = stride
+        kept = self.holdings.kept
+        for run in self.holdings.runs(self.holdings.own):
+            steps = self.holdings.own.steps(run) + kept.steps(run)
+            sync = set(sync_steps(steps, stride)) if stride > 1 else set()
+            for step in sorted(sync):
+                kept.keep(run, step)
+            kept.release(run, sync)
+        return stride
+
+    def keep_if_sync(self, run: str, step: int) -> None:
+        """A trainer committed ``step``: keep it now if it is a sync step (before the
+        trainers expire it, which may be before the next cycle)."""
+        stride = self.strides.cluster()
+        if stride > 1 and is_sync(step, stride):
+            self.holdings.kept.keep(run, step)
+
+    def _newest_own_shards(self, stride: int = 1) -> dict[Shard, int]:
+        """This node's shards to send, in order, with their manifests' crc32c: sync steps
+        newest first, then the newest ``keep`` steps of each run unless this node lags
+        (then sync steps only, until the saves pause)."""
         own = self.holdings.list(origin=self.holdings.node_id)
         newest: dict[str, list[int]] = {}
         for held in own:
@@ -189,11 +250,15 @@ class Replicator:
         keep = {
             run: set(sorted(set(steps))[-self.holdings.keep :]) for run, steps in newest.items()
         }
-        kept = sorted(
-            (h for h in own if h.shard.step in keep[h.shard.run]),
-            key=lambda h: (-h.shard.step, h.shard.run, h.shard.rank),
-        )
-        return {h.shard: h.manifest_crc for h in kept}
+        sync = {run: set(sync_steps(s, stride) if stride > 1 else []) for run, s in newest.items()}
+        newest_too = {run: self._quiet(run, max(steps)) for run, steps in newest.items()}
+        chosen = sorted(
+            (h for h in own if h.shard.step in sync[h.shard.run]
+             or (newest_too[h.shard.run] and h.shard.step in keep[h.shard.run])),
+            key=lambda h: (h.shard.step not in sync[h.shard.run], -h.shard.step, h.shard.run,
+                           h.shard.rank),
+        )  # fmt: skip
+        return {h.shard: h.manifest_crc for h in chosen}
 
     def _listings(
         self, targets: list[str], me: str
@@ -245,7 +310,7 @@ class Replicator:
                 size = self.push(shard, self.peers.by_node(node).address)
             except (grpc.RpcError, OSError, MtckptError) as exc:
                 expired = isinstance(exc, FileNotFoundError)
-                if expired or not self.holdings.own.step_path(shard.run, shard.step).exists():
+                if expired or not self._held(shard):
                     # The trainer's retention removed the step before its send began (one
                     # being sent is held: it finishes).
                     log.info("%s expired before it was sent to %s (newer steps go first)",
@@ -263,15 +328,23 @@ class Replicator:
             if self.metrics is not None:
                 self.metrics.save_seconds.observe(time.monotonic() - started, stage="peers")
                 self.metrics.bytes_written.inc(size, tier="peers")
+            self._pushes += 1
             with self._lock:
                 state.stored.add(node)
             self.on_change()
         return True
 
+    def _held(self, shard: Shard) -> bool:
+        try:
+            self.holdings.holding(shard)
+        except FileNotFoundError:
+            return False
+        return True
+
     def push(self, shard: Shard, address: str) -> int:
         """Send a shard to the peer at ``address``: over its data port (bulk.py), or as a
         gRPC stream where the peer has none; the bytes of its data file."""
-        storage = self.holdings.own
+        storage = self.holdings.holding(shard)
         manifest = storage.read_bytes(shard.run, shard.step, naming.manifest_file(shard.rank))
         path = storage.path(shard.run, shard.step, naming.data_file(shard.rank))
         client = self.peers.client(address)

@@ -28,6 +28,7 @@ from .peers import Peers
 from .replicator import Replicator
 from .rpc import OPTIONS, TokenCheck, is_unix, unix_path
 from .servicer import Servicer, handlers
+from .sync import Strides
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +66,16 @@ class Daemon:
         self.holdings = Holdings(
             config.node_id, config.memory_root, config.keep, local_root=config.local_root
         )
+        self.strides = Strides()
         self.peers = Peers(config.node_id, config.peers, config.peers_dns,
-                           token=self.token, tls=self.tls)  # fmt: skip
+                           token=self.token, tls=self.tls, strides=self.strides)  # fmt: skip
         self.metrics = DaemonMetrics(self)
         self.changes = Changes(waiters=max(0, config.workers - FREE_WORKERS),
                                pools=("trainers", "peers"))  # fmt: skip
         self.replicator = Replicator(
             self.holdings, self.peers, zone=config.zone, replicas=config.replicas,
             bandwidth=config.bandwidth, scan_interval=config.scan_interval, tls=self.tls,
-            metrics=self.metrics, on_change=self.changes.notify,
+            metrics=self.metrics, strides=self.strides, on_change=self.changes.notify,
         )  # fmt: skip
         self.flusher: Flusher | None = None
         if config.remote is not None:
@@ -95,6 +97,7 @@ class Daemon:
         if self.config.local_root:
             os.makedirs(self.config.local_root, exist_ok=True)
         self.holdings.clean_after_crash()
+        self.holdings.kept.hold_all()
         if self.config.listen:
             self._serve_peers()
         if self.config.socket:
@@ -180,7 +183,8 @@ class Daemon:
 
     def _stored(self, incoming) -> None:
         self.metrics.replica_bytes.inc(incoming.size)
-        self.holdings.expire_replicas(incoming.shard.origin, incoming.shard.run)
+        self.holdings.expire_replicas(incoming.shard.origin, incoming.shard.run,
+                                      self.strides.cluster())  # fmt: skip
 
     def transfer_failed(self, exc: Exception) -> None:
         """A replica or recovery transfer into this node failed: counted when its bytes

@@ -121,6 +121,7 @@ class Servicer(pb_grpc.DaemonServicer):
             ):
                 reply.flushes.add(shard=shard_id(shard), phase=flush.phase, error=flush.error)
         reply.version = _fingerprint(reply)
+        reply.sync_stride, reply.sync_ttl = d.strides.said()
         return reply
 
     def ListShards(self, request, context):
@@ -179,7 +180,7 @@ class Servicer(pb_grpc.DaemonServicer):
                 self.d.transfer_failed(exc)
                 context.abort(grpc.StatusCode.DATA_LOSS, str(exc))
         self.d.metrics.replica_bytes.inc(stored)
-        self.d.holdings.expire_replicas(shard.origin, shard.run)
+        self.d.holdings.expire_replicas(shard.origin, shard.run, self.d.strides.cluster())
         return pb.PushReply(bytes=stored)
 
     def OpenPush(self, request, context):
@@ -208,6 +209,12 @@ class Servicer(pb_grpc.DaemonServicer):
         return pb.BulkTicket(ticket=ticket, port=self.d.bulk.port, tls=self.d.bulk.tls)
 
     def Notify(self, request, context):
+        try:
+            naming.check_run(request.run)
+            naming.check_step(request.step)
+        except ValueError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Notify: {exc}")
+        self.d.replicator.keep_if_sync(request.run, request.step)
         self.d.replicator.notify()
         return pb.NotifyReply()
 

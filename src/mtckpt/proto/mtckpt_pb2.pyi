@@ -54,7 +54,7 @@ class ReplicaState(_message.Message):
     def __init__(self, shard: _Optional[_Union[ShardId, _Mapping]] = ..., targets: _Optional[_Iterable[str]] = ..., stored: _Optional[_Iterable[str]] = ..., error: _Optional[str] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("node_id", "zone", "address", "memory_root", "replicas", "peers", "replication", "draining", "local_root", "remote_url", "flushes", "version")
+    __slots__ = ("node_id", "zone", "address", "memory_root", "replicas", "peers", "replication", "draining", "local_root", "remote_url", "flushes", "version", "sync_stride", "sync_ttl")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ZONE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +67,8 @@ class StatusReply(_message.Message):
     REMOTE_URL_FIELD_NUMBER: _ClassVar[int]
     FLUSHES_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    SYNC_STRIDE_FIELD_NUMBER: _ClassVar[int]
+    SYNC_TTL_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     zone: str
     address: str
@@ -79,7 +81,9 @@ class StatusReply(_message.Message):
     remote_url: str
     flushes: _containers.RepeatedCompositeFieldContainer[FlushState]
     version: int
-    def __init__(self, node_id: _Optional[str] = ..., zone: _Optional[str] = ..., address: _Optional[str] = ..., memory_root: _Optional[str] = ..., replicas: _Optional[int] = ..., peers: _Optional[_Iterable[_Union[PeerStatus, _Mapping]]] = ..., replication: _Optional[_Iterable[_Union[ReplicaState, _Mapping]]] = ..., draining: _Optional[bool] = ..., local_root: _Optional[str] = ..., remote_url: _Optional[str] = ..., flushes: _Optional[_Iterable[_Union[FlushState, _Mapping]]] = ..., version: _Optional[int] = ...) -> None: ...
+    sync_stride: int
+    sync_ttl: float
+    def __init__(self, node_id: _Optional[str] = ..., zone: _Optional[str] = ..., address: _Optional[str] = ..., memory_root: _Optional[str] = ..., replicas: _Optional[int] = ..., peers: _Optional[_Iterable[_Union[PeerStatus, _Mapping]]] = ..., replication: _Optional[_Iterable[_Union[ReplicaState, _Mapping]]] = ..., draining: _Optional[bool] = ..., local_root: _Optional[str] = ..., remote_url: _Optional[str] = ..., flushes: _Optional[_Iterable[_Union[FlushState, _Mapping]]] = ..., version: _Optional[int] = ..., sync_stride: _Optional[int] = ..., sync_ttl: _Optional[float] = ...) -> None: ...
 
 class FlushState(_message.Message):
     __slots__ = ("shard", "phase", "error")
