@@ -2,18 +2,26 @@
 others, against one daemon alone measured in the same run (the baseline: what a daemon
 costs with nobody to watch). Membership should cost each daemon the same at any size.
 
-    python benchmarks/bench_membership.py [--sizes 4,16,64] [--window 20]
+    python benchmarks/bench_membership.py [--sizes 4,16,64,256] [--window 20]
+        [--processes 64] [--hosts 2]
 
 Each size: N daemons on loopback, each on an address of its own (127.0.x.y, the usual
 ports; tiny memory roots, every other daemon in --peers, --replicas 1), started one after
 another; once each lists all others with their node ids, the CPU time (user + system,
-from /proc) each uses over --window seconds."""
+from /proc) each uses over --window seconds.
+
+Above ``--processes`` daemons (a daemon process is about 100 MB resident: 256 of them need
+more memory than a small machine has), the first ``--processes`` run as processes of
+their own and are the ones measured; the others are the same Daemon class hosted together
+in ``--hosts`` processes (their own gRPC servers, peers and replicators, only sharing an
+interpreter), so every measured daemon sees a cluster of N."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -29,12 +37,59 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
-def start(n: int, root: Path, daemons: list[tuple[subprocess.Popen, str]]) -> None:
-    """Start ``n`` daemons, each appended to ``daemons`` as it starts (the caller stops
-    them, those started before a failure too)."""
-    hosts = [f"127.0.{1 + i // 250}.{1 + i % 250}" for i in range(n)]  # one address each
-    for i, host in enumerate(hosts):
-        peers = ",".join(f"{h}:{PORT}" for h in hosts if h != host)
+def hosts_of(n: int) -> list[str]:
+    return [f"127.0.{1 + i // 250}.{1 + i % 250}" for i in range(n)]  # one address each
+
+
+def serve(first: int, count: int, n: int, root: Path) -> None:
+    """Host daemons ``first`` .. ``first + count - 1`` of ``n`` in this process until
+    SIGTERM."""
+    import signal
+    import threading
+
+    from mtckpt.daemon.config import DaemonConfig
+    from mtckpt.daemon.service import Daemon
+
+    os.nice(10)  # the daemons measured come first when the cores are short
+    hosts = hosts_of(n)
+    daemons = []
+    for i in range(first, first + count):
+        config = DaemonConfig(
+            node_id=f"d{i}", listen=f"{hosts[i]}:{PORT}", memory_root=str(root / f"m{i}"),
+            peers=[f"{h}:{PORT}" for h in hosts if h != hosts[i]], replicas=1, insecure=True,
+            workers=2,
+        )  # fmt: skip
+        daemon = Daemon(config)
+        daemon.start()
+        daemons.append(daemon)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    print("ready", flush=True)
+    stop.wait()
+    for daemon in daemons:
+        daemon.stop(drain=False)
+
+
+def start(n: int, root: Path, daemons: list[tuple[subprocess.Popen, str]],
+          hosting: list[subprocess.Popen], processes: int, hosts: int) -> None:  # fmt: skip
+    """Start ``n`` daemons: the first ``processes`` each appended to ``daemons`` as it
+    starts, the others in ``hosts`` processes appended to ``hosting`` (the caller stops
+    them all, those started before a failure too)."""
+    hosts_list = hosts_of(n)
+    rest = list(range(processes, n))
+    for part in range(hosts if rest else 0):
+        chosen = rest[part * len(rest) // hosts : (part + 1) * len(rest) // hosts]
+        first, count = chosen[0], len(chosen)
+        log = open(root / f"host{part}.log", "wb")  # noqa: SIM115 (its stderr)
+        proc = subprocess.Popen([sys.executable, __file__, "--serve", f"{first}:{count}",
+                                 "--size", str(n), "--root", str(root)],
+                                stdout=subprocess.PIPE, stderr=log, text=True)  # fmt: skip
+        hosting.append(proc)
+        if "ready" not in proc.stdout.readline():
+            why = (root / f"host{part}.log").read_text()
+            raise RuntimeError(f"host {part} did not start: {why}")
+    for i, host in enumerate(hosts_list[:processes]):
+        peers = ",".join(f"{h}:{PORT}" for h in hosts_list if h != host)
         socket_path = root / f"d{i}.sock"
         command = [sys.executable, "-m", "mtckpt", "daemon", "--node-id", f"d{i}",
                    "--listen", f"{host}:{PORT}", "--socket", str(socket_path),
@@ -58,11 +113,12 @@ def all_known(daemons, n: int) -> bool:
     return True
 
 
-def measure(n: int, window: float, settle: float) -> dict:
+def measure(n: int, window: float, settle: float, processes: int, hosts: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="mtc-mem-", dir="/dev/shm") as root:
         daemons: list[tuple[subprocess.Popen, str]] = []
+        hosting: list[subprocess.Popen] = []
         try:
-            start(n, Path(root), daemons)
+            start(n, Path(root), daemons, hosting, min(n, processes), hosts)
             started = time.monotonic()
             while not all_known(daemons, n):
                 if time.monotonic() - started > 600:
@@ -74,16 +130,17 @@ def measure(n: int, window: float, settle: float) -> dict:
             time.sleep(window)
             used = [cpu_seconds(p.pid) - b for (p, _), b in zip(daemons, before, strict=True)]
         finally:
-            for proc, _ in daemons:
+            procs = [p for p, _ in daemons] + hosting
+            for proc in procs:
                 proc.terminate()
-            for proc, _ in daemons:
+            for proc in procs:
                 try:
                     proc.wait(timeout=60)
                 except subprocess.TimeoutExpired:
                     proc.kill()
     per = [1000 * u / window for u in used]
-    return {"daemons": n, "learned_s": round(learned, 1), "mean_mcores": sum(per) / n,
-            "max_mcores": max(per)}  # fmt: skip
+    return {"daemons": n, "measured": len(per), "learned_s": round(learned, 1),
+            "mean_mcores": sum(per) / len(per), "max_mcores": max(per)}  # fmt: skip
 
 
 def main() -> int:
@@ -91,17 +148,33 @@ def main() -> int:
     parser.add_argument("--sizes", default="4,16,64")
     parser.add_argument("--window", type=float, default=20.0, help="seconds measured")
     parser.add_argument("--settle", type=float, default=10.0, help="seconds before that")
+    parser.add_argument("--processes", type=int, default=64,
+                        help="daemons run as processes of their own (the ones measured)")
+    parser.add_argument("--hosts", type=int, default=2,
+                        help="processes hosting the other daemons together")
     parser.add_argument("--out", type=Path, default=Path("bench-out/membership.json"))
+    parser.add_argument("--serve", help=argparse.SUPPRESS)  # FIRST:COUNT, for a host
+    parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    baseline = measure(1, args.window, args.settle)
-    rows = [baseline] + [measure(int(n), args.window, args.settle)
-                         for n in args.sizes.split(",")]  # fmt: skip
-    print("| daemons | all known after s | CPU per daemon, mean (millicores) | max | "
-          "mean / one daemon alone |\n|---|---|---|---|---|")  # fmt: skip
+    if args.serve:
+        first, count = (int(v) for v in args.serve.split(":"))
+        serve(first, count, args.size, args.root)
+        return 0
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # a connection to every peer
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1 << 20, 1 << 20))  # root may
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    sizes = [1] + [int(n) for n in args.sizes.split(",")]
+    rows = [measure(n, args.window, args.settle, args.processes, args.hosts) for n in sizes]
+    baseline = rows[0]
+    print("| daemons | measured | all known after s | CPU per daemon, mean (millicores) | "
+          "max | mean / one daemon alone |\n|---|---|---|---|---|---|")  # fmt: skip
     for row in rows:
         ratio = row["mean_mcores"] / baseline["mean_mcores"]
-        print(f"| {row['daemons']} | {row['learned_s']} | {row['mean_mcores']:.1f} | "
-              f"{row['max_mcores']:.1f} | {ratio:.2f} |")  # fmt: skip
+        print(f"| {row['daemons']} | {row['measured']} | {row['learned_s']} | "
+              f"{row['mean_mcores']:.1f} | {row['max_mcores']:.1f} | {ratio:.2f} |")  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=1))
     return 0

@@ -34,9 +34,11 @@ class Coordinator:
 
     world_size = 1
 
-    def agree(self, steps: list[int], step: int | None = None) -> list[int]:
+    def agree(self, steps: list[int], step: int | None = None,
+              shared: list[int] = ()) -> list[int]:  # fmt: skip
         """The steps every rank holds, newest first, identical on every rank (``step``:
-        the one every rank was asked to restore, if any)."""
+        the one every rank was asked to restore, if any; ``shared``: those of ``steps``
+        committed in a tier every rank writes, hence complete for all)."""
         return sorted(steps, reverse=True)
 
     def learn_complete(self, complete: list[int], unreachable: list[str]) -> None:
@@ -63,7 +65,8 @@ class GatheringCoordinator(Coordinator):
         were doing if they do not all answer in time."""
         raise NotImplementedError
 
-    def agree(self, steps: list[int], step: int | None = None) -> list[int]:
+    def agree(self, steps: list[int], step: int | None = None,
+              shared: list[int] = ()) -> list[int]:  # fmt: skip
         held = self._all_gather(sorted(steps), "agree on the steps to restore")
         common = set(held[0]).intersection(*held[1:])
         return sorted(common, reverse=True)
@@ -80,10 +83,12 @@ class GatheringCoordinator(Coordinator):
 class UncoordinatedRanks(Coordinator):
     """Several ranks without an initialised torch.distributed or jax.distributed. With node
     daemons, the ranks agree through them: every daemon that reaches all its peers sees the
-    same steps complete across the nodes, and each rank restores the newest of those (or
-    raises AgreementError where it cannot); a daemon that cannot reach a peer may see fewer,
-    so that is an AgreementError too. Without daemons each rank decides alone, which is
-    safe only when every rank holds the same steps: said in a warning when it happens."""
+    same steps complete across the nodes, and each rank restores the newest of those or of
+    the steps committed in a tier every rank writes (the object tier), or raises
+    AgreementError where it cannot; a daemon that cannot reach a peer may see fewer, so
+    that is an AgreementError too. Without daemons each rank decides alone, which is safe
+    only when every rank holds the same steps: said in a warning when a rank holds steps
+    outside a shared tier."""
 
     def __init__(self, world_size: int) -> None:
         self.world_size = world_size
@@ -93,10 +98,13 @@ class UncoordinatedRanks(Coordinator):
     def learn_complete(self, complete: list[int], unreachable: list[str]) -> None:
         self.complete, self.unreachable = list(complete), list(unreachable)
 
-    def agree(self, steps: list[int], step: int | None = None) -> list[int]:
+    def agree(self, steps: list[int], step: int | None = None,
+              shared: list[int] = ()) -> list[int]:  # fmt: skip
         if step is not None:  # every rank was asked for the same step: nothing to agree
             return sorted(steps, reverse=True)
         if self.complete is None:
+            if set(steps) <= set(shared):  # all in a tier every rank sees the same
+                return sorted(steps, reverse=True)
             log.warning(
                 "%d ranks restore without torch.distributed or jax.distributed initialised "
                 "and without node daemons: each rank picks its own newest good step; "
@@ -111,7 +119,7 @@ class UncoordinatedRanks(Coordinator):
                 "on it may be missing here; bring it back or remove it from the peers, "
                 "initialise torch.distributed / jax.distributed, or pass step="
             )
-        return list(self.complete)
+        return sorted(set(self.complete) | set(shared), reverse=True)
 
     def settle(self, step: int, outcome: Outcome) -> list[Outcome]:
         if self.complete is not None and outcome.status == RETRY:

@@ -217,12 +217,13 @@ class DaemonLink:
         (the list may lack steps then); None without an answer."""
         grpc = self._grpc
         try:
-            reply = self.client.recover(self.run, timeout=self.cfg.timeout)
+            reply = self.client.recover(self.run, timeout=self.cfg.timeout,
+                                        none_is_an_answer=True)  # fmt: skip
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.NOT_FOUND:
                 log.warning("the daemon could not recover run %r from peers: %s", self.run,
                             exc.details())  # fmt: skip
-            return None  # NOT_FOUND: no step complete across the daemons
+            return None  # NOT_FOUND: a daemon that cannot answer "none" (older)
         if reply.bytes:
             log.info("step %d: %d bytes of this node's shards fetched from peers %s",
                      reply.step, reply.bytes, list(reply.sources))  # fmt: skip

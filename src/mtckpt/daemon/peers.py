@@ -8,9 +8,10 @@ Membership costs each daemon the same at any cluster size: a peer is asked who i
 until it answers once; after that only the peers this node replicates to (``watch``) are
 asked again, every refresh, and one that does not answer is asked again after a backoff
 (doubling up to BACKOFF_MAX); the others' state (Status, metrics) is as of their last
-answer. Recovery asks everyone (``refresh(everyone=True)``). A peer
-that stops answering is logged at once with its id, address and reason, then every
-REPORT_EVERY seconds with how long it has been gone; its return is logged too."""
+answer, and their connections close once unused for IDLE_CHANNEL seconds. Recovery asks
+everyone (``refresh(everyone=True)``). A peer that stops answering is logged at once
+with its id, address and reason, then every REPORT_EVERY seconds with how long it has
+been gone; its return is logged too."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 BACKOFF_MAX = 5.0  # seconds between probes of a peer that does not answer, at most
 REPORT_EVERY = 30.0  # seconds between log lines about a peer still gone
 UNKNOWN_GRACE = 5.0  # a peer never reached is logged once this long without an answer
+IDLE_CHANNEL = 600.0  # seconds unused before the channel to a peer not watched is closed
 
 
 @dataclass
@@ -71,6 +73,7 @@ class Peers:
         self._members: dict[str, Member] = {}
         self._clients: dict[str, Client] = {}
         self._watched: set[str] = set()
+        self._used: dict[str, float] = {}  # address -> when its client was last taken
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
@@ -97,6 +100,7 @@ class Peers:
 
     def client(self, address: str) -> Client:
         with self._lock:
+            self._used[address] = time.monotonic()
             if address not in self._clients:
                 self._clients[address] = Client(
                     address, token=self._token, tls=self.tls, timeout=30.0
@@ -143,9 +147,15 @@ class Peers:
                 self._members[member.address] = member
             for gone in set(self._members) - set(addresses):
                 del self._members[gone]
-                client = self._clients.pop(gone, None)
-                if client is not None:
-                    client.close()
+            idle = [
+                a for a, client in self._clients.items()
+                if a not in self._members or (
+                    self._members[a].node_id not in self._watched
+                    and now - self._used.get(a, 0.0) > IDLE_CHANNEL)
+            ]  # fmt: skip
+            for address in idle:  # connections to the peers not watched do not pile up
+                self._clients.pop(address).close()
+                self._used.pop(address, None)
 
     def _due(self, member: Member | None, now: float) -> bool:
         if member is None:

@@ -77,7 +77,11 @@ def _copies(holdings: Holdings, peers: Peers, run: str,
     return copies
 
 
-def recover(holdings: Holdings, peers: Peers, run: str, step: int | None = None) -> Recovered:
+def recover(holdings: Holdings, peers: Peers, run: str, step: int | None = None,
+            none_is_an_answer: bool = False) -> Recovered:  # fmt: skip
+    """This node's shards of ``step`` (or the newest step complete across the daemons)
+    in its memory tier; StepNotFoundError where there is none, or with
+    ``none_is_an_answer`` step -1 and no steps complete."""
     me = holdings.node_id
     peers.refresh(everyone=True)
     unreachable: list[str] = []
@@ -86,6 +90,8 @@ def recover(holdings: Holdings, peers: Peers, run: str, step: int | None = None)
     for copy in copies:
         by_step.setdefault(copy.shard.step, []).append(copy)
     complete = sorted((s for s, found in by_step.items() if _complete(found)), reverse=True)
+    if step is None and not complete and none_is_an_answer:
+        return Recovered(-1, [], unreachable=unreachable)
     if step is None and not complete:
         raise StepNotFoundError(
             f"run {run!r}: no step is complete for every rank across this daemon and its "

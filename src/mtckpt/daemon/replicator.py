@@ -161,7 +161,7 @@ class Replicator:
             me, self.zone, [(m.node_id, m.zone) for m in members], self.replicas
         )
         self.peers.watch(targets)
-        held_by, unreachable = self._listings(targets, me)
+        held_by, unreachable = self._listings(targets, me) if shards else ({}, {})
         short = ""
         if len(targets) < self.replicas:
             short = f"{self.replicas} replicas wanted, {len(targets)} other daemon(s) known"

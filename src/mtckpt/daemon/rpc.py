@@ -158,10 +158,11 @@ class Client:
         self._stub.Flush(pb.FlushRequest(shard=shard), timeout=self.timeout,
                          metadata=self._metadata)  # fmt: skip
 
-    def recover(self, run: str, step: int | None = None, timeout: float | None = None):
-        request = (
-            pb.RecoverRequest(run=run) if step is None else pb.RecoverRequest(run=run, step=step)
-        )
+    def recover(self, run: str, step: int | None = None, timeout: float | None = None,
+                none_is_an_answer: bool = False):  # fmt: skip
+        request = pb.RecoverRequest(run=run, none_is_an_answer=none_is_an_answer)
+        if step is not None:
+            request.step = step
         return self._stub.Recover(request, timeout=timeout, metadata=self._metadata)
 
     def close(self) -> None:

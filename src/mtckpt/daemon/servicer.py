@@ -240,7 +240,8 @@ class Servicer(pb_grpc.DaemonServicer):
                 lock = self._recovering.setdefault(request.run, threading.Lock())
             # Every rank of the node asks; the first fetches, the others then find it here.
             with lock:
-                result = recovery.recover(self.d.holdings, self.d.peers, request.run, step)
+                result = recovery.recover(self.d.holdings, self.d.peers, request.run, step,
+                                          request.none_is_an_answer)  # fmt: skip
             self.d.persist(request.run, result)
             self.d.metrics.restore_seconds.observe(time.monotonic() - started, tier="peers")
             self.d.metrics.bytes_read.inc(result.bytes, tier="peers")

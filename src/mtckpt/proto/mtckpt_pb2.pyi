@@ -206,12 +206,14 @@ class NotifyReply(_message.Message):
     def __init__(self) -> None: ...
 
 class RecoverRequest(_message.Message):
-    __slots__ = ("run", "step")
+    __slots__ = ("run", "step", "none_is_an_answer")
     RUN_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    NONE_IS_AN_ANSWER_FIELD_NUMBER: _ClassVar[int]
     run: str
     step: int
-    def __init__(self, run: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
+    none_is_an_answer: bool
+    def __init__(self, run: _Optional[str] = ..., step: _Optional[int] = ..., none_is_an_answer: _Optional[bool] = ...) -> None: ...
 
 class RecoverReply(_message.Message):
     __slots__ = ("step", "ranks", "bytes", "sources", "complete", "unreachable")

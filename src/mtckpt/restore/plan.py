@@ -42,7 +42,8 @@ class Restorer:
     def candidates(self, holders: dict[str, set[int]], step: int | None) -> list[int]:
         """The steps to try, newest first: ``step`` alone, or every step all ranks hold."""
         held = set().union(*holders.values())
-        agreed = self.coordinator.agree(sorted(held), step)
+        shared = set().union(*(holders.get(s.name, ()) for s in self.storages if s.shared))
+        agreed = self.coordinator.agree(sorted(held), step, sorted(shared))
         note = f" (this rank holds {sorted(held, reverse=True)[:10] or 'none'})"
         self.agreed = 0 if step is None and not agreed else None
         return steps_to_try(agreed, step, self.run, f"{self._everyone()} in {self.where}", note)
