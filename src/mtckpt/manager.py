@@ -182,14 +182,9 @@ class CheckpointManager:
                 )
             tier.flush = daemon.flush
         elif not uploader.in_process(cfg):
-            self._uploader = uploader.Uploader(
-                cfg,
-                self.run,
-                self.rank,
-                self.world_size,
-                self._memory.root,
-                max(1, self.threads // 2),
-            )
+            helpers = max(1, self.threads // 2)
+            self._uploader = uploader.Uploader(cfg, self.run, self.rank, self.world_size,
+                                               self._memory.root, helpers)  # fmt: skip
             tier.flush = self._uploader.flush
         return tier
 
@@ -451,16 +446,22 @@ class CheckpointManager:
 
     # -- lifetime ----------------------------------------------------------------------------
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = None) -> None:
         """Finish all pending work, stop the background threads and release the memory slots.
 
-        Raises the first error of the pending work, after everything is shut down.
-        """
+        Raises the first error of the pending work, after everything is shut down. With
+        ``timeout``, the work not done by then is abandoned (steps not yet committed in a
+        tier stay uncommitted there; what is under way finishes) and TimeoutError raised."""
         if self._closed:
             return
         self._closed = True
         try:
-            self.wait()
+            self.wait(timeout)
+        except TimeoutError:
+            self._pipeline.abandon()
+            if self._peers is not None:
+                self._peers.abandon()
+            raise
         finally:
             self._pipeline.close()
             self._release()
@@ -478,12 +479,11 @@ class CheckpointManager:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-            return
         try:
             self.close()
         except Exception as close_error:  # do not mask the error that ended the block
+            if exc_type is None:
+                raise
             log.error("closing the checkpoint manager failed: %s", close_error)
 
     def _check_open(self) -> None:

@@ -190,3 +190,28 @@ def test_a_step_a_rank_of_the_node_skipped_fails_at_once(shm_dir, caplog):
     assert rank0.steps()["memory"] == [2] and rank1.steps()["memory"] == [2]
     rank0.close()
     rank1.close()
+
+
+def test_a_close_with_a_timeout_abandons_a_step_a_dead_node_mate_never_wrote(shm_dir, tmp_path):
+    """Rank 1 died before its shard of step 1: rank 0's close(timeout=) returns within it
+    (not after collective_timeout), step 1 stays uncommitted everywhere, its local copy is
+    dropped, and the step committed before is untouched."""
+    tiers = MemoryTier(str(shm_dir), keep=3), LocalTier(str(tmp_path / "local"), keep=3)
+    rank0, rank1 = node_managers(tiers, 2, collective_timeout=300)
+    for mgr in (rank0, rank1):
+        mgr.save(0, {"x": np.full(5, mgr.rank)})
+    rank0.wait()
+    rank1.wait()
+    rank1.close()  # its process is gone
+    pending = rank0.save(1, {"x": np.full(5, 0)})
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        rank0.close(timeout=1.0)
+    assert time.monotonic() - started < 10
+    with pytest.raises(NodeRanksMissingError, match=r"rank\(s\) \[1\] of this node were still "
+                       r"missing at close"):  # fmt: skip
+        pending.wait()
+    assert not (shm_dir / "exp" / "step-000000000001").exists()
+    assert not (tmp_path / "local" / "exp" / "step-000000000001" / "COMMIT").exists()
+    with CheckpointManager("exp", *tiers, rank=0, world_size=1) as after:
+        assert after.steps()["memory"] == [0] and after.steps()["local"] == [0]

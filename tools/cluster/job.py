@@ -28,6 +28,7 @@ METRICS_PORT = 9090  # the manifests' metrics_listen
 IN_PROCESS_COLLECTIVE_TIMEOUT = 20.0
 FAILURES = ("trainer", "daemon", "node", "two-nodes", "link", "slow")
 BACKOFF_LIMIT = 6  # restarts after failures not injected, as a Job's backoffLimit
+RESTART_BOUND = 60.0  # seconds an in-process restart may take before the whole job restarts
 
 
 class ClusterError(RuntimeError):
@@ -58,6 +59,7 @@ class Failure:
     restored: float | None = None
     restored_step: int | None = None
     tiers: list[str | None] = field(default_factory=list)
+    whole: bool = False  # an in-process restart did not finish: the whole job restarted
 
 
 class Node:
@@ -208,6 +210,8 @@ class Cluster:
         self.rendezvous = root / "rendezvous.json"  # in-process restarts' generation
         self.generation = 0
         self.last_restart = 0.0
+        self._awaiting: float | None = None  # an in-process restart's start, until it is done
+        self._next_check = 0.0
         self.daemon_bytes: dict[str, float] = {}  # what the daemons moved, those lost included
 
     def __enter__(self) -> Cluster:
@@ -303,6 +307,11 @@ class Cluster:
                 self._restart(worker, events, pending)
                 done.append(pending)
                 pending = None
+            elif self._restart_stuck(events):
+                print(f"cluster: the in-process restart of {done[-1].kind} did not finish in "
+                      f"{RESTART_BOUND:.0f} s: the whole job restarts", flush=True)  # fmt: skip
+                done[-1].whole = True
+                self._restart(worker, events, done[-1], whole=True)
             elif (
                 time.monotonic() >= next_failure
                 and pending is None
@@ -363,13 +372,29 @@ class Cluster:
             raise ValueError(f"failure kind {kind!r}: expected one of {FAILURES}")
         return failure
 
-    def _restart(self, worker: list[str], events: Path, failure: Failure) -> None:
+    def _restart_stuck(self, events: Path) -> bool:
+        """Whether the last in-process restart has not brought every rank back within
+        RESTART_BOUND seconds (looked at once a second)."""
+        if self._awaiting is None or time.monotonic() < self._next_check:
+            return False
+        self._next_check = time.monotonic() + 1.0
+        if _all_restored(events, self._awaiting, self.n * self.ranks):
+            self._awaiting = None
+            return False
+        return time.time() - self._awaiting > RESTART_BOUND
+
+    def _restart(self, worker: list[str], events: Path, failure: Failure,
+                 whole: bool = False) -> None:  # fmt: skip
         """Tear the job down and start it again (in-process: start the dead ranks again and
-        tell the others the next generation); lost nodes come back empty, same ids."""
-        in_process = self.cfg.restart == "in-process"
+        tell the others the next generation); lost nodes come back empty, same ids
+        (``whole``: a stuck in-process restart redone as a job restart, nodes as they are)."""
+        in_process = self.cfg.restart == "in-process" and not whole
         if in_process and not _all_restored(events, self.last_restart, self.n * self.ranks):
             in_process = False  # a failure during a restart: the whole job starts again
+        if in_process and any(p and p.poll() == 0 for n in self.nodes for p in n.ranks):
+            in_process = False  # ranks that finished cannot join: the job starts again
         self.last_restart = time.time()
+        self._awaiting = self.last_restart if in_process else None
         if self.cfg.restart == "in-process":
             self.generation += 1
             pending = self.rendezvous.with_suffix(".tmp")
@@ -378,7 +403,8 @@ class Cluster:
         if not in_process:
             for node in self.nodes:
                 node.kill_ranks()
-        replaced = [self.nodes[i] for i in failure.nodes if failure.kind in ("node", "two-nodes")]
+        lost = failure.kind in ("node", "two-nodes") and not whole
+        replaced = [self.nodes[i] for i in failure.nodes if lost]
         for node in replaced:
             node.prepare()
             node.launch_daemon()

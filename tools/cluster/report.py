@@ -63,7 +63,7 @@ def summarize(run: dict) -> dict:
             first.setdefault(e["rank"], e)
         restored = list(first.values())
         row = {"kind": failure.kind, "nodes": failure.nodes, "step": failure.step,
-               "at": failure.injected - run["started"]}  # fmt: skip
+               "at": failure.injected - run["started"], "whole": failure.whole}  # fmt: skip
         if failure.restarted and restored:
             step = min(e["step"] for e in restored)
             split = phases(failure, after)

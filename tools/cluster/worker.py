@@ -20,6 +20,7 @@ from datetime import timedelta
 from pathlib import Path
 
 LAUNCHED = time.time()  # before torch's import: the report splits a restart into its phases
+CLOSE_AFTER_FAULT = 5.0  # seconds a manager may finish its work after a peer's death
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -234,7 +235,7 @@ def train(args, rank: int, state: dict, events: Events, restored: tuple | None) 
     except BaseException:
         if mgr is not None:
             try:  # its group is gone with the peer: a new manager comes with the new group
-                mgr.close()
+                mgr.close(timeout=CLOSE_AFTER_FAULT)  # a dead node-mate's shard never comes
             except Exception as exc:
                 events("close-failed", error=str(exc)[:300])
             events("written", tiers=written(mgr))

@@ -62,6 +62,7 @@ class DaemonLink:
         self._thread.start()
         # Each commit is told at once, not after the steps before it are followed: the
         # daemon keeps a sync step before the trainer's retention expires it.
+        self._abandoned = threading.Event()  # closing with a timeout that passed
         self._notices: queue.Queue = queue.Queue()
         self._notifier = threading.Thread(target=self._notify_each, name="mtckpt-notify",
                                           daemon=True)  # fmt: skip
@@ -104,6 +105,11 @@ class DaemonLink:
         failing_since = None  # since when the daemon has reported an error
         version = 0  # of the daemon's last Status
         while True:
+            if self._abandoned.is_set():
+                handle._finish("peers", error=TierError(
+                    f"step {step} rank {self.rank}: replication not followed: the manager "
+                    "closed first (the daemon goes on)"))  # fmt: skip
+                return
             decide_by = deadline if failing_since is None else min(
                 deadline, failing_since + DEGRADED_AFTER)  # fmt: skip
             try:
@@ -232,6 +238,10 @@ class DaemonLink:
     def wait_idle(self, timeout: float | None = None) -> bool:
         with self._cond:
             return self._cond.wait_for(lambda: self._pending == 0, timeout)
+
+    def abandon(self) -> None:
+        """Stop following replication (a close whose timeout passed)."""
+        self._abandoned.set()
 
     def close(self) -> None:
         self._notices.put(None)

@@ -108,6 +108,7 @@ class Pipeline:
         self._retention_lock = threading.Lock()
         self._closing = False  # no more saves: the memory worker drains its queue and stops
         self._tiers_closing = False  # set once it has: tier workers drain and stop
+        self._abandoned = False  # closing with a timeout that passed: drop what waits
         self._tiers = slower
         self._staging_queue: collections.deque[SaveJob] = collections.deque()
         self._stager = threading.Thread(
@@ -149,6 +150,14 @@ class Pipeline:
     def _job_done(self) -> None:
         with self._cond:
             self._active -= 1
+            self._cond.notify_all()
+
+    def abandon(self) -> None:
+        """Give up on the work not done (a close whose timeout passed): a step waiting for
+        its node's other ranks stops waiting and stays uncommitted, and the copies queued
+        for slower tiers are dropped; what is under way finishes."""
+        with self._cond:
+            self._abandoned = True
             self._cond.notify_all()
 
     def close(self) -> None:
@@ -293,6 +302,8 @@ class Pipeline:
                     missing,
                     "have written no step here yet, and an earlier step waited for them in vain",
                 )
+            if self._abandoned:
+                raise self._missing_error(step, missing, "were still missing at close")
             now = time.monotonic()
             if now - started >= self.node_timeout:
                 self._absent = absent
@@ -352,20 +363,23 @@ class Pipeline:
             self._cond.wait_for(lambda: tier.queue or self._tiers_closing)
             if not tier.queue:
                 return None
-            if tier.backlog == "queue":  # every due step, oldest first
+            if self._abandoned:  # every queued step dropped, none copied
+                job, skipped = None, list(tier.queue)
+            elif tier.backlog == "queue":  # every due step, oldest first
                 job, skipped = tier.queue.popleft(), []
             else:  # newest wins
                 job, skipped = tier.queue.pop(), list(tier.queue)
+            if job is None or tier.backlog != "queue":
                 tier.queue.clear()
         for old in skipped:
-            log.warning(
-                "%s tier: skipping step %d because step %d is already due (the tier is "
-                "slower than the save rate; consider a larger `every`)",
-                name,
-                old.step,
-                job.step,
-            )
-            old.handle._finish(name, skipped=True)
+            if job is None:
+                why = f"{name} tier: step {old.step} not copied: the manager closed first"
+                old.handle._finish(name, error=MtckptError(why))
+            else:
+                log.warning("%s tier: skipping step %d because step %d is already due (the "
+                            "tier is slower than the save rate; consider a larger `every`)",
+                            name, old.step, job.step)  # fmt: skip
+                old.handle._finish(name, skipped=True)
             self._unpin(old.step)
             self._job_done()
         return job
