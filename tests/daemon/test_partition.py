@@ -59,3 +59,54 @@ def test_a_peer_that_is_not_a_replica_target_is_not_asked_again(cluster):
         assert not logged(daemons["m-a"], f"peer {other} .*unreachable")
     finally:
         os.kill(daemons[other].proc.pid, signal.SIGCONT)
+
+
+def test_connections_to_peers_not_watched_close_once_unused(cluster, monkeypatch):
+    """A daemon's connections to the peers it does not replicate to close once unused for
+    IDLE_CHANNEL seconds (they would pile up to one per node of the cluster)."""
+    from mtckpt.daemon import peers as membership
+
+    daemons = cluster(["c-a", "c-b"])
+    a, b = daemons["c-a"], daemons["c-b"]
+    monkeypatch.setattr(membership, "IDLE_CHANNEL", 0.0)
+    known = membership.Peers("c-x", [a.address, b.address], timeout=5.0)
+    try:
+        known.watch(["c-a"])
+        known.refresh(everyone=True)  # both answer; only c-a is watched
+        assert {m.node_id for m in known.members() if m.reachable} == {"c-a", "c-b"}
+        assert set(known._clients) == {a.address}
+        known.refresh()  # c-a asked again, its connection kept
+        assert set(known._clients) == {a.address}
+    finally:
+        known.close()
+
+
+def test_an_address_not_answering_takes_the_identity_a_peer_reports():
+    """An address never identified takes the node id a reachable peer reported for it and
+    is asked at once, not after its backoff (up to 30 s for one that never answered, so
+    that a large cluster starting does not probe itself over and over); only valid ids,
+    only for addresses of its own list."""
+    import time
+
+    from mtckpt.daemon import peers as membership
+    from mtckpt.proto import mtckpt_pb2 as pb
+
+    quiet, other = "127.0.0.1:9", "127.0.0.1:10"  # nothing listens there
+    known = membership.Peers("c-x", [quiet, other], timeout=5.0)
+    try:
+        reply = pb.StatusReply(node_id="c-a")
+        reply.peers.add(address=quiet, node_id="c-q", zone="z1", reachable=True)
+        reply.peers.add(address=other, node_id="../etc", reachable=True)  # not a node id
+        reply.peers.add(address="10.0.0.9:7787", node_id="c-z", reachable=True)  # not listed
+        known.refresh(everyone=True)  # neither answers
+        for address in (quiet, other):
+            assert known._members[address].next_probe > time.monotonic()  # backing off
+        known._hear_members(reply)
+        known.refresh()  # the quiet one asked again at once, with the identity reported
+        by_address = {m.address: m for m in known.members()}
+        assert (by_address[quiet].node_id, by_address[quiet].zone) == ("c-q", "z1")
+        assert by_address[quiet].failures == 1 and not by_address[quiet].hinted
+        assert by_address[other].node_id == "" and by_address[other].failures == 1
+        assert set(by_address) == {quiet, other}
+    finally:
+        known.close()

@@ -8,8 +8,10 @@ Membership costs each daemon the same at any cluster size: a peer is asked who i
 until it answers once; after that only the peers this node replicates to (``watch``) are
 asked again, every refresh, and one that does not answer is asked again after a backoff
 (doubling up to BACKOFF_MAX); the others' state (Status, metrics) is as of their last
-answer, and their connections close once unused for IDLE_CHANNEL seconds. Recovery asks
-everyone (``refresh(everyone=True)``). A peer that stops answering is logged at once
+answer, and their connections close once unused for IDLE_CHANNEL seconds. A listed
+address that never answered (a daemon not started yet) is asked again at most every
+BACKOFF_MAX_NEVER seconds, and sooner once a peer reports having reached it. Recovery
+asks everyone (``refresh(everyone=True)``). A peer that stops answering is logged at once
 with its id, address and reason, then every REPORT_EVERY seconds with how long it has
 been gone; its return is logged too."""
 
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from ..format import naming
 from .auth import TLSFiles
 from .rpc import Client, error_text
 from .sync import Strides, check_stride
@@ -32,8 +35,10 @@ log = logging.getLogger(__name__)
 
 
 BACKOFF_MAX = 5.0  # seconds between probes of a peer that does not answer, at most
+BACKOFF_MAX_NEVER = 30.0  # the same for an address that never answered (not started yet)
 REPORT_EVERY = 30.0  # seconds between log lines about a peer still gone
 UNKNOWN_GRACE = 5.0  # a peer never reached is logged once this long without an answer
+MAX_HINTS = 100_000  # members taken from one peer's Status, at most
 IDLE_CHANNEL = 600.0  # seconds unused before the channel to a peer not watched is closed
 
 
@@ -48,6 +53,7 @@ class Member:
     failures: int = 0  # probes in a row without an answer
     next_probe: float = 0.0
     reported: float | None = None  # when its absence was last logged
+    hinted: bool = False  # identity as a peer reported it: asked once at the next refresh
 
     def name(self) -> str:
         return f"peer {self.node_id or '?'} ({self.address})"
@@ -74,6 +80,7 @@ class Peers:
         self._clients: dict[str, Client] = {}
         self._watched: set[str] = set()
         self._used: dict[str, float] = {}  # address -> when its client was last taken
+        self._hints: dict[str, tuple[str, str]] = {}  # address -> (node id, zone) per a peer
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
@@ -134,6 +141,7 @@ class Peers:
         addresses = self.addresses()
         now = time.monotonic()
         with self._lock:
+            self._adopt_hints(addresses)
             due = [a for a in addresses if everyone or self._due(self._members.get(a), now)]
         if len(due) > 1:
             with ThreadPoolExecutor(max_workers=min(16, len(due))) as pool:
@@ -157,8 +165,19 @@ class Peers:
                 self._clients.pop(address).close()
                 self._used.pop(address, None)
 
+    def _adopt_hints(self, addresses: list[str]) -> None:
+        """Listed addresses never identified that a peer reached: their identity as that
+        peer reported it, and one question at the next refresh (they are likely up now),
+        instead of waiting out their backoff."""
+        for address in addresses:
+            known = self._members.get(address)
+            hint = self._hints.get(address)
+            if hint is not None and (known is None or not known.node_id):
+                self._members[address] = Member(address, *hint, hinted=True,
+                                                error="identity as a peer reported it")  # fmt: skip
+
     def _due(self, member: Member | None, now: float) -> bool:
-        if member is None:
+        if member is None or member.hinted:
             return True
         wanted = not member.node_id or member.node_id in self._watched
         return wanted and now >= member.next_probe
@@ -172,7 +191,8 @@ class Peers:
             return
         member.down_since = before.down_since if before and before.down_since else now
         member.failures = (before.failures if before else 0) + 1
-        member.next_probe = now + min(BACKOFF_MAX, 0.5 * 2**member.failures)
+        ceiling = BACKOFF_MAX if member.node_id else BACKOFF_MAX_NEVER
+        member.next_probe = now + min(ceiling, 0.5 * 2**member.failures)
         member.reported = before.reported if before else None
         gone = now - member.down_since
         if member.reported is None:
@@ -196,7 +216,20 @@ class Peers:
             member.node_id, member.zone = reply.node_id, reply.zone
             member.reachable = True
             self._hear_stride(member, reply)
+            self._hear_members(reply)
         return member
+
+    def _hear_members(self, reply) -> None:
+        """Who the answering peer reached, as hints for the addresses not identified."""
+        hints = {}
+        for peer in reply.peers[:MAX_HINTS]:
+            if peer.reachable and peer.node_id and peer.address:
+                try:
+                    hints[peer.address] = (naming.check_node_id(peer.node_id), peer.zone[:256])
+                except ValueError:
+                    continue
+        with self._lock:
+            self._hints.update(hints)
 
     def _hear_stride(self, member: Member, reply) -> None:
         if self.strides is None or not reply.sync_stride:  # a daemon that says none
