@@ -8,8 +8,9 @@ from setuptools import Extension, setup
 
 native = Extension(
     "mtckpt._native",
-    sources=["native/module.c", "native/crc32c.c", "native/copy.c", "native/fileio.c"],
-    depends=["native/crc32c.h", "native/copy.h", "native/fileio.h"],
+    sources=["native/module.c", "native/crc32c.c", "native/copy.c", "native/fileio.c",
+             "native/gf256.c"],
+    depends=["native/crc32c.h", "native/copy.h", "native/fileio.h", "native/gf256.h"],
     include_dirs=["native"],
     extra_compile_args=["-O3", "-std=c11", "-Wall", "-Wextra", "-fvisibility=hidden"],
     extra_link_args=["-pthread"],

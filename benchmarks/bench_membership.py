@@ -173,17 +173,18 @@ def main() -> int:
     except (ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     sizes = [1] + [int(n) for n in args.sizes.split(",")]
-    rows = [measure(n, args.window, args.settle, args.processes, args.hosts, args.host_scan)
-            for n in sizes]  # fmt: skip
-    baseline = rows[0]
     print("| daemons | measured | all known after s | CPU per daemon, mean (millicores) | "
-          "max | mean / one daemon alone |\n|---|---|---|---|---|---|")  # fmt: skip
-    for row in rows:
-        ratio = row["mean_mcores"] / baseline["mean_mcores"]
-        print(f"| {row['daemons']} | {row['measured']} | {row['learned_s']} | "
-              f"{row['mean_mcores']:.1f} | {row['max_mcores']:.1f} | {ratio:.2f} |")  # fmt: skip
+          "max | mean / one daemon alone |\n|---|---|---|---|---|---|", flush=True)  # fmt: skip
+    rows: list[dict] = []
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(rows, indent=1))
+    for n in sizes:  # each row as it is measured: a larger size may not finish
+        row = measure(n, args.window, args.settle, args.processes, args.hosts, args.host_scan)
+        rows.append(row)
+        ratio = row["mean_mcores"] / rows[0]["mean_mcores"]
+        print(f"| {row['daemons']} | {row['measured']} | {row['learned_s']} | "
+              f"{row['mean_mcores']:.1f} | {row['max_mcores']:.1f} | {ratio:.2f} |",
+              flush=True)  # fmt: skip
+        args.out.write_text(json.dumps(rows, indent=1))
     return 0
 
 

@@ -15,6 +15,7 @@
 #include "copy.h"
 #include "crc32c.h"
 #include "fileio.h"
+#include "gf256.h"
 
 /* Below this many bytes (microseconds of work) the GIL is kept: giving it up would let
  * another thread in, and retaking it can then wait far longer than the work took. */
@@ -399,6 +400,33 @@ done:
     return result;
 }
 
+static PyObject *native_gf256_muladd(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (check_nargs("gf256_muladd", nargs, 3, 3) < 0)
+        return NULL;
+    Py_buffer dst = {0}, src = {0};
+    PyObject *result = NULL;
+    uint64_t coef;
+    if (get_buffer(args[0], &dst, 1, "gf256_muladd", "dst") < 0 ||
+        get_buffer(args[1], &src, 0, "gf256_muladd", "src") < 0 ||
+        parse_uint(args[2], "gf256_muladd", "coef", 255, &coef) < 0)
+        goto done;
+    if (dst.len != src.len) {
+        PyErr_Format(PyExc_ValueError, "gf256_muladd(): dst has %zd bytes but src has %zd bytes",
+                     dst.len, src.len);
+        goto done;
+    }
+    PyThreadState *state = release_gil_if_large(src.len);
+    gf256_muladd(dst.buf, src.buf, (size_t)src.len, (uint8_t)coef);
+    reacquire_gil(state);
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&dst);
+    return result;
+}
+
 static PyObject *native_prefault(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)module;
@@ -494,6 +522,9 @@ PyDoc_STRVAR(native_copy_crc32c_doc,
              "copy_crc32c($module, dst, src, value=0, /)\n--\n\n"
              "Copy src into dst and return the CRC-32C of src continuing from value, in one\n"
              "pass.");
+PyDoc_STRVAR(native_gf256_muladd_doc,
+             "gf256_muladd($module, dst, src, coef, /)\n--\n\n"
+             "dst ^= coef * src, byte by byte in GF(2^8) (polynomial 0x11d): a parity update.");
 PyDoc_STRVAR(native_prefault_doc,
              "prefault($module, buf, /)\n--\n\n"
              "Make every page of the writable buffer resident and mapped; contents stay.");
@@ -516,6 +547,7 @@ static PyMethodDef native_methods[] = {
     FASTCALL("copy", native_copy),
     FASTCALL("copy_many", native_copy_many),
     FASTCALL("copy_crc32c", native_copy_crc32c),
+    FASTCALL("gf256_muladd", native_gf256_muladd),
     FASTCALL("prefault", native_prefault),
     FASTCALL("fallocate", native_fallocate),
     FASTCALL("pwrite_all", native_pwrite_all),
@@ -526,7 +558,8 @@ static PyMethodDef native_methods[] = {
 static struct PyModuleDef native_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "mtckpt._native",
-    .m_doc = "mtckpt's native fast path: crc32c, multi-threaded copies, file I/O helpers.",
+    .m_doc = "mtckpt's native fast path: crc32c, multi-threaded copies, GF(2^8) parity, "
+             "file I/O helpers.",
     .m_size = -1,
     .m_methods = native_methods,
 };

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from . import gf256
+
 hardware = "none"
 
 _POLY = 0x82F63B78  # CRC-32C, bit-reversed
@@ -283,6 +285,15 @@ def copy_crc32c(dst: Any, src: Any, value: int = 0, /) -> int:
     _check_sizes("copy_crc32c", dst_bytes, src_bytes)
     np.copyto(dst_bytes, src_bytes)
     return _update(src_bytes, value)
+
+
+def gf256_muladd(dst: Any, src: Any, coef: Any, /) -> None:
+    dst_bytes = _bytes_of(dst, "gf256_muladd", "dst", writable=True)
+    src_bytes = _bytes_of(src, "gf256_muladd", "src")
+    product = _uint(coef, "gf256_muladd", "coef", 255)
+    _check_sizes("gf256_muladd", dst_bytes, src_bytes)
+    if product:
+        dst_bytes ^= gf256.products()[product][src_bytes]
 
 
 def prefault(buf: Any, /) -> None:

@@ -41,6 +41,9 @@ def copy_many(dsts: Sequence[Buffer], srcs: Sequence[Buffer], threads: int = 1, 
 def copy_crc32c(dst: Buffer, src: Buffer, value: int = 0, /) -> int:
     """Copy src into dst and return the CRC-32C of src continuing from value, in one pass."""
 
+def gf256_muladd(dst: Buffer, src: Buffer, coef: int, /) -> None:
+    """dst ^= coef * src, byte by byte in GF(2^8) (polynomial 0x11d): a parity update."""
+
 def prefault(buf: Buffer, /) -> None:
     """Make every page of the writable buffer resident and mapped; contents stay."""
 

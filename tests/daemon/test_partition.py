@@ -92,7 +92,7 @@ def test_an_address_not_answering_takes_the_identity_a_peer_reports():
     from mtckpt.proto import mtckpt_pb2 as pb
 
     quiet, other = "127.0.0.1:9", "127.0.0.1:10"  # nothing listens there
-    known = membership.Peers("c-x", [quiet, other], timeout=5.0)
+    known = membership.Peers("c-x", [quiet, other], timeout=0.5)
     try:
         reply = pb.StatusReply(node_id="c-a")
         reply.peers.add(address=quiet, node_id="c-q", zone="z1", reachable=True)

@@ -4,6 +4,7 @@ restore after the faster tiers are gone, damaged objects, an endpoint that goes 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -285,6 +286,9 @@ def test_an_endpoint_gone_mid_flush_stops_nothing_and_flushing_resumes(own_moto,
                                                                        caplog):  # fmt: skip
     bucket = own_moto.make_bucket("resume")
     remote = s3_tier(own_moto, bucket, part_size=5 << 20, concurrency=1, retries=1)
+    fast_failing = {**remote.storage_options, "config_kwargs": {"connect_timeout": 2,
+                    "read_timeout": 10, "retries": {"max_attempts": 1}}}  # fmt: skip
+    remote = dataclasses.replace(remote, storage_options=fast_failing)
     with manager(shm_dir / "a", remote) as mgr:
         mgr.save(1, state(1)).wait()
         handle = mgr.save(2, state(2, 40 << 20))

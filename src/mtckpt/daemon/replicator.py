@@ -5,9 +5,8 @@ or every ``scan_interval`` seconds, it lists the node's own committed shards (th
 ``keep`` steps of each run and its kept sync steps), asks each target peer which it already
 holds, and streams the others: sync steps first, then the newest. While its transfers lag
 behind the saves it sends sync steps only (daemon/sync.py), and the newest once the saves
-pause. A peer that is down leaves
-the shard degraded (reported in Status) and is caught up once it answers again. Bytes per
-second can be capped.
+pause. A peer that is down leaves the shard degraded (reported in Status) and is caught up
+once it answers again. Bytes per second can be capped.
 """
 
 from __future__ import annotations
