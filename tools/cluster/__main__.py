@@ -83,6 +83,7 @@ def predictions(summaries: list[dict], out: Path) -> str:
     """Each configuration's measurements written as ``mtckpt plan --inputs`` files, and the
     planner's goodput for the configuration that ran beside the measured one."""
     from mtckpt.plan import build_inputs, optimize, simulate
+    from mtckpt.plan.inputs import PlanInputError
 
     lines = [
         "| configuration | measured goodput (from the first step) | planner, analytic | "
@@ -95,7 +96,12 @@ def predictions(summaries: list[dict], out: Path) -> str:
         path.write_text(json.dumps(raw, indent=1))
         if not raw["failures_per_hour"]:
             continue
-        inputs = build_inputs(raw)
+        try:  # a tier the run never restored from has no measured costs to plan with
+            inputs = build_inputs(raw)
+        except PlanInputError as exc:
+            lines.append(f"| {s['config']} | {s['goodput_steady']:.3f} | not modelled: {exc} "
+                         "| - | - |")  # fmt: skip
+            continue
         plan = optimize(inputs)
         ran = plan.configured
         simulated = simulate(inputs, ran.every, replications=3)
