@@ -281,6 +281,21 @@ done:
     return result;
 }
 
+/* dst (writable) and src of one length: the first two arguments of copy(),
+   copy_crc32c() and gf256_muladd(). The caller releases both views either way. */
+static int get_dst_src(PyObject *const *args, const char *func, Py_buffer *dst, Py_buffer *src)
+{
+    if (get_buffer(args[0], dst, 1, func, "dst") < 0 ||
+        get_buffer(args[1], src, 0, func, "src") < 0)
+        return -1;
+    if (dst->len != src->len) {
+        PyErr_Format(PyExc_ValueError, "%s(): dst has %zd bytes but src has %zd bytes", func,
+                     dst->len, src->len);
+        return -1;
+    }
+    return 0;
+}
+
 static PyObject *native_copy(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)module;
@@ -289,15 +304,9 @@ static PyObject *native_copy(PyObject *module, PyObject *const *args, Py_ssize_t
     Py_buffer dst = {0}, src = {0};
     PyObject *result = NULL;
     int threads;
-    if (get_buffer(args[0], &dst, 1, "copy", "dst") < 0 ||
-        get_buffer(args[1], &src, 0, "copy", "src") < 0 ||
+    if (get_dst_src(args, "copy", &dst, &src) < 0 ||
         parse_threads(args, nargs, 2, "copy", &threads) < 0)
         goto done;
-    if (dst.len != src.len) {
-        PyErr_Format(PyExc_ValueError, "copy(): dst has %zd bytes but src has %zd bytes",
-                     dst.len, src.len);
-        goto done;
-    }
     struct copy_pair pair = {dst.buf, src.buf, (size_t)src.len};
     PyThreadState *state = release_gil_if_large(src.len);
     copy_pairs(&pair, 1, threads);
@@ -381,15 +390,9 @@ static PyObject *native_copy_crc32c(PyObject *module, PyObject *const *args, Py_
     Py_buffer dst = {0}, src = {0};
     PyObject *result = NULL;
     uint32_t crc = 0;
-    if (get_buffer(args[0], &dst, 1, "copy_crc32c", "dst") < 0 ||
-        get_buffer(args[1], &src, 0, "copy_crc32c", "src") < 0 ||
+    if (get_dst_src(args, "copy_crc32c", &dst, &src) < 0 ||
         (nargs > 2 && parse_crc(args[2], "copy_crc32c", "value", &crc) < 0))
         goto done;
-    if (dst.len != src.len) {
-        PyErr_Format(PyExc_ValueError, "copy_crc32c(): dst has %zd bytes but src has %zd bytes",
-                     dst.len, src.len);
-        goto done;
-    }
     PyThreadState *state = release_gil_if_large(src.len);
     crc = copy_crc32c(dst.buf, src.buf, (size_t)src.len, crc);
     reacquire_gil(state);
@@ -408,15 +411,9 @@ static PyObject *native_gf256_muladd(PyObject *module, PyObject *const *args, Py
     Py_buffer dst = {0}, src = {0};
     PyObject *result = NULL;
     uint64_t coef;
-    if (get_buffer(args[0], &dst, 1, "gf256_muladd", "dst") < 0 ||
-        get_buffer(args[1], &src, 0, "gf256_muladd", "src") < 0 ||
+    if (get_dst_src(args, "gf256_muladd", &dst, &src) < 0 ||
         parse_uint(args[2], "gf256_muladd", "coef", 255, &coef) < 0)
         goto done;
-    if (dst.len != src.len) {
-        PyErr_Format(PyExc_ValueError, "gf256_muladd(): dst has %zd bytes but src has %zd bytes",
-                     dst.len, src.len);
-        goto done;
-    }
     PyThreadState *state = release_gil_if_large(src.len);
     gf256_muladd(dst.buf, src.buf, (size_t)src.len, (uint8_t)coef);
     reacquire_gil(state);

@@ -69,6 +69,7 @@ def test_sync_steps_are_the_newest_multiples_of_the_stride():
     assert sync_steps(list(range(1, 40)), 8) == [24, 32]
     assert sync_steps([5, 9, 16, 16], 4) == [16]
     assert sync_steps([1, 2, 3], 4) == []
+    assert sync_steps([1, 2, 3, 4], 1) == []  # no daemon lags: the newest `keep` do
 
 
 def state(step: int) -> dict:

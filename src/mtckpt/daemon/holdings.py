@@ -284,7 +284,7 @@ class Holdings:
         kept (a few) for the next replicas to be written into."""
         storage = self.storage(origin)
         steps = storage.steps(run)
-        kept = set(steps[-self.keep :]) | set(sync_steps(steps, stride) if stride > 1 else [])
+        kept = set(steps[-self.keep :]) | set(sync_steps(steps, stride))
         for step in (s for s in steps if s not in kept):
             names = storage.files(run, step)
             for name in sorted(names, key=lambda n: not n.endswith(".json")):  # manifests first

@@ -7,9 +7,9 @@ from the peers holding replicas, several at once and spread over the sources, ve
 each chunk against the manifest as it arrives; a bad or unreachable source is replaced
 by the next one. Shards this node's local tier still holds (a daemon restarted after its
 memory tier was lost) or its daemon kept (a sync step the trainers expired) are copied
-from there instead. The shards land in this node's memory
-tier with the step's COMMIT, so the trainer then restores at memory speed; with a local
-root, :func:`persist` then writes them to the local tier too.
+from there instead. The shards land in this node's memory tier with the step's COMMIT, so
+the trainer then restores at memory speed; with a local root, :func:`persist` then writes
+them to the local tier too.
 """
 
 from __future__ import annotations

@@ -225,7 +225,7 @@ class Replicator:
         kept = self.holdings.kept
         for run in self.holdings.runs(self.holdings.own):
             steps = self.holdings.own.steps(run) + kept.steps(run)
-            sync = set(sync_steps(steps, stride)) if stride > 1 else set()
+            sync = set(sync_steps(steps, stride))
             for step in sorted(sync):
                 kept.keep(run, step)
             kept.release(run, sync)
@@ -249,7 +249,7 @@ class Replicator:
         keep = {
             run: set(sorted(set(steps))[-self.holdings.keep :]) for run, steps in newest.items()
         }
-        sync = {run: set(sync_steps(s, stride) if stride > 1 else []) for run, s in newest.items()}
+        sync = {run: set(sync_steps(steps, stride)) for run, steps in newest.items()}
         newest_too = {run: self._quiet(run, max(steps)) for run, steps in newest.items()}
         chosen = sorted(
             (h for h in own if h.shard.step in sync[h.shard.run]

@@ -10,10 +10,9 @@ of them, spread through the Status calls daemons already make to the peers they 
 to (each learnt value holds for ``TTL`` seconds less a second per hop, so one that is no
 longer said fades out). A step whose number is a multiple of the cluster's stride is a
 *sync step*: a lagging daemon sends only those (and its newest step once the saves pause),
-and every daemon keeps its newest
-``SYNC_KEPT`` sync steps, its own (in the memory tier's ``.kept``) and its peers'
-replicas, beyond the newest ``keep``. Strides being powers of two, the sync steps of a
-larger stride are sync steps of every smaller one.
+and every daemon keeps its newest ``SYNC_KEPT`` sync steps, its own (in the memory tier's
+``.kept``) and its peers' replicas, beyond the newest ``keep``. Strides being powers of
+two, the sync steps of a larger stride are sync steps of every smaller one.
 """
 
 from __future__ import annotations
@@ -86,5 +85,8 @@ def is_sync(step: int, stride: int) -> bool:
 
 
 def sync_steps(steps: list[int], stride: int) -> list[int]:
-    """The newest SYNC_KEPT sync steps of ``steps``, ascending."""
+    """The newest SYNC_KEPT sync steps of ``steps``, ascending; none with a stride of 1
+    (no daemon lags: the newest ``keep`` steps are enough)."""
+    if stride == 1:
+        return []
     return sorted(s for s in set(steps) if is_sync(s, stride))[-SYNC_KEPT:]
