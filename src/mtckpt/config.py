@@ -20,6 +20,7 @@ from .errors import ConfigError
 from .format import encoding, naming
 from .format.manifest import DEFAULT_CHUNK_SIZE
 from .options import option
+from .redundancy import RULE as REDUNDANCY_RULE
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -121,6 +122,13 @@ class PeerTier:
         'as many. 0: no "peers" stage (the daemon only holds node memory and uploads).',
         rule=options.int_at_least(0),
     )
+    redundancy: str | None = option(
+        None,
+        help="The redundancy the daemon must keep (`replicas:R`, `xor:G`, `rs:K+M`, as its "
+        '--redundancy): checked when the manager starts; `h.wait("peers")` then waits for '
+        "it. Default: the daemon's, with at least `replicas` copies when that is replicas.",
+        rule=REDUNDANCY_RULE,
+    )
     token_file: str | None = option(
         None,
         help="File holding the daemon's shared token, sent with every call.",
@@ -135,6 +143,13 @@ class PeerTier:
 
     def __post_init__(self) -> None:
         options.validate(self, "peers.")
+
+    @property
+    def replicating(self) -> bool:
+        """Whether saves have a "peers" stage: the daemon keeps some redundancy."""
+        if self.redundancy is not None:
+            return self.redundancy.strip() != "replicas:0"
+        return self.replicas > 0
 
 
 @dataclass(frozen=True)

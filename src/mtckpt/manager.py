@@ -93,7 +93,7 @@ class CheckpointManager:
         _fastpath.backend()  # choose (and report) the fast path now, not mid-save
 
         self._peers = None if peers is None else DaemonLink(peers, self.run, self.rank)
-        self._replicating = peers is not None and peers.replicas > 0
+        self._replicating = peers is not None and peers.replicating
         memory = self._memory_tier(memory, peers)
         self._memory = MemoryStorage(config.expand_path(memory.path))
         self._tiers: list[tuple[Any, Storage]] = [(memory, self._memory)]

@@ -61,5 +61,7 @@ def test_the_daemons_flags_are_its_declared_options():
         f.name for f in dataclasses.fields(daemon_config.DaemonConfig)
     }
     assert flags["keep"].type is int and flags["bandwidth"].type is float
-    assert flags["replicas"].help == "Copies of each shard on peers. (1)"
+    assert flags["replicas"].help == (
+        "Copies of each shard on peers: the same as redundancy `replicas:N`. (1)"
+    )
     assert flags["insecure"].const is True and flags["insecure"].default is None

@@ -34,6 +34,8 @@ from . import frames
 from .auth import TLSFiles
 from .holdings import Incoming, Outgoing
 
+Sink = Incoming  # or anything with its receiving methods (parity.Contribution, Received)
+
 log = logging.getLogger(__name__)
 
 FRAME = struct.Struct("<QII")  # offset, length, crc32c
@@ -68,14 +70,14 @@ class BulkServer:
             self._context.load_verify_locations(tls.ca)
             self._context.verify_mode = ssl.CERT_REQUIRED
         self._on_stored, self._on_failed = on_stored, on_failed
-        self._pending: dict[bytes, tuple[Incoming | Outgoing, float]] = {}
+        self._pending: dict[bytes, tuple[Sink | Outgoing, float]] = {}
         self._lock = threading.Lock()
         self._closed = False
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._thread = threading.Thread(target=self._accept, name="mtckpt-bulk", daemon=True)
         self._thread.start()
 
-    def admit(self, incoming: Incoming) -> bytes:
+    def admit(self, incoming: Sink) -> bytes:
         """A one-time ticket for sending ``incoming``'s bytes here."""
         return self._ticket(incoming)
 
@@ -83,7 +85,7 @@ class BulkServer:
         """A one-time ticket for fetching ``outgoing`` from here."""
         return self._ticket(outgoing)
 
-    def _ticket(self, transfer: Incoming | Outgoing) -> bytes:
+    def _ticket(self, transfer: Sink | Outgoing) -> bytes:
         ticket = secrets.token_bytes(TICKET_BYTES)
         now = time.monotonic()
         with self._lock:
@@ -91,7 +93,7 @@ class BulkServer:
             stale = [self._pending.pop(t)[0] for t in expired]
             self._pending[ticket] = (transfer, now + TICKET_SECONDS)
         for old in stale:
-            if isinstance(old, Incoming):
+            if not isinstance(old, Outgoing):
                 old.close()
         return ticket
 
@@ -123,8 +125,11 @@ class BulkServer:
             conn.settimeout(SOCKET_TIMEOUT)
             if isinstance(transfer, Outgoing):
                 with open_held(transfer.path) as f:  # not reused while it is sent
-                    conn.sendall(STATUS.pack(0, 0))  # accepted: the frames follow
-                    _send_frames(conn, f.fileno(), transfer.manifest, tls=self.tls)
+                    if transfer.length is None:
+                        conn.sendall(STATUS.pack(0, 0))  # accepted: the frames follow
+                        _send_frames(conn, f.fileno(), transfer.manifest, tls=self.tls)
+                    else:
+                        _send_range(conn, f.fileno(), transfer, tls=self.tls)
                 return
             receive_frames(conn, transfer)
             transfer.commit()
@@ -135,7 +140,8 @@ class BulkServer:
                 log.warning("%s: stored, but the housekeeping after it failed: %s",
                             transfer.where, exc)  # fmt: skip
         except (OSError, MtckptError, ValueError) as exc:
-            where = f"{transfer.where}: " if isinstance(transfer, Incoming) else ""
+            sink = transfer is not None and not isinstance(transfer, Outgoing)
+            where = f"{transfer.where}: " if sink else ""
             log.warning("bulk transfer failed: %s%s", where, exc)
             self._on_failed(exc)
             reason = f"{where}{exc}".encode()[:4096]
@@ -145,7 +151,7 @@ class BulkServer:
             except OSError:
                 pass
         finally:
-            if isinstance(transfer, Incoming):
+            if transfer is not None and not isinstance(transfer, Outgoing):
                 transfer.close()
             conn.close()
             self._slots.release()
@@ -156,11 +162,11 @@ class BulkServer:
         with self._lock:
             pending, self._pending = list(self._pending.values()), {}
         for transfer, _ in pending:
-            if isinstance(transfer, Incoming):
+            if not isinstance(transfer, Outgoing):
                 transfer.close()
 
 
-def receive_frames(conn: socket.socket, incoming: Incoming) -> None:
+def receive_frames(conn: socket.socket, incoming: Sink) -> None:
     """Frames from ``conn`` into ``incoming`` until it has every byte, each checked."""
     crc32c = _fastpath.backend().crc32c
     header = bytearray(FRAME.size)
@@ -219,6 +225,37 @@ def _send_frames(conn: socket.socket, fd: int, manifest: RankManifest, *, tls: b
             mapping.close()
 
 
+def _send_range(conn: socket.socket, fd: int, outgoing: Outgoing, *, tls: bool) -> None:
+    """``outgoing.length`` bytes from ``outgoing.offset`` of the file ``fd``, after checking
+    every chunk they touch against its recorded crc32c (a damaged one is refused with a
+    status naming it): frames at offsets from 0, one per chunk touched, each with the
+    crc32c of its bytes."""
+    described, start, end = outgoing.manifest, outgoing.offset, outgoing.offset + outgoing.length
+    size, chunk = described.file_size, described.chunk_size
+    crc32c = _fastpath.backend().crc32c
+    frames_out = []
+    with mmap.mmap(fd, size, prot=mmap.PROT_READ) as mapping, memoryview(mapping) as view:
+        for index in range(start // chunk, -(-end // chunk)):
+            first, last = index * chunk, min(size, (index + 1) * chunk)
+            whole = crc32c(view[first:last])
+            if whole != described.chunk_crc32c[index]:
+                reason = (
+                    f"{outgoing.path.name}: chunk {index} is damaged here (crc32c "
+                    f"{whole:#010x}, recorded {described.chunk_crc32c[index]:#010x})"
+                )
+                raise BulkError(reason)
+            lo, hi = max(first, start), min(last, end)
+            frames_out.append((lo, hi, whole if (lo, hi) == (first, last) else
+                               crc32c(view[lo:hi])))  # fmt: skip
+        conn.sendall(STATUS.pack(0, 0))
+        for lo, hi, crc in frames_out:
+            conn.sendall(FRAME.pack(lo - start, hi - lo, crc))
+            if tls:
+                conn.sendall(view[lo:hi])
+            else:
+                _sendfile(conn, fd, lo, hi - lo)
+
+
 def send(host: str, port: int, ticket: bytes, fd: int, manifest: RankManifest, *,
          tls: TLSFiles | None, bandwidth: float | None = None) -> None:  # fmt: skip
     """Send the data file ``fd`` described by ``manifest`` to a peer's data port under
@@ -229,7 +266,33 @@ def send(host: str, port: int, ticket: bytes, fd: int, manifest: RankManifest, *
         _raise_for_status(conn, host, port)
 
 
-def fetch(host: str, port: int, ticket: bytes, incoming: Incoming, *,
+def send_parts(host: str, port: int, ticket: bytes, parts: list[tuple[int, int, int]], *,
+               tls: TLSFiles | None, bandwidth: float | None = None) -> None:  # fmt: skip
+    """Send ``(fd, offset, length)`` parts of files, one after the other, as one stream
+    of frames (offsets from 0, each with the crc32c of its bytes) to a peer's data port
+    under ``ticket``."""
+    crc32c = _fastpath.backend().crc32c
+    sent, started = 0, time.monotonic()
+    with _connect(host, port, tls) as conn:
+        conn.sendall(ticket)
+        for fd, offset, length in parts:
+            if not length:
+                continue
+            with mmap.mmap(fd, offset + length, prot=mmap.PROT_READ) as mapping, \
+                    memoryview(mapping) as view:  # fmt: skip
+                for lo in range(offset, offset + length, FRAME_BYTES):
+                    hi = min(offset + length, lo + FRAME_BYTES)
+                    conn.sendall(FRAME.pack(sent, hi - lo, crc32c(view[lo:hi])))
+                    if tls is None:
+                        _sendfile(conn, fd, lo, hi - lo)
+                    else:
+                        conn.sendall(view[lo:hi])
+                    sent += hi - lo
+                    frames.pace(sent, bandwidth, started)
+        _raise_for_status(conn, host, port)
+
+
+def fetch(host: str, port: int, ticket: bytes, incoming: Sink, *,
           tls: TLSFiles | None) -> None:  # fmt: skip
     """Fetch a file from a peer's data port under ``ticket`` into ``incoming`` (checked;
     the caller commits it)."""

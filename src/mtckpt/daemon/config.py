@@ -14,6 +14,8 @@ from ..config import ObjectTier, manager_kwargs, parse_env, read_file, remote_at
 from ..errors import ConfigError
 from ..format import naming
 from ..options import option
+from ..redundancy import RULE as REDUNDANCY_RULE
+from ..redundancy import Redundancy
 
 
 @dataclass
@@ -42,7 +44,19 @@ class DaemonConfig:
     peers_dns: str | None = option(
         None, help="NAME:PORT resolving to every daemon (a headless service), re-read every scan."
     )
-    replicas: int = option(1, help="Copies of each shard on peers.", rule=options.int_at_least(0))
+    replicas: int = option(
+        1,
+        help="Copies of each shard on peers: the same as redundancy `replicas:N`.",
+        rule=options.int_at_least(0),
+    )
+    redundancy: str | None = option(
+        None,
+        help="How a node's shards survive its loss: `replicas:R` (R whole copies on peers), "
+        "`xor:G` (groups of G nodes keep parity: any one loss per group, about 1/(G-1) of a "
+        "shard in peer memory) or `rs:K+M` (Reed-Solomon in groups of K+M: any M losses, "
+        "M/K of a shard). Default: `replicas:` the replicas option.",
+        rule=REDUNDANCY_RULE,
+    )
     zone: str = option("", help="Failure-domain label (zone, rack): replicas go to others first.")
     keep: int = option(2, help="Steps of each run kept as replicas.", rule=options.int_at_least(1))
     token_file: str | None = option(
@@ -104,11 +118,21 @@ class DaemonConfig:
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         options.validate(self)
+        if self.redundancy is not None:
+            scheme = Redundancy.parse(self.redundancy)
+            self.replicas = scheme.data if scheme.kind == "replicas" else 0
         if self.listen is None and self.socket is None:
             raise ConfigError("the daemon needs a TCP address (listen) or a Unix socket")
         tls = (self.tls_cert, self.tls_key, self.tls_ca)
         if any(tls) and not all(tls):
             raise ConfigError("tls_cert, tls_key and tls_ca go together")
+
+    @property
+    def scheme(self) -> Redundancy:
+        """The redundancy the daemon keeps: ``redundancy``, else ``replicas:`` replicas."""
+        if self.redundancy is None:
+            return Redundancy.replicas(self.replicas)
+        return Redundancy.parse(self.redundancy)
 
 
 # The daemon's options with the type each takes in the file, a variable or a flag.

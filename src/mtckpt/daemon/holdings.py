@@ -53,10 +53,13 @@ class Shard:
 
 @dataclass(frozen=True)
 class Outgoing:
-    """A held data file a peer may fetch, with the manifest that describes it."""
+    """A held file a peer may fetch, with what describes its chunks (a manifest, or a
+    parity's checksums): whole, or ``length`` bytes from ``offset``."""
 
     path: Path
-    manifest: RankManifest
+    manifest: RankManifest  # or anything with file_size, chunk_size and chunk_crc32c
+    offset: int = 0
+    length: int | None = None  # None: the whole file
 
 
 @dataclass(frozen=True)
@@ -160,11 +163,18 @@ class Holdings:
             raise CorruptCheckpointError(f"{where}: not held here") from None
         return RankManifest.from_json(raw, where)
 
-    def outgoing(self, shard: Shard) -> Outgoing:
-        """What a peer may fetch of a held shard's data file (for the data port)."""
+    def outgoing(self, shard: Shard, offset: int = 0, length: int = 0) -> Outgoing:
+        """What a peer may fetch of a held shard's data file (for the data port): whole, or
+        ``length`` bytes from ``offset`` (ValueError past its end)."""
         storage = self.holding(shard)
         path = storage.path(shard.run, shard.step, naming.data_file(shard.rank))
-        return Outgoing(path, self.manifest(shard, storage))
+        manifest = self.manifest(shard, storage)
+        if not offset and not length:
+            return Outgoing(path, manifest)
+        if offset < 0 or length <= 0 or offset + length > manifest.file_size:
+            raise ValueError(f"{shard}: {length} bytes at offset {offset} asked for; its data "
+                             f"file has {manifest.file_size}")  # fmt: skip
+        return Outgoing(path, manifest, offset, length)
 
     def holding(self, shard: Shard) -> DirectoryStorage:
         """The storage holding ``shard`` whole, or FileNotFoundError."""

@@ -15,6 +15,7 @@ import time
 
 from ..config import PeerTier
 from ..errors import ConfigError, TierError
+from ..redundancy import Redundancy
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +48,10 @@ class DaemonLink:
             raise ConfigError(
                 f"no mtckpt daemon answers at {cfg.daemon}: {exc.details()}"
             ) from None
-        if status.replicas < cfg.replicas:
+        problem = _mismatch(cfg, status)
+        if problem:
             self.client.close()
-            raise ConfigError(
-                f"the daemon at {cfg.daemon} keeps {status.replicas} replica(s) of each shard, "
-                f"PeerTier asks for {cfg.replicas}; start it with --replicas {cfg.replicas}"
-            )
+            raise ConfigError(problem)
         self.node_id, self.memory_root = status.node_id, status.memory_root
         self.remote_url = status.remote_url  # empty: the daemon uploads nothing
         self._queue: queue.Queue = queue.Queue()
@@ -254,3 +253,20 @@ class DaemonLink:
 def _stored_everywhere(entry) -> bool:
     """Whether every peer chosen for a shard holds it (a ReplicaState from the daemon)."""
     return bool(entry.targets) and set(entry.targets) <= set(entry.stored)
+
+
+def _mismatch(cfg: PeerTier, status) -> str:
+    """Why the daemon does not keep the redundancy PeerTier asks for ("" if it does)."""
+    kept = status.redundancy or f"replicas:{status.replicas}"  # an older daemon says replicas
+    if cfg.redundancy is not None:
+        if Redundancy.parse(cfg.redundancy) != Redundancy.parse(kept):
+            return (f"the daemon at {cfg.daemon} keeps redundancy {kept}, PeerTier asks for "
+                    f"{Redundancy.parse(cfg.redundancy)}; start it with --redundancy "
+                    f"{cfg.redundancy}")  # fmt: skip
+        return ""
+    if Redundancy.parse(kept).coded or status.replicas >= cfg.replicas:
+        return ""
+    return (
+        f"the daemon at {cfg.daemon} keeps {status.replicas} replica(s) of each shard, "
+        f"PeerTier asks for {cfg.replicas}; start it with --replicas {cfg.replicas}"
+    )

@@ -27,7 +27,7 @@ from ..errors import (
     StepNotFoundError,
 )
 from ..format import commit
-from . import bulk, frames
+from . import bulk, frames, rebuild
 from .auth import host_of
 from .holdings import Holdings, Shard
 from .peers import Peers
@@ -50,15 +50,17 @@ class Recovered:
 @dataclass
 class _Copy:
     node: str
-    address: str | None  # None: this daemon
+    address: str | None  # None: this daemon, or rebuilt from its coded group
     shard: Shard
     world_size: int
+    coded: bool = False  # not held whole anywhere: its group can rebuild it
 
 
-def _copies(holdings: Holdings, peers: Peers, run: str,
-            unreachable: list[str]) -> list[_Copy]:  # fmt: skip
+def _copies(holdings: Holdings, peers: Peers, run: str, unreachable: list[str],
+            listings: list) -> list[_Copy]:  # fmt: skip
     """Every copy of ``run``'s shards this daemon and its reachable peers list; the peers
-    that did not list go in ``unreachable``."""
+    that did not list go in ``unreachable``, the listings of those that did in
+    ``listings`` as ``(node, address, reply)``."""
     copies = [_Copy(holdings.node_id, None, h.shard, h.world_size) for h in holdings.list(run=run)]
     for member in peers.members():
         if not member.reachable:
@@ -70,6 +72,7 @@ def _copies(holdings: Holdings, peers: Peers, run: str,
             log.warning("recovery: %s did not list: %s", member.name(), error_text(exc))
             unreachable.append(member.name())
             continue
+        listings.append((listing.node_id, member.address, listing))
         for info in listing.shards:
             s = info.shard
             shard = Shard(s.run, s.step, s.rank, s.origin)
@@ -77,15 +80,41 @@ def _copies(holdings: Holdings, peers: Peers, run: str,
     return copies
 
 
+def _coded_copies(copies: list[_Copy], listings: list, run: str,
+                  reasons: list[str]) -> tuple[dict, list[_Copy]]:  # fmt: skip
+    """The coded view of each step with parities listed, and a copy for each rank no daemon
+    holds whole that its coded group can rebuild (why the others cannot go in ``reasons``)."""
+    steps = {p.stripe.step for _, _, reply in listings for p in reply.parities if p.complete}
+    views, found = {}, []
+    for step in sorted(steps):
+        coded = views[step] = rebuild.collect(listings, step)
+        whole = {(c.shard.origin, c.shard.rank) for c in copies if c.shard.step == step}
+        for origin, member in coded.members.items():
+            lacking = [r for r in member.ranks if (origin, r) not in whole]
+            if not lacking:
+                continue
+            reason = rebuild.why_not(coded, origin, run, step)
+            if reason:
+                log.warning("recovery: run %r step %d: %s", run, step, reason)
+                reasons.append(f"step {step}: {reason}")
+                continue
+            found += [_Copy(origin, None, Shard(run, step, r, origin), member.world_size, True)
+                      for r in lacking]  # fmt: skip
+    return views, found
+
+
 def recover(holdings: Holdings, peers: Peers, run: str, step: int | None = None,
             none_is_an_answer: bool = False) -> Recovered:  # fmt: skip
     """This node's shards of ``step`` (or the newest step complete across the daemons)
     in its memory tier; StepNotFoundError where there is none, or with
     ``none_is_an_answer`` step -1 and no steps complete."""
-    me = holdings.node_id
     peers.refresh(everyone=True)
     unreachable: list[str] = []
-    copies = _copies(holdings, peers, run, unreachable)
+    listings: list = []
+    copies = _copies(holdings, peers, run, unreachable, listings)
+    reasons: list[str] = []
+    views, rebuildable = _coded_copies(copies, listings, run, reasons)
+    copies += rebuildable
     by_step: dict[int, list[_Copy]] = {}
     for copy in copies:
         by_step.setdefault(copy.shard.step, []).append(copy)
@@ -96,17 +125,33 @@ def recover(holdings: Holdings, peers: Peers, run: str, step: int | None = None,
         raise StepNotFoundError(
             f"run {run!r}: no step is complete for every rank across this daemon and its "
             f"{len(peers.members())} peer(s) (steps seen: {sorted(by_step, reverse=True)[:10]})"
+            + "".join(f"; {r}" for r in reasons[:4])
         )
     if step is not None and step not in complete:
         raise StepNotFoundError(
             f"run {run!r} step {step} is not complete for every rank across the daemons; "
-            f"complete steps: {complete[:10] or 'none'}"
+            f"complete steps: {complete[:10] or 'none'}" + "".join(f"; {r}" for r in reasons[:4])
         )
-    chosen = complete[0] if step is None else step
-    found = by_step[chosen]
+    candidates = complete if step is None else [step]
+    for tried, chosen in enumerate(candidates):
+        result = Recovered(chosen, [], complete=complete[tried:], unreachable=unreachable)
+        try:
+            return _bring_back(holdings, peers, run, by_step[chosen], views.get(chosen), result)
+        except CorruptCheckpointError as exc:
+            if tried + 1 == len(candidates):
+                raise
+            log.warning("recovery: run %r step %d cannot be brought back (%s); trying step %d",
+                        run, chosen, exc, candidates[tried + 1])  # fmt: skip
+    raise AssertionError("unreachable")
+
+
+def _bring_back(holdings: Holdings, peers: Peers, run: str, found: list[_Copy],
+                coded_view, result: Recovered) -> Recovered:  # fmt: skip
+    """This node's shards of ``result.step`` from the ``found`` copies into its memory tier:
+    from its local tier or kept steps, rebuilt from its coded group, or fetched whole."""
+    me, chosen = holdings.node_id, result.step
     world = found[0].world_size
-    mine = sorted({c.shard.rank for c in found if c.shard.origin == me})
-    result = Recovered(chosen, mine, complete=complete, unreachable=unreachable)
+    mine = result.ranks = sorted({c.shard.rank for c in found if c.shard.origin == me})
     in_memory = commit.ranks_present(holdings.own, run, chosen)
     for storage in holdings.own_storages()[1:]:  # the local tier, the kept sync steps
         present = commit.ranks_present(storage, run, chosen)
@@ -120,6 +165,13 @@ def recover(holdings: Holdings, peers: Peers, run: str, step: int | None = None,
             in_memory.add(rank)
             if storage.name not in result.sources:
                 result.sources.append(storage.name)
+    coded = sorted(c.shard.rank for c in found if c.coded and c.shard.origin == me)
+    if set(coded) - in_memory:
+        size, nodes = rebuild.rebuild(holdings, peers, coded_view, run, chosen,
+                                      sorted(set(coded) - in_memory))  # fmt: skip
+        result.bytes += size
+        result.sources += [n for n in nodes if n not in result.sources]
+        in_memory |= set(coded)
     missing = [rank for rank in mine if rank not in in_memory]
     if missing:
         sources = {

@@ -26,10 +26,12 @@ from ..format import naming
 from ..format.manifest import RankManifest
 from ..metrics import Metrics
 from ..proto import mtckpt_pb2 as pb
+from ..redundancy import Redundancy
 from ..restore.read import close_mapping
 from ..tiers.memory import open_held
 from . import bulk, frames
 from .auth import TLSFiles, host_of
+from .encoder import Encoder
 from .holdings import Holdings, Shard
 from .peers import Peers
 from .placement import replica_targets
@@ -58,7 +60,7 @@ class Replicator:
         peers: Peers,
         *,
         zone: str,
-        replicas: int,
+        scheme: Redundancy,
         bandwidth: float | None = None,
         scan_interval: float = 0.5,
         tls: TLSFiles | None = None,
@@ -74,7 +76,11 @@ class Replicator:
         self._began = 0.0  # monotonic time the step being sent began
         self._sending = 0.0  # seconds the last step took to send
         self.on_change = on_change
-        self.zone, self.replicas = zone, replicas
+        self.zone, self.scheme, self.replicas = zone, scheme, 0 if scheme.coded else scheme.data
+        self.encoder = None
+        if scheme.coded:
+            self.encoder = Encoder(holdings, peers, scheme, zone, tls=tls, bandwidth=bandwidth,
+                                   metrics=metrics)  # fmt: skip
         self.bandwidth, self.scan_interval, self.tls = bandwidth, scan_interval, tls
         self.state: dict[Shard, ReplicaState] = {}
         self._lock = threading.Lock()
@@ -155,15 +161,20 @@ class Replicator:
         stride = self._sync_stride()
         own = self._newest_own_shards(stride)
         shards = list(own)
-        members = [m for m in self.peers.members() if m.node_id]
-        targets = replica_targets(
-            me, self.zone, [(m.node_id, m.zone) for m in members], self.replicas
-        )
-        self.peers.watch(targets)
-        held_by, unreachable = self._listings(targets, me) if shards else ({}, {})
-        short = ""
-        if len(targets) < self.replicas:
-            short = f"{self.replicas} replicas wanted, {len(targets)} other daemon(s) known"
+        group = None
+        if self.encoder is not None:
+            group, targets, watched, short = self.encoder.place()
+            listings = self.encoder.listings
+        else:
+            members = [m for m in self.peers.members() if m.node_id]
+            targets = replica_targets(
+                me, self.zone, [(m.node_id, m.zone) for m in members], self.replicas
+            )
+            listings, short, watched = self._listings, "", targets
+            if len(targets) < self.replicas:
+                short = f"{self.replicas} replicas wanted, {len(targets)} other daemon(s) known"
+        self.peers.watch(watched)
+        held_by, unreachable = listings(targets, me) if shards else ({}, {})
         if short != self._short:  # said once per change, not every scan
             self._short = short
             if short:
@@ -185,13 +196,56 @@ class Replicator:
                     return  # a newer step was saved meanwhile: it goes next, not this older one
                 current, pushes = (shard.run, shard.step), self._pushes
                 began, self._began = self._newest(shard.run), time.monotonic()
-            if not self._replicate(shard, own[shard], targets, held_by, unreachable):
+                if group is not None and not self._encode(shard, shards, group, held_by,
+                                                          unreachable, short):  # fmt: skip
+                    return
+            if group is None and not self._replicate(
+                shard, own[shard], targets, held_by, unreachable
+            ):
                 return
             with self._lock:
                 if self.state.get(shard) is not None and self.state[shard].complete:
                     self.state[shard].error = short
             self.on_change()
         self._measure_lag(current, began, pushes)
+
+    def _encode(self, first: Shard, shards: list[Shard], group, listings, unreachable,
+                short: str) -> bool:  # fmt: skip
+        """Send this node's pieces of ``first``'s step to its group; False once stopping."""
+        step_shards = [s for s in shards if (s.run, s.step) == (first.run, first.step)]
+
+        def mark(node: str, error: str) -> None:
+            with self._lock:
+                for shard in step_shards:
+                    state = self.state.get(shard)
+                    if state is None:
+                        continue
+                    if error:
+                        state.stored.discard(node)
+                        state.error = error
+                    else:
+                        state.stored.add(node)
+                        state.error = "" if state.complete else state.error
+            self.on_change()
+
+        try:
+            sent = self.encoder.send_step(first.run, first.step, step_shards, group, listings,
+                                          unreachable, mark, self._stopping)  # fmt: skip
+        except FileNotFoundError:
+            log.info("run %r step %d expired before its pieces were sent (newer steps go first)",
+                     first.run, first.step)  # fmt: skip
+            with self._lock:
+                for shard in step_shards:
+                    self.state.pop(shard, None)
+            self.on_change()
+            return True
+        self._pushes += 1
+        return sent
+
+    def group_for(self, run: str, step: int):
+        """The coded group this node's pieces of ``step`` went to (None: not sent, or
+        replicas)."""
+        return None if self.encoder is None else self.encoder.group_for(run, step)
 
     def _newest(self, run: str) -> int:
         return max(self.holdings.own.steps(run), default=0)

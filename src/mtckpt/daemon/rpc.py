@@ -123,9 +123,10 @@ class Client:
             wait_for_ready=wait_for_ready,
         )
 
-    def list_shards(self, run: str = "", origin: str = "") -> pb.ListShardsReply:
+    def list_shards(self, run: str = "", origin: str = "",
+                    manifests: bool = False) -> pb.ListShardsReply:  # fmt: skip
         return self._stub.ListShards(
-            pb.ListShardsRequest(run=run, origin=origin),
+            pb.ListShardsRequest(run=run, origin=origin, manifests=manifests),
             timeout=self.timeout,
             metadata=self._metadata,
         )
@@ -145,9 +146,15 @@ class Client:
     def open_push(self, header: pb.PushHeader) -> pb.BulkTicket:
         return self._stub.OpenPush(header, timeout=self.timeout, metadata=self._metadata)
 
-    def open_fetch(self, shard: pb.ShardId) -> pb.BulkTicket:
-        request = pb.FetchRequest(shard=shard)
+    def open_fetch(self, shard: pb.ShardId | None = None, *, offset: int = 0, length: int = 0,
+                   parity: pb.StripeId | None = None) -> pb.BulkTicket:  # fmt: skip
+        """A ticket for a held data file (``length`` bytes from ``offset``; 0: to its end), or
+        for this node's ``parity`` of a stripe."""
+        request = pb.FetchRequest(shard=shard, offset=offset, length=length, parity=parity)
         return self._stub.OpenFetch(request, timeout=self.timeout, metadata=self._metadata)
+
+    def open_contribute(self, header: pb.ContributeHeader) -> pb.BulkTicket:
+        return self._stub.OpenContribute(header, timeout=self.timeout, metadata=self._metadata)
 
     def notify(self, run: str, step: int) -> None:
         self._stub.Notify(

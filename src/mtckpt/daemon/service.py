@@ -24,6 +24,7 @@ from .config import DaemonConfig
 from .flusher import Flusher
 from .holdings import Holdings
 from .limits import PeerLimits
+from .parity import Contribution, ParityStore
 from .peers import Peers
 from .replicator import Replicator
 from .rpc import OPTIONS, TokenCheck, is_unix, unix_path
@@ -66,6 +67,7 @@ class Daemon:
         self.holdings = Holdings(
             config.node_id, config.memory_root, config.keep, local_root=config.local_root
         )
+        self.parity = ParityStore(config.memory_root, config.node_id, config.scheme, config.keep)
         self.strides = Strides()
         self.peers = Peers(config.node_id, config.peers, config.peers_dns,
                            token=self.token, tls=self.tls, strides=self.strides)  # fmt: skip
@@ -73,7 +75,7 @@ class Daemon:
         self.changes = Changes(waiters=max(0, config.workers - FREE_WORKERS),
                                pools=("trainers", "peers"))  # fmt: skip
         self.replicator = Replicator(
-            self.holdings, self.peers, zone=config.zone, replicas=config.replicas,
+            self.holdings, self.peers, zone=config.zone, scheme=config.scheme,
             bandwidth=config.bandwidth, scan_interval=config.scan_interval, tls=self.tls,
             metrics=self.metrics, strides=self.strides, on_change=self.changes.notify,
         )  # fmt: skip
@@ -98,6 +100,7 @@ class Daemon:
             os.makedirs(self.config.local_root, exist_ok=True)
         self.holdings.clean_after_crash()
         self.holdings.kept.hold_all()
+        self.parity.load()
         if self.config.listen:
             self._serve_peers()
         if self.config.socket:
@@ -183,6 +186,8 @@ class Daemon:
 
     def _stored(self, incoming) -> None:
         self.metrics.replica_bytes.inc(incoming.size)
+        if isinstance(incoming, Contribution):
+            return
         self.holdings.expire_replicas(incoming.shard.origin, incoming.shard.run,
                                       self.strides.cluster())  # fmt: skip
 

@@ -20,8 +20,9 @@ from ..format import naming
 from ..proto import mtckpt_pb2 as pb
 from ..proto import mtckpt_pb2_grpc as pb_grpc
 from . import frames, recovery
-from .holdings import Shard
+from .holdings import Outgoing, Shard
 from .limits import PeerLimits, Progress, certified_node
+from .parity import AlreadyHeld
 from .rpc import SERVICE, shard_id
 
 if TYPE_CHECKING:  # the daemon owns its servicer
@@ -102,6 +103,7 @@ class Servicer(pb_grpc.DaemonServicer):
         reply = pb.StatusReply(
             node_id=d.config.node_id, zone=d.config.zone, address=d.address or "",
             memory_root=str(d.holdings.root), replicas=d.config.replicas, draining=d.draining,
+            redundancy=str(d.config.scheme),
             local_root=d.config.local_root or "",
             remote_url=d.config.remote.url if d.config.remote is not None else "",
         )  # fmt: skip
@@ -139,6 +141,8 @@ class Servicer(pb_grpc.DaemonServicer):
                 world_size=held.world_size, data_size=held.data_size, replica=held.replica,
                 manifest_crc=held.manifest_crc,
             )  # fmt: skip
+        reply.parities.extend(self.d.parity.listing(request.run, request.origin,
+                                                    request.manifests))  # fmt: skip
         return reply
 
     def Fetch(self, request, context):
@@ -197,15 +201,67 @@ class Servicer(pb_grpc.DaemonServicer):
     def OpenFetch(self, request, context):
         if self.d.bulk is None:
             context.abort(grpc.StatusCode.UNIMPLEMENTED, "this daemon has no data port")
-        shard = _shard(request.shard, context)
-        self._check_certified(shard, context, "fetch")
         try:
-            outgoing = self.d.holdings.outgoing(shard)
+            if request.HasField("parity"):
+                outgoing = self._parity_outgoing(request, context)
+            else:
+                shard = _shard(request.shard, context)
+                if request.offset or request.length:  # a piece, for a group rebuilding one
+                    self._check_in_group(shard, context)
+                else:
+                    self._check_certified(shard, context, "fetch")
+                outgoing = self.d.holdings.outgoing(shard, request.offset, request.length)
         except FileNotFoundError as exc:
             context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except ValueError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except MtckptError as exc:
             context.abort(grpc.StatusCode.DATA_LOSS, str(exc))
         ticket = self.d.bulk.offer(outgoing)
+        return pb.BulkTicket(ticket=ticket, port=self.d.bulk.port, tls=self.d.bulk.tls)
+
+    def _parity_outgoing(self, request: pb.FetchRequest, context) -> Outgoing:
+        stripe = self.d.parity.complete(request.parity)
+        if self.peers is not None and self.d.tls is not None:
+            node = certified_node(context)
+            if node not in stripe.key.group:
+                context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                              f"{stripe.key}: node {node!r} is not of its group")  # fmt: skip
+        offset, length = request.offset, request.length or stripe.size - request.offset
+        if offset + length > stripe.size:
+            raise ValueError(f"{stripe.key}: {length} bytes at offset {offset} asked for; the "
+                             f"parity has {stripe.size}")  # fmt: skip
+        return Outgoing(stripe.path, stripe.chunks, offset, length)
+
+    def _check_in_group(self, shard: Shard, context) -> None:
+        """With mutual TLS, pieces of this node's shards go to the nodes of the coded group
+        that protects them (they rebuild a lost member's shards) or to their own node."""
+        if self.peers is None or self.d.tls is None:
+            return
+        node = certified_node(context)
+        group = self.d.replicator.group_for(shard.run, shard.step)
+        if node != shard.origin and (group is None or node not in group.members):
+            context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{shard}: node {node!r} is not of the group that protects it",
+            )
+
+    def OpenContribute(self, request, context):
+        if self.d.bulk is None:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "this daemon has no data port")
+        if self.peers is not None and self.d.tls is not None:
+            node = certified_node(context)
+            if node != request.contributor.origin:
+                context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                              f"peer with a certificate for node {node!r} may not contribute "
+                              f"pieces of node {request.contributor.origin!r}")  # fmt: skip
+        try:
+            contribution = self.d.parity.receive(request)
+        except AlreadyHeld as exc:
+            context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
+        except (MtckptError, ValueError, OSError) as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        ticket = self.d.bulk.admit(contribution)
         return pb.BulkTicket(ticket=ticket, port=self.d.bulk.port, tls=self.d.bulk.tls)
 
     def Notify(self, request, context):
@@ -302,6 +358,7 @@ def handlers(service: Servicer) -> grpc.GenericRpcHandler:
         "Notify": unary(service.Notify, pb.NotifyRequest),
         "OpenPush": unary(service.OpenPush, pb.PushHeader),
         "OpenFetch": unary(service.OpenFetch, pb.FetchRequest),
+        "OpenContribute": unary(service.OpenContribute, pb.ContributeHeader),
         "Recover": unary(service.Recover, pb.RecoverRequest),
         "Flush": unary(service.Flush, pb.FlushRequest),
         "Fetch": grpc.unary_stream_rpc_method_handler(service.Fetch, pb.FetchRequest.FromString),

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19mtckpt/proto/mtckpt.proto\x12\tmtckpt.v1\"B\n\x07ShardId\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x0e\n\x06origin\x18\x04 \x01(\t\"<\n\rStatusRequest\x12\x15\n\rchanged_since\x18\x01 \x01(\x04\x12\x14\n\x0cwait_seconds\x18\x02 \x01(\x01\"^\n\nPeerStatus\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0c\n\x04zone\x18\x03 \x01(\t\x12\x11\n\treachable\x18\x04 \x01(\x08\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"a\n\x0cReplicaState\x12!\n\x05shard\x18\x01 \x01(\x0b\x32\x12.mtckpt.v1.ShardId\x12\x0f\n\x07targets\x18\x02 \x03(\t\x12\x0e\n\x06stored\x18\x03 \x03(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"\xd2\x02\n\x0bStatusReply\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04zone\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x13\n\x0bmemory_root\x18\x04 \x01(\t\x12\x10\n\x08replicas\x18\x05 \x01(\x05\x12$\n\x05peers\x18\x06 \x03(\x0b\x32\x15.mtckpt.v1.PeerStatus\x12,\n\x0breplication\x18\x07 \x03(\x0b\x32\x17.mtckpt.v1.ReplicaState\x12\x10\n\x08\x64raining\x18\x08 \x01(\x08\x12\x12\n\nlocal_root\x18\t \x01(\t\x12\x12\n\nremote_url\x18\n \x01(\t\x12&\n\x07\x66lushes\x18\x0b \x03(\x0b\x32\x15.mtckpt.v1.FlushState\x12\x0f\n\x07version\x18\x0c \x01(\x04\x12\x13\n\x0bsync_stride\x18\r \x01(\r\x12\x10\n\x08sync_ttl\x18\x0e \x01(\x02\"\xb0\x01\n\nFlushState\x12!\n\x05shard\x18\x01 \x01(\x0b\x32\x12.mtckpt.v1.ShardId\x12*\n\x05phase\x18\x02 \x01(\x0e\x32\x1b.mtckpt.v1.FlushState.Phase\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"D\n\x05Phase\x12\n\n\x06QUEUED\x10\x00\x12\x0c\n\x08\x46LUSHING\x10\x01\x12\x08\n\x04\x44ONE\x10\x02\x12\x0b\n\x07SKIPPED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\"0\n\x11ListShardsRequest\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x0e\n\x06origin\x18\x02 \x01(\t\"|\n\tShardInfo\x12!\n\x05shard\x18\x01 \x01(\x0b\x32\x12.mtckpt.v1.ShardId\x12\x12\n\nworld_size\x18\x02 \x01(\x05\x12\x11\n\tdata_size\x18\x03 \x01(\x04\x12\x0f\n\x07replica\x18\x04 \x01(\x08\x12\x14\n\x0cmanifest_crc\x18\x05 \x01(\x07\"H\n\x0fListShardsReply\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12$\n\x06shards\x18\x02 \x03(\x0b\x32\x14.mtckpt.v1.ShardInfo\"c\n\x0c\x46\x65tchRequest\x12!\n\x05shard\x18\x01 \x01(\x0b\x32\x12.mtckpt.v1.ShardId\x12\x10\n\x08manifest\x18\x02 \x01(\x08\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0e\n\x06length\x18\x04 \x01(\x04\"9\n\tDataChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0e\n\x06\x63rc32c\x18\x03 \x01(\r\"T\n\nPushHeader\x12!\n\x05shard\x18\x01 \x01(\x0b\x32\x12.mtckpt.v1.ShardId\x12\x10\n\x08manifest\x18\x02 \x01(\x0c\x12\x11\n\tdata_size\x18\x03 \x01(\x04\"e\n\x0bPushMessage\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.mtckpt.v1.PushHeaderH\x00\x12%\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x14.mtckpt.v1.DataChunkH\x00\x42\x06\n\x04\x62ody\"\x1a\n\tPushReply\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\"7\n\nBulkTicket\x12\x0e\n\x06ticket\x18\x01 \x01(\x0c\x12\x0c\n\x04port\x18\x02 \x01(\r\x12\x0b\n\x03tls\x18\x03 \x01(\x08\"*\n\rNotifyRequest\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\"\r\n\x0bNotifyReply\"T\n\x0eRecoverRequest\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x11\n\x04step\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x19\n\x11none_is_an_answer\x18\x03 \x01(\x08\x42\x07\n\x05_step\"r\n\x0cRecoverReply\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\r\n\x05ranks\x18\x02 \x03(\x05\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x0f\n\x07sources\x18\x04 \x03(\t\x12\x10\n\x08\x63omplete\x18\x05 \x03(\x03\x12\x13\n\x0bunreachable\x18\x06 \x03(\t\"1\n\x0c\x46lushRequest\x12!\n\x05shard\x18\x01 \x01(\x0b\x32\x12.mtckpt.v1.ShardId\"\x0c\n\nFlushReply2\xa9\x04\n\x06\x44\x61\x65mon\x12:\n\x06Status\x12\x18.mtckpt.v1.StatusRequest\x1a\x16.mtckpt.v1.StatusReply\x12\x46\n\nListShards\x12\x1c.mtckpt.v1.ListShardsRequest\x1a\x1a.mtckpt.v1.ListShardsReply\x12\x38\n\x05\x46\x65tch\x12\x17.mtckpt.v1.FetchRequest\x1a\x14.mtckpt.v1.DataChunk0\x01\x12\x36\n\x04Push\x12\x16.mtckpt.v1.PushMessage\x1a\x14.mtckpt.v1.PushReply(\x01\x12\x38\n\x08OpenPush\x12\x15.mtckpt.v1.PushHeader\x1a\x15.mtckpt.v1.BulkTicket\x12;\n\tOpenFetch\x12\x17.mtckpt.v1.FetchRequest\x1a\x15.mtckpt.v1.BulkTicket\x12:\n\x06Notify\x12\x18.mtckpt.v1.NotifyRequest\x1a\x16.mtckpt.v1.NotifyReply\x12=\n\x07Recover\x12\x19.mtckpt.v1.RecoverRequest\x1a\x17.mtckpt.v1.RecoverReply\x12\x37\n\x05\x46lush\x12\x17.mtckpt.v1.FlushRequest\x1a\x15.mtckpt.v1.FlushReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19mtckpt/proto/mtckpt.proto\x12\tmtckpt.v1\"B\n\x07ShardId\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x0e\n\x06origin\x18\x04 \x01(\t\"<\n\rStatusRequest\x12\x15\n\rchanged_since\x18\x01 \x01(\x04\x12\x14\n\x0cwait_seconds\x18\x02 \x01(\x01\"^\n\nPeerStatus\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0c\n\x04zone\x18\x03 \x01(\t\x12\x11\n\treachable\x18\x04 \x01(\x08\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"a\n\x0cReplicaState\x12!\n\x05shard\x18\x01 \x01(\x0b\x32\x12.mtckpt.v1.ShardId\x12\x0f\n\x07targets\x18\x02 \x03(\t\x12\x0e\n\x06stored\x18\x03 \x03(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"\xe6\x02\n\x0bStatusReply\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04zone\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x13\n\x0bmemory_root\x18\x04 \x01(\t\x12\x10\n\x08replicas\x18\x05 \x01(\x05\x12$\n\x05peers\x18\x06 \x03(\x0b\x32\x15.mtckpt.v1.PeerStatus\x12,\n\x0breplication\x18\x07 \x03(\x0b\x32\x17.mtckpt.v1.ReplicaState\x12\x10\n\x08\x64raining\x18\x08 \x01(\x08\x12\x12\n\nlocal_root\x18\t \x01(\t\x12\x12\n\nremote_url\x18\n \x01(\t\x12&\n\x07\x66lushes\x18\x0b \x03(\x0b\x32\x15.mtckpt.v1.FlushState\x12\x0f\n\x07version\x18\x0c \x01(\x04\x12\x13\n\x0bsync_stride\x18\r \x01(\r\x12\x10\n\x08sync_ttl\x18\x0e \x01(\x02\x12\x12\n\nredundancy\x18\x0f \x01(\t\"\xb0\x01\n\nFlushState\x12!\n\x05shard\x18\x01 \x01(\x0b\x32\x12.mtckpt.v1.ShardId\x12*\n\x05phase\x18\x02 \x01(\x0e\x32\x1b.mtckpt.v1.FlushState.Phase\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"D\n\x05Phase\x12\n\n\x06QUEUED\x10\x00\x12\x0c\n\x08\x46LUSHING\x10\x01\x12\x08\n\x04\x44ONE\x10\x02\x12\x0b\n\x07SKIPPED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\"C\n\x11ListShardsRequest\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x0e\n\x06origin\x18\x02 \x01(\t\x12\x11\n\tmanifests\x18\x03 \x01(\x08\"|\n\tShardInfo\x12!\n\x05shard\x18\x01 \x01(\x0b\x32\x12.mtckpt.v1.ShardId\x12\x12\n\nworld_size\x18\x02 \x01(\x05\x12\x11\n\tdata_size\x18\x03 \x01(\x04\x12\x0f\n\x07replica\x18\x04 \x01(\x08\x12\x14\n\x0cmanifest_crc\x18\x05 \x01(\x07\"q\n\x0fListShardsReply\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12$\n\x06shards\x18\x02 \x03(\x0b\x32\x14.mtckpt.v1.ShardInfo\x12\'\n\x08parities\x18\x03 \x03(\x0b\x32\x15.mtckpt.v1.ParityInfo\"R\n\x08StripeId\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0c\n\x04\x63ode\x18\x03 \x01(\t\x12\r\n\x05group\x18\x04 \x03(\t\x12\x0e\n\x06stripe\x18\x05 \x01(\r\"j\n\x0b\x43ontributor\x12\x0e\n\x06origin\x18\x01 \x01(\t\x12\r\n\x05ranks\x18\x02 \x03(\x05\x12\x15\n\rmanifest_crcs\x18\x03 \x03(\x07\x12\x12\n\ndata_sizes\x18\x04 \x03(\x04\x12\x11\n\tmanifests\x18\x05 \x03(\x0c\"\xa0\x01\n\nParityInfo\x12#\n\x06stripe\x18\x01 \x01(\x0b\x32\x13.mtckpt.v1.StripeId\x12\x0b\n\x03row\x18\x02 \x01(\r\x12,\n\x0c\x63ontributors\x18\x03 \x03(\x0b\x32\x16.mtckpt.v1.Contributor\x12\x10\n\x08\x63omplete\x18\x04 \x01(\x08\x12\x0c\n\x04size\x18\x05 \x01(\x04\x12\x12\n\nworld_size\x18\x06 \x01(\x05\"x\n\x10\x43ontributeHeader\x12#\n\x06stripe\x18\x01 \x01(\x0b\x32\x13.mtckpt.v1.StripeId\x12+\n\x0b\x63ontributor\x18\x02 \x01(\x0b\x32\x16.mtckpt.v1.Contributor\x12\x12\n\npiece_size\x18\x03 \x01(\x04\"\x88\x01\n\x0c\x46\x65tchRequest\x12!\n\x05shard\x18\x01 \x01(\x0b\x32\x12.mtckpt.v1.ShardId\x12\x10\n\x08manifest\x18\x02 \x01(\x08\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0e\n\x06length\x18\x04 \x01(\x04\x12#\n\x06parity\x18\x05 \x01(\x0b\x32\x13.mtckpt.v1.StripeId\"9\n\tDataChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0e\n\x06\x63rc32c\x18\x03 \x01(\r\"T\n\nPushHeader\x12!\n\x05shard\x18\x01 \x01(\x0b\x32\x12.mtckpt.v1.ShardId\x12\x10\n\x08manifest\x18\x02 \x01(\x0c\x12\x11\n\tdata_size\x18\x03 \x01(\x04\"e\n\x0bPushMessage\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.mtckpt.v1.PushHeaderH\x00\x12%\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x14.mtckpt.v1.DataChunkH\x00\x42\x06\n\x04\x62ody\"\x1a\n\tPushReply\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\"7\n\nBulkTicket\x12\x0e\n\x06ticket\x18\x01 \x01(\x0c\x12\x0c\n\x04port\x18\x02 \x01(\r\x12\x0b\n\x03tls\x18\x03 \x01(\x08\"*\n\rNotifyRequest\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\"\r\n\x0bNotifyReply\"T\n\x0eRecoverRequest\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x11\n\x04step\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x19\n\x11none_is_an_answer\x18\x03 \x01(\x08\x42\x07\n\x05_step\"r\n\x0cRecoverReply\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\r\n\x05ranks\x18\x02 \x03(\x05\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x0f\n\x07sources\x18\x04 \x03(\t\x12\x10\n\x08\x63omplete\x18\x05 \x03(\x03\x12\x13\n\x0bunreachable\x18\x06 \x03(\t\"1\n\x0c\x46lushRequest\x12!\n\x05shard\x18\x01 \x01(\x0b\x32\x12.mtckpt.v1.ShardId\"\x0c\n\nFlushReply2\xef\x04\n\x06\x44\x61\x65mon\x12:\n\x06Status\x12\x18.mtckpt.v1.StatusRequest\x1a\x16.mtckpt.v1.StatusReply\x12\x46\n\nListShards\x12\x1c.mtckpt.v1.ListShardsRequest\x1a\x1a.mtckpt.v1.ListShardsReply\x12\x38\n\x05\x46\x65tch\x12\x17.mtckpt.v1.FetchRequest\x1a\x14.mtckpt.v1.DataChunk0\x01\x12\x36\n\x04Push\x12\x16.mtckpt.v1.PushMessage\x1a\x14.mtckpt.v1.PushReply(\x01\x12\x38\n\x08OpenPush\x12\x15.mtckpt.v1.PushHeader\x1a\x15.mtckpt.v1.BulkTicket\x12;\n\tOpenFetch\x12\x17.mtckpt.v1.FetchRequest\x1a\x15.mtckpt.v1.BulkTicket\x12\x44\n\x0eOpenContribute\x12\x1b.mtckpt.v1.ContributeHeader\x1a\x15.mtckpt.v1.BulkTicket\x12:\n\x06Notify\x12\x18.mtckpt.v1.NotifyRequest\x1a\x16.mtckpt.v1.NotifyReply\x12=\n\x07Recover\x12\x19.mtckpt.v1.RecoverRequest\x1a\x17.mtckpt.v1.RecoverReply\x12\x37\n\x05\x46lush\x12\x17.mtckpt.v1.FlushRequest\x1a\x15.mtckpt.v1.FlushReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,41 +40,49 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REPLICASTATE']._serialized_start=266
   _globals['_REPLICASTATE']._serialized_end=363
   _globals['_STATUSREPLY']._serialized_start=366
-  _globals['_STATUSREPLY']._serialized_end=704
-  _globals['_FLUSHSTATE']._serialized_start=707
-  _globals['_FLUSHSTATE']._serialized_end=883
-  _globals['_FLUSHSTATE_PHASE']._serialized_start=815
-  _globals['_FLUSHSTATE_PHASE']._serialized_end=883
-  _globals['_LISTSHARDSREQUEST']._serialized_start=885
-  _globals['_LISTSHARDSREQUEST']._serialized_end=933
-  _globals['_SHARDINFO']._serialized_start=935
-  _globals['_SHARDINFO']._serialized_end=1059
-  _globals['_LISTSHARDSREPLY']._serialized_start=1061
-  _globals['_LISTSHARDSREPLY']._serialized_end=1133
-  _globals['_FETCHREQUEST']._serialized_start=1135
-  _globals['_FETCHREQUEST']._serialized_end=1234
-  _globals['_DATACHUNK']._serialized_start=1236
-  _globals['_DATACHUNK']._serialized_end=1293
-  _globals['_PUSHHEADER']._serialized_start=1295
-  _globals['_PUSHHEADER']._serialized_end=1379
-  _globals['_PUSHMESSAGE']._serialized_start=1381
-  _globals['_PUSHMESSAGE']._serialized_end=1482
-  _globals['_PUSHREPLY']._serialized_start=1484
-  _globals['_PUSHREPLY']._serialized_end=1510
-  _globals['_BULKTICKET']._serialized_start=1512
-  _globals['_BULKTICKET']._serialized_end=1567
-  _globals['_NOTIFYREQUEST']._serialized_start=1569
-  _globals['_NOTIFYREQUEST']._serialized_end=1611
-  _globals['_NOTIFYREPLY']._serialized_start=1613
-  _globals['_NOTIFYREPLY']._serialized_end=1626
-  _globals['_RECOVERREQUEST']._serialized_start=1628
-  _globals['_RECOVERREQUEST']._serialized_end=1712
-  _globals['_RECOVERREPLY']._serialized_start=1714
-  _globals['_RECOVERREPLY']._serialized_end=1828
-  _globals['_FLUSHREQUEST']._serialized_start=1830
-  _globals['_FLUSHREQUEST']._serialized_end=1879
-  _globals['_FLUSHREPLY']._serialized_start=1881
-  _globals['_FLUSHREPLY']._serialized_end=1893
-  _globals['_DAEMON']._serialized_start=1896
-  _globals['_DAEMON']._serialized_end=2449
+  _globals['_STATUSREPLY']._serialized_end=724
+  _globals['_FLUSHSTATE']._serialized_start=727
+  _globals['_FLUSHSTATE']._serialized_end=903
+  _globals['_FLUSHSTATE_PHASE']._serialized_start=835
+  _globals['_FLUSHSTATE_PHASE']._serialized_end=903
+  _globals['_LISTSHARDSREQUEST']._serialized_start=905
+  _globals['_LISTSHARDSREQUEST']._serialized_end=972
+  _globals['_SHARDINFO']._serialized_start=974
+  _globals['_SHARDINFO']._serialized_end=1098
+  _globals['_LISTSHARDSREPLY']._serialized_start=1100
+  _globals['_LISTSHARDSREPLY']._serialized_end=1213
+  _globals['_STRIPEID']._serialized_start=1215
+  _globals['_STRIPEID']._serialized_end=1297
+  _globals['_CONTRIBUTOR']._serialized_start=1299
+  _globals['_CONTRIBUTOR']._serialized_end=1405
+  _globals['_PARITYINFO']._serialized_start=1408
+  _globals['_PARITYINFO']._serialized_end=1568
+  _globals['_CONTRIBUTEHEADER']._serialized_start=1570
+  _globals['_CONTRIBUTEHEADER']._serialized_end=1690
+  _globals['_FETCHREQUEST']._serialized_start=1693
+  _globals['_FETCHREQUEST']._serialized_end=1829
+  _globals['_DATACHUNK']._serialized_start=1831
+  _globals['_DATACHUNK']._serialized_end=1888
+  _globals['_PUSHHEADER']._serialized_start=1890
+  _globals['_PUSHHEADER']._serialized_end=1974
+  _globals['_PUSHMESSAGE']._serialized_start=1976
+  _globals['_PUSHMESSAGE']._serialized_end=2077
+  _globals['_PUSHREPLY']._serialized_start=2079
+  _globals['_PUSHREPLY']._serialized_end=2105
+  _globals['_BULKTICKET']._serialized_start=2107
+  _globals['_BULKTICKET']._serialized_end=2162
+  _globals['_NOTIFYREQUEST']._serialized_start=2164
+  _globals['_NOTIFYREQUEST']._serialized_end=2206
+  _globals['_NOTIFYREPLY']._serialized_start=2208
+  _globals['_NOTIFYREPLY']._serialized_end=2221
+  _globals['_RECOVERREQUEST']._serialized_start=2223
+  _globals['_RECOVERREQUEST']._serialized_end=2307
+  _globals['_RECOVERREPLY']._serialized_start=2309
+  _globals['_RECOVERREPLY']._serialized_end=2423
+  _globals['_FLUSHREQUEST']._serialized_start=2425
+  _globals['_FLUSHREQUEST']._serialized_end=2474
+  _globals['_FLUSHREPLY']._serialized_start=2476
+  _globals['_FLUSHREPLY']._serialized_end=2488
+  _globals['_DAEMON']._serialized_start=2491
+  _globals['_DAEMON']._serialized_end=3114
 # @@protoc_insertion_point(module_scope)

@@ -54,7 +54,7 @@ class ReplicaState(_message.Message):
     def __init__(self, shard: _Optional[_Union[ShardId, _Mapping]] = ..., targets: _Optional[_Iterable[str]] = ..., stored: _Optional[_Iterable[str]] = ..., error: _Optional[str] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("node_id", "zone", "address", "memory_root", "replicas", "peers", "replication", "draining", "local_root", "remote_url", "flushes", "version", "sync_stride", "sync_ttl")
+    __slots__ = ("node_id", "zone", "address", "memory_root", "replicas", "peers", "replication", "draining", "local_root", "remote_url", "flushes", "version", "sync_stride", "sync_ttl", "redundancy")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ZONE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +69,7 @@ class StatusReply(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SYNC_STRIDE_FIELD_NUMBER: _ClassVar[int]
     SYNC_TTL_FIELD_NUMBER: _ClassVar[int]
+    REDUNDANCY_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     zone: str
     address: str
@@ -83,7 +84,8 @@ class StatusReply(_message.Message):
     version: int
     sync_stride: int
     sync_ttl: float
-    def __init__(self, node_id: _Optional[str] = ..., zone: _Optional[str] = ..., address: _Optional[str] = ..., memory_root: _Optional[str] = ..., replicas: _Optional[int] = ..., peers: _Optional[_Iterable[_Union[PeerStatus, _Mapping]]] = ..., replication: _Optional[_Iterable[_Union[ReplicaState, _Mapping]]] = ..., draining: _Optional[bool] = ..., local_root: _Optional[str] = ..., remote_url: _Optional[str] = ..., flushes: _Optional[_Iterable[_Union[FlushState, _Mapping]]] = ..., version: _Optional[int] = ..., sync_stride: _Optional[int] = ..., sync_ttl: _Optional[float] = ...) -> None: ...
+    redundancy: str
+    def __init__(self, node_id: _Optional[str] = ..., zone: _Optional[str] = ..., address: _Optional[str] = ..., memory_root: _Optional[str] = ..., replicas: _Optional[int] = ..., peers: _Optional[_Iterable[_Union[PeerStatus, _Mapping]]] = ..., replication: _Optional[_Iterable[_Union[ReplicaState, _Mapping]]] = ..., draining: _Optional[bool] = ..., local_root: _Optional[str] = ..., remote_url: _Optional[str] = ..., flushes: _Optional[_Iterable[_Union[FlushState, _Mapping]]] = ..., version: _Optional[int] = ..., sync_stride: _Optional[int] = ..., sync_ttl: _Optional[float] = ..., redundancy: _Optional[str] = ...) -> None: ...
 
 class FlushState(_message.Message):
     __slots__ = ("shard", "phase", "error")
@@ -108,12 +110,14 @@ class FlushState(_message.Message):
     def __init__(self, shard: _Optional[_Union[ShardId, _Mapping]] = ..., phase: _Optional[_Union[FlushState.Phase, str]] = ..., error: _Optional[str] = ...) -> None: ...
 
 class ListShardsRequest(_message.Message):
-    __slots__ = ("run", "origin")
+    __slots__ = ("run", "origin", "manifests")
     RUN_FIELD_NUMBER: _ClassVar[int]
     ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    MANIFESTS_FIELD_NUMBER: _ClassVar[int]
     run: str
     origin: str
-    def __init__(self, run: _Optional[str] = ..., origin: _Optional[str] = ...) -> None: ...
+    manifests: bool
+    def __init__(self, run: _Optional[str] = ..., origin: _Optional[str] = ..., manifests: _Optional[bool] = ...) -> None: ...
 
 class ShardInfo(_message.Message):
     __slots__ = ("shard", "world_size", "data_size", "replica", "manifest_crc")
@@ -130,24 +134,82 @@ class ShardInfo(_message.Message):
     def __init__(self, shard: _Optional[_Union[ShardId, _Mapping]] = ..., world_size: _Optional[int] = ..., data_size: _Optional[int] = ..., replica: _Optional[bool] = ..., manifest_crc: _Optional[int] = ...) -> None: ...
 
 class ListShardsReply(_message.Message):
-    __slots__ = ("node_id", "shards")
+    __slots__ = ("node_id", "shards", "parities")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
+    PARITIES_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     shards: _containers.RepeatedCompositeFieldContainer[ShardInfo]
-    def __init__(self, node_id: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ...) -> None: ...
+    parities: _containers.RepeatedCompositeFieldContainer[ParityInfo]
+    def __init__(self, node_id: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., parities: _Optional[_Iterable[_Union[ParityInfo, _Mapping]]] = ...) -> None: ...
+
+class StripeId(_message.Message):
+    __slots__ = ("run", "step", "code", "group", "stripe")
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    STRIPE_FIELD_NUMBER: _ClassVar[int]
+    run: str
+    step: int
+    code: str
+    group: _containers.RepeatedScalarFieldContainer[str]
+    stripe: int
+    def __init__(self, run: _Optional[str] = ..., step: _Optional[int] = ..., code: _Optional[str] = ..., group: _Optional[_Iterable[str]] = ..., stripe: _Optional[int] = ...) -> None: ...
+
+class Contributor(_message.Message):
+    __slots__ = ("origin", "ranks", "manifest_crcs", "data_sizes", "manifests")
+    ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_CRCS_FIELD_NUMBER: _ClassVar[int]
+    DATA_SIZES_FIELD_NUMBER: _ClassVar[int]
+    MANIFESTS_FIELD_NUMBER: _ClassVar[int]
+    origin: str
+    ranks: _containers.RepeatedScalarFieldContainer[int]
+    manifest_crcs: _containers.RepeatedScalarFieldContainer[int]
+    data_sizes: _containers.RepeatedScalarFieldContainer[int]
+    manifests: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, origin: _Optional[str] = ..., ranks: _Optional[_Iterable[int]] = ..., manifest_crcs: _Optional[_Iterable[int]] = ..., data_sizes: _Optional[_Iterable[int]] = ..., manifests: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class ParityInfo(_message.Message):
+    __slots__ = ("stripe", "row", "contributors", "complete", "size", "world_size")
+    STRIPE_FIELD_NUMBER: _ClassVar[int]
+    ROW_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    stripe: StripeId
+    row: int
+    contributors: _containers.RepeatedCompositeFieldContainer[Contributor]
+    complete: bool
+    size: int
+    world_size: int
+    def __init__(self, stripe: _Optional[_Union[StripeId, _Mapping]] = ..., row: _Optional[int] = ..., contributors: _Optional[_Iterable[_Union[Contributor, _Mapping]]] = ..., complete: _Optional[bool] = ..., size: _Optional[int] = ..., world_size: _Optional[int] = ...) -> None: ...
+
+class ContributeHeader(_message.Message):
+    __slots__ = ("stripe", "contributor", "piece_size")
+    STRIPE_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTOR_FIELD_NUMBER: _ClassVar[int]
+    PIECE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    stripe: StripeId
+    contributor: Contributor
+    piece_size: int
+    def __init__(self, stripe: _Optional[_Union[StripeId, _Mapping]] = ..., contributor: _Optional[_Union[Contributor, _Mapping]] = ..., piece_size: _Optional[int] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
-    __slots__ = ("shard", "manifest", "offset", "length")
+    __slots__ = ("shard", "manifest", "offset", "length", "parity")
     SHARD_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
+    PARITY_FIELD_NUMBER: _ClassVar[int]
     shard: ShardId
     manifest: bool
     offset: int
     length: int
-    def __init__(self, shard: _Optional[_Union[ShardId, _Mapping]] = ..., manifest: _Optional[bool] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+    parity: StripeId
+    def __init__(self, shard: _Optional[_Union[ShardId, _Mapping]] = ..., manifest: _Optional[bool] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., parity: _Optional[_Union[StripeId, _Mapping]] = ...) -> None: ...
 
 class DataChunk(_message.Message):
     __slots__ = ("offset", "data", "crc32c")

@@ -64,6 +64,11 @@ class DaemonStub:
                 request_serializer=mtckpt_dot_proto_dot_mtckpt__pb2.FetchRequest.SerializeToString,
                 response_deserializer=mtckpt_dot_proto_dot_mtckpt__pb2.BulkTicket.FromString,
                 _registered_method=True)
+        self.OpenContribute = channel.unary_unary(
+                '/mtckpt.v1.Daemon/OpenContribute',
+                request_serializer=mtckpt_dot_proto_dot_mtckpt__pb2.ContributeHeader.SerializeToString,
+                response_deserializer=mtckpt_dot_proto_dot_mtckpt__pb2.BulkTicket.FromString,
+                _registered_method=True)
         self.Notify = channel.unary_unary(
                 '/mtckpt.v1.Daemon/Notify',
                 request_serializer=mtckpt_dot_proto_dot_mtckpt__pb2.NotifyRequest.SerializeToString,
@@ -131,6 +136,16 @@ class DaemonServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenContribute(self, request, context):
+        """With coded redundancy (xor, rs): a peer sends its piece of a stripe here, the node
+        holding one of the stripe's parities. The header is checked here and the ticket is
+        the only way in; the frames are those of OpenPush, each multiplied into the parity as
+        it arrives.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Notify(self, request, context):
         """A trainer committed a step in the memory tier: replicate it now.
         """
@@ -186,6 +201,11 @@ def add_DaemonServicer_to_server(servicer, server):
             'OpenFetch': grpc.unary_unary_rpc_method_handler(
                     servicer.OpenFetch,
                     request_deserializer=mtckpt_dot_proto_dot_mtckpt__pb2.FetchRequest.FromString,
+                    response_serializer=mtckpt_dot_proto_dot_mtckpt__pb2.BulkTicket.SerializeToString,
+            ),
+            'OpenContribute': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenContribute,
+                    request_deserializer=mtckpt_dot_proto_dot_mtckpt__pb2.ContributeHeader.FromString,
                     response_serializer=mtckpt_dot_proto_dot_mtckpt__pb2.BulkTicket.SerializeToString,
             ),
             'Notify': grpc.unary_unary_rpc_method_handler(
@@ -365,6 +385,33 @@ class Daemon:
             target,
             '/mtckpt.v1.Daemon/OpenFetch',
             mtckpt_dot_proto_dot_mtckpt__pb2.FetchRequest.SerializeToString,
+            mtckpt_dot_proto_dot_mtckpt__pb2.BulkTicket.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenContribute(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mtckpt.v1.Daemon/OpenContribute',
+            mtckpt_dot_proto_dot_mtckpt__pb2.ContributeHeader.SerializeToString,
             mtckpt_dot_proto_dot_mtckpt__pb2.BulkTicket.FromString,
             options,
             channel_credentials,

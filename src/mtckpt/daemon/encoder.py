@@ -1,0 +1,233 @@
+"""Sending this node's pieces of its steps to the nodes of its coded group that hold the
+stripes' parities (daemon/groups.py, daemon/parity.py), for the replicator.
+
+A step's blob is its ranks' data files in rank order; each of its K pieces goes to the M
+parity holders of its stripe, over their data ports, straight from the memory tier's files
+(held open so the trainer does not reuse them meanwhile). A holder is *stored* for a step
+once every stripe of this node's pieces that it holds is complete: every member's piece is
+in, and its checksums written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass
+
+import grpc
+
+from .. import _fastpath
+from ..errors import MtckptError
+from ..format import naming
+from ..proto import mtckpt_pb2 as pb
+from ..redundancy import Redundancy
+from ..tiers.memory import open_held
+from . import bulk
+from .auth import TLSFiles, host_of
+from .groups import Group, form_groups, group_of, piece_range
+from .holdings import Holdings, Shard
+from .parity import StripeKey
+from .peers import Peers
+from .rpc import error_text
+
+log = logging.getLogger(__name__)
+
+COMPLETION_WAIT = 2.0  # seconds a step's stripes are awaited after its pieces are sent
+GONE_AFTER = 10.0  # seconds a group member is down before new steps' stripes leave it out
+POLL = 0.05
+
+
+@dataclass(frozen=True)
+class RankFile:
+    """One rank's data file of the step being sent, held open."""
+
+    rank: int
+    fd: int
+    size: int
+    manifest: bytes
+    crc: int  # the manifest's
+
+
+@dataclass
+class Listing:
+    """What one holder has of this node's pieces: stripe -> (its piece there is this save
+    of the step, the stripe is complete)."""
+
+    stripes: dict[StripeKey, tuple[bool, bool]]
+
+
+class Encoder:
+    def __init__(self, holdings: Holdings, peers: Peers, scheme: Redundancy, zone: str, *,
+                 tls: TLSFiles | None, bandwidth: float | None, metrics=None) -> None:  # fmt: skip
+        self.holdings, self.peers, self.scheme, self.zone = holdings, peers, scheme, zone
+        self.tls, self.bandwidth, self.metrics = tls, bandwidth, metrics
+        self._groups: dict[tuple[str, int], Group] = {}  # the group each step was sent to
+
+    def place(self) -> tuple[Group | None, list[str], list[str], str]:
+        """This node's group (its members up), the nodes holding parities of its pieces,
+        the other members (to watch), and why there is no group ("" if there is one).
+
+        Groups are cut from every daemon identified, up or not, so that one node's failure
+        does not move the others' groups; within a group, a member down for GONE_AFTER
+        seconds is left out of new steps' stripes while K + M others remain."""
+        me = self.holdings.node_id
+        members = [(me, self.zone)]
+        members += [(m.node_id, m.zone) for m in self.peers.members() if m.node_id]
+        whole = group_of(me, form_groups(members, self.scheme))
+        if whole is None:
+            return None, [], [], (f"{self.scheme} needs groups of {self.scheme.group_size} "
+                                  f"nodes, {len(members)} known (this one included)")  # fmt: skip
+        others = [n for n in whole.members if n != me]
+        up = tuple(n for n in whole.members if n == me or self._up(n))
+        if len(up) < self.scheme.group_size:
+            down = sorted(set(whole.members) - set(up))
+            return None, [], others, (f"{len(up)} of the {whole} are up ({down} down), "
+                                      f"{self.scheme.group_size} needed")  # fmt: skip
+        group = Group(self.scheme, up)
+        return group, group.holders_of(me), others, ""
+
+    def _up(self, node: str) -> bool:
+        member = self.peers.by_node(node)
+        if member is None or member.reachable or member.down_since is None:
+            return member is not None
+        return time.monotonic() - member.down_since < GONE_AFTER
+
+    def group_for(self, run: str, step: int) -> Group | None:
+        return self._groups.get((run, step))
+
+    def listings(self, holders: list[str], me: str) -> tuple[dict[str, Listing], dict[str, str]]:
+        listings: dict[str, Listing] = {}
+        unreachable: dict[str, str] = {}
+        for node in holders:
+            try:
+                reply = self.peers.client(self.peers.by_node(node).address).list_shards(origin=me)
+            except grpc.RpcError as exc:
+                unreachable[node] = error_text(exc)
+                continue
+            listings[node] = Listing({})
+            for info in reply.parities:
+                try:
+                    key = StripeKey.checked(info.stripe)
+                except ValueError:
+                    continue
+                mine = next((c for c in info.contributors if c.origin == me), None)
+                crcs = tuple(mine.manifest_crcs) if mine is not None else ()
+                listings[node].stripes[key] = (crcs, info.complete)
+        return listings, unreachable
+
+    def send_step(self, run: str, step: int, shards: list[Shard], group: Group,
+                  listings: dict[str, Listing], unreachable: dict[str, str],
+                  mark: Callable[[str, str], None], stopping) -> bool:  # fmt: skip
+        """Send this node's pieces of ``step`` that its holders lack; ``mark(node, error)``
+        says a holder has them all in complete stripes ("") or why not. False once
+        ``stopping`` is set."""
+        me = self.holdings.node_id
+        self._groups[(run, step)] = group
+        for old in [k for k in self._groups if k[0] == run and k[1] < step - 64]:
+            del self._groups[old]
+        with ExitStack() as held:
+            blob = self._open_blob(shards, held)
+            crcs = tuple(f.crc for f in blob)
+            pending: dict[str, list[StripeKey]] = {}
+            for stripe, index in group.pieces_of(me):
+                key = StripeKey(run, step, str(self.scheme), group.members, stripe)
+                offset, length = piece_range(sum(f.size for f in blob), group.scheme.data, index)
+                for node in group.parity_nodes(stripe):
+                    if stopping.is_set():
+                        return False
+                    there = listings.get(node, Listing({})).stripes.get(key)
+                    if there is not None and there[0] == crcs:
+                        if not there[1]:
+                            pending.setdefault(node, []).append(key)
+                        continue
+                    if node in unreachable:
+                        mark(node, f"peer {node} unreachable: {unreachable[node]}")
+                        continue
+                    try:
+                        self._contribute(node, key, blob, offset, length)
+                    except (grpc.RpcError, OSError, MtckptError) as exc:
+                        reason = error_text(exc)
+                        log.warning("sending %s's piece of %s to %s failed: %s",
+                                    me, key, node, reason)  # fmt: skip
+                        mark(node, f"piece to {node} failed: {reason}")
+                        continue
+                    pending.setdefault(node, []).append(key)
+        for node in group.holders_of(me):
+            if node not in pending and node not in unreachable:
+                mark(node, "")
+        self._await(pending, crcs, mark, stopping)
+        return True
+
+    def _await(self, pending: dict[str, list[StripeKey]], crcs, mark, stopping) -> None:
+        """Wait a little for the stripes just sent to complete (the other members' pieces
+        arrive meanwhile); marked as they do. The next cycle looks again."""
+        deadline = time.monotonic() + COMPLETION_WAIT
+        me = self.holdings.node_id
+        while pending and time.monotonic() < deadline and not stopping.is_set():
+            time.sleep(POLL)
+            for node in [n for n in pending if not self._up(n)]:
+                mark(node, f"peer {node} unreachable")
+                del pending[node]
+            listings, _ = self.listings(list(pending), me)
+            for node in list(pending):
+                stripes = listings.get(node, Listing({})).stripes
+                if all(stripes.get(k) == (crcs, True) for k in pending[node]):
+                    mark(node, "")
+                    del pending[node]
+        for node, keys in pending.items():
+            mark(node, f"{len(keys)} stripe(s) held by {node} await other members' pieces")
+
+    def _open_blob(self, shards: list[Shard], held: ExitStack) -> list[RankFile]:
+        """Each rank's data file, in rank order, held open until ``held`` closes."""
+        crc32c = _fastpath.backend().crc32c
+        blob = []
+        for shard in sorted(shards, key=lambda s: s.rank):
+            storage = self.holdings.holding(shard)
+            manifest = storage.read_bytes(shard.run, shard.step, naming.manifest_file(shard.rank))
+            f = held.enter_context(
+                open_held(storage.path(shard.run, shard.step, naming.data_file(shard.rank)))
+            )
+            size = os.fstat(f.fileno()).st_size
+            blob.append(RankFile(shard.rank, f.fileno(), size, manifest, crc32c(manifest)))
+        return blob
+
+    def _contribute(self, node: str, key: StripeKey, blob: list[RankFile], offset: int,
+                    length: int) -> None:  # fmt: skip
+        me = self.holdings.node_id
+        address = self.peers.by_node(node).address
+        contributor = pb.Contributor(
+            origin=me, ranks=[f.rank for f in blob], manifest_crcs=[f.crc for f in blob],
+            data_sizes=[f.size for f in blob], manifests=[f.manifest for f in blob],
+        )  # fmt: skip
+        header = pb.ContributeHeader(stripe=key.ident(), contributor=contributor,
+                                     piece_size=length)  # fmt: skip
+        started = time.monotonic()
+        try:
+            ticket = self.peers.client(address).open_contribute(header)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.ALREADY_EXISTS:
+                return
+            raise
+        tls = self.tls if ticket.tls else None
+        parts = _parts(blob, offset, length)
+        bulk.send_parts(host_of(address), ticket.port, ticket.ticket, parts, tls=tls,
+                        bandwidth=self.bandwidth)  # fmt: skip
+        if self.metrics is not None:
+            self.metrics.save_seconds.observe(time.monotonic() - started, stage="peers")
+            self.metrics.bytes_written.inc(length, tier="peers")
+        log.info("sent %s's piece of %s (%d bytes) to %s", me, key, length, node)
+
+
+def _parts(blob: list[RankFile], offset: int, length: int) -> list[tuple[int, int, int]]:
+    """``(fd, offset, length)`` in the rank files for ``length`` bytes at ``offset`` of
+    the blob."""
+    parts, start, end = [], 0, offset + length
+    for f in blob:
+        lo, hi = max(offset, start), min(end, start + f.size)
+        if lo < hi:
+            parts.append((f.fd, lo - start, hi - lo))
+        start += f.size
+    return parts

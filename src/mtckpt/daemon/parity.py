@@ -1,0 +1,417 @@
+"""The parities a daemon holds for its coded group (daemon/groups.py), under
+``{memory_root}/.parity/{run}/step-.../``: for each stripe, a parity file into which each
+contributor's piece is multiplied as its frames arrive (checked frame by frame; no copy of
+a piece is ever held whole), and, once every data piece of the stripe is in, a JSON record
+of the stripe, its contributors with their manifests, and a crc32c per chunk of the parity.
+A parity is served (and listed as complete) only with that record; it is verified against
+it whenever it is sent. A contribution that fails part way clears the stripe: the
+contributors send their pieces again."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import mmap
+import os
+import shutil
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import _fastpath
+from ..errors import CorruptCheckpointError, MtckptError
+from ..format import naming
+from ..format.manifest import RankManifest
+from ..proto import mtckpt_pb2 as pb
+from ..redundancy import MAX_GROUP, Redundancy
+from .groups import Group, piece_range
+from .holdings import MAX_SHARD_BYTES
+from .sync import sync_steps
+
+log = logging.getLogger(__name__)
+
+PARITY_DIR = ".parity"
+CHUNK_BYTES = 4 << 20  # a crc32c per this many bytes of a parity
+MAX_RANKS = 4096  # ranks of one node in one contribution
+
+
+class ParityError(MtckptError):
+    """A contribution or a parity was refused or is damaged; the message says which."""
+
+
+class AlreadyHeld(ValueError):
+    """The piece offered is in the stripe already."""
+
+
+@dataclass(frozen=True)
+class StripeKey:
+    run: str
+    step: int
+    code: str
+    group: tuple[str, ...]
+    stripe: int
+
+    @classmethod
+    def checked(cls, ident: pb.StripeId) -> StripeKey:
+        """From a StripeId off the wire; ValueError naming what is wrong."""
+        naming.check_run(ident.run)
+        naming.check_step(ident.step)
+        scheme = Redundancy.parse(ident.code)
+        if not scheme.coded:
+            raise ValueError(f"stripe of {ident.code!r}: not a coded redundancy")
+        group = tuple(naming.check_node_id(n) for n in ident.group)
+        if len(set(group)) != len(group) or not scheme.group_size <= len(group) <= MAX_GROUP:
+            raise ValueError(
+                f"{scheme} stripe: a group of {len(group)} distinct node(s) {list(group)}; "
+                f"expected {scheme.group_size} to {MAX_GROUP}"
+            )
+        if not 0 <= ident.stripe < len(group):
+            raise ValueError(f"stripe {ident.stripe} of a group of {len(group)}")
+        return cls(ident.run, ident.step, str(scheme), group, ident.stripe)
+
+    @property
+    def group_of(self) -> Group:
+        return Group(Redundancy.parse(self.code), self.group)
+
+    @property
+    def name(self) -> str:
+        digest = hashlib.blake2b(f"{self.code}|{','.join(self.group)}".encode(), digest_size=6)
+        return f"{digest.hexdigest()}-{self.stripe}"
+
+    def ident(self) -> pb.StripeId:
+        return pb.StripeId(run=self.run, step=self.step, code=self.code, group=self.group,
+                           stripe=self.stripe)  # fmt: skip
+
+    def __str__(self) -> str:
+        return f"run {self.run!r} step {self.step} stripe {self.stripe} of the {self.group_of}"
+
+
+@dataclass(frozen=True)
+class Chunks:
+    """A parity file's checksums, in the shape bulk.py sends a file by."""
+
+    file_size: int
+    chunk_size: int
+    chunk_crc32c: tuple[int, ...]
+
+
+@dataclass
+class Contributor:
+    origin: str
+    ranks: tuple[int, ...]
+    crcs: tuple[int, ...]
+    sizes: tuple[int, ...]
+    manifests: tuple[bytes, ...]
+    world_size: int
+
+    @property
+    def blob_size(self) -> int:
+        return sum(self.sizes)
+
+    def info(self, manifests: bool) -> pb.Contributor:
+        return pb.Contributor(origin=self.origin, ranks=self.ranks, manifest_crcs=self.crcs,
+                              data_sizes=self.sizes,
+                              manifests=self.manifests if manifests else ())  # fmt: skip
+
+    @classmethod
+    def checked(cls, info: pb.Contributor, key: StripeKey) -> Contributor:
+        """From a contribution's header: its manifests parsed and matched to its ranks."""
+        origin = naming.check_node_id(info.origin)
+        where = f"{key}: contribution of {origin!r}"
+        if not 1 <= len(info.manifests) <= MAX_RANKS:
+            raise ValueError(f"{where}: {len(info.manifests)} manifests; expected 1..{MAX_RANKS}")
+        crc32c = _fastpath.backend().crc32c
+        parsed = [RankManifest.from_json(raw, f"{where}: manifest") for raw in info.manifests]
+        ranks = tuple(m.rank for m in parsed)
+        if list(ranks) != sorted(set(ranks)) or any(
+            (m.run, m.step) != (key.run, key.step) for m in parsed
+        ):
+            raise ValueError(f"{where}: manifests of ranks {list(ranks)} (in order, of run "
+                             f"{key.run!r} step {key.step}) expected")  # fmt: skip
+        worlds = {m.world_size for m in parsed}
+        if len(worlds) != 1:
+            raise ValueError(f"{where}: manifests of world sizes {sorted(worlds)}")
+        sizes = tuple(m.file_size for m in parsed)
+        if sum(sizes) > MAX_SHARD_BYTES:
+            raise ValueError(f"{where}: {sum(sizes)} bytes; at most {MAX_SHARD_BYTES}")
+        crcs = tuple(crc32c(raw) for raw in info.manifests)
+        return cls(origin, ranks, crcs, sizes, tuple(info.manifests), worlds.pop())
+
+    def to_json(self) -> dict:
+        return {"origin": self.origin, "ranks": list(self.ranks), "crcs": list(self.crcs),
+                "sizes": list(self.sizes), "world_size": self.world_size,
+                "manifests": [m.decode() for m in self.manifests]}  # fmt: skip
+
+    @classmethod
+    def from_json(cls, item: dict) -> Contributor:
+        return cls(item["origin"], tuple(item["ranks"]), tuple(item["crcs"]),
+                   tuple(item["sizes"]), tuple(m.encode() for m in item["manifests"]),
+                   item["world_size"])  # fmt: skip
+
+
+@dataclass
+class Stripe:
+    """One parity this node holds: being accumulated, or complete."""
+
+    key: StripeKey
+    row: int
+    path: Path
+    contributors: dict[str, Contributor] = field(default_factory=dict)
+    generation: int = 0
+    size: int = 0
+    chunks: Chunks | None = None  # complete
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    mapping: mmap.mmap | None = None
+
+    def info(self, origin: str, manifests: bool) -> pb.ParityInfo:
+        reply = pb.ParityInfo(stripe=self.key.ident(), row=self.row, size=self.size,
+                              complete=self.chunks is not None)  # fmt: skip
+        for c in self.contributors.values():
+            if not origin or c.origin == origin:
+                reply.contributors.append(c.info(manifests))
+            reply.world_size = c.world_size
+        return reply
+
+    def grow(self, size: int) -> None:
+        """The parity file at ``size`` bytes at least (zeros past the old end), mapped."""
+        if size <= self.size and (self.mapping is not None or size == 0):
+            return
+        self.close_mapping()
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            self.size = max(self.size, size)
+            os.ftruncate(fd, self.size)
+            if self.size:
+                _fastpath.backend().fallocate(fd, 0, self.size)  # a full tmpfs fails here
+                self.mapping = mmap.mmap(fd, self.size, flags=mmap.MAP_SHARED)
+        finally:
+            os.close(fd)
+
+    def clear(self) -> None:
+        """Back to zeros, with no contributor: a new generation."""
+        size = self.size
+        self.close_mapping()
+        self.size = 0
+        _unlink(self.path)
+        self.contributors.clear()
+        self.chunks = None
+        self.generation += 1
+        self.grow(size)
+
+    def close_mapping(self) -> None:
+        if self.mapping is not None:
+            self.mapping.close()
+            self.mapping = None
+
+
+class Contribution:
+    """One contributor's piece arriving over the data port (the sink bulk.receive_frames
+    fills): each frame lands in a scratch buffer, is checked against its crc32c there,
+    then multiplied into the parity."""
+
+    def __init__(self, store: ParityStore, stripe: Stripe, contributor: Contributor,
+                 coefficient: int, size: int) -> None:  # fmt: skip
+        self.store, self.stripe, self.contributor = store, stripe, contributor
+        self.coefficient, self.size = coefficient, size
+        self.generation = stripe.generation
+        self.received = 0
+        self.where = f"{stripe.key}: the piece of {contributor.origin!r}"
+        self._scratch = bytearray()
+        self._done = False
+
+    def whole_chunks(self, offset: int, length: int) -> bool:
+        return False  # the frames' own crc32c are checked
+
+    def region(self, offset: int, length: int) -> memoryview:
+        if offset != self.received or length < 0 or offset + length > self.size:
+            raise ParityError(f"{self.where}: {length} bytes at offset {offset}; expected "
+                              f"offset {self.received} of {self.size}")  # fmt: skip
+        if len(self._scratch) < length:
+            self._scratch = bytearray(length)
+        return memoryview(self._scratch)[:length]
+
+    def accept(self, offset: int, length: int) -> None:
+        stripe = self.stripe
+        with stripe.lock:
+            if stripe.generation != self.generation:
+                raise ParityError(f"{self.where}: the stripe was cleared meanwhile (another "
+                                  "contribution failed or a newer save arrived)")  # fmt: skip
+            with memoryview(stripe.mapping)[offset : offset + length] as target:
+                src = memoryview(self._scratch)[:length]
+                _fastpath.backend().gf256_muladd(target, src, self.coefficient)
+                src.release()
+        self.received += length
+
+    def commit(self) -> None:
+        if self.received != self.size:
+            raise ParityError(f"{self.where}: {self.received} of {self.size} bytes arrived")
+        self.store.contributed(self)
+        self._done = True
+
+    def close(self) -> None:
+        if not self._done:
+            self.store.failed(self)
+
+
+class ParityStore:
+    def __init__(self, root: str | os.PathLike, node_id: str, scheme: Redundancy,
+                 keep: int) -> None:  # fmt: skip
+        self.root = Path(root) / PARITY_DIR
+        self.node_id, self.scheme, self.keep = node_id, scheme, keep
+        self._stripes: dict[StripeKey, Stripe] = {}
+        self._lock = threading.Lock()
+
+    def load(self) -> None:
+        """At start-up: the complete parities on disk, and nothing of those a killed daemon
+        was still accumulating."""
+        for record in sorted(self.root.glob("*/step-*/*.json")):
+            try:
+                stripe = _read_record(record)
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.warning("parity record %s is unreadable (%s): removed", record, exc)
+                _unlink(record)
+                _unlink(record.with_suffix(".parity"))
+                continue
+            self._stripes[stripe.key] = stripe
+        for path in self.root.glob("*/step-*/*.parity"):
+            if not path.with_suffix(".json").exists():
+                _unlink(path)
+
+    def receive(self, header: pb.ContributeHeader) -> Contribution:
+        """A contribution's sink, after checking its header: ValueError saying what is
+        wrong (this node holds no parity of that stripe, a piece of the wrong size, ...)."""
+        key = StripeKey.checked(header.stripe)
+        if key.code != str(self.scheme):
+            raise ValueError(f"{key}: this daemon keeps {self.scheme}, not {key.code}")
+        group = key.group_of
+        parity_nodes, data_nodes = group.parity_nodes(key.stripe), group.data_nodes(key.stripe)
+        if self.node_id not in parity_nodes:
+            raise ValueError(f"{key}: its parities are held by {parity_nodes}, not "
+                             f"{self.node_id!r}")  # fmt: skip
+        contributor = Contributor.checked(header.contributor, key)
+        if contributor.origin not in data_nodes:
+            raise ValueError(f"{key}: its pieces come from {data_nodes}, not "
+                             f"{contributor.origin!r}")  # fmt: skip
+        index, row = data_nodes.index(contributor.origin), parity_nodes.index(self.node_id)
+        expected = piece_range(contributor.blob_size, group.scheme.data, index)[1]
+        if header.piece_size != expected:
+            raise ValueError(f"{key}: a piece of {header.piece_size} bytes from "
+                             f"{contributor.origin!r}; its step's {contributor.blob_size} "
+                             f"bytes make pieces of {expected}")  # fmt: skip
+        coefficient = group.code.coefficients()[row][index]
+        with self._lock:
+            stripe = self._stripes.get(key)
+            if stripe is None:
+                path = self.root / key.run / naming.step_dir(key.step) / f"{key.name}.parity"
+                path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                stripe = self._stripes[key] = Stripe(key, row, path)
+        with stripe.lock:
+            held = stripe.contributors.get(contributor.origin)
+            if held is not None and held.crcs == contributor.crcs:
+                raise AlreadyHeld(f"{key}: the piece of {contributor.origin!r} is here already")
+            if held is not None or stripe.chunks is not None:  # another save of the step
+                stripe.clear()
+            stripe.grow(header.piece_size)
+            return Contribution(self, stripe, contributor, coefficient, header.piece_size)
+
+    def contributed(self, contribution: Contribution) -> None:
+        stripe = contribution.stripe
+        with stripe.lock:
+            if stripe.generation != contribution.generation:
+                raise ParityError(f"{contribution.where}: the stripe was cleared meanwhile")
+            stripe.contributors[contribution.contributor.origin] = contribution.contributor
+            if set(stripe.contributors) != set(stripe.key.group_of.data_nodes(stripe.key.stripe)):
+                return
+            self._complete(stripe)
+        log.info("parity of %s complete (%d bytes)", stripe.key, stripe.size)
+        self.expire(stripe.key.run)
+
+    def _complete(self, stripe: Stripe) -> None:
+        crc32c = _fastpath.backend().crc32c
+        view = memoryview(stripe.mapping) if stripe.mapping is not None else memoryview(b"")
+        with view:
+            crcs = tuple(crc32c(view[i : i + CHUNK_BYTES])
+                         for i in range(0, stripe.size, CHUNK_BYTES))  # fmt: skip
+        stripe.close_mapping()
+        stripe.chunks = Chunks(stripe.size, CHUNK_BYTES, crcs)
+        record = {"key": {"run": stripe.key.run, "step": stripe.key.step,
+                          "code": stripe.key.code, "group": list(stripe.key.group),
+                          "stripe": stripe.key.stripe},
+                  "row": stripe.row, "size": stripe.size, "chunk_size": CHUNK_BYTES,
+                  "chunk_crc32c": list(crcs),
+                  "contributors": [c.to_json() for c in stripe.contributors.values()]}  # fmt: skip
+        path = stripe.path.with_suffix(".json")
+        temp = path.with_name(naming.temp_name(path.name))
+        temp.write_bytes(json.dumps(record).encode())
+        os.replace(temp, path)
+
+    def failed(self, contribution: Contribution) -> None:
+        stripe = contribution.stripe
+        with stripe.lock:
+            if stripe.generation == contribution.generation and stripe.chunks is None:
+                stripe.clear()  # its partial piece is in the parity: everyone sends again
+
+    def listing(self, run: str = "", origin: str = "", manifests: bool = False):
+        with self._lock:
+            stripes = list(self._stripes.values())
+        infos = []
+        for stripe in stripes:
+            if run and stripe.key.run != run:
+                continue
+            with stripe.lock:
+                if origin and origin not in stripe.contributors:
+                    continue
+                infos.append(stripe.info(origin, manifests))
+        return infos
+
+    def complete(self, ident: pb.StripeId) -> Stripe:
+        """The complete parity of a stripe this node holds, or FileNotFoundError."""
+        key = StripeKey.checked(ident)
+        with self._lock:
+            stripe = self._stripes.get(key)
+        if stripe is None or stripe.chunks is None:
+            raise FileNotFoundError(f"{key}: no complete parity held here")
+        return stripe
+
+    def expire(self, run: str, stride: int = 1) -> None:
+        """Keep the parities of the newest ``keep`` steps of ``run`` (and, with a sync
+        ``stride`` above 1, of its newest sync steps)."""
+        with self._lock:
+            steps = sorted({k.step for k in self._stripes if k.run == run})
+            kept = set(steps[-self.keep :]) | set(sync_steps(steps, stride))
+            gone = [k for k in self._stripes if k.run == run and k.step not in kept]
+            stripes = [self._stripes.pop(k) for k in gone]
+        for stripe in stripes:
+            with stripe.lock:
+                stripe.close_mapping()
+                stripe.generation += 1
+        for step in {k.step for k in gone}:
+            shutil.rmtree(self.root / run / naming.step_dir(step), ignore_errors=True)
+
+    def usage(self) -> int:
+        """Bytes of parity held."""
+        with self._lock:
+            return sum(s.size for s in self._stripes.values())
+
+
+def _read_record(path: Path) -> Stripe:
+    record = json.loads(path.read_bytes())
+    key = StripeKey.checked(pb.StripeId(**record["key"]))
+    stripe = Stripe(key, int(record["row"]), path.with_suffix(".parity"))
+    stripe.size = int(record["size"])
+    if path.with_suffix(".parity").stat().st_size != stripe.size:
+        raise CorruptCheckpointError(f"{path}: the parity is not {stripe.size} bytes")
+    stripe.chunks = Chunks(stripe.size, int(record["chunk_size"]),
+                           tuple(int(c) for c in record["chunk_crc32c"]))  # fmt: skip
+    for item in record["contributors"]:
+        contributor = Contributor.from_json(item)
+        stripe.contributors[contributor.origin] = contributor
+    return stripe
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass

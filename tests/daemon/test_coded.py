@@ -1,0 +1,207 @@
+"""Coded redundancy (xor:G, rs:K+M) with real daemons: each node's pieces go to the
+parity holders of its group, a lost node is rebuilt from the survivors of its group
+bit-exact, damage is detected and other sources are used."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from daemons import replicated, restore, save, state, trainer, wait_for
+from mtckpt.daemon.groups import Group, piece_range
+from mtckpt.daemon.parity import PARITY_DIR, StripeKey
+from mtckpt.format import naming
+from mtckpt.redundancy import Redundancy
+from states import assert_same_state
+
+RUN = "exp"
+
+
+def mtckpt_restore(daemon, *args) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "mtckpt", "restore", "--run", RUN, "--daemon",
+           f"unix://{daemon.socket}", "--json", *args]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def _parities(daemon):
+    with daemon.client() as client:
+        return list(client.list_shards(run=RUN).parities)
+
+
+def test_xor_group_holds_a_third_of_each_shard_as_parity(cluster):
+    nodes = [f"n{i}" for i in range(4)]
+    daemons = cluster(nodes, extra=["--redundancy", "xor:4"])
+    for rank, node in enumerate(nodes):
+        save(daemons[node], rank, len(nodes), [1, 2])
+    for node in nodes:
+        wait_for(lambda n=node: replicated(daemons[n], RUN, 1, 2), what=f"{node} redundant")
+    for node in nodes:
+        parities = _parities(daemons[node])
+        assert {p.stripe.step for p in parities} == {1, 2}
+        assert all(p.complete and len(p.contributors) == 3 for p in parities)
+
+
+@pytest.fixture
+def xor4(cluster):
+    nodes = [f"n{i}" for i in range(4)]
+    daemons = cluster(nodes, extra=["--redundancy", "xor:4"])
+    for rank, node in enumerate(nodes):
+        save(daemons[node], rank, len(nodes), [1, 2])
+    for node in nodes:
+        wait_for(lambda n=node: replicated(daemons[n], RUN, 1, 2), what=f"{node} redundant")
+    return daemons
+
+
+@pytest.mark.parametrize("lost", ["n0", "n2"])
+def test_xor_any_lost_node_is_rebuilt_bit_exact(xor4, cluster, lost):
+    node = xor4[lost]
+    node.lose_node()
+    cluster.restart(node)
+    rank = int(lost[1:])
+    done = mtckpt_restore(node)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["step"] == 2 and report["ranks"] == [rank]
+    assert lost not in report["sources"] and len(report["sources"]) == 3
+    step, restored = restore(node, rank, 4)
+    assert step == 2
+    assert_same_state(restored, state(2, rank))
+
+
+def _daemon_logs(daemons) -> str:
+    return "".join(d.log.read_text() for d in daemons.values())
+
+
+def test_rs_any_two_lost_nodes_are_rebuilt_bit_exact(cluster):
+    nodes = [f"n{i}" for i in range(5)]
+    daemons = cluster(nodes, extra=["--redundancy", "rs:3+2"])
+    for rank, node in enumerate(nodes):
+        save(daemons[node], rank, len(nodes), [1, 2])
+    for node in nodes:
+        wait_for(lambda n=node: replicated(daemons[n], RUN, 2), what=f"{node} redundant")
+    lost = ["n1", "n3"]
+    for node in lost:
+        daemons[node].lose_node()
+    for node in lost:
+        cluster.restart(daemons[node])
+    for node in lost:
+        rank = int(node[1:])
+        done = mtckpt_restore(daemons[node])
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["step"] == 2
+        step, restored = restore(daemons[node], rank, 5)
+        assert step == 2
+        assert_same_state(restored, state(2, rank))
+
+
+def _flip(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_a_damaged_data_piece_and_parity_are_refused_and_other_sources_used(cluster):
+    nodes = [f"n{i}" for i in range(5)]
+    daemons = cluster(nodes, extra=["--redundancy", "rs:3+2"])
+    for rank, node in enumerate(nodes):
+        save(daemons[node], rank, len(nodes), [1, 2])
+    for node in nodes:
+        wait_for(lambda n=node: replicated(daemons[n], RUN, 2), what=f"{node} redundant")
+    (info, *_) = [p for p in _parities(daemons["n0"]) if p.stripe.step == 2]
+    group = Group(Redundancy.parse("rs:3+2"), tuple(info.stripe.group))
+    stripes = [stripe for stripe, _ in group.pieces_of("n1")]
+    # A chunk of another data node's piece in one stripe of n1's pieces (the sender checks
+    # whole chunks: every piece of that node in the chunk is refused) and the first parity
+    # of a stripe where that node holds the second, the spare.
+    s1, x, s2 = next(
+        (s1, x, s2) for s1 in stripes for x in group.data_nodes(s1) if x != "n1"
+        for s2 in stripes if group.parity_nodes(s2)[1] == x
+    )  # fmt: skip
+    data = daemons[x].memory_root / RUN / naming.step_dir(2) / naming.data_file(int(x[1:]))
+    offset, _ = piece_range(data.stat().st_size, 3, group.data_nodes(s1).index(x))
+    _flip(data, offset + 100)
+    y = group.parity_nodes(s2)[0]
+    key = StripeKey(RUN, 2, "rs:3+2", group.members, s2)
+    _flip(daemons[y].memory_root / PARITY_DIR / RUN / naming.step_dir(2) / f"{key.name}.parity",
+          10)  # fmt: skip
+    daemons["n1"].lose_node()
+    cluster.restart(daemons["n1"])
+    done = mtckpt_restore(daemons["n1"])
+    assert done.returncode == 0, done.stderr
+    step, restored = restore(daemons["n1"], 1, 5)
+    assert step == 2
+    assert_same_state(restored, state(2, 1))
+    logs = daemons["n1"].log.read_text()
+    assert f"from {x} failed" in logs and f"from {y} failed" in logs and "is damaged" in logs
+
+
+def sized_state(step: int, rank: int) -> dict:
+    rng = np.random.default_rng(step * 100 + rank)
+    return {"w": rng.standard_normal(50_000 * (rank + 1) ** 2, dtype=np.float32), "step": step}
+
+
+@pytest.mark.parametrize("lost", [0, 3])
+def test_unequal_shard_sizes_in_a_group_are_rebuilt(cluster, lost):
+    nodes = [f"n{i}" for i in range(4)]
+    daemons = cluster(nodes, extra=["--redundancy", "xor:4"])
+    for rank, node in enumerate(nodes):
+        with trainer(daemons[node], rank, 4) as mgr:
+            mgr.save(1, sized_state(1, rank)).wait()
+        with daemons[node].client() as client:
+            client.notify(RUN, 1)
+    for node in nodes:
+        wait_for(lambda n=node: replicated(daemons[n], RUN, 1), what=f"{node} redundant")
+    node = daemons[f"n{lost}"]
+    node.lose_node()
+    cluster.restart(node)
+    done = mtckpt_restore(node)
+    assert done.returncode == 0, done.stderr
+    with trainer(node, lost, 4) as mgr:
+        step, restored = mgr.restore()
+    assert step == 1
+    assert_same_state(restored, sized_state(1, lost))
+
+
+def test_a_group_that_lost_too_many_says_so(xor4, cluster):
+    for node in ("n0", "n1"):
+        xor4[node].lose_node()
+    cluster.restart(xor4["n0"])
+    done = mtckpt_restore(xor4["n0"])
+    assert done.returncode != 0
+    assert "survives 1 loss" in done.stderr and "'n0'" in done.stderr
+
+
+def test_a_group_re_forms_without_a_lost_node_and_keeps_the_old_parity(cluster):
+    nodes = [f"n{i}" for i in range(5)]
+    daemons = cluster(nodes, extra=["--redundancy", "xor:4"])
+    for rank, node in enumerate(nodes):
+        save(daemons[node], rank, 5, [1, 2])
+    for node in nodes:
+        wait_for(lambda n=node: replicated(daemons[n], RUN, 2), what=f"{node} redundant")
+    daemons["n4"].lose_node()  # gone for good: the job goes on with four nodes
+    survivors = nodes[:4]
+    for rank, node in enumerate(survivors):
+        save(daemons[node], rank, 4, [3])
+    for node in survivors:
+        wait_for(lambda n=node: replicated(daemons[n], RUN, 3), what=f"{node} redundant")
+    for node in survivors:
+        by_step = {}
+        for p in _parities(daemons[node]):
+            if p.complete:
+                by_step.setdefault(p.stripe.step, set()).add(tuple(p.stripe.group))
+        assert any(sorted(g) == survivors for g in by_step[3])  # the group without n4
+        assert any(len(g) == 5 for g in by_step[2])  # the old step keeps its old parity too
+    daemons["n1"].lose_node()
+    cluster.restart(daemons["n1"])
+    done = mtckpt_restore(daemons["n1"])
+    assert done.returncode == 0, done.stderr
+    step, restored = restore(daemons["n1"], 1, 4)
+    assert step == 3
+    assert_same_state(restored, state(3, 1))
