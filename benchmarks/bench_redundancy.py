@@ -10,8 +10,10 @@ per node, saving into its daemon's memory tier), measured:
 - recovery: a node lost (daemon SIGKILLed, roots deleted, restarted empty), then the time
   of its Recover call, which fetches a replica or rebuilds from the group; target for xor:4
   at most 1.5x fetching the replica.
-On one machine the daemons share its cores and the loopback: a rebuild that reads K times
-the bytes of a replica is bound by the cores here, where on a cluster the node's link is.
+On loopback the daemons share the machine's cores: moving bytes costs CPU, not link time.
+With ``--mbit R`` each daemon runs in a network namespace of its own (tools/cluster's
+Network) with its link shaped to R Mbit/s each way (``tc tbf``), as a cluster's nodes
+are: there a node's link, not the cores, bounds what it sends and receives.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import os
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -42,27 +45,37 @@ from _harness import (
 import mtckpt
 from mtckpt.daemon.rpc import Client
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/, beside benchmarks/
+from tools.cluster.network import Network, in_ns  # noqa: E402
+
 RUN = "bench"
 MIB = 1 << 20
 
 
 class Node:
-    def __init__(self, name: str, base: Path, sockets: Path, port: int, peers: list[int],
-                 scheme: str) -> None:  # fmt: skip
-        self.name, self.root = name, base / name
+    def __init__(self, name: str, base: Path, sockets: Path, address: str, peers: list[str],
+                 scheme: str, ns: str | None, token: Path | None) -> None:  # fmt: skip
+        self.name, self.root, self.ns, self.token = name, base / name, ns, token
         self.socket = sockets / f"{name}.sock"
-        self.args = ["--node-id", name, "--listen", f"127.0.0.1:{port}",
-                     "--socket", str(self.socket), "--memory-root", str(self.root),
-                     "--peers", ",".join(f"127.0.0.1:{p}" for p in peers), "--insecure",
-                     "--redundancy", scheme]  # fmt: skip
+        auth = ["--token-file", str(token)] if token else ["--insecure"]
+        self.args = ["--node-id", name, "--listen", address, "--socket", str(self.socket),
+                     "--memory-root", str(self.root), "--peers", ",".join(peers),
+                     "--redundancy", scheme, *auth]  # fmt: skip
         self.proc = None
 
     def start(self) -> Node:
-        self.proc = start_daemon(self.args, f"daemon {self.name}")
+        if self.ns is None:
+            self.proc = start_daemon(self.args, f"daemon {self.name}")
+            return self
+        command = in_ns(self.ns, sys.executable, "-m", "mtckpt", "daemon", *self.args)
+        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        if "ready" not in self.proc.stdout.readline():
+            raise RuntimeError(f"daemon {self.name} did not start in {self.ns}")
         return self
 
     def client(self) -> Client:
-        return Client(f"unix://{self.socket}", timeout=600)
+        token = self.token.read_text().strip() if self.token else None
+        return Client(f"unix://{self.socket}", token=token, timeout=600)
 
     def stop(self, sig=signal.SIGTERM) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -73,6 +86,21 @@ class Node:
 def state_of(nbytes: int, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     return {"w": rng.integers(0, 255, nbytes, dtype=np.uint8)}
+
+
+def notify(node: Node, step: int) -> None:
+    with node.client() as client:
+        client.notify(RUN, step)
+
+
+def shape_both_ways(net: Network, mbit: float) -> None:
+    """Each node's link capped at ``mbit`` Mbit/s out of the node and into it."""
+    for link in net.links:
+        net.shape(link.node, mbit)
+        burst = max(32 * 1024, int(mbit * 1e6 / 8 / 100))
+        command = ["tc", "qdisc", "add", "dev", link.outside, "root", "tbf", "rate",
+                   f"{mbit}mbit", "burst", str(burst), "latency", "100ms"]  # fmt: skip
+        subprocess.run(in_ns(net.hub, *command), check=True, capture_output=True)
 
 
 def redundant(node: Node, step: int) -> bool:
@@ -86,15 +114,22 @@ def held_bytes(root: Path, parts: tuple[str, ...]) -> int:
                if f.is_file())  # fmt: skip
 
 
-def run_scheme(scheme: str, count: int, nbytes: int, steps: int, base: Path) -> dict:
+def run_scheme(scheme: str, count: int, nbytes: int, steps: int, base: Path,
+               net: Network | None) -> dict:  # fmt: skip
     sockets = Path(tempfile.mkdtemp(prefix="mtr-"))
-    ports = [free_port() for _ in range(count)]
-    names = [f"n{i}" for i in range(count)]
+    if net is None:
+        addresses = [f"127.0.0.1:{free_port()}" for _ in range(count)]
+        spaces, token = [None] * count, None
+    else:
+        addresses = [f"{link.address}:7787" for link in net.links]
+        spaces, token = [link.ns for link in net.links], sockets / "token"
+        token.write_text("bench-token-" + "x" * 24)
     home = base / scheme.replace(":", "-")
     nodes = [
-        Node(n, home, sockets, ports[i], [p for j, p in enumerate(ports) if j != i], scheme)
-        for i, n in enumerate(names)
-    ]
+        Node(f"n{i}", home, sockets, addresses[i], [a for a in addresses if a != addresses[i]],
+             scheme, spaces[i], token)
+        for i in range(count)
+    ]  # fmt: skip
     for node in nodes:
         node.start()
     time.sleep(2)  # every daemon has identified the others (groups are stable from here)
@@ -110,8 +145,7 @@ def run_scheme(scheme: str, count: int, nbytes: int, steps: int, base: Path) -> 
             for rank, mgr in enumerate(managers):
                 mgr.save(step, state_of(nbytes, step * 100 + rank)).wait("memory")
             started = time.perf_counter()
-            threads = [threading.Thread(target=lambda n=n, s=step: n.client().notify(RUN, s))
-                       for n in nodes]  # fmt: skip
+            threads = [threading.Thread(target=lambda n=n, s=step: notify(n, s)) for n in nodes]
             for t in threads:
                 t.start()
             for t in threads:
@@ -152,16 +186,26 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--schemes", default="replicas:1,xor:4,rs:2+2")
     parser.add_argument("--root", default="/dev/shm", help="where the nodes' memory roots go")
+    parser.add_argument("--mbit", type=float, help="daemons in network namespaces, each "
+                        "link shaped to this many Mbit/s each way (root)")  # fmt: skip
     parser.add_argument("--out", default="bench-out/redundancy.json")
     args = parser.parse_args()
     started = _dt.datetime.now()
     base = Path(tempfile.mkdtemp(prefix="mtckpt-redundancy-", dir=args.root))
     results = {}
+    net = None
     try:
+        if args.mbit:
+            net = Network(args.nodes, group="bench", node_name="bench-{i}")
+            net.create()
+            shape_both_ways(net, args.mbit)
         for scheme in args.schemes.split(","):
-            results[scheme] = run_scheme(scheme, args.nodes, args.mib * MIB, args.steps, base)
+            results[scheme] = run_scheme(scheme, args.nodes, args.mib * MIB, args.steps, base,
+                                         net)  # fmt: skip
             print(f"{scheme}: {results[scheme]}", flush=True)
     finally:
+        if net is not None:
+            net.destroy()
         shutil.rmtree(base, ignore_errors=True)
     rows = []
     base_line = results.get("replicas:1")
@@ -189,12 +233,9 @@ def main() -> int:
                          "against one replica fetched"),
         ]  # fmt: skip
         print_checks("targets", checks)
-    write_report(
-        args.out,
-        "redundancy",
-        started,
-        {"nodes": args.nodes, "mib": args.mib, "results": results, "checks": checks},
-    )
+    write_report(args.out, "redundancy", started,
+                 {"nodes": args.nodes, "mib": args.mib, "mbit": args.mbit, "results": results,
+                  "checks": checks})  # fmt: skip
     return 0
 
 

@@ -84,6 +84,13 @@ class MemoryTier:
     every: int | None = _every()
     interval: float | None = _interval()
     keep: int = _keep(2)
+    max_bytes: int | None = option(
+        None,
+        help="The node's memory budget in bytes: staging slots, steps, and (with a daemon) "
+        "replicas and parity. A save that would exceed it is skipped, logged and counted "
+        "(spare slots are dropped first). With `peers=`, the daemon's --memory-budget.",
+        rule=options.optional(options.int_at_least(1)),
+    )
 
     def __post_init__(self) -> None:
         _check_schedule(self, "memory")

@@ -47,6 +47,11 @@ class TierError(MtckptError, OSError):
     """A tier could not be written or read (full disk, permission, unreachable store)."""
 
 
+class MemoryBudgetError(TierError):
+    """A save would take the node's memory tier past its budget (``MemoryTier(max_bytes=)``
+    or the daemon's ``--memory-budget``): the step is skipped, training goes on."""
+
+
 class ClosedError(MtckptError, RuntimeError):
     """The CheckpointManager was used after close()."""
 

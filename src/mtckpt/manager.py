@@ -10,16 +10,16 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from . import _fastpath, config, coordination, retention, topology, tree
 from .config import LocalTier, ManagerOptions, MemoryTier, ObjectTier, PeerTier
-from .daemon.link import DaemonLink
+from .daemon.link import DaemonLink, memory_tier
 from .errors import (
     ChecksumMismatchError,
     ClosedError,
     ConfigError,
+    MemoryBudgetError,
     StepExistsError,
     StepNotFoundError,
 )
@@ -94,8 +94,8 @@ class CheckpointManager:
 
         self._peers = None if peers is None else DaemonLink(peers, self.run, self.rank)
         self._replicating = peers is not None and peers.replicating
-        memory = self._memory_tier(memory, peers)
-        self._memory = MemoryStorage(config.expand_path(memory.path))
+        memory = memory_tier(self._peers, memory, peers)
+        self._memory = MemoryStorage(config.expand_path(memory.path), memory.max_bytes)
         self._tiers: list[tuple[Any, Storage]] = [(memory, self._memory)]
         if local is not None:
             self._tiers.append((local, LocalStorage(config.expand_path(local.path))))
@@ -118,22 +118,6 @@ class CheckpointManager:
         except BaseException:  # nothing of this manager stays held
             self._release()
             raise
-
-    def _memory_tier(self, memory: MemoryTier | None, peers: PeerTier | None) -> MemoryTier:
-        """``memory``, or the default; with a node daemon, its memory root (``memory`` may
-        only name the same directory)."""
-        if self._peers is None:
-            return MemoryTier() if memory is None else memory
-        root = self._peers.memory_root
-        if memory is None:
-            return MemoryTier(path=root)
-        if config.expand_path(memory.path).resolve() != Path(root).resolve():
-            self._peers.close()
-            raise ConfigError(
-                f"memory.path {memory.path!r} is not the memory root {root!r} of the daemon "
-                f"at {peers.daemon}; leave memory= out to use the daemon's"
-            )
-        return memory
 
     def _start(self, memory_keep: int, chunk_size: int, collective_timeout: float) -> None:
         """Clean up after a crashed predecessor, apply retention and start the pipeline."""
@@ -282,7 +266,12 @@ class CheckpointManager:
         )
         if self._memory.free_slots(self.run, self.rank) == 0:
             self._pipeline.wait_memory_idle()  # its garbage collection may free a slot
-        slot = self._memory.acquire(self.run, self.rank, layout.file_size)
+        try:
+            slot = self._memory.acquire(self.run, self.rank, layout.file_size)
+        except MemoryBudgetError as exc:  # never fails the training step: skipped, said
+            log.warning("step %d of run %r skipped: %s", step, self.run, exc)
+            self.metrics.saves_skipped.inc(reason="memory budget")
+            return SaveHandle(step, (), configured, skipped_reason=str(exc))
         try:
             finish_staging = stage_into_slot(slot, layout, data_leaves, self.threads)
             if self.staging == "blocking":

@@ -154,6 +154,12 @@ class Metrics:
             "Copies found damaged by their crc32c (each is skipped and another copy used).",
             ("tier",),
         )
+        self.saves_skipped = self.counter(
+            "mtckpt_saves_skipped",
+            "Steps not saved at all, by reason (memory budget: the node's memory tier had no "
+            "room left for them).",
+            ("reason",),
+        )
         self.errors = self.counter(
             "mtckpt_errors",
             "Failed saves of a step to a tier (the step stays in faster tiers).",

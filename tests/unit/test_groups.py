@@ -4,8 +4,8 @@ the stripe layout that lets any M losses of a group be rebuilt."""
 from __future__ import annotations
 
 import itertools
-import re
 import random
+import re
 
 import pytest
 

@@ -9,6 +9,7 @@ import time
 
 from .. import arrays, catalog, retention
 from ..config import LocalTier, MemoryTier, ObjectTier
+from ..tiers import budget
 from . import _common as common
 
 
@@ -76,8 +77,10 @@ def _ls(args: argparse.Namespace) -> int:
             rows.append(row)
     address = common.daemon_address(args)
     unreachable: list[str] = []
+    memory_lines = [f"memory tier {s.root}: holds {budget.describe(budget.usage(s.root))}"
+                    for s in tiers if s.name == "memory"]  # fmt: skip
     if address is not None:
-        rows += _peer_rows(address, args, unreachable)
+        rows += _peer_rows(address, args, unreachable, memory_lines)
     damaged = sum(row["status"] == catalog.DAMAGED for row in rows)
     code = 1 if (args.verify and damaged) or unreachable else 0
     if args.verify and damaged:
@@ -91,6 +94,7 @@ def _ls(args: argparse.Namespace) -> int:
         return code
     if not rows:
         print(f"no checkpoints in {common.described(tiers)}")
+        print("\n".join(memory_lines))
         return code
     now = time.time()
     table = [("TIER", "RUN", "STEP", "STATUS", "RANKS", "WORLD", "SIZE", "AGE")]
@@ -103,14 +107,17 @@ def _ls(args: argparse.Namespace) -> int:
     for row in rows:
         for problem in row["problems"]:
             print(f"{row['tier']} {row['run']} step {row['step']}: {problem}")
+    print("\n".join(memory_lines))
     return code
 
 
 def _peer_rows(address: tuple[str, str | None], args: argparse.Namespace,
-               unreachable: list[str]) -> list[dict]:  # fmt: skip
+               unreachable: list[str], memory_lines: list[str]) -> list[dict]:  # fmt: skip
     """What this node's daemon and each peer it knows hold: one row per daemon, run,
-    step and origin (the node that saved it). The daemons that did not answer go in
-    ``unreachable``, each with the reason printed."""
+    step and origin (the node that saved it), and per daemon, run and step the parity it
+    holds for its coded group. The daemons that did not answer go in ``unreachable``, each
+    with the reason printed; what this node's memory tier holds, by kind and against its
+    budget, in ``memory_lines`` (for the daemon's root, in place of the local view)."""
     import grpc
 
     from ..daemon.auth import read_token
@@ -125,6 +132,11 @@ def _peer_rows(address: tuple[str, str | None], args: argparse.Namespace,
         print(f"mtckpt ls: daemon {address[0]}: {exc.details()}", file=sys.stderr)
         unreachable.append(f"daemon {address[0]}")
         return []
+    held = {m.kind: m.bytes for m in status.memory}
+    limit = status.memory_budget
+    of = f" of its budget of {budget.human(limit)}" if limit else ""
+    memory_lines[:] = [f"memory tier {status.memory_root} (daemon {status.node_id}): holds "
+                       f"{budget.human(budget.total(held))}{of} ({budget.describe(held)})"]
     for peer in status.peers:  # unreachable ones too: the daemon may not have asked yet
         try:
             with Client(peer.address, token=token, timeout=min(args.timeout, 10)) as client:
@@ -147,6 +159,17 @@ def _peer_rows(address: tuple[str, str | None], args: argparse.Namespace,
             })  # fmt: skip
             row["ranks"] = sorted(row["ranks"] + [shard.rank])
             row["bytes"] += held.data_size
+        for parity in listing.parities:
+            stripe = parity.stripe
+            key = (tier, stripe.run, stripe.step, "parity")
+            row = rows.setdefault(key, {
+                "tier": tier, "run": stripe.run, "step": stripe.step, "origin": "",
+                "status": f"{stripe.code} parity", "world_size": parity.world_size,
+                "ranks": [], "bytes": 0, "modified": None, "problems": [],
+            })  # fmt: skip
+            row["bytes"] += parity.size
+            if not parity.complete:
+                row["status"] = f"{stripe.code} parity (incomplete)"
     return list(rows.values())
 
 

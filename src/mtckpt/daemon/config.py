@@ -57,6 +57,13 @@ class DaemonConfig:
         "M/K of a shard). Default: `replicas:` the replicas option.",
         rule=REDUNDANCY_RULE,
     )
+    memory_budget: int | None = option(
+        None,
+        help="Bytes the node's memory tier may hold: the trainers' slots and steps, replicas "
+        "and parity for peers. Spare files give way first, then peers' new replicas and "
+        "parity are refused, then trainers skip a step (logged and counted). Default: none.",
+        rule=options.optional(options.int_at_least(1)),
+    )
     zone: str = option("", help="Failure-domain label (zone, rack): replicas go to others first.")
     keep: int = option(2, help="Steps of each run kept as replicas.", rule=options.int_at_least(1))
     token_file: str | None = option(

@@ -65,6 +65,7 @@ class Encoder:
         self.holdings, self.peers, self.scheme, self.zone = holdings, peers, scheme, zone
         self.tls, self.bandwidth, self.metrics = tls, bandwidth, metrics
         self._groups: dict[tuple[str, int], Group] = {}  # the group each step was sent to
+        self._said: dict[str, str] = {}  # the last failure logged, per holder
 
     def place(self) -> tuple[Group | None, list[str], list[str], str]:
         """This node's group (its members up), the nodes holding parities of its pieces,
@@ -132,6 +133,7 @@ class Encoder:
             blob = self._open_blob(shards, held)
             crcs = tuple(f.crc for f in blob)
             pending: dict[str, list[StripeKey]] = {}
+            failed: set[str] = set()
             for stripe, index in group.pieces_of(me):
                 key = StripeKey(run, step, str(self.scheme), group.members, stripe)
                 offset, length = piece_range(sum(f.size for f in blob), group.scheme.data, index)
@@ -150,14 +152,20 @@ class Encoder:
                         self._contribute(node, key, blob, offset, length)
                     except (grpc.RpcError, OSError, MtckptError) as exc:
                         reason = error_text(exc)
-                        log.warning("sending %s's piece of %s to %s failed: %s",
-                                    me, key, node, reason)  # fmt: skip
+                        if self._said.get(node) != reason:  # once, not at every retry
+                            log.warning("sending %s's piece of %s to %s failed: %s",
+                                        me, key, node, reason)  # fmt: skip
+                        self._said[node] = reason
+                        failed.add(node)
                         mark(node, f"piece to {node} failed: {reason}")
                         continue
+                    self._said.pop(node, None)
                     pending.setdefault(node, []).append(key)
         for node in group.holders_of(me):
-            if node not in pending and node not in unreachable:
+            if node not in pending and node not in unreachable and node not in failed:
                 mark(node, "")
+        for node in failed:  # a holder that lacks one of its stripes is not stored
+            pending.pop(node, None)
         self._await(pending, crcs, mark, stopping)
         return True
 

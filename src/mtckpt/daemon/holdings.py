@@ -85,6 +85,7 @@ class Holdings:
         self.own = DirectoryStorage(self.root, "memory", durable=False, populate=False)
         self.local = None if local_root is None else LocalStorage(local_root)
         self.kept = KeptSteps(self.own)
+        self.spares = keep + 1  # expired replicas' data files kept for new ones
         self._world: dict[Shard, int] = {}  # world size of replicas, from their manifests
         self._spares: dict[str, mmap.mmap] = {}  # free files mapped with their pages present
         self._lock = threading.Lock()
@@ -299,7 +300,7 @@ class Holdings:
             names = storage.files(run, step)
             for name in sorted(names, key=lambda n: not n.endswith(".json")):  # manifests first
                 path = storage.step_path(run, step) / name
-                if name.endswith(".safetensors") and self._free_count() < self.keep + 1:
+                if name.endswith(".safetensors") and self._free_count() < self.spares:
                     (self.root / FREE_DIR).mkdir(mode=0o700, parents=True, exist_ok=True)
                     free = f"{origin}-{run}-{step}-{name}"
                     os.replace(path, self.root / FREE_DIR / free)
@@ -312,6 +313,19 @@ class Holdings:
                     s for s in self._world if (s.origin, s.run, s.step) == (origin, run, step)
                 ]:
                     del self._world[shard]
+
+    def drop_spares(self) -> None:
+        """Delete the spare replica files (a memory budget needs their room)."""
+        with self._lock:
+            spares, self._spares = self._spares, {}
+            for spare in spares.values():
+                spare.close()
+            try:
+                names = os.listdir(self.root / FREE_DIR)
+            except FileNotFoundError:
+                names = []
+            for name in names:
+                _unlink(self.root / FREE_DIR / name)
 
     def clean_after_crash(self) -> None:
         """At start-up: remove replicas a killed daemon was still receiving (temporary

@@ -7,13 +7,15 @@ All of it runs off the training thread, except the recovery call made by ``resto
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import queue
 import threading
 import time
+from pathlib import Path
 
-from ..config import PeerTier
+from ..config import MemoryTier, PeerTier, expand_path
 from ..errors import ConfigError, TierError
 from ..redundancy import Redundancy
 
@@ -53,6 +55,7 @@ class DaemonLink:
             self.client.close()
             raise ConfigError(problem)
         self.node_id, self.memory_root = status.node_id, status.memory_root
+        self.memory_budget = status.memory_budget or None  # bytes; None: no budget
         self.remote_url = status.remote_url  # empty: the daemon uploads nothing
         self._queue: queue.Queue = queue.Queue()
         self._pending = 0
@@ -270,3 +273,23 @@ def _mismatch(cfg: PeerTier, status) -> str:
         f"the daemon at {cfg.daemon} keeps {status.replicas} replica(s) of each shard, "
         f"PeerTier asks for {cfg.replicas}; start it with --replicas {cfg.replicas}"
     )
+
+
+def memory_tier(link: DaemonLink | None, memory: MemoryTier | None,
+                peers: PeerTier | None) -> MemoryTier:  # fmt: skip
+    """``memory``, or the default; with a node daemon, its memory root (``memory`` may only
+    name the same directory) and its memory budget unless ``memory`` sets one."""
+    if link is None:
+        return MemoryTier() if memory is None else memory
+    root = link.memory_root
+    if memory is None:
+        return MemoryTier(path=root, max_bytes=link.memory_budget)
+    if expand_path(memory.path).resolve() != Path(root).resolve():
+        link.close()
+        raise ConfigError(
+            f"memory.path {memory.path!r} is not the memory root {root!r} of the daemon "
+            f"at {peers.daemon}; leave memory= out to use the daemon's"
+        )
+    if memory.max_bytes is None and link.memory_budget is not None:
+        return dataclasses.replace(memory, max_bytes=link.memory_budget)
+    return memory

@@ -373,9 +373,11 @@ class Replicator:
                     self.on_change()
                     return True
                 reason = error_text(exc)
-                log.warning("replicating %s to %s failed: %s", shard, node, reason)
+                error = f"push to {node} failed: {reason}"
+                if error != state.error:  # said once, not at every retry
+                    log.warning("replicating %s to %s failed: %s", shard, node, reason)
                 with self._lock:
-                    state.error = f"push to {node} failed: {reason}"
+                    state.error = error
                 self.on_change()
                 continue
             if self.metrics is not None:

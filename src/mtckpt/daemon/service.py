@@ -27,6 +27,7 @@ from .limits import PeerLimits
 from .parity import Contribution, ParityStore
 from .peers import Peers
 from .replicator import Replicator
+from .room import Room
 from .rpc import OPTIONS, TokenCheck, is_unix, unix_path
 from .servicer import Servicer, handlers
 from .sync import Strides
@@ -72,6 +73,8 @@ class Daemon:
         self.peers = Peers(config.node_id, config.peers, config.peers_dns,
                            token=self.token, tls=self.tls, strides=self.strides)  # fmt: skip
         self.metrics = DaemonMetrics(self)
+        self.room = Room(self.holdings, config.memory_budget,
+                         on_refused=lambda: self.metrics.refused.inc())  # fmt: skip
         self.changes = Changes(waiters=max(0, config.workers - FREE_WORKERS),
                                pools=("trainers", "peers"))  # fmt: skip
         self.replicator = Replicator(
@@ -257,6 +260,15 @@ class DaemonMetrics(Metrics):
             read=self._backlog,
         )
         self.gauge("mtckpt_peers", "Peer daemons known, by state.", ("state",), read=self._peers)
+        self.gauge("mtckpt_memory_bytes", "Bytes the node's memory tier holds, by kind (steps, "
+                   "spare slots, replicas and parity for peers, spare replica files).",
+                   ("kind",), read=lambda: {(k,): v for k, v in daemon.room.usage().items()})
+        self.gauge("mtckpt_memory_budget_bytes", "The node's memory budget (0: none).",
+                   read=lambda: daemon.config.memory_budget or 0)
+        self.refused = self.counter(
+            "mtckpt_redundancy_refused",
+            "Peers' replicas and parity pieces refused to keep within the memory budget.",
+        )  # fmt: skip
         self.gauge("mtckpt_draining", "1 while the daemon drains on SIGTERM.",
                    read=lambda: int(daemon.draining))  # fmt: skip
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from .. import _fastpath
-from ..errors import MtckptError, StepNotFoundError
+from ..errors import MemoryBudgetError, MtckptError, StepNotFoundError
 from ..format import naming
 from ..proto import mtckpt_pb2 as pb
 from ..proto import mtckpt_pb2_grpc as pb_grpc
@@ -103,10 +103,12 @@ class Servicer(pb_grpc.DaemonServicer):
         reply = pb.StatusReply(
             node_id=d.config.node_id, zone=d.config.zone, address=d.address or "",
             memory_root=str(d.holdings.root), replicas=d.config.replicas, draining=d.draining,
-            redundancy=str(d.config.scheme),
+            redundancy=str(d.config.scheme), memory_budget=d.config.memory_budget or 0,
             local_root=d.config.local_root or "",
             remote_url=d.config.remote.url if d.config.remote is not None else "",
         )  # fmt: skip
+        for kind, size in d.room.usage().items():
+            reply.memory.add(kind=kind, bytes=size)
         for member in d.peers.members():
             reply.peers.add(address=member.address, node_id=member.node_id, zone=member.zone,
                             reachable=member.reachable, error=member.error)  # fmt: skip
@@ -177,6 +179,7 @@ class Servicer(pb_grpc.DaemonServicer):
             if not isinstance(header, pb.PushHeader):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a push starts with its header")
             shard = self._header_shard(header, context)
+            self._admit(header.data_size, f"a replica of {shard}", context)
             pieces = frames.verified(_push_chunks(request_iterator, shard, progress), str(shard))
             try:
                 stored = self.d.holdings.store(shard, header.manifest, pieces, header.data_size)
@@ -191,6 +194,7 @@ class Servicer(pb_grpc.DaemonServicer):
         if self.d.bulk is None:
             context.abort(grpc.StatusCode.UNIMPLEMENTED, "this daemon has no data port")
         shard = self._header_shard(request, context)
+        self._admit(request.data_size, f"a replica of {shard}", context)
         try:
             incoming = self.d.holdings.receive(shard, request.manifest, request.data_size)
         except (MtckptError, ValueError) as exc:
@@ -246,6 +250,12 @@ class Servicer(pb_grpc.DaemonServicer):
                 f"{shard}: node {node!r} is not of the group that protects it",
             )
 
+    def _admit(self, size: int, what: str, context) -> None:
+        try:
+            self.d.room.admit(size, what)
+        except MemoryBudgetError as exc:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+
     def OpenContribute(self, request, context):
         if self.d.bulk is None:
             context.abort(grpc.StatusCode.UNIMPLEMENTED, "this daemon has no data port")
@@ -255,6 +265,8 @@ class Servicer(pb_grpc.DaemonServicer):
                 context.abort(grpc.StatusCode.PERMISSION_DENIED,
                               f"peer with a certificate for node {node!r} may not contribute "
                               f"pieces of node {request.contributor.origin!r}")  # fmt: skip
+        self._admit(request.piece_size, f"a parity piece from {request.contributor.origin!r}",
+                    context)  # fmt: skip
         try:
             contribution = self.d.parity.receive(request)
         except AlreadyHeld as exc:

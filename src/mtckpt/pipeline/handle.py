@@ -24,8 +24,10 @@ class SaveHandle:
         configured: tuple[str, ...],
         on_finish: Callable[[str, float, BaseException | None, bool], None] | None = None,
         started: float | None = None,
+        skipped_reason: str = "",
     ) -> None:
         self.step = step
+        self.skipped_reason = skipped_reason  # why the whole step was not saved ("": it was)
         self._started = time.monotonic() if started is None else started
         self._on_finish = on_finish  # (stage, seconds since save, error, skipped): metrics
         self.tiers = tiers
@@ -33,6 +35,8 @@ class SaveHandle:
         self._events = {name: threading.Event() for name in ("staged",) + tiers}
         self._errors: dict[str, BaseException] = {}
         self._skipped: set[str] = set()
+        if skipped_reason:  # nothing to wait for
+            self._events["staged"].set()
 
     def _stages(self, stage: str | None) -> list[str]:
         if stage is None:

@@ -54,7 +54,7 @@ class ReplicaState(_message.Message):
     def __init__(self, shard: _Optional[_Union[ShardId, _Mapping]] = ..., targets: _Optional[_Iterable[str]] = ..., stored: _Optional[_Iterable[str]] = ..., error: _Optional[str] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("node_id", "zone", "address", "memory_root", "replicas", "peers", "replication", "draining", "local_root", "remote_url", "flushes", "version", "sync_stride", "sync_ttl", "redundancy")
+    __slots__ = ("node_id", "zone", "address", "memory_root", "replicas", "peers", "replication", "draining", "local_root", "remote_url", "flushes", "version", "sync_stride", "sync_ttl", "redundancy", "memory_budget", "memory")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ZONE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +70,8 @@ class StatusReply(_message.Message):
     SYNC_STRIDE_FIELD_NUMBER: _ClassVar[int]
     SYNC_TTL_FIELD_NUMBER: _ClassVar[int]
     REDUNDANCY_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     zone: str
     address: str
@@ -85,7 +87,17 @@ class StatusReply(_message.Message):
     sync_stride: int
     sync_ttl: float
     redundancy: str
-    def __init__(self, node_id: _Optional[str] = ..., zone: _Optional[str] = ..., address: _Optional[str] = ..., memory_root: _Optional[str] = ..., replicas: _Optional[int] = ..., peers: _Optional[_Iterable[_Union[PeerStatus, _Mapping]]] = ..., replication: _Optional[_Iterable[_Union[ReplicaState, _Mapping]]] = ..., draining: _Optional[bool] = ..., local_root: _Optional[str] = ..., remote_url: _Optional[str] = ..., flushes: _Optional[_Iterable[_Union[FlushState, _Mapping]]] = ..., version: _Optional[int] = ..., sync_stride: _Optional[int] = ..., sync_ttl: _Optional[float] = ..., redundancy: _Optional[str] = ...) -> None: ...
+    memory_budget: int
+    memory: _containers.RepeatedCompositeFieldContainer[MemoryUse]
+    def __init__(self, node_id: _Optional[str] = ..., zone: _Optional[str] = ..., address: _Optional[str] = ..., memory_root: _Optional[str] = ..., replicas: _Optional[int] = ..., peers: _Optional[_Iterable[_Union[PeerStatus, _Mapping]]] = ..., replication: _Optional[_Iterable[_Union[ReplicaState, _Mapping]]] = ..., draining: _Optional[bool] = ..., local_root: _Optional[str] = ..., remote_url: _Optional[str] = ..., flushes: _Optional[_Iterable[_Union[FlushState, _Mapping]]] = ..., version: _Optional[int] = ..., sync_stride: _Optional[int] = ..., sync_ttl: _Optional[float] = ..., redundancy: _Optional[str] = ..., memory_budget: _Optional[int] = ..., memory: _Optional[_Iterable[_Union[MemoryUse, _Mapping]]] = ...) -> None: ...
+
+class MemoryUse(_message.Message):
+    __slots__ = ("kind", "bytes")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    bytes: int
+    def __init__(self, kind: _Optional[str] = ..., bytes: _Optional[int] = ...) -> None: ...
 
 class FlushState(_message.Message):
     __slots__ = ("shard", "phase", "error")

@@ -28,7 +28,9 @@ from typing import BinaryIO
 import numpy as np
 
 from .. import _fastpath
+from ..errors import MemoryBudgetError
 from ..format import naming
+from . import budget
 from .directory import DirectoryStorage, make_private_dirs
 
 Pinner = Callable[[np.ndarray], Callable[[], None]]
@@ -106,8 +108,9 @@ RENAME_ATTEMPTS = 5
 
 
 class MemoryStorage(DirectoryStorage):
-    def __init__(self, root: str | os.PathLike) -> None:
+    def __init__(self, root: str | os.PathLike, max_bytes: int | None = None) -> None:
         super().__init__(root, "memory", durable=False, populate=False)
+        self.max_bytes = max_bytes  # the node's memory budget (tiers/budget.py)
         self._lock = threading.Lock()
         self._free: dict[tuple[str, int], list[Slot]] = {}
         self._bound: dict[tuple[str, int, int], Slot] = {}
@@ -141,6 +144,12 @@ class MemoryStorage(DirectoryStorage):
                 free.sort(key=lambda s: (s.mm is not None, s.size == size, s.size >= size))
                 slot = free.pop()
         try:
+            self._admit(run, rank, size, slot)
+        except MemoryBudgetError:
+            if slot is not None:
+                self.release(slot, run, rank)
+            raise
+        try:
             if slot is None:
                 return self._create(run, rank, size)
             self._fit(slot, size)
@@ -150,9 +159,32 @@ class MemoryStorage(DirectoryStorage):
                 self.drop(slot)
             raise self.error(f"cannot prepare a {size}-byte slot for rank {rank}", exc) from exc
 
+    def _admit(self, run: str, rank: int, size: int, reuse: Slot | None) -> None:
+        """MemoryBudgetError unless a ``size``-byte slot (``reuse`` resized) fits the budget,
+        after dropping this rank's other spare slots if need be."""
+        growth = size - (reuse.size if reuse is not None else 0)
+        if self.max_bytes is None or growth <= 0 or self._fits(growth):
+            return
+        self.trim(run, rank, 0)  # spare slots give way first
+        if self._fits(growth):
+            log.warning("%s: spare slots of rank %d dropped to stay within the budget of %s",
+                        self.describe(), rank, budget.human(self.max_bytes))  # fmt: skip
+            return
+        held = budget.usage(self.root)
+        raise MemoryBudgetError(
+            f"{self.describe()}: a {budget.human(size)} slot for run {run!r} rank {rank} would "
+            f"take it to {budget.human(budget.total(held) + growth)}, past its budget of "
+            f"{budget.human(self.max_bytes)} (held: {budget.describe(held)})"
+        )
+
+    def _fits(self, growth: int) -> bool:
+        return budget.total(budget.usage(self.root)) + growth <= self.max_bytes
+
     def prepare_spare(self, run: str, rank: int, like: Slot) -> None:
         """Create a free slot like ``like`` (its size, page-locked for the same frameworks)
-        if none is free, so the next save reuses it."""
+        if none is free and the budget allows, so the next save reuses it."""
+        if self.max_bytes is not None and not self._fits(like.size):
+            return
         if self.free_slots(run, rank) == 0:
             slot = self._create(run, rank, like.size)
             slot.pin_like(like)

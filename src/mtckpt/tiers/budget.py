@@ -1,0 +1,93 @@
+"""What a node's memory tier holds, by kind, and its budget.
+
+The memory tier is a tmpfs directory: its files are the node's memory. The budget caps
+them all: the steps the trainers saved (with the daemon's kept sync steps, hard links to
+the same pages), the trainers' spare slots, the replicas the daemon keeps for peers (and
+its spare replica files) and the parities of its coded group. When a save would exceed
+it, the memory tier gives way in this order: spare slots are dropped, the daemon refuses
+peers' new replicas and parity pieces (keeping room for its node's next step), and last
+the save is skipped with a logged reason and a metric; training never fails for it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+KINDS = ("steps", "slots", "replicas", "spares", "parity", "other")
+_TOP = {".replicas": "replicas", ".replicas-free": "spares", ".parity": "parity", ".kept": "steps"}
+
+
+def usage(root: str | os.PathLike) -> dict[str, int]:
+    """Bytes of memory the files under ``root`` take, by kind (a file with several links
+    once; bytes allocated, not the files' lengths)."""
+    totals = dict.fromkeys(KINDS, 0)
+    seen: set[int] = set()
+    root = Path(root)
+    try:
+        tops = sorted(os.scandir(root), key=lambda e: e.name == ".kept")  # steps before links
+    except FileNotFoundError:
+        return totals
+    for top in tops:
+        if top.is_file(follow_symlinks=False):
+            _add(totals, seen, top, "other")
+        elif top.is_dir(follow_symlinks=False):
+            kind = _TOP.get(top.name)
+            if kind is not None:
+                _walk(Path(top.path), totals, seen, kind)
+                continue
+            for entry in _entries(Path(top.path)):  # a run: its steps and its slots
+                kind = "slots" if entry.name == ".slots" else "steps"
+                if entry.is_dir(follow_symlinks=False):
+                    _walk(Path(entry.path), totals, seen, kind)
+                else:
+                    _add(totals, seen, entry, "other")
+    return totals
+
+
+def total(held: dict[str, int]) -> int:
+    return sum(held.values())
+
+
+def describe(held: dict[str, int]) -> str:
+    """``own steps 1.0 GiB, spare slots 0 B, ...``: the kinds that hold anything."""
+    names = {"steps": "steps", "slots": "spare slots", "replicas": "replicas for peers",
+             "spares": "spare replica files", "parity": "parity for the group",
+             "other": "other files"}  # fmt: skip
+    parts = [f"{names[k]} {human(v)}" for k, v in held.items() if v]
+    return ", ".join(parts) or "nothing"
+
+
+def human(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _entries(directory: Path) -> list[os.DirEntry]:
+    try:
+        return list(os.scandir(directory))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _walk(directory: Path, totals: dict[str, int], seen: set[int], kind: str) -> None:
+    for entry in _entries(directory):
+        if entry.is_dir(follow_symlinks=False):
+            _walk(Path(entry.path), totals, seen, kind)
+        else:
+            _add(totals, seen, entry, kind)
+
+
+def _add(totals: dict[str, int], seen: set[int], entry: os.DirEntry, kind: str) -> None:
+    try:
+        stat = entry.stat(follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if stat.st_ino in seen:
+        return
+    seen.add(stat.st_ino)
+    totals[kind] += stat.st_blocks * 512
