@@ -24,7 +24,7 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from .. import _fastpath
 from ..errors import MtckptError
@@ -32,7 +32,8 @@ from ..format.manifest import RankManifest
 from ..tiers.memory import open_held
 from . import frames
 from .auth import TLSFiles
-from .holdings import Incoming, Outgoing
+from .holdings import Outgoing
+from .incoming import Incoming
 
 Sink = Incoming  # or anything with its receiving methods (parity.Contribution, Received)
 
@@ -53,6 +54,17 @@ class BulkError(MtckptError):
     """A bulk transfer failed; the message says where and why."""
 
 
+class Produced:
+    """Bytes made as they are sent (a piece rebuilt from a coded group): ``chunks()``
+    yields ``size`` bytes in order; each goes out as a frame with its crc32c."""
+
+    def __init__(self, where: str, size: int, chunks: Callable[[], Iterator]) -> None:
+        self.where, self.size, self.chunks = where, size, chunks
+
+
+SENT = (Outgoing, Produced)  # transfers this side sends; the others are sinks it fills
+
+
 class BulkServer:
     """Accepts data connections; each starts with a ticket from :meth:`admit` (the peer
     sends a replica here) or :meth:`offer` (the peer fetches a file from here)."""
@@ -70,7 +82,7 @@ class BulkServer:
             self._context.load_verify_locations(tls.ca)
             self._context.verify_mode = ssl.CERT_REQUIRED
         self._on_stored, self._on_failed = on_stored, on_failed
-        self._pending: dict[bytes, tuple[Sink | Outgoing, float]] = {}
+        self._pending: dict[bytes, tuple[Sink | Outgoing | Produced, float]] = {}
         self._lock = threading.Lock()
         self._closed = False
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
@@ -81,11 +93,11 @@ class BulkServer:
         """A one-time ticket for sending ``incoming``'s bytes here."""
         return self._ticket(incoming)
 
-    def offer(self, outgoing: Outgoing) -> bytes:
+    def offer(self, outgoing: Outgoing | Produced) -> bytes:
         """A one-time ticket for fetching ``outgoing`` from here."""
         return self._ticket(outgoing)
 
-    def _ticket(self, transfer: Sink | Outgoing) -> bytes:
+    def _ticket(self, transfer: Sink | Outgoing | Produced) -> bytes:
         ticket = secrets.token_bytes(TICKET_BYTES)
         now = time.monotonic()
         with self._lock:
@@ -93,7 +105,7 @@ class BulkServer:
             stale = [self._pending.pop(t)[0] for t in expired]
             self._pending[ticket] = (transfer, now + TICKET_SECONDS)
         for old in stale:
-            if not isinstance(old, Outgoing):
+            if not isinstance(old, SENT):
                 old.close()
         return ticket
 
@@ -123,7 +135,11 @@ class BulkServer:
             if transfer is None:
                 raise BulkError("unknown or expired ticket")
             conn.settimeout(SOCKET_TIMEOUT)
-            if isinstance(transfer, Outgoing):
+            if isinstance(transfer, Produced):
+                conn.sendall(STATUS.pack(0, 0))
+                _send_produced(conn, transfer)
+                return
+            if isinstance(transfer, SENT):
                 with open_held(transfer.path) as f:  # not reused while it is sent
                     if transfer.length is None:
                         conn.sendall(STATUS.pack(0, 0))  # accepted: the frames follow
@@ -140,7 +156,7 @@ class BulkServer:
                 log.warning("%s: stored, but the housekeeping after it failed: %s",
                             transfer.where, exc)  # fmt: skip
         except (OSError, MtckptError, ValueError) as exc:
-            sink = transfer is not None and not isinstance(transfer, Outgoing)
+            sink = transfer is not None and not isinstance(transfer, SENT)
             where = f"{transfer.where}: " if sink else ""
             log.warning("bulk transfer failed: %s%s", where, exc)
             self._on_failed(exc)
@@ -151,7 +167,7 @@ class BulkServer:
             except OSError:
                 pass
         finally:
-            if transfer is not None and not isinstance(transfer, Outgoing):
+            if transfer is not None and not isinstance(transfer, SENT):
                 transfer.close()
             conn.close()
             self._slots.release()
@@ -162,7 +178,7 @@ class BulkServer:
         with self._lock:
             pending, self._pending = list(self._pending.values()), {}
         for transfer, _ in pending:
-            if not isinstance(transfer, Outgoing):
+            if not isinstance(transfer, SENT):
                 transfer.close()
 
 
@@ -223,6 +239,19 @@ def _send_frames(conn: socket.socket, fd: int, manifest: RankManifest, *, tls: b
     finally:
         if mapping is not None:
             mapping.close()
+
+
+def _send_produced(conn: socket.socket, produced: Produced) -> None:
+    crc32c, offset = _fastpath.backend().crc32c, 0
+    for chunk in produced.chunks():
+        view = memoryview(chunk).cast("B")
+        for lo in range(0, view.nbytes, FRAME_BYTES):
+            piece = view[lo : lo + FRAME_BYTES]
+            conn.sendall(FRAME.pack(offset, piece.nbytes, crc32c(piece)))
+            conn.sendall(piece)
+            offset += piece.nbytes
+    if offset != produced.size:
+        raise BulkError(f"{produced.where}: {offset} bytes made, {produced.size} announced")
 
 
 def _send_range(conn: socket.socket, fd: int, outgoing: Outgoing, *, tls: bool) -> None:

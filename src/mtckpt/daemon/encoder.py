@@ -14,6 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 
 COMPLETION_WAIT = 2.0  # seconds a step's stripes are awaited after its pieces are sent
 GONE_AFTER = 10.0  # seconds a group member is down before new steps' stripes leave it out
-POLL = 0.05
+POLL = 0.01
 
 
 @dataclass(frozen=True)
@@ -100,13 +101,22 @@ class Encoder:
         return self._groups.get((run, step))
 
     def listings(self, holders: list[str], me: str) -> tuple[dict[str, Listing], dict[str, str]]:
+        """What each holder has of this node's pieces (asked all at once), and why the
+        unreachable ones are."""
         listings: dict[str, Listing] = {}
         unreachable: dict[str, str] = {}
-        for node in holders:
+
+        def ask(node: str):
             try:
-                reply = self.peers.client(self.peers.by_node(node).address).list_shards(origin=me)
+                return self.peers.client(self.peers.by_node(node).address).list_shards(origin=me)
             except grpc.RpcError as exc:
-                unreachable[node] = error_text(exc)
+                return error_text(exc)
+
+        with ThreadPoolExecutor(max_workers=max(1, len(holders))) as pool:
+            replies = dict(zip(holders, pool.map(ask, holders), strict=True))
+        for node, reply in replies.items():
+            if isinstance(reply, str):
+                unreachable[node] = reply
                 continue
             listings[node] = Listing({})
             for info in reply.parities:
@@ -122,9 +132,9 @@ class Encoder:
     def send_step(self, run: str, step: int, shards: list[Shard], group: Group,
                   listings: dict[str, Listing], unreachable: dict[str, str],
                   mark: Callable[[str, str], None], stopping) -> bool:  # fmt: skip
-        """Send this node's pieces of ``step`` that its holders lack; ``mark(node, error)``
-        says a holder has them all in complete stripes ("") or why not. False once
-        ``stopping`` is set."""
+        """Send this node's pieces of ``step`` that its holders lack, to each holder at
+        once; ``mark(node, error)`` says a holder has them all in complete stripes ("")
+        or why not. False once ``stopping`` is set."""
         me = self.holdings.node_id
         self._groups[(run, step)] = group
         for old in [k for k in self._groups if k[0] == run and k[1] < step - 64]:
@@ -132,42 +142,55 @@ class Encoder:
         with ExitStack() as held:
             blob = self._open_blob(shards, held)
             crcs = tuple(f.crc for f in blob)
-            pending: dict[str, list[StripeKey]] = {}
-            failed: set[str] = set()
+            size = sum(f.size for f in blob)
+            due: dict[str, list[tuple[StripeKey, int, int]]] = {}  # holder -> pieces to send
+            pending: dict[str, list[StripeKey]] = {}  # holder -> stripes awaited
             for stripe, index in group.pieces_of(me):
                 key = StripeKey(run, step, str(self.scheme), group.members, stripe)
-                offset, length = piece_range(sum(f.size for f in blob), group.scheme.data, index)
                 for node in group.parity_nodes(stripe):
-                    if stopping.is_set():
-                        return False
                     there = listings.get(node, Listing({})).stripes.get(key)
                     if there is not None and there[0] == crcs:
                         if not there[1]:
                             pending.setdefault(node, []).append(key)
-                        continue
-                    if node in unreachable:
+                    elif node in unreachable:
                         mark(node, f"peer {node} unreachable: {unreachable[node]}")
-                        continue
-                    try:
-                        self._contribute(node, key, blob, offset, length)
-                    except (grpc.RpcError, OSError, MtckptError) as exc:
-                        reason = error_text(exc)
-                        if self._said.get(node) != reason:  # once, not at every retry
-                            log.warning("sending %s's piece of %s to %s failed: %s",
-                                        me, key, node, reason)  # fmt: skip
-                        self._said[node] = reason
-                        failed.add(node)
-                        mark(node, f"piece to {node} failed: {reason}")
-                        continue
-                    self._said.pop(node, None)
-                    pending.setdefault(node, []).append(key)
+                    else:
+                        piece = piece_range(size, group.scheme.data, index)
+                        due.setdefault(node, []).append((key, *piece))
+            with ThreadPoolExecutor(max_workers=max(1, len(due))) as pool:
+                sent = dict(zip(due, pool.map(lambda n: self._send_all(n, due[n], blob, stopping),
+                                              due), strict=True))  # fmt: skip
+        if stopping.is_set():
+            return False
+        for node, error in sent.items():
+            if error:
+                mark(node, error)
+                pending.pop(node, None)  # a holder that lacks one of its stripes is not stored
+            else:
+                pending.setdefault(node, []).extend(k for k, _, _ in due[node])
         for node in group.holders_of(me):
-            if node not in pending and node not in unreachable and node not in failed:
+            if node not in pending and node not in unreachable and not sent.get(node):
                 mark(node, "")
-        for node in failed:  # a holder that lacks one of its stripes is not stored
-            pending.pop(node, None)
         self._await(pending, crcs, mark, stopping)
         return True
+
+    def _send_all(self, node: str, pieces: list[tuple[StripeKey, int, int]],
+                  blob: list[RankFile], stopping) -> str:  # fmt: skip
+        """Send ``pieces`` to ``node`` one after the other; why one failed ("": none)."""
+        for key, offset, length in pieces:
+            if stopping.is_set():
+                return "stopping"
+            try:
+                self._contribute(node, key, blob, offset, length)
+            except (grpc.RpcError, OSError, MtckptError) as exc:
+                reason = error_text(exc)
+                if self._said.get(node) != reason:  # once, not at every retry
+                    log.warning("sending %s's piece of %s to %s failed: %s",
+                                self.holdings.node_id, key, node, reason)  # fmt: skip
+                self._said[node] = reason
+                return f"piece to {node} failed: {reason}"
+        self._said.pop(node, None)
+        return ""
 
     def _await(self, pending: dict[str, list[StripeKey]], crcs, mark, stopping) -> None:
         """Wait a little for the stripes just sent to complete (the other members' pieces

@@ -15,13 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import _fastpath
-from ..errors import ChecksumMismatchError, CorruptCheckpointError
+from ..errors import CorruptCheckpointError
 from ..format import commit, naming
 from ..format.manifest import RankManifest
 from ..restore.read import close_mapping
 from ..tiers.directory import DirectoryStorage
 from ..tiers.local import LocalStorage
 from .frames import CHUNK_BYTES
+from .incoming import Incoming
 from .kept import KeptSteps
 from .sync import sync_steps
 
@@ -345,121 +346,6 @@ class Holdings:
             return len(os.listdir(self.root / FREE_DIR))
         except FileNotFoundError:
             return 0
-
-
-class Incoming:
-    """A data file being received, in order, straight into a mapping of its temporary
-    file: each piece is checked there while still in cache (each manifest chunk's crc32c
-    as soon as the chunk is complete); :meth:`commit` renames the file into place and
-    writes the manifest (the shard is then whole); :meth:`close` always follows, and
-    unmaps. An expired replica's file is reused when one is free (its tmpfs pages exist;
-    ``spare``: already mapped with them present);
-    a fresh file's pages are allocated up front (a full tmpfs fails there, not with SIGBUS
-    on a write)."""
-
-    def __init__(self, storage, shard, manifest, manifest_json, temp, final, reused, where,
-                 spare: mmap.mmap | None = None):  # fmt: skip
-        self.storage, self.shard, self.manifest = storage, shard, manifest
-        self.manifest_json, self.temp, self.final, self.where = manifest_json, temp, final, where
-        self.size = manifest.file_size
-        self.received = 0
-        self._crc = 0
-        self._fastpath = _fastpath.backend()
-        self._done = False
-        self._mapping: mmap.mmap | None = None
-        self._view = memoryview(bytearray(0))  # the mapping
-        flags = os.O_RDWR | os.O_CLOEXEC | (0 if reused else os.O_CREAT | os.O_EXCL)
-        self._fd = os.open(temp, flags, 0o600)  # model weights: the owner's only
-        try:
-            if spare is not None:  # of this size: its pages are allocated and present
-                self._mapping, self._view = spare, memoryview(spare)
-            else:
-                os.ftruncate(self._fd, self.size)
-            if spare is None and self.size:
-                self._fastpath.fallocate(self._fd, 0, self.size)  # tmpfs full: raises here
-                self._mapping = mmap.mmap(self._fd, self.size, flags=mmap.MAP_SHARED)
-                self._fastpath.prefault(self._mapping)
-                self._view = memoryview(self._mapping)
-        except BaseException:
-            self.close()
-            raise
-
-    def whole_chunks(self, offset: int, length: int) -> bool:
-        """Whether ``[offset, offset + length)`` is a run of whole manifest chunks (then
-        :meth:`accept` checks each against the manifest's crc32c)."""
-        size, end = self.manifest.chunk_size, offset + length
-        return offset % size == 0 and (end % size == 0 or end == self.size)
-
-    def region(self, offset: int, length: int) -> memoryview:
-        """Where the ``length`` bytes at ``offset`` (the next expected) go: receive them
-        into it, then :meth:`accept` them."""
-        if offset != self.received or length < 0 or offset + length > self.size:
-            raise CorruptCheckpointError(
-                f"{self.where}: {length} bytes at offset {offset}; expected offset "
-                f"{self.received} of {self.size}"
-            )
-        return self._view[offset : offset + length]
-
-    def accept(self, offset: int, length: int) -> None:
-        """Check the bytes received into ``region(offset, length)`` and take them."""
-        self._check(self.region(offset, length))
-        self.received += length
-
-    def put(self, offset: int, data) -> None:
-        """Check ``data``, the bytes at ``offset`` (the next expected), and take them."""
-        data = memoryview(data).cast("B")
-        self.region(offset, data.nbytes)[:] = data
-        self.accept(offset, data.nbytes)
-
-    def _check(self, data: memoryview) -> None:
-        size, expected = self.manifest.chunk_size, self.manifest.chunk_crc32c
-        position, end, start = self.received, self.received + data.nbytes, self.received
-        while position < end:
-            index = position // size
-            take = min(end, (index + 1) * size) - position
-            piece = data[position - start : position - start + take]
-            self._crc = self._fastpath.crc32c(piece, self._crc)
-            position += take
-            if position % size == 0 or position == self.size:
-                if self._crc != expected[index]:
-                    raise ChecksumMismatchError(
-                        f"{self.where}: chunk {index} arrived with crc32c {self._crc:#010x}, "
-                        f"the manifest records {expected[index]:#010x}"
-                    )
-                self._crc = 0
-
-    def commit(self) -> None:
-        if self.received != self.size:
-            raise CorruptCheckpointError(
-                f"{self.where}: {self.received} of {self.size} bytes arrived"
-            )
-        # The mapping stays until close(): unmapping a GiB takes tens of milliseconds, and
-        # the sender waits for the status that follows this commit.
-        manifest_name = naming.manifest_file(self.shard.rank)
-        # A replica replaced by another save of its step is not whole until its manifest
-        # is back: the manifest goes first.
-        self.storage.delete(self.shard.run, self.shard.step, manifest_name)
-        os.replace(self.temp, self.final)
-        self._done = True
-        self.storage.write_bytes(self.shard.run, self.shard.step, manifest_name, self.manifest_json)
-
-    def close(self) -> None:
-        """Close the file; one never committed is removed."""
-        self._close_file()
-        if not self._done:
-            _unlink(self.temp)
-
-    def _close_file(self) -> None:
-        self._view.release()
-        if self._mapping is not None:
-            try:
-                self._mapping.close()
-            except BufferError:  # a caller's view of a region is still alive: GC unmaps
-                pass
-            self._mapping = None
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
 
 
 def _valid_names(directory: Path, check) -> list[str]:

@@ -185,6 +185,7 @@ class Stripe:
             if self.size:
                 _fastpath.backend().fallocate(fd, 0, self.size)  # a full tmpfs fails here
                 self.mapping = mmap.mmap(fd, self.size, flags=mmap.MAP_SHARED)
+                _fastpath.backend().prefault(self.mapping)  # not a fault per page as it fills
         finally:
             os.close(fd)
 

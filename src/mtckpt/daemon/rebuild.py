@@ -13,40 +13,28 @@ damaged is replaced by another of the stripe while there is one.
 from __future__ import annotations
 
 import logging
+import mmap
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
 
+from .. import _fastpath
 from ..errors import CorruptCheckpointError, MtckptError
 from ..proto import mtckpt_pb2 as pb
 from . import bulk
 from .auth import host_of
+from .bulk import Produced
 from .groups import Group, piece_range
-from .holdings import Holdings, Incoming, Shard
-from .parity import StripeKey
+from .holdings import Holdings, Shard
+from .incoming import Incoming
+from .parity import Contributor, ParityStore, Stripe, StripeKey
 from .peers import Peers
 from .rpc import error_text, shard_id
 
 log = logging.getLogger(__name__)
 
 WINDOW = 16 << 20  # bytes of each source decoded at once
-
-
-@dataclass(frozen=True)
-class Member:
-    """A contributor of a stripe as its parities recorded it."""
-
-    origin: str
-    ranks: tuple[int, ...]
-    crcs: tuple[int, ...]
-    sizes: tuple[int, ...]
-    manifests: tuple[bytes, ...]
-    world_size: int
-
-    @property
-    def blob_size(self) -> int:
-        return sum(self.sizes)
 
 
 @dataclass
@@ -56,7 +44,7 @@ class Coded:
     (node -> manifest crcs of its own ranks)."""
 
     parities: dict[StripeKey, dict[int, tuple[str, str, int]]] = field(default_factory=dict)
-    members: dict[str, Member] = field(default_factory=dict)
+    members: dict[str, Contributor] = field(default_factory=dict)  # as the parity records
     groups: dict[str, Group] = field(default_factory=dict)  # origin -> its group
     whole: dict[str, tuple[str, dict[int, int]]] = field(default_factory=dict)
 
@@ -80,7 +68,7 @@ def collect(step_infos: list[tuple[str, str, pb.ListShardsReply]], step: int) ->
             for c in info.contributors:
                 coded.groups.setdefault(c.origin, key.group_of)
                 if c.origin not in coded.members or c.manifests:
-                    coded.members[c.origin] = Member(
+                    coded.members[c.origin] = Contributor(
                         c.origin, tuple(c.ranks), tuple(c.manifest_crcs), tuple(c.data_sizes),
                         tuple(c.manifests), info.world_size,
                     )  # fmt: skip
@@ -93,7 +81,7 @@ class Source:
     node: str
     address: str
     key: StripeKey
-    member: Member | None  # a data source: whose piece
+    member: Contributor | None  # a data source: whose piece
     size: int = 0  # a parity: its bytes
 
 
@@ -118,7 +106,7 @@ def sources(coded: Coded, origin: str, run: str, step: int) -> dict[int, list[So
 
 
 def why_not(coded: Coded, origin: str, run: str, step: int) -> str:
-    """"" if ``origin``'s shards of ``step`` can be rebuilt, else why not."""
+    """ "" if ``origin``'s shards of ``step`` can be rebuilt, else why not."""
     if origin not in coded.members or origin not in coded.groups:
         return f"no complete parity records node {origin!r}"
     group = coded.groups[origin]
@@ -133,7 +121,7 @@ def why_not(coded: Coded, origin: str, run: str, step: int) -> str:
     return ""
 
 
-def _manifests(peers: Peers, coded: Coded, origin: str, run: str, step: int) -> Member:
+def _manifests(peers: Peers, coded: Coded, origin: str, run: str, step: int) -> Contributor:
     """``origin``'s record with its manifests, from the first parity holder that gives it."""
     problems = []
     for key, rows in coded.parities.items():
@@ -149,7 +137,7 @@ def _manifests(peers: Peers, coded: Coded, origin: str, run: str, step: int) -> 
                 if info.stripe.step == step and info.complete:
                     for c in info.contributors:
                         if c.origin == origin and c.manifests:
-                            return Member(c.origin, tuple(c.ranks), tuple(c.manifest_crcs),
+                            return Contributor(c.origin, tuple(c.ranks), tuple(c.manifest_crcs),
                                           tuple(c.data_sizes), tuple(c.manifests),
                                           info.world_size)  # fmt: skip
     raise CorruptCheckpointError(
@@ -161,45 +149,125 @@ def _manifests(peers: Peers, coded: Coded, origin: str, run: str, step: int) -> 
 def rebuild(holdings: Holdings, peers: Peers, coded: Coded, run: str, step: int,
             ranks: list[int]) -> tuple[int, list[str]]:  # fmt: skip
     """This node's ``ranks`` of ``step`` rebuilt into its memory tier from its group;
-    the bytes fetched and the nodes they came from."""
+    the bytes fetched and the nodes they came from.
+
+    Each piece is asked, all at once, of a holder of its stripe's parity, which rebuilds it
+    from the stripe's other members and sends only the result: this node receives one
+    step's worth of bytes, and the K times more that decoding reads cross the other
+    nodes' links in parallel. A piece no helper gives is rebuilt here from K sources."""
     me = holdings.node_id
     member, group = _manifests(peers, coded, me, run, step), coded.groups[me]
     writer = _BlobWriter(holdings, member, run, step, set(ranks))
-    fetched, used = 0, []
     try:
-        for index, found in sorted(sources(coded, me, run, step).items()):
-            offset, length = piece_range(member.blob_size, group.scheme.data, index)
-            chosen, spare = found[: group.scheme.data], found[group.scheme.data :]
-            for window in range(0, length, WINDOW):
-                size = min(WINDOW, length - window)
-                pieces, got = _fetch_window(peers, chosen, spare, window, size)
-                fetched += got
-                present = {s.index: pieces[s.index] for s in chosen}
-                sizes = [0] * group.scheme.data
-                for s in chosen:
-                    if s.member is not None:
-                        sizes[s.index] = len(pieces[s.index])
-                sizes[index] = size
-                decoded = group.code.decode(present, sizes)[index]
-                writer.write(offset + window, memoryview(decoded)[:size])
-                used += [s.node for s in chosen if s.node not in used]
+        found = sorted(sources(coded, me, run, step).items())
+        with ThreadPoolExecutor(max_workers=len(found)) as pool:
+            done = list(pool.map(lambda item: _piece(peers, group, member, writer, *item), found))
         writer.commit()
     finally:
         writer.close()
+    fetched = sum(size for size, _ in done)
+    used = list(dict.fromkeys(node for _, nodes in done for node in nodes))
     log.info("rebuilt run %r step %d ranks %s of %s from %s (%d bytes fetched)",
              run, step, ranks, me, used, fetched)  # fmt: skip
     return fetched, used
 
 
-def _fetch_window(peers: Peers, chosen: list[Source], spare: list[Source], window: int,
-                  size: int) -> tuple[dict[int, bytearray], int]:  # fmt: skip
+def _piece(peers: Peers, group: Group, member: Contributor, writer: _BlobWriter, index: int,
+           found: list[Source]) -> tuple[int, list[str]]:  # fmt: skip
+    """Piece ``index`` of this node's step into ``writer``: from a helper, else decoded
+    here. The bytes fetched and from whom."""
+    offset, length = piece_range(member.blob_size, group.scheme.data, index)
+    if not length:
+        return 0, []
+    for helper in [s for s in found if s.member is None]:
+        sink = _PieceSink(writer, offset, length, f"piece {index} of {member.origin!r} "
+                          f"rebuilt by {helper.node}")  # fmt: skip
+        try:
+            client = peers.client(helper.address)
+            ticket = client.open_fetch(parity=helper.key.ident(), rebuild_for=member.origin)
+            bulk.fetch(host_of(helper.address), ticket.port, ticket.ticket, sink,
+                       tls=peers.tls if ticket.tls else None)  # fmt: skip
+            if sink.received == length:
+                return length, [helper.node]
+        except (grpc.RpcError, MtckptError, OSError) as exc:
+            log.warning("rebuild: %s failed: %s; trying another way", sink.where,
+                        error_text(exc))  # fmt: skip
+    fetched, used = 0, []
+    chosen, spare = found[: group.scheme.data], found[group.scheme.data :]
+    for window in range(0, length, WINDOW):
+        size = min(WINDOW, length - window)
+        pieces, got = _fetch_window(peers, chosen, spare, window, size)
+        fetched += got
+        writer.write(offset + window, _decode(group, chosen, pieces, index, size))
+        used += [s.node for s in chosen if s.node not in used]
+    return fetched, used
+
+
+def _decode(group: Group, chosen: list[Source], pieces: dict[int, bytearray], index: int,
+            size: int) -> memoryview:  # fmt: skip
+    """``size`` bytes of data piece ``index`` from the chosen sources' windows."""
+    present = {s.index: pieces[s.index] for s in chosen}
+    sizes = [0] * group.scheme.data
+    for s in chosen:
+        if s.member is not None:
+            sizes[s.index] = len(pieces[s.index])
+    sizes[index] = size
+    return memoryview(group.code.decode(present, sizes)[index])[:size]
+
+
+def helper(parity: ParityStore, peers: Peers, ident: pb.StripeId, origin: str) -> Produced:
+    """``origin``'s piece of a stripe this node holds a complete parity of, rebuilt here
+    from this parity and the stripe's other members as it is sent (a window at a time,
+    the next fetched while one is sent)."""
+    stripe = parity.complete(ident)
+    key, group = stripe.key, stripe.key.group_of
+    data_nodes, k = group.data_nodes(key.stripe), group.scheme.data
+    members = dict(stripe.contributors)
+    if origin not in data_nodes or origin not in members:
+        raise ValueError(f"{key}: node {origin!r} has no piece in it")
+    index = data_nodes.index(origin)
+    length = piece_range(members[origin].blob_size, k, index)[1]
+    found = [Source(k + stripe.row, parity.node_id, "", key, None, stripe.size)]
+    for i, node in enumerate(data_nodes):
+        peer = peers.by_node(node)
+        if node != origin and peer is not None and peer.reachable:
+            found.append(Source(i, node, peer.address, key, members[node]))
+    for row, node in enumerate(group.parity_nodes(key.stripe)):
+        peer = peers.by_node(node)
+        if row != stripe.row and peer is not None and peer.reachable:
+            found.append(Source(k + row, node, peer.address, key, None, stripe.size))
+    chosen, spare = found[:k], found[k:]
+    if len(chosen) < k:
+        raise ValueError(f"{key}: {len(chosen)} of the {k} sources needed are up")
+
+    def window(start: int) -> memoryview:
+        size = min(WINDOW, length - start)
+        pieces, _ = _fetch_window(peers, chosen, spare, start, size, stripe)
+        return _decode(group, chosen, pieces, index, size)
+
+    def chunks():
+        with ThreadPoolExecutor(max_workers=1) as ahead:
+            starts = list(range(0, length, WINDOW))
+            coming = ahead.submit(window, starts[0]) if starts else None
+            for n in range(len(starts)):
+                current = coming.result()
+                coming = ahead.submit(window, starts[n + 1]) if n + 1 < len(starts) else None
+                yield current
+
+    return Produced(f"piece {index} of {origin!r} in {key}", length, chunks)
+
+
+def _fetch_window(
+    peers: Peers, chosen: list[Source], spare: list[Source], window: int, size: int,
+    local: Stripe | None = None,
+) -> tuple[dict[int, bytearray], int]:  # fmt: skip
     """``size`` bytes at ``window`` of each chosen source's piece or parity (shorter where
     it ends sooner); a failing source is replaced (in ``chosen``) by a spare one."""
     out: dict[int, bytearray] = {}
     problems: list[str] = []
     while True:
         with ThreadPoolExecutor(max_workers=len(chosen)) as pool:
-            results = list(pool.map(lambda s: _try_fetch(peers, s, window, size), chosen))
+            results = list(pool.map(lambda s: _try_fetch(peers, s, window, size, local), chosen))
         failed = [(s, r) for s, r in zip(chosen, results, strict=True) if isinstance(r, str)]
         for s, r in zip(chosen, results, strict=True):
             if not isinstance(r, str):
@@ -217,9 +285,12 @@ def _fetch_window(peers: Peers, chosen: list[Source], spare: list[Source], windo
             chosen.append(spare.pop(0))
 
 
-def _try_fetch(peers: Peers, source: Source, window: int, size: int) -> bytearray | str:
-    """The bytes, or why they could not be had."""
+def _try_fetch(peers: Peers, source: Source, window: int, size: int,
+               local: Stripe | None) -> bytearray | str:  # fmt: skip
+    """The bytes, or why they could not be had (``local``: this node's parity, read here)."""
     try:
+        if not source.address and local is not None:
+            return _read_local(local, window, size)
         return _fetch(peers, source, window, size)
     except (grpc.RpcError, MtckptError, OSError, ValueError) as exc:
         return error_text(exc)
@@ -256,6 +327,54 @@ def _fetch(peers: Peers, source: Source, window: int, size: int) -> bytearray:
     return buffer
 
 
+def _read_local(stripe: Stripe, window: int, size: int) -> bytearray:
+    """``size`` bytes at ``window`` of this node's parity file, each chunk touched checked
+    against the parity's record."""
+    lo, hi = min(window, stripe.size), min(window + size, stripe.size)
+    chunk, crcs = stripe.chunks.chunk_size, stripe.chunks.chunk_crc32c
+    crc32c = _fastpath.backend().crc32c
+    out = bytearray(hi - lo)
+    if hi == lo:
+        return out
+    with open(stripe.path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m, \
+            memoryview(m) as view:  # fmt: skip
+        for n in range(lo // chunk, -(-hi // chunk)):
+            got = crc32c(view[n * chunk : min(stripe.size, (n + 1) * chunk)])
+            if got != crcs[n]:
+                raise CorruptCheckpointError(
+                    f"{stripe.path.name}: chunk {n} is damaged here (crc32c {got:#010x}, "
+                    f"recorded {crcs[n]:#010x})"
+                )
+        out[:] = view[lo:hi]
+    return out
+
+
+class _PieceSink:
+    """Frames of a piece rebuilt by a helper into the node's new files at ``offset``."""
+
+    def __init__(self, writer: _BlobWriter, offset: int, size: int, where: str) -> None:
+        self.writer, self.offset, self.size, self.where = writer, offset, size, where
+        self.received = 0
+        self._scratch = bytearray(bulk.FRAME_BYTES)
+
+    def whole_chunks(self, offset: int, length: int) -> bool:
+        return False
+
+    def region(self, offset: int, length: int) -> memoryview:
+        if offset != self.received or offset + length > self.size:
+            raise CorruptCheckpointError(
+                f"{self.where}: {length} bytes at offset {offset}; expected offset "
+                f"{self.received} of {self.size}"
+            )
+        if len(self._scratch) < length:
+            self._scratch = bytearray(length)
+        return memoryview(self._scratch)[:length]
+
+    def accept(self, offset: int, length: int) -> None:
+        self.writer.write(self.offset + offset, memoryview(self._scratch)[:length])
+        self.received += length
+
+
 class _Received:
     """A sink for bulk.fetch: frames into ``target`` in order (their crc32c checked)."""
 
@@ -279,26 +398,35 @@ class _Received:
 
 
 class _BlobWriter:
-    """A node's blob written in order into new data files of its ``ranks`` (the others'
-    bytes skipped), each checked against its manifest as it fills."""
+    """A node's blob written, in any order, into new data files of its ``ranks`` (the
+    others' bytes skipped); each file is checked against its manifest before it is
+    committed."""
 
-    def __init__(self, holdings: Holdings, member: Member, run: str, step: int,
+    def __init__(self, holdings: Holdings, member: Contributor, run: str, step: int,
                  ranks: set[int]) -> None:  # fmt: skip
         self.files: list[tuple[int, Incoming | None]] = []
-        for rank, size, manifest in zip(member.ranks, member.sizes, member.manifests,
-                                        strict=True):  # fmt: skip
-            shard = Shard(run, step, rank, member.origin)
-            self.files.append((size, holdings.receive(shard, manifest) if rank in ranks else None))
+        try:
+            for rank, size, manifest in zip(member.ranks, member.sizes, member.manifests,
+                                            strict=True):  # fmt: skip
+                shard = Shard(run, step, rank, member.origin)
+                wanted = rank in ranks
+                self.files.append((size, holdings.receive(shard, manifest) if wanted else None))
+        except BaseException:
+            self.close()
+            raise
 
     def write(self, offset: int, data: memoryview) -> None:
         start = 0
         for size, incoming in self.files:
             lo, hi = max(offset, start), min(offset + data.nbytes, start + size)
             if lo < hi and incoming is not None:
-                incoming.put(lo - start, data[lo - offset : hi - offset])
+                incoming.write_at(lo - start, data[lo - offset : hi - offset])
             start += size
 
     def commit(self) -> None:
+        for _, incoming in self.files:
+            if incoming is not None:
+                incoming.check_written()
         for _, incoming in self.files:
             if incoming is not None:
                 incoming.commit()

@@ -197,7 +197,7 @@ class Replicator:
                 current, pushes = (shard.run, shard.step), self._pushes
                 began, self._began = self._newest(shard.run), time.monotonic()
                 if group is not None and not self._encode(shard, shards, group, held_by,
-                                                          unreachable, short):  # fmt: skip
+                                                          unreachable):  # fmt: skip
                     return
             if group is None and not self._replicate(
                 shard, own[shard], targets, held_by, unreachable
@@ -209,8 +209,8 @@ class Replicator:
             self.on_change()
         self._measure_lag(current, began, pushes)
 
-    def _encode(self, first: Shard, shards: list[Shard], group, listings, unreachable,
-                short: str) -> bool:  # fmt: skip
+    def _encode(self, first: Shard, shards: list[Shard], group, listings,
+                unreachable) -> bool:  # fmt: skip
         """Send this node's pieces of ``first``'s step to its group; False once stopping."""
         step_shards = [s for s in shards if (s.run, s.step) == (first.run, first.step)]
 

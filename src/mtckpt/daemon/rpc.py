@@ -146,11 +146,15 @@ class Client:
     def open_push(self, header: pb.PushHeader) -> pb.BulkTicket:
         return self._stub.OpenPush(header, timeout=self.timeout, metadata=self._metadata)
 
-    def open_fetch(self, shard: pb.ShardId | None = None, *, offset: int = 0, length: int = 0,
-                   parity: pb.StripeId | None = None) -> pb.BulkTicket:  # fmt: skip
-        """A ticket for a held data file (``length`` bytes from ``offset``; 0: to its end), or
-        for this node's ``parity`` of a stripe."""
-        request = pb.FetchRequest(shard=shard, offset=offset, length=length, parity=parity)
+    def open_fetch(
+        self, shard: pb.ShardId | None = None, *, offset: int = 0, length: int = 0,
+        parity: pb.StripeId | None = None, rebuild_for: str = "",
+    ) -> pb.BulkTicket:  # fmt: skip
+        """A ticket for a held data file (``length`` bytes from ``offset``; 0: to its end),
+        for this node's ``parity`` of a stripe, or for node ``rebuild_for``'s piece of that
+        stripe rebuilt by this node."""
+        request = pb.FetchRequest(shard=shard, offset=offset, length=length, parity=parity,
+                                  rebuild_for=rebuild_for)  # fmt: skip
         return self._stub.OpenFetch(request, timeout=self.timeout, metadata=self._metadata)
 
     def open_contribute(self, header: pb.ContributeHeader) -> pb.BulkTicket:

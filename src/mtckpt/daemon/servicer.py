@@ -19,7 +19,8 @@ from ..errors import MemoryBudgetError, MtckptError, StepNotFoundError
 from ..format import naming
 from ..proto import mtckpt_pb2 as pb
 from ..proto import mtckpt_pb2_grpc as pb_grpc
-from . import frames, recovery
+from . import frames, rebuild, recovery
+from .bulk import Produced
 from .holdings import Outgoing, Shard
 from .limits import PeerLimits, Progress, certified_node
 from .parity import AlreadyHeld
@@ -206,7 +207,9 @@ class Servicer(pb_grpc.DaemonServicer):
         if self.d.bulk is None:
             context.abort(grpc.StatusCode.UNIMPLEMENTED, "this daemon has no data port")
         try:
-            if request.HasField("parity"):
+            if request.HasField("parity") and request.rebuild_for:
+                outgoing = self._rebuilt(request, context)
+            elif request.HasField("parity"):
                 outgoing = self._parity_outgoing(request, context)
             else:
                 shard = _shard(request.shard, context)
@@ -236,6 +239,17 @@ class Servicer(pb_grpc.DaemonServicer):
             raise ValueError(f"{stripe.key}: {length} bytes at offset {offset} asked for; the "
                              f"parity has {stripe.size}")  # fmt: skip
         return Outgoing(stripe.path, stripe.chunks, offset, length)
+
+    def _rebuilt(self, request: pb.FetchRequest, context) -> Produced:
+        """A lost node's piece of a stripe, rebuilt here (daemon/rebuild.py); with mutual
+        TLS, for that node only."""
+        if self.peers is not None and self.d.tls is not None:
+            node = certified_node(context)
+            if node != request.rebuild_for:
+                context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                              f"node {node!r} may not have node {request.rebuild_for!r}'s "
+                              "piece rebuilt")  # fmt: skip
+        return rebuild.helper(self.d.parity, self.d.peers, request.parity, request.rebuild_for)
 
     def _check_in_group(self, shard: Shard, context) -> None:
         """With mutual TLS, pieces of this node's shards go to the nodes of the coded group

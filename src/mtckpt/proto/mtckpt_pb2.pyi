@@ -210,18 +210,20 @@ class ContributeHeader(_message.Message):
     def __init__(self, stripe: _Optional[_Union[StripeId, _Mapping]] = ..., contributor: _Optional[_Union[Contributor, _Mapping]] = ..., piece_size: _Optional[int] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
-    __slots__ = ("shard", "manifest", "offset", "length", "parity")
+    __slots__ = ("shard", "manifest", "offset", "length", "parity", "rebuild_for")
     SHARD_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     PARITY_FIELD_NUMBER: _ClassVar[int]
+    REBUILD_FOR_FIELD_NUMBER: _ClassVar[int]
     shard: ShardId
     manifest: bool
     offset: int
     length: int
     parity: StripeId
-    def __init__(self, shard: _Optional[_Union[ShardId, _Mapping]] = ..., manifest: _Optional[bool] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., parity: _Optional[_Union[StripeId, _Mapping]] = ...) -> None: ...
+    rebuild_for: str
+    def __init__(self, shard: _Optional[_Union[ShardId, _Mapping]] = ..., manifest: _Optional[bool] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., parity: _Optional[_Union[StripeId, _Mapping]] = ..., rebuild_for: _Optional[str] = ...) -> None: ...
 
 class DataChunk(_message.Message):
     __slots__ = ("offset", "data", "crc32c")
