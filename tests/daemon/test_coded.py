@@ -37,15 +37,21 @@ def _parities(daemon):
         return list(client.list_shards(run=RUN).parities)
 
 
+def coded_cluster(cluster, count: int, scheme: str, steps=(1, 2), **kwargs) -> dict:
+    """``count`` daemons keeping ``scheme``, each node's rank having saved ``steps``, once
+    every node's steps are redundant."""
+    nodes = [f"n{i}" for i in range(count)]
+    daemons = cluster(nodes, extra=["--redundancy", scheme], **kwargs)
+    for rank, node in enumerate(nodes):
+        save(daemons[node], rank, count, list(steps))
+    for node in nodes:
+        wait_for(lambda n=node: replicated(daemons[n], RUN, *steps), what=f"{node} redundant")
+    return daemons
+
+
 @pytest.fixture
 def xor4(cluster):
-    nodes = [f"n{i}" for i in range(4)]
-    daemons = cluster(nodes, extra=["--redundancy", "xor:4"])
-    for rank, node in enumerate(nodes):
-        save(daemons[node], rank, len(nodes), [1, 2])
-    for node in nodes:
-        wait_for(lambda n=node: replicated(daemons[n], RUN, 1, 2), what=f"{node} redundant")
-    return daemons
+    return coded_cluster(cluster, 4, "xor:4")
 
 
 def test_xor_group_holds_a_third_of_each_shard_as_parity(xor4):
@@ -80,12 +86,7 @@ def _daemon_logs(daemons) -> str:
 
 
 def test_rs_any_two_lost_nodes_are_rebuilt_bit_exact(cluster):
-    nodes = [f"n{i}" for i in range(5)]
-    daemons = cluster(nodes, extra=["--redundancy", "rs:3+2"])
-    for rank, node in enumerate(nodes):
-        save(daemons[node], rank, len(nodes), [1, 2])
-    for node in nodes:
-        wait_for(lambda n=node: replicated(daemons[n], RUN, 2), what=f"{node} redundant")
+    daemons = coded_cluster(cluster, 5, "rs:3+2")
     lost = ["n1", "n3"]
     for node in lost:
         daemons[node].lose_node()
@@ -110,12 +111,7 @@ def _flip(path: Path, offset: int) -> None:
 
 
 def test_a_damaged_data_piece_and_parity_are_refused_and_other_sources_used(cluster):
-    nodes = [f"n{i}" for i in range(5)]
-    daemons = cluster(nodes, extra=["--redundancy", "rs:3+2"])
-    for rank, node in enumerate(nodes):
-        save(daemons[node], rank, len(nodes), [1, 2])
-    for node in nodes:
-        wait_for(lambda n=node: replicated(daemons[n], RUN, 2), what=f"{node} redundant")
+    daemons = coded_cluster(cluster, 5, "rs:3+2")
     (info, *_) = [p for p in _parities(daemons["n0"]) if p.stripe.step == 2]
     group = Group(Redundancy.parse("rs:3+2"), tuple(info.stripe.group))
     stripes = [stripe for stripe, _ in group.pieces_of("n1")]
@@ -181,14 +177,9 @@ def test_a_group_that_lost_too_many_says_so(xor4, cluster):
 
 
 def test_a_group_re_forms_without_a_lost_node_and_keeps_the_old_parity(cluster):
-    nodes = [f"n{i}" for i in range(5)]
-    daemons = cluster(nodes, extra=["--redundancy", "xor:4"])
-    for rank, node in enumerate(nodes):
-        save(daemons[node], rank, 5, [1, 2])
-    for node in nodes:
-        wait_for(lambda n=node: replicated(daemons[n], RUN, 2), what=f"{node} redundant")
+    daemons = coded_cluster(cluster, 5, "xor:4")
     daemons["n4"].lose_node()  # gone for good: the job goes on with four nodes
-    survivors = nodes[:4]
+    survivors = ["n0", "n1", "n2", "n3"]
     for rank, node in enumerate(survivors):
         save(daemons[node], rank, 4, [3])
     for node in survivors:
@@ -215,11 +206,7 @@ def test_a_coded_group_over_mutual_tls_rebuilds_and_refuses_outsiders(cluster, t
     certs = make_certs(tmp_path / "pki", [*nodes, "mallory"])
     per_node = {n: ["--tls-cert", certs[n][0], "--tls-key", certs[n][1], "--tls-ca", certs["ca"]]
                 for n in nodes}  # fmt: skip
-    daemons = cluster(nodes, extra=["--redundancy", "xor:4"], per_node=per_node)
-    for rank, node in enumerate(nodes):
-        save(daemons[node], rank, 4, [1])
-    for node in nodes:
-        wait_for(lambda n=node: replicated(daemons[n], RUN, 1), what=f"{node} redundant")
+    daemons = coded_cluster(cluster, 4, "xor:4", steps=(1,), per_node=per_node)
     (info, *_) = _parities(daemons["n0"])
     mallory = Client(daemons["n0"].address, tls=TLSFiles(*certs["mallory"], certs["ca"]),
                      timeout=10)  # fmt: skip

@@ -16,6 +16,7 @@ import mmap
 import os
 import shutil
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -256,10 +257,11 @@ class Contribution:
 
 
 class ParityStore:
-    def __init__(self, root: str | os.PathLike, node_id: str, scheme: Redundancy,
-                 keep: int) -> None:  # fmt: skip
+    def __init__(self, root: str | os.PathLike, node_id: str, scheme: Redundancy, keep: int,
+                 stride: Callable[[], int] = lambda: 1) -> None:  # fmt: skip
+        """``stride``: the cluster's sync stride now (daemon/sync.py)."""
         self.root = Path(root) / PARITY_DIR
-        self.node_id, self.scheme, self.keep = node_id, scheme, keep
+        self.node_id, self.scheme, self.keep, self.stride = node_id, scheme, keep, stride
         self._stripes: dict[StripeKey, Stripe] = {}
         self._lock = threading.Lock()
 
@@ -326,7 +328,7 @@ class ParityStore:
                 return
             self._complete(stripe)
         log.info("parity of %s complete (%d bytes)", stripe.key, stripe.size)
-        self.expire(stripe.key.run)
+        self.expire(stripe.key.run, self.stride())
 
     def _complete(self, stripe: Stripe) -> None:
         crc32c = _fastpath.backend().crc32c

@@ -230,7 +230,7 @@ def helper(parity: ParityStore, peers: Peers, ident: pb.StripeId, origin: str) -
     found = [Source(k + stripe.row, parity.node_id, "", key, None, stripe.size)]
     for i, node in enumerate(data_nodes):
         peer = peers.by_node(node)
-        if node != origin and peer is not None and peer.reachable:
+        if node != origin and peer is not None and _holds(peers, peer.address, members[node], key):
             found.append(Source(i, node, peer.address, key, members[node]))
     for row, node in enumerate(group.parity_nodes(key.stripe)):
         peer = peers.by_node(node)
@@ -255,6 +255,17 @@ def helper(parity: ParityStore, peers: Peers, ident: pb.StripeId, origin: str) -
                 yield current
 
     return Produced(f"piece {index} of {origin!r} in {key}", length, chunks)
+
+
+def _holds(peers: Peers, address: str, member: Contributor, key: StripeKey) -> bool:
+    """Whether the node at ``address`` holds the save of its step that the parity has."""
+    try:
+        listing = peers.client(address).list_shards(run=key.run, origin=member.origin)
+    except grpc.RpcError:
+        return False
+    held = {s.shard.rank: s.manifest_crc for s in listing.shards
+            if s.shard.step == key.step and not s.replica}  # fmt: skip
+    return all(held.get(r) == c for r, c in zip(member.ranks, member.crcs, strict=True))
 
 
 def _fetch_window(

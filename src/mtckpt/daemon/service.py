@@ -68,8 +68,9 @@ class Daemon:
         self.holdings = Holdings(
             config.node_id, config.memory_root, config.keep, local_root=config.local_root
         )
-        self.parity = ParityStore(config.memory_root, config.node_id, config.scheme, config.keep)
         self.strides = Strides()
+        self.parity = ParityStore(config.memory_root, config.node_id, config.scheme, config.keep,
+                                  stride=self.strides.cluster)  # fmt: skip
         self.peers = Peers(config.node_id, config.peers, config.peers_dns,
                            token=self.token, tls=self.tls, strides=self.strides)  # fmt: skip
         self.metrics = DaemonMetrics(self)

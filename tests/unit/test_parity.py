@@ -1,0 +1,151 @@
+"""A daemon's parity store (issue 21) without the network: contributions checked against
+the stripe layout and their manifests, multiplied into the parity frame by frame,
+complete with a record once every piece is in, cleared when one fails, kept for the
+newest steps and sync steps; every refused header says why."""
+
+from __future__ import annotations
+
+import os
+from unittest import mock
+
+import numpy as np
+import pytest
+
+from mtckpt import CheckpointManager, MemoryTier
+from mtckpt.daemon.groups import piece_range
+from mtckpt.daemon.parity import AlreadyHeld, ParityError, ParityStore, StripeKey
+from mtckpt.format import naming
+from mtckpt.proto import mtckpt_pb2 as pb
+from mtckpt.redundancy import Redundancy
+
+GROUP = ["a", "b", "c"]  # xor:3: stripe 0 takes pieces of a and b, its parity is on c
+
+
+@pytest.fixture
+def saved(shm_dir):
+    """``{(step, rank): (manifest bytes, data bytes)}`` of real saves, ranks of unequal size."""
+    out = {}
+    for rank in (0, 1):
+        root = shm_dir / f"rank{rank}"  # each rank alone on its node
+        with mock.patch.dict(os.environ, {"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}), \
+                CheckpointManager("run", memory=MemoryTier(str(root), keep=10), rank=rank,
+                                  world_size=2) as mgr:  # fmt: skip
+            for step in range(1, 5):
+                rng = np.random.default_rng(step * 10 + rank)
+                mgr.save(step, {"w": rng.integers(0, 255, 3000 + 1000 * rank, np.uint8)}).wait()
+        for step in range(1, 5):
+            where = root / "run" / naming.step_dir(step)
+            out[(step, rank)] = ((where / naming.manifest_file(rank)).read_bytes(),
+                                 (where / naming.data_file(rank)).read_bytes())  # fmt: skip
+    return out
+
+
+def header(saved, step: int, origin: str, *, code="xor:3", group=GROUP, stripe=0,
+           piece=None) -> pb.ContributeHeader:  # fmt: skip
+    rank = GROUP.index(origin)
+    manifest, data = saved[(step, rank)]
+    size = piece_range(len(data), 2, rank)[1] if piece is None else piece
+    return pb.ContributeHeader(
+        stripe=pb.StripeId(run="run", step=step, code=code, group=group, stripe=stripe),
+        contributor=pb.Contributor(origin=origin, manifests=[manifest]), piece_size=size,
+    )  # fmt: skip
+
+
+def contribute(store, saved, step: int, origin: str, commit: bool = True):
+    contribution = store.receive(header(saved, step, origin))
+    rank = GROUP.index(origin)
+    data = saved[(step, rank)][1]
+    offset, length = piece_range(len(data), 2, rank)
+    contribution.region(0, length)[:] = data[offset : offset + length]
+    contribution.accept(0, length)
+    if commit:
+        contribution.commit()
+        contribution.close()
+    return contribution
+
+
+def test_a_stripe_is_the_xor_of_its_pieces_once_every_piece_is_in(tmp_path, saved):
+    store = ParityStore(tmp_path, "c", Redundancy.parse("xor:3"), keep=2)
+    contribute(store, saved, 1, "a")
+    (info,) = store.listing()
+    assert not info.complete and [c.origin for c in info.contributors] == ["a"]
+    contribute(store, saved, 1, "b")
+    (info,) = store.listing(manifests=True)
+    assert info.complete and info.world_size == 2
+    assert [c.manifests[0] for c in info.contributors] == [saved[(1, 0)][0], saved[(1, 1)][0]]
+    pieces = []
+    for rank in (0, 1):
+        data = saved[(1, rank)][1]
+        offset, length = piece_range(len(data), 2, rank)
+        pieces.append(np.frombuffer(data[offset : offset + length], np.uint8))
+    expected = np.zeros(max(p.size for p in pieces), np.uint8)  # the shorter counts as zeros
+    for piece in pieces:
+        expected[: piece.size] ^= piece
+    stripe = store.complete(info.stripe)
+    assert stripe.path.read_bytes() == expected.tobytes()
+    again = ParityStore(tmp_path, "c", Redundancy.parse("xor:3"), keep=2)  # a restarted daemon
+    again.load()
+    (reloaded,) = again.listing()
+    assert reloaded.complete and again.complete(info.stripe).chunks == stripe.chunks
+
+
+def test_a_contribution_that_fails_part_way_clears_the_stripe(tmp_path, saved):
+    store = ParityStore(tmp_path, "c", Redundancy.parse("xor:3"), keep=2)
+    contribute(store, saved, 1, "a")
+    broken = contribute(store, saved, 1, "b", commit=False)
+    broken.close()  # the connection dropped before the end
+    (info,) = store.listing()
+    assert not info.complete and not info.contributors
+    with pytest.raises(ParityError, match="cleared meanwhile"):
+        broken.accept(0, 1)
+
+
+def test_the_same_piece_twice_is_refused_as_held(tmp_path, saved):
+    store = ParityStore(tmp_path, "c", Redundancy.parse("xor:3"), keep=2)
+    contribute(store, saved, 1, "a")
+    with pytest.raises(AlreadyHeld, match="the piece of 'a' is here already"):
+        store.receive(header(saved, 1, "a"))
+
+
+def test_the_newest_steps_and_sync_steps_are_kept(tmp_path, saved):
+    stride = [1]
+    store = ParityStore(tmp_path, "c", Redundancy.parse("xor:3"), keep=1,
+                        stride=lambda: stride[0])  # fmt: skip
+    stride[0] = 2  # a daemon lags: steps 2 and 4 are sync steps
+    for step in range(1, 5):
+        contribute(store, saved, step, "a")
+        contribute(store, saved, step, "b")
+    assert sorted(i.stripe.step for i in store.listing()) == [2, 4]
+    assert sorted(p.name for p in (tmp_path / ".parity" / "run").iterdir()) == [
+        naming.step_dir(2), naming.step_dir(4)]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "node, change, says",
+    [("a", {}, "its parities are held by ['c'], not 'a'"),
+     ("c", {"origin": "c"}, "its pieces come from ['a', 'b'], not 'c'"),
+     ("c", {"piece": 7}, "a piece of 7 bytes from 'a'"),
+     ("c", {"code": "xor:4"}, "a group of 3 distinct node(s)"),
+     ("c", {"code": "rs:2+1"}, "this daemon keeps xor:3, not rs:2+1"),
+     ("c", {"code": "mirror"}, "expected 'replicas:R'"),
+     ("c", {"group": ["a", "a", "c"]}, "a group of 3 distinct node(s)"),
+     ("c", {"stripe": 3}, "stripe 3 of a group of 3"),
+     ("c", {"step": 2}, "manifests of ranks [0] (in order, of run 'run' step 2)")],
+)  # fmt: skip
+def test_a_bad_contribution_header_says_what_is_wrong(tmp_path, saved, node, change, says):
+    store = ParityStore(tmp_path, node, Redundancy.parse("xor:3"), keep=2)
+    origin = change.pop("origin", "a")
+    step = change.pop("step", None)
+    bad = header(saved, 1, origin if origin != "c" else "a", **change)
+    if origin == "c":
+        bad.contributor.origin = "c"
+    if step is not None:
+        bad.stripe.step = step
+    with pytest.raises(ValueError) as raised:
+        store.receive(bad)
+    assert says in str(raised.value)
+
+
+def test_a_stripe_key_names_its_group():
+    key = StripeKey.checked(pb.StripeId(run="run", step=3, code="xor:3", group=GROUP, stripe=1))
+    assert str(key) == "run 'run' step 3 stripe 1 of the xor:3 group a, b, c"
