@@ -32,6 +32,21 @@ def mtckpt_restore(daemon, *args) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
+def restore_report(daemon) -> dict:
+    """The report of a successful `mtckpt restore` through ``daemon``."""
+    done = mtckpt_restore(daemon)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def replaced(cluster, daemon) -> dict:
+    """``daemon``'s node lost and replaced by an empty one with its id, then restored
+    through `mtckpt restore`: its report."""
+    daemon.lose_node()
+    cluster.restart(daemon)
+    return restore_report(daemon)
+
+
 def _parities(daemon):
     with daemon.client() as client:
         return list(client.list_shards(run=RUN).parities)
@@ -68,12 +83,8 @@ def test_xor_group_holds_a_third_of_each_shard_as_parity(xor4):
 @pytest.mark.parametrize("lost", ["n0", "n2"])
 def test_xor_any_lost_node_is_rebuilt_bit_exact(xor4, cluster, lost):
     node = xor4[lost]
-    node.lose_node()
-    cluster.restart(node)
+    report = replaced(cluster, node)
     rank = int(lost[1:])
-    done = mtckpt_restore(node)
-    assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout)
     assert report["step"] == 2 and report["ranks"] == [rank]
     assert lost not in report["sources"] and len(report["sources"]) == 3
     step, restored = restore(node, rank, 4)
@@ -94,9 +105,7 @@ def test_rs_any_two_lost_nodes_are_rebuilt_bit_exact(cluster):
         cluster.restart(daemons[node])
     for node in lost:
         rank = int(node[1:])
-        done = mtckpt_restore(daemons[node])
-        assert done.returncode == 0, done.stderr
-        assert json.loads(done.stdout)["step"] == 2
+        assert restore_report(daemons[node])["step"] == 2
         step, restored = restore(daemons[node], rank, 5)
         assert step == 2
         assert_same_state(restored, state(2, rank))
@@ -129,10 +138,7 @@ def test_a_damaged_data_piece_and_parity_are_refused_and_other_sources_used(clus
     key = StripeKey(RUN, 2, "rs:3+2", group.members, s2)
     _flip(daemons[y].memory_root / PARITY_DIR / RUN / naming.step_dir(2) / f"{key.name}.parity",
           10)  # fmt: skip
-    daemons["n1"].lose_node()
-    cluster.restart(daemons["n1"])
-    done = mtckpt_restore(daemons["n1"])
-    assert done.returncode == 0, done.stderr
+    replaced(cluster, daemons["n1"])
     step, restored = restore(daemons["n1"], 1, 5)
     assert step == 2
     assert_same_state(restored, state(2, 1))
@@ -157,10 +163,7 @@ def test_unequal_shard_sizes_in_a_group_are_rebuilt(cluster, lost):
     for node in nodes:
         wait_for(lambda n=node: replicated(daemons[n], RUN, 1), what=f"{node} redundant")
     node = daemons[f"n{lost}"]
-    node.lose_node()
-    cluster.restart(node)
-    done = mtckpt_restore(node)
-    assert done.returncode == 0, done.stderr
+    replaced(cluster, node)
     with trainer(node, lost, 4) as mgr:
         step, restored = mgr.restore()
     assert step == 1
@@ -191,10 +194,7 @@ def test_a_group_re_forms_without_a_lost_node_and_keeps_the_old_parity(cluster):
                 by_step.setdefault(p.stripe.step, set()).add(tuple(p.stripe.group))
         assert any(sorted(g) == survivors for g in by_step[3])  # the group without n4
         assert any(len(g) == 5 for g in by_step[2])  # the old step keeps its old parity too
-    daemons["n1"].lose_node()
-    cluster.restart(daemons["n1"])
-    done = mtckpt_restore(daemons["n1"])
-    assert done.returncode == 0, done.stderr
+    replaced(cluster, daemons["n1"])
     step, restored = restore(daemons["n1"], 1, 4)
     assert step == 3
     assert_same_state(restored, state(3, 1))
@@ -221,10 +221,7 @@ def test_a_coded_group_over_mutual_tls_rebuilds_and_refuses_outsiders(cluster, t
             with pytest.raises(grpc.RpcError) as raised:
                 call()
             assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    daemons["n2"].lose_node()
-    cluster.restart(daemons["n2"])
-    done = mtckpt_restore(daemons["n2"])
-    assert done.returncode == 0, done.stderr
+    replaced(cluster, daemons["n2"])
     step, restored = restore(daemons["n2"], 2, 4)
     assert step == 1
     assert_same_state(restored, state(1, 2))

@@ -13,6 +13,7 @@ from ..daemon import config as daemon_config
 from ..errors import StepNotFoundError
 from ..format import naming
 from ..tiers.base import Storage
+from ..tiers.budget import human_size
 from ..tiers.directory import DirectoryStorage
 from ..tiers.local import LocalStorage
 
@@ -165,14 +166,6 @@ def emit(args: argparse.Namespace, result: dict, text: str) -> None:
 def fail(args: argparse.Namespace, reason: str) -> int:
     print(f"mtckpt {args.command}: {reason}", file=sys.stderr)
     return 1
-
-
-def human_size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
 
 
 def human_age(seconds: float) -> str:

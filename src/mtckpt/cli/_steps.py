@@ -134,9 +134,9 @@ def _peer_rows(address: tuple[str, str | None], args: argparse.Namespace,
         return []
     held = {m.kind: m.bytes for m in status.memory}
     limit = status.memory_budget
-    of = f" of its budget of {budget.human(limit)}" if limit else ""
+    of = f" of its budget of {budget.human_size(limit)}" if limit else ""
     memory_lines[:] = [f"memory tier {status.memory_root} (daemon {status.node_id}): holds "
-                       f"{budget.human(budget.total(held))}{of} ({budget.describe(held)})"]
+                       f"{budget.human_size(budget.total(held))}{of} ({budget.describe(held)})"]
     for peer in status.peers:  # unreachable ones too: the daemon may not have asked yet
         try:
             with Client(peer.address, token=token, timeout=min(args.timeout, 10)) as client:

@@ -254,28 +254,36 @@ def _send_produced(conn: socket.socket, produced: Produced) -> None:
         raise BulkError(f"{produced.where}: {offset} bytes made, {produced.size} announced")
 
 
+def checked_range(view: memoryview, described, start: int, end: int,
+                  name: str) -> list[tuple[int, int, int]]:  # fmt: skip
+    """``(lo, hi, crc32c)`` of the pieces of ``[start, end)`` of a file mapped as ``view``,
+    one per chunk touched, after checking each such chunk against the crc32c that
+    ``described`` (a manifest, a parity's record) has for it: BulkError naming ``name``
+    and the chunk where one is damaged."""
+    size, chunk, crcs = described.file_size, described.chunk_size, described.chunk_crc32c
+    crc32c = _fastpath.backend().crc32c
+    out = []
+    for index in range(start // chunk, -(-end // chunk)):
+        first, last = index * chunk, min(size, (index + 1) * chunk)
+        whole = crc32c(view[first:last])
+        if whole != crcs[index]:
+            raise BulkError(f"{name}: chunk {index} is damaged here (crc32c {whole:#010x}, "
+                            f"recorded {crcs[index]:#010x})")  # fmt: skip
+        lo, hi = max(first, start), min(last, end)
+        out.append((lo, hi, whole if (lo, hi) == (first, last) else crc32c(view[lo:hi])))
+    return out
+
+
 def _send_range(conn: socket.socket, fd: int, outgoing: Outgoing, *, tls: bool) -> None:
     """``outgoing.length`` bytes from ``outgoing.offset`` of the file ``fd``, after checking
     every chunk they touch against its recorded crc32c (a damaged one is refused with a
     status naming it): frames at offsets from 0, one per chunk touched, each with the
     crc32c of its bytes."""
-    described, start, end = outgoing.manifest, outgoing.offset, outgoing.offset + outgoing.length
-    size, chunk = described.file_size, described.chunk_size
-    crc32c = _fastpath.backend().crc32c
-    frames_out = []
-    with mmap.mmap(fd, size, prot=mmap.PROT_READ) as mapping, memoryview(mapping) as view:
-        for index in range(start // chunk, -(-end // chunk)):
-            first, last = index * chunk, min(size, (index + 1) * chunk)
-            whole = crc32c(view[first:last])
-            if whole != described.chunk_crc32c[index]:
-                reason = (
-                    f"{outgoing.path.name}: chunk {index} is damaged here (crc32c "
-                    f"{whole:#010x}, recorded {described.chunk_crc32c[index]:#010x})"
-                )
-                raise BulkError(reason)
-            lo, hi = max(first, start), min(last, end)
-            frames_out.append((lo, hi, whole if (lo, hi) == (first, last) else
-                               crc32c(view[lo:hi])))  # fmt: skip
+    start = outgoing.offset
+    with mmap.mmap(fd, outgoing.manifest.file_size, prot=mmap.PROT_READ) as mapping, \
+            memoryview(mapping) as view:  # fmt: skip
+        frames_out = checked_range(view, outgoing.manifest, start, start + outgoing.length,
+                                   outgoing.path.name)  # fmt: skip
         conn.sendall(STATUS.pack(0, 0))
         for lo, hi, crc in frames_out:
             conn.sendall(FRAME.pack(lo - start, hi - lo, crc))

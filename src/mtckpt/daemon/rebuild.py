@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from .. import _fastpath
 from ..errors import CorruptCheckpointError, MtckptError
 from ..proto import mtckpt_pb2 as pb
 from . import bulk
@@ -342,20 +341,12 @@ def _read_local(stripe: Stripe, window: int, size: int) -> bytearray:
     """``size`` bytes at ``window`` of this node's parity file, each chunk touched checked
     against the parity's record."""
     lo, hi = min(window, stripe.size), min(window + size, stripe.size)
-    chunk, crcs = stripe.chunks.chunk_size, stripe.chunks.chunk_crc32c
-    crc32c = _fastpath.backend().crc32c
     out = bytearray(hi - lo)
     if hi == lo:
         return out
     with open(stripe.path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m, \
             memoryview(m) as view:  # fmt: skip
-        for n in range(lo // chunk, -(-hi // chunk)):
-            got = crc32c(view[n * chunk : min(stripe.size, (n + 1) * chunk)])
-            if got != crcs[n]:
-                raise CorruptCheckpointError(
-                    f"{stripe.path.name}: chunk {n} is damaged here (crc32c {got:#010x}, "
-                    f"recorded {crcs[n]:#010x})"
-                )
+        bulk.checked_range(view, stripe.chunks, lo, hi, stripe.path.name)
         out[:] = view[lo:hi]
     return out
 

@@ -199,7 +199,7 @@ class Replicator:
                 if group is not None and not self._encode(shard, shards, group, held_by,
                                                           unreachable):  # fmt: skip
                     return
-            if group is None and not self._replicate(
+            if self.encoder is None and not self._replicate(
                 shard, own[shard], targets, held_by, unreachable
             ):
                 return

@@ -5,53 +5,74 @@ spare replica files first and refusing the peer's data when even that is not eno
 from __future__ import annotations
 
 import logging
+import threading
+import time
 
 from ..errors import MemoryBudgetError
 from ..tiers import budget
+from ..tiers.budget import human_size
 from .holdings import Holdings
 
 log = logging.getLogger(__name__)
 
 
+REPORTED_FOR = 1.0  # seconds a count shown in Status and metrics stands
+
+
 class Room:
     def __init__(self, holdings: Holdings, limit: int | None, on_refused=lambda: None) -> None:
         self.holdings, self.limit, self._on_refused = holdings, limit, on_refused
+        self._reported: tuple[float, dict[str, int]] = (-REPORTED_FOR, {})
+        self._lock = threading.Lock()
 
     def usage(self) -> dict[str, int]:
-        return budget.usage(self.holdings.root)
+        """What the memory tier holds, for Status and the metrics: counted at most once a
+        second (each peer's probe and each trainer's long poll asks)."""
+        with self._lock:
+            counted, held = self._reported
+            if time.monotonic() - counted >= REPORTED_FOR:
+                held = budget.usage(self.holdings.root)
+                self._reported = (time.monotonic(), held)
+            return held
 
     def reserve(self, held: dict[str, int]) -> int:
-        """Room kept for this node's next step: the size of its newest step of each run,
-        less the trainers' spare slots (a new step takes those first)."""
-        newest: dict[str, tuple[int, int]] = {}
-        for h in self.holdings.list(origin=self.holdings.node_id):
-            step, size = newest.get(h.shard.run, (-1, 0))
-            if h.shard.step > step:
-                newest[h.shard.run] = (h.shard.step, h.data_size)
-            elif h.shard.step == step:
-                newest[h.shard.run] = (step, size + h.data_size)
-        return max(0, sum(size for _, size in newest.values()) - held["slots"])
+        """Room kept for this node's next step: the data files of its newest step of each
+        run, less the trainers' spare slots (a new step takes those first)."""
+        own, newest = self.holdings.own, 0
+        for run in self.holdings.runs(own):
+            for step in own.steps(run)[-1:]:
+                where = own.step_path(run, step)
+                newest += sum(_size(where / name) for name in own.files(run, step)
+                              if name.endswith(".safetensors"))  # fmt: skip
+        return max(0, newest - held["slots"])
 
     def admit(self, size: int, what: str) -> None:
         """MemoryBudgetError unless ``size`` more bytes for peers fit the budget with room
         left for this node's next step; spare replica files are dropped first."""
         if self.limit is None:
             return
-        held = self.usage()
+        held = budget.usage(self.holdings.root)
         reserve = self.reserve(held)
         if budget.total(held) + size + reserve <= self.limit:
             return
         if held["spares"]:
             self.holdings.drop_spares()
             log.warning("spare replica files dropped to stay within the memory budget of %s",
-                        budget.human(self.limit))  # fmt: skip
-            held = self.usage()
+                        human_size(self.limit))  # fmt: skip
+            held = budget.usage(self.holdings.root)
             if budget.total(held) + size + reserve <= self.limit:
                 return
         self._on_refused()
         raise MemoryBudgetError(
-            f"node {self.holdings.node_id}: {what} ({budget.human(size)}) refused: its memory "
-            f"tier holds {budget.human(budget.total(held))} of its budget of "
-            f"{budget.human(self.limit)}, with {budget.human(reserve)} kept for its own next "
+            f"node {self.holdings.node_id}: {what} ({human_size(size)}) refused: its memory "
+            f"tier holds {human_size(budget.total(held))} of its budget of "
+            f"{human_size(self.limit)}, with {human_size(reserve)} kept for its own next "
             f"step (held: {budget.describe(held)})"
         )
+
+
+def _size(path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:  # expired meanwhile
+        return 0

@@ -54,16 +54,16 @@ def describe(held: dict[str, int]) -> str:
     names = {"steps": "steps", "slots": "spare slots", "replicas": "replicas for peers",
              "spares": "spare replica files", "parity": "parity for the group",
              "other": "other files"}  # fmt: skip
-    parts = [f"{names[k]} {human(v)}" for k, v in held.items() if v]
+    parts = [f"{names[k]} {human_size(v)}" for k, v in held.items() if v]
     return ", ".join(parts) or "nothing"
 
 
-def human(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
+def human_size(n: float) -> str:
+    """``1.5 MiB``: bytes as the messages, logs and the CLI show them."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
     raise AssertionError("unreachable")
 
 

@@ -31,6 +31,7 @@ from .. import _fastpath
 from ..errors import MemoryBudgetError
 from ..format import naming
 from . import budget
+from .budget import human_size
 from .directory import DirectoryStorage, make_private_dirs
 
 Pinner = Callable[[np.ndarray], Callable[[], None]]
@@ -168,13 +169,13 @@ class MemoryStorage(DirectoryStorage):
         self.trim(run, rank, 0)  # spare slots give way first
         if self._fits(growth):
             log.warning("%s: spare slots of rank %d dropped to stay within the budget of %s",
-                        self.describe(), rank, budget.human(self.max_bytes))  # fmt: skip
+                        self.describe(), rank, human_size(self.max_bytes))  # fmt: skip
             return
         held = budget.usage(self.root)
         raise MemoryBudgetError(
-            f"{self.describe()}: a {budget.human(size)} slot for run {run!r} rank {rank} would "
-            f"take it to {budget.human(budget.total(held) + growth)}, past its budget of "
-            f"{budget.human(self.max_bytes)} (held: {budget.describe(held)})"
+            f"{self.describe()}: a {human_size(size)} slot for run {run!r} rank {rank} would "
+            f"take it to {human_size(budget.total(held) + growth)}, past its budget of "
+            f"{human_size(self.max_bytes)} (held: {budget.describe(held)})"
         )
 
     def _fits(self, growth: int) -> bool:
