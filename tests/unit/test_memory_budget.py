@@ -5,11 +5,15 @@ with its reason and a metric, and training goes on."""
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import pytest
 
 from mtckpt import CheckpointManager, ConfigError, MemoryTier
+from mtckpt.daemon.holdings import Holdings
+from mtckpt.daemon.room import Room
+from mtckpt.daemon.spares import FREE_DIR, ZeroedSpares
 from mtckpt.errors import MemoryBudgetError
 from mtckpt.tiers import budget
 from mtckpt.tiers.memory import MemoryStorage
@@ -86,3 +90,19 @@ def test_a_budget_that_fits_keeps_every_step(shm_dir):
 def test_a_bad_budget_is_named(value):
     with pytest.raises(ConfigError, match="max_bytes must be an int >= 1 or None"):
         MemoryTier(max_bytes=value)
+
+
+def test_the_daemon_drops_its_spare_parity_files_before_refusing_a_peer(shm_dir):
+    spares = ZeroedSpares(shm_dir, fits=lambda size: True)
+    spares.want(1, MIB)
+    deadline = time.monotonic() + 10
+    while not list((shm_dir / FREE_DIR).glob("spare-*")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert budget.usage(shm_dir)["spares"] == MIB
+    room = Room(Holdings("n0", shm_dir, keep=2), MIB + MIB // 2, drop_spares=spares.drop)
+    assert not room.fits(MIB)
+    room.admit(MIB, "a parity piece")  # fits once the spare is gone
+    assert budget.usage(shm_dir)["spares"] == 0 and room.fits(MIB)
+    with pytest.raises(MemoryBudgetError, match=r"a larger piece \(2\.0 MiB\) refused"):
+        room.admit(2 * MIB, "a larger piece")
+    spares.close()

@@ -6,6 +6,7 @@ newest steps and sync steps; every refused header says why."""
 from __future__ import annotations
 
 import os
+import time
 from unittest import mock
 
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 from mtckpt import CheckpointManager, MemoryTier
 from mtckpt.daemon.groups import piece_range
 from mtckpt.daemon.parity import AlreadyHeld, ParityError, ParityStore, StripeKey
+from mtckpt.daemon.spares import FREE_DIR
 from mtckpt.format import naming
 from mtckpt.proto import mtckpt_pb2 as pb
 from mtckpt.redundancy import Redundancy
@@ -64,6 +66,23 @@ def contribute(store, saved, step: int, origin: str, commit: bool = True):
     return contribution
 
 
+def xor_of_pieces(saved, step: int) -> bytes:
+    pieces = []
+    for rank in (0, 1):
+        data = saved[(step, rank)][1]
+        offset, length = piece_range(len(data), 2, rank)
+        pieces.append(np.frombuffer(data[offset : offset + length], np.uint8))
+    expected = np.zeros(max(p.size for p in pieces), np.uint8)  # the shorter counts as zeros
+    for piece in pieces:
+        expected[: piece.size] ^= piece
+    return expected.tobytes()
+
+
+def spare_files(root) -> list:
+    """The spare parity files ready (a file being made has a hidden name)."""
+    return sorted((root / FREE_DIR).glob("spare-*"))
+
+
 def test_a_stripe_is_the_xor_of_its_pieces_once_every_piece_is_in(tmp_path, saved):
     store = ParityStore(tmp_path, "c", Redundancy.parse("xor:3"), keep=2)
     contribute(store, saved, 1, "a")
@@ -73,20 +92,49 @@ def test_a_stripe_is_the_xor_of_its_pieces_once_every_piece_is_in(tmp_path, save
     (info,) = store.listing(manifests=True)
     assert info.complete and info.world_size == 2
     assert [c.manifests[0] for c in info.contributors] == [saved[(1, 0)][0], saved[(1, 1)][0]]
-    pieces = []
-    for rank in (0, 1):
-        data = saved[(1, rank)][1]
-        offset, length = piece_range(len(data), 2, rank)
-        pieces.append(np.frombuffer(data[offset : offset + length], np.uint8))
-    expected = np.zeros(max(p.size for p in pieces), np.uint8)  # the shorter counts as zeros
-    for piece in pieces:
-        expected[: piece.size] ^= piece
     stripe = store.complete(info.stripe)
-    assert stripe.path.read_bytes() == expected.tobytes()
+    assert stripe.path.read_bytes() == xor_of_pieces(saved, 1)
     again = ParityStore(tmp_path, "c", Redundancy.parse("xor:3"), keep=2)  # a restarted daemon
     again.load()
     (reloaded,) = again.listing()
     assert reloaded.complete and again.complete(info.stripe).chunks == stripe.chunks
+
+
+def test_the_next_steps_stripe_starts_in_a_zeroed_spare_made_when_one_completed(
+    tmp_path, saved
+):
+    store = ParityStore(tmp_path, "c", Redundancy.parse("xor:3"), keep=2)
+    contribute(store, saved, 1, "a")
+    assert not spare_files(tmp_path)  # made once a stripe is complete, not before
+    contribute(store, saved, 1, "b")
+    (info,) = store.listing()
+    deadline = time.monotonic() + 10
+    while not spare_files(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (spare,) = spare_files(tmp_path)
+    assert spare.stat().st_size == info.size and not any(spare.read_bytes())
+    contribute(store, saved, 2, "a")
+    assert spare.name not in {p.name for p in spare_files(tmp_path)}  # taken, not a new file
+    contribute(store, saved, 2, "b")
+    (_, step2) = sorted(store.listing(), key=lambda i: i.stripe.step)
+    assert store.complete(step2.stripe).path.read_bytes() == xor_of_pieces(saved, 2)
+    store.spares.drop()
+    assert not (tmp_path / FREE_DIR).exists()
+    store.spares.close()
+
+
+def test_no_spare_is_made_past_the_memory_budget(tmp_path, saved):
+    asked = []
+    store = ParityStore(tmp_path, "c", Redundancy.parse("xor:3"), keep=2,
+                        fits=lambda size: asked.append(size) or False)  # fmt: skip
+    contribute(store, saved, 1, "a")
+    contribute(store, saved, 1, "b")
+    deadline = time.monotonic() + 10
+    while not asked and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (info,) = store.listing()
+    assert asked == [info.size] and not spare_files(tmp_path)
+    store.spares.close()
 
 
 def test_a_contribution_that_fails_part_way_clears_the_stripe(tmp_path, saved):

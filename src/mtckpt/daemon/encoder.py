@@ -17,6 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import grpc
 
@@ -58,6 +59,17 @@ class Listing:
     of the step, the stripe is complete)."""
 
     stripes: dict[StripeKey, tuple[bool, bool]]
+
+
+_FAILURES = (grpc.RpcError, OSError, MtckptError)
+
+
+class Piece(NamedTuple):
+    round: tuple[int, int]  # (piece index, parity row)
+    node: str  # the holder of the parity
+    key: StripeKey
+    offset: int  # in the blob
+    length: int
 
 
 class Encoder:
@@ -143,11 +155,11 @@ class Encoder:
             blob = self._open_blob(shards, held)
             crcs = tuple(f.crc for f in blob)
             size = sum(f.size for f in blob)
-            due: dict[str, list[tuple[StripeKey, int, int]]] = {}  # holder -> pieces to send
+            due: list[Piece] = []
             pending: dict[str, list[StripeKey]] = {}  # holder -> stripes awaited
             for stripe, index in group.pieces_of(me):
                 key = StripeKey(run, step, str(self.scheme), group.members, stripe)
-                for node in group.parity_nodes(stripe):
+                for row, node in enumerate(group.parity_nodes(stripe)):
                     there = listings.get(node, Listing({})).stripes.get(key)
                     if there is not None and there[0] == crcs:
                         if not there[1]:
@@ -155,11 +167,9 @@ class Encoder:
                     elif node in unreachable:
                         mark(node, f"peer {node} unreachable: {unreachable[node]}")
                     else:
-                        piece = piece_range(size, group.scheme.data, index)
-                        due.setdefault(node, []).append((key, *piece))
-            with ThreadPoolExecutor(max_workers=max(1, len(due))) as pool:
-                sent = dict(zip(due, pool.map(lambda n: self._send_all(n, due[n], blob, stopping),
-                                              due), strict=True))  # fmt: skip
+                        offset, length = piece_range(size, group.scheme.data, index)
+                        due.append(Piece((index, row), node, key, offset, length))
+            sent = self._send_rounds(sorted(due, key=lambda p: p.round), blob, stopping)
         if stopping.is_set():
             return False
         for node, error in sent.items():
@@ -167,30 +177,52 @@ class Encoder:
                 mark(node, error)
                 pending.pop(node, None)  # a holder that lacks one of its stripes is not stored
             else:
-                pending.setdefault(node, []).extend(k for k, _, _ in due[node])
+                pending.setdefault(node, []).extend(p.key for p in due if p.node == node)
         for node in group.holders_of(me):
             if node not in pending and node not in unreachable and not sent.get(node):
                 mark(node, "")
         self._await(pending, crcs, mark, stopping)
         return True
 
-    def _send_all(self, node: str, pieces: list[tuple[StripeKey, int, int]],
-                  blob: list[RankFile], stopping) -> str:  # fmt: skip
-        """Send ``pieces`` to ``node`` one after the other; why one failed ("": none)."""
-        for key, offset, length in pieces:
-            if stopping.is_set():
-                return "stopping"
-            try:
-                self._contribute(node, key, blob, offset, length)
-            except (grpc.RpcError, OSError, MtckptError) as exc:
-                reason = error_text(exc)
-                if self._said.get(node) != reason:  # once, not at every retry
-                    log.warning("sending %s's piece of %s to %s failed: %s",
-                                self.holdings.node_id, key, node, reason)  # fmt: skip
-                self._said[node] = reason
-                return f"piece to {node} failed: {reason}"
-        self._said.pop(node, None)
-        return ""
+    def _send_rounds(self, due: list[Piece], blob: list[RankFile], stopping) -> dict[str, str]:
+        """Send the pieces one after the other, in rounds of (piece index, parity row): in
+        each round every member of the group sends to a different holder (the stripes are
+        rotated), so each link carries one stream each way, as with replicas. The next
+        piece is opened at its holder (which allocates its parity) while one is sent. Why
+        each holder failed ("": it has all its pieces); a failed holder gets no more."""
+        sent: dict[str, str] = {}
+
+        def failed(node: str, key: StripeKey, exc: Exception) -> None:
+            reason = error_text(exc)
+            if self._said.get(node) != reason:  # once, not at every retry
+                log.warning("sending %s's piece of %s to %s failed: %s",
+                            self.holdings.node_id, key, node, reason)  # fmt: skip
+            self._said[node] = reason
+            sent[node] = f"piece to {node} failed: {reason}"
+
+        def open_unless_failed(piece: Piece):
+            return None if sent.get(piece.node) else self._open(piece, blob)
+
+        with ThreadPoolExecutor(max_workers=1) as opener:
+            opened = [opener.submit(open_unless_failed, p) for p in due[:1]]
+            for i, piece in enumerate(due):
+                if i + 1 < len(due):
+                    opened.append(opener.submit(open_unless_failed, due[i + 1]))
+                if stopping.is_set():
+                    break
+                try:
+                    ticket = opened[i].result()
+                    if sent.get(piece.node):
+                        continue
+                    if ticket is not None:
+                        self._stream(piece, ticket, blob)
+                    sent[piece.node] = ""
+                except _FAILURES as exc:
+                    failed(piece.node, piece.key, exc)
+        for node, error in sent.items():
+            if not error:
+                self._said.pop(node, None)
+        return sent
 
     def _await(self, pending: dict[str, list[StripeKey]], crcs, mark, stopping) -> None:
         """Wait a little for the stripes just sent to complete (the other members' pieces
@@ -225,31 +257,35 @@ class Encoder:
             blob.append(RankFile(shard.rank, f.fileno(), size, manifest, crc32c(manifest)))
         return blob
 
-    def _contribute(self, node: str, key: StripeKey, blob: list[RankFile], offset: int,
-                    length: int) -> None:  # fmt: skip
-        me = self.holdings.node_id
-        address = self.peers.by_node(node).address
+    def _open(self, piece: Piece, blob: list[RankFile]):
+        """A ticket to send ``piece`` to its holder; None if it has it already."""
         contributor = pb.Contributor(
-            origin=me, ranks=[f.rank for f in blob], manifest_crcs=[f.crc for f in blob],
-            data_sizes=[f.size for f in blob], manifests=[f.manifest for f in blob],
+            origin=self.holdings.node_id, ranks=[f.rank for f in blob],
+            manifest_crcs=[f.crc for f in blob], data_sizes=[f.size for f in blob],
+            manifests=[f.manifest for f in blob],
         )  # fmt: skip
-        header = pb.ContributeHeader(stripe=key.ident(), contributor=contributor,
-                                     piece_size=length)  # fmt: skip
-        started = time.monotonic()
+        header = pb.ContributeHeader(stripe=piece.key.ident(), contributor=contributor,
+                                     piece_size=piece.length)  # fmt: skip
+        address = self.peers.by_node(piece.node).address
         try:
-            ticket = self.peers.client(address).open_contribute(header)
+            return self.peers.client(address).open_contribute(header)
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.ALREADY_EXISTS:
-                return
+                return None
             raise
+
+    def _stream(self, piece: Piece, ticket, blob: list[RankFile]) -> None:
+        started = time.monotonic()
+        address = self.peers.by_node(piece.node).address
         tls = self.tls if ticket.tls else None
-        parts = _parts(blob, offset, length)
+        parts = _parts(blob, piece.offset, piece.length)
         bulk.send_parts(host_of(address), ticket.port, ticket.ticket, parts, tls=tls,
                         bandwidth=self.bandwidth)  # fmt: skip
         if self.metrics is not None:
             self.metrics.save_seconds.observe(time.monotonic() - started, stage="peers")
-            self.metrics.bytes_written.inc(length, tier="peers")
-        log.info("sent %s's piece of %s (%d bytes) to %s", me, key, length, node)
+            self.metrics.bytes_written.inc(piece.length, tier="peers")
+        log.info("sent %s's piece of %s (%d bytes) to %s", self.holdings.node_id, piece.key,
+                 piece.length, piece.node)  # fmt: skip
 
 
 def _parts(blob: list[RankFile], offset: int, length: int) -> list[tuple[int, int, int]]:

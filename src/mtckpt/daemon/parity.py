@@ -28,6 +28,7 @@ from ..proto import mtckpt_pb2 as pb
 from ..redundancy import MAX_GROUP, Redundancy
 from .groups import Group, piece_range
 from .holdings import MAX_SHARD_BYTES
+from .spares import ZeroedSpares
 from .sync import sync_steps
 
 log = logging.getLogger(__name__)
@@ -175,8 +176,11 @@ class Stripe:
         return reply
 
     def grow(self, size: int) -> None:
-        """The parity file at ``size`` bytes at least (zeros past the old end), mapped."""
+        """The parity at ``size`` bytes at least (zeros past the old end), mapped."""
         if size <= self.size and (self.mapping is not None or size == 0):
+            return
+        if self.mapping is not None and size <= len(self.mapping):  # a spare's zeros
+            self.size = size
             return
         self.close_mapping()
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -189,6 +193,12 @@ class Stripe:
                 _fastpath.backend().prefault(self.mapping)  # not a fault per page as it fills
         finally:
             os.close(fd)
+
+    def adopt(self, mapping: mmap.mmap | None, size: int) -> None:
+        """Take a zeroed file's mapping (already at this stripe's path, of ``size`` bytes
+        or more) as the parity."""
+        if mapping is not None:
+            self.mapping, self.size = mapping, size
 
     def clear(self) -> None:
         """Back to zeros, with no contributor: a new generation."""
@@ -258,16 +268,20 @@ class Contribution:
 
 class ParityStore:
     def __init__(self, root: str | os.PathLike, node_id: str, scheme: Redundancy, keep: int,
-                 stride: Callable[[], int] = lambda: 1) -> None:  # fmt: skip
-        """``stride``: the cluster's sync stride now (daemon/sync.py)."""
+                 stride: Callable[[], int] = lambda: 1,
+                 fits: Callable[[int], bool] = lambda size: True) -> None:  # fmt: skip
+        """``stride``: the cluster's sync stride now (daemon/sync.py); ``fits(size)``:
+        whether ``size`` more bytes keep within the memory budget (for spare parities)."""
         self.root = Path(root) / PARITY_DIR
         self.node_id, self.scheme, self.keep, self.stride = node_id, scheme, keep, stride
+        self.spares = ZeroedSpares(root, fits)
         self._stripes: dict[StripeKey, Stripe] = {}
         self._lock = threading.Lock()
 
     def load(self) -> None:
         """At start-up: the complete parities on disk, and nothing of those a killed daemon
-        was still accumulating."""
+        was still accumulating, nor spare files."""
+        self.spares.drop()
         for record in sorted(self.root.glob("*/step-*/*.json")):
             try:
                 stripe = _read_record(record)
@@ -315,6 +329,8 @@ class ParityStore:
                 raise AlreadyHeld(f"{key}: the piece of {contributor.origin!r} is here already")
             if held is not None or stripe.chunks is not None:  # another save of the step
                 stripe.clear()
+            if stripe.mapping is None and not stripe.size:
+                stripe.adopt(self.spares.take(header.piece_size, stripe.path), header.piece_size)
             stripe.grow(header.piece_size)
             return Contribution(self, stripe, contributor, coefficient, header.piece_size)
 
@@ -329,14 +345,22 @@ class ParityStore:
             self._complete(stripe)
         log.info("parity of %s complete (%d bytes)", stripe.key, stripe.size)
         self.expire(stripe.key.run, self.stride())
+        with self._lock:  # the next step's stripes, ready for it
+            step = [s.size for k, s in self._stripes.items()
+                    if (k.run, k.step) == (stripe.key.run, stripe.key.step)]  # fmt: skip
+        self.spares.want(len(step), max(step, default=0))
 
     def _complete(self, stripe: Stripe) -> None:
         crc32c = _fastpath.backend().crc32c
         view = memoryview(stripe.mapping) if stripe.mapping is not None else memoryview(b"")
+        size = stripe.size
         with view:
-            crcs = tuple(crc32c(view[i : i + CHUNK_BYTES])
-                         for i in range(0, stripe.size, CHUNK_BYTES))  # fmt: skip
+            crcs = tuple(crc32c(view[i : min(size, i + CHUNK_BYTES)])
+                         for i in range(0, size, CHUNK_BYTES))  # fmt: skip
+            spare = len(view) - size
         stripe.close_mapping()
+        if spare:  # a spare's zeros past the largest piece
+            os.truncate(stripe.path, stripe.size)
         stripe.chunks = Chunks(stripe.size, CHUNK_BYTES, crcs)
         record = {"key": {"run": stripe.key.run, "step": stripe.key.step,
                           "code": stripe.key.code, "group": list(stripe.key.group),

@@ -33,7 +33,7 @@ from .rpc import error_text, shard_id
 
 log = logging.getLogger(__name__)
 
-WINDOW = 16 << 20  # bytes of each source decoded at once
+WINDOW = 4 << 20  # bytes of each source decoded at once
 
 
 @dataclass

@@ -40,6 +40,8 @@ from .sync import Strides, is_sync, sync_steps
 
 log = logging.getLogger(__name__)
 
+DRAIN_PAUSE = 0.05  # seconds between the cycles of a drain that left something pending
+
 
 @dataclass
 class ReplicaState:
@@ -120,10 +122,12 @@ class Replicator:
                 self._cycle_done.wait_for(
                     lambda s=seen: self._cycles > s, deadline - time.monotonic()
                 )
-                if self._cycles > seen:
-                    seen = self._cycles
-                    if not self._pending_reachable():
-                        return True
+                if self._cycles <= seen:
+                    continue
+                seen = self._cycles
+                if not self._pending_reachable():
+                    return True
+            time.sleep(min(DRAIN_PAUSE, max(0.0, deadline - time.monotonic())))  # not a spin
         return False
 
     def stop(self) -> None:

@@ -1,12 +1,14 @@
 """The daemon's side of the node's memory budget (tiers/budget.py): before it takes a
 peer's replica or parity piece, it keeps room for its own node's next step, dropping its
-spare replica files first and refusing the peer's data when even that is not enough."""
+spare replica and parity files first and refusing the peer's data when even that is not
+enough."""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from ..errors import MemoryBudgetError
 from ..tiers import budget
@@ -20,8 +22,11 @@ REPORTED_FOR = 1.0  # seconds a count shown in Status and metrics stands
 
 
 class Room:
-    def __init__(self, holdings: Holdings, limit: int | None, on_refused=lambda: None) -> None:
+    def __init__(self, holdings: Holdings, limit: int | None, on_refused=lambda: None,
+                 drop_spares: Callable[[], None] | None = None) -> None:  # fmt: skip
+        """``drop_spares``: deletes the spare files (default: the spare replica files)."""
         self.holdings, self.limit, self._on_refused = holdings, limit, on_refused
+        self._drop_spares = drop_spares or holdings.drop_spares
         self._reported: tuple[float, dict[str, int]] = (-REPORTED_FOR, {})
         self._lock = threading.Lock()
 
@@ -46,9 +51,17 @@ class Room:
                               if name.endswith(".safetensors"))  # fmt: skip
         return max(0, newest - held["slots"])
 
+    def fits(self, size: int) -> bool:
+        """Whether ``size`` more bytes keep within the budget, with room left for this
+        node's next step."""
+        if self.limit is None:
+            return True
+        held = budget.usage(self.holdings.root)
+        return budget.total(held) + size + self.reserve(held) <= self.limit
+
     def admit(self, size: int, what: str) -> None:
         """MemoryBudgetError unless ``size`` more bytes for peers fit the budget with room
-        left for this node's next step; spare replica files are dropped first."""
+        left for this node's next step; spare replica and parity files are dropped first."""
         if self.limit is None:
             return
         held = budget.usage(self.holdings.root)
@@ -56,8 +69,8 @@ class Room:
         if budget.total(held) + size + reserve <= self.limit:
             return
         if held["spares"]:
-            self.holdings.drop_spares()
-            log.warning("spare replica files dropped to stay within the memory budget of %s",
+            self._drop_spares()
+            log.warning("spare files dropped to stay within the memory budget of %s",
                         human_size(self.limit))  # fmt: skip
             held = budget.usage(self.holdings.root)
             if budget.total(held) + size + reserve <= self.limit:

@@ -69,13 +69,15 @@ class Daemon:
             config.node_id, config.memory_root, config.keep, local_root=config.local_root
         )
         self.strides = Strides()
+        self.room = Room(self.holdings, config.memory_budget,
+                         on_refused=lambda: self.metrics.refused.inc(),
+                         drop_spares=lambda: (self.holdings.drop_spares(),
+                                              self.parity.spares.drop()))  # fmt: skip
         self.parity = ParityStore(config.memory_root, config.node_id, config.scheme, config.keep,
-                                  stride=self.strides.cluster)  # fmt: skip
+                                  stride=self.strides.cluster, fits=self.room.fits)  # fmt: skip
         self.peers = Peers(config.node_id, config.peers, config.peers_dns,
                            token=self.token, tls=self.tls, strides=self.strides)  # fmt: skip
         self.metrics = DaemonMetrics(self)
-        self.room = Room(self.holdings, config.memory_budget,
-                         on_refused=lambda: self.metrics.refused.inc())  # fmt: skip
         self.changes = Changes(waiters=max(0, config.workers - FREE_WORKERS),
                                pools=("trainers", "peers"))  # fmt: skip
         self.replicator = Replicator(
@@ -221,6 +223,7 @@ class Daemon:
         self.limits.close()
         if self.bulk is not None:
             self.bulk.close()
+        self.parity.spares.close()
         self.peers.close()
         self._stopped.set()
         if self.endpoint is not None:
@@ -262,7 +265,7 @@ class DaemonMetrics(Metrics):
         )
         self.gauge("mtckpt_peers", "Peer daemons known, by state.", ("state",), read=self._peers)
         self.gauge("mtckpt_memory_bytes", "Bytes the node's memory tier holds, by kind (steps, "
-                   "spare slots, replicas and parity for peers, spare replica files).",
+                   "spare slots, replicas and parity for peers, spare files).",
                    ("kind",), read=lambda: {(k,): v for k, v in daemon.room.usage().items()})
         self.gauge("mtckpt_memory_budget_bytes", "The node's memory budget (0: none).",
                    read=lambda: daemon.config.memory_budget or 0)

@@ -2,11 +2,12 @@
 
 The memory tier is a tmpfs directory: its files are the node's memory. The budget caps
 them all: the steps the trainers saved (with the daemon's kept sync steps, hard links to
-the same pages), the trainers' spare slots, the replicas the daemon keeps for peers (and
-its spare replica files) and the parities of its coded group. When a save would exceed
-it, the memory tier gives way in this order: spare slots are dropped, the daemon refuses
-peers' new replicas and parity pieces (keeping room for its node's next step), and last
-the save is skipped with a logged reason and a metric; training never fails for it.
+the same pages), the trainers' spare slots, the replicas the daemon keeps for peers, the
+parities of its coded group and its spare replica and parity files. When a save would
+exceed it, the memory tier gives way in this order: spare slots and files are dropped,
+the daemon refuses peers' new replicas and parity pieces (keeping room for its node's next
+step), and last the save is skipped with a logged reason and a metric; training never
+fails for it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import os
 from pathlib import Path
 
 KINDS = ("steps", "slots", "replicas", "spares", "parity", "other")
-_TOP = {".replicas": "replicas", ".replicas-free": "spares", ".parity": "parity", ".kept": "steps"}
+_TOP = {".replicas": "replicas", ".replicas-free": "spares", ".parity": "parity",
+        ".parity-free": "spares", ".kept": "steps"}  # fmt: skip
 
 
 def usage(root: str | os.PathLike) -> dict[str, int]:
@@ -52,7 +54,7 @@ def total(held: dict[str, int]) -> int:
 def describe(held: dict[str, int]) -> str:
     """``own steps 1.0 GiB, spare slots 0 B, ...``: the kinds that hold anything."""
     names = {"steps": "steps", "slots": "spare slots", "replicas": "replicas for peers",
-             "spares": "spare replica files", "parity": "parity for the group",
+             "spares": "spare replica and parity files", "parity": "parity for the group",
              "other": "other files"}  # fmt: skip
     parts = [f"{names[k]} {human_size(v)}" for k, v in held.items() if v]
     return ", ".join(parts) or "nothing"
