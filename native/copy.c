@@ -218,3 +218,43 @@ void crc32c_chunks(const void *data, size_t len, size_t chunk_size, uint32_t *ou
     }
     run_parallel(chunk_task_run, tasks, sizeof tasks[0], nthreads);
 }
+
+/* Chunks [first, first + count) of a compared with the same chunks of b. */
+struct equal_task {
+    const unsigned char *a;
+    size_t a_len;
+    const unsigned char *b;
+    size_t b_len;
+    size_t chunk_size;
+    unsigned char *out;
+    size_t first;
+    size_t count;
+};
+
+static void *equal_task_run(void *arg)
+{
+    const struct equal_task *task = arg;
+    for (size_t i = task->first; i < task->first + task->count; i++) {
+        size_t start = i * task->chunk_size;
+        size_t n = task->a_len - start < task->chunk_size ? task->a_len - start : task->chunk_size;
+        size_t m = start >= task->b_len ? 0
+                   : task->b_len - start < task->chunk_size ? task->b_len - start
+                                                            : task->chunk_size;
+        task->out[i] = n == m && memcmp(task->a + start, task->b + start, n) == 0;
+    }
+    return NULL;
+}
+
+void equal_chunks(const void *a, size_t a_len, const void *b, size_t b_len, size_t chunk_size,
+                  unsigned char *out, int threads)
+{
+    size_t nchunks = a_len / chunk_size + (a_len % chunk_size != 0);
+    int nthreads = thread_count(a_len, threads, nchunks);
+    struct equal_task tasks[MTCKPT_MAX_THREADS];
+    for (int t = 0; t < nthreads; t++) {
+        size_t first = nchunks * (size_t)t / (size_t)nthreads;
+        size_t end = nchunks * (size_t)(t + 1) / (size_t)nthreads;
+        tasks[t] = (struct equal_task){a, a_len, b, b_len, chunk_size, out, first, end - first};
+    }
+    run_parallel(equal_task_run, tasks, sizeof tasks[0], nthreads);
+}

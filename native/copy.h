@@ -30,4 +30,10 @@ uint32_t copy_crc32c(void *dst, const void *src, size_t len, uint32_t crc);
  * out must hold ceil(len / chunk_size) entries. */
 void crc32c_chunks(const void *data, size_t len, size_t chunk_size, uint32_t *out, int threads);
 
+/* out[i] = 1 if the i-th chunk_size piece of a (the last may be shorter) equals the
+ * piece of b at the same offset, byte for byte and in length, else 0; out must hold
+ * ceil(a_len / chunk_size) entries. */
+void equal_chunks(const void *a, size_t a_len, const void *b, size_t b_len, size_t chunk_size,
+                  unsigned char *out, int threads);
+
 #endif /* MTCKPT_COPY_H */

@@ -281,6 +281,40 @@ done:
     return result;
 }
 
+static PyObject *native_equal_chunks(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    const char *func = "equal_chunks";
+    if (check_nargs(func, nargs, 3, 4) < 0)
+        return NULL;
+    Py_buffer a, b;
+    if (get_buffer(args[0], &a, 0, func, "a") < 0)
+        return NULL;
+    if (get_buffer(args[1], &b, 0, func, "b") < 0) {
+        PyBuffer_Release(&a);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    Py_ssize_t chunk_size;
+    int threads;
+    if (parse_count(args[2], func, "chunk_size", &chunk_size) < 0 ||
+        parse_threads(args, nargs, 3, func, &threads) < 0)
+        goto done;
+    Py_ssize_t nchunks = a.len / chunk_size + (a.len % chunk_size != 0);
+    result = PyBytes_FromStringAndSize(NULL, nchunks);
+    if (result && nchunks) {
+        unsigned char *out = (unsigned char *)PyBytes_AS_STRING(result);
+        PyThreadState *state = release_gil_if_large(a.len);
+        equal_chunks(a.buf, (size_t)a.len, b.buf, (size_t)b.len, (size_t)chunk_size, out,
+                     threads);
+        reacquire_gil(state);
+    }
+done:
+    PyBuffer_Release(&a);
+    PyBuffer_Release(&b);
+    return result;
+}
+
 /* dst (writable) and src of one length: the first two arguments of copy(),
    copy_crc32c() and gf256_muladd(). The caller releases both views either way. */
 static int get_dst_src(PyObject *const *args, const char *func, Py_buffer *dst, Py_buffer *src)
@@ -508,6 +542,10 @@ PyDoc_STRVAR(native_crc32c_chunks_doc,
              "crc32c_chunks($module, data, chunk_size, threads=1, /)\n--\n\n"
              "CRC-32C of each consecutive chunk_size piece of data (the last may be\n"
              "shorter), computed by up to `threads` threads.");
+PyDoc_STRVAR(native_equal_chunks_doc,
+             "equal_chunks($module, a, b, chunk_size, threads=1, /)\n--\n\n"
+             "bytes with 1 for each chunk_size piece of a (the last may be shorter) that\n"
+             "equals the piece of b at the same offset, in bytes and length, else 0.");
 PyDoc_STRVAR(native_copy_doc,
              "copy($module, dst, src, threads=1, /)\n--\n\n"
              "Copy src into dst (same size), split across up to `threads` threads when large.");
@@ -541,6 +579,7 @@ static PyMethodDef native_methods[] = {
     FASTCALL("crc32c_hw", native_crc32c_hw),
     FASTCALL("crc32c_combine", native_crc32c_combine),
     FASTCALL("crc32c_chunks", native_crc32c_chunks),
+    FASTCALL("equal_chunks", native_equal_chunks),
     FASTCALL("copy", native_copy),
     FASTCALL("copy_many", native_copy_many),
     FASTCALL("copy_crc32c", native_copy_crc32c),

@@ -240,6 +240,18 @@ def crc32c_chunks(data: Any, chunk_size: int, threads: int = 1, /) -> list[int]:
     ]
 
 
+def equal_chunks(a: Any, b: Any, chunk_size: int, threads: int = 1, /) -> bytes:
+    """1 for each chunk_size piece of a (the last may be shorter) that equals the piece of
+    b at the same offset, in bytes and length, else 0."""
+    a_bytes = _bytes_of(a, "equal_chunks", "a")
+    b_bytes = _bytes_of(b, "equal_chunks", "b")
+    chunk_size = _count(chunk_size, "equal_chunks", "chunk_size")
+    _count(threads, "equal_chunks", "threads")
+    pieces = range(0, a_bytes.size, chunk_size)
+    return bytes(int(np.array_equal(a_bytes[i : i + chunk_size], b_bytes[i : i + chunk_size]))
+                 for i in pieces)  # fmt: skip
+
+
 def _check_sizes(func: str, dst_bytes: np.ndarray, src_bytes: np.ndarray) -> None:
     if dst_bytes.size != src_bytes.size:
         raise ValueError(

@@ -32,6 +32,10 @@ def crc32c_combine(crc1: int, crc2: int, len2: int, /) -> int:
 def crc32c_chunks(data: Buffer, chunk_size: int, threads: int = 1, /) -> list[int]:
     """CRC-32C of each consecutive chunk_size piece of data (the last may be shorter)."""
 
+def equal_chunks(a: Buffer, b: Buffer, chunk_size: int, threads: int = 1, /) -> bytes:
+    """1 for each chunk_size piece of a (the last may be shorter) that equals the piece of
+    b at the same offset, in bytes and length, else 0."""
+
 def copy(dst: Buffer, src: Buffer, threads: int = 1, /) -> None:
     """Copy src into dst (same size; ValueError otherwise), split across threads when large."""
 

@@ -8,7 +8,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import tiercopy
+from . import incremental, tiercopy
 from .errors import CorruptCheckpointError, StepNotFoundError
 from .format import commit, naming
 from .format.manifest import RankManifest
@@ -29,7 +29,8 @@ class StepInfo:
     but the COMMIT marker or a manifest does not parse, a committed rank's shard is
     missing, or a data file is not the size its manifest records: ``problems`` says
     which). Complete is read from the listing and manifests alone: a flipped byte shows
-    only in :func:`verify`."""
+    only in :func:`verify`. ``references``: the older steps whose data objects hold some
+    of its chunks (a step stored incrementally; retention keeps them while it stays)."""
 
     tier: str
     run: str
@@ -41,12 +42,14 @@ class StepInfo:
     bytes: int
     modified: float | None
     problems: tuple[str, ...] = ()
+    references: tuple[int, ...] = ()  # steps holding chunks of this one (incremental)
 
     def to_json(self) -> dict:
         return {"tier": self.tier, "run": self.run, "step": self.step, "status": self.status,
                 "world_size": self.world_size, "ranks": list(self.ranks),
                 "committed_ranks": list(self.committed_ranks), "bytes": self.bytes,
-                "modified": self.modified, "problems": list(self.problems)}  # fmt: skip
+                "modified": self.modified, "problems": list(self.problems),
+                "references": list(self.references)}  # fmt: skip
 
 
 def step_info(storage: Storage, run: str, step: int) -> StepInfo:
@@ -91,6 +94,7 @@ def read_step(
         tier=storage.name, run=run, step=step, status=status, world_size=world,
         ranks=tuple(ranks), committed_ranks=committed_ranks, bytes=size,
         modified=stats[stamp].modified if stamp else None, problems=tuple(problems),
+        references=tuple(sorted(set().union(*(incremental.references(m) for m in found)))),
     )  # fmt: skip
     return info, found
 

@@ -211,6 +211,19 @@ class ObjectTier:
         '`"queue"`: every due step waits its turn, keeping its node-memory copy.',
         rule=options.one_of("newest", "queue"),
     )
+    incremental: bool = option(
+        True,
+        help="Upload only the chunks changed since the newest step of the same writer already "
+        "there (compared byte for byte in node memory); every step still reads as whole. "
+        "Data files stored with `compression` go up whole.",
+        rule=options.BOOL,
+    )
+    full_every: int = option(
+        10,
+        help="With `incremental`: a rank's data file goes up whole at least every this many "
+        "steps, so that a step refers to few older ones.",
+        rule=options.int_at_least(2),
+    )
     uploader: str = option(
         "auto",
         help='Without a node daemon: `"process"` uploads from a helper process (the '

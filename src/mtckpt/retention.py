@@ -7,7 +7,9 @@ valid, every data file has its recorded size) count toward ``keep``; a damaged s
 removed first and never counts. A step beyond the newest ``keep`` is removed only once the
 newest complete step has passed checksum verification on that tier (this rank's shard; a
 step that fails is damaged, and the next older one is considered). :class:`Verdicts`
-remembers what was verified, so retention after every step reads no data.
+remembers what was verified, so retention after every step reads no data. A step stored
+incrementally holds some of its chunks in older steps' data objects: those steps (and
+theirs) stay as long as a step that refers to them does.
 
 Several ranks may share one storage (a node's memory or disk). Each rank removes only its
 own files (and files of ranks outside the current world); whoever comes first removes
@@ -187,7 +189,23 @@ def _classify(
             kept.append(step)
         elif not keep_every or step % keep_every:
             expired.append(step)
-    return sorted(removals, key=_by_step), kept, expired
+    staying = set(known) - {r.step for r in removals} - set(expired)
+    needed = _referenced(known, staying)
+    removals = [r for r in removals if r.step not in needed]
+    return sorted(removals, key=_by_step), kept, [s for s in expired if s not in needed]
+
+
+def _referenced(known: dict[int, tuple[catalog.StepInfo, dict]], steps: set[int]) -> set[int]:
+    """The steps holding chunks of ``steps``, and those holding chunks of these, ..."""
+    found: set[int] = set()
+    todo = list(steps)
+    while todo:
+        step = todo.pop()
+        for held_by in known[step][0].references if step in known else ():
+            if held_by not in found:
+                found.add(held_by)
+                todo.append(held_by)
+    return found
 
 
 def _verify_newest(

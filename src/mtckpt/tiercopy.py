@@ -8,7 +8,7 @@ import dataclasses
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
-from . import checksum
+from . import checksum, incremental
 from .errors import ChecksumMismatchError
 from .format import encoding, naming
 from .format.manifest import RankManifest
@@ -21,24 +21,34 @@ WRITE_SIZE = 16 * 1024 * 1024  # bytes per write to the destination
 def put_shard(
     dest: Storage, manifest: RankManifest, data, where: str, threads: int = 1,
     recheck: bool = False, progress: Callable[[int], None] | None = None,
-) -> None:  # fmt: skip
+) -> int:  # fmt: skip
     """Write a shard to ``dest``: ``data`` (its whole data file), every chunk checked against
     ``manifest`` before it is given out, then the manifest (the shard is whole on ``dest``
     once its manifest is there). A storage that takes whole files gets the file in one
     buffer, encoded as it stores it, and a manifest that records how it is stored; with
     ``recheck`` (``data`` may be overwritten meanwhile: a memory slot no one pins), the
     file is checked again once it is up, and deleted if it changed. ``progress`` is given
-    the bytes of each piece written."""
+    the bytes of each piece written. A storage that stores incrementally gets only the
+    blocks changed since its base step (:mod:`mtckpt.incremental`). The bytes written."""
     view = memoryview(data).cast("B")
     run, step = manifest.run, manifest.step
     if dest.whole_files:
         check_chunks(view, manifest, 0, where, threads)
+        delta = _delta(dest, manifest)
         with ThreadPoolExecutor(1) as pool:  # the stored bytes' crc32c beside the upload
-            pieces, stored = encoding.encode(view, manifest.chunk_size, dest.compression,
-                                             dest.compression_level, threads, pool)  # fmt: skip
-            size = view.nbytes if dest.compression is None else None  # zstd: known at the end
-            dest.write_stream(run, step, manifest.data_file, size, pieces)
-            stored = stored.result()
+            if delta is not None:
+                own, planned = delta
+                block = planned.block_size
+                pieces = [view[i * block : (i + 1) * block] for i in own]
+                crc = pool.submit(lambda: _crc_of(pieces))
+                dest.write_stream(run, step, manifest.data_file, planned.size, iter(pieces))
+                stored = incremental.stored_with(planned, crc.result())
+            else:
+                pieces, stored = encoding.encode(view, manifest.chunk_size, dest.compression,
+                                                 dest.compression_level, threads, pool)  # fmt: skip
+                size = view.nbytes if dest.compression is None else None  # zstd: at the end
+                dest.write_stream(run, step, manifest.data_file, size, pieces)
+                stored = stored.result()
         if progress is not None:
             progress(view.nbytes)
         if recheck:
@@ -49,11 +59,34 @@ def put_shard(
                 dest.delete(run, step, manifest.data_file)
                 raise
         manifest = dataclasses.replace(manifest, stored=stored)
+        written = stored.size
     else:
         dest.write_stream(run, step, manifest.data_file, manifest.file_size,
                           _pieces(view, manifest, where, progress))  # fmt: skip
         manifest = dataclasses.replace(manifest, stored=None)
+        written = manifest.file_size
     dest.write_bytes(run, step, naming.manifest_file(manifest.rank), manifest.to_json())
+    return written
+
+
+def _delta(dest: Storage, manifest: RankManifest):
+    """The blocks to upload and the StoredFile of a delta, if ``dest`` stores this step
+    as one: it stores incrementally, the step records its changes, a base step is there
+    and some block is unchanged since it. None: the step goes up whole."""
+    if not dest.full_every or manifest.changes is None or dest.compression is not None:
+        return None
+    base = incremental.find_base(dest, manifest, dest.full_every)
+    if base is None:
+        return None
+    own, stored = incremental.delta_of(manifest, base)
+    return None if len(own) == len(manifest.changes.since) else (own, stored)
+
+
+def _crc_of(pieces: list[memoryview]) -> int:
+    crc = 0
+    for piece in pieces:
+        crc = checksum.crc32c(piece, crc)
+    return crc
 
 
 def _pieces(view: memoryview, manifest: RankManifest, where: str, progress=None
@@ -89,16 +122,17 @@ def copy_shard(
     verified: Callable[[RankManifest], None] | None = None,
 ) -> int:  # fmt: skip
     """Copy ``rank``'s shard of ``step`` from ``source`` to ``dest``, verified (``recheck``,
-    ``progress``, ``threads``: see put_shard); the bytes of its data file. ``verified`` is
+    ``progress``, ``threads``: see put_shard). ``verified`` is
     given the manifest once the shard is on ``dest``, every chunk checked (retention's
-    Verdicts.record). Committing the step is the caller's."""
+    Verdicts.record). Committing the step is the caller's. The bytes written to ``dest``
+    (fewer than the file's where ``dest`` stores incrementally)."""
     manifest = read_manifest(source, run, step, rank)
     where = f"{source.describe()}: step {step} {manifest.data_file}"
     data = open_data(source, manifest, where)
     try:
-        put_shard(dest, manifest, data, where, threads, recheck, progress)
+        written = put_shard(dest, manifest, data, where, threads, recheck, progress)
     finally:
         close_mapping(data)
     if verified is not None:
         verified(manifest)
-    return manifest.file_size
+    return written

@@ -100,7 +100,7 @@ def test_ls_shows_complete_incomplete_and_damaged_steps_with_sizes(tmp_path, tie
     assert rows["local", 3] | {"modified": None} == {
         "tier": "local", "run": RUN, "step": 3, "status": "complete", "world_size": 2,
         "ranks": [0, 1], "committed_ranks": [0, 1], "bytes": rows["local", 3]["bytes"],
-        "modified": None, "problems": [],
+        "modified": None, "problems": [], "references": [],
     }  # fmt: skip
     data = sum((step_dir(tmp_path / "local", 3) / f"rank-0000{r}.safetensors").stat().st_size
                for r in (0, 1))  # fmt: skip

@@ -234,6 +234,28 @@ def test_crc32c_chunks_argument_checks(mod: types.ModuleType) -> None:
         mod.crc32c_chunks(b"abc", 1, 0)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 5])
+def test_equal_chunks_compares_each_chunk_in_bytes_and_length(mod, threads: int) -> None:
+    changed = bytearray(CHUNKED)
+    changed[3 * MiB + 7] ^= 1  # chunk 3
+    changed[-1] ^= 0x80  # the last chunk's last byte
+    same = mod.equal_chunks(CHUNKED, changed, MiB, threads)
+    assert list(same) == [1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 0]
+    assert list(mod.equal_chunks(CHUNKED, CHUNKED[: 4 * MiB + 1], MiB, threads)) == (
+        [1, 1, 1, 1] + [0] * 7  # chunk 4 has one byte there: another length
+    )
+    assert list(mod.equal_chunks(CHUNKED[: 2 * MiB], CHUNKED, MiB, threads)) == [1, 1]
+    assert mod.equal_chunks(b"", CHUNKED, MiB, threads) == b""
+    assert list(mod.equal_chunks(b"123456789", b"1234567", 4, threads)) == [1, 0, 0]
+
+
+def test_equal_chunks_argument_checks(mod: types.ModuleType) -> None:
+    with pytest.raises(ValueError, match=r"^equal_chunks\(\): chunk_size must be >= 1, got 0$"):
+        mod.equal_chunks(b"abc", b"abc", 0)
+    with pytest.raises(ValueError, match=r"^equal_chunks\(\): threads must be >= 1, got 0$"):
+        mod.equal_chunks(b"abc", b"abc", 1, 0)
+
+
 BIG = np.random.default_rng(3).integers(0, 256, 40 * MiB, dtype=np.uint8)
 GUARD = 0xA5
 

@@ -1,4 +1,4 @@
-"""How a data file is stored on the object tier: as it is, or as zstd frames.
+"""How a data file is stored on the object tier: as it is, as zstd frames, or as a delta.
 
 A tier that records its stored bytes (the object tier) adds a ``stored`` entry to the
 manifest it writes: the encoding, the stored size and the crc32c of the stored bytes. A
@@ -6,6 +6,9 @@ zstd file is a run of independent frames (each frame holds ``frame_size`` bytes 
 file, a whole number of chunks, and carries zstd's own content checksum), so that any byte
 range can be read by fetching and decompressing only the frames under it, in parallel.
 Concatenated frames are one valid zstd stream: ``zstd -d`` reads the stored object as is.
+A ``delta`` holds only the chunks that changed since an earlier step of the tier and
+records, for every chunk, the step whose data object holds it and at which offset
+(:mod:`mtckpt.incremental`).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any
 from .. import checksum
 from ..errors import ChecksumMismatchError, ConfigError, CorruptCheckpointError, FormatVersionError
 
-ENCODINGS = ("identity", "zstd")
+ENCODINGS = ("identity", "zstd", "delta")
 FRAME_BYTES = 8 * 1024 * 1024  # data-file bytes per zstd frame, rounded down to whole chunks
 DEFAULT_LEVEL = 3
 
@@ -29,7 +32,10 @@ DEFAULT_LEVEL = 3
 @dataclass(frozen=True)
 class StoredFile:
     """The stored form of a data file. ``frames`` are the stored sizes of the zstd frames,
-    each decoding to ``frame_size`` bytes of the data file (the last one to the rest)."""
+    each decoding to ``frame_size`` bytes of the data file (the last one to the rest). A
+    delta's ``steps`` and ``offsets`` say, for each block of ``block_size`` bytes, whose
+    data object holds it and where (this step's own object holds ``size`` bytes: its
+    blocks, in order); ``depth`` counts the deltas since the last whole step."""
 
     encoding: str
     size: int
@@ -37,15 +43,34 @@ class StoredFile:
     level: int | None = None
     frame_size: int | None = None
     frames: tuple[int, ...] = ()
+    depth: int = 0
+    block_size: int = 0
+    steps: tuple[int, ...] = ()
+    offsets: tuple[int, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"encoding": self.encoding, "size": self.size, "crc32c": self.crc32c}
         if self.encoding == "zstd":
             out.update(level=self.level, frame_size=self.frame_size, frames=list(self.frames))
+        if self.encoding == "delta":
+            out.update(depth=self.depth, block_size=self.block_size, blocks=self._runs())
         return out
 
+    def _runs(self) -> list[list[int]]:
+        """``[count, step, offset]`` for each run of blocks lying one after the other in
+        one data object (the last block of a file may be short: it ends its run)."""
+        runs: list[list[int]] = []
+        for held, offset in zip(self.steps, self.offsets, strict=True):
+            last = runs[-1] if runs else None
+            if last and last[1] == held and last[2] + last[0] * self.block_size == offset:
+                last[0] += 1
+            else:
+                runs.append([1, held, offset])
+        return runs
+
     @classmethod
-    def from_json(cls, body: Any, file_size: int, chunk_size: int, where: str) -> StoredFile:
+    def from_json(cls, body: Any, file_size: int, chunk_size: int, where: str,
+                  step: int = 0) -> StoredFile:  # fmt: skip
         encoding = body["encoding"]
         if encoding not in ENCODINGS:
             raise FormatVersionError(
@@ -59,6 +84,8 @@ class StoredFile:
                     f"{where}: {size} bytes stored as they are, the data file has {file_size}"
                 )
             return cls(encoding, size, crc)
+        if encoding == "delta":
+            return _delta(body, size, crc, file_size, chunk_size, where, step)
         frame_size = _count(body["frame_size"], "stored.frame_size")
         frames = tuple(_count(f, "stored.frames") for f in body["frames"])
         if (
@@ -90,6 +117,45 @@ class StoredFile:
                 out.append((first_stored, stored, first_data, data))
                 first_stored, first_data = stored, data
         return out
+
+
+def _delta(body: Any, size: int, crc: int, file_size: int, chunk_size: int, where: str,
+           step: int) -> StoredFile:  # fmt: skip
+    """A delta's record, checked: blocks that divide the chunks, a place for every block,
+    none in a later step, and this step's own blocks one after the other filling its
+    ``size`` bytes."""
+    block = _count(body["block_size"], "stored.block_size")
+    depth = _count(body["depth"], "stored.depth")
+    if not block or chunk_size % block:
+        raise CorruptCheckpointError(f"{where}: a delta in blocks of {block} bytes; the "
+                                     f"chunks are {chunk_size} bytes")  # fmt: skip
+    steps: list[int] = []
+    offsets: list[int] = []
+    for run in body["blocks"]:
+        if not isinstance(run, list) or len(run) != 3:
+            raise ValueError(f"stored.blocks must hold [count, step, offset] runs, got {run!r}")
+        count, held, offset = (_count(v, "stored.blocks") for v in run)
+        steps += [held] * count
+        offsets += [offset + i * block for i in range(count)]
+    expected = -(-file_size // block)
+    if len(steps) != expected:
+        raise CorruptCheckpointError(f"{where}: a delta places {len(steps)} blocks; the data "
+                                     f"file has {expected}")  # fmt: skip
+    if any(s > step for s in steps):
+        raise CorruptCheckpointError(f"{where}: a delta of step {step} refers to a later step "
+                                     f"({max(steps)})")  # fmt: skip
+    own = 0
+    for index, (held, offset) in enumerate(zip(steps, offsets, strict=True)):
+        if held == step:
+            if offset != own:
+                raise CorruptCheckpointError(f"{where}: block {index} of the delta is at "
+                                             f"offset {offset}, expected {own}")  # fmt: skip
+            own += min(block, file_size - index * block)
+    if own != size:
+        raise CorruptCheckpointError(f"{where}: a delta of {size} bytes holds {own} bytes of "
+                                     "blocks")  # fmt: skip
+    return StoredFile("delta", size, crc, depth=depth, block_size=block, steps=tuple(steps),
+                      offsets=tuple(offsets))  # fmt: skip
 
 
 def _count(value: Any, what: str) -> int:

@@ -75,6 +75,48 @@ class LeafRecord:
 
 
 @dataclass(frozen=True)
+class Changes:
+    """What changed in a step's data file since the previous step of its ``lineage`` (the
+    steps one writer compared, each with the one before: :mod:`mtckpt.incremental`), in
+    blocks of ``block_size`` bytes (dividing the chunks): ``since[i]``, the step since
+    which block i holds the same bytes (this step: it changed here)."""
+
+    lineage: str
+    block_size: int
+    since: tuple[int, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        runs: list[list[int]] = []  # [count, step]
+        for step in self.since:
+            if runs and runs[-1][1] == step:
+                runs[-1][0] += 1
+            else:
+                runs.append([1, step])
+        return {"lineage": self.lineage, "block_size": self.block_size, "since": runs}
+
+    @classmethod
+    def from_json(cls, body: Any, step: int, file_size: int, chunk_size: int,
+                  where: str) -> Changes:  # fmt: skip
+        lineage, block = body["lineage"], _int(body["block_size"], "changes.block_size", 1)
+        if not isinstance(lineage, str) or not 0 < len(lineage) <= 64:
+            raise ValueError(f"changes.lineage must be a string of 1 to 64 characters, "
+                             f"got {lineage!r}")  # fmt: skip
+        since: list[int] = []
+        for run in body["since"]:
+            if not isinstance(run, list) or len(run) != 2:
+                raise ValueError(f"changes.since must hold [count, step] runs, got {run!r}")
+            since += [_int(run[1], "changes.since")] * _int(run[0], "changes.since", 1)
+        blocks = math.ceil(file_size / block)
+        if chunk_size % block or len(since) != blocks or any(s > step for s in since):
+            raise CorruptCheckpointError(
+                f"{where}: changes name {len(since)} blocks of {block} bytes (steps up to "
+                f"{max(since, default=0)}); the data file of step {step} has {blocks} "
+                f"in chunks of {chunk_size}"
+            )
+        return cls(lineage, block, tuple(since))
+
+
+@dataclass(frozen=True)
 class RankManifest:
     run: str
     step: int
@@ -89,6 +131,7 @@ class RankManifest:
     chunk_size: int
     chunk_crc32c: tuple[int, ...]
     stored: StoredFile | None = None  # how a tier that records it stores the data file
+    changes: Changes | None = None  # since when each chunk is unchanged (incremental steps)
     created: float = field(default_factory=time.time)
     writer: str = field(default_factory=writer_version)
     format_version: int = FORMAT_VERSION
@@ -115,6 +158,8 @@ class RankManifest:
         }
         if self.stored is not None:
             body["data_file"]["stored"] = self.stored.to_json()
+        if self.changes is not None:
+            body["data_file"]["changes"] = self.changes.to_json()
         body["manifest_crc32c"] = _self_crc(body)
         return json.dumps(body, indent=1, ensure_ascii=False).encode()
 
@@ -221,8 +266,15 @@ def _parse(body: dict[str, Any], where: str) -> RankManifest:
         chunk_size=chunk_size,
         chunk_crc32c=crcs,
         stored=(
-            StoredFile.from_json(data["stored"], file_size, chunk_size, where)
+            StoredFile.from_json(data["stored"], file_size, chunk_size, where,
+                                 _int(body["step"], "step"))
             if "stored" in data
+            else None
+        ),
+        changes=(
+            Changes.from_json(data["changes"], _int(body["step"], "step"), file_size,
+                              chunk_size, where)
+            if "changes" in data
             else None
         ),
         created=float(body["created"]),

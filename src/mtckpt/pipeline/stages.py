@@ -1,12 +1,13 @@
 """What happens to a save after ``save()`` returns, on background threads.
 
 The memory worker takes staged steps in order: checksums each chunk of the slot (native
-code, GIL released), writes the rank manifest, publishes the slot into the step directory
-and commits it in the memory tier. Each slower tier has its own worker that copies
-committed steps from the memory tier, re-verifying every chunk on the way; if it falls
-behind, the newest due step wins and older queued ones are skipped (and logged), unless
-the tier queues its backlog. A memory step is not recycled while a slower tier still reads
-it.
+code, GIL released), compares it with the previous step's where a slower tier stores
+incrementally (:mod:`mtckpt.incremental`), writes the rank manifest, publishes the slot
+into the step directory and commits it in the memory tier. Each slower tier has its own
+worker that copies committed steps from the memory tier, re-verifying every chunk on the
+way; if it falls behind, the newest due step wins and older queued ones are skipped (and
+logged), unless the tier queues its backlog. A memory step is not recycled while a slower
+tier still reads it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .. import checksum, retention, tiercopy
+from .. import checksum, incremental, retention, tiercopy
 from ..errors import MtckptError, NodeRanksMissingError
 from ..format import commit, naming
 from ..format.manifest import LeafRecord, RankManifest
@@ -88,7 +89,10 @@ class Pipeline:
         memory_verdicts: retention.Verdicts | None = None,
         node_timeout: float = 600.0,
         node_origin: str = "",
+        compare: bool = False,
     ) -> None:
+        """``compare``: record each step's changes since the previous one (a slower tier
+        stores incrementally)."""
         self.run, self.rank, self.world_size = run, rank, world_size
         # Each commit checksums the staged bytes: the memory tier's verdicts come free.
         self.memory_verdicts = memory_verdicts or retention.Verdicts()
@@ -100,6 +104,12 @@ class Pipeline:
         self._absent: frozenset[int] = frozenset()  # ranks a step last waited for in vain
         self.memory, self.memory_keep = memory, memory_keep
         self.chunk_size, self.threads = chunk_size, threads
+        self._changes = None
+        if compare:
+            data_file = naming.data_file(rank)
+            self._changes = incremental.ChangeTracker(
+                lambda step: memory.map(run, step, data_file), chunk_size, threads
+            )
         self._cond = threading.Condition()
         self._memory_queue: collections.deque[SaveJob] = collections.deque()
         self._memory_busy = False
@@ -233,6 +243,7 @@ class Pipeline:
         view = job.slot.view()
         try:
             crcs = checksum.crc32c_chunks(view, self.chunk_size, self.threads)
+            changes = self._changes.compare(job.step, view) if self._changes else None
         finally:
             del view
         job.manifest = RankManifest(
@@ -248,6 +259,7 @@ class Pipeline:
             data_start=job.layout.data_start,
             chunk_size=self.chunk_size,
             chunk_crc32c=tuple(crcs),
+            changes=changes,
         )
         job.manifest_json = job.manifest.to_json()
         try:
@@ -261,6 +273,8 @@ class Pipeline:
         try:
             self._commit_on_node(job.step)
         except NodeRanksMissingError:
+            if self._changes is not None:
+                self._changes.forget(job.step)
             with self._retention_lock:  # the step will never commit: give its slot back
                 retention.remove_rank_files(self.memory, self.run, job.step, self.rank,
                                             self.world_size)  # fmt: skip

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import _fastpath, arrays
+from .. import _fastpath, arrays, incremental
 from ..errors import (
     ChecksumMismatchError,
     CorruptCheckpointError,
@@ -180,6 +180,8 @@ def open_data(storage: Storage, manifest: RankManifest, where: str, threads: int
     """The shard's whole data file from ``storage``, decoded if it is stored encoded: a
     buffer for :func:`close_mapping`. Raises CorruptCheckpointError if it is missing or its
     size or stored bytes are not what the manifest records."""
+    if manifest.stored is not None and manifest.stored.encoding == incremental.DELTA:
+        return incremental.assemble(storage, manifest, where, threads)
     try:
         mapping = storage.map(manifest.run, manifest.step, manifest.data_file)
     except FileNotFoundError:
@@ -211,22 +213,24 @@ def _fetch_verified(storage, manifest, targets, skip, where) -> _Plan:
     starts, ends = [seg[0] for seg in segments], [seg[1] for seg in segments]  # both ascending
     group = max(size, storage.part_size // size * size)
     pieces = []  # (piece, the segments in it)
-    for piece in manifest.stored.pieces(manifest.file_size, group):
+    for piece in incremental.pieces(manifest, group):
         inside = segments[
-            bisect.bisect_right(ends, piece[2]) : bisect.bisect_left(starts, piece[3])
+            bisect.bisect_right(ends, piece.data_start) : bisect.bisect_left(starts, piece.data_end)
         ]
         if inside:
             pieces.append((piece, inside))
 
     def fetch(item) -> None:
-        (stored_start, stored_end, start, end), inside = item
-        data = storage.read_range(manifest.run, manifest.step, manifest.data_file,
-                                  stored_start, stored_end)  # fmt: skip
+        piece, inside = item
+        start, end = piece.data_start, piece.data_end
+        data = incremental.read_piece(storage, manifest, piece)
         if manifest.stored.encoding == "zstd":
             data = encoding.decompress(data, end - start, where, start)
         src = np.frombuffer(data, np.uint8)
         chunks = range(start // size, -(-end // size))
-        copy_verified(src, manifest, inside, threads=1, where=where, base=start, only=chunks)
+        others = piece.held_by(manifest.step)
+        held = f"{where} (held by step {', '.join(map(str, others))})" if others else where
+        copy_verified(src, manifest, inside, threads=1, where=held, base=start, only=chunks)
 
     try:
         with ThreadPoolExecutor(max(1, min(storage.concurrency, len(pieces)))) as pool:

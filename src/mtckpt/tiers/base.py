@@ -30,6 +30,10 @@ class Storage(ABC):
     whole_files: bool = False
     compression: str | None = None
     compression_level: int = 3
+    #: A storage that takes whole files may store a data file as the chunks changed since
+    #: an earlier step (:mod:`mtckpt.incremental`), whole at least every this many steps;
+    #: 0: always whole.
+    full_every: int = 0
     #: Whether a restore should fetch the byte ranges it needs (``read_range``) rather than
     #: ``map`` the whole file: a storage read by requests over the network.
     ranged_reads: bool = False

@@ -54,6 +54,7 @@ class ObjectStorage(Storage):
         retries: int = 5,
         compression: str | None = None,
         compression_level: int = encoding.DEFAULT_LEVEL,
+        full_every: int = 0,
     ) -> None:
         try:
             import fsspec
@@ -62,6 +63,7 @@ class ObjectStorage(Storage):
         self.url = url
         self.part_size, self.concurrency, self.retries = part_size, concurrency, retries
         self.compression, self.compression_level = compression, compression_level
+        self.full_every = 0 if compression is not None else full_every
         protocol = url.split("://", 1)[0]
         try:
             self.fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
@@ -320,7 +322,8 @@ def object_storage(cfg: ObjectTier, check: bool = True) -> ObjectStorage:
         storage = ObjectStorage(cfg.url, storage_options=cfg.storage_options,
                                 part_size=cfg.part_size, concurrency=cfg.concurrency,
                                 retries=cfg.retries, compression=cfg.compression,
-                                compression_level=cfg.compression_level)  # fmt: skip
+                                compression_level=cfg.compression_level,
+                                full_every=cfg.full_every if cfg.incremental else 0)  # fmt: skip
     except TierError as exc:
         raise ConfigError(str(exc)) from None
     if not check:

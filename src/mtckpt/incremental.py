@@ -1,0 +1,296 @@
+"""Incremental steps: what changed since the previous step, and storing only that.
+
+At commit, each block of a rank's data file (BLOCK_BYTES, a divisor of the chunk size the
+manifest's crc32c are of) is compared byte for byte with the same block of the previous
+step this process committed in node memory (native code, the GIL released, on the memory
+worker's thread, not the training thread). The manifest records, per block, the step since
+which its bytes are unchanged (:class:`~mtckpt.format.manifest.Changes`). Blocks finer
+than the chunks keep a small tensor that changes (an adapter) from making a whole chunk
+of frozen bytes around it go up again.
+The steps one process compared, each with the one before, form a *lineage* (named by a
+random id): a chunk unchanged since step s holds the same bytes in every step of its
+lineage from s on. Equality is decided by comparing bytes, never by a hash.
+
+A tier that stores incrementally (the object tier) writes only the blocks changed since
+its *base*, the newest step of the same lineage and rank it holds: its data object holds
+those blocks, in order, and the manifest it keeps records, for every block, the step whose
+data object holds it and where (a ``delta`` :class:`~mtckpt.format.encoding.StoredFile`).
+References point straight at the bytes, so a reader never follows a chain; a full step is
+written every ``full_every`` steps of the tier (or when no base fits), so they stay near.
+Any step is read as a full data file, every chunk checked against that step's manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, NamedTuple
+
+from . import _fastpath, checksum
+from .errors import ChecksumMismatchError, CorruptCheckpointError
+from .format import naming
+from .format.encoding import StoredFile
+from .format.manifest import Changes, RankManifest
+from .tiers.base import Storage
+
+log = logging.getLogger(__name__)
+
+DELTA = "delta"
+BLOCK_BYTES = 64 << 10  # the unit of comparison and of a delta (at most a chunk)
+
+
+def block_size(chunk_size: int) -> int:
+    """The block size for data files in ``chunk_size`` chunks: BLOCK_BYTES if it divides
+    the chunk size, else the chunk size."""
+    return BLOCK_BYTES if chunk_size % BLOCK_BYTES == 0 else chunk_size
+
+
+class ChangeTracker:
+    """The changes of each step one rank commits in node memory, against the step it
+    committed before (this process's lineage)."""
+
+    def __init__(self, data_of: Callable[[int], Any], chunk_size: int, threads: int) -> None:
+        """``data_of(step)``: a buffer of this rank's committed data file of ``step`` in
+        node memory, to be closed by the caller (FileNotFoundError if it is gone)."""
+        self.data_of, self.block, self.threads = data_of, block_size(chunk_size), threads
+        self.lineage = uuid.uuid4().hex[:16]
+        self._previous: tuple[int, Changes] | None = None
+
+    def compare(self, step: int, data: Any) -> Changes:
+        """``data`` (the data file of ``step``, about to commit) against the previous step.
+        A step not after the previous one (a run taken back to an older step) starts a new
+        lineage: a lineage's steps only go forward."""
+        count = -(-memoryview(data).nbytes // self.block)
+        since = [step] * count
+        previous, self._previous = self._previous, None
+        if previous is not None and previous[0] >= step:
+            self.lineage = uuid.uuid4().hex[:16]
+        elif previous is not None and previous[1].block_size == self.block:
+            same = self._same_blocks(previous[0], data)
+            earlier = previous[1].since
+            since = [earlier[i] if same[i] and i < len(earlier) else step
+                     for i in range(count)]  # fmt: skip
+        changes = Changes(self.lineage, self.block, tuple(since))
+        self._previous = (step, changes)
+        return changes
+
+    def _same_blocks(self, step: int, data: Any) -> bytes:
+        """1 for each block of ``data`` equal to the block of ``step``'s data file; all 0
+        if that file cannot be read."""
+        try:
+            before = self.data_of(step)
+        except OSError as exc:
+            log.info("step %d is not in node memory to compare with (%s): every block of "
+                     "the next step counts as changed", step, exc)  # fmt: skip
+            return bytes(-(-memoryview(data).nbytes // self.block))
+        try:
+            return _fastpath.backend().equal_chunks(data, before, self.block, self.threads)
+        finally:
+            _close(before)
+
+    def forget(self, step: int) -> None:
+        """``step`` did not commit: every block of the next step counts as changed."""
+        if self._previous is not None and self._previous[0] == step:
+            self._previous = None
+
+
+class Part(NamedTuple):
+    """Bytes ``[start, end)`` of the data object of step ``step``."""
+
+    step: int
+    start: int
+    end: int
+
+
+class Piece(NamedTuple):
+    """Bytes ``[data_start, data_end)`` of a step's data file, stored as ``parts`` (their
+    bytes in order: the data itself, or for zstd the frames that decode to it)."""
+
+    data_start: int
+    data_end: int
+    parts: tuple[Part, ...]
+
+    def held_by(self, step: int) -> list[int]:
+        """The other steps whose data objects hold some of it."""
+        return sorted({p.step for p in self.parts} - {step})
+
+
+def find_base(dest: Storage, manifest: RankManifest, full_every: int) -> RankManifest | None:
+    """The manifest ``dest`` keeps of the step a delta of ``manifest``'s step would be
+    made against: the newest earlier step there with a shard of this rank, if it is of the
+    same lineage, in the same blocks, stored as it is or as a delta less than
+    ``full_every - 1`` deep; None if there is none (the step goes up whole). Not looked
+    for where every block changed since the previous step."""
+    changes = manifest.changes
+    if changes is None or full_every < 2 or all(s == manifest.step for s in changes.since):
+        return None
+    run, rank = manifest.run, manifest.rank
+    for step in reversed([s for s in dest.steps(run) if s < manifest.step]):
+        where = f"{dest.describe()}: step {step} {naming.manifest_file(rank)}"
+        try:
+            base = RankManifest.from_json(dest.read_bytes(run, step, naming.manifest_file(rank)),
+                                          where)  # fmt: skip
+        except FileNotFoundError:
+            continue  # no shard of this rank there: an older step may have one
+        except CorruptCheckpointError as exc:
+            log.info("%s: not a base for an incremental step (%s)", where, exc)
+            return None
+        if (
+            base.changes is None
+            or base.changes.lineage != changes.lineage
+            or base.changes.block_size != changes.block_size
+            or base.stored is None
+            or base.stored.encoding not in ("identity", DELTA)
+            or (base.stored.encoding == DELTA and base.stored.depth + 1 >= full_every)
+        ):
+            return None
+        return base
+    return None
+
+
+def delta_of(manifest: RankManifest, base: RankManifest) -> tuple[list[int], StoredFile]:
+    """The blocks of ``manifest``'s data file to store (changed since ``base``), and the
+    StoredFile recording where every block is (its crc32c filled in by the caller:
+    :func:`stored_with`)."""
+    size, block, step = manifest.file_size, manifest.changes.block_size, manifest.step
+    steps, offsets, own = [], [], []
+    stored = 0
+    for index, since in enumerate(manifest.changes.since):
+        length = min(block, size - index * block)
+        held = _location(base, index, block) if since <= base.step else None
+        if held is not None and _length(base, index, block) == length:
+            steps.append(held[0])
+            offsets.append(held[1])
+            continue
+        steps.append(step)
+        offsets.append(stored)
+        own.append(index)
+        stored += length
+    depth = (base.stored.depth if base.stored.encoding == DELTA else 0) + 1
+    return own, StoredFile(DELTA, stored, 0, depth=depth, block_size=block, steps=tuple(steps),
+                           offsets=tuple(offsets))  # fmt: skip
+
+
+def _location(base: RankManifest, index: int, block: int) -> tuple[int, int] | None:
+    """Where ``base`` has block ``index`` stored: (step of the data object, offset)."""
+    if index * block >= base.file_size:
+        return None
+    if base.stored.encoding == DELTA:
+        return base.stored.steps[index], base.stored.offsets[index]
+    return base.step, index * block
+
+
+def _length(manifest: RankManifest, index: int, block: int) -> int:
+    return min(block, manifest.file_size - index * block)
+
+
+def references(manifest: RankManifest) -> set[int]:
+    """The other steps whose data objects hold blocks of ``manifest``'s step."""
+    stored = manifest.stored
+    if stored is None or stored.encoding != DELTA:
+        return set()
+    return set(stored.steps) - {manifest.step}
+
+
+def pieces(manifest: RankManifest, group: int) -> list[Piece]:
+    """The data file as pieces of whole chunks that can each be read alone, of about
+    ``group`` stored bytes (whole zstd frames; for a delta, the runs of blocks lying
+    together in one data object)."""
+    stored, step = manifest.stored, manifest.step
+    if stored.encoding != DELTA:
+        return [Piece(d0, d1, (Part(step, s0, s1),))
+                for s0, s1, d0, d1 in stored.pieces(manifest.file_size, group)]  # fmt: skip
+    size, block, chunk = manifest.file_size, stored.block_size, manifest.chunk_size
+    out: list[Piece] = []
+    parts: list[Part] = []
+    start = 0
+    for index, (held, offset) in enumerate(zip(stored.steps, stored.offsets, strict=True)):
+        length = min(block, size - index * block)
+        last = parts[-1] if parts else None
+        if last is not None and last.step == held and last.end == offset:
+            parts[-1] = last._replace(end=offset + length)
+        else:
+            parts.append(Part(held, offset, offset + length))
+        end = index * block + length
+        if end == size or (end % chunk == 0 and end - start >= group):
+            out.append(Piece(start, end, tuple(parts)))
+            parts, start = [], end
+    return out
+
+
+def read_piece(storage: Storage, manifest: RankManifest, piece: Piece) -> bytes:
+    """The stored bytes of ``piece``'s parts, in order (ranged reads where the storage
+    makes them)."""
+    out = [_read_part(storage, manifest, part) for part in piece.parts]
+    return out[0] if len(out) == 1 else b"".join(out)
+
+
+def _read_part(storage: Storage, manifest: RankManifest, part: Part) -> bytes:
+    name, run = manifest.data_file, manifest.run
+    read_range = getattr(storage, "read_range", None)
+    if read_range is not None:
+        return read_range(run, part.step, name, part.start, part.end)
+    mapping = storage.map(run, part.step, name)
+    try:
+        data = bytes(memoryview(mapping)[part.start : part.end])
+    finally:
+        _close(mapping)
+    if len(data) != part.end - part.start:
+        raise CorruptCheckpointError(f"{storage.describe()}: step {part.step} {name} is "
+                                     f"shorter than step {manifest.step} records")  # fmt: skip
+    return data
+
+
+def assemble(storage: Storage, manifest: RankManifest, where: str, threads: int = 1) -> bytearray:
+    """The whole data file of a step stored as a delta, from its own data object and those
+    of the steps it references, every chunk checked against its manifest:
+    CorruptCheckpointError (ChecksumMismatchError) naming the chunk and the steps holding
+    it, if one is missing or damaged."""
+    out = bytearray(manifest.file_size)
+    view = memoryview(out)
+    todo = pieces(manifest, max(manifest.chunk_size, getattr(storage, "part_size", 32 << 20)))
+
+    def fetch(piece: Piece) -> None:
+        try:
+            view[piece.data_start : piece.data_end] = read_piece(storage, manifest, piece)
+        except FileNotFoundError:
+            raise CorruptCheckpointError(
+                f"{where}: bytes {piece.data_start}-{piece.data_end}{_held(piece, manifest)}: "
+                "a data object is missing"
+            ) from None
+
+    try:
+        workers = max(1, min(getattr(storage, "concurrency", threads), len(todo)))
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(fetch, todo))
+        crcs = checksum.crc32c_chunks(view, manifest.chunk_size, threads)
+    finally:
+        view.release()
+    per = manifest.chunk_size // manifest.stored.block_size
+    for index, (got, wanted) in enumerate(zip(crcs, manifest.chunk_crc32c, strict=True)):
+        if got != wanted:
+            held = sorted(set(manifest.stored.steps[index * per : (index + 1) * per])
+                          - {manifest.step})  # fmt: skip
+            by = f" (held by step {', '.join(map(str, held))})" if held else ""
+            raise ChecksumMismatchError(f"{where}: chunk {index}{by} has crc32c {got:#010x}, "
+                                        f"the manifest records {wanted:#010x}")  # fmt: skip
+    return out
+
+
+def _held(piece: Piece, manifest: RankManifest) -> str:
+    held = piece.held_by(manifest.step)
+    return f" (held by step {', '.join(map(str, held))})" if held else ""
+
+
+def stored_with(stored: StoredFile, crc32c: int) -> StoredFile:
+    return StoredFile(stored.encoding, stored.size, crc32c, depth=stored.depth,
+                      block_size=stored.block_size, steps=stored.steps,
+                      offsets=stored.offsets)  # fmt: skip
+
+
+def _close(buffer: Any) -> None:
+    close = getattr(buffer, "close", None)
+    if close is not None:
+        close()
