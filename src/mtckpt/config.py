@@ -213,7 +213,7 @@ class ObjectTier:
     )
     incremental: bool = option(
         True,
-        help="Upload only the chunks changed since the newest step of the same writer already "
+        help="Upload only the blocks changed since the newest step of the same writer already "
         "there (compared byte for byte in node memory); every step still reads as whole. "
         "Data files stored with `compression` go up whole.",
         rule=options.BOOL,

@@ -150,33 +150,53 @@ def find_base(dest: Storage, manifest: RankManifest, full_every: int) -> RankMan
     return None
 
 
+def changed_blocks(manifest: RankManifest, base: RankManifest) -> list[int]:
+    """The blocks of ``manifest``'s data file that ``base`` (an earlier step of the same
+    lineage, in the same blocks) does not hold: changed since it, or not of the same
+    length there."""
+    size, block = manifest.file_size, manifest.changes.block_size
+    return [i for i, since in enumerate(manifest.changes.since)
+            if since > base.step or i * block >= base.file_size
+            or _length(base, i, block) != min(block, size - i * block)]  # fmt: skip
+
+
+def runs_of(blocks: list[int], block: int, size: int) -> list[tuple[int, int]]:
+    """``(offset, length)`` of each run of consecutive ``blocks`` in a file of ``size``."""
+    runs: list[list[int]] = []
+    for index in blocks:
+        start, end = index * block, min(size, (index + 1) * block)
+        if runs and runs[-1][0] + runs[-1][1] == start:
+            runs[-1][1] += end - start
+        else:
+            runs.append([start, end - start])
+    return [(start, length) for start, length in runs]
+
+
 def delta_of(manifest: RankManifest, base: RankManifest) -> tuple[list[int], StoredFile]:
     """The blocks of ``manifest``'s data file to store (changed since ``base``), and the
     StoredFile recording where every block is (its crc32c filled in by the caller:
     :func:`stored_with`)."""
     size, block, step = manifest.file_size, manifest.changes.block_size, manifest.step
-    steps, offsets, own = [], [], []
+    own = changed_blocks(manifest, base)
+    mine = set(own)
+    steps, offsets = [], []
     stored = 0
-    for index, since in enumerate(manifest.changes.since):
-        length = min(block, size - index * block)
-        held = _location(base, index, block) if since <= base.step else None
-        if held is not None and _length(base, index, block) == length:
+    for index in range(len(manifest.changes.since)):
+        if index in mine:
+            steps.append(step)
+            offsets.append(stored)
+            stored += min(block, size - index * block)
+        else:
+            held = _location(base, index, block)
             steps.append(held[0])
             offsets.append(held[1])
-            continue
-        steps.append(step)
-        offsets.append(stored)
-        own.append(index)
-        stored += length
     depth = (base.stored.depth if base.stored.encoding == DELTA else 0) + 1
     return own, StoredFile(DELTA, stored, 0, depth=depth, block_size=block, steps=tuple(steps),
                            offsets=tuple(offsets))  # fmt: skip
 
 
-def _location(base: RankManifest, index: int, block: int) -> tuple[int, int] | None:
+def _location(base: RankManifest, index: int, block: int) -> tuple[int, int]:
     """Where ``base`` has block ``index`` stored: (step of the data object, offset)."""
-    if index * block >= base.file_size:
-        return None
     if base.stored.encoding == DELTA:
         return base.stored.steps[index], base.stored.offsets[index]
     return base.step, index * block

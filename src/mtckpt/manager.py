@@ -147,7 +147,7 @@ class CheckpointManager:
             memory_verdicts=self._verdicts[self._memory.name],
             node_timeout=collective_timeout,
             node_origin=self._node_origin,
-            compare=any(storage.full_every for _, storage in self._tiers[1:]),
+            compare=self._replicating or any(s.full_every for _, s in self._tiers[1:]),
         )
 
     def _slower_tier(self, cfg: Any, storage: Storage) -> SlowerTier:

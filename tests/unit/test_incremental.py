@@ -234,3 +234,21 @@ def test_changes_and_deltas_are_kept_as_runs():
                        offsets=(0, 4, 0, 4, 16))  # fmt: skip
     assert delta.to_json()["blocks"] == [[2, 1, 0], [2, 2, 0], [1, 1, 16]]
     assert StoredFile.from_json(delta.to_json(), 20, 4, "here", 2) == delta
+
+
+def test_an_incremental_step_exports_as_a_whole_safetensors_file(tmp_path, shm_dir):
+    from safetensors.numpy import load_file
+
+    from mtckpt import export
+
+    url = f"file://{tmp_path}/remote"
+    with manager(shm_dir, url, keep=5) as mgr:
+        for step in (1, 2, 3):
+            mgr.save(step, frozen_state(step)).wait()
+    storage = ObjectStorage(url)
+    assert stored(storage, 3).encoding == "delta"
+    _, manifest, values = export.read_step([storage], RUN, 3)
+    export.write("safetensors", manifest, values, tmp_path / "step3.safetensors")
+    exported = load_file(str(tmp_path / "step3.safetensors"))
+    for key in ("frozen", "moving"):
+        assert np.array_equal(exported[key], frozen_state(3)[key])

@@ -79,6 +79,12 @@ class DaemonConfig:
         help="Serve peers without authentication: loopback addresses only, for tests on one "
         "machine.",
     )
+    incremental: bool = option(
+        True,
+        help="Send a peer only the blocks of a step changed since the replica of an earlier "
+        "step it holds (where the trainers recorded what changed); it rebuilds the rest.",
+        rule=options.BOOL,
+    )
     bandwidth: float | None = option(
         None,
         help="Replication cap in bytes/s.",

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import _fastpath
+from .. import _fastpath, incremental
 from ..errors import CorruptCheckpointError
 from ..format import commit, naming
 from ..format.manifest import RankManifest
@@ -22,7 +22,7 @@ from ..restore.read import close_mapping
 from ..tiers.directory import DirectoryStorage
 from ..tiers.local import LocalStorage
 from .frames import CHUNK_BYTES
-from .incoming import Incoming
+from .incoming import Incoming, NoBase, PatchedIncoming
 from .kept import KeptSteps
 from .sync import sync_steps
 
@@ -245,6 +245,42 @@ class Holdings:
         temp = final.with_name(naming.temp_name(final.name))
         reused, spare = self._take_free(temp, data_size)
         return Incoming(storage, shard, manifest, manifest_json, temp, final, reused, where, spare)
+
+    def receive_patch(self, shard: Shard, manifest_json: bytes, data_size: int,
+                      base_step: int) -> PatchedIncoming:  # fmt: skip
+        """A replica of ``shard`` made of this node's replica of ``base_step`` and the
+        blocks changed since, which the sender streams; NoBase if that replica is not
+        here or not of the step's lineage."""
+        base_shard = Shard(shard.run, base_step, shard.rank, shard.origin)
+        storage = self.storage(shard.origin)
+        try:
+            raw = storage.read_bytes(shard.run, base_step, naming.manifest_file(shard.rank))
+            base = RankManifest.from_json(raw, f"{base_shard}: manifest")
+            data = storage.map(shard.run, base_step, naming.data_file(shard.rank))
+        except (OSError, CorruptCheckpointError) as exc:
+            raise NoBase(f"{base_shard}: no replica here to build {shard} on ({exc})") from None
+        incoming = None
+        try:
+            incoming = self.receive(shard, manifest_json, data_size)
+            changes = incoming.manifest.changes
+            if (changes is None or base.changes is None or base_step >= shard.step
+                    or base.changes.lineage != changes.lineage or len(data) != base.file_size
+                    or base.changes.block_size != changes.block_size):  # fmt: skip
+                raise NoBase(f"{base_shard}: not an earlier step of the lineage of {shard}")
+            size, block = incoming.manifest.file_size, changes.block_size
+            changed = incremental.changed_blocks(incoming.manifest, base)
+            kept = sorted(set(range(len(changes.since))) - set(changed))
+            view = memoryview(data)
+            for offset, length in incremental.runs_of(kept, block, size):
+                incoming.write_at(offset, view[offset : offset + length])
+            view.release()
+            return PatchedIncoming(incoming, incremental.runs_of(changed, block, size))
+        except BaseException:
+            if incoming is not None:
+                incoming.close()
+            raise
+        finally:
+            close_mapping(data)
 
     def _take_free(self, temp: Path, size: int) -> tuple[bool, mmap.mmap | None]:
         """Move a free data file to ``temp``: one already mapped at ``size`` bytes if there

@@ -12,6 +12,11 @@ from ..errors import ChecksumMismatchError, CorruptCheckpointError
 from ..format import naming
 
 
+class NoBase(ValueError):
+    """The replica a changed-blocks push was made against is not here, or not of the same
+    lineage: the sender sends the step whole."""
+
+
 class Incoming:
     """A data file being received, in order, straight into a mapping of its temporary
     file: each piece is checked there while still in cache (each manifest chunk's crc32c
@@ -140,6 +145,54 @@ class Incoming:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+class PatchedIncoming:
+    """A replica made of this node's replica of an earlier step of the same lineage (its
+    unchanged blocks, copied in at once) and the changed blocks, which arrive in order as
+    one stream (frames at stream offsets from 0): ``runs`` are the ``(offset, length)`` of
+    the file they fill. :meth:`commit` checks every chunk of the whole file, then commits
+    it as :class:`Incoming` does."""
+
+    def __init__(self, incoming: Incoming, runs: list[tuple[int, int]]) -> None:
+        self.incoming, self.runs = incoming, runs
+        self.shard, self.where = incoming.shard, f"{incoming.where} (changed blocks)"
+        self.size = sum(length for _, length in runs)  # the bytes that arrive
+        self.received = 0
+        self._run, self._into = 0, 0  # the run being filled, and how far
+
+    def whole_chunks(self, offset: int, length: int) -> bool:
+        return False  # each frame's crc32c is checked on arrival, every chunk at commit
+
+    def region(self, offset: int, length: int) -> memoryview:
+        if offset != self.received or self._run >= len(self.runs):
+            raise CorruptCheckpointError(
+                f"{self.where}: {length} bytes at offset {offset}; expected offset "
+                f"{self.received} of {self.size}"
+            )
+        start, run_length = self.runs[self._run]
+        if not 0 < length <= run_length - self._into:
+            raise CorruptCheckpointError(f"{self.where}: a frame of {length} bytes across "
+                                         f"the end of the run at byte {start}")  # fmt: skip
+        at = start + self._into
+        return self.incoming._view[at : at + length]
+
+    def accept(self, offset: int, length: int) -> None:
+        self.region(offset, length)
+        self.received += length
+        self._into += length
+        if self._into == self.runs[self._run][1]:
+            self._run, self._into = self._run + 1, 0
+
+    def commit(self) -> None:
+        if self.received != self.size:
+            raise CorruptCheckpointError(f"{self.where}: {self.received} of {self.size} "
+                                         "bytes arrived")  # fmt: skip
+        self.incoming.check_written()
+        self.incoming.commit()
+
+    def close(self) -> None:
+        self.incoming.close()
 
 
 def _unlink(path) -> None:

@@ -16,11 +16,12 @@ import mmap
 import os
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
 
 import grpc
 
+from .. import checksum, incremental
 from ..errors import MtckptError
 from ..format import naming
 from ..format.manifest import RankManifest
@@ -69,9 +70,13 @@ class Replicator:
         metrics: Metrics | None = None,
         strides: Strides | None = None,
         on_change: Callable[[], None] = lambda: None,
+        incremental: bool = True,
     ) -> None:
-        """``on_change`` is called after the replication state changes (Status waiters)."""
+        """``on_change`` is called after the replication state changes (Status waiters);
+        ``incremental``: a peer holding an earlier step of a shard's lineage gets only the
+        blocks changed since."""
         self.holdings, self.peers, self.metrics = holdings, peers, metrics
+        self.incremental = incremental
         self.strides = strides or Strides()
         self._stride = 1  # the cluster's, as last logged
         self._pushes = 0  # shards sent
@@ -364,7 +369,7 @@ class Replicator:
                 continue
             started = time.monotonic()
             try:
-                size = self.push(shard, self.peers.by_node(node).address)
+                size = self.push(shard, self.peers.by_node(node).address, held_by.get(node, ()))
             except (grpc.RpcError, OSError, MtckptError) as exc:
                 expired = isinstance(exc, FileNotFoundError)
                 if expired or not self._held(shard):
@@ -400,33 +405,74 @@ class Replicator:
             return False
         return True
 
-    def push(self, shard: Shard, address: str) -> int:
+    def push(self, shard: Shard, address: str, held: Iterable[tuple[Shard, int]] = ()) -> int:
         """Send a shard to the peer at ``address``: over its data port (bulk.py), or as a
-        gRPC stream where the peer has none; the bytes of its data file."""
+        gRPC stream where the peer has none; only the blocks changed since an earlier step
+        of its lineage the peer ``held``, where there is one. The bytes sent."""
         storage = self.holdings.holding(shard)
         manifest = storage.read_bytes(shard.run, shard.step, naming.manifest_file(shard.rank))
         path = storage.path(shard.run, shard.step, naming.data_file(shard.rank))
         client = self.peers.client(address)
+        described = RankManifest.from_json(manifest, f"{shard}: manifest")
         with open_held(path) as f:  # the trainer does not reuse it while it is sent
             size = os.fstat(f.fileno()).st_size
-            header = pb.PushHeader(shard=shard_id(shard), manifest=manifest, data_size=size)
+            base, runs = self._base(shard, described, held)
+            header = pb.PushHeader(shard=shard_id(shard), manifest=manifest, data_size=size,
+                                   base_step=base)  # fmt: skip
             try:
                 ticket = client.open_push(header)
             except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                if exc.code() == grpc.StatusCode.FAILED_PRECONDITION and base:
+                    log.info("%s goes to %s whole: %s", shard, address, exc.details())
+                    header.base_step, base = 0, 0
+                    ticket = client.open_push(header)
+                elif exc.code() != grpc.StatusCode.UNIMPLEMENTED:
                     raise
-                ticket = None
+                else:
+                    header.base_step, base, ticket = 0, 0, None
             if ticket is not None:
                 host = host_of(address)
                 tls = self.tls if ticket.tls else None
-                described = RankManifest.from_json(manifest, f"{shard}: manifest")
-                bulk.send(host, ticket.port, ticket.ticket, f.fileno(), described, tls=tls,
-                          bandwidth=self.bandwidth)  # fmt: skip
+                if base:
+                    parts = [(f.fileno(), offset, length) for offset, length in runs]
+                    bulk.send_parts(host, ticket.port, ticket.ticket, parts, tls=tls,
+                                    bandwidth=self.bandwidth)  # fmt: skip
+                    size = sum(length for _, length in runs)
+                else:
+                    bulk.send(host, ticket.port, ticket.ticket, f.fileno(), described, tls=tls,
+                              bandwidth=self.bandwidth)  # fmt: skip
             else:
                 mapping = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) if size else b""
                 try:
                     client.push(frames.push_messages(header, mapping, self.bandwidth))
                 finally:
                     close_mapping(mapping)
-        log.info("replicated %s to %s", shard, address)
+        log.info("replicated %s to %s (%d bytes%s)", shard, address, size,
+                 f", changed since step {base}" if base else "")  # fmt: skip
         return size
+
+    def _base(self, shard: Shard, manifest: RankManifest,
+              held: Iterable[tuple[Shard, int]]) -> tuple[int, list[tuple[int, int]]]:  # fmt: skip
+        """The newest earlier step of ``shard`` the peer ``held`` that this node still has
+        the same save of, if it is of the step's lineage and some block is unchanged since:
+        (that step, the runs of changed blocks to send); (0, []) to send it whole."""
+        same = (shard.run, shard.rank, shard.origin)
+        earlier = [(s.step, crc) for s, crc in held
+                   if s.step < shard.step and (s.run, s.rank, s.origin) == same]  # fmt: skip
+        if not self.incremental or manifest.changes is None or not earlier:
+            return 0, []
+        step, crc = max(earlier)
+        try:
+            raw = self.holdings.holding(replace(shard, step=step)).read_bytes(
+                shard.run, step, naming.manifest_file(shard.rank))  # fmt: skip
+        except FileNotFoundError:
+            return 0, []
+        base = RankManifest.from_json(raw, f"{shard.run} step {step}: manifest")
+        if (checksum.crc32c(raw) != crc or base.changes is None
+                or base.changes.lineage != manifest.changes.lineage
+                or base.changes.block_size != manifest.changes.block_size):  # fmt: skip
+            return 0, []
+        changed = incremental.changed_blocks(manifest, base)
+        if len(changed) == len(manifest.changes.since):
+            return 0, []
+        return step, incremental.runs_of(changed, manifest.changes.block_size, manifest.file_size)

@@ -84,6 +84,7 @@ class Daemon:
             self.holdings, self.peers, zone=config.zone, scheme=config.scheme,
             bandwidth=config.bandwidth, scan_interval=config.scan_interval, tls=self.tls,
             metrics=self.metrics, strides=self.strides, on_change=self.changes.notify,
+            incremental=config.incremental,
         )  # fmt: skip
         self.flusher: Flusher | None = None
         if config.remote is not None:

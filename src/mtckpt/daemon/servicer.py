@@ -22,6 +22,7 @@ from ..proto import mtckpt_pb2_grpc as pb_grpc
 from . import frames, rebuild, recovery
 from .bulk import Produced
 from .holdings import Outgoing, Shard
+from .incoming import NoBase
 from .limits import PeerLimits, Progress, certified_node
 from .parity import AlreadyHeld
 from .rpc import SERVICE, shard_id
@@ -197,7 +198,14 @@ class Servicer(pb_grpc.DaemonServicer):
         shard = self._header_shard(request, context)
         self._admit(request.data_size, f"a replica of {shard}", context)
         try:
-            incoming = self.d.holdings.receive(shard, request.manifest, request.data_size)
+            if request.base_step:
+                incoming = self.d.holdings.receive_patch(
+                    shard, request.manifest, request.data_size, request.base_step
+                )
+            else:
+                incoming = self.d.holdings.receive(shard, request.manifest, request.data_size)
+        except NoBase as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except (MtckptError, ValueError) as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         ticket = self.d.bulk.admit(incoming)

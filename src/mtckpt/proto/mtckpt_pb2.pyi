@@ -236,14 +236,16 @@ class DataChunk(_message.Message):
     def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32c: _Optional[int] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("shard", "manifest", "data_size")
+    __slots__ = ("shard", "manifest", "data_size", "base_step")
     SHARD_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     DATA_SIZE_FIELD_NUMBER: _ClassVar[int]
+    BASE_STEP_FIELD_NUMBER: _ClassVar[int]
     shard: ShardId
     manifest: bytes
     data_size: int
-    def __init__(self, shard: _Optional[_Union[ShardId, _Mapping]] = ..., manifest: _Optional[bytes] = ..., data_size: _Optional[int] = ...) -> None: ...
+    base_step: int
+    def __init__(self, shard: _Optional[_Union[ShardId, _Mapping]] = ..., manifest: _Optional[bytes] = ..., data_size: _Optional[int] = ..., base_step: _Optional[int] = ...) -> None: ...
 
 class PushMessage(_message.Message):
     __slots__ = ("header", "chunk")
