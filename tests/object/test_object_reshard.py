@@ -1,6 +1,7 @@
-"""A sharded checkpoint on the object tier, zstd-compressed, restored onto another world
-size from a node with empty memory: each region assembled from the shards of both saving
-ranks, their files fetched and decoded from the object tier and verified."""
+"""A sharded checkpoint on the object tier, zstd-compressed or stored incrementally,
+restored onto another world size from a node with empty memory: each region assembled
+from the shards of both saving ranks, their files fetched and decoded (or assembled from
+the steps holding their blocks) from the object tier and verified."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("zstandard")
 
-from mtckpt import CheckpointManager, MemoryTier, ObjectTier  # noqa: E402
+from mtckpt import CheckpointManager, MemoryTier, ObjectTier, catalog  # noqa: E402
+from mtckpt.tiers.object import object_storage  # noqa: E402
 from mtckpt.torch import LocalShard  # noqa: E402
 
 ROWS, COLS = 96, 40
@@ -31,16 +33,23 @@ def manager(memory_dir, remote, rank: int, world: int) -> CheckpointManager:
                                  memory=MemoryTier(str(memory_dir)), remote=remote)  # fmt: skip
 
 
-def test_a_sharded_zstd_checkpoint_restores_onto_one_rank(tmp_path, shm_dir):
-    remote = ObjectTier(url=f"file://{tmp_path}/remote", compression="zstd")
+@pytest.mark.parametrize("compression", ["zstd", None])  # None: step 5 a delta of step 4
+def test_a_sharded_checkpoint_restores_onto_one_rank(tmp_path, shm_dir, compression):
+    remote = ObjectTier(url=f"file://{tmp_path}/remote", compression=compression)
     state = full_state()
     for rank in range(2):  # two nodes, each holding half the rows
         half = ROWS // 2
-        shards = {key: LocalShard(value[rank * half : (rank + 1) * half].clone(),
-                                  tuple(value.shape), (rank * half,) + (0,) * (value.dim() - 1))
-                  for key, value in state.items()}  # fmt: skip
         with manager(shm_dir / f"node{rank}", remote, rank, 2) as mgr:
-            mgr.save(5, shards).wait()
+            for step in (4, 5):
+                if step == 5:
+                    state["b"][rank * half] += 1.0  # one row of each rank's bias changes
+                shards = {key: LocalShard(value[rank * half : (rank + 1) * half].clone(),
+                                          tuple(value.shape),
+                                          (rank * half,) + (0,) * (value.dim() - 1))
+                          for key, value in state.items()}  # fmt: skip
+                mgr.save(step, shards).wait()
+    encodings = {m.stored.encoding for m in catalog.manifests(object_storage(remote), "rs", 5)}
+    assert encodings == ({"zstd"} if compression else {"delta"})
     target = {key: torch.zeros_like(value) for key, value in state.items()}
     with manager(shm_dir / "new-node", remote, 0, 1) as mgr:  # nothing in its memory
         step, restored = mgr.restore(target)
