@@ -140,6 +140,23 @@ def test_a_damaged_shared_chunk_is_found_in_every_step_that_uses_it(tmp_path, sh
             mgr.restore(step=3)
 
 
+def test_restore_falls_back_past_steps_a_damaged_shared_block_breaks(tmp_path, shm_dir):
+    url = f"file://{tmp_path}/remote"
+    with manager(shm_dir, url, keep=5, full_every=3) as mgr:
+        for step in range(1, 6):  # whole at 1 and 4; 5 holds its frozen blocks in 4
+            mgr.save(step, frozen_state(step)).wait()
+    path = tmp_path / "remote" / RUN / naming.step_dir(4) / naming.data_file(0)
+    with open(path, "r+b") as f:
+        f.seek(4 * MIB)
+        byte = f.read(1)
+        f.seek(4 * MIB)
+        f.write(bytes([byte[0] ^ 1]))
+    with manager(shm_dir / "fresh", url) as mgr:
+        step, restored = mgr.restore()  # 5 and 4 are damaged, 3 is whole (1, 2, 3)
+    assert step == 3
+    assert_same_state(restored, frozen_state(3))
+
+
 def test_a_different_writer_does_not_refer_to_another_writers_steps(tmp_path, shm_dir):
     url = f"file://{tmp_path}/remote"
     with manager(shm_dir, url, keep=5) as mgr:

@@ -178,7 +178,10 @@ class PatchedIncoming:
         return self.incoming._view[at : at + length]
 
     def accept(self, offset: int, length: int) -> None:
-        self.region(offset, length)
+        """Take the bytes received into ``region(offset, length)``."""
+        if offset != self.received or length > self.runs[self._run][1] - self._into:
+            raise CorruptCheckpointError(f"{self.where}: {length} bytes at offset {offset} "
+                                         "were not the region asked for")  # fmt: skip
         self.received += length
         self._into += length
         if self._into == self.runs[self._run][1]:
