@@ -49,15 +49,31 @@ def manager(memory, url, **remote) -> CheckpointManager:
                                  memory=MemoryTier(str(memory), keep=2), remote=remote)  # fmt: skip
 
 
+def saved(tmp_path, shm_dir, steps, keep: int = 5, **remote) -> str:
+    """The URL of a file:// object tier a manager saved ``frozen_state`` steps to."""
+    url = f"file://{tmp_path}/remote"
+    with manager(shm_dir, url, keep=keep, **remote) as mgr:
+        for step in steps:
+            mgr.save(step, frozen_state(step)).wait()
+    return url
+
+
+def flip(tmp_path, step: int, offset: int) -> None:
+    """Flip a bit of the data object of ``step`` on the object tier."""
+    path = tmp_path / "remote" / RUN / naming.step_dir(step) / naming.data_file(0)
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 1]))
+
+
 def stored(storage, step: int) -> StoredFile:
     return restore.read_manifest(storage, RUN, step, 0).stored
 
 
 def test_each_step_records_since_when_each_chunk_is_unchanged(tmp_path, shm_dir):
-    url = f"file://{tmp_path}/remote"
-    with manager(shm_dir, url) as mgr:
-        for step in (1, 2, 3):
-            mgr.save(step, frozen_state(step)).wait()
+    saved(tmp_path, shm_dir, (1, 2, 3))
     memory = restore.read_manifest(MemoryStorage(shm_dir), RUN, 3, 0)
     two = restore.read_manifest(MemoryStorage(shm_dir), RUN, 2, 0)
     assert memory.changes.lineage == two.changes.lineage
@@ -69,10 +85,7 @@ def test_each_step_records_since_when_each_chunk_is_unchanged(tmp_path, shm_dir)
 
 
 def test_the_object_tier_gets_only_changed_chunks_and_reads_every_step_whole(tmp_path, shm_dir):
-    url = f"file://{tmp_path}/remote"
-    with manager(shm_dir, url, keep=5) as mgr:
-        for step in (1, 2, 3):
-            mgr.save(step, frozen_state(step)).wait()
+    url = saved(tmp_path, shm_dir, (1, 2, 3))
     storage = ObjectStorage(url)
     full = stored(storage, 1)
     assert full.encoding == "identity"
@@ -118,17 +131,9 @@ def test_a_whole_step_every_full_every_steps_and_retention_keeps_what_kept_steps
 
 
 def test_a_damaged_shared_chunk_is_found_in_every_step_that_uses_it(tmp_path, shm_dir):
-    url = f"file://{tmp_path}/remote"
-    with manager(shm_dir, url, keep=5, full_every=3) as mgr:
-        for step in range(1, 5):
-            mgr.save(step, frozen_state(step)).wait()
+    url = saved(tmp_path, shm_dir, range(1, 5), full_every=3)
     storage = ObjectStorage(url)
-    path = tmp_path / "remote" / RUN / naming.step_dir(1) / naming.data_file(0)
-    with open(path, "r+b") as f:  # a frozen chunk, in step 1's object only
-        f.seek(4 * MIB)
-        byte = f.read(1)
-        f.seek(4 * MIB)
-        f.write(bytes([byte[0] ^ 1]))
+    flip(tmp_path, 1, 4 * MIB)  # a frozen chunk, in step 1's object only
     chunk = 4 * MIB // CHUNK
     for step in (2, 3):
         problems = catalog.verify(storage, RUN, step)[1]
@@ -141,16 +146,8 @@ def test_a_damaged_shared_chunk_is_found_in_every_step_that_uses_it(tmp_path, sh
 
 
 def test_restore_falls_back_past_steps_a_damaged_shared_block_breaks(tmp_path, shm_dir):
-    url = f"file://{tmp_path}/remote"
-    with manager(shm_dir, url, keep=5, full_every=3) as mgr:
-        for step in range(1, 6):  # whole at 1 and 4; 5 holds its frozen blocks in 4
-            mgr.save(step, frozen_state(step)).wait()
-    path = tmp_path / "remote" / RUN / naming.step_dir(4) / naming.data_file(0)
-    with open(path, "r+b") as f:
-        f.seek(4 * MIB)
-        byte = f.read(1)
-        f.seek(4 * MIB)
-        f.write(bytes([byte[0] ^ 1]))
+    url = saved(tmp_path, shm_dir, range(1, 6), full_every=3)  # whole at 1 and 4
+    flip(tmp_path, 4, 4 * MIB)  # a frozen block, held by 4 for 5 too
     with manager(shm_dir / "fresh", url) as mgr:
         step, restored = mgr.restore()  # 5 and 4 are damaged, 3 is whole (1, 2, 3)
     assert step == 3
@@ -158,9 +155,7 @@ def test_restore_falls_back_past_steps_a_damaged_shared_block_breaks(tmp_path, s
 
 
 def test_a_different_writer_does_not_refer_to_another_writers_steps(tmp_path, shm_dir):
-    url = f"file://{tmp_path}/remote"
-    with manager(shm_dir, url, keep=5) as mgr:
-        mgr.save(1, frozen_state(1)).wait()
+    url = saved(tmp_path, shm_dir, (1,))
     with manager(shm_dir / "other", url, keep=5) as mgr:  # a new process: a new lineage
         mgr.save(2, frozen_state(2)).wait()
         mgr.save(3, frozen_state(3)).wait()
@@ -170,10 +165,7 @@ def test_a_different_writer_does_not_refer_to_another_writers_steps(tmp_path, sh
 
 
 def manifest_of(tmp_path, shm_dir) -> tuple[dict, RankManifest]:
-    url = f"file://{tmp_path}/remote"
-    with manager(shm_dir, url, keep=5) as mgr:
-        mgr.save(1, frozen_state(1)).wait()
-        mgr.save(2, frozen_state(2)).wait()
+    url = saved(tmp_path, shm_dir, (1, 2))
     raw = ObjectStorage(url).read_bytes(RUN, 2, naming.manifest_file(0))
     return json.loads(raw), RankManifest.from_json(raw, "test")
 
@@ -258,11 +250,7 @@ def test_an_incremental_step_exports_as_a_whole_safetensors_file(tmp_path, shm_d
 
     from mtckpt import export
 
-    url = f"file://{tmp_path}/remote"
-    with manager(shm_dir, url, keep=5) as mgr:
-        for step in (1, 2, 3):
-            mgr.save(step, frozen_state(step)).wait()
-    storage = ObjectStorage(url)
+    storage = ObjectStorage(saved(tmp_path, shm_dir, (1, 2, 3)))
     assert stored(storage, 3).encoding == "delta"
     _, manifest, values = export.read_step([storage], RUN, 3)
     export.write("safetensors", manifest, values, tmp_path / "step3.safetensors")
