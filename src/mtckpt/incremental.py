@@ -242,9 +242,28 @@ def pieces(manifest: RankManifest, group: int) -> list[Piece]:
 
 def read_piece(storage: Storage, manifest: RankManifest, piece: Piece) -> bytes:
     """The stored bytes of ``piece``'s parts, in order (ranged reads where the storage
-    makes them)."""
-    out = [_read_part(storage, manifest, part) for part in piece.parts]
-    return out[0] if len(out) == 1 else b"".join(out)
+    makes them): the parts in one data object in one read where the bytes between them
+    are fewer than theirs (a delta's frozen blocks around the changed ones)."""
+    if len(piece.parts) == 1:
+        return _read_part(storage, manifest, piece.parts[0])
+    spans: dict[int, Part] = {}
+    for part in piece.parts:
+        span = spans.get(part.step)
+        spans[part.step] = part if span is None else span._replace(
+            start=min(span.start, part.start), end=max(span.end, part.end))  # fmt: skip
+    read: dict[int, tuple[int, bytes]] = {}
+    for step, span in spans.items():
+        wanted = sum(p.end - p.start for p in piece.parts if p.step == step)
+        if span.end - span.start <= 2 * wanted:
+            read[step] = (span.start, _read_part(storage, manifest, span))
+    out = []
+    for part in piece.parts:
+        if part.step in read:
+            start, data = read[part.step]
+            out.append(memoryview(data)[part.start - start : part.end - start])
+        else:
+            out.append(_read_part(storage, manifest, part))
+    return b"".join(out)
 
 
 def _read_part(storage: Storage, manifest: RankManifest, part: Part) -> bytes:
