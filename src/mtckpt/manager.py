@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import _fastpath, config, coordination, retention, topology, tree
+from . import _fastpath, config, coordination, retention, topology
 from .config import LocalTier, ManagerOptions, MemoryTier, ObjectTier, PeerTier
 from .daemon.link import DaemonLink, memory_tier
 from .errors import (
@@ -23,19 +23,12 @@ from .errors import (
     StepExistsError,
     StepNotFoundError,
 )
-from .format import commit, naming, shard
+from .format import commit, naming
 from .metrics import Metrics
 from .pipeline import uploader
 from .pipeline.handle import SaveHandle
 from .pipeline.stages import Pipeline, SaveJob, SlowerTier
-from .pipeline.staging import (
-    data_items,
-    framework_of,
-    leaf_records,
-    replica_owners,
-    shard_metadata,
-    stage_into_slot,
-)
+from .pipeline.staging import framework_of, leaf_records, plan_save, stage_into_slot
 from .restore import populate as populating
 from .restore.plan import Restorer
 from .tiers.base import Storage
@@ -258,13 +251,7 @@ class CheckpointManager:
             return handle
         if "memory" not in due:
             due.insert(0, "memory")  # every step passes through memory on its way
-        node, leaves = tree.flatten(state, allow_pickle=self.allow_pickle)
-        data_leaves = tree.data_leaves(leaves)
-        stored_by = replica_owners(data_leaves, self.rank, self.node_ranks)
-        layout = shard.plan(
-            data_items(data_leaves, stored_by),
-            shard_metadata(self.run, step, self.rank, self.world_size),
-        )
+        node, leaves, data_leaves, stored_by, layout = self._layout(state, step)
         if self._memory.free_slots(self.run, self.rank) == 0:
             self._pipeline.wait_memory_idle()  # its garbage collection may free a slot
         try:
@@ -303,6 +290,21 @@ class CheckpointManager:
             self._last_saved_at[name] = now
         self._handles = [h for h in self._handles if not h.done()] + [handle]
         return handle
+
+    def _layout(self, state: Any, step: int):
+        return plan_save(state, step, run=self.run, rank=self.rank, world_size=self.world_size,
+                         node_ranks=self.node_ranks, allow_pickle=self.allow_pickle)  # fmt: skip
+
+    def reserve(self, state: Any, slots: int | None = None) -> int:
+        """Prepare ``slots`` node-memory slots for saves of ``state`` before the first
+        (default: the memory tier's keep + 1, what saves back to back take), mapped with
+        their pages present, within the memory budget: then every save, the first ones
+        too, blocks for about one copy. The bytes of the slots made."""
+        self._check_open()
+        layout = self._layout(state, (self._newest or 0) + 1)[-1]
+        count = self._tiers[0][0].keep + 1 if slots is None else slots
+        made = self._memory.reserve(self.run, self.rank, layout.file_size, count)
+        return made * layout.file_size
 
     def _record_stage(self, size: int, stage: str, seconds: float, error, skipped: bool) -> None:
         if skipped:

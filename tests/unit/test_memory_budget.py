@@ -106,3 +106,25 @@ def test_the_daemon_drops_its_spare_parity_files_before_refusing_a_peer(shm_dir)
     with pytest.raises(MemoryBudgetError, match=r"a larger piece \(2\.0 MiB\) refused"):
         room.admit(2 * MIB, "a larger piece")
     spares.close()
+
+
+def test_reserve_prepares_the_slots_the_first_saves_take(shm_dir):
+    state = {"w": np.ones(MIB, np.uint8), "b": np.arange(1000, dtype=np.float32)}
+    with CheckpointManager("r", memory=MemoryTier(str(shm_dir), keep=2)) as mgr:
+        reserved = mgr.reserve(state)
+        slots = sorted((shm_dir / "r" / ".slots" / "rank-00000").iterdir())
+        assert len(slots) == 3 and reserved == 3 * slots[0].stat().st_size
+        inodes = {slot.stat().st_ino for slot in slots}
+        assert mgr.reserve(state) == 0  # ready already
+        for step in (1, 2, 3):
+            mgr.save(step, state).wait()
+            data = shm_dir / "r" / f"step-{step:012d}" / "rank-00000.safetensors"
+            assert data.stat().st_ino in inodes  # a reserved slot, not a new file
+
+
+def test_reserve_stays_within_the_memory_budget(shm_dir):
+    state = {"w": np.ones(MIB, np.uint8)}
+    with CheckpointManager("r", memory=MemoryTier(str(shm_dir), keep=2,
+                                                  max_bytes=2 * MIB + MIB // 2)) as mgr:  # fmt: skip
+        assert 0 < mgr.reserve(state) <= 2 * (MIB + 4096)  # two slots fit, not three
+        assert budget.total(budget.usage(shm_dir)) <= 2 * MIB + MIB // 2

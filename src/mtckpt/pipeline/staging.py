@@ -123,6 +123,18 @@ def replica_owners(leaves: list[tree.Leaf], rank: int, node_ranks: Sequence[int]
     return owners
 
 
+def plan_save(state, step: int, *, run: str, rank: int, world_size: int,
+              node_ranks: Sequence[int], allow_pickle: bool):  # fmt: skip
+    """``state`` flattened for ``step``: its tree node, leaves, data leaves, the keys other
+    ranks store (replica_owners), and its data file's layout."""
+    node, leaves = tree.flatten(state, allow_pickle=allow_pickle)
+    data_leaves = tree.data_leaves(leaves)
+    stored_by = replica_owners(data_leaves, rank, node_ranks)
+    layout = shard.plan(data_items(data_leaves, stored_by),
+                        shard_metadata(run, step, rank, world_size))  # fmt: skip
+    return node, leaves, data_leaves, stored_by, layout
+
+
 def shard_metadata(run: str, step: int, rank: int, world_size: int) -> dict[str, str]:
     """The safetensors header's ``__metadata__`` of a rank's data file."""
     return {"format": "mtckpt", "run": run, "step": str(step), "rank": str(rank),

@@ -114,6 +114,7 @@ class MemoryStorage(DirectoryStorage):
         self.max_bytes = max_bytes  # the node's memory budget (tiers/budget.py)
         self._lock = threading.Lock()
         self._free: dict[tuple[str, int], list[Slot]] = {}
+        self._reserved: dict[tuple[str, int], int] = {}  # reserved slots not taken yet
         self._bound: dict[tuple[str, int, int], Slot] = {}
 
     def slot_dir(self, run: str, rank: int) -> Path:
@@ -140,6 +141,8 @@ class MemoryStorage(DirectoryStorage):
         with self._lock:
             free = self._free_list(run, rank)
             slot = None
+            if self._reserved.get((run, rank)):
+                self._reserved[run, rank] -= 1
             if free:
                 # Prefer a slot already mapped (no page faults), then one of the right size.
                 free.sort(key=lambda s: (s.mm is not None, s.size == size, s.size >= size))
@@ -166,6 +169,8 @@ class MemoryStorage(DirectoryStorage):
         growth = size - (reuse.size if reuse is not None else 0)
         if self.max_bytes is None or growth <= 0 or self._fits(growth):
             return
+        with self._lock:
+            self._reserved.pop((run, rank), None)  # reserved ones too
         self.trim(run, rank, 0)  # spare slots give way first
         if self._fits(growth):
             log.warning("%s: spare slots of rank %d dropped to stay within the budget of %s",
@@ -180,6 +185,32 @@ class MemoryStorage(DirectoryStorage):
 
     def _fits(self, growth: int) -> bool:
         return budget.total(budget.usage(self.root)) + growth <= self.max_bytes
+
+    def reserve(self, run: str, rank: int, size: int, count: int) -> int:
+        """Free slots of ``size`` bytes, mapped with their pages present, until ``count``
+        are free (those free already resized to it), as far as the budget allows: the
+        slots made."""
+        with self._lock:
+            self._reserved[run, rank] = count  # kept by trim() until the saves take them
+            free = self._free_list(run, rank)
+            unfit = [s for s in free if s.size != size or s.mm is None]
+            free[:] = [s for s in free if s not in unfit]
+        for slot in unfit:
+            if self.max_bytes is not None and not self._fits(max(0, size - slot.size)):
+                self.drop(slot)
+                continue
+            self._fit(slot, size)
+            with self._lock:
+                self._free_list(run, rank).append(slot)
+        made = 0
+        while self.free_slots(run, rank) < count:
+            if self.max_bytes is not None and not self._fits(size):
+                break
+            slot = self._create(run, rank, size)
+            with self._lock:
+                self._free_list(run, rank).append(slot)
+            made += 1
+        return made
 
     def prepare_spare(self, run: str, rank: int, like: Slot) -> None:
         """Create a free slot like ``like`` (its size, page-locked for the same frameworks)
@@ -285,8 +316,10 @@ class MemoryStorage(DirectoryStorage):
             os.close(fd)
 
     def trim(self, run: str, rank: int, max_free: int) -> None:
-        """Delete free slots beyond ``max_free``, the unmapped and smallest first."""
+        """Delete free slots beyond ``max_free`` (or those reserved and not taken yet), the
+        unmapped and smallest first."""
         with self._lock:
+            max_free = max(max_free, self._reserved.get((run, rank), 0))
             free = self._free_list(run, rank)
             free.sort(key=lambda s: (s.mm is not None, s.size), reverse=True)
             extra = free[max_free:]
