@@ -124,7 +124,7 @@ def test_reserve_prepares_the_slots_the_first_saves_take(shm_dir):
 
 def test_reserve_stays_within_the_memory_budget(shm_dir):
     state = {"w": np.ones(MIB, np.uint8)}
-    with CheckpointManager("r", memory=MemoryTier(str(shm_dir), keep=2,
-                                                  max_bytes=2 * MIB + MIB // 2)) as mgr:  # fmt: skip
+    memory = MemoryTier(str(shm_dir), keep=2, max_bytes=2 * MIB + MIB // 2)
+    with CheckpointManager("r", memory=memory) as mgr:
         assert 0 < mgr.reserve(state) <= 2 * (MIB + 4096)  # two slots fit, not three
         assert budget.total(budget.usage(shm_dir)) <= 2 * MIB + MIB // 2
