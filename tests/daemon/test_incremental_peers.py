@@ -55,6 +55,8 @@ def test_a_peer_gets_the_changed_blocks_and_rebuilds_the_replica_bit_exact(clust
             before = received(metrics)
             mgr.save(step, state(step)).wait("peers")
             wait_for(lambda s=step: replicated(a, RUN, s), what=f"step {step} on node-b")
+            # counted once the sender has its answer: a moment later
+            wait_for(lambda b=before: received(metrics) > b, what=f"step {step} counted")
             sizes.append(received(metrics) - before)
     assert sizes[0] > SIZE  # the first goes whole
     assert all(MOVING <= size <= MOVING + 3 * (64 << 10) for size in sizes[1:]), sizes
@@ -83,6 +85,7 @@ def test_a_peer_without_the_earlier_replica_gets_the_step_whole(cluster):
         before = received(metrics)
         mgr.save(2, state(2)).wait("peers")
         wait_for(lambda: replicated(a, RUN, 2), what="step 2 on node-b")
+        wait_for(lambda: received(metrics) > before, what="step 2 counted")
     assert received(metrics) - before > SIZE
     own = a.memory_root / RUN / naming.step_dir(2) / naming.data_file(0)
     assert replica_file(b, "node-a", 2).read_bytes() == own.read_bytes()
