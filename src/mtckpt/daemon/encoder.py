@@ -3,7 +3,8 @@ stripes' parities (daemon/groups.py, daemon/parity.py), for the replicator.
 
 A step's blob is its ranks' data files in rank order; each of its K pieces goes to the M
 parity holders of its stripe, over their data ports, straight from the memory tier's files
-(held open so the trainer does not reuse them meanwhile). A holder is *stored* for a step
+(held open so the trainer does not reuse them meanwhile), one piece after another in
+rounds that keep one stream on each link each way. A holder is *stored* for a step
 once every stripe of this node's pieces that it holds is complete: every member's piece is
 in, and its checksums written.
 """
@@ -144,9 +145,9 @@ class Encoder:
     def send_step(self, run: str, step: int, shards: list[Shard], group: Group,
                   listings: dict[str, Listing], unreachable: dict[str, str],
                   mark: Callable[[str, str], None], stopping) -> bool:  # fmt: skip
-        """Send this node's pieces of ``step`` that its holders lack, to each holder at
-        once; ``mark(node, error)`` says a holder has them all in complete stripes ("")
-        or why not. False once ``stopping`` is set."""
+        """Send this node's pieces of ``step`` that its holders lack, in rounds
+        (:meth:`_send_rounds`); ``mark(node, error)`` says a holder has them all in
+        complete stripes ("") or why not. False once ``stopping`` is set."""
         me = self.holdings.node_id
         self._groups[(run, step)] = group
         for old in [k for k in self._groups if k[0] == run and k[1] < step - 64]:

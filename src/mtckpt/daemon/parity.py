@@ -359,7 +359,7 @@ class ParityStore:
                          for i in range(0, size, CHUNK_BYTES))  # fmt: skip
             spare = len(view) - size
         stripe.close_mapping()
-        if spare:  # a spare's zeros past the largest piece
+        if spare > 0:  # a spare's zeros past the largest piece
             os.truncate(stripe.path, stripe.size)
         stripe.chunks = Chunks(stripe.size, CHUNK_BYTES, crcs)
         record = {"key": {"run": stripe.key.run, "step": stripe.key.step,
