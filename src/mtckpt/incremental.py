@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
@@ -33,7 +33,7 @@ from .errors import ChecksumMismatchError, CorruptCheckpointError
 from .format import naming
 from .format.encoding import StoredFile
 from .format.manifest import Changes, RankManifest
-from .tiers.base import Storage
+from .tiers.base import Storage, close_mapping
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class ChangeTracker:
         try:
             return _fastpath.backend().equal_chunks(data, before, self.block, self.threads)
         finally:
-            _close(before)
+            close_mapping(before)
 
     def forget(self, step: int) -> None:
         """``step`` did not commit: every block of the next step counts as changed."""
@@ -112,9 +112,26 @@ class Piece(NamedTuple):
     data_end: int
     parts: tuple[Part, ...]
 
-    def held_by(self, step: int) -> list[int]:
-        """The other steps whose data objects hold some of it."""
-        return sorted({p.step for p in self.parts} - {step})
+    def held_by(self, step: int) -> str:
+        """`` (held by step ...)``: the other steps whose data objects hold some of it;
+        "" if none."""
+        return held_by_steps(p.step for p in self.parts if p.step != step)
+
+
+def held_by_steps(steps: Iterable[int]) -> str:
+    """`` (held by step 1, 3)`` for a message; "" for no step."""
+    found = sorted(set(steps))
+    return f" (held by step {', '.join(map(str, found))})" if found else ""
+
+
+def continues(manifest: RankManifest, base: RankManifest) -> bool:
+    """Whether ``manifest``'s step continues the lineage of the earlier step ``base`` in the
+    same blocks: only then is a block unchanged since a step at or before ``base`` the
+    same in both."""
+    changes, earlier = manifest.changes, base.changes
+    return (changes is not None and earlier is not None and base.step < manifest.step
+            and earlier.lineage == changes.lineage
+            and earlier.block_size == changes.block_size)  # fmt: skip
 
 
 def find_base(dest: Storage, manifest: RankManifest, full_every: int) -> RankManifest | None:
@@ -138,9 +155,7 @@ def find_base(dest: Storage, manifest: RankManifest, full_every: int) -> RankMan
             log.info("%s: not a base for an incremental step (%s)", where, exc)
             return None
         if (
-            base.changes is None
-            or base.changes.lineage != changes.lineage
-            or base.changes.block_size != changes.block_size
+            not continues(manifest, base)
             or base.stored is None
             or base.stored.encoding not in ("identity", DELTA)
             or (base.stored.encoding == DELTA and base.stored.depth + 1 >= full_every)
@@ -174,8 +189,8 @@ def runs_of(blocks: list[int], block: int, size: int) -> list[tuple[int, int]]:
 
 def delta_of(manifest: RankManifest, base: RankManifest) -> tuple[list[int], StoredFile]:
     """The blocks of ``manifest``'s data file to store (changed since ``base``), and the
-    StoredFile recording where every block is (its crc32c filled in by the caller:
-    :func:`stored_with`)."""
+    StoredFile recording where every block is (its crc32c left for the caller to fill
+    in)."""
     size, block, step = manifest.file_size, manifest.changes.block_size, manifest.step
     own = changed_blocks(manifest, base)
     mine = set(own)
@@ -275,7 +290,7 @@ def _read_part(storage: Storage, manifest: RankManifest, part: Part) -> bytes:
     try:
         data = bytes(memoryview(mapping)[part.start : part.end])
     finally:
-        _close(mapping)
+        close_mapping(mapping)
     if len(data) != part.end - part.start:
         raise CorruptCheckpointError(f"{storage.describe()}: step {part.step} {name} is "
                                      f"shorter than step {manifest.step} records")  # fmt: skip
@@ -296,8 +311,8 @@ def assemble(storage: Storage, manifest: RankManifest, where: str, threads: int 
             view[piece.data_start : piece.data_end] = read_piece(storage, manifest, piece)
         except FileNotFoundError:
             raise CorruptCheckpointError(
-                f"{where}: bytes {piece.data_start}-{piece.data_end}{_held(piece, manifest)}: "
-                "a data object is missing"
+                f"{where}: bytes {piece.data_start}-{piece.data_end}"
+                f"{piece.held_by(manifest.step)}: a data object is missing"
             ) from None
 
     try:
@@ -310,26 +325,8 @@ def assemble(storage: Storage, manifest: RankManifest, where: str, threads: int 
     per = manifest.chunk_size // manifest.stored.block_size
     for index, (got, wanted) in enumerate(zip(crcs, manifest.chunk_crc32c, strict=True)):
         if got != wanted:
-            held = sorted(set(manifest.stored.steps[index * per : (index + 1) * per])
-                          - {manifest.step})  # fmt: skip
-            by = f" (held by step {', '.join(map(str, held))})" if held else ""
+            blocks = manifest.stored.steps[index * per : (index + 1) * per]
+            by = held_by_steps(s for s in blocks if s != manifest.step)
             raise ChecksumMismatchError(f"{where}: chunk {index}{by} has crc32c {got:#010x}, "
                                         f"the manifest records {wanted:#010x}")  # fmt: skip
     return out
-
-
-def _held(piece: Piece, manifest: RankManifest) -> str:
-    held = piece.held_by(manifest.step)
-    return f" (held by step {', '.join(map(str, held))})" if held else ""
-
-
-def stored_with(stored: StoredFile, crc32c: int) -> StoredFile:
-    return StoredFile(stored.encoding, stored.size, crc32c, depth=stored.depth,
-                      block_size=stored.block_size, steps=stored.steps,
-                      offsets=stored.offsets)  # fmt: skip
-
-
-def _close(buffer: Any) -> None:
-    close = getattr(buffer, "close", None)
-    if close is not None:
-        close()

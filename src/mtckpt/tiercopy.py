@@ -12,8 +12,8 @@ from . import checksum, incremental
 from .errors import ChecksumMismatchError
 from .format import encoding, naming
 from .format.manifest import RankManifest
-from .restore.read import close_mapping, open_data, read_manifest
-from .tiers.base import Storage
+from .restore.read import open_data, read_manifest
+from .tiers.base import Storage, close_mapping
 
 WRITE_SIZE = 16 * 1024 * 1024  # bytes per write to the destination
 
@@ -42,7 +42,7 @@ def put_shard(
                 pieces = [view[i * block : (i + 1) * block] for i in own]
                 crc = pool.submit(lambda: _crc_of(pieces))
                 dest.write_stream(run, step, manifest.data_file, planned.size, iter(pieces))
-                stored = incremental.stored_with(planned, crc.result())
+                stored = dataclasses.replace(planned, crc32c=crc.result())
             else:
                 pieces, stored = encoding.encode(view, manifest.chunk_size, dest.compression,
                                                  dest.compression_level, threads, pool)  # fmt: skip

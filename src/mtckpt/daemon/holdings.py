@@ -18,7 +18,7 @@ from .. import _fastpath, incremental
 from ..errors import CorruptCheckpointError
 from ..format import commit, naming
 from ..format.manifest import RankManifest
-from ..restore.read import close_mapping
+from ..tiers.base import close_mapping
 from ..tiers.directory import DirectoryStorage
 from ..tiers.local import LocalStorage
 from .frames import CHUNK_BYTES
@@ -263,9 +263,7 @@ class Holdings:
         try:
             incoming = self.receive(shard, manifest_json, data_size)
             changes = incoming.manifest.changes
-            if (changes is None or base.changes is None or base_step >= shard.step
-                    or base.changes.lineage != changes.lineage or len(data) != base.file_size
-                    or base.changes.block_size != changes.block_size):  # fmt: skip
+            if not incremental.continues(incoming.manifest, base) or len(data) != base.file_size:
                 raise NoBase(f"{base_shard}: not an earlier step of the lineage of {shard}")
             size, block = incoming.manifest.file_size, changes.block_size
             changed = incremental.changed_blocks(incoming.manifest, base)

@@ -12,6 +12,15 @@ from ..errors import ChecksumMismatchError, CorruptCheckpointError
 from ..format import naming
 
 
+def check_next(where: str, offset: int, length: int, received: int, size: int,
+               error: type[Exception] = CorruptCheckpointError) -> None:  # fmt: skip
+    """Raise ``error`` unless ``length`` bytes at ``offset`` are the next a sink filled in
+    order expects (``received`` so far, of ``size``)."""
+    if offset != received or length < 0 or offset + length > size:
+        raise error(f"{where}: {length} bytes at offset {offset}; expected offset "
+                    f"{received} of {size}")  # fmt: skip
+
+
 class NoBase(ValueError):
     """The replica a changed-blocks push was made against is not here, or not of the same
     lineage: the sender sends the step whole."""
@@ -63,11 +72,7 @@ class Incoming:
     def region(self, offset: int, length: int) -> memoryview:
         """Where the ``length`` bytes at ``offset`` (the next expected) go: receive them
         into it, then :meth:`accept` them."""
-        if offset != self.received or length < 0 or offset + length > self.size:
-            raise CorruptCheckpointError(
-                f"{self.where}: {length} bytes at offset {offset}; expected offset "
-                f"{self.received} of {self.size}"
-            )
+        check_next(self.where, offset, length, self.received, self.size)
         return self._view[offset : offset + length]
 
     def accept(self, offset: int, length: int) -> None:
@@ -165,11 +170,7 @@ class PatchedIncoming:
         return False  # each frame's crc32c is checked on arrival, every chunk at commit
 
     def region(self, offset: int, length: int) -> memoryview:
-        if offset != self.received or self._run >= len(self.runs):
-            raise CorruptCheckpointError(
-                f"{self.where}: {length} bytes at offset {offset}; expected offset "
-                f"{self.received} of {self.size}"
-            )
+        check_next(self.where, offset, length, self.received, self.size)
         start, run_length = self.runs[self._run]
         if not 0 < length <= run_length - self._into:
             raise CorruptCheckpointError(f"{self.where}: a frame of {length} bytes across "

@@ -28,6 +28,7 @@ from ..proto import mtckpt_pb2 as pb
 from ..redundancy import MAX_GROUP, Redundancy
 from .groups import Group, piece_range
 from .holdings import MAX_SHARD_BYTES
+from .incoming import check_next
 from .spares import ZeroedSpares
 from .sync import sync_steps
 
@@ -236,9 +237,7 @@ class Contribution:
         return False  # the frames' own crc32c are checked
 
     def region(self, offset: int, length: int) -> memoryview:
-        if offset != self.received or length < 0 or offset + length > self.size:
-            raise ParityError(f"{self.where}: {length} bytes at offset {offset}; expected "
-                              f"offset {self.received} of {self.size}")  # fmt: skip
+        check_next(self.where, offset, length, self.received, self.size, ParityError)
         if len(self._scratch) < length:
             self._scratch = bytearray(length)
         return memoryview(self._scratch)[:length]

@@ -26,7 +26,7 @@ from .auth import host_of
 from .bulk import Produced
 from .groups import Group, piece_range
 from .holdings import Holdings, Shard
-from .incoming import Incoming
+from .incoming import Incoming, check_next
 from .parity import Contributor, ParityStore, Stripe, StripeKey
 from .peers import Peers
 from .rpc import error_text, shard_id
@@ -363,11 +363,7 @@ class _PieceSink:
         return False
 
     def region(self, offset: int, length: int) -> memoryview:
-        if offset != self.received or offset + length > self.size:
-            raise CorruptCheckpointError(
-                f"{self.where}: {length} bytes at offset {offset}; expected offset "
-                f"{self.received} of {self.size}"
-            )
+        check_next(self.where, offset, length, self.received, self.size)
         if len(self._scratch) < length:
             self._scratch = bytearray(length)
         return memoryview(self._scratch)[:length]
@@ -388,11 +384,7 @@ class _Received:
         return False
 
     def region(self, offset: int, length: int) -> memoryview:
-        if offset != self.received or length < 0 or offset + length > self.size:
-            raise CorruptCheckpointError(
-                f"{self.where}: {length} bytes at offset {offset}; expected offset "
-                f"{self.received} of {self.size}"
-            )
+        check_next(self.where, offset, length, self.received, self.size)
         return self.target[offset : offset + length]
 
     def accept(self, offset: int, length: int) -> None:

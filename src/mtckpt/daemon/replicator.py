@@ -28,7 +28,7 @@ from ..format.manifest import RankManifest
 from ..metrics import Metrics
 from ..proto import mtckpt_pb2 as pb
 from ..redundancy import Redundancy
-from ..restore.read import close_mapping
+from ..tiers.base import close_mapping
 from ..tiers.memory import open_held
 from . import bulk, frames
 from .auth import TLSFiles, host_of
@@ -468,9 +468,7 @@ class Replicator:
         except FileNotFoundError:
             return 0, []
         base = RankManifest.from_json(raw, f"{shard.run} step {step}: manifest")
-        if (checksum.crc32c(raw) != crc or base.changes is None
-                or base.changes.lineage != manifest.changes.lineage
-                or base.changes.block_size != manifest.changes.block_size):  # fmt: skip
+        if checksum.crc32c(raw) != crc or not incremental.continues(manifest, base):
             return 0, []
         changed = incremental.changed_blocks(manifest, base)
         if len(changed) == len(manifest.changes.since):

@@ -33,7 +33,7 @@ from ..errors import (
 from ..format import encoding, naming, shard
 from ..format.manifest import LeafRecord, RankManifest
 from ..format.structure import DATA_KINDS
-from ..tiers.base import Storage
+from ..tiers.base import Storage, close_mapping
 
 
 def read_manifest(storage: Storage, run: str, step: int, rank: int) -> RankManifest:
@@ -228,8 +228,7 @@ def _fetch_verified(storage, manifest, targets, skip, where) -> _Plan:
             data = encoding.decompress(data, end - start, where, start)
         src = np.frombuffer(data, np.uint8)
         chunks = range(start // size, -(-end // size))
-        others = piece.held_by(manifest.step)
-        held = f"{where} (held by step {', '.join(map(str, others))})" if others else where
+        held = where + piece.held_by(manifest.step)
         copy_verified(src, manifest, inside, threads=1, where=held, base=start, only=chunks)
 
     try:
@@ -418,13 +417,3 @@ def _finish_value(record: LeafRecord, buf: np.ndarray) -> Any:
     if record.kind == "bytearray":
         return bytearray(buf.tobytes())
     return pickle.loads(buf.tobytes())
-
-
-def close_mapping(mapping: Any) -> None:
-    """Unmap a mapping from Storage.map (None: nothing to do)."""
-    close = getattr(mapping, "close", None)
-    if close is not None:
-        try:
-            close()
-        except BufferError:  # a view is still referenced (e.g. by a traceback); GC unmaps it
-            pass

@@ -99,3 +99,13 @@ class Storage(ABC):
 
     def close(self) -> None:  # noqa: B027 - an optional hook, not every storage holds anything
         """Release what this storage holds open."""
+
+
+def close_mapping(mapping: Any) -> None:
+    """Unmap a mapping from Storage.map (None: nothing to do)."""
+    close = getattr(mapping, "close", None)
+    if close is not None:
+        try:
+            close()
+        except BufferError:  # a view is still referenced (e.g. by a traceback); GC unmaps it
+            pass
