@@ -347,10 +347,11 @@ def run_methods(script: str, args, memory_base: Path, local_base: Path) -> dict[
     return results
 
 
-def start_daemon(args: list[str], what: str) -> subprocess.Popen:
-    """``mtckpt daemon ARGS``, once it has printed its ready line."""
+def start_daemon(args: list[str], what: str, env: dict | None = None) -> subprocess.Popen:
+    """``mtckpt daemon ARGS`` (in ``env``, default this one's), once it has printed its
+    ready line."""
     proc = subprocess.Popen([sys.executable, "-m", "mtckpt", "daemon", *args],
-                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+                            stdout=subprocess.PIPE, text=True, env=env)  # fmt: skip
     line = proc.stdout.readline()
     if "ready" not in line:
         raise RuntimeError(f"{what} did not start: {line!r}")

@@ -27,8 +27,6 @@ import datetime as _dt
 import os
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -36,7 +34,14 @@ import uuid
 from pathlib import Path
 
 import numpy as np
-from _harness import free_port, markdown_table, print_checks, target_check, write_report
+from _harness import (
+    free_port,
+    markdown_table,
+    print_checks,
+    start_daemon,
+    target_check,
+    write_report,
+)
 from bench_object import Moto
 
 import mtckpt
@@ -132,10 +137,7 @@ def replicate(base: Path, nbytes: int, frozen: float, incremental: bool, steps: 
                     f"127.0.0.1:{ports[1 - i]}", "--insecure"]  # fmt: skip
             if node == "b":
                 args += ["--metrics-listen", metrics]
-            procs.append(subprocess.Popen([sys.executable, "-m", "mtckpt", "daemon", *args],
-                                          stdout=subprocess.PIPE, text=True, env=env))  # fmt: skip
-            if "ready" not in procs[-1].stdout.readline():
-                raise RuntimeError(f"daemon {node} did not start")
+            procs.append(start_daemon(args, f"daemon {node}", env))
         time.sleep(2)  # each knows the other
         state = State(nbytes, frozen)
         fractions = []
