@@ -8,8 +8,9 @@ from __future__ import annotations
 import os
 import re
 import signal
+import time
 
-from daemons import replicated, save, wait_for
+from daemons import knows, replicated, save, wait_for
 
 RUN = "exp"
 
@@ -40,6 +41,16 @@ def test_a_partitioned_peer_is_named_then_welcomed_back_and_caught_up(cluster):
     )
     assert int(back.group(1)) >= 0
     wait_for(lambda: replicated(a, RUN, 1, 2), what="step 2 replicated after the partition")
+
+
+def test_a_peer_started_later_is_found_by_its_backoff_not_the_next_scan(cluster):
+    """A daemon whose listed peer is not up yet asks it again after a short backoff, even
+    with scans an hour apart."""
+    daemons = cluster(["late-a", "late-b"], extra=["--scan-interval", "3600"], later=["late-b"])
+    a, b = daemons["late-a"], daemons["late-b"]
+    time.sleep(1.5)  # a has asked b and found nobody
+    cluster.restart(b)
+    wait_for(lambda: knows(a, {b.address}), timeout=20, what="late-a knowing late-b")
 
 
 def test_a_peer_that_is_not_a_replica_target_is_not_asked_again(cluster):

@@ -10,7 +10,8 @@ asked again, every refresh, and one that does not answer is asked again after a 
 (doubling up to BACKOFF_MAX); the others' state (Status, metrics) is as of their last
 answer, and their connections close once unused for IDLE_CHANNEL seconds. A listed
 address that never answered (a daemon not started yet) is asked again at most every
-BACKOFF_MAX_NEVER seconds, and sooner once a peer reports having reached it. Recovery
+BACKOFF_MAX_NEVER seconds (whatever the scan interval), and sooner once a peer reports
+having reached it. Recovery
 asks everyone (``refresh(everyone=True)``). A peer that stops answering is logged at once
 with its id, address and reason, then every REPORT_EVERY seconds with how long it has
 been gone; its return is logged too."""
@@ -130,7 +131,7 @@ class Peers:
                 except Exception:  # keep watching; the next refresh retries
                     log.exception("peer refresh failed")
                 self.refreshed.set()
-                self._closed.wait(interval)
+                self._closed.wait(self._until_next(interval))
 
         self._thread = threading.Thread(target=run, name="mtckpt-peers", daemon=True)
         self._thread.start()
@@ -175,6 +176,15 @@ class Peers:
             if hint is not None and (known is None or not known.node_id):
                 self._members[address] = Member(address, *hint, hinted=True,
                                                 error="identity as a peer reported it")  # fmt: skip
+
+    def _until_next(self, interval: float) -> float:
+        """Seconds to the next refresh: ``interval``, or sooner where a peer not reached
+        yet (or watched and down) is due again by its backoff."""
+        now = time.monotonic()
+        with self._lock:
+            wanted = [m for m in self._members.values() if not m.reachable]
+            probes = [m.next_probe for m in wanted if not m.node_id or m.node_id in self._watched]
+        return max(0.05, min([interval, *(p - now for p in probes)]))
 
     def _due(self, member: Member | None, now: float) -> bool:
         if member is None or member.hinted:
