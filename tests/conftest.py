@@ -4,6 +4,7 @@ daemons as real processes, and a real S3 endpoint."""
 from __future__ import annotations
 
 import shutil
+import subprocess
 import tempfile
 import uuid
 from pathlib import Path
@@ -24,6 +25,29 @@ def shm_dir():
     path.mkdir()
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """Mount a real tmpfs of a given size; it fills up for real (ENOSPC)."""
+    mounts = []
+
+    def mount(size_kib: int) -> Path:
+        path = tmp_path / f"fs-{uuid.uuid4().hex[:6]}"
+        path.mkdir()
+        result = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(path)],
+            capture_output=True,
+            text=True,
+        )
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs CAP_SYS_ADMIN): {result.stderr.strip()}")
+        mounts.append(path)
+        return path
+
+    yield mount
+    for path in mounts:
+        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 @pytest.fixture(params=["native", "python"])

@@ -2,37 +2,11 @@
 nothing committed lost, and work resumes once the resource is back."""
 
 import os
-import subprocess
-import uuid
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from mtckpt import CheckpointManager, ConfigError, LocalTier, MemoryTier, TierError
-
-
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    """Mount a real tmpfs of a given size; it fills up for real (ENOSPC)."""
-    mounts = []
-
-    def mount(size_kib: int) -> Path:
-        path = tmp_path / f"fs-{uuid.uuid4().hex[:6]}"
-        path.mkdir()
-        result = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(path)],
-            capture_output=True,
-            text=True,
-        )
-        if result.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here (needs CAP_SYS_ADMIN): {result.stderr.strip()}")
-        mounts.append(path)
-        return path
-
-    yield mount
-    for path in mounts:
-        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def state_of(step: int, kib: int) -> dict:

@@ -146,3 +146,43 @@ def test_expired_replica_files_are_reused_for_replicas_of_any_size(tmp_path):
     # keep=1: each step's file is freed by the next and taken by the one after (mapped
     # ahead when the size matches: step 3; resized when it does not: steps 4 and 5).
     assert inodes[3] == inodes[1] and inodes[4] == inodes[2] and inodes[5] == inodes[3]
+
+
+def _saved_shard(root, step: int, nbytes: int) -> tuple[bytes, bytes]:
+    from mtckpt import CheckpointManager, MemoryTier
+
+    with CheckpointManager(RUN, memory=MemoryTier(str(root), keep=1)) as mgr:
+        data = np.random.default_rng(step).integers(0, 255, nbytes, dtype=np.uint8)
+        mgr.save(step, {"w": data}).wait()
+    source = Holdings("src", root, keep=1)
+    return (source.own.path(RUN, step, naming.data_file(0)).read_bytes(),
+            source.own.read_bytes(RUN, step, naming.manifest_file(0)))  # fmt: skip
+
+
+def test_a_fresh_replica_file_is_allocated_a_window_ahead_and_stored_whole(tmp_path, monkeypatch):
+    from mtckpt.daemon.incoming import Preparer
+
+    monkeypatch.setattr(Preparer, "WINDOW", 1 << 20)
+    data, manifest = _saved_shard(tmp_path / "src", 1, (5 << 20) + 12345)
+    dst = Holdings("dst", tmp_path / "dst", keep=1)
+    incoming = dst.receive(Shard(RUN, 1, 0, "src"), manifest)
+    try:
+        assert incoming._preparer is not None  # a fresh file: no spare to take
+        for offset in range(0, len(data), 1 << 20):
+            piece = data[offset : offset + (1 << 20)]
+            incoming.region(offset, len(piece))[:] = piece
+            assert incoming._preparer.ready >= offset + len(piece)
+            incoming.accept(offset, len(piece))
+        incoming.commit()
+    finally:
+        incoming.close()
+    assert dst.storage("src").path(RUN, 1, naming.data_file(0)).read_bytes() == data
+
+
+def test_a_replica_larger_than_the_memory_left_fails_naming_it(tmp_path, small_tmpfs):
+    data, manifest = _saved_shard(tmp_path / "src", 1, 3 << 20)
+    root = small_tmpfs(2048)
+    dst = Holdings("dst", root, keep=1)
+    with pytest.raises(OSError, match=r"run 'exp' step 1 rank 0 of node 'src'.*allocating"):
+        dst.store(Shard(RUN, 1, 0, "src"), manifest, [(0, data)])
+    assert not any(p.is_file() and p.stat().st_size for p in root.rglob("*"))

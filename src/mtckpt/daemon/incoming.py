@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import threading
 
 from .. import _fastpath
 from ..errors import ChecksumMismatchError, CorruptCheckpointError
@@ -32,9 +33,10 @@ class Incoming:
     as soon as the chunk is complete); :meth:`commit` renames the file into place and
     writes the manifest (the shard is then whole); :meth:`close` always follows, and
     unmaps. An expired replica's file is reused when one is free (its tmpfs pages exist;
-    ``spare``: already mapped with them present);
-    a fresh file's pages are allocated up front (a full tmpfs fails there, not with SIGBUS
-    on a write)."""
+    ``spare``: already mapped with them present). A fresh file's pages are allocated and
+    mapped by a :class:`Preparer` a window ahead of the bytes arriving, not all before the
+    first (that took longer than the transfer of a GiB here); a full tmpfs fails there,
+    not with SIGBUS on a write."""
 
     def __init__(self, storage, shard, manifest, manifest_json, temp, final, reused, where,
                  spare: mmap.mmap | None = None):  # fmt: skip
@@ -47,6 +49,7 @@ class Incoming:
         self._done = False
         self._mapping: mmap.mmap | None = None
         self._view = memoryview(bytearray(0))  # the mapping
+        self._preparer: Preparer | None = None
         flags = os.O_RDWR | os.O_CLOEXEC | (0 if reused else os.O_CREAT | os.O_EXCL)
         self._fd = os.open(temp, flags, 0o600)  # model weights: the owner's only
         try:
@@ -55,13 +58,18 @@ class Incoming:
             else:
                 os.ftruncate(self._fd, self.size)
             if spare is None and self.size:
-                self._fastpath.fallocate(self._fd, 0, self.size)  # tmpfs full: raises here
                 self._mapping = mmap.mmap(self._fd, self.size, flags=mmap.MAP_SHARED)
-                self._fastpath.prefault(self._mapping)
                 self._view = memoryview(self._mapping)
+                self._preparer = Preparer(self._fd, self._view, where)
         except BaseException:
             self.close()
             raise
+
+    def mapped(self) -> memoryview:
+        """The whole file, mapped with its pages present."""
+        if self._preparer is not None:
+            self._preparer.wait(self.size)
+        return self._view
 
     def whole_chunks(self, offset: int, length: int) -> bool:
         """Whether ``[offset, offset + length)`` is a run of whole manifest chunks (then
@@ -73,6 +81,8 @@ class Incoming:
         """Where the ``length`` bytes at ``offset`` (the next expected) go: receive them
         into it, then :meth:`accept` them."""
         check_next(self.where, offset, length, self.received, self.size)
+        if self._preparer is not None:
+            self._preparer.wait(offset + length)
         return self._view[offset : offset + length]
 
     def accept(self, offset: int, length: int) -> None:
@@ -93,12 +103,12 @@ class Incoming:
         if offset < 0 or offset + data.nbytes > self.size:
             raise CorruptCheckpointError(f"{self.where}: {data.nbytes} bytes at offset "
                                          f"{offset}, past its {self.size}")  # fmt: skip
-        self._view[offset : offset + data.nbytes] = data
+        self.mapped()[offset : offset + data.nbytes] = data
 
     def check_written(self) -> None:
         """Check every chunk written by :meth:`write_at` against the manifest."""
         self.received, self._crc = 0, 0
-        self._check(self._view[: self.size])
+        self._check(self.mapped()[: self.size])
         self.received = self.size
 
     def _check(self, data: memoryview) -> None:
@@ -140,6 +150,8 @@ class Incoming:
             _unlink(self.temp)
 
     def _close_file(self) -> None:
+        if self._preparer is not None:
+            self._preparer.stop()
         self._view.release()
         if self._mapping is not None:
             try:
@@ -150,6 +162,62 @@ class Incoming:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+class Preparer:
+    """Allocates a fresh file's pages and maps them (``fallocate``, then pre-faulting the
+    mapping ``view``) in windows, in a thread of its own, ahead of a writer that
+    :meth:`wait`s for each region it fills."""
+
+    WINDOW = 32 << 20
+    WAIT = 60.0  # seconds without a window done: the allocation is stuck
+
+    def __init__(self, fd: int, view: memoryview, where: str) -> None:
+        self.fd, self.view, self.where = fd, view, where
+        self.ready = 0
+        self.error: OSError | None = None
+        self._stopped = False
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="mtckpt-prepare", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        fast = _fastpath.backend()
+        size = self.view.nbytes
+        try:
+            for lo in range(0, size, self.WINDOW):
+                if self._stopped:
+                    return
+                hi = min(size, lo + self.WINDOW)
+                fast.fallocate(self.fd, lo, hi - lo)  # a full tmpfs raises here
+                with self.view[lo:hi] as window:
+                    fast.prefault(window)
+                with self._changed:
+                    self.ready = hi
+                    self._changed.notify_all()
+        except OSError as exc:
+            with self._changed:
+                self.error = exc
+                self._changed.notify_all()
+
+    def wait(self, end: int) -> None:
+        """Until the first ``end`` bytes are allocated and mapped; the allocation's
+        OSError (a full tmpfs), or TimeoutError naming the file if it stalls."""
+        with self._changed:
+            while self.ready < end and self.error is None:
+                before = self.ready
+                self._changed.wait(self.WAIT)
+                if self.ready == before and self.error is None:
+                    raise TimeoutError(f"{self.where}: its memory was not allocated within "
+                                       f"{self.WAIT:.0f} s ({before} of {end} bytes)")  # fmt: skip
+            if self.ready < end:
+                raise OSError(self.error.errno, f"{self.where}: allocating its memory: "
+                              f"{self.error.strerror}")  # fmt: skip
+
+    def stop(self) -> None:
+        """Stop after the window being prepared (then the mapping can be closed)."""
+        self._stopped = True
+        self._thread.join()
 
 
 class PatchedIncoming:
@@ -176,7 +244,7 @@ class PatchedIncoming:
             raise CorruptCheckpointError(f"{self.where}: a frame of {length} bytes across "
                                          f"the end of the run at byte {start}")  # fmt: skip
         at = start + self._into
-        return self.incoming._view[at : at + length]
+        return self.incoming.mapped()[at : at + length]
 
     def accept(self, offset: int, length: int) -> None:
         """Take the bytes received into ``region(offset, length)``."""
