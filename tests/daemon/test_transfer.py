@@ -186,3 +186,22 @@ def test_a_replica_larger_than_the_memory_left_fails_naming_it(tmp_path, small_t
     with pytest.raises(OSError, match=r"run 'exp' step 1 rank 0 of node 'src'.*allocating"):
         dst.store(Shard(RUN, 1, 0, "src"), manifest, [(0, data)])
     assert not any(p.is_file() and p.stat().st_size for p in root.rglob("*"))
+
+
+def test_a_spare_replica_file_is_made_ready_for_the_next_step_while_none_is_free(tmp_path):
+    from mtckpt.daemon.holdings import FREE_DIR
+
+    shards = {step: _saved_shard(tmp_path / f"src{step}", step, 3 << 20) for step in (1, 2)}
+    dst = Holdings("dst", tmp_path / "dst", keep=2)
+    free = tmp_path / "dst" / FREE_DIR
+    dst.store(Shard(RUN, 1, 0, "src"), shards[1][1], [(0, shards[1][0])])
+    dst.ready_spare(3 << 20, fits=lambda size: False)  # over the memory budget: none
+    assert not free.exists()
+    dst.ready_spare(len(shards[1][0]), fits=lambda size: True)
+    dst.ready_spare(len(shards[1][0]), fits=lambda size: True)  # one is free: no second
+    (spare,) = free.iterdir()
+    inode = spare.stat().st_ino
+    dst.store(Shard(RUN, 2, 0, "src"), shards[2][1], [(0, shards[2][0])])
+    replica = dst.storage("src").path(RUN, 2, naming.data_file(0))
+    assert replica.stat().st_ino == inode and replica.read_bytes() == shards[2][0]
+    assert not list(free.iterdir())

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import mmap
 import os
+import secrets
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -284,10 +285,7 @@ class Holdings:
         """Move a free data file to ``temp``: one already mapped at ``size`` bytes if there
         is one. Whether one was taken, and its mapping."""
         with self._lock:
-            try:
-                names = os.listdir(self.root / FREE_DIR)
-            except FileNotFoundError:
-                return False, None
+            names = self._free_names()
             names.sort(key=lambda n: (n not in self._spares or len(self._spares[n]) != size, n))
             for name in names:
                 try:
@@ -323,6 +321,28 @@ class Holdings:
             self._spares[name] = spare
         if old is not None:
             old.close()
+
+    def ready_spare(self, size: int, fits: Callable[[int], bool]) -> None:
+        """After a replica of ``size`` bytes is stored, while no free file is left (the
+        first steps of a run, before any expires): one zeroed file of that size made and
+        mapped for the next, if ``fits(size)`` (the memory budget has room). Made off the
+        receive path, as the trainer's ``reserve`` makes its slots."""
+        if not size or self._free_count() or not fits(size):
+            return
+        (self.root / FREE_DIR).mkdir(mode=0o700, parents=True, exist_ok=True)
+        name = f"zeroed-{secrets.token_hex(4)}"
+        temp = self.root / FREE_DIR / naming.temp_name(name)
+        fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            _fastpath.backend().fallocate(fd, 0, size)  # a full tmpfs fails here
+            os.replace(temp, self.root / FREE_DIR / name)
+        except BaseException:
+            _unlink(temp)
+            raise
+        finally:
+            os.close(fd)
+        self._map_spare(name)
 
     def expire_replicas(self, origin: str, run: str, stride: int = 1) -> None:
         """Keep the newest ``keep`` steps of ``origin``'s replicas of ``run`` and, with a
@@ -376,10 +396,14 @@ class Holdings:
                         storage.remove_step_dir(run, step)
 
     def _free_count(self) -> int:
+        return len(self._free_names())
+
+    def _free_names(self) -> list[str]:
+        """The free data files (not one still being made)."""
         try:
-            return len(os.listdir(self.root / FREE_DIR))
+            return [n for n in os.listdir(self.root / FREE_DIR) if naming.temp_target(n) is None]
         except FileNotFoundError:
-            return 0
+            return []
 
 
 def _valid_names(directory: Path, check) -> list[str]:

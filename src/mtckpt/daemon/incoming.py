@@ -65,6 +65,10 @@ class Incoming:
             self.close()
             raise
 
+    @property
+    def file_size(self) -> int:
+        return self.size
+
     def mapped(self) -> memoryview:
         """The whole file, mapped with its pages present."""
         if self._preparer is not None:
@@ -233,6 +237,10 @@ class PatchedIncoming:
         self.size = sum(length for _, length in runs)  # the bytes that arrive
         self.received = 0
         self._run, self._into = 0, 0  # the run being filled, and how far
+
+    @property
+    def file_size(self) -> int:
+        return self.incoming.size
 
     def whole_chunks(self, offset: int, length: int) -> bool:
         return False  # each frame's crc32c is checked on arrival, every chunk at commit

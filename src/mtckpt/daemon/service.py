@@ -97,6 +97,7 @@ class Daemon:
         self.draining = False
         self.serving = False
         self._persisting = futures.ThreadPoolExecutor(1, thread_name_prefix="mtckpt-persist")
+        self._spares = futures.ThreadPoolExecutor(1, thread_name_prefix="mtckpt-spares")
         self.limits = PeerLimits(idle_seconds=config.stream_idle_timeout)
         self._servers: list[grpc.Server] = []
         self._stopped = threading.Event()
@@ -197,6 +198,13 @@ class Daemon:
             return
         self.holdings.expire_replicas(incoming.shard.origin, incoming.shard.run,
                                       self.strides.cluster())  # fmt: skip
+        self._spares.submit(self._ready_spare, incoming.file_size)
+
+    def _ready_spare(self, size: int) -> None:
+        try:
+            self.holdings.ready_spare(size, self.room.fits)
+        except OSError as exc:  # a full tmpfs: the next replica allocates as it arrives
+            log.warning("no spare replica file made: %s", exc)
 
     def transfer_failed(self, exc: Exception) -> None:
         """A replica or recovery transfer into this node failed: counted when its bytes
@@ -218,6 +226,7 @@ class Daemon:
         self.replicator.stop()
         self.changes.close()  # long-polled Status calls answer now
         self._persisting.shutdown(wait=True)
+        self._spares.shutdown(wait=True, cancel_futures=True)
         stopped = [server.stop(grace=5) for server in self._servers]
         for done in stopped:
             done.wait()
