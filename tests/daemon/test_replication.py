@@ -12,9 +12,10 @@ import subprocess
 import sys
 
 import grpc
+import numpy as np
 import pytest
 
-from daemons import replicated, replication_of, restore, save, state, wait_for
+from daemons import replicated, replication_of, restore, save, state, trainer, wait_for
 from mtckpt.daemon import frames
 from mtckpt.proto import mtckpt_pb2 as pb
 from states import assert_same_state
@@ -318,3 +319,45 @@ def test_a_bad_node_id_stops_the_daemon_with_one_line(tmp_path):
         "mtckpt daemon: node id '../escape' is invalid: expected 1-128 characters of letters, "
         "digits, '.', '_' or '-', starting with a letter or digit"
     ]
+
+
+def _lose_a_large_shard(cluster) -> tuple[dict, dict]:
+    """node-a saves a shard of 80 MiB (over recovery.SPLIT_BYTES), replicated to both
+    other nodes; then node-a is lost and replaced."""
+    daemons = cluster(NODES, extra=["--replicas", "2"])
+    big = {"w": np.random.default_rng(5).integers(0, 255, 80 << 20, dtype=np.uint8)}
+    with trainer(daemons["node-a"], 0, 1) as mgr:
+        mgr.save(1, big).wait()
+    with daemons["node-a"].client() as client:
+        client.notify(RUN, 1)
+    wait_for(lambda: replicated(daemons["node-a"], RUN, 1), what="two replicas")
+    daemons["node-a"].lose_node()
+    cluster.restart(daemons["node-a"])
+    return daemons, big
+
+
+def test_a_large_shard_comes_back_from_all_its_replicas_at_once(cluster):
+    daemons, big = _lose_a_large_shard(cluster)
+    done = mtckpt_restore(daemons["node-a"])
+    assert done.returncode == 0, done.stderr
+    assert sorted(json.loads(done.stdout)["sources"]) == ["node-b", "node-c"]
+    assert np.array_equal(restore(daemons["node-a"], 0, 1)[1]["w"], big["w"])
+
+
+def test_damaged_runs_of_a_large_shard_come_from_the_other_replica(cluster):
+    """node-b's copy is damaged near its start, node-c's near its end: whichever run each
+    was asked for, one of them fails and comes from the other."""
+    daemons, big = _lose_a_large_shard(cluster)
+    for holder, where in (("node-b", 1000), ("node-c", -1000)):
+        path = (daemons[holder].memory_root / ".replicas" / "node-a" / RUN / f"step-{1:012d}"
+                / "rank-00000.safetensors")  # fmt: skip
+        with open(path, "r+b") as f:
+            f.seek(where, os.SEEK_SET if where > 0 else os.SEEK_END)
+            byte = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte[0] ^ 1]))
+    done = mtckpt_restore(daemons["node-a"])
+    assert done.returncode == 0, done.stderr
+    assert sorted(json.loads(done.stdout)["sources"]) == ["node-b", "node-c"]
+    assert np.array_equal(restore(daemons["node-a"], 0, 1)[1]["w"], big["w"])
+    assert "is damaged here" in daemons["node-a"].log.read_text()

@@ -4,6 +4,7 @@ whole only once renamed into place with its manifest written after it."""
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import os
 import threading
@@ -50,6 +51,7 @@ class Incoming:
         self._mapping: mmap.mmap | None = None
         self._view = memoryview(bytearray(0))  # the mapping
         self._preparer: Preparer | None = None
+        self._ranges: list[Range] = []
         flags = os.O_RDWR | os.O_CLOEXEC | (0 if reused else os.O_CREAT | os.O_EXCL)
         self._fd = os.open(temp, flags, 0o600)  # model weights: the owner's only
         try:
@@ -74,6 +76,29 @@ class Incoming:
         if self._preparer is not None:
             self._preparer.wait(self.size)
         return self._view
+
+    def ranges(self, count: int) -> list[Range]:
+        """The file cut into ``count`` runs of whole chunks (fewer if it has fewer), each
+        a sink of its own, filled in parallel (from several peers); its pages prepared by
+        a Preparer per run. :meth:`filled` once every run is."""
+        if self.received:
+            raise CorruptCheckpointError(f"{self.where}: cut into ranges after bytes arrived")
+        fresh = self._preparer is not None
+        if fresh:
+            self._preparer.stop()
+            self._preparer = None
+        chunks = len(self.manifest.chunk_crc32c)
+        bounds = [min(self.size, (chunks * i // count) * self.manifest.chunk_size)
+                  for i in range(count + 1)]  # fmt: skip
+        runs = [Range(self, lo, hi, fresh) for lo, hi in itertools.pairwise(bounds) if hi > lo]
+        self._ranges = runs
+        return runs
+
+    def filled(self) -> None:
+        """Every range of :meth:`ranges` received whole and checked: the file is."""
+        if not self._ranges or any(r.received != r.size for r in self._ranges):
+            raise CorruptCheckpointError(f"{self.where}: not every range arrived")
+        self.received = self.size
 
     def whole_chunks(self, offset: int, length: int) -> bool:
         """Whether ``[offset, offset + length)`` is a run of whole manifest chunks (then
@@ -154,8 +179,9 @@ class Incoming:
             _unlink(self.temp)
 
     def _close_file(self) -> None:
-        if self._preparer is not None:
-            self._preparer.stop()
+        for preparer in [self._preparer, *(r.preparer for r in self._ranges)]:
+            if preparer is not None:
+                preparer.stop()
         self._view.release()
         if self._mapping is not None:
             try:
@@ -168,6 +194,43 @@ class Incoming:
             self._fd = -1
 
 
+class Range:
+    """``[lo, hi)`` of an :class:`Incoming` file (whole chunks) as a sink of its own:
+    frames at offsets from ``lo``, each one whole chunk, checked against the manifest."""
+
+    def __init__(self, incoming: Incoming, lo: int, hi: int, prepare: bool) -> None:
+        """``prepare``: the file is fresh; its pages in the range are allocated ahead."""
+        self.incoming, self.lo, self.size = incoming, lo, hi - lo
+        self.where = f"{incoming.where} (bytes {lo} to {hi})"
+        self.received = 0
+        self.preparer = Preparer(incoming._fd, incoming._view, self.where, lo, hi) \
+            if prepare else None  # fmt: skip
+
+    def whole_chunks(self, offset: int, length: int) -> bool:
+        return True  # accept() checks each against the manifest
+
+    def region(self, offset: int, length: int) -> memoryview:
+        check_next(self.where, offset, length, self.received, self.size)
+        at = self.lo + offset
+        if self.preparer is not None:
+            self.preparer.wait(at + length)
+        return self.incoming._view[at : at + length]
+
+    def accept(self, offset: int, length: int) -> None:
+        manifest, at = self.incoming.manifest, self.lo + offset
+        index = at // manifest.chunk_size
+        if at % manifest.chunk_size or length != min(manifest.chunk_size, manifest.file_size - at):
+            raise CorruptCheckpointError(f"{self.where}: a frame of {length} bytes at {at} "
+                                         "is not one whole chunk")  # fmt: skip
+        with self.region(offset, length) as data:
+            got = _fastpath.backend().crc32c(data)
+        if got != manifest.chunk_crc32c[index]:
+            raise ChecksumMismatchError(f"{self.where}: chunk {index} arrived with crc32c "
+                                        f"{got:#010x}, the manifest records "
+                                        f"{manifest.chunk_crc32c[index]:#010x}")  # fmt: skip
+        self.received += length
+
+
 class Preparer:
     """Allocates a fresh file's pages and maps them (``fallocate``, then pre-faulting the
     mapping ``view``) in windows, in a thread of its own, ahead of a writer that
@@ -176,9 +239,12 @@ class Preparer:
     WINDOW = 32 << 20
     WAIT = 60.0  # seconds without a window done: the allocation is stuck
 
-    def __init__(self, fd: int, view: memoryview, where: str) -> None:
+    def __init__(self, fd: int, view: memoryview, where: str, start: int = 0,
+                 end: int | None = None) -> None:  # fmt: skip
+        """Prepares ``[start, end)`` of the file (to its end by default)."""
         self.fd, self.view, self.where = fd, view, where
-        self.ready = 0
+        self.start, self.end = start, view.nbytes if end is None else end
+        self.ready = start
         self.error: OSError | None = None
         self._stopped = False
         self._changed = threading.Condition()
@@ -187,12 +253,11 @@ class Preparer:
 
     def _run(self) -> None:
         fast = _fastpath.backend()
-        size = self.view.nbytes
         try:
-            for lo in range(0, size, self.WINDOW):
+            for lo in range(self.start, self.end, self.WINDOW):
                 if self._stopped:
                     return
-                hi = min(size, lo + self.WINDOW)
+                hi = min(self.end, lo + self.WINDOW)
                 fast.fallocate(self.fd, lo, hi - lo)  # a full tmpfs raises here
                 with self.view[lo:hi] as window:
                     fast.prefault(window)

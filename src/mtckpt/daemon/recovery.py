@@ -3,9 +3,10 @@
 A replacement node's daemon starts with empty roots and the lost node's id. Recovery
 lists what every reachable daemon holds, takes the newest step that is complete for all
 ranks across them (or the step asked for), and fetches the shards saved by this node id
-from the peers holding replicas, several at once and spread over the sources, verifying
-each chunk against the manifest as it arrives; a bad or unreachable source is replaced
-by the next one. Shards this node's local tier still holds (a daemon restarted after its
+from the peers holding replicas, several at once and spread over the sources, a large
+shard from all its holders at once (a run of chunks from each), verifying each chunk
+against the manifest as it arrives; a bad or unreachable source is replaced by the next
+one. Shards this node's local tier still holds (a daemon restarted after its
 memory tier was lost) or its daemon kept (a sync step the trainers expired) are copied
 from there instead. The shards land in this node's memory tier with the step's COMMIT, so
 the trainer then restores at memory speed; with a local root, :func:`persist` then writes
@@ -20,13 +21,14 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from .. import tiercopy
+from .. import _fastpath, tiercopy
 from ..errors import (
     CorruptCheckpointError,
     MtckptError,
     StepNotFoundError,
 )
 from ..format import commit
+from ..format.manifest import RankManifest
 from . import bulk, frames, rebuild
 from .auth import host_of
 from .holdings import Holdings, Shard
@@ -34,6 +36,8 @@ from .peers import Peers
 from .rpc import error_text, shard_id
 
 log = logging.getLogger(__name__)
+
+SPLIT_BYTES = 64 << 20  # a shard at least this large comes from all its holders at once
 
 
 @dataclass
@@ -54,6 +58,7 @@ class _Copy:
     shard: Shard
     world_size: int
     coded: bool = False  # not held whole anywhere: its group can rebuild it
+    manifest_crc: int | None = None  # as its holder listed it
 
 
 def _copies(holdings: Holdings, peers: Peers, run: str, unreachable: list[str],
@@ -76,7 +81,8 @@ def _copies(holdings: Holdings, peers: Peers, run: str, unreachable: list[str],
         for info in listing.shards:
             s = info.shard
             shard = Shard(s.run, s.step, s.rank, s.origin)
-            copies.append(_Copy(listing.node_id, member.address, shard, info.world_size))
+            copies.append(_Copy(listing.node_id, member.address, shard, info.world_size,
+                                manifest_crc=info.manifest_crc))  # fmt: skip
     return copies
 
 
@@ -183,10 +189,9 @@ def _bring_back(holdings: Holdings, peers: Peers, run: str, found: list[_Copy],
                 lambda item: _fetch(holdings, peers, item[1], item[0]),
                 enumerate(sources[rank] for rank in missing),
             ))  # fmt: skip
-        for size, node in fetched:
+        for size, nodes in fetched:
             result.bytes += size
-            if node not in result.sources:
-                result.sources.append(node)
+            result.sources += [n for n in nodes if n not in result.sources]
     if mine:  # a node that saved nothing of this step has nothing to commit
         commit.try_commit(holdings.own, run, chosen, world, mine)
     result.world_size = world
@@ -217,9 +222,11 @@ def _complete(copies: list[_Copy]) -> bool:
     return {c.shard.rank for c in copies} >= set(range(worlds.pop()))
 
 
-def _fetch(holdings: Holdings, peers: Peers, sources: list[_Copy], turn: int) -> tuple[int, str]:
+def _fetch(holdings: Holdings, peers: Peers, sources: list[_Copy],
+           turn: int) -> tuple[int, list[str]]:  # fmt: skip
     """Fetch one shard from the first source that gives it whole and verified, starting
-    at a different source for each shard to spread the load."""
+    at a different source for each shard to spread the load; a large shard comes from
+    that source and every other holding the same save at once. Its size, and from whom."""
     problems = []
     order = sources[turn % len(sources) :] + sources[: turn % len(sources)]
     for source in order:
@@ -229,7 +236,14 @@ def _fetch(holdings: Holdings, peers: Peers, sources: list[_Copy], turn: int) ->
         try:
             pieces = frames.verified(client.fetch(ident, manifest=True), _where(source))
             manifest = b"".join(data for _, data in pieces)
-            size = _pull(holdings, peers, source, manifest)
+            crc = _fastpath.backend().crc32c(manifest)
+            used = [source]
+            if _data_size(manifest) >= SPLIT_BYTES:
+                used += [s for s in order if s is not source and s.manifest_crc == crc]
+            if len(used) > 1:
+                size = _pull_split(holdings, peers, used, manifest)
+            else:
+                size = _pull(holdings, peers, source, manifest)
         except (grpc.RpcError, MtckptError, OSError) as exc:
             reason = error_text(exc)
             log.warning(
@@ -237,7 +251,7 @@ def _fetch(holdings: Holdings, peers: Peers, sources: list[_Copy], turn: int) ->
             )
             problems.append(f"{source.node}: {reason}")
             continue
-        return size, source.node
+        return size, [s.node for s in used]
     raise CorruptCheckpointError(
         f"no peer could provide {sources[0].shard}: {'; '.join(problems) or 'no source'}"
     )
@@ -262,6 +276,47 @@ def _pull(holdings: Holdings, peers: Peers, source: _Copy, manifest: bytes) -> i
         incoming.commit()
     finally:
         incoming.close()
+    return incoming.size
+
+
+def _data_size(manifest: bytes) -> int:
+    return RankManifest.from_json(manifest, "a fetched manifest").file_size
+
+
+def _pull_split(holdings: Holdings, peers: Peers, sources: list[_Copy], manifest: bytes) -> int:
+    """A shard's data file from every peer in ``sources`` at once (each holds the same
+    save), a run of whole chunks from each over its data port, each chunk checked against
+    the manifest; a run whose peer fails comes from the others. Committed here; its size."""
+    shard = sources[0].shard
+    incoming = holdings.receive(shard, manifest)
+    try:
+        ranges = incoming.ranges(len(sources))
+
+        def fill(turn: int) -> None:
+            part, problems = ranges[turn], []
+            for source in sources[turn:] + sources[:turn]:
+                try:
+                    ticket = peers.client(source.address).open_fetch(
+                        shard_id(shard), offset=part.lo, length=part.size)
+                    tls = peers.tls if ticket.tls else None
+                    bulk.fetch(host_of(source.address), ticket.port, ticket.ticket, part, tls=tls)
+                    return
+                except (grpc.RpcError, MtckptError, OSError) as exc:
+                    problems.append(f"{source.node}: {error_text(exc)}")
+                    log.warning("recovery: %s from %s failed: %s; trying another source",
+                                part.where, source.node, problems[-1])  # fmt: skip
+                    part.received = 0  # from the start of the run, from the next peer
+            raise CorruptCheckpointError(f"{part.where}: no peer could provide it: "
+                                         f"{'; '.join(problems)}")  # fmt: skip
+
+        with ThreadPoolExecutor(max_workers=len(ranges)) as pool:
+            for done in [pool.submit(fill, turn) for turn in range(len(ranges))]:
+                done.result()
+        incoming.filled()
+        incoming.commit()
+    finally:
+        incoming.close()
+    log.info("recovery: %s from %s at once", shard, [s.node for s in sources])
     return incoming.size
 
 
