@@ -335,6 +335,22 @@ def test_export_writes_whole_tensors_assembled_from_every_rank(tmp_path, tiers, 
     assert (state["step"], state["name"]) == (3, "mlp")
 
 
+def test_export_without_a_step_falls_back_past_a_damaged_newest_step(tmp_path, tiers):
+    for root in (tmp_path / "memory", tmp_path / "local"):  # every copy of step 3
+        flip_byte(step_dir(root, 3) / "rank-00001.safetensors")
+    out = tmp_path / "latest.safetensors"
+    done = mtckpt_cli("export", "--out", out, *tiers, "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["step"] == 2
+    assert "no good copy of run exp step 3" in done.stderr and "trying step 2" in done.stderr
+    from safetensors import safe_open
+
+    with safe_open(str(out), "pt") as f:
+        assert torch.equal(f.get_tensor("weight"), torch.arange(48.0).reshape(8, 6) * 2)
+    asked = mtckpt_cli("export", "3", "--out", tmp_path / "three.safetensors", *tiers)
+    assert asked.returncode == 1 and "no good copy of run exp step 3" in asked.stderr
+
+
 def test_export_of_a_pickled_leaf_needs_allow_pickle(tmp_path):
     with mtckpt.CheckpointManager(RUN, memory=mtckpt.MemoryTier(str(tmp_path / "m")),
                                   allow_pickle=True) as mgr:  # fmt: skip

@@ -39,7 +39,8 @@ def add_parsers(commands) -> None:
         help="write a step as safetensors, torch.save or DCP",
         description="Whole tensors, assembled from every rank's shards.",
     )
-    e.add_argument("step", nargs="?", help="a step number or 'latest' (default)")
+    e.add_argument("step", nargs="?", help="a step number, or 'latest' (default): the newest "
+                   "step with a good copy (a damaged newer one is reported and skipped)")
     e.add_argument("--format", choices=export.FORMATS, default="safetensors")
     e.add_argument("--out", required=True, help="the file (a directory for dcp)")
     e.add_argument(
@@ -153,10 +154,24 @@ def _copy_to(source, targets, run, step, ranks, args) -> tuple[list[int], int]:
 
 
 def _export(args: argparse.Namespace) -> int:
+    """The step asked for, or (none asked) the newest step with a good copy, as
+    ``restore`` takes: a damaged newest step is reported and the next older tried."""
     tiers = common.chosen_tiers(args)
     run = common.run_name(args, tiers)
-    step = common.chosen_step(args, tiers, run)
-    storage, manifest, values = export.read_step(tiers, run, step, args.allow_pickle)
+    if args.step in (None, "latest"):
+        complete = {s for t in tiers for s in catalog.newest_complete(t, run)}
+        steps = plan.steps_to_try(sorted(complete, reverse=True), None, run,
+                                  f"every rank in {common.described(tiers)}")  # fmt: skip
+    else:
+        steps = [common.step_number(args.step)]
+    for tried, step in enumerate(steps):
+        try:
+            storage, manifest, values = export.read_step(tiers, run, step, args.allow_pickle)
+            break
+        except CorruptCheckpointError as exc:
+            if tried + 1 == len(steps):
+                raise
+            print(f"mtckpt export: {exc}; trying step {steps[tried + 1]}", file=sys.stderr)
     export.write(args.format, manifest, values, args.out)
     result = {"run": run, "step": step, "format": args.format, "out": str(args.out),
               "source": storage.name}  # fmt: skip
