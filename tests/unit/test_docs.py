@@ -60,3 +60,31 @@ def test_readme_starts_with_the_commands_for_a_fresh_machine():
     assert lines[3].endswith("python examples/train_resume.py   # main job"), lines[3]
     assert lines[4].startswith("bash .ci/run "), lines[4]
     assert lines[5] == "```"
+
+
+def test_the_numpy_shard_reader_in_the_format_page_reads_bfloat16_and_float8(tmp_path):
+    import ml_dtypes
+    import numpy as np
+    import torch
+
+    import mtckpt
+
+    state = {"model": {"layers": {"0": {"attn/qkv": torch.randn(4, 6, dtype=torch.bfloat16)}}},
+             "scale": torch.tensor([0.5, 2.0]).to(torch.float8_e4m3fn),
+             "step": torch.arange(3, dtype=torch.int64)}  # fmt: skip
+    with mtckpt.CheckpointManager("doc", memory=mtckpt.MemoryTier(str(tmp_path))) as mgr:
+        mgr.save(1000, state).wait()
+    shard = tmp_path / "doc" / "step-000000001000" / "rank-00000.safetensors"
+    page = (ROOT / "docs" / "format.md").read_text()
+    (code,) = re.findall(r"Reading a shard without mtckpt.*?```python\n(.*?)```", page, re.S)
+    code = code.replace('"step-000000001000/rank-00000.safetensors"', repr(str(shard)))
+    namespace: dict = {}
+    exec(compile(code, "docs/format.md", "exec"), namespace)
+    tensors = namespace["tensors"]
+    qkv = tensors["model/layers/0/attn~1qkv"]
+    assert qkv.dtype == ml_dtypes.bfloat16
+    expected = state["model"]["layers"]["0"]["attn/qkv"].float().numpy()
+    assert np.array_equal(qkv.astype(np.float32), expected)
+    assert tensors["scale"].dtype == ml_dtypes.float8_e4m3fn
+    assert tensors["scale"].astype(np.float32).tolist() == [0.5, 2.0]
+    assert tensors["step"].tolist() == [0, 1, 2]
