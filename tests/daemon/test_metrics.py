@@ -134,3 +134,30 @@ def test_daemons_report_replication_peers_and_health(cluster):
     assert daemons["node-a"].terminate() == 0
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(f"http://{a}/healthz", timeout=5)
+
+
+def test_every_metric_the_grafana_dashboard_queries_is_served(cluster):
+    """integrations/grafana: each series its panels and variables ask for is one a daemon
+    serves or a trainer's ``mgr.metrics`` holds (a renamed metric breaks this)."""
+    import json
+    import re
+    from pathlib import Path
+
+    port = free_port()
+    cluster(["dash-a"], per_node={"dash-a": ["--metrics-listen", f"127.0.0.1:{port}"]})
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        served = list(text_string_to_metric_families(reply.read().decode()))
+    served += list(text_string_to_metric_families(Metrics().render()))
+    series = set()
+    for family in served:
+        suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}
+        series |= {family.name + s for s in suffixes.get(family.type, [""])}
+    grafana = Path(__file__).resolve().parents[2] / "integrations" / "grafana"
+    dashboard = json.loads((grafana / "mtckpt-dashboard.json").read_text())
+    queries = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    assert len(queries) >= 9 and all(p["datasource"]["uid"] == "${datasource}"
+                                     for p in dashboard["panels"])  # fmt: skip
+    asked = {name for q in queries for name in re.findall(r"\bmtckpt_[a-z_]+", q)}
+    assert asked >= {"mtckpt_save_seconds_bucket", "mtckpt_replication_lag_seconds",
+                     "mtckpt_replication_pending_shards", "mtckpt_memory_bytes"}  # fmt: skip
+    assert asked <= series, f"not served: {sorted(asked - series)}"
