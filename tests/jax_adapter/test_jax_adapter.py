@@ -138,6 +138,10 @@ def test_a_torch_checkpoint_restores_into_jax_arrays(mesh, shm_dir):
         int32 = jax.ShapeDtypeStruct((6,), jnp.int32, sharding=NamedSharding(mesh, P()))
         with pytest.raises(StateMismatchError, match=r"'n'.*holds I64 \(6,\).*expects I32 \(6,\)"):
             mgr.restore({"n": int32}, strict=False)
+        # nor does an int64 target make one: it would be cut to int32 without a word
+        int64 = jax.ShapeDtypeStruct((6,), np.int64, sharding=NamedSharding(mesh, P()))
+        with pytest.raises(StateMismatchError, match=r"'n'.*holds I64 \(6,\).*expects I32 \(6,\)"):
+            mgr.restore({"n": int64}, strict=False)
 
 
 # -- bad input ---------------------------------------------------------------------------

@@ -158,8 +158,8 @@ class JaxAdapter(arrays.ArrayAdapter):
         return self.handles(obj)
 
     def target_signature(self, target: Any) -> tuple[str, tuple[int, ...], bool]:
-        try:
-            dtype = _dtype_name(target.dtype)
+        try:  # what JAX can hold: int64 is int32 without jax_enable_x64, as it would make it
+            dtype = _dtype_name(jax.dtypes.canonicalize_dtype(target.dtype))
         except ValueError:
             dtype = str(target.dtype)
         return dtype, tuple(target.shape), True
