@@ -19,7 +19,7 @@ from .restore import read as restore
 from .restore import reshard
 from .tiers.base import Storage
 
-FORMATS = ("safetensors", "torch", "dcp")
+FORMATS = ("safetensors", "torch", "dcp", "orbax")
 
 
 def read_step(
@@ -61,17 +61,30 @@ def write(fmt: str, manifest: RankManifest, values: dict[str, Any], out: str | o
         return
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    state = tree.unflatten(manifest.tree, values.__getitem__)
+    if fmt == "orbax":
+        write_orbax(state, out)
+        return
     import torch
 
     from .adapters.dcp import as_torch
 
-    state = tree.unflatten(manifest.tree, values.__getitem__)
     if fmt == "torch":
         torch.save(as_torch(state), out)
     else:
         import torch.distributed.checkpoint as dcp
 
         dcp.save(as_torch(state), checkpoint_id=out, no_dist=True)
+
+
+def write_orbax(state: Any, out: str | os.PathLike) -> None:
+    """``state`` as an Orbax checkpoint at ``out`` (a new directory), written by Orbax's
+    ``PyTreeCheckpointer`` (strings too, which its ``StandardCheckpointer`` refuses):
+    ``ocp.PyTreeCheckpointer().restore(out)`` reads it, arrays as numpy arrays."""
+    import orbax.checkpoint as ocp
+
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        checkpointer.save(os.path.abspath(out), state)
 
 
 def write_safetensors(manifest: RankManifest, values: dict[str, Any], out: str | os.PathLike):

@@ -100,3 +100,28 @@ def test_unsupported_arguments_and_items_are_refused_by_name(tmp_path, pytree):
             mngr.save(0)
         with pytest.raises(FileNotFoundError, match="no checkpoint to restore"):
             mngr.restore()
+
+
+def test_a_step_exported_as_orbax_is_restored_by_orbax_itself(tmp_path, pytree):
+    """`mtckpt export --format orbax`: users leave as easily as they arrive."""
+    import subprocess
+    import sys
+
+    state = {**pytree, "step": 7, "name": "mlp"}
+    with mtckpt.CheckpointManager("leave", memory=mtckpt.MemoryTier(str(tmp_path / "m"))) as mgr:
+        mgr.save(7, state).wait()
+    out = tmp_path / "orbax-step-7"
+    command = [sys.executable, "-m", "mtckpt", "export", "--memory", str(tmp_path / "m"),
+               "--format", "orbax", "--out", str(out)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    abstract = {**jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, pytree),
+                "step": 0, "name": ""}  # fmt: skip
+    restored = ocp.PyTreeCheckpointer().restore(out, args=ocp.args.PyTreeRestore(
+        abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)))
+    assert restored["a"].sharding == pytree["a"].sharding
+    for key in ("a",):
+        assert np.array_equal(np.asarray(restored[key]), np.asarray(pytree[key]))
+    assert np.asarray(restored["b"]["c"]).dtype == jnp.bfloat16
+    assert np.array_equal(np.asarray(restored["b"]["d"]), pytree["b"]["d"])
+    assert (restored["step"], restored["name"]) == (7, "mlp")

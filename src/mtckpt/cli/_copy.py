@@ -36,7 +36,7 @@ def add_parsers(commands) -> None:
 
     e = commands.add_parser(
         "export",
-        help="write a step as safetensors, torch.save or DCP",
+        help="write a step as safetensors, torch.save, DCP or Orbax",
         description="Whole tensors, assembled from every rank's shards.",
     )
     e.add_argument("step", nargs="?", help="a step number, or 'latest' (default): the newest "
