@@ -4,6 +4,9 @@ started by spawn.run_ranks; the global mesh is 4 x 2 over both processes' device
   save ROOT STEP [STEP...]   save jax_states.make_state for each step
   restore ROOT STEP          restore the newest step all processes hold; check it is STEP
                              and that every local shard holds what was saved
+  orbax ROOT STEP [STEP...]  through mtckpt.orbax.CheckpointManager (Orbax's API): save each
+                             step as Orbax's example does, then restore the latest in a
+                             new manager and check it
 """
 
 import os
@@ -35,6 +38,28 @@ def check_local_shards(restored, expected) -> None:
             assert data.tobytes() == np.asarray(shard.data).tobytes(), (path, shard.index)
 
 
+def orbax_round(root: str, steps: list[int], mesh) -> None:
+    import orbax.checkpoint as ocp
+
+    import mtckpt.orbax
+
+    def manager():
+        options = ocp.CheckpointManagerOptions(max_to_keep=2, save_interval_steps=2)
+        return mtckpt.orbax.CheckpointManager(os.path.join(root, "orbax"), options=options,
+                                              memory=mtckpt.MemoryTier(os.path.join(root, "m")),
+                                              collective_timeout=60)  # fmt: skip
+
+    with manager() as mngr:
+        for step in steps:
+            mngr.save(step, args=ocp.args.StandardSave(make_state(mesh, step)))
+        mngr.wait_until_finished()
+    with manager() as mngr:
+        latest = mngr.latest_step()
+        state = mngr.restore(latest, args=ocp.args.StandardRestore(target(mesh)))
+        check_local_shards(state, make_state(mesh, latest))
+        print(f"orbax restored {latest} of {mngr.all_steps()}")
+
+
 def main() -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     jax.distributed.initialize(
@@ -42,6 +67,10 @@ def main() -> None:
     )
     mode, root, steps = sys.argv[1], sys.argv[2], [int(s) for s in sys.argv[3:]]
     mesh = jax.make_mesh((4, 2), ("data", "model"))
+    if mode == "orbax":
+        orbax_round(root, steps, mesh)
+        jax.distributed.shutdown()
+        return
     with mtckpt.CheckpointManager("job", mtckpt.MemoryTier(root), collective_timeout=60) as mgr:
         assert (mgr.rank, mgr.world_size) == (rank, world)  # from jax.distributed
         if mode == "save":

@@ -56,3 +56,10 @@ def test_processes_agree_on_the_newest_step_both_hold(tmp_path):
     (tmp_path / "job" / f"step-{2:012d}" / "rank-00001.json").unlink()
     restored = check_ok(run_ranks("jax_worker.py", 2, ["restore", str(tmp_path), "1"]))
     assert said(restored) == ["restored 1"] * 2
+
+
+def test_two_processes_through_the_orbax_manager(tmp_path):
+    """Orbax's CheckpointManager API (mtckpt.orbax) in a job of two processes: every step
+    Orbax's rule saves, the latest restored by a new manager onto the same mesh."""
+    done = check_ok(run_ranks("jax_worker.py", 2, ["orbax", str(tmp_path), *map(str, range(5))]))
+    assert said(done) == ["orbax restored 4 of [2, 4]"] * 2
