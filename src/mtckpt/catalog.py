@@ -15,6 +15,8 @@ from .format.manifest import RankManifest
 from .restore import read as restore
 from .tiers.base import FileStat, Storage
 
+VERIFY_WINDOW = 64 << 20  # bytes checked between two progress reports
+
 log = logging.getLogger(__name__)
 
 COMPLETE, INCOMPLETE, DAMAGED = "complete", "incomplete", "damaged"
@@ -136,9 +138,11 @@ def listing(storage: Storage, run: str | None = None) -> list[StepInfo]:
     return [step_info(storage, r, step) for r in runs for step in storage.steps(r)]
 
 
-def verify(storage: Storage, run: str, step: int, threads: int = 1) -> tuple[int, list[str]]:
+def verify(storage: Storage, run: str, step: int, threads: int = 1,
+           progress: Callable[[int], None] | None = None) -> tuple[int, list[str]]:  # fmt: skip
     """Check every chunk's crc32c of every shard of ``step`` on ``storage``: the bytes
-    checked and the problems found (none: the step is good there)."""
+    checked and the problems found (none: the step is good there). ``progress(n)``: n
+    more bytes checked."""
     info, manifests_found = read_step(storage, run, step)
     problems = list(info.problems)
     if info.status == INCOMPLETE:
@@ -146,7 +150,7 @@ def verify(storage: Storage, run: str, step: int, threads: int = 1) -> tuple[int
     checked = 0
     for manifest in manifests_found:
         try:
-            verify_shard(storage, manifest, threads)
+            verify_shard(storage, manifest, threads, progress)
         except (CorruptCheckpointError, OSError) as exc:
             problems.append(str(exc))
             continue
@@ -154,14 +158,23 @@ def verify(storage: Storage, run: str, step: int, threads: int = 1) -> tuple[int
     return checked, problems
 
 
-def verify_shard(storage: Storage, manifest: RankManifest, threads: int = 1) -> None:
-    """Read ``manifest``'s whole data file from ``storage`` and check every chunk's crc32c.
-    Raises CorruptCheckpointError (ChecksumMismatchError for bad bytes) if the copy is
-    damaged, OSError if it cannot be read now."""
+def verify_shard(storage: Storage, manifest: RankManifest, threads: int = 1,
+                 progress: Callable[[int], None] | None = None) -> None:  # fmt: skip
+    """Read ``manifest``'s whole data file from ``storage`` and check every chunk's crc32c
+    (``progress(n)`` after each window of n bytes). Raises CorruptCheckpointError
+    (ChecksumMismatchError for bad bytes) if the copy is damaged, OSError if it cannot be
+    read now."""
     where = f"{storage.describe()}: run {manifest.run} step {manifest.step} rank {manifest.rank}"
     data = restore.open_data(storage, manifest, where, threads)
+    window = max(1, VERIFY_WINDOW // manifest.chunk_size) * manifest.chunk_size
     try:
-        tiercopy.check_chunks(memoryview(data).cast("B"), manifest, 0, where, threads)
+        with memoryview(data).cast("B") as view:
+            for lo in range(0, view.nbytes, window):
+                with view[lo : lo + window] as piece:
+                    first = lo // manifest.chunk_size
+                    tiercopy.check_chunks(piece, manifest, first, where, threads)
+                    if progress is not None:
+                        progress(piece.nbytes)
     finally:
         restore.close_mapping(data)
 

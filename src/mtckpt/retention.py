@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from . import catalog
@@ -128,6 +128,7 @@ def plan(
     rank: int | None = None,
     verdicts: Verdicts | None = None,
     threads: int = 1,
+    progress: Callable[[int], None] | None = None,
 ) -> list[Removal]:
     """What garbage collection removes of ``run`` on ``storage``, by step: damaged steps,
     incomplete steps older than the newest committed one (newer ones may be a save under
@@ -150,7 +151,8 @@ def plan(
         if not expired:
             return removals
         newest = kept[0]
-        problem = _verify_newest(storage, run, newest, known[newest], rank, verdicts, threads)
+        problem = _verify_newest(storage, run, newest, known[newest], rank, verdicts, threads,
+                                 progress)  # fmt: skip
         if problem is None:  # cannot tell now: nothing that depends on it goes
             return removals
         if not problem:
@@ -216,6 +218,7 @@ def _verify_newest(
     rank: int | None,
     verdicts: Verdicts,
     threads: int,
+    progress: Callable[[int], None] | None = None,
 ) -> str | None:
     """'' if ``step``'s shards pass checksum verification on ``storage`` (known from
     ``verdicts``, else read now), the problem if one does not, None if one cannot be read
@@ -234,7 +237,7 @@ def _verify_newest(
                  storage.describe(), run, step, shard_rank)  # fmt: skip
         try:
             manifest = restore.read_manifest(storage, run, step, shard_rank)
-            catalog.verify_shard(storage, manifest, threads)
+            catalog.verify_shard(storage, manifest, threads, progress)
         except CorruptCheckpointError as exc:
             return str(exc)
         except OSError as exc:

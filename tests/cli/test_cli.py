@@ -221,16 +221,34 @@ def test_restore_to_a_directory_makes_a_tier_root_a_manager_restores_from(tmp_pa
 
 def test_restore_shows_progress_on_a_terminal(tmp_path, tiers):
     subprocess.run(["rm", "-rf", str(tmp_path / "memory")], check=True)
+    done, shown = on_a_terminal("restore", "--run", RUN, *tiers)
+    assert done.returncode == 0
+    assert "step 3: " in shown and " / " in shown and "/s" in shown
+
+
+def on_a_terminal(*args) -> tuple[subprocess.CompletedProcess, str]:
+    """Run ``mtckpt ARGS`` with its stderr on a pseudo-terminal: the result and what the
+    terminal showed."""
     leader, follower = pty.openpty()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MTCKPT_")}
-    done = subprocess.run([sys.executable, "-m", "mtckpt", "restore", "--run", RUN,
-                           *map(str, tiers)], stdout=subprocess.PIPE, stderr=follower,
-                          env=env, timeout=120)  # fmt: skip
+    command = [sys.executable, "-m", "mtckpt", *map(str, args)]
+    done = subprocess.run(command, stdout=subprocess.PIPE, stderr=follower, env=env, timeout=120)
     os.close(follower)
     shown = os.read(leader, 65536).decode()
     os.close(leader)
+    return done, shown
+
+
+@pytest.mark.parametrize("command, shown", [
+    (["verify", "3"], "verifying local exp step 3: "),
+    (["gc", "--keep", "1"], "verifying local exp: "),
+])  # fmt: skip
+def test_verify_and_gc_show_progress_on_a_terminal_only(tiers, command, shown):
+    done, terminal = on_a_terminal(*command, *tiers)
     assert done.returncode == 0
-    assert "step 3: " in shown and " / " in shown and "/s" in shown
+    assert shown in terminal and "/s" in terminal
+    piped = mtckpt_cli(*command, *tiers)
+    assert piped.returncode == 0 and "/s" not in piped.stderr
 
 
 def test_gc_is_a_dry_run_unless_applied_and_keeps_the_newest(tmp_path, tiers):

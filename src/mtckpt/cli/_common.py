@@ -202,7 +202,8 @@ def print_table(rows: list[tuple[str, ...]]) -> None:
 
 
 class Progress:
-    """Bytes copied and the rate, on one line of a terminal's stderr; silent otherwise."""
+    """Bytes done (of ``total``; 0: not known) and the rate, on one line of a terminal's
+    stderr; silent otherwise."""
 
     def __init__(self, what: str, total: int, quiet: bool) -> None:
         self.what, self.total, self.done = what, total, 0
@@ -213,8 +214,9 @@ class Progress:
         self.done += nbytes
         if self.shown:
             rate = self.done / max(time.monotonic() - self.started, 1e-6)
-            print(f"\r{self.what}: {human_size(self.done)} / {human_size(self.total)}  "
-                  f"{human_size(rate)}/s   ", end="", file=sys.stderr, flush=True)  # fmt: skip
+            of = f" / {human_size(self.total)}" if self.total else ""
+            print(f"\r{self.what}: {human_size(self.done)}{of}  {human_size(rate)}/s   ",
+                  end="", file=sys.stderr, flush=True)  # fmt: skip
 
     def close(self) -> None:
         if self.shown and self.done:

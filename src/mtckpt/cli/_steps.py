@@ -277,7 +277,13 @@ def _verify(args: argparse.Namespace) -> int:
                 rows.append({"tier": storage.name, "run": info.run, "step": info.step,
                              "status": "incomplete", "bytes": 0, "problems": []})  # fmt: skip
                 continue
-            checked, problems = catalog.verify(storage, info.run, info.step)
+            progress = common.Progress(f"verifying {storage.name} {info.run} step {info.step}",
+                                       0, args.json)  # fmt: skip
+            try:
+                checked, problems = catalog.verify(storage, info.run, info.step,
+                                                   progress=progress.add)  # fmt: skip
+            finally:
+                progress.close()
             rows.append({"tier": storage.name, "run": info.run, "step": info.step,
                          "status": "ok" if not problems else "damaged", "bytes": checked,
                          "problems": problems})  # fmt: skip
@@ -311,7 +317,12 @@ def _gc(args: argparse.Namespace) -> int:
         for run in [args.run] if args.run else storage.runs():
             # rank None: the newest complete step's every shard is verified before an
             # older step goes (the operator removes whole steps)
-            for removal in retention.plan(storage, run, keep, keep_every):
+            progress = common.Progress(f"verifying {storage.name} {run}", 0, args.json)
+            try:
+                removals = retention.plan(storage, run, keep, keep_every, progress=progress.add)
+            finally:
+                progress.close()
+            for removal in removals:
                 if args.apply:
                     catalog.remove_step(storage, run, removal.step)
                 rows.append({"tier": storage.name, "run": run, "step": removal.step,
