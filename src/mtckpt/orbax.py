@@ -52,14 +52,14 @@ class CheckpointManager:
                  memory: MemoryTier | None = None, peers: PeerTier | None = None,
                  **mtckpt_options: Any) -> None:  # fmt: skip
         given = {"checkpointers": checkpointers, "item_handlers": item_handlers,
-                 "logger": logger, "handler_registry": handler_registry}  # fmt: skip
+                 "logger": logger, "handler_registry": handler_registry,
+                 "metadata": metadata}  # fmt: skip
         for name, value in given.items():
             if value is not None:
-                _unsupported(f"the {name} argument (mtckpt saves any pytree itself)")
+                _unsupported(f"the {name} argument")
         self._options = options = options or ocp.CheckpointManagerOptions()
         _check_options(options)
         self.directory = directory
-        self._metadata = dict(metadata or {})
         self._item_names = tuple(item_names) if item_names is not None else None
         self._last, self._last_step = None, None  # the save in flight, and its step
         keep = options.max_to_keep or KEEP_ALL
@@ -165,9 +165,6 @@ class CheckpointManager:
     def all_steps(self, read: bool = False) -> list[int]:
         """Every step complete in some tier, ascending."""
         return sorted({s for steps in self._mgr.steps().values() for s in steps})
-
-    def metadata(self, step: int | None = None) -> dict[str, Any]:
-        return dict(self._metadata)
 
     def reached_preemption(self, step: int) -> bool:
         return False

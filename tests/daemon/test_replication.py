@@ -336,17 +336,9 @@ def _lose_a_large_shard(cluster) -> tuple[dict, dict]:
     return daemons, big
 
 
-def test_a_large_shard_comes_back_from_all_its_replicas_at_once(cluster):
-    daemons, big = _lose_a_large_shard(cluster)
-    done = mtckpt_restore(daemons["node-a"])
-    assert done.returncode == 0, done.stderr
-    assert sorted(json.loads(done.stdout)["sources"]) == ["node-b", "node-c"]
-    assert np.array_equal(restore(daemons["node-a"], 0, 1)[1]["w"], big["w"])
-
-
-def test_damaged_runs_of_a_large_shard_come_from_the_other_replica(cluster):
-    """node-b's copy is damaged near its start, node-c's near its end: whichever run each
-    was asked for, one of them fails and comes from the other."""
+def test_a_large_shard_comes_from_all_its_replicas_at_once_damaged_runs_from_another(cluster):
+    """Both holders serve a run each. node-b's copy is damaged near its start, node-c's
+    near its end: whichever run each was asked for, one fails and comes from the other."""
     daemons, big = _lose_a_large_shard(cluster)
     for holder, where in (("node-b", 1000), ("node-c", -1000)):
         path = (daemons[holder].memory_root / ".replicas" / "node-a" / RUN / f"step-{1:012d}"

@@ -91,6 +91,8 @@ def test_unsupported_orbax_options_are_refused_by_name(tmp_path, options, named)
 def test_unsupported_arguments_and_items_are_refused_by_name(tmp_path, pytree):
     with pytest.raises(NotImplementedError, match="the item_handlers argument"):
         swapped(tmp_path)(tmp_path / "c", item_handlers=ocp.StandardCheckpointHandler())
+    with pytest.raises(NotImplementedError, match="the metadata argument"):
+        swapped(tmp_path)(tmp_path / "c", metadata={"model": "mlp"})
     with swapped(tmp_path)(tmp_path / "c") as mngr:
         with pytest.raises(NotImplementedError, match="metrics"):
             mngr.save(0, args=ocp.args.StandardSave(pytree), metrics={"loss": 1.0})

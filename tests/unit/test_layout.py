@@ -14,7 +14,7 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 PACKAGE = SRC / "mtckpt"
 # The adapters and the public modules that re-export them may name their frameworks; so
 # may export.py (torch.save and DCP as export formats).
-FACES = {"torch.py", "jax.py", "export.py"}
+FACES = {"torch.py", "jax.py", "export.py", "orbax.py"}
 
 
 def modules() -> dict[str, tuple[Path, str]]:

@@ -241,9 +241,9 @@ def _fetch(holdings: Holdings, peers: Peers, sources: list[_Copy],
             if _data_size(manifest) >= SPLIT_BYTES:
                 used += [s for s in order if s is not source and s.manifest_crc == crc]
             if len(used) > 1:
-                size = _pull_split(holdings, peers, used, manifest)
+                size, served = _pull_split(holdings, peers, used, manifest)
             else:
-                size = _pull(holdings, peers, source, manifest)
+                size, served = _pull(holdings, peers, source, manifest), [source.node]
         except (grpc.RpcError, MtckptError, OSError) as exc:
             reason = error_text(exc)
             log.warning(
@@ -251,7 +251,7 @@ def _fetch(holdings: Holdings, peers: Peers, sources: list[_Copy],
             )
             problems.append(f"{source.node}: {reason}")
             continue
-        return size, [s.node for s in used]
+        return size, served
     raise CorruptCheckpointError(
         f"no peer could provide {sources[0].shard}: {'; '.join(problems) or 'no source'}"
     )
@@ -283,16 +283,18 @@ def _data_size(manifest: bytes) -> int:
     return RankManifest.from_json(manifest, "a fetched manifest").file_size
 
 
-def _pull_split(holdings: Holdings, peers: Peers, sources: list[_Copy], manifest: bytes) -> int:
+def _pull_split(holdings: Holdings, peers: Peers, sources: list[_Copy],
+                manifest: bytes) -> tuple[int, list[str]]:  # fmt: skip
     """A shard's data file from every peer in ``sources`` at once (each holds the same
     save), a run of whole chunks from each over its data port, each chunk checked against
-    the manifest; a run whose peer fails comes from the others. Committed here; its size."""
+    the manifest; a run whose peer fails comes from the others. Committed here; its size
+    and the peers that served it."""
     shard = sources[0].shard
     incoming = holdings.receive(shard, manifest)
     try:
         ranges = incoming.ranges(len(sources))
 
-        def fill(turn: int) -> None:
+        def fill(turn: int) -> str:
             part, problems = ranges[turn], []
             for source in sources[turn:] + sources[:turn]:
                 try:
@@ -300,7 +302,7 @@ def _pull_split(holdings: Holdings, peers: Peers, sources: list[_Copy], manifest
                         shard_id(shard), offset=part.lo, length=part.size)
                     tls = peers.tls if ticket.tls else None
                     bulk.fetch(host_of(source.address), ticket.port, ticket.ticket, part, tls=tls)
-                    return
+                    return source.node
                 except (grpc.RpcError, MtckptError, OSError) as exc:
                     problems.append(f"{source.node}: {error_text(exc)}")
                     log.warning("recovery: %s from %s failed: %s; trying another source",
@@ -310,14 +312,14 @@ def _pull_split(holdings: Holdings, peers: Peers, sources: list[_Copy], manifest
                                          f"{'; '.join(problems)}")  # fmt: skip
 
         with ThreadPoolExecutor(max_workers=len(ranges)) as pool:
-            for done in [pool.submit(fill, turn) for turn in range(len(ranges))]:
-                done.result()
+            served = [pool.submit(fill, turn) for turn in range(len(ranges))]
+            nodes = list(dict.fromkeys(done.result() for done in served))
         incoming.filled()
         incoming.commit()
     finally:
         incoming.close()
-    log.info("recovery: %s from %s at once", shard, [s.node for s in sources])
-    return incoming.size
+    log.info("recovery: %s from %s at once", shard, nodes)
+    return incoming.size, nodes
 
 
 def _where(source: _Copy) -> str:
