@@ -10,8 +10,10 @@ import pytest
 from faults import NAMED_ERROR, RESTORED, run_trials
 
 
-@pytest.mark.usefixtures("backend")
-def test_random_faults_never_give_wrong_data(tmp_path, moto):
+@pytest.mark.parametrize(
+    "backend", ["native", pytest.param("python", marks=pytest.mark.slow)], indirect=True
+)  # the numpy twin gives the native bytes (tests/unit); its own fault run is in -m slow
+def test_random_faults_never_give_wrong_data(tmp_path, moto, backend):
     counts = run_trials(tmp_path, trials=30, seed=1, moto=moto)
     assert counts[f"outcome: {RESTORED}"] + counts[f"outcome: {NAMED_ERROR}"] == 30
     assert counts[f"outcome: {RESTORED}"] > 0

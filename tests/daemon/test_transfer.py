@@ -205,3 +205,15 @@ def test_a_spare_replica_file_is_made_ready_for_the_next_step_while_none_is_free
     replica = dst.storage("src").path(RUN, 2, naming.data_file(0))
     assert replica.stat().st_ino == inode and replica.read_bytes() == shards[2][0]
     assert not list(free.iterdir())
+
+
+def test_a_spare_a_killed_daemon_was_still_making_is_removed_at_start(tmp_path):
+    from mtckpt.daemon.holdings import FREE_DIR
+
+    free = tmp_path / "dst" / FREE_DIR
+    free.mkdir(parents=True)
+    making = free / naming.temp_name("zeroed-0a1b2c3d")
+    making.write_bytes(b"\0" * 4096)
+    (free / "zeroed-ready").write_bytes(b"\0" * 4096)  # one made whole: kept for reuse
+    Holdings("dst", tmp_path / "dst", keep=1).clean_after_crash()
+    assert sorted(p.name for p in free.iterdir()) == ["zeroed-ready"]

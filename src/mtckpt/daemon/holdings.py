@@ -384,7 +384,14 @@ class Holdings:
 
     def clean_after_crash(self) -> None:
         """At start-up: remove replicas a killed daemon was still receiving (temporary
-        files, possibly hundreds of MB each) and the step directories they leave empty."""
+        files, possibly hundreds of MB each), the step directories they leave empty, and
+        a spare replica file it was still making."""
+        try:
+            making = [n for n in os.listdir(self.root / FREE_DIR) if naming.temp_target(n)]
+        except FileNotFoundError:
+            making = []
+        for name in making:
+            _unlink(self.root / FREE_DIR / name)
         for origin in self._origins():
             storage = self.storage(origin)
             for run in self.runs(storage):
