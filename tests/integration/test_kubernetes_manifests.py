@@ -16,7 +16,7 @@ from mtckpt import cli, config
 from mtckpt.daemon import config as daemon_config
 from mtckpt.format import naming
 
-MANIFESTS = Path(__file__).resolve().parents[2] / "integrations" / "kubernetes"
+MANIFESTS = Path(__file__).resolve().parents[2] / "integrations" / "kubernetes" / "base"
 # Native sidecars are on by default from 1.29, the preStop sleep action from 1.30.
 VERSIONS = ("1.30", kubernetes_validate.latest_version())
 DAEMON = "mtckpt-daemon"
@@ -25,6 +25,8 @@ DAEMON = "mtckpt-daemon"
 def documents() -> list[dict]:
     docs = []
     for path in sorted(MANIFESTS.glob("*.yaml")):
+        if path.name == "kustomization.yaml":  # kustomize's, not a Kubernetes object
+            continue
         docs += [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
     return docs
 
@@ -223,3 +225,43 @@ def test_the_secret_placeholder_is_refused_as_a_token(tmp_path):
     (tmp_path / "token").write_text(placeholder)
     with pytest.raises(ConfigError, match="printable ASCII characters without spaces"):
         read_token(str(tmp_path / "token"))
+
+
+def test_the_example_overlay_renders_with_kustomize_and_validates(tmp_path):
+    """overlays/example adapts the base without editing it: images, node count, memory
+    size and a generated token Secret, rendered by `kubectl kustomize`, every object valid."""
+    import secrets
+    import shutil
+    import subprocess
+
+    if shutil.which("kubectl") is None:
+        pytest.fail("kubectl is needed (Debian: kubernetes-client; .ci/run installs it)")
+    tree = tmp_path / "kubernetes"
+    shutil.copytree(MANIFESTS.parent, tree)
+    token = secrets.token_hex(32)
+    (tree / "overlays" / "example" / "token").write_text(token)
+    done = subprocess.run(["kubectl", "kustomize", str(tree / "overlays" / "example")],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    docs = [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+    assert sorted(d["kind"] for d in docs) == ["ConfigMap", "Job", "Secret", "Service"]
+    for doc in docs:
+        for version in VERSIONS:
+            kubernetes_validate.validate(doc, version, strict=True)
+    secret, job = the("Secret", docs), the("Job", docs)
+    assert secret["metadata"]["name"] == "mtckpt-token"  # the name the pods mount
+    import base64
+
+    assert base64.b64decode(secret["data"]["token"]).decode() == token
+    pod = job["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    sources = volumes["config"]["projected"]["sources"]
+    assert {"secret"} <= {k for s in sources for k in s}
+    assert secret["metadata"]["name"] in [s["secret"]["name"] for s in sources if "secret" in s]
+    assert (job["spec"]["completions"], job["spec"]["parallelism"]) == (4, 4)
+    trainer = next(c for c in pod["containers"] if c["name"] == "trainer")
+    assert trainer["args"][0] == "--nnodes=4"
+    assert trainer["image"] == "registry.example.com/my-team/trainer:2.0"
+    daemon = next(c for c in pod["initContainers"] if c["name"] == DAEMON)
+    assert daemon["image"] == "registry.example.com/my-team/mtckpt:0.1.0"
+    assert volumes["memory"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "128Gi"}

@@ -1,5 +1,5 @@
 """The node daemon's and the trainer's command lines, environment and mounts, read from
-the Kubernetes manifests users deploy (``integrations/kubernetes/sidecar-job.yaml`` and
+the Kubernetes manifests users deploy (``integrations/kubernetes/base/sidecar-job.yaml`` and
 ``configmap.yaml``), so that the harness runs what they run. Each mount becomes a
 directory of the simulated node (``subPathExpr`` included), and the config file's paths
 are rewritten from the containers' mount points to those directories."""
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-KUBERNETES = Path(__file__).resolve().parents[2] / "integrations" / "kubernetes"
+KUBERNETES = Path(__file__).resolve().parents[2] / "integrations" / "kubernetes" / "base"
 CONFIG_VOLUME = "config"  # the projected volume holding mtckpt.toml and the token
 
 
