@@ -25,6 +25,7 @@ from ..tiers.local import LocalStorage
 from .frames import CHUNK_BYTES
 from .incoming import Incoming, NoBase, PatchedIncoming
 from .kept import KeptSteps
+from .spares import zeroed_file
 from .sync import sync_steps
 
 REPLICAS_DIR = ".replicas"
@@ -331,18 +332,9 @@ class Holdings:
             return
         (self.root / FREE_DIR).mkdir(mode=0o700, parents=True, exist_ok=True)
         name = f"zeroed-{secrets.token_hex(4)}"
-        temp = self.root / FREE_DIR / naming.temp_name(name)
-        fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            os.ftruncate(fd, size)
-            _fastpath.backend().fallocate(fd, 0, size)  # a full tmpfs fails here
-            os.replace(temp, self.root / FREE_DIR / name)
-        except BaseException:
-            _unlink(temp)
-            raise
-        finally:
-            os.close(fd)
-        self._map_spare(name)
+        mapping = zeroed_file(self.root / FREE_DIR / name, size)
+        with self._lock:
+            self._spares[name] = mapping
 
     def expire_replicas(self, origin: str, run: str, stride: int = 1) -> None:
         """Keep the newest ``keep`` steps of ``origin``'s replicas of ``run`` and, with a

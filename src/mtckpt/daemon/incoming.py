@@ -9,7 +9,7 @@ import mmap
 import os
 import threading
 
-from .. import _fastpath
+from .. import _fastpath, tiercopy
 from ..errors import ChecksumMismatchError, CorruptCheckpointError
 from ..format import naming
 
@@ -218,16 +218,11 @@ class Range:
 
     def accept(self, offset: int, length: int) -> None:
         manifest, at = self.incoming.manifest, self.lo + offset
-        index = at // manifest.chunk_size
         if at % manifest.chunk_size or length != min(manifest.chunk_size, manifest.file_size - at):
             raise CorruptCheckpointError(f"{self.where}: a frame of {length} bytes at {at} "
                                          "is not one whole chunk")  # fmt: skip
         with self.region(offset, length) as data:
-            got = _fastpath.backend().crc32c(data)
-        if got != manifest.chunk_crc32c[index]:
-            raise ChecksumMismatchError(f"{self.where}: chunk {index} arrived with crc32c "
-                                        f"{got:#010x}, the manifest records "
-                                        f"{manifest.chunk_crc32c[index]:#010x}")  # fmt: skip
+            tiercopy.check_chunks(data, manifest, at // manifest.chunk_size, self.where)
         self.received += length
 
 

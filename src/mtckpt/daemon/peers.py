@@ -182,15 +182,18 @@ class Peers:
         yet (or watched and down) is due again by its backoff."""
         now = time.monotonic()
         with self._lock:
-            wanted = [m for m in self._members.values() if not m.reachable]
-            probes = [m.next_probe for m in wanted if not m.node_id or m.node_id in self._watched]
+            probes = [m.next_probe for m in self._members.values()
+                      if not m.reachable and self._wanted(m)]  # fmt: skip
         return max(0.05, min([interval, *(p - now for p in probes)]))
 
     def _due(self, member: Member | None, now: float) -> bool:
         if member is None or member.hinted:
             return True
-        wanted = not member.node_id or member.node_id in self._watched
-        return wanted and now >= member.next_probe
+        return self._wanted(member) and now >= member.next_probe
+
+    def _wanted(self, member: Member) -> bool:
+        """Asked again: never identified yet, or a peer this node replicates to."""
+        return not member.node_id or member.node_id in self._watched
 
     def _settle(self, before: Member | None, member: Member, now: float) -> None:
         """Carry the history over from ``before`` and log a change of state."""

@@ -107,23 +107,28 @@ class ZeroedSpares:
                 self._ready[made[0]] = made[1]
 
     def _make(self, size: int) -> tuple[Path, mmap.mmap]:
-        """A zeroed file of ``size`` bytes, its pages present, under its final name only
-        once it is ready."""
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         with self._lock:
             self._serial += 1
             path = self.dir / f"spare-{self._serial}"
-        temp = path.with_name(naming.temp_name(path.name))
-        fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            os.ftruncate(fd, size)
-            _fastpath.backend().fallocate(fd, 0, size)  # a full tmpfs fails here
-            mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
-            _fastpath.backend().prefault(mapping)
-            os.replace(temp, path)
-            return path, mapping
-        except BaseException:
-            temp.unlink(missing_ok=True)
-            raise
-        finally:
-            os.close(fd)
+        return path, zeroed_file(path, size)
+
+
+def zeroed_file(path: Path, size: int) -> mmap.mmap:
+    """A zeroed file of ``size`` bytes at ``path``, mapped with its pages present, under
+    its final name only once it is ready (a temporary name meanwhile); a full tmpfs
+    raises OSError here."""
+    temp = path.with_name(naming.temp_name(path.name))
+    fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        _fastpath.backend().fallocate(fd, 0, size)
+        mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+        _fastpath.backend().prefault(mapping)
+        os.replace(temp, path)
+        return mapping
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    finally:
+        os.close(fd)
