@@ -16,6 +16,7 @@ from daemons import save
 from mtckpt.daemon import bulk, frames
 from mtckpt.daemon.holdings import Holdings, Shard
 from mtckpt.daemon.rpc import shard_id
+from mtckpt.errors import ChecksumMismatchError
 from mtckpt.format import naming
 from mtckpt.format.manifest import RankManifest
 from mtckpt.proto import mtckpt_pb2 as pb
@@ -217,3 +218,82 @@ def test_a_spare_a_killed_daemon_was_still_making_is_removed_at_start(tmp_path):
     (free / "zeroed-ready").write_bytes(b"\0" * 4096)  # one made whole: kept for reuse
     Holdings("dst", tmp_path / "dst", keep=1).clean_after_crash()
     assert sorted(p.name for p in free.iterdir()) == ["zeroed-ready"]
+
+
+def _reused_incoming(tmp_path, nbytes: int, resized: bool = False):
+    """A receive of step 3 into the file step 1's replica left (keep=1): mapped already
+    (a spare), or, ``resized`` to another size, not mapped."""
+    dst = Holdings("dst", tmp_path / "dst", keep=1)
+    for step in (1, 2):
+        data, manifest = _saved_shard(tmp_path / "src", step, nbytes - resized * 8192)
+        dst.store(Shard(RUN, step, 0, "src"), manifest, [(0, data)])
+        dst.expire_replicas("src", RUN)
+    data, manifest = _saved_shard(tmp_path / "src", 3, nbytes)
+    incoming = dst.receive(Shard(RUN, 3, 0, "src"), manifest)
+    return dst, incoming, data, RankManifest.from_json(manifest, "test")
+
+
+def _over_tcp(incoming, send) -> None:
+    """``send(conn)`` on one end of a TCP connection, bulk.receive_frames into
+    ``incoming`` on the other (the data port's timeout on both)."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        sender = socket.create_connection(server.getsockname())
+        receiver, _ = server.accept()
+    sender.settimeout(bulk.SOCKET_TIMEOUT)
+    receiver.settimeout(bulk.SOCKET_TIMEOUT)
+    thread = threading.Thread(target=lambda: (send(sender), sender.close()))
+    thread.start()
+    try:
+        with receiver:
+            bulk.receive_frames(receiver, incoming)
+    finally:
+        thread.join()
+
+
+@pytest.mark.parametrize("resized", [False, True], ids=["spare", "resized"])
+@pytest.mark.parametrize("damaged", [False, True], ids=["whole", "damaged"])
+def test_frames_into_a_reused_file_are_spliced_then_checked(tmp_path, monkeypatch, damaged,
+                                                            resized):  # fmt: skip
+    spliced = []
+    receive = bulk.SocketToFile.receive
+
+    def counted(self, fd, offset, length):
+        spliced.append(length)
+        receive(self, fd, offset, length)
+
+    monkeypatch.setattr(bulk.SocketToFile, "receive", counted)
+    dst, incoming, data, manifest = _reused_incoming(tmp_path, (3 << 20) + 4321, resized)
+    assert (incoming._mapping is None) == resized  # then read back to be checked
+    source = tmp_path / "sent"
+    sent = bytearray(data)
+    if damaged:
+        sent[(2 << 20) + 7] ^= 0x40  # in flight: the frames still carry the manifest's crcs
+    source.write_bytes(sent)
+    try:
+        assert incoming.spliceable
+        with open(source, "rb") as f:
+            send = lambda conn: bulk._send_frames(conn, f.fileno(), manifest, tls=False)  # noqa: E731
+            if damaged:
+                chunk = (2 << 20) // manifest.chunk_size
+                with pytest.raises(ChecksumMismatchError, match=f"step 3 .*chunk {chunk} "):
+                    _over_tcp(incoming, send)
+                return
+            _over_tcp(incoming, send)
+        assert sum(spliced) == len(data)  # none passed through this process
+        incoming.commit()
+    finally:
+        incoming.close()
+    assert dst.storage("src").path(RUN, 3, naming.data_file(0)).read_bytes() == data
+
+
+def test_a_connection_closed_in_the_middle_of_a_spliced_frame_is_named(tmp_path):
+    _, incoming, data, _ = _reused_incoming(tmp_path, 2 << 20)
+
+    def half_a_frame(conn):
+        conn.sendall(bulk.FRAME.pack(0, 1 << 20, 0) + data[:1000])
+
+    try:
+        with pytest.raises(bulk.BulkError, match="closed in the middle of a frame"):
+            _over_tcp(incoming, half_a_frame)
+    finally:
+        incoming.close()

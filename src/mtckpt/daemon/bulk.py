@@ -6,14 +6,15 @@ and the token checked there), then connects to the peer's data port, sends the t
 the file in frames: ``offset`` (u64), ``length`` (u32), ``crc32c`` (u32), little-endian,
 then the bytes. Frames are the manifest's chunks and carry the chunk's recorded crc32c,
 so the sender never reads the bytes (``sendfile`` from the memory tier over plain TCP);
-the receiver takes each frame straight into a mapping of the replica file and checks it
-there while it is in cache. One status byte comes back: 0 stored, else 1 and a
+the receiver takes each frame straight into the replica file (``splice`` into a reused
+file over plain TCP, else into a mapping of it) and checks it while it is in cache. One status byte comes back: 0 stored, else 1 and a
 length-prefixed reason. Recovery runs the other way: OpenFetch gives
 a ticket for a held file, and the fetching daemon reads the same frames after a status.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import mmap
 import os
@@ -183,25 +184,85 @@ class BulkServer:
 
 
 def receive_frames(conn: socket.socket, incoming: Sink) -> None:
-    """Frames from ``conn`` into ``incoming`` until it has every byte, each checked."""
+    """Frames from ``conn`` into ``incoming`` until it has every byte, each checked. Into
+    a ``spliceable`` sink's file over plain TCP the bytes are spliced, never copied
+    through this process, then read back to be checked."""
     crc32c = _fastpath.backend().crc32c
     header = bytearray(FRAME.size)
-    while incoming.received < incoming.size:
-        _recv_into_exactly(conn, memoryview(header))
-        offset, length, sent = FRAME.unpack(header)
-        if offset != incoming.received or not 0 < length <= MAX_FRAME:
-            raise BulkError(f"a frame of {length} bytes at offset {offset}; expected "
-                            f"offset {incoming.received}")  # fmt: skip
-        if offset + length > incoming.size:
-            raise BulkError(f"more than the {incoming.size} bytes announced")
-        with incoming.region(offset, length) as view:  # straight into the file's pages
-            _recv_into_exactly(conn, view)
-            if not incoming.whole_chunks(offset, length):  # else accept() checks each
-                got = crc32c(view)
-                if got != sent:
-                    raise BulkError(f"the frame at offset {offset} arrived damaged (crc32c "
-                                    f"{got:#010x}, sent {sent:#010x})")  # fmt: skip
-        incoming.accept(offset, length)
+    spliced = getattr(incoming, "spliceable", False) and _plain(conn)
+    splice = SocketToFile(conn) if spliced else None
+    try:
+        while incoming.received < incoming.size:
+            _recv_into_exactly(conn, memoryview(header))
+            offset, length, sent = FRAME.unpack(header)
+            if offset != incoming.received or not 0 < length <= MAX_FRAME:
+                raise BulkError(f"a frame of {length} bytes at offset {offset}; expected "
+                                f"offset {incoming.received}")  # fmt: skip
+            if offset + length > incoming.size:
+                raise BulkError(f"more than the {incoming.size} bytes announced")
+            whole = incoming.whole_chunks(offset, length)  # then accept() checks each
+            if splice is not None:
+                splice.receive(*incoming.file_at(offset, length), length)
+            if splice is None or not whole:
+                with incoming.region(offset, length) as view:  # straight into its pages
+                    if splice is None:
+                        _recv_into_exactly(conn, view)
+                    if not whole and (got := crc32c(view)) != sent:
+                        raise BulkError(f"the frame at offset {offset} arrived damaged "
+                                        f"(crc32c {got:#010x}, sent {sent:#010x})")  # fmt: skip
+            incoming.accept(offset, length)
+    finally:
+        if splice is not None:
+            splice.close()
+
+
+def _plain(conn: socket.socket) -> bool:
+    return not isinstance(conn, ssl.SSLSocket)  # TLS decrypts in user space: no splice
+
+
+class SocketToFile:
+    """Bytes from a TCP socket into a file at an offset by ``splice(2)`` through a pipe of
+    this connection's: the kernel moves them; this process never reads them."""
+
+    PIPE_BYTES = 1 << 20
+
+    def __init__(self, conn: socket.socket) -> None:
+        self.conn, self.timeout = conn, conn.gettimeout()
+        self.out, self.into = os.pipe2(os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(self.into, fcntl.F_SETPIPE_SZ, self.PIPE_BYTES)
+        except OSError:  # above /proc/sys/fs/pipe-max-size for this user: the default
+            pass
+        self.capacity = fcntl.fcntl(self.into, fcntl.F_GETPIPE_SZ)
+        self._readable: select.poll | None = None
+
+    def receive(self, fd: int, offset: int, length: int) -> None:
+        """The next ``length`` bytes of the connection into ``fd`` at ``offset``."""
+        while length:
+            queued = self._from_socket(min(length, self.capacity))
+            length -= queued
+            while queued:
+                moved = os.splice(self.out, fd, queued, offset_dst=offset)
+                offset, queued = offset + moved, queued - moved
+
+    def _from_socket(self, count: int) -> int:
+        while True:
+            try:
+                moved = os.splice(self.conn.fileno(), self.into, count)
+            except BlockingIOError:  # a socket with a timeout is non-blocking underneath
+                if self._readable is None:
+                    self._readable = select.poll()
+                    self._readable.register(self.conn.fileno(), select.POLLIN)
+                if not self._readable.poll(None if self.timeout is None else self.timeout * 1000):
+                    raise BulkError(f"the peer sent nothing for {self.timeout:.0f} s") from None
+                continue
+            if moved == 0:
+                raise BulkError("the connection closed in the middle of a frame")
+            return moved
+
+    def close(self) -> None:
+        os.close(self.out)
+        os.close(self.into)
 
 
 def _connect(host: str, port: int, tls: TLSFiles | None) -> socket.socket:

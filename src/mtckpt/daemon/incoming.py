@@ -1,6 +1,7 @@
 """A replica (or a recovered or rebuilt shard) being received into the memory tier: straight
-into a mapping of its temporary file, every chunk checked against the manifest, and
-whole only once renamed into place with its manifest written after it."""
+into its temporary file (spliced into a reused one, into a mapping of a fresh one), every
+chunk checked against the manifest, and whole only once renamed into place with its
+manifest written after it."""
 
 from __future__ import annotations
 
@@ -23,16 +24,20 @@ def check_next(where: str, offset: int, length: int, received: int, size: int,
                     f"{received} of {size}")  # fmt: skip
 
 
+READ_BACK = 4 << 20  # bytes spliced into a file are read back this much at a time
+
+
 class NoBase(ValueError):
     """The replica a changed-blocks push was made against is not here, or not of the same
     lineage: the sender sends the step whole."""
 
 
 class Incoming:
-    """A data file being received, in order, straight into a mapping of its temporary
-    file: each piece is checked there while still in cache (each manifest chunk's crc32c
-    as soon as the chunk is complete); :meth:`commit` renames the file into place and
-    writes the manifest (the shard is then whole); :meth:`close` always follows, and
+    """A data file being received, in order, into its temporary file: into a mapping of it
+    (:meth:`region`) or written to it (:meth:`file_at`), then each piece is checked while
+    still in cache (each manifest chunk's crc32c as soon as the chunk is complete; bytes
+    written to an unmapped file are read back); :meth:`commit` renames the file into place
+    and writes the manifest (the shard is then whole); :meth:`close` always follows, and
     unmaps. An expired replica's file is reused when one is free (its tmpfs pages exist;
     ``spare``: already mapped with them present). A fresh file's pages are allocated and
     mapped by a :class:`Preparer` a window ahead of the bytes arriving, not all before the
@@ -44,6 +49,7 @@ class Incoming:
         self.storage, self.shard, self.manifest = storage, shard, manifest
         self.manifest_json, self.temp, self.final, self.where = manifest_json, temp, final, where
         self.size = manifest.file_size
+        self.reused = reused
         self.received = 0
         self._crc = 0
         self._fastpath = _fastpath.backend()
@@ -54,18 +60,35 @@ class Incoming:
         self._ranges: list[Range] = []
         flags = os.O_RDWR | os.O_CLOEXEC | (0 if reused else os.O_CREAT | os.O_EXCL)
         self._fd = os.open(temp, flags, 0o600)  # model weights: the owner's only
+        self._scratch: memoryview | None = None  # spliced bytes are read back into it
         try:
             if spare is not None:  # of this size: its pages are allocated and present
                 self._mapping, self._view = spare, memoryview(spare)
             else:
                 os.ftruncate(self._fd, self.size)
-            if spare is None and self.size:
-                self._mapping = mmap.mmap(self._fd, self.size, flags=mmap.MAP_SHARED)
-                self._view = memoryview(self._mapping)
-                self._preparer = Preparer(self._fd, self._view, where)
+                if not reused:  # its pages allocated and mapped ahead of the bytes
+                    self._map()
         except BaseException:
             self.close()
             raise
+
+    @property
+    def spliceable(self) -> bool:
+        """Whether the bytes are best written to the file (:meth:`file_at`), as a reused
+        file's are: its pages exist (over TCP here, 0.56 s per GiB spliced against 0.66 s
+        received into its mapping). Not a fresh file's: writing to it allocates its pages
+        on the receiving thread (1.7-1.9 s per GiB against 0.9-1.0 s into its mapping,
+        prepared ahead)."""
+        return self.reused
+
+    def _map(self) -> memoryview:
+        """The file's mapping, made when first asked for (a reused file whose bytes are
+        all spliced in is never mapped), its pages prepared by a :class:`Preparer`."""
+        if self._mapping is None and self.size:
+            self._mapping = mmap.mmap(self._fd, self.size, flags=mmap.MAP_SHARED)
+            self._view = memoryview(self._mapping)
+            self._preparer = Preparer(self._fd, self._view, self.where)
+        return self._view
 
     @property
     def file_size(self) -> int:
@@ -73,6 +96,7 @@ class Incoming:
 
     def mapped(self) -> memoryview:
         """The whole file, mapped with its pages present."""
+        self._map()
         if self._preparer is not None:
             self._preparer.wait(self.size)
         return self._view
@@ -83,6 +107,7 @@ class Incoming:
         a Preparer per run. :meth:`filled` once every run is."""
         if self.received:
             raise CorruptCheckpointError(f"{self.where}: cut into ranges after bytes arrived")
+        self._map()
         fresh = self._preparer is not None
         if fresh:
             self._preparer.stop()
@@ -110,14 +135,38 @@ class Incoming:
         """Where the ``length`` bytes at ``offset`` (the next expected) go: receive them
         into it, then :meth:`accept` them."""
         check_next(self.where, offset, length, self.received, self.size)
+        self._map()
         if self._preparer is not None:
             self._preparer.wait(offset + length)
         return self._view[offset : offset + length]
 
+    def file_at(self, offset: int, length: int) -> tuple[int, int]:
+        """The file and the offset in it where ``region(offset, length)``'s bytes go: a
+        receiver may write them there instead (then :meth:`accept`)."""
+        check_next(self.where, offset, length, self.received, self.size)
+        return self._fd, offset
+
     def accept(self, offset: int, length: int) -> None:
-        """Check the bytes received into ``region(offset, length)`` and take them."""
-        self._check(self.region(offset, length))
-        self.received += length
+        """Check the bytes received into ``region(offset, length)`` (or written to the
+        file at ``file_at``) and take them."""
+        if self._mapping is not None:
+            self._check(self.region(offset, length))
+            self.received += length
+            return
+        check_next(self.where, offset, length, self.received, self.size)
+        for lo in range(offset, offset + length, READ_BACK):  # spliced: read back, check
+            self._check(self._read(lo, min(READ_BACK, offset + length - lo)))
+            self.received += min(READ_BACK, offset + length - lo)
+
+    def _read(self, offset: int, length: int) -> memoryview:
+        if self._scratch is None:
+            self._scratch = memoryview(bytearray(READ_BACK))
+        piece = self._scratch[:length]
+        got = self._fastpath.pread_into(self._fd, piece, offset)
+        if got != length:
+            raise CorruptCheckpointError(f"{self.where}: {got} of the {length} bytes at "
+                                         f"{offset} could be read back")  # fmt: skip
+        return piece
 
     def put(self, offset: int, data) -> None:
         """Check ``data``, the bytes at ``offset`` (the next expected), and take them."""
