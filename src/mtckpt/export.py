@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -23,14 +24,16 @@ FORMATS = ("safetensors", "torch", "dcp", "orbax")
 
 
 def read_step(
-    storages: list[Storage], run: str, step: int, allow_pickle: bool = False, threads: int = 1
+    storages: list[Storage], run: str, step: int, allow_pickle: bool = False, threads: int = 1,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[Storage, RankManifest, dict[str, Any]]:
     """The leaves of ``step`` by key path, every array whole (assembled from the shards of
     every rank), from the first storage whose copy verifies: ``(storage, the manifest of
     its lowest rank, values)``. Values that are not arrays are that rank's;
-    ``tree.unflatten(manifest.tree, values.__getitem__)`` is the state."""
+    ``tree.unflatten(manifest.tree, values.__getitem__)`` is the state. ``progress`` is
+    told the bytes of each chunk checked."""
     problems = []
-    files = reshard.StepFiles(storages, run, step)
+    files = reshard.StepFiles(storages, run, step, progress)
     try:
         for storage in storages:
             ranks = commit.ranks_present(storage, run, step)
@@ -54,10 +57,13 @@ def read_step(
     raise StepNotFoundError(f"run {run} step {step} is not complete in {where}")
 
 
-def write(fmt: str, manifest: RankManifest, values: dict[str, Any], out: str | os.PathLike):
-    """Write the leaves ``values`` (from :func:`read_step`) to ``out`` in ``fmt``."""
+def write(fmt: str, manifest: RankManifest, values: dict[str, Any], out: str | os.PathLike,
+          progress: Callable[[int], None] | None = None):  # fmt: skip
+    """Write the leaves ``values`` (from :func:`read_step`) to ``out`` in ``fmt``;
+    ``progress`` is told the bytes of each array written (safetensors: the other formats'
+    writers tell nothing until done)."""
     if fmt == "safetensors":
-        write_safetensors(manifest, values, out)
+        write_safetensors(manifest, values, out, progress)
         return
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}: expected one of {', '.join(FORMATS)}")
@@ -87,7 +93,8 @@ def write_orbax(state: Any, out: str | os.PathLike) -> None:
         checkpointer.save(os.path.abspath(out), state)
 
 
-def write_safetensors(manifest: RankManifest, values: dict[str, Any], out: str | os.PathLike):
+def write_safetensors(manifest: RankManifest, values: dict[str, Any], out: str | os.PathLike,
+                      progress: Callable[[int], None] | None = None):  # fmt: skip
     """One safetensors file: each array under its key path, with the dtype names mtckpt
     records (they are safetensors'); the other leaves in ``__metadata__``, each as JSON
     ``{"kind": ..., "value": ...}`` (bytes in hex)."""
@@ -118,6 +125,8 @@ def write_safetensors(manifest: RankManifest, values: dict[str, Any], out: str |
         f.write(struct.pack("<Q", len(text)) + text)
         for data in blobs:
             f.write(memoryview(data))
+            if progress is not None:
+                progress(data.nbytes)
 
 
 def _bytes(value: Any) -> np.ndarray:

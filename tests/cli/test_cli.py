@@ -251,6 +251,16 @@ def test_verify_and_gc_show_progress_on_a_terminal_only(tiers, command, shown):
     assert piped.returncode == 0 and "/s" not in piped.stderr
 
 
+def test_export_shows_reading_and_writing_on_a_terminal_only(tmp_path, tiers):
+    done, terminal = on_a_terminal("export", "3", "--out", tmp_path / "a.safetensors", *tiers)
+    assert done.returncode == 0
+    assert "reading run exp step 3: " in terminal and "/s" in terminal
+    assert f"writing {tmp_path / 'a.safetensors'}: " in terminal and " / " in terminal
+    piped = mtckpt_cli("export", "3", "--out", tmp_path / "b.safetensors", *tiers)
+    assert piped.returncode == 0 and "/s" not in piped.stderr
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+
+
 def test_gc_is_a_dry_run_unless_applied_and_keeps_the_newest(tmp_path, tiers):
     local = tmp_path / "local"
     (step_dir(local, 2) / "COMMIT").unlink()  # an old save that never finished

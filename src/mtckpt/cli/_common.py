@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 import time
 
 from .. import catalog, config, options
@@ -203,21 +204,28 @@ def print_table(rows: list[tuple[str, ...]]) -> None:
 
 class Progress:
     """Bytes done (of ``total``; 0: not known) and the rate, on one line of a terminal's
-    stderr; silent otherwise."""
+    stderr (redrawn at most every 0.1 s, and at the end); silent otherwise."""
 
     def __init__(self, what: str, total: int, quiet: bool) -> None:
         self.what, self.total, self.done = what, total, 0
         self.shown = not quiet and sys.stderr.isatty()
-        self.started = time.monotonic()
+        self.started = self._drawn = time.monotonic()
+        self._lock = threading.Lock()  # checks on several threads report
 
     def add(self, nbytes: int) -> None:
-        self.done += nbytes
-        if self.shown:
-            rate = self.done / max(time.monotonic() - self.started, 1e-6)
-            of = f" / {human_size(self.total)}" if self.total else ""
-            print(f"\r{self.what}: {human_size(self.done)}{of}  {human_size(rate)}/s   ",
-                  end="", file=sys.stderr, flush=True)  # fmt: skip
+        with self._lock:
+            self.done += nbytes
+            if self.shown and time.monotonic() - self._drawn >= 0.1:
+                self._draw()
+
+    def _draw(self) -> None:
+        self._drawn = now = time.monotonic()
+        rate = self.done / max(now - self.started, 1e-6)
+        of = f" / {human_size(self.total)}" if self.total else ""
+        print(f"\r{self.what}: {human_size(self.done)}{of}  {human_size(rate)}/s   ",
+              end="", file=sys.stderr, flush=True)  # fmt: skip
 
     def close(self) -> None:
         if self.shown and self.done:
+            self._draw()
             print(file=sys.stderr)

@@ -165,14 +165,23 @@ def _export(args: argparse.Namespace) -> int:
     else:
         steps = [common.step_number(args.step)]
     for tried, step in enumerate(steps):
+        reading = common.Progress(f"reading run {run} step {step}", 0, args.json)
         try:
-            storage, manifest, values = export.read_step(tiers, run, step, args.allow_pickle)
+            storage, manifest, values = export.read_step(tiers, run, step, args.allow_pickle,
+                                                         progress=reading.add)  # fmt: skip
             break
         except CorruptCheckpointError as exc:
             if tried + 1 == len(steps):
                 raise
             print(f"mtckpt export: {exc}; trying step {steps[tried + 1]}", file=sys.stderr)
-    export.write(args.format, manifest, values, args.out)
+        finally:
+            reading.close()
+    arrays = sum(getattr(value, "nbytes", 0) for value in values.values())
+    writing = common.Progress(f"writing {args.out}", arrays, args.json)
+    try:
+        export.write(args.format, manifest, values, args.out, progress=writing.add)
+    finally:
+        writing.close()
     result = {"run": run, "step": step, "format": args.format, "out": str(args.out),
               "source": storage.name}  # fmt: skip
     common.emit(args, result, f"run {run} step {step} from the {storage.name} tier written to "

@@ -7,9 +7,10 @@ the file in frames: ``offset`` (u64), ``length`` (u32), ``crc32c`` (u32), little
 then the bytes. Frames are the manifest's chunks and carry the chunk's recorded crc32c,
 so the sender never reads the bytes (``sendfile`` from the memory tier over plain TCP);
 the receiver takes each frame straight into the replica file (``splice`` into a reused
-file over plain TCP, else into a mapping of it) and checks it while it is in cache. One status byte comes back: 0 stored, else 1 and a
-length-prefixed reason. Recovery runs the other way: OpenFetch gives
-a ticket for a held file, and the fetching daemon reads the same frames after a status.
+file over plain TCP, else into a mapping of it) and checks it while it is in cache. One
+status byte comes back: 0 stored, else 1 and a length-prefixed reason. Recovery runs the
+other way: OpenFetch gives a ticket for a held file, and the fetching daemon reads the
+same frames after a status.
 """
 
 from __future__ import annotations

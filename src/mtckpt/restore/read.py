@@ -154,12 +154,14 @@ def verify_shard(
     *,
     skip: Collection[str] = (),
     threads: int,
+    progress: Callable[[int], None] | None = None,
 ) -> VerifiedShard:
     """Check every chunk of the shard's data file under the bytes of the leaves not in
     ``skip`` (copying those without a target into new buffers on the way); nothing in
     ``targets`` changes until :meth:`VerifiedShard.fill`. Call :func:`check_target` for
     every leaf first. Raises CorruptCheckpointError (ChecksumMismatchError for bad bytes)
-    if the stored copy is damaged."""
+    if the stored copy is damaged. ``progress`` is told the bytes of each chunk checked
+    (not for a ranged read from object storage)."""
     where = f"{storage.describe()}: step {manifest.step} {manifest.data_file}"
     if manifest.stored is not None and storage.ranged_reads:
         return VerifiedShard(_fetch_verified(storage, manifest, targets, set(skip), where),
@@ -168,7 +170,8 @@ def verify_shard(
     try:
         src = np.frombuffer(mapping, np.uint8) if manifest.file_size else np.zeros(0, np.uint8)
         plan = _Plan(manifest, targets, set(skip), src)
-        copy_verified(src, manifest, plan.segments, threads=threads, where=where)
+        copy_verified(src, manifest, plan.segments, threads=threads, where=where,
+                      progress=progress)  # fmt: skip
     except BaseException:
         src = plan = None
         close_mapping(mapping)
@@ -312,12 +315,14 @@ def copy_verified(
     verified: Collection[int] = (),
     base: int = 0,
     only: range | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> set[int]:
     """Copy each ``(start, end, dst)`` byte range of the data file into ``dst`` (None: only
     read it), checking the crc32c of every chunk a range touches in the same pass; chunks in
     ``verified`` were checked before and are only copied. ``src`` holds the data file from
     byte ``base`` on; with ``only``, just those chunks (whole in ``src``) are done. Returns
-    the chunks checked. Raises ChecksumMismatchError naming the chunk and its keys."""
+    the chunks checked, each told to ``progress`` (its bytes) once checked. Raises
+    ChecksumMismatchError naming the chunk and its keys."""
     segments = sorted((seg for seg in segments if seg[1] > seg[0]), key=lambda seg: seg[0])
     size, count = manifest.chunk_size, len(manifest.chunk_crc32c)
     needed = _chunks_under(segments, size)
@@ -367,6 +372,8 @@ def copy_verified(
             crc = fastpath.crc32c(src[position - base : hi - base], crc)
         if crc != manifest.chunk_crc32c[index]:
             raise _mismatch(manifest, where, index, lo, hi, crc)
+        if progress is not None:
+            progress(hi - lo)
 
     _in_batches(check, needed, threads)
     return set(needed).difference(verified)

@@ -44,10 +44,13 @@ _RAW = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 class StepFiles:
     """The rank files of one step across this node's storages (fastest first), opened on
-    demand and verified chunk by chunk as byte ranges are read from them."""
+    demand and verified chunk by chunk as byte ranges are read from them (``progress`` is
+    told the bytes of each chunk checked)."""
 
-    def __init__(self, storages: list[Storage], run: str, step: int) -> None:
+    def __init__(self, storages: list[Storage], run: str, step: int,
+                 progress: Callable[[int], None] | None = None) -> None:  # fmt: skip
         self.storages, self.run, self.step = storages, run, step
+        self.progress = progress
         self._manifests: dict[int, tuple[Storage, RankManifest, dict[str, LeafRecord]]] = {}
         self._mappings: dict[int, Any] = {}
         self._verified: dict[int, set[int]] = {}  # per rank, the chunks checked so far
@@ -100,9 +103,8 @@ class StepFiles:
                     segments.append((first + start, first + end, dst))
                 with self._lock:
                     verified = set(self._verified.get(rank, ()))
-                checked = copy_verified(
-                    data, manifest, segments, threads=threads, where=where, verified=verified
-                )
+                checked = copy_verified(data, manifest, segments, threads=threads, where=where,
+                                        verified=verified, progress=self.progress)  # fmt: skip
                 with self._lock:
                     self._verified.setdefault(rank, set()).update(checked)
                 return manifest, data
@@ -350,7 +352,8 @@ def verify_values(
     piece, and assembled from the step's other rank files where it is not. Nothing in
     ``targets`` changes until :meth:`VerifiedValues.fill`."""
     regions = regions_to_assemble(manifest, targets, skip)
-    own = verify_shard(storage, manifest, targets, skip=skip | set(regions), threads=threads)
+    own = verify_shard(storage, manifest, targets, skip=skip | set(regions), threads=threads,
+                       progress=files.progress)  # fmt: skip
     try:
         assembly = verify_assembly(files, manifest, regions, targets, threads=threads)
     except BaseException:
