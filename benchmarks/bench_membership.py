@@ -8,7 +8,9 @@ costs with nobody to watch). Membership should cost each daemon the same at any 
 Each size: N daemons on loopback, each on an address of its own (127.0.x.y, the usual
 ports; tiny memory roots, every other daemon in --peers, --replicas 1), started one after
 another; once each lists all others with their node ids, the CPU time (user + system,
-from /proc) each uses over --window seconds.
+from /proc) each uses over --window seconds. With ``--replicate-mib M``, then every
+measured daemon's node saves one step of M MiB at once: the time until each step is on its
+replica target, and the CPU each measured daemon spent meanwhile.
 
 Above ``--processes`` daemons (a daemon process is about 100 MB resident: 256 of them need
 more memory than a small machine has), the first ``--processes`` run as processes of
@@ -116,8 +118,45 @@ def all_known(daemons, n: int) -> bool:
     return True
 
 
+def replicate(daemons, root: Path, mib: float) -> dict:
+    """Every measured daemon's node saves step 1 of run ``scale`` (``mib`` MiB) and tells
+    its daemon; the seconds until every one is on its target, and each daemon's CPU."""
+    import numpy as np
+
+    import mtckpt
+    from mtckpt.daemon.rpc import Client
+
+    before = [cpu_seconds(p.pid) for p, _ in daemons]
+    started = time.monotonic()
+    for i, (_, address) in enumerate(daemons):
+        tier = mtckpt.MemoryTier(str(root / f"m{i}"), keep=1)
+        state = {"w": np.full(int(mib * (1 << 18)), i, np.float32)}
+        with mtckpt.CheckpointManager("scale", memory=tier, rank=0, world_size=1) as mgr:
+            mgr.save(1, state).wait()
+        with Client(address, timeout=30) as client:
+            client.notify("scale", 1)
+    pending = list(range(len(daemons)))
+    while pending:
+        if time.monotonic() - started > 600:
+            raise RuntimeError(f"daemons {pending} did not replicate their step in 600 s")
+        pending = [i for i in pending if not _replicated(daemons[i][1])]
+        time.sleep(0.1)
+    seconds = time.monotonic() - started
+    used = [cpu_seconds(p.pid) - b for (p, _), b in zip(daemons, before, strict=True)]
+    return {"replicated_s": round(seconds, 2), "replicated_mib": mib * len(daemons),
+            "replication_cpu_s": sum(used) / len(used)}  # fmt: skip
+
+
+def _replicated(address: str) -> bool:
+    from mtckpt.daemon.rpc import Client
+
+    with Client(address, timeout=30) as client:
+        states = [r for r in client.status().replication if r.shard.run == "scale"]
+    return bool(states) and all(set(r.targets) <= set(r.stored) for r in states)
+
+
 def measure(n: int, window: float, settle: float, processes: int, hosts: int,
-            host_scan: float) -> dict:  # fmt: skip
+            host_scan: float, mib: float = 0) -> dict:  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="mtc-mem-", dir="/dev/shm") as root:
         daemons: list[tuple[subprocess.Popen, str]] = []
         hosting: list[subprocess.Popen] = []
@@ -133,6 +172,7 @@ def measure(n: int, window: float, settle: float, processes: int, hosts: int,
             before = [cpu_seconds(p.pid) for p, _ in daemons]
             time.sleep(window)
             used = [cpu_seconds(p.pid) - b for (p, _), b in zip(daemons, before, strict=True)]
+            replication = replicate(daemons, Path(root), mib) if mib and n > 1 else {}
         finally:
             procs = [p for p, _ in daemons] + hosting
             for proc in procs:
@@ -144,7 +184,7 @@ def measure(n: int, window: float, settle: float, processes: int, hosts: int,
                     proc.kill()
     per = [1000 * u / window for u in used]
     return {"daemons": n, "measured": len(per), "learned_s": round(learned, 1),
-            "mean_mcores": sum(per) / len(per), "max_mcores": max(per)}  # fmt: skip
+            "mean_mcores": sum(per) / len(per), "max_mcores": max(per), **replication}  # fmt: skip
 
 
 def main() -> int:
@@ -158,6 +198,8 @@ def main() -> int:
                         help="processes hosting the other daemons together")
     parser.add_argument("--host-scan", type=float, default=0.5,
                         help="scan interval of the hosted daemons (the measured keep 0.5 s)")
+    parser.add_argument("--replicate-mib", type=float, default=0,
+                        help="then each measured daemon's node saves a step of this size")
     parser.add_argument("--out", type=Path, default=Path("bench-out/membership.json"))
     parser.add_argument("--serve", help=argparse.SUPPRESS)  # FIRST:COUNT, for a host
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
@@ -178,13 +220,20 @@ def main() -> int:
     rows: list[dict] = []
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for n in sizes:  # each row as it is measured: a larger size may not finish
-        row = measure(n, args.window, args.settle, args.processes, args.hosts, args.host_scan)
+        row = measure(n, args.window, args.settle, args.processes, args.hosts, args.host_scan,
+                      args.replicate_mib)
         rows.append(row)
         ratio = row["mean_mcores"] / rows[0]["mean_mcores"]
         print(f"| {row['daemons']} | {row['measured']} | {row['learned_s']} | "
               f"{row['mean_mcores']:.1f} | {row['max_mcores']:.1f} | {ratio:.2f} |",
               flush=True)  # fmt: skip
         args.out.write_text(json.dumps(rows, indent=1))
+    if args.replicate_mib:
+        print("\n| daemons | saving at once | MiB in all | all replicated after s | "
+              "CPU per measured daemon s |\n|---|---|---|---|---|")  # fmt: skip
+        for row in rows[1:]:
+            print(f"| {row['daemons']} | {row['measured']} | {row['replicated_mib']:.0f} | "
+                  f"{row['replicated_s']} | {row['replication_cpu_s']:.2f} |")  # fmt: skip
     return 0
 
 
