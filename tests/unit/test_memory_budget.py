@@ -16,7 +16,7 @@ from mtckpt.daemon.room import Room
 from mtckpt.daemon.spares import FREE_DIR, ZeroedSpares
 from mtckpt.errors import MemoryBudgetError
 from mtckpt.tiers import budget
-from mtckpt.tiers.memory import MemoryStorage
+from mtckpt.tiers.memory import MemoryStorage, open_held
 
 MIB = 1 << 20
 
@@ -36,9 +36,14 @@ def test_usage_counts_each_kind_and_a_hard_link_once(shm_dir):
     (shm_dir / ".kept" / "run" / "step-000000000001").mkdir(parents=True)
     os.link(shm_dir / "run" / "step-000000000001" / "rank-00000.safetensors",
             shm_dir / ".kept" / "run" / "step-000000000001" / "rank-00000.safetensors")  # fmt: skip
+    write(shm_dir / ".held" / "x-rank-00000.safetensors", MIB // 4)
+    os.link(shm_dir / ".held" / "x-rank-00000.safetensors",
+            shm_dir / ".kept" / "run" / "step-000000000001" / "rank-00001.safetensors")  # fmt: skip
     held = budget.usage(shm_dir)
-    assert held == {"steps": 3 * MIB, "slots": 2 * MIB, "replicas": MIB, "spares": MIB,
-                    "parity": MIB // 2, "other": 0}  # fmt: skip
+    assert held == {"steps": 3 * MIB + MIB // 4, "slots": 2 * MIB, "replicas": MIB,
+                    "spares": MIB, "parity": MIB // 2, "held": 0, "other": 0}  # fmt: skip
+    os.unlink(shm_dir / ".kept" / "run" / "step-000000000001" / "rank-00001.safetensors")
+    assert budget.usage(shm_dir)["held"] == MIB // 4
     assert "spare slots 2.0 MiB" in budget.describe(held)
     assert budget.usage(shm_dir / "missing") == dict.fromkeys(budget.KINDS, 0)
 
@@ -73,6 +78,29 @@ def test_a_save_past_the_budget_is_skipped_and_counted_and_training_goes_on(shm_
         step, restored = mgr.restore()
     assert step == 1 and restored["step"] == 1
     assert budget.total(budget.usage(shm_dir)) <= 3 * MIB // 2
+
+
+def test_an_expired_step_a_sender_holds_counts_against_the_budget_until_let_go(shm_dir):
+    tier = MemoryTier(str(shm_dir), keep=1, max_bytes=5 * MIB // 2)  # two steps
+    with CheckpointManager("run", memory=tier, rank=0, world_size=1) as mgr:
+        mgr.save(1, state(1)).wait()
+        step_1 = shm_dir / "run" / "step-000000000001" / "rank-00000.safetensors"
+        sender = open_held(step_1)  # the daemon sending step 1 to a peer
+        assert not mgr.save(2, state(2)).skipped_reason  # step 1 expires, still held
+        deadline = time.monotonic() + 10
+        while step_1.exists() and time.monotonic() < deadline:  # retention follows the commit
+            time.sleep(0.01)
+        size = os.fstat(sender.fileno()).st_blocks * 512
+        assert budget.usage(shm_dir)["held"] == size
+        # Steps 1 (held) and 2 and a new slot for 3 would be three: refused, named.
+        handle = mgr.save(3, state(3))
+        assert "expired steps still being sent 1.0 MiB" in handle.skipped_reason
+        sender.close()  # sent: its bytes are freed at the next save's budget check
+        assert not mgr.save(4, state(4)).skipped_reason
+        assert budget.usage(shm_dir)["held"] == 0
+        assert not any((shm_dir / ".held").iterdir())
+        assert mgr.restore()[0] == 4
+        assert budget.total(budget.usage(shm_dir)) <= 5 * MIB // 2
 
 
 def test_a_budget_that_fits_keeps_every_step(shm_dir):

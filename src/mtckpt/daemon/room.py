@@ -13,6 +13,7 @@ from collections.abc import Callable
 from ..errors import MemoryBudgetError
 from ..tiers import budget
 from ..tiers.budget import human_size
+from ..tiers.memory import release_held
 from .holdings import Holdings
 
 log = logging.getLogger(__name__)
@@ -36,9 +37,14 @@ class Room:
         with self._lock:
             counted, held = self._reported
             if time.monotonic() - counted >= REPORTED_FOR:
-                held = budget.usage(self.holdings.root)
+                held = self._held_now()
                 self._reported = (time.monotonic(), held)
             return held
+
+    def _held_now(self) -> dict[str, int]:
+        """What the memory tier holds now, expired files no sender holds any more gone."""
+        release_held(self.holdings.root)
+        return budget.usage(self.holdings.root)
 
     def reserve(self, held: dict[str, int]) -> int:
         """Room kept for this node's next step: the data files of its newest step of each
@@ -56,7 +62,7 @@ class Room:
         node's next step."""
         if self.limit is None:
             return True
-        held = budget.usage(self.holdings.root)
+        held = self._held_now()
         return budget.total(held) + size + self.reserve(held) <= self.limit
 
     def admit(self, size: int, what: str) -> None:
@@ -64,7 +70,7 @@ class Room:
         left for this node's next step; spare replica and parity files are dropped first."""
         if self.limit is None:
             return
-        held = budget.usage(self.holdings.root)
+        held = self._held_now()
         reserve = self.reserve(held)
         if budget.total(held) + size + reserve <= self.limit:
             return
@@ -72,7 +78,7 @@ class Room:
             self._drop_spares()
             log.warning("spare files dropped to stay within the memory budget of %s",
                         human_size(self.limit))  # fmt: skip
-            held = budget.usage(self.holdings.root)
+            held = self._held_now()
             if budget.total(held) + size + reserve <= self.limit:
                 return
         self._on_refused()

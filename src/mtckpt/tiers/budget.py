@@ -3,7 +3,8 @@
 The memory tier is a tmpfs directory: its files are the node's memory. The budget caps
 them all: the steps the trainers saved (with the daemon's kept sync steps, hard links to
 the same pages), the trainers' spare slots, the replicas the daemon keeps for peers, the
-parities of its coded group and its spare replica and parity files. When a save would
+parities of its coded group, its spare replica and parity files, and the data files of
+expired steps that a sender still holds (in ``.held`` until it lets go). When a save would
 exceed it, the memory tier gives way in this order: spare slots and files are dropped,
 the daemon refuses peers' new replicas and parity pieces (keeping room for its node's next
 step), and last the save is skipped with a logged reason and a metric; training never
@@ -15,9 +16,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-KINDS = ("steps", "slots", "replicas", "spares", "parity", "other")
+KINDS = ("steps", "slots", "replicas", "spares", "parity", "held", "other")
+HELD_DIR = ".held"  # expired data files a reader still holds (tiers/memory.py)
 _TOP = {".replicas": "replicas", ".replicas-free": "spares", ".parity": "parity",
-        ".parity-free": "spares", ".kept": "steps"}  # fmt: skip
+        ".parity-free": "spares", ".kept": "steps", HELD_DIR: "held"}  # fmt: skip
+_LAST = {".kept": 1, HELD_DIR: 2}  # second names of files counted under their first
 
 
 def usage(root: str | os.PathLike) -> dict[str, int]:
@@ -27,7 +30,7 @@ def usage(root: str | os.PathLike) -> dict[str, int]:
     seen: set[int] = set()
     root = Path(root)
     try:
-        tops = sorted(os.scandir(root), key=lambda e: e.name == ".kept")  # steps before links
+        tops = sorted(os.scandir(root), key=lambda e: _LAST.get(e.name, 0))
     except FileNotFoundError:
         return totals
     for top in tops:
@@ -55,7 +58,7 @@ def describe(held: dict[str, int]) -> str:
     """``own steps 1.0 GiB, spare slots 0 B, ...``: the kinds that hold anything."""
     names = {"steps": "steps", "slots": "spare slots", "replicas": "replicas for peers",
              "spares": "spare replica and parity files", "parity": "parity for the group",
-             "other": "other files"}  # fmt: skip
+             "held": "expired steps still being sent", "other": "other files"}  # fmt: skip
     parts = [f"{names[k]} {human_size(v)}" for k, v in held.items() if v]
     return ", ".join(parts) or "nothing"
 

@@ -8,8 +8,9 @@ renamed back into the slot directory, still mapped, for a later step to reuse.
 
 A reader that must see a step's bytes unchanged for a while (the node daemon sending it to
 a peer) opens its data file with :func:`open_held`. While it is held, the expiring step's
-file is unlinked instead of reused: the reader keeps its bytes (tmpfs frees them when it
-closes the file) and the next save takes a new slot.
+file is moved to ``.held`` instead of reused: the reader keeps its bytes, the next save
+takes a new slot, and the memory budget counts the file until :func:`release_held` finds
+the reader gone and removes it.
 """
 
 from __future__ import annotations
@@ -52,6 +53,29 @@ def open_held(path: Path) -> BinaryIO:
         f.close()
         raise
     return f
+
+
+def release_held(root: Path) -> None:
+    """Remove the files in ``root/.held`` that no reader holds any more."""
+    for entry in _scan(root / budget.HELD_DIR):
+        try:
+            fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        try:
+            if not _held(fd):
+                os.unlink(entry.path)
+        except FileNotFoundError:  # another process of the node removed it first
+            pass
+        finally:
+            os.close(fd)
+
+
+def _scan(directory: Path) -> list[os.DirEntry]:
+    try:
+        return list(os.scandir(directory))
+    except FileNotFoundError:
+        return []
 
 
 def _held(fd: int) -> bool:
@@ -184,6 +208,7 @@ class MemoryStorage(DirectoryStorage):
         )
 
     def _fits(self, growth: int) -> bool:
+        release_held(self.root)
         return budget.total(budget.usage(self.root)) + growth <= self.max_bytes
 
     def reserve(self, run: str, rank: int, size: int, count: int) -> int:
@@ -285,7 +310,8 @@ class MemoryStorage(DirectoryStorage):
             slot = self._bound.pop((run, step, rank), None)
             free = self._free_list(run, rank)
             target = self.slot_dir(run, rank) / f"slot-{uuid.uuid4().hex[:12]}"
-            if not self._give_back(data, target, f"step {step} rank {rank} of run {run!r}"):
+            what = f"step {step} rank {rank} of run {run!r}"
+            if not self._give_back(data, target, self.root / budget.HELD_DIR, what):
                 if slot is not None:
                     slot.unmap()
                 return
@@ -293,18 +319,21 @@ class MemoryStorage(DirectoryStorage):
                 slot = Slot(target, target.stat().st_size)
             slot.path = target
             free.append(slot)
+        release_held(self.root)
 
     @staticmethod
-    def _give_back(data: Path, target: Path, what: str) -> bool:
+    def _give_back(data: Path, target: Path, held: Path, what: str) -> bool:
         """Rename ``data`` to the free slot ``target``; False where it is gone already or
-        a reader holds it (it is unlinked then: the reader keeps its bytes)."""
+        a reader holds it (it is moved into ``held`` then: the reader keeps its bytes, and
+        the budget counts them until :func:`release_held`)."""
         try:
             fd = os.open(data, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return False
         try:
             if _held(fd):
-                os.unlink(data)
+                make_private_dirs(held)
+                os.replace(data, held / f"{uuid.uuid4().hex[:12]}-{data.name}")
                 log.info("%s expires while it is being sent: its data file is left to the "
                          "sender", what)  # fmt: skip
                 return False
