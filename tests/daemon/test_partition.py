@@ -121,3 +121,35 @@ def test_an_address_not_answering_takes_the_identity_a_peer_reports():
         assert set(by_address) == {quiet, other}
     finally:
         known.close()
+
+
+def test_a_daemon_that_knows_every_peer_asks_them_briefly(cluster, monkeypatch):
+    """Once every listed address is identified, a probe asks only who the peer is and its
+    stride: the full Status carries lists that grow with the cluster (its peers, its
+    replication), and a daemon of 256 answers its watchers every scan."""
+    from mtckpt.daemon import peers as membership
+    from mtckpt.daemon.rpc import Client
+
+    daemons = cluster(["b-a", "b-b"])
+    a, b = daemons["b-a"], daemons["b-b"]
+    asked = []
+    status = Client.status
+
+    def recorded(self, *args, brief=False, **kwargs):
+        asked.append(brief)
+        return status(self, *args, brief=brief, **kwargs)
+
+    monkeypatch.setattr(Client, "status", recorded)
+    known = membership.Peers("b-x", [a.address, b.address], timeout=5.0)
+    try:
+        known.refresh(everyone=True)  # not identified yet: the full answer, for hints
+        known.refresh(everyone=True)
+    finally:
+        known.close()
+    assert asked == [False, False, True, True]
+    assert {m.node_id for m in known.members() if m.reachable} == {"b-a", "b-b"}
+    with a.client() as client:
+        full, brief = client.status(), client.status(brief=True)
+    assert full.peers and full.memory and full.version
+    assert (brief.node_id, brief.address, brief.redundancy) == ("b-a", a.address, full.redundancy)
+    assert not brief.peers and not brief.memory and not brief.replication

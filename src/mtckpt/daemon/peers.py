@@ -18,6 +18,7 @@ been gone; its return is logged too."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import threading
@@ -144,11 +145,14 @@ class Peers:
         with self._lock:
             self._adopt_hints(addresses)
             due = [a for a in addresses if everyone or self._due(self._members.get(a), now)]
+            # The peers' lists only serve as hints for addresses not identified yet.
+            brief = all(a in self._members and self._members[a].node_id for a in addresses)
+        ask = functools.partial(self._ask, brief=brief)
         if len(due) > 1:
             with ThreadPoolExecutor(max_workers=min(16, len(due))) as pool:
-                answers = list(pool.map(self._ask, due))
+                answers = list(pool.map(ask, due))
         else:
-            answers = [self._ask(a) for a in due]
+            answers = [ask(a) for a in due]
         now = time.monotonic()
         with self._lock:
             for member in answers:
@@ -217,12 +221,13 @@ class Peers:
             member.reported = now
             log.warning("%s unreachable for %.0f s: %s", member.name(), gone, member.error)
 
-    def _ask(self, address: str) -> Member:
+    def _ask(self, address: str, brief: bool = False) -> Member:
         with self._lock:
             known = self._members.get(address)
         member = Member(address, known.node_id, known.zone) if known else Member(address)
         try:
-            reply = self.client(address).status(timeout=self._timeout, wait_for_ready=True)
+            reply = self.client(address).status(timeout=self._timeout, wait_for_ready=True,
+                                                brief=brief)  # fmt: skip
         except grpc.RpcError as exc:
             member.reachable, member.error = False, error_text(exc)
         else:

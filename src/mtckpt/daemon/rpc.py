@@ -110,12 +110,14 @@ class Client:
         *,
         changed_since: int = 0,
         wait: float = 0.0,
+        brief: bool = False,
     ) -> pb.StatusReply:
         """``wait_for_ready``: wait (within ``timeout``) for a peer that is still starting
         or reconnecting, rather than failing at once. With ``wait`` seconds and the
         ``version`` of an earlier reply, the daemon answers once its replication or flush
-        state differs from that reply's (or the time is up)."""
-        request = pb.StatusRequest(changed_since=changed_since, wait_seconds=wait)
+        state differs from that reply's (or the time is up). ``brief``: only who it is
+        and its sync stride (a peer's probe)."""
+        request = pb.StatusRequest(changed_since=changed_since, wait_seconds=wait, brief=brief)
         return self._stub.Status(
             request,
             timeout=(timeout or self.timeout) + wait,

@@ -75,6 +75,8 @@ class Servicer(pb_grpc.DaemonServicer):
             )
 
     def Status(self, request, context):
+        if request.brief:
+            return self._brief()
         changes = self.d.changes
         generation = changes.generation
         reply = self._status()
@@ -98,6 +100,14 @@ class Servicer(pb_grpc.DaemonServicer):
                 reply = self._status()
         finally:
             changes.give_waiter(self.pool)
+        return reply
+
+    def _brief(self) -> pb.StatusReply:
+        d = self.d
+        reply = pb.StatusReply(node_id=d.config.node_id, zone=d.config.zone,
+                               address=d.address or "", replicas=d.config.replicas,
+                               draining=d.draining, redundancy=str(d.config.scheme))  # fmt: skip
+        reply.sync_stride, reply.sync_ttl = d.strides.said()
         return reply
 
     def _status(self) -> pb.StatusReply:

@@ -20,12 +20,14 @@ class ShardId(_message.Message):
     def __init__(self, run: _Optional[str] = ..., step: _Optional[int] = ..., rank: _Optional[int] = ..., origin: _Optional[str] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
-    __slots__ = ("changed_since", "wait_seconds")
+    __slots__ = ("changed_since", "wait_seconds", "brief")
     CHANGED_SINCE_FIELD_NUMBER: _ClassVar[int]
     WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BRIEF_FIELD_NUMBER: _ClassVar[int]
     changed_since: int
     wait_seconds: float
-    def __init__(self, changed_since: _Optional[int] = ..., wait_seconds: _Optional[float] = ...) -> None: ...
+    brief: bool
+    def __init__(self, changed_since: _Optional[int] = ..., wait_seconds: _Optional[float] = ..., brief: _Optional[bool] = ...) -> None: ...
 
 class PeerStatus(_message.Message):
     __slots__ = ("address", "node_id", "zone", "reachable", "error")
