@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterable
 
 
+@functools.lru_cache(maxsize=1 << 16)  # asked for every member at every scan
 def _ring_key(node_id: str) -> bytes:
     return hashlib.sha256(node_id.encode()).digest()
 
