@@ -18,7 +18,12 @@ their own and are the ones measured; the others are the same Daemon class hosted
 in ``--hosts`` processes (their own gRPC servers, peers and replicators, only sharing an
 interpreter), so every measured daemon sees a cluster of N. Where those would need more
 cores than the machine has, ``--host-scan`` slows their scans: a measured daemon's own
-calls do not depend on it, only how often its watchers ask it (one or two of them)."""
+calls do not depend on it, only how often its watchers ask it (one or two of them).
+With ``--stand-ins``, the others are stand-ins instead, far lighter than a daemon (one
+asyncio gRPC server each, in ``--hosts`` processes): each answers Status with its node id
+and ListShards with nothing, and asks its own replica target for its brief Status every
+``--host-scan`` seconds, which is all an idle daemon does once it knows everyone; a
+measured daemon cannot tell them from daemons with nothing saved."""
 
 from __future__ import annotations
 
@@ -74,9 +79,65 @@ def serve(first: int, count: int, n: int, root: Path, scan: float) -> None:
         daemon.stop(drain=False)
 
 
+def stand_in(first: int, count: int, n: int, scan: float) -> None:
+    """Stand-ins for daemons ``first`` .. ``first + count - 1`` of ``n``, until SIGTERM."""
+    import asyncio
+    import signal
+
+    import grpc
+
+    from mtckpt.daemon.placement import replica_targets
+    from mtckpt.proto import mtckpt_pb2 as pb
+    from mtckpt.proto import mtckpt_pb2_grpc as pb_grpc
+
+    os.nice(10)
+    hosts, ids = hosts_of(n), [f"d{i}" for i in range(n)]
+
+    class StandIn(pb_grpc.DaemonServicer):
+        def __init__(self, i: int) -> None:
+            self.reply = pb.StatusReply(node_id=ids[i], address=f"{hosts[i]}:{PORT}",
+                                        replicas=1, version=1, redundancy="replicas:1")  # fmt: skip
+
+        async def Status(self, request, context):  # noqa: N802 (gRPC's name)
+            return self.reply
+
+        async def ListShards(self, request, context):  # noqa: N802
+            return pb.ListShardsReply()
+
+    async def watch(i: int) -> None:
+        target = replica_targets(ids[i], "", [(d, "") for d in ids], 1)[0]
+        async with grpc.aio.insecure_channel(f"{hosts[ids.index(target)]}:{PORT}") as channel:
+            stub = pb_grpc.DaemonStub(channel)
+            while True:
+                try:
+                    await stub.Status(pb.StatusRequest(brief=True), timeout=5)  # knows all
+                except grpc.RpcError:
+                    pass
+                await asyncio.sleep(scan)
+
+    async def main() -> None:
+        servers = []
+        for i in range(first, first + count):
+            server = grpc.aio.server()
+            pb_grpc.add_DaemonServicer_to_server(StandIn(i), server)
+            server.add_insecure_port(f"{hosts[i]}:{PORT}")
+            await server.start()
+            servers.append(server)
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        print("ready", flush=True)
+        watchers = [asyncio.create_task(watch(i)) for i in range(first, first + count)]
+        await stop.wait()
+        for task in watchers:
+            task.cancel()
+        await asyncio.gather(*(server.stop(0) for server in servers))
+
+    asyncio.run(main())
+
+
 def start(n: int, root: Path, daemons: list[tuple[subprocess.Popen, str]],
           hosting: list[subprocess.Popen], processes: int, hosts: int,
-          host_scan: float) -> None:  # fmt: skip
+          host_scan: float, stand_ins: bool = False) -> None:  # fmt: skip
     """Start ``n`` daemons: the first ``processes`` each appended to ``daemons`` as it
     starts, the others in ``hosts`` processes appended to ``hosting`` (the caller stops
     them all, those started before a failure too)."""
@@ -86,7 +147,8 @@ def start(n: int, root: Path, daemons: list[tuple[subprocess.Popen, str]],
         chosen = rest[part * len(rest) // hosts : (part + 1) * len(rest) // hosts]
         first, count = chosen[0], len(chosen)
         log = open(root / f"host{part}.log", "wb")  # noqa: SIM115 (its stderr)
-        command = [sys.executable, __file__, "--serve", f"{first}:{count}", "--size", str(n),
+        mode = "--stand-in" if stand_ins else "--serve"
+        command = [sys.executable, __file__, mode, f"{first}:{count}", "--size", str(n),
                    "--root", str(root), "--host-scan", str(host_scan)]  # fmt: skip
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
         hosting.append(proc)
@@ -120,7 +182,8 @@ def all_known(daemons, n: int) -> bool:
 
 def replicate(daemons, root: Path, mib: float) -> dict:
     """Every measured daemon's node saves step 1 of run ``scale`` (``mib`` MiB) and tells
-    its daemon; the seconds until every one is on its target, and each daemon's CPU."""
+    its daemon, one after another; the seconds from the last until every step is on its
+    target, and each daemon's CPU from the first save."""
     import numpy as np
 
     import mtckpt
@@ -135,15 +198,17 @@ def replicate(daemons, root: Path, mib: float) -> dict:
             mgr.save(1, state).wait()
         with Client(address, timeout=30) as client:
             client.notify("scale", 1)
+    saved = time.monotonic()
     pending = list(range(len(daemons)))
     while pending:
         if time.monotonic() - started > 600:
             raise RuntimeError(f"daemons {pending} did not replicate their step in 600 s")
         pending = [i for i in pending if not _replicated(daemons[i][1])]
         time.sleep(0.1)
-    seconds = time.monotonic() - started
+    seconds = time.monotonic() - saved
     used = [cpu_seconds(p.pid) - b for (p, _), b in zip(daemons, before, strict=True)]
-    return {"replicated_s": round(seconds, 2), "replicated_mib": mib * len(daemons),
+    return {"saving_s": round(saved - started, 2), "replicated_s": round(seconds, 2),
+            "replicated_mib": mib * len(daemons),
             "replication_cpu_s": sum(used) / len(used)}  # fmt: skip
 
 
@@ -156,12 +221,13 @@ def _replicated(address: str) -> bool:
 
 
 def measure(n: int, window: float, settle: float, processes: int, hosts: int,
-            host_scan: float, mib: float = 0) -> dict:  # fmt: skip
+            host_scan: float, mib: float = 0, stand_ins: bool = False) -> dict:  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="mtc-mem-", dir="/dev/shm") as root:
         daemons: list[tuple[subprocess.Popen, str]] = []
         hosting: list[subprocess.Popen] = []
         try:
-            start(n, Path(root), daemons, hosting, min(n, processes), hosts, host_scan)
+            start(n, Path(root), daemons, hosting, min(n, processes), hosts, host_scan,
+                  stand_ins)
             started = time.monotonic()
             while not all_known(daemons, n):
                 if time.monotonic() - started > 600:
@@ -172,7 +238,8 @@ def measure(n: int, window: float, settle: float, processes: int, hosts: int,
             before = [cpu_seconds(p.pid) for p, _ in daemons]
             time.sleep(window)
             used = [cpu_seconds(p.pid) - b for (p, _), b in zip(daemons, before, strict=True)]
-            replication = replicate(daemons, Path(root), mib) if mib and n > 1 else {}
+            real = not stand_ins or n <= processes  # a stand-in takes no replica
+            replication = replicate(daemons, Path(root), mib) if mib and n > 1 and real else {}
         finally:
             procs = [p for p, _ in daemons] + hosting
             for proc in procs:
@@ -201,13 +268,19 @@ def main() -> int:
     parser.add_argument("--replicate-mib", type=float, default=0,
                         help="then each measured daemon's node saves a step of this size")
     parser.add_argument("--out", type=Path, default=Path("bench-out/membership.json"))
+    parser.add_argument("--stand-ins", action="store_true",
+                        help="the others are stand-ins, not hosted daemons")
     parser.add_argument("--serve", help=argparse.SUPPRESS)  # FIRST:COUNT, for a host
+    parser.add_argument("--stand-in", help=argparse.SUPPRESS)  # FIRST:COUNT
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.serve:
-        first, count = (int(v) for v in args.serve.split(":"))
-        serve(first, count, args.size, args.root, args.host_scan)
+    if args.serve or args.stand_in:
+        first, count = (int(v) for v in (args.serve or args.stand_in).split(":"))
+        if args.serve:
+            serve(first, count, args.size, args.root, args.host_scan)
+        else:
+            stand_in(first, count, args.size, args.host_scan)
         return 0
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # a connection to every peer
     try:
@@ -221,7 +294,7 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for n in sizes:  # each row as it is measured: a larger size may not finish
         row = measure(n, args.window, args.settle, args.processes, args.hosts, args.host_scan,
-                      args.replicate_mib)
+                      args.replicate_mib, args.stand_ins)
         rows.append(row)
         ratio = row["mean_mcores"] / rows[0]["mean_mcores"]
         print(f"| {row['daemons']} | {row['measured']} | {row['learned_s']} | "
@@ -229,11 +302,13 @@ def main() -> int:
               flush=True)  # fmt: skip
         args.out.write_text(json.dumps(rows, indent=1))
     if args.replicate_mib:
-        print("\n| daemons | saving at once | MiB in all | all replicated after s | "
-              "CPU per measured daemon s |\n|---|---|---|---|---|")  # fmt: skip
-        for row in rows[1:]:
+        print("\n| daemons | nodes saving | MiB in all | saves took s | all on their "
+              "targets s after the last | CPU per saving daemon s |\n"
+              "|---|---|---|---|---|---|")  # fmt: skip
+        for row in (r for r in rows[1:] if "replicated_s" in r):
             print(f"| {row['daemons']} | {row['measured']} | {row['replicated_mib']:.0f} | "
-                  f"{row['replicated_s']} | {row['replication_cpu_s']:.2f} |")  # fmt: skip
+                  f"{row['saving_s']} | {row['replicated_s']} | "
+                  f"{row['replication_cpu_s']:.3f} |")  # fmt: skip
     return 0
 
 
