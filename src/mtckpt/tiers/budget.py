@@ -41,7 +41,7 @@ def usage(root: str | os.PathLike) -> dict[str, int]:
             if kind is not None:
                 _walk(Path(top.path), totals, seen, kind)
                 continue
-            for entry in _entries(Path(top.path)):  # a run: its steps and its slots
+            for entry in entries(Path(top.path)):  # a run: its steps and its slots
                 kind = "slots" if entry.name == ".slots" else "steps"
                 if entry.is_dir(follow_symlinks=False):
                     _walk(Path(entry.path), totals, seen, kind)
@@ -72,7 +72,8 @@ def human_size(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def _entries(directory: Path) -> list[os.DirEntry]:
+def entries(directory: Path) -> list[os.DirEntry]:
+    """What ``directory`` holds; nothing where it is missing."""
     try:
         return list(os.scandir(directory))
     except (FileNotFoundError, NotADirectoryError):
@@ -80,7 +81,7 @@ def _entries(directory: Path) -> list[os.DirEntry]:
 
 
 def _walk(directory: Path, totals: dict[str, int], seen: set[int], kind: str) -> None:
-    for entry in _entries(directory):
+    for entry in entries(directory):
         if entry.is_dir(follow_symlinks=False):
             _walk(Path(entry.path), totals, seen, kind)
         else:

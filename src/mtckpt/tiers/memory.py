@@ -57,7 +57,7 @@ def open_held(path: Path) -> BinaryIO:
 
 def release_held(root: Path) -> None:
     """Remove the files in ``root/.held`` that no reader holds any more."""
-    for entry in _scan(root / budget.HELD_DIR):
+    for entry in budget.entries(root / budget.HELD_DIR):
         try:
             fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -69,13 +69,6 @@ def release_held(root: Path) -> None:
             pass
         finally:
             os.close(fd)
-
-
-def _scan(directory: Path) -> list[os.DirEntry]:
-    try:
-        return list(os.scandir(directory))
-    except FileNotFoundError:
-        return []
 
 
 def _held(fd: int) -> bool:
