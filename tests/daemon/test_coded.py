@@ -52,11 +52,11 @@ def _parities(daemon):
         return list(client.list_shards(run=RUN).parities)
 
 
-def coded_cluster(cluster, count: int, scheme: str, steps=(1, 2), **kwargs) -> dict:
+def coded_cluster(cluster, count: int, scheme: str, steps=(1, 2), extra=(), **kwargs) -> dict:
     """``count`` daemons keeping ``scheme``, each node's rank having saved ``steps``, once
     every node's steps are redundant."""
     nodes = [f"n{i}" for i in range(count)]
-    daemons = cluster(nodes, extra=["--redundancy", scheme], **kwargs)
+    daemons = cluster(nodes, extra=["--redundancy", scheme, *extra], **kwargs)
     for rank, node in enumerate(nodes):
         save(daemons[node], rank, count, list(steps))
     for node in nodes:
@@ -222,6 +222,27 @@ def test_a_coded_group_over_mutual_tls_rebuilds_and_refuses_outsiders(cluster, t
                 call()
             assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
     replaced(cluster, daemons["n2"])
+    step, restored = restore(daemons["n2"], 2, 4)
+    assert step == 1
+    assert_same_state(restored, state(1, 2))
+
+
+def test_over_mutual_tls_a_restarted_daemon_still_lets_its_group_rebuild(cluster, tmp_path):
+    """The group each step was sent to outlives the daemon (node memory does): a group
+    member asking for pieces of a restarted daemon's shards is still let in."""
+    pytest.importorskip("cryptography")
+    nodes = [f"n{i}" for i in range(4)]
+    certs = make_certs(tmp_path / "pki", nodes)
+    per_node = {n: ["--tls-cert", certs[n][0], "--tls-key", certs[n][1], "--tls-ca", certs["ca"]]
+                for n in nodes}  # fmt: skip
+    daemons = coded_cluster(cluster, 4, "xor:4", steps=(1,), per_node=per_node,
+                            extra=["--scan-interval", "60"])  # fmt: skip
+    daemons["n2"].lose_node()
+    for node in ("n0", "n1", "n3"):  # each survivor's sidecar restarted while n2 is gone:
+        daemons[node].kill()  # no group can form again (3 nodes of 4 known) before n2's
+        cluster.restart(daemons[node])  # replacement asks for their pieces
+    cluster.restart(daemons["n2"])
+    assert restore_report(daemons["n2"])["step"] == 1
     step, restored = restore(daemons["n2"], 2, 4)
     assert step == 1
     assert_same_state(restored, state(1, 2))

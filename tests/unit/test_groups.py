@@ -9,7 +9,15 @@ import re
 
 import pytest
 
-from mtckpt.daemon.groups import Group, form_groups, group_of, piece_range
+from mtckpt.daemon.groups import (
+    GROUPS_DIR,
+    REMEMBERED,
+    Group,
+    StepGroups,
+    form_groups,
+    group_of,
+    piece_range,
+)
 from mtckpt.redundancy import Redundancy
 
 
@@ -106,3 +114,25 @@ def test_pieces_cover_the_blob_in_order(size, data):
         assert offset == position and length >= 0
         position += length
     assert max(length for _, length in pieces) == -(-size // data)
+
+
+def test_the_groups_of_a_nodes_steps_outlive_its_daemon(tmp_path):
+    xor4 = Redundancy.parse("xor:4")
+    group = Group(xor4, ("a", "b", "c", "d"))
+    StepGroups(tmp_path, xor4).put("run", 7, group)
+    again = StepGroups(tmp_path, xor4)  # a restarted daemon, the same node memory
+    assert again.get("run", 7) == group
+    assert again.get("run", 8) is None and again.get("other", 7) is None
+    for step in range(8, 8 + REMEMBERED):
+        again.put("run", step, group)
+    assert StepGroups(tmp_path, xor4).get("run", 7) is None  # only the newest are kept
+
+
+@pytest.mark.parametrize("text", ["{", '{"scheme": "xor:4", "steps": {"1": ["../x"]}}',
+                                  '{"scheme": "nope", "steps": {}}', "[]"])  # fmt: skip
+def test_an_unreadable_groups_file_is_named_and_forgotten(tmp_path, caplog, text):
+    (tmp_path / GROUPS_DIR).mkdir()
+    (tmp_path / GROUPS_DIR / "run.json").write_text(text)
+    groups = StepGroups(tmp_path, Redundancy.parse("xor:4"))
+    assert groups.get("run", 1) is None
+    assert "run.json: unreadable" in caplog.text and "forgotten" in caplog.text

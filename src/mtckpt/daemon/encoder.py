@@ -30,7 +30,7 @@ from ..redundancy import Redundancy
 from ..tiers.memory import open_held
 from . import bulk
 from .auth import TLSFiles, host_of
-from .groups import Group, form_groups, group_of, piece_range
+from .groups import Group, StepGroups, form_groups, group_of, piece_range
 from .holdings import Holdings, Shard
 from .parity import StripeKey
 from .peers import Peers
@@ -78,7 +78,7 @@ class Encoder:
                  tls: TLSFiles | None, bandwidth: float | None, metrics=None) -> None:  # fmt: skip
         self.holdings, self.peers, self.scheme, self.zone = holdings, peers, scheme, zone
         self.tls, self.bandwidth, self.metrics = tls, bandwidth, metrics
-        self._groups: dict[tuple[str, int], Group] = {}  # the group each step was sent to
+        self.groups = StepGroups(holdings.root, scheme)  # the group each step was sent to
         self._said: dict[str, str] = {}  # the last failure logged, per holder
 
     def place(self) -> tuple[Group | None, list[str], list[str], str]:
@@ -111,7 +111,7 @@ class Encoder:
         return time.monotonic() - member.down_since < GONE_AFTER
 
     def group_for(self, run: str, step: int) -> Group | None:
-        return self._groups.get((run, step))
+        return self.groups.get(run, step)
 
     def listings(self, holders: list[str], me: str) -> tuple[dict[str, Listing], dict[str, str]]:
         """What each holder has of this node's pieces (asked all at once), and why the
@@ -149,9 +149,7 @@ class Encoder:
         (:meth:`_send_rounds`); ``mark(node, error)`` says a holder has them all in
         complete stripes ("") or why not. False once ``stopping`` is set."""
         me = self.holdings.node_id
-        self._groups[(run, step)] = group
-        for old in [k for k in self._groups if k[0] == run and k[1] < step - 64]:
-            del self._groups[old]
+        self.groups.put(run, step, group)
         with ExitStack() as held:
             blob = self._open_blob(shards, held)
             crcs = tuple(f.crc for f in blob)

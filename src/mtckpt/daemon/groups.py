@@ -13,12 +13,21 @@ node sends K pieces (one blob) per parity row and holds M parities of about 1/K 
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
+from ..format import naming
 from ..redundancy import Redundancy
 from .erasure import Code
 from .placement import _ring_key
+
+log = logging.getLogger(__name__)
+GROUPS_DIR = ".groups"  # in the memory root: the group each of the node's steps was sent to
+REMEMBERED = 64  # steps of a run whose groups are kept
 
 
 @dataclass(frozen=True)
@@ -89,3 +98,50 @@ def piece_range(blob_size: int, data: int, index: int) -> tuple[int, int]:
     per = -(-blob_size // data)
     start = min(blob_size, index * per)
     return start, min(blob_size, start + per) - start
+
+
+class StepGroups:
+    """The group each of this node's steps was sent to, per run: what decides which peers
+    may fetch pieces of its shards (mutual TLS). Written to
+    ``{memory_root}/.groups/{run}.json`` so that a restarted daemon, whose node memory
+    outlives it, still lets the group rebuild a lost member from those shards."""
+
+    def __init__(self, memory_root: str | os.PathLike, scheme: Redundancy) -> None:
+        self.dir = Path(memory_root) / GROUPS_DIR
+        self.scheme = scheme
+        self._groups: dict[tuple[str, int], Group] = {}
+        self._loaded: set[str] = set()
+
+    def get(self, run: str, step: int) -> Group | None:
+        self._load(run)
+        return self._groups.get((run, step))
+
+    def put(self, run: str, step: int, group: Group) -> None:
+        self._load(run)
+        if self._groups.get((run, step)) == group:
+            return
+        self._groups[(run, step)] = group
+        for old in [k for k in self._groups if k[0] == run and k[1] <= step - REMEMBERED]:
+            del self._groups[old]
+        record = {str(s): list(g.members) for (r, s), g in self._groups.items() if r == run}
+        self.dir.mkdir(exist_ok=True)
+        pending = self.dir / f"{run}.json.tmp"
+        pending.write_text(json.dumps({"scheme": str(self.scheme), "steps": record}))
+        pending.replace(self.dir / f"{run}.json")
+
+    def _load(self, run: str) -> None:
+        if run in self._loaded:
+            return
+        self._loaded.add(run)
+        path = self.dir / f"{run}.json"
+        try:
+            record = json.loads(path.read_text())
+            scheme = Redundancy.parse(record["scheme"])
+            for step, members in record["steps"].items():
+                nodes = tuple(naming.check_node_id(n) for n in members)
+                self._groups[(run, naming.check_step(int(step)))] = Group(scheme, nodes)
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.warning("%s: unreadable (%s); the groups of run %r's earlier steps are "
+                        "forgotten", path, exc, run)  # fmt: skip
