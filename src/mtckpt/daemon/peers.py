@@ -138,13 +138,18 @@ class Peers:
         self._thread.start()
 
     def refresh(self, everyone: bool = False) -> None:
-        """Ask the listed daemons that are due (all with ``everyone``) who they are, all at
-        once; forget those no longer listed."""
+        """Ask the listed daemons that are due (all with ``everyone``, those down on a new
+        connection) who they are, all at once; forget those no longer listed."""
         addresses = self.addresses()
         now = time.monotonic()
         with self._lock:
             self._adopt_hints(addresses)
             due = [a for a in addresses if everyone or self._due(self._members.get(a), now)]
+            if everyone:  # a peer down until now may be back (a replacement): asked on a
+                for address in due:  # new connection, not after gRPC's reconnect backoff
+                    known = self._members.get(address)
+                    if known is not None and not known.reachable and address in self._clients:
+                        self._clients.pop(address).close()
             # The peers' lists only serve as hints for addresses not identified yet.
             brief = all(a in self._members and self._members[a].node_id for a in addresses)
         ask = functools.partial(self._ask, brief=brief)

@@ -299,7 +299,8 @@ def _pull_split(holdings: Holdings, peers: Peers, sources: list[_Copy],
             for source in sources[turn:] + sources[:turn]:
                 try:
                     ticket = peers.client(source.address).open_fetch(
-                        shard_id(shard), offset=part.lo, length=part.size)
+                        shard_id(shard), offset=part.lo, length=part.size
+                    )
                     tls = peers.tls if ticket.tls else None
                     bulk.fetch(host_of(source.address), ticket.port, ticket.ticket, part, tls=tls)
                     return source.node

@@ -274,11 +274,18 @@ class DaemonMetrics(Metrics):
             read=self._backlog,
         )
         self.gauge("mtckpt_peers", "Peer daemons known, by state.", ("state",), read=self._peers)
-        self.gauge("mtckpt_memory_bytes", "Bytes the node's memory tier holds, by kind (steps, "
-                   "spare slots, replicas and parity for peers, spare files).",
-                   ("kind",), read=lambda: {(k,): v for k, v in daemon.room.usage().items()})
-        self.gauge("mtckpt_memory_budget_bytes", "The node's memory budget (0: none).",
-                   read=lambda: daemon.config.memory_budget or 0)
+        self.gauge(
+            "mtckpt_memory_bytes",
+            "Bytes the node's memory tier holds, by kind (steps, "
+            "spare slots, replicas and parity for peers, spare files).",
+            ("kind",),
+            read=lambda: {(k,): v for k, v in daemon.room.usage().items()},
+        )
+        self.gauge(
+            "mtckpt_memory_budget_bytes",
+            "The node's memory budget (0: none).",
+            read=lambda: daemon.config.memory_budget or 0,
+        )
         self.refused = self.counter(
             "mtckpt_redundancy_refused",
             "Peers' replicas and parity pieces refused to keep within the memory budget.",
