@@ -315,8 +315,9 @@ class CheckpointManager:
                 self.metrics.checksum_failures.inc(tier="memory")
             return
         self.metrics.save_seconds.observe(seconds, stage=stage)
-        if stage not in ("staged", "peers"):  # the daemon counts what it sends to peers
-            self.metrics.bytes_written.inc(size, tier=stage)
+        uploaded = stage == "remote" and self._peers is not None and self._peers.remote_url
+        if stage not in ("staged", "peers") and not uploaded:  # what the daemon sends to peers
+            self.metrics.bytes_written.inc(size, tier=stage)  # or uploads, it counts
 
     def _peer_stage(self) -> tuple[str, ...]:
         """The "peers" stage: every step committed in memory is replicated by the daemon."""

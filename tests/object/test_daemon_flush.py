@@ -82,6 +82,9 @@ def test_the_daemon_uploads_what_its_trainer_saves(remote_daemon, shm_dir):
         for step in (1, 2):
             mgr.save(step, state(step)).wait("remote")
         assert mgr.steps()["remote"] == [1, 2]
+        samples = mgr.metrics.samples()  # the daemon wrote them: its metrics count them
+        assert 'mtckpt_written_bytes_total{tier="remote"}' not in samples
+        assert samples['mtckpt_written_bytes_total{tier="memory"}'] > 0
     assert {s: f.phase for s, f in flushes(daemon).items()} == {1: Phase.DONE, 2: Phase.DONE}
     assert "flushed run 'flushed' step 2 rank 0" in daemon.log.read_text()
     storage = ObjectStorage(remote.url, storage_options=remote.storage_options)
