@@ -54,6 +54,24 @@ def test_in_process_only_the_lost_ranks_start_again_and_the_others_restore_in_pl
 
 
 @pytest.mark.slow
+def test_with_warm_spares_a_spare_takes_the_lost_ranks_place(tmp_path):
+    config = Config("peers", remote_every=50, restart="in-process", spares=True)
+    with Cluster(3, 1, config, tmp_path) as c:
+        run = c.run(100, step_seconds=0.2, mib=4, every=1, failures=["node"], timeout=400,
+                    limit=1, from_step=40)  # fmt: skip
+    summary = summarize(run)
+    assert summary["bit_identical"]
+    (failure,) = summary["failures"]
+    assert failure["same_step"] and "peers" in failure["tiers"], failure
+    restarted = run["failures"][0].restarted
+    starts = [e for e in read_events(run["events"]) if e["event"] == "start"]
+    (replacement,) = [e for e in starts if e["t"] >= restarted]
+    assert replacement["rank"] == 1
+    assert replacement["warm_since"] is not None and replacement["warm_since"] < restarted
+    assert failure["phases"]["import"] < 0.5, failure  # torch was imported already
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("config", ["no-peers", "dcp"])
 def test_the_other_configurations_survive_a_node_loss(tmp_path, config):
     summary = run_with_node_loss(config, tmp_path, steps=120)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -38,11 +39,24 @@ def main(argv: list[str] | None = None) -> int:
         help="steps between object-store checkpoints, mtckpt's and DCP's (20)",
     )
     parser.add_argument(
+        "--memory-every",
+        type=int,
+        default=1,
+        help="steps between node-memory checkpoints, which the daemons replicate (1, the "
+        "ConfigMap's; `mtckpt plan` recommends one for the run)",
+    )
+    parser.add_argument(
         "--restart",
         choices=("job", "in-process"),
         default="job",
         help="after a failure, start the whole job again (job: torchrun, a Kubernetes Job) "
         "or only the dead ranks, the others joining a new process group (in-process)",
+    )
+    parser.add_argument(
+        "--spares",
+        action="store_true",
+        help="in-process restarts: warm spares (a spare node's daemon and ranks already "
+        "running, torch imported) take the place of lost ones instead of starting",
     )
     parser.add_argument("--shape-mbit", type=float, help="cap every node's link (tc tbf)")
     parser.add_argument("--timeout", type=float, default=3600)
@@ -54,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not 2 <= args.nodes <= 16:
         parser.error("--nodes: expected 2..16")
+    if args.spares and args.restart != "in-process":
+        parser.error("--spares: only with --restart in-process (a job restart starts every rank)")
     failures = [f for f in args.failures.split(",") if f]
     unknown = sorted(set(failures) - set(FAILURES))
     if unknown:
@@ -61,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     summaries = []
     for name in args.configs.split(","):
-        config = Config(name, remote_every=args.remote_every, restart=args.restart)
+        config = Config(name, remote_every=args.remote_every, restart=args.restart,
+                        spares=args.spares, memory_every=args.memory_every)  # fmt: skip
         with tempfile.TemporaryDirectory(prefix="mtc-") as root:
             with Cluster(args.nodes, args.ranks, config, Path(root),
                          shaping_mbit=args.shape_mbit) as cluster:  # fmt: skip
@@ -70,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                     every=args.every, failures=failures, timeout=args.timeout,
                 )  # fmt: skip
                 summaries.append(summarize(run))
+                shutil.copy(run["events"], args.out / run["events"].name)
         print(table(summaries[-1:]), flush=True)
     print(table(summaries))
     (args.out / "cluster.json").write_text(json.dumps(summaries, indent=1))
@@ -86,7 +104,7 @@ def predictions(summaries: list[dict], out: Path) -> str:
     from mtckpt.plan.inputs import PlanInputError
 
     lines = [
-        "| configuration | measured goodput (from the first step) | planner, analytic | "
+        "| configuration | measured goodput (first to last step) | planner, analytic | "
         "planner, simulated | planner's recommended every |",
         "|---|---|---|---|---|",
     ]

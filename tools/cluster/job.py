@@ -15,11 +15,13 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from .manifests import NodeSpec, host_path, node_spec
 from .network import Network, in_ns
 from .report import read_events
+from .standby import Spare
 
 WORKER = Path(__file__).resolve().with_name("worker.py")
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -29,6 +31,8 @@ IN_PROCESS_COLLECTIVE_TIMEOUT = 20.0
 FAILURES = ("trainer", "daemon", "node", "two-nodes", "link", "slow")
 BACKOFF_LIMIT = 6  # restarts after failures not injected, as a Job's backoffLimit
 RESTART_BOUND = 60.0  # seconds an in-process restart may take before the whole job restarts
+TRAINER_MODULES = "torch,torch.distributed,mtckpt,mtckpt.manager,mtckpt.daemon.link,s3fs"
+DAEMON_MODULES = "mtckpt.cli._daemon,mtckpt.daemon.service,s3fs"
 
 
 class ClusterError(RuntimeError):
@@ -43,9 +47,11 @@ class Config:
     name: str
     remote_every: int = 20  # mtckpt's object tier; DCP's every
     local_every: int = 10
+    memory_every: int = 1  # the ConfigMap's: node memory (and so the peers) every step
     restart: str = "job"  # or "in-process": only the dead ranks are started again
     restore_first: bool = False  # restore before the process group is up (mtckpt)
     link_down: float = 5.0  # seconds a "link" failure lasts
+    spares: bool = False  # warm spares take the place of lost ranks and daemons
 
 
 @dataclass
@@ -70,6 +76,7 @@ class Node:
         self.token, self.s3 = token, s3
         self.daemon: subprocess.Popen | None = None
         self.ranks: list[subprocess.Popen | None] = []
+        self.spares: dict[str, Spare] = {}  # "daemon", "rank0", ...: warm, unassigned
         self.spec: NodeSpec = node_spec(index, root)
 
     def prepare(self) -> None:
@@ -79,7 +86,8 @@ class Node:
         config = self.spec.config
         if self.cfg.name == "no-peers":
             config = _drop_table(_drop_table(config, "peers"), "daemon")
-        config = config.replace("every = 100", f"every = {self.cfg.local_every}")
+        config = _set_key(config, "memory", "every", self.cfg.memory_every)
+        config = _set_key(config, "local", "every", self.cfg.local_every)
         if self.cfg.name != "dcp":
             config += (f'\n[remote]\nurl = "s3://{self.s3["bucket"]}/mtckpt"\n'
                        f"every = {self.cfg.remote_every}\nkeep = 2\n"
@@ -103,6 +111,10 @@ class Node:
     def launch_daemon(self) -> None:
         if self.cfg.name != "peers":
             return
+        spare = self.spares.pop("daemon", None)
+        if spare is not None:
+            self.daemon = spare.assign({})
+            return
         command = [sys.executable, "-m", *self.spec.daemon.command]
         command = [host_path(self.spec.daemon, part) for part in command]
         log = open(self.root / "daemon.log", "ab")  # noqa: SIM115 (the child's stderr)
@@ -120,27 +132,59 @@ class Node:
 
     def start_ranks(self, ranks: int, nodes: int, worker_args: list[str], events: Path,
                     generation: int = 0) -> None:  # fmt: skip
-        """The node's ranks that are not running (all of them at a job's start)."""
-        master = self.net.links[0].address
+        """The node's ranks that are not running (all of them at a job's start): warm spares
+        where there are any, new processes otherwise."""
         if len(self.ranks) != ranks:
             self.ranks = [None] * ranks
         for local in range(ranks):
             if self.ranks[local] is not None and self.ranks[local].poll() is None:
                 continue
-            env = self.env(self.spec.trainer)
-            env.update(RANK=str(self.index * ranks + local), WORLD_SIZE=str(nodes * ranks),
-                       LOCAL_RANK=str(local), LOCAL_WORLD_SIZE=str(ranks), MASTER_ADDR=master,
-                       MASTER_PORT=str(self.spec.master_port), OMP_NUM_THREADS="1",
-                       GLOO_SOCKET_IFNAME=self.net.links[self.index].inside,
-                       CLUSTER_GENERATION=str(generation))  # fmt: skip
-            if self.cfg.restart == "in-process":
-                # a survivor whose node-mate died between the gradients' exchange and its
-                # save waits this long for that shard before giving the step up
-                env["MTCKPT_COLLECTIVE_TIMEOUT"] = str(IN_PROCESS_COLLECTIVE_TIMEOUT)
+            spare = self.spares.pop(f"rank{local}", None)
+            if spare is not None:
+                self.ranks[local] = spare.assign({"CLUSTER_GENERATION": str(generation)})
+                continue
+            env = self._rank_env(local, ranks, nodes)
+            env["CLUSTER_GENERATION"] = str(generation)
             log = open(self.root / f"rank{local}.log", "ab")  # noqa: SIM115
             command = [sys.executable, str(WORKER), *worker_args, "--events", str(events)]
             self.ranks[local] = subprocess.Popen(in_ns(self.ns, *command), env=env,
                                                  stdout=log, stderr=log)  # fmt: skip
+
+    def _rank_env(self, local: int, ranks: int, nodes: int) -> dict:
+        env = self.env(self.spec.trainer)
+        env.update(RANK=str(self.index * ranks + local), WORLD_SIZE=str(nodes * ranks),
+                   LOCAL_RANK=str(local), LOCAL_WORLD_SIZE=str(ranks),
+                   MASTER_ADDR=self.net.links[0].address,
+                   MASTER_PORT=str(self.spec.master_port), OMP_NUM_THREADS="1",
+                   GLOO_SOCKET_IFNAME=self.net.links[self.index].inside)  # fmt: skip
+        if self.cfg.restart == "in-process":
+            # a survivor whose node-mate died between the gradients' exchange and its
+            # save waits this long for that shard before giving the step up
+            env["MTCKPT_COLLECTIVE_TIMEOUT"] = str(IN_PROCESS_COLLECTIVE_TIMEOUT)
+        return env
+
+    def warm(self, ranks: int, nodes: int, worker_args: list[str], events: Path) -> None:
+        """Warm spares for the node's daemon and each of its ranks, where it has none: the
+        processes a spare node taking its place would already be running."""
+        spares = self.root / "spares"
+        spares.mkdir(exist_ok=True)
+        if self.cfg.name == "peers" and "daemon" not in self.spares:
+            command = [host_path(self.spec.daemon, part)
+                       for part in ["-m", *self.spec.daemon.command]]  # fmt: skip
+            log = open(self.root / "daemon.log", "ab")  # noqa: SIM115 (the child's stderr)
+            self.spares["daemon"] = Spare(
+                command, preload=DAEMON_MODULES, env=self.env(self.spec.daemon),
+                assignment=spares / "daemon.json", wrap=partial(in_ns, self.ns),
+                stdout=subprocess.PIPE, stderr=log, text=True)  # fmt: skip
+        for local in range(ranks):
+            if f"rank{local}" in self.spares:
+                continue
+            log = open(self.root / f"rank{local}.log", "ab")  # noqa: SIM115
+            command = [str(WORKER), *worker_args, "--events", str(events)]
+            self.spares[f"rank{local}"] = Spare(
+                command, preload=TRAINER_MODULES, env=self._rank_env(local, ranks, nodes),
+                assignment=spares / f"rank{local}.json", wrap=partial(in_ns, self.ns),
+                stdout=log, stderr=log)  # fmt: skip
 
     def kill_ranks(self) -> None:
         for proc in self.ranks:
@@ -191,6 +235,18 @@ def _drop_table(text: str, name: str) -> str:
     return "\n".join(out) + "\n"
 
 
+def _set_key(text: str, table: str, key: str, value: int) -> str:
+    """``key = value`` in ``[table]`` of a TOML text (the key's line replaced)."""
+    out, current = [], None
+    for line in text.splitlines():
+        if line.startswith("["):
+            current = line.strip()
+        elif current == f"[{table}]" and line.split("=")[0].strip() == key:
+            line = f"{key} = {value}"
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
 def _toml_inline(value) -> str:
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k} = {_toml_inline(v)}" for k, v in value.items()) + "}"
@@ -212,6 +268,7 @@ class Cluster:
         self.last_restart = 0.0
         self._awaiting: float | None = None  # an in-process restart's start, until it is done
         self._next_check = 0.0
+        self._next_spares = 0.0
         self.daemon_bytes: dict[str, float] = {}  # what the daemons moved, those lost included
 
     def __enter__(self) -> Cluster:
@@ -258,6 +315,8 @@ class Cluster:
     def stop(self) -> None:
         for node in self.nodes:
             node.kill_ranks()
+            for spare in node.spares.values():
+                spare.kill()
             if node.daemon is not None and node.daemon.poll() is None:
                 node.daemon.send_signal(signal.SIGTERM)
         for node in self.nodes:
@@ -307,6 +366,9 @@ class Cluster:
                 self._restart(worker, events, pending)
                 done.append(pending)
                 pending = None
+            elif self._spares_due(events):
+                for node in self.nodes:
+                    node.warm(self.ranks, self.n, worker, events)
             elif self._restart_stuck(events):
                 print(f"cluster: the in-process restart of {done[-1].kind} did not finish in "
                       f"{RESTART_BOUND:.0f} s: the whole job restarts", flush=True)  # fmt: skip
@@ -332,7 +394,8 @@ class Cluster:
                 "config": self.cfg.name, "wall": wall, "started": started, "events": events,
                 "failures": done, "steps": steps, "step_seconds": step_seconds, "nodes": self.n,
                 "state_bytes_per_node": int(mib * (1 << 20)) * self.ranks,
-                "every": {"local": self.cfg.local_every,
+                "every": {"memory": self.cfg.memory_every, "peers": self.cfg.memory_every,
+                          "local": self.cfg.local_every,
                           "remote": self.cfg.remote_every}}  # fmt: skip
 
     def _crash_log(self) -> str:
@@ -348,19 +411,21 @@ class Cluster:
 
     def _inject(self, kind: str, count: int, events: Path) -> Failure:
         victim = 1 + count % (self.n - 1) if self.n > 1 else 0  # not node 0: the master
-        failure = Failure(kind, [victim], time.time(), _newest_step(events))
+        victims = [victim]
+        if kind == "two-nodes" and self.n > 2:
+            victims.append(1 + (victim % (self.n - 1)))
+        if kind in ("daemon", "node", "two-nodes"):
+            for index in victims:
+                self._count_daemon_bytes(self.nodes[index])  # before its counters are lost
+        failure = Failure(kind, victims, time.time(), _newest_step(events))  # the kill's time
         node = self.nodes[victim]
         if kind == "trainer":
             node.ranks[0].kill()
         elif kind == "daemon":
-            self._count_daemon_bytes(node)  # what it moved, before its counters are lost
             node.kill_daemon()
             node.start_daemon()  # the kubelet restarts the sidecar
         elif kind in ("node", "two-nodes"):
-            if kind == "two-nodes" and self.n > 2:
-                failure.nodes.append(1 + (victim % (self.n - 1)))
             for index in failure.nodes:
-                self._count_daemon_bytes(self.nodes[index])
                 self.nodes[index].lose()
         elif kind == "link":
             self.net.cut(victim)
@@ -371,6 +436,16 @@ class Cluster:
         else:
             raise ValueError(f"failure kind {kind!r}: expected one of {FAILURES}")
         return failure
+
+    def _spares_due(self, events: Path) -> bool:
+        """Whether to refill the pool of warm spares (looked at once a second): once the
+        job has made its first step, and no restart is under way (the spares' start would
+        compete with it for the cores)."""
+        if not self.cfg.spares or time.monotonic() < self._next_spares:
+            return False
+        self._next_spares = time.monotonic() + 1.0
+        ready = all(len(n.spares) == self.ranks + (self.cfg.name == "peers") for n in self.nodes)
+        return not ready and self._awaiting is None and _newest_step(events) > 0
 
     def _restart_stuck(self, events: Path) -> bool:
         """Whether the last in-process restart has not brought every rank back within

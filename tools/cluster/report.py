@@ -85,7 +85,9 @@ def summarize(run: dict) -> dict:
         failures.append(row)
     done = [e for e in events if e["event"] == "done"]
     useful = run["steps"] * cost
-    first_step = min((e["t"] for e in steps), default=run["started"]) - run["started"]
+    times = [e["t"] - run["started"] for e in steps]
+    first_step, last_step = min(times, default=0.0), max(times, default=run["wall"])
+    steady = max(last_step - first_step, 1e-9)
     stall = _mean([e["saved"] for e in steps if _saves(run, e["step"])])
     return {
         "config": run["config"],
@@ -93,12 +95,14 @@ def summarize(run: dict) -> dict:
         "step_cost": cost,
         "useful": useful,
         "goodput": useful / run["wall"],
-        # from the first step: the job's first start left out, as a long job sees it
-        "goodput_steady": (useful - cost) / (run["wall"] - first_step),
+        # from the first step to the last: the job's start and its close left out, as a
+        # long job sees them (once in days)
+        "goodput_steady": (useful - cost) / steady,
         "first_step": first_step,
+        "last_step": last_step,
         "bytes": bytes_moved(run, events),
         "save_stall": stall,
-        "plan_inputs": plan_inputs(run, failures, cost, stall, run["wall"] - first_step),
+        "plan_inputs": plan_inputs(run, failures, cost, stall, steady),
         "bit_identical": bool(done) and all(e["ok"] for e in done),
         "failures": failures,
         "timeline": [
@@ -137,9 +141,10 @@ def _mean(values: list[float]) -> float:
 
 
 def _saves(run: dict, step: int) -> bool:
-    """Whether ``step`` saved on the training thread: every step for mtckpt (the memory
-    tier's copy), DCP's steps only."""
-    return run["config"] != "dcp" or step % run["every"]["remote"] == 0
+    """Whether ``step`` saved on the training thread: mtckpt's node-memory steps (the
+    memory tier's copy), DCP's steps only."""
+    every = run["every"]["remote"] if run["config"] == "dcp" else run["every"].get("memory", 1)
+    return step % every == 0
 
 
 def plan_inputs(run: dict, failures: list[dict], step_cost: float, stall: float,
@@ -181,7 +186,7 @@ def plan_inputs(run: dict, failures: list[dict], step_cost: float, stall: float,
 
 def table(summaries: list[dict]) -> str:
     lines = [
-        "| configuration | goodput | from the first step | wall s | failures | mean lost s | "
+        "| configuration | goodput | first to last step | wall s | failures | mean lost s | "
         "mean restore s | restart phases, mean s | tiers restored from | MiB written per "
         "tier | bit-identical |",
         "|---|---|---|---|---|---|---|---|---|---|---|",

@@ -136,7 +136,8 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING)  # mtckpt's warnings in the rank's log
     rank = int(os.environ["RANK"])
     events = Events(args.events, rank)
-    events("start", launched=LAUNCHED)
+    warm = os.environ.get("CLUSTER_WARM_SINCE")  # a warm spare's: ready since then
+    events("start", launched=LAUNCHED, warm_since=float(warm) if warm else None)
     w = initial(rank, args.mib)
     state = {f"rank{rank}.w": w}  # a key per rank: DCP keeps one copy of equal keys
     generation = int(os.environ.get("CLUSTER_GENERATION", "0"))
