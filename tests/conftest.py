@@ -116,7 +116,10 @@ def cluster(tmp_path):
             daemon = DaemonProcess(node, tmp_path, sockets, ports[node], peers, args, host)
             daemons[node] = daemon
             if node not in later:
-                started.append(daemon.start())
+                started.append(daemon.launch())  # all at once, then each awaited
+        for daemon in daemons.values():
+            if daemon.proc is not None:
+                daemon.await_ready()
         if not dns:  # each knows the others up (placement is stable from the first save)
             for daemon in (d for d in daemons.values() if d.proc is not None):
                 up = {d.address for d in daemons.values() if d.proc is not None} - {daemon.address}

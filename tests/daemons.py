@@ -41,6 +41,10 @@ class DaemonProcess:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> DaemonProcess:
+        return self.launch().await_ready()
+
+    def launch(self) -> DaemonProcess:
+        """Started, not waited for (``await_ready``): several start at once."""
         authenticated = {"--token-file", "--tls-cert"} & set(self.extra)
         cmd = [sys.executable, "-m", "mtckpt", "-v", "daemon", "--node-id", self.node_id,
                "--listen", self.address, "--socket", str(self.socket),
@@ -48,6 +52,9 @@ class DaemonProcess:
                *self.extra, *([] if authenticated else ["--insecure"])]  # fmt: skip
         log = open(self.log, "ab")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
+        return self
+
+    def await_ready(self) -> DaemonProcess:
         line = self.proc.stdout.readline()
         if "ready" not in line:
             self.proc.kill()
