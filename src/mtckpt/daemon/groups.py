@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,15 +112,20 @@ class StepGroups:
         self.scheme = scheme
         self._groups: dict[tuple[str, int], Group] = {}
         self._loaded: set[str] = set()
+        self._lock = threading.Lock()  # asked by the servicer's threads, set by the sender
 
     def get(self, run: str, step: int) -> Group | None:
-        self._load(run)
-        return self._groups.get((run, step))
+        with self._lock:
+            self._load(run)
+            return self._groups.get((run, step))
 
     def put(self, run: str, step: int, group: Group) -> None:
-        self._load(run)
-        if self._groups.get((run, step)) == group:
-            return
+        with self._lock:
+            self._load(run)
+            if self._groups.get((run, step)) != group:
+                self._record(run, step, group)
+
+    def _record(self, run: str, step: int, group: Group) -> None:
         self._groups[(run, step)] = group
         for old in [k for k in self._groups if k[0] == run and k[1] <= step - REMEMBERED]:
             del self._groups[old]
