@@ -39,9 +39,16 @@ class Spare:
                  wrap, **popen) -> None:  # fmt: skip
         self.assignment = assignment
         assignment.unlink(missing_ok=True)
+        self.ready_file = ready_file(assignment)
+        self.ready_file.unlink(missing_ok=True)
         full = [sys.executable, str(HERE), "--assignment", str(assignment),
                 "--preload", preload, "--", *command]  # fmt: skip
         self.proc = subprocess.Popen(wrap(*full), env=env, **popen)
+
+    @property
+    def ready(self) -> bool:
+        """Whether its modules are imported (it waits for its assignment)."""
+        return self.ready_file.exists()
 
     def assign(self, env: dict[str, str]) -> subprocess.Popen:
         pending = self.assignment.with_suffix(".tmp")
@@ -53,6 +60,10 @@ class Spare:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(timeout=30)
+
+
+def ready_file(assignment: Path) -> Path:
+    return assignment.with_suffix(".ready")
 
 
 def wait_for(path: Path, timeout: float) -> dict:
@@ -77,6 +88,7 @@ def main() -> None:
     for name in filter(None, args.preload.split(",")):
         importlib.import_module(name)
     warm_since = time.time()
+    ready_file(args.assignment).touch()
     os.environ.update(wait_for(args.assignment, args.timeout))
     os.setpriority(os.PRIO_PROCESS, 0, 0)  # in the job now (the harness runs as root)
     os.environ["CLUSTER_WARM_SINCE"] = str(warm_since)
