@@ -32,8 +32,9 @@ class AssignmentTimeout(TimeoutError):
 
 
 class Spare:
-    """The supervisor's handle on one warm spare: started with ``launch``, given its place
-    with ``assign`` (after which ``proc`` runs the command)."""
+    """The supervisor's handle on one warm spare: started when made (``wrap`` puts it in
+    its node's namespace), given its place with ``assign`` (after which ``proc`` runs the
+    command)."""
 
     def __init__(self, command: list[str], *, preload: str, env: dict, assignment: Path,
                  wrap, **popen) -> None:  # fmt: skip
