@@ -103,6 +103,7 @@ class Servicer(pb_grpc.DaemonServicer):
         return reply
 
     def _brief(self) -> pb.StatusReply:
+        """Who this daemon is and its sync stride: what a peer's probe asks for."""
         d = self.d
         reply = pb.StatusReply(node_id=d.config.node_id, zone=d.config.zone,
                                address=d.address or "", replicas=d.config.replicas,
@@ -112,13 +113,11 @@ class Servicer(pb_grpc.DaemonServicer):
 
     def _status(self) -> pb.StatusReply:
         d = self.d
-        reply = pb.StatusReply(
-            node_id=d.config.node_id, zone=d.config.zone, address=d.address or "",
-            memory_root=str(d.holdings.root), replicas=d.config.replicas, draining=d.draining,
-            redundancy=str(d.config.scheme), memory_budget=d.config.memory_budget or 0,
-            local_root=d.config.local_root or "",
-            remote_url=d.config.remote.url if d.config.remote is not None else "",
-        )  # fmt: skip
+        reply = self._brief()
+        reply.memory_root = str(d.holdings.root)
+        reply.memory_budget = d.config.memory_budget or 0
+        reply.local_root = d.config.local_root or ""
+        reply.remote_url = d.config.remote.url if d.config.remote is not None else ""
         for kind, size in d.room.usage().items():
             reply.memory.add(kind=kind, bytes=size)
         for member in d.peers.members():
@@ -137,7 +136,6 @@ class Servicer(pb_grpc.DaemonServicer):
             ):
                 reply.flushes.add(shard=shard_id(shard), phase=flush.phase, error=flush.error)
         reply.version = _fingerprint(reply)
-        reply.sync_stride, reply.sync_ttl = d.strides.said()
         return reply
 
     def ListShards(self, request, context):
