@@ -143,7 +143,7 @@ def _mean(values: list[float]) -> float:
 def _saves(run: dict, step: int) -> bool:
     """Whether ``step`` saved on the training thread: mtckpt's node-memory steps (the
     memory tier's copy), DCP's steps only."""
-    every = run["every"]["remote"] if run["config"] == "dcp" else run["every"].get("memory", 1)
+    every = run["every"]["remote" if run["config"] == "dcp" else "memory"]
     return step % every == 0
 
 
@@ -163,7 +163,7 @@ def plan_inputs(run: dict, failures: list[dict], step_cost: float, stall: float,
     names = ["remote"] if run["config"] == "dcp" else ["memory", "local", "remote"]
     if run["config"] == "peers":
         names.insert(1, "peers")
-    every = {"memory": 1, "peers": 1, **run["every"]}
+    every = run["every"]
     tiers = {}
     for name in names:
         restores = [f["restore"] for f in handled if name in f["tiers"]]
