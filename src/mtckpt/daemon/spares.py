@@ -103,6 +103,8 @@ class ZeroedSpares:
                 if self._stopping or self._wanted[1] != size:
                     made[1].close()
                     made[0].unlink(missing_ok=True)
+                    if not self._ready:  # dropped while it was made: no directory left
+                        shutil.rmtree(self.dir, ignore_errors=True)
                     return
                 self._ready[made[0]] = made[1]
 
