@@ -54,6 +54,14 @@ class Coordinator:
         them; None where the ranks cannot be asked."""
         return (0,)
 
+    def current(self) -> bool:
+        """Whether this still speaks for the job's ranks: False once the job's process
+        group was replaced (an in-process restart) or one came up after this was made."""
+        return True
+
+    def release(self) -> None:
+        """Let go of what the agreement holds of the job (its connections) until next time."""
+
 
 class GatheringCoordinator(Coordinator):
     """Agreement by gathering one value from every rank: a distributed engine's part."""
@@ -132,6 +140,9 @@ class UncoordinatedRanks(Coordinator):
 
     def ranks_sharing(self, identity: str) -> tuple[int, ...] | None:
         return None
+
+    def current(self) -> bool:
+        return frameworks.distributed_job() is None
 
 
 def for_job(world_size: int, timeout: float) -> Coordinator:

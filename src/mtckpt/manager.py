@@ -16,7 +16,6 @@ from . import _fastpath, config, coordination, retention, topology
 from .config import LocalTier, ManagerOptions, MemoryTier, ObjectTier, PeerTier
 from .daemon.link import DaemonLink, memory_tier
 from .errors import (
-    ChecksumMismatchError,
     ClosedError,
     ConfigError,
     MemoryBudgetError,
@@ -78,7 +77,7 @@ class CheckpointManager:
         self.staging = staging
         self.metrics = Metrics()  # mgr.metrics.samples() / .render(): the daemon's families
         self.rank, self.world_size = topology.detect(rank, world_size)
-        # A collective on every rank, so here in the foreground, never in a save.
+        self._collective_timeout = collective_timeout
         self._coordinator = coordination.for_job(self.world_size, collective_timeout)
         self.allow_pickle = bool(allow_pickle)
         self.chunk_size = chunk_size
@@ -87,6 +86,8 @@ class CheckpointManager:
 
         self._peers = None if peers is None else DaemonLink(peers, self.run, self.rank)
         self._replicating = peers is not None and peers.replicating
+        uploads = self._peers is not None and self._peers.remote_url
+        self._daemon_counts = ("peers", "remote") if uploads else ("peers",)  # it sends those
         memory = memory_tier(self._peers, memory, peers)
         self._memory = MemoryStorage(config.expand_path(memory.path), memory.max_bytes)
         self._tiers: list[tuple[Any, Storage]] = [(memory, self._memory)]
@@ -104,9 +105,11 @@ class CheckpointManager:
         self._last_saved_at: dict[str, float] = {}
         try:
             daemon_node = self._peers.node_id if self._peers is not None else None
+            # A collective on every rank (unless LOCAL_RANK says), so here, never in a save.
             self.node_ranks, self._node_origin = topology.find_node_ranks(
                 self.rank, self.world_size, self._memory.root, daemon_node, self._coordinator
             )
+            self._coordinator.release()
             self._start(memory.keep, chunk_size, collective_timeout)
         except BaseException:  # nothing of this manager stays held
             self._release()
@@ -179,21 +182,15 @@ class CheckpointManager:
     def _prepare_storage(self, storage: Storage, cfg: Any, essential: bool, clean: bool) -> None:
         """Hold this run and rank on a node tier until close (a second manager of them gets
         RankInUseError before its start-up could remove this one's files in progress; the
-        trainer's own lock: a daemon's memory tier stays the daemon's), clean up after a
-        crashed predecessor and apply retention. An unusable tier other than memory is
-        reported, and written when it can be."""
+        trainer's own lock: a daemon's memory tier stays the daemon's), then
+        :func:`retention.start_up`. An unusable tier other than memory is reported, and
+        written when it can be."""
         try:
             if isinstance(storage, DirectoryStorage):
                 storage.lock_rank(self.run, self.rank)
-            if clean:
-                retention.clean_after_crash(storage, self.run, self.rank, self.world_size)
-                storage.clean_leftovers(self.run, self.rank)
-            if storage.shared and self.world_size > 1:  # each upload applies it; here each
-                return  # rank would read every rank's manifests of every step (ranks² reads)
-            retention.apply(storage, self.run, self.rank, self.world_size, cfg.keep,
-                            keep_every=getattr(cfg, "keep_every", None),
-                            verdicts=self._verdicts[storage.name],
-                            threads=self.threads)  # fmt: skip
+            retention.start_up(storage, self.run, self.rank, self.world_size, cfg, clean=clean,
+                               verdicts=self._verdicts[storage.name],
+                               threads=self.threads)  # fmt: skip
         except OSError as exc:
             if essential:
                 raise ConfigError(f"{storage.describe()} is not usable: {exc}") from exc
@@ -268,7 +265,8 @@ class CheckpointManager:
             self._memory.release(slot, self.run, self.rank)
             raise
         handle = SaveHandle(step, tuple(due) + self._peer_stage(), configured,
-                            on_finish=functools.partial(self._record_stage, layout.file_size),
+                            on_finish=functools.partial(self.metrics.stage_done, layout.file_size,
+                                                        counted_by_daemon=self._daemon_counts),
                             started=now)  # fmt: skip
         if self.staging == "blocking":
             handle._finish("staged")
@@ -305,19 +303,6 @@ class CheckpointManager:
         count = self._tiers[0][0].keep + 1 if slots is None else slots
         made = self._memory.reserve(self.run, self.rank, layout.file_size, count)
         return made * layout.file_size
-
-    def _record_stage(self, size: int, stage: str, seconds: float, error, skipped: bool) -> None:
-        if skipped:
-            return
-        if error is not None:
-            self.metrics.errors.inc(tier=stage)
-            if isinstance(error, ChecksumMismatchError):  # the memory copy changed
-                self.metrics.checksum_failures.inc(tier="memory")
-            return
-        self.metrics.save_seconds.observe(seconds, stage=stage)
-        uploaded = stage == "remote" and self._peers is not None and self._peers.remote_url
-        if stage not in ("staged", "peers") and not uploaded:  # what the daemon sends to peers
-            self.metrics.bytes_written.inc(size, tier=stage)  # or uploads, it counts
 
     def _peer_stage(self) -> tuple[str, ...]:
         """The "peers" stage: every step committed in memory is replicated by the daemon."""
@@ -368,7 +353,24 @@ class CheckpointManager:
         holds, the next save removes the newer ones: training resumed from the older."""
         self._check_open()
         started = time.monotonic()
-        self._pipeline.wait_memory_idle()
+        self._follow_job()
+        try:
+            return self._restore(target, step, strict, allow_pickle, populate, started)
+        finally:
+            self._coordinator.release()
+
+    def _follow_job(self) -> None:
+        """After an in-process restart (the job's process group replaced), node commits
+        still waiting for a node-mate are given up (it died, or restarts and restores) and
+        the ranks agree through the new group."""
+        if self._coordinator.current():
+            self._pipeline.wait_memory_idle()
+            return
+        self._pipeline.give_up_node_waits("the job's process group was replaced")
+        self._coordinator = coordination.for_job(self.world_size, self._collective_timeout)
+        self._restorer.coordinator = self._coordinator
+
+    def _restore(self, target, step, strict, allow_pickle, populate, started) -> tuple[int, Any]:
         if self._peers is not None:  # fetches a replacement node's shards from the peers
             known = self._peers.recover()  # the daemons' view: ranks agree through it
             if known is not None:

@@ -12,6 +12,8 @@ import threading
 from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from .errors import ChecksumMismatchError
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 SECONDS_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0)
 
@@ -165,6 +167,22 @@ class Metrics:
             "Failed saves of a step to a tier (the step stays in faster tiers).",
             ("tier",),
         )
+
+    def stage_done(self, size: int, stage: str, seconds: float, error, skipped: bool, *,
+                   counted_by_daemon: tuple[str, ...] = ()) -> None:  # fmt: skip
+        """A save's stage ended (a SaveHandle's on_finish): its seconds, or its error (a
+        checksum mismatch: the memory copy changed while staged); the ``size`` bytes
+        written, but for "staged" and the stages the node daemon counts itself."""
+        if skipped:
+            return
+        if error is not None:
+            self.errors.inc(tier=stage)
+            if isinstance(error, ChecksumMismatchError):
+                self.checksum_failures.inc(tier="memory")
+            return
+        self.save_seconds.observe(seconds, stage=stage)
+        if stage != "staged" and stage not in counted_by_daemon:
+            self.bytes_written.inc(size, tier=stage)
 
     def counter(self, name: str, help: str, labels: tuple[str, ...] = ()) -> Counter:
         return self._add(Counter(name, help, labels, self._lock))

@@ -23,6 +23,7 @@ import logging
 import threading
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from typing import Any
 
 from . import catalog
 from .errors import CorruptCheckpointError, FormatVersionError
@@ -304,3 +305,18 @@ def clean_after_crash(storage: Storage, run: str, rank: int, world_size: int) ->
             target = naming.temp_target(name)
             if target == naming.COMMIT or (target and naming.rank_of_file(name) == rank):
                 storage.delete(run, step, name)
+
+
+def start_up(storage: Storage, run: str, rank: int, world_size: int, cfg: Any, *, clean: bool,
+             verdicts: Verdicts, threads: int) -> None:  # fmt: skip
+    """A manager's start on ``storage``: (``clean``: not a tier the node daemon writes too)
+    clean up after a crashed predecessor, then apply the tier's retention (``cfg``'s keep),
+    except on a shared tier with several ranks: there each upload applies it, where here
+    each rank would read every rank's manifests of every step (ranks² reads)."""
+    if clean:
+        clean_after_crash(storage, run, rank, world_size)
+        storage.clean_leftovers(run, rank)
+    if storage.shared and world_size > 1:
+        return
+    apply(storage, run, rank, world_size, cfg.keep, keep_every=getattr(cfg, "keep_every", None),
+          verdicts=verdicts, threads=threads)  # fmt: skip

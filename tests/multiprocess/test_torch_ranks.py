@@ -124,6 +124,23 @@ def test_a_rank_that_died_makes_restore_fail_within_the_timeout(tmp_path):
     assert "the ranks did not agree on the steps to restore within 10" in results[0].stdout
 
 
+def test_a_manager_kept_across_an_in_process_restart_restores_through_the_new_group(tmp_path):
+    # One node, two ranks; rank 0 "dies" before saving step 3, rank 1 saved it and waits
+    # for rank 0's shard (collective_timeout 60 s). Both leave the process group and join
+    # a new one with the same managers: rank 1's node commit is given up at once, and the
+    # ranks agree on step 2 through the new group.
+    results = check_ok(
+        run_ranks("torch_worker.py", 2, ["rejoin", "--root", str(tmp_path)], timeout=120)
+    )
+    for result in results:
+        assert "restored 2" in result.lines()
+        assert "then restored 3" in result.lines()
+    assert "given up: step 3 of run 'job' cannot commit in the memory tier" in results[1].stdout
+    assert "rank(s) [0] of this node were missing when the job's process group was replaced" in (
+        results[1].stdout
+    )
+
+
 def test_saves_in_flight_do_not_block_the_trainers_collectives(tmp_path):
     results = check_ok(
         run_ranks("torch_worker.py", 2, ["busy", "--root", str(tmp_path)], timeout=240)

@@ -7,6 +7,8 @@ Scenarios (first argument):
   restore   restore and check the rank-specific state; optional faults on one rank
   busy      saves in flight while the trainer runs its own collectives
   die       rank 1 is killed (SIGKILL) in the middle of a save
+  rejoin    an in-process restart: the ranks keep their manager, leave the process group
+            (rank 0 without saving the last step) and restore through a new one
   fsdp      FSDP2 (fully_shard) training, checkpointing every step; or, with --step,
             restore that step (any world size) and train on
   mesh2d    DTensors on a 2-D mesh, replicated along one dimension: save, then restore
@@ -246,6 +248,25 @@ def main() -> int:
                 total += value
         mgr.wait()
         print(f"busy done {total.item()}", flush=True)
+
+    elif args.scenario == "rejoin":
+        for step in (1, 2):
+            mgr.save(step, rank_state(rank, step)).wait()
+        pending = mgr.save(3, rank_state(rank, 3)) if rank == 1 else None  # rank 0 "died"
+        dist.destroy_process_group()
+        store = dist.FileStore(os.path.join(args.root, "generation-1"), 2)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=2)
+        step, _ = mgr.restore(rank_state(rank, 0))
+        print(f"restored {step}", flush=True)
+        if pending is not None:
+            try:
+                pending.wait(timeout=0)
+            except mtckpt.NodeRanksMissingError as exc:
+                print(f"given up: {exc}", flush=True)
+        mgr.save(3, rank_state(rank, 3)).wait()  # the ranks go on from step 2
+        step, state = mgr.restore(rank_state(rank, 0))
+        assert torch.equal(state["w"], rank_state(rank, 3)["w"])
+        print(f"then restored {step}", flush=True)
 
     elif args.scenario == "die":
         for step in (1, 2):

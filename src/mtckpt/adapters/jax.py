@@ -349,6 +349,9 @@ class JaxCoordinator(coordination.GatheringCoordinator):
         self.prefix = f"mtckpt/coordinator-{next(_COORDINATORS)}"
         self.round = 0
 
+    def current(self) -> bool:
+        return distributed_client() is self.client
+
     def _all_gather(self, value: Any, what: str) -> list[Any]:
         self.round += 1
         prefix = f"{self.prefix}/{self.round}"

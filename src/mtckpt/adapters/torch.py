@@ -14,15 +14,15 @@ import random
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from .. import _fastpath, arrays, coordination
-from ..errors import MtckptError
+from .. import _fastpath, arrays
+from .torch_job import distributed_job as distributed_job
+from .torch_job import job_coordinator as job_coordinator
 
 if TYPE_CHECKING:  # imported on first use, by __getattr__ below
     from .dcp import (
@@ -447,40 +447,6 @@ class RNG:
         if state["torch_cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([torch.as_tensor(s, dtype=torch.uint8)
                                           for s in state["torch_cuda"]])  # fmt: skip
-
-
-def distributed_job() -> tuple[int, int] | None:
-    """This rank and the world size, once torch.distributed is initialised (the core asks
-    through :mod:`mtckpt.frameworks`)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return None
-
-
-def job_coordinator(timeout: float) -> TorchCoordinator | None:
-    """The ranks' agreement over torch.distributed, once it is initialised."""
-    return TorchCoordinator(timeout) if distributed_job() is not None else None
-
-
-class TorchCoordinator(coordination.GatheringCoordinator):
-    """Restore agreement over torch.distributed: a gloo group of its own, so that its
-    collectives work beside any backend and give up after ``timeout`` seconds."""
-
-    def __init__(self, timeout: float) -> None:
-        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        self.timeout = timeout
-        self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
-
-    def _all_gather(self, value: Any, what: str) -> list[Any]:
-        gathered: list[Any] = [None] * self.world_size
-        try:
-            dist.all_gather_object(gathered, value, group=self.group)
-        except RuntimeError as exc:  # gloo reports timeouts and lost peers this way
-            raise MtckptError(
-                f"rank {self.rank}: the ranks did not {what} within {self.timeout} s (a rank "
-                f"died or is not restoring): {exc}"
-            ) from exc
-        return gathered
 
 
 _DCP_NAMES = ("Reader", "Writer", "export_dcp", "export_torch_save", "import_dcp",

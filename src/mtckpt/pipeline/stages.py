@@ -119,6 +119,7 @@ class Pipeline:
         self._closing = False  # no more saves: the memory worker drains its queue and stops
         self._tiers_closing = False  # set once it has: tier workers drain and stop
         self._abandoned = False  # closing with a timeout that passed: drop what waits
+        self._giving_up = ""  # why the node commits under way stop waiting, while they do
         self._tiers = slower
         self._staging_queue: collections.deque[SaveJob] = collections.deque()
         self._stager = threading.Thread(
@@ -151,6 +152,17 @@ class Pipeline:
         """Block until every submitted step has been committed (or failed) in memory."""
         with self._cond:
             self._cond.wait_for(lambda: not self._memory_queue and not self._memory_busy)
+
+    def give_up_node_waits(self, why: str) -> None:
+        """Commit nothing more that waits for a node-mate's shard (``why``: its rank
+        restarts), then block until every submitted step is committed or given up."""
+        with self._cond:
+            self._giving_up = why
+        try:
+            self.wait_memory_idle()
+        finally:
+            with self._cond:
+                self._giving_up = ""
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Block until every worker is done, garbage collection included; False on timeout."""
@@ -318,6 +330,8 @@ class Pipeline:
                 )
             if self._abandoned:
                 raise self._missing_error(step, missing, "were still missing at close")
+            if self._giving_up:
+                raise self._missing_error(step, missing, f"were missing when {self._giving_up}")
             now = time.monotonic()
             if now - started >= self.node_timeout:
                 self._absent = absent
