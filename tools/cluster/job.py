@@ -12,8 +12,10 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
+from . import rendezvous
 from .network import Network, in_ns
 from .node import ClusterError, Config, Node
 from .report import read_events
@@ -47,6 +49,7 @@ class Cluster:
         self.shaping = shaping_mbit
         self.net = Network(nodes)
         self.moto: subprocess.Popen | None = None
+        self.store: subprocess.Popen | None = None  # the first node's torchrun agent's
         self.nodes: list[Node] = []
         self.rendezvous = root / "rendezvous.json"  # in-process restarts' generation
         self.generation = 0
@@ -77,6 +80,9 @@ class Cluster:
             self.nodes.append(node)
             if self.shaping:
                 self.net.shape(i, self.shaping)
+        first = self.nodes[0]
+        self.store = rendezvous.start(partial(in_ns, first.ns), self.net.links[0].address,
+                                      first.spec.master_port)  # fmt: skip
         for node in self.nodes:
             node.start_daemon()
 
@@ -109,9 +115,10 @@ class Cluster:
                 node.daemon and node.daemon.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 node.kill_daemon()
-        if self.moto is not None and self.moto.poll() is None:
-            self.moto.kill()
-            self.moto.wait(timeout=30)
+        for proc in (self.moto, self.store):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
         self.net.destroy()
 
     def run(self, steps: int, *, step_seconds: float, mib: float, every: float,
@@ -269,8 +276,8 @@ class Cluster:
             in_process = False  # ranks that finished cannot join: the job starts again
         self.last_restart = time.time()
         self._awaiting = self.last_restart if in_process else None
+        self.generation += 1  # the workers of each restart meet under a store prefix of their own
         if self.cfg.restart == "in-process":
-            self.generation += 1
             pending = self.rendezvous.with_suffix(".tmp")
             pending.write_text(json.dumps({"generation": self.generation}))
             pending.rename(self.rendezvous)

@@ -16,7 +16,6 @@ import os
 import re
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 
 LAUNCHED = time.time()  # before torch's import: the report splits a restart into its phases
@@ -24,6 +23,7 @@ CLOSE_AFTER_FAULT = 5.0  # seconds a manager may finish its work after a peer's 
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from rendezvous import join  # noqa: E402
 
 
 class Events:
@@ -60,23 +60,25 @@ def initial(rank: int, mib: float) -> torch.Tensor:
     return (torch.arange(n, dtype=torch.float32) % 1000) * (rank + 1)
 
 
-def mtckpt_restore(state: dict, events: Events):
+def mtckpt_restore(state: dict, events: Events, mgr=None):
+    """Restore by ``mgr``, or by a new manager (its build timed) where None: a survivor of
+    an in-process restart keeps its own, which agrees through the new process group."""
     import mtckpt
 
     seen = TierSeen()
     logging.getLogger("mtckpt").addHandler(seen)
     logging.getLogger("mtckpt").setLevel(logging.INFO)
     started = time.monotonic()
-    mgr = mtckpt.CheckpointManager.from_config()
+    if mgr is None:
+        mgr = mtckpt.CheckpointManager.from_config()
     events("manager", seconds=time.monotonic() - started)
     started = time.monotonic()
     try:
         step, _ = mgr.restore(state)
     except mtckpt.StepNotFoundError:
         step = 0
-    except BaseException:
-        mgr.close()  # its rank's lock goes with it: the next manager takes it
-        raise
+    finally:
+        logging.getLogger("mtckpt").removeHandler(seen)
     events("restored", step=step, tier=seen.tier if step else None,
            seconds=time.monotonic() - started)  # fmt: skip
     return mgr, step
@@ -141,38 +143,32 @@ def main() -> int:
     w = initial(rank, args.mib)
     state = {f"rank{rank}.w": w}  # a key per rank: DCP keeps one copy of equal keys
     generation = int(os.environ.get("CLUSTER_GENERATION", "0"))
-    restored = restore(args, rank, state, events) if args.restore_first else None
+    mgr, restored = None, None  # a survivor keeps its manager across in-process restarts
+    if args.restore_first:
+        mgr, restored = restore(args, rank, state, events, mgr)
     timeout = 10 if args.rendezvous else 120
     while True:
         try:
             join(generation, timeout)
             events("joined", generation=generation)
-            first, restored = restored, None  # a restore before the group: once only
-            ok = train(args, rank, state, events, first)
+            if restored is None:  # a restore before the group: once only
+                mgr, restored = restore(args, rank, state, events, mgr)
+            ok = train(args, state, events, mgr, restored)
             dist.barrier()  # the others are done too (or one died: its restart restores)
             break
         except Exception as exc:  # a peer died: gloo's errors, mtckpt's (a lost agreement)
             if not args.rendezvous:
+                close(mgr, events, timeout=CLOSE_AFTER_FAULT)
                 raise
             events("fault", error=str(exc)[:300])
+            events("written", tiers=written(mgr))  # so far: this process may be lost next
+            restored = None
         leave()
         generation = next_generation(args.rendezvous, generation)
+    close(mgr, events)
     events("done", ok=ok)
     dist.destroy_process_group()
     return 0 if ok else 3
-
-
-def join(generation: int, collective_timeout: float) -> None:
-    """The job's process group; each in-process restart meets on a port of its own. The
-    rendezvous waits up to 120 s for every rank; a collective gives up after
-    ``collective_timeout`` (a rank that waits on a live peer which waits on a dead one
-    learns of the death only so)."""
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    port = int(os.environ["MASTER_PORT"]) + generation
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], port, world, is_master=rank == 0,
-                          timeout=timedelta(seconds=120))  # fmt: skip
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
-                            timeout=timedelta(seconds=collective_timeout))  # fmt: skip
 
 
 def leave() -> None:
@@ -198,18 +194,45 @@ def next_generation(path: str, current: int, timeout: float = 120) -> int:
                        f"in {path} within {timeout} s")  # fmt: skip
 
 
-def written(mgr) -> dict[str, float]:
-    """Bytes this process's manager wrote, by tier."""
-    samples = mgr.metrics.samples()
-    found = (re.fullmatch(r'mtckpt_written_bytes_total\{tier="(\w+)"\}', k) for k in samples)
-    return {m.group(1): samples[m.group(0)] for m in found if m}
+class Written:
+    """Bytes this process's manager wrote, by tier, since the last time asked."""
+
+    def __init__(self) -> None:
+        self.told: dict[str, float] = {}
+
+    def __call__(self, mgr) -> dict[str, float]:
+        if mgr is None:
+            return {}
+        samples = mgr.metrics.samples()
+        found = (re.fullmatch(r'mtckpt_written_bytes_total\{tier="(\w+)"\}', k) for k in samples)
+        now = {m.group(1): samples[m.group(0)] for m in found if m}
+        since = {tier: value - self.told.get(tier, 0.0) for tier, value in now.items()}
+        self.told = now
+        return since
 
 
-def restore(args, rank: int, state: dict, events: Events) -> tuple:
+written = Written()
+
+
+def close(mgr, events: Events, timeout: float | None = None) -> None:
+    """The manager closed (after a fault, within ``timeout``: a dead node-mate's shard
+    never comes) and the bytes it wrote since last told."""
+    if mgr is None:
+        return
+    try:
+        mgr.close(timeout=timeout)
+    except Exception as exc:
+        if timeout is None:
+            raise
+        events("close-failed", error=str(exc)[:300])
+    events("written", tiers=written(mgr))
+
+
+def restore(args, rank: int, state: dict, events: Events, mgr) -> tuple:
     """The newest checkpoint restored into ``state`` (the initial state where there is
-    none): the manager (None for DCP) and the step."""
+    none) by ``mgr`` (a new manager where None; None for DCP): the manager and the step."""
     if args.mode == "mtckpt":
-        mgr, step = mtckpt_restore(state, events)
+        mgr, step = mtckpt_restore(state, events, mgr)
     else:
         mgr, step = None, dcp_restore(state, args.dcp_url, args.s3_options, events)
     if not step:
@@ -217,34 +240,21 @@ def restore(args, rank: int, state: dict, events: Events) -> tuple:
     return mgr, step
 
 
-def train(args, rank: int, state: dict, events: Events, restored: tuple | None) -> bool:
-    """Restore the newest checkpoint (unless ``restored`` already), train to the end, and
-    whether the state is the uninterrupted run's."""
+def train(args, state: dict, events: Events, mgr, restored: int) -> bool:
+    """Train from step ``restored`` to the end, and whether the state is the uninterrupted
+    run's."""
     (w,) = state.values()
-    mgr, restored = restored or restore(args, rank, state, events)
-    try:
-        for step in range(restored + 1, args.steps + 1):
-            time.sleep(args.step_seconds)  # the step's compute
-            dist.all_reduce(torch.ones(1))  # the gradients' exchange: the ranks go in step
-            w.add_(1.0)
-            saving = time.monotonic()
-            if mgr is not None:
-                mgr.save(step, state)
-            elif step % args.dcp_every == 0:
-                dcp_save(state, f"{args.dcp_url}/step-{step}", args.s3_options, events)
-            events("step", step=step, saved=time.monotonic() - saving)
-    except BaseException:
+    for step in range(restored + 1, args.steps + 1):
+        time.sleep(args.step_seconds)  # the step's compute
+        dist.all_reduce(torch.ones(1))  # the gradients' exchange: the ranks go in step
+        w.add_(1.0)
+        saving = time.monotonic()
         if mgr is not None:
-            try:  # its group is gone with the peer: a new manager comes with the new group
-                mgr.close(timeout=CLOSE_AFTER_FAULT)  # a dead node-mate's shard never comes
-            except Exception as exc:
-                events("close-failed", error=str(exc)[:300])
-            events("written", tiers=written(mgr))
-        raise
-    if mgr is not None:
-        mgr.close()
-        events("written", tiers=written(mgr))
-    return torch.equal(w, initial(rank, args.mib) + float(args.steps))
+            mgr.save(step, state)
+        elif step % args.dcp_every == 0:
+            dcp_save(state, f"{args.dcp_url}/step-{step}", args.s3_options, events)
+        events("step", step=step, saved=time.monotonic() - saving)
+    return torch.equal(w, initial(int(os.environ["RANK"]), args.mib) + float(args.steps))
 
 
 if __name__ == "__main__":
