@@ -93,6 +93,21 @@ def test_retention_keeps_the_newest_and_the_long_term_steps(moto, bucket, shm_di
     assert storage.steps(RUN) == [2, 4, 5, 6]  # nothing left of the others
 
 
+def test_one_listing_names_every_steps_files_as_a_listing_per_step_does(moto, bucket, shm_dir):
+    remote = s3_tier(moto, bucket, keep=3)
+    with manager(shm_dir / "a", remote) as mgr:
+        for step in (1, 2, 3):
+            mgr.save(step, state(step, 1 << 16)).wait()
+    storage = ObjectStorage(remote.url, storage_options=moto.options())
+    storage.write_bytes(RUN, 4, naming.manifest_file(0), b"{}")  # a step not committed
+    storage.write_bytes("other", 1, naming.COMMIT, b"{}")  # another run: not listed
+    listing = storage.files_by_step(RUN)
+    assert listing == {step: storage.files(RUN, step) for step in storage.steps(RUN)}
+    assert sorted(listing) == [1, 2, 3, 4] and naming.COMMIT not in listing[4]
+    assert naming.COMMIT in listing[3] and naming.manifest_file(0) in listing[3]
+    assert storage.files_by_step("none-yet") == {}
+
+
 def test_commit_waits_for_every_rank_of_the_world(moto, bucket, shm_dir):
     remote = s3_tier(moto, bucket)
     storage = ObjectStorage(remote.url, storage_options=moto.options())

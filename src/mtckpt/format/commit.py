@@ -31,12 +31,8 @@ def is_committed(storage: Storage, run: str, step: int) -> bool:
 def committed_steps(storage: Storage, run: str, rank: int | None = None) -> list[int]:
     """Committed steps, ascending; with ``rank``, only those holding that rank's shard."""
     wanted = [naming.COMMIT] if rank is None else [naming.COMMIT, naming.manifest_file(rank)]
-    steps = []
-    for step in storage.steps(run):
-        files = storage.files(run, step)  # one listing per step (one request on S3)
-        if all(name in files for name in wanted):
-            steps.append(step)
-    return steps
+    listing = storage.files_by_step(run)
+    return [step for step, files in sorted(listing.items()) if all(n in files for n in wanted)]
 
 
 def ranks_present(storage: Storage, run: str, step: int) -> set[int]:

@@ -58,6 +58,10 @@ class Storage(ABC):
     def files(self, run: str, step: int) -> list[str]:
         """Names of the files in a step, temporary files included; [] if none."""
 
+    def files_by_step(self, run: str) -> dict[int, list[str]]:
+        """:meth:`files` of every step of ``run`` (one listing on an object store)."""
+        return {step: self.files(run, step) for step in self.steps(run)}
+
     @abstractmethod
     def stat_files(self, run: str, step: int) -> dict[str, FileStat]:
         """:meth:`files` with each file's size and modification time, from one listing

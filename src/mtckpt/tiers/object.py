@@ -146,6 +146,21 @@ class ObjectStorage(Storage):
     def files(self, run: str, step: int) -> list[str]:
         return self._listing(self.step_path(run, step))
 
+    def files_by_step(self, run: str) -> dict[int, list[str]]:
+        top = self.run_dir(run)
+        self.fs.invalidate_cache(top)
+        try:  # every key under the run, without a delimiter: one paginated listing
+            keys = self.call(f"list {top}", lambda: self.fs.find(top, withdirs=False))
+        except FileNotFoundError:
+            return {}
+        found: dict[int, set[str]] = {}
+        for key in keys:
+            parts = posixpath.relpath(str(key), top).split("/")
+            step = naming.parse_step_dir(parts[0]) if len(parts) == 2 else None
+            if step is not None:
+                found.setdefault(step, set()).add(parts[1])
+        return {step: sorted(names) for step, names in sorted(found.items())}
+
     def stat_files(self, run: str, step: int) -> dict[str, FileStat]:
         path = self.step_path(run, step)
         self.fs.invalidate_cache(path)
