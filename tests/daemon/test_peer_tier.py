@@ -48,6 +48,28 @@ def test_saves_are_replicated_and_a_replacement_node_restores_from_peers(cluster
     assert np.array_equal(restored["w"], state(2, 1)["w"]) and restored["step"] == 2
 
 
+def test_a_replacement_daemon_fetches_its_shards_before_its_trainer_asks(cluster, caplog):
+    daemons = cluster(["n1", "n2", "n3"])
+    for rank, node in enumerate(["n1", "n2", "n3"]):
+        with trainer(daemons[node], rank, 3) as mgr:
+            for step in (1, 2):
+                mgr.save(step, state(step, rank)).wait("peers")
+    lost = daemons["n2"]
+    lost.lose_node()
+    cluster.restart(lost)
+
+    def own_shards() -> list[tuple[int, int]]:
+        with lost.client(token=lost.token) as client:
+            listing = client.list_shards(run=RUN, origin="n2")
+        return sorted((i.shard.step, i.shard.rank) for i in listing.shards)
+
+    wait_for(lambda: own_shards() == [(2, 1)], what="n2's shard of step 2 back in its memory")
+    with caplog.at_level("INFO", logger="mtckpt"), trainer(lost, 1, 3) as mgr:
+        step, restored = mgr.restore()
+    assert step == 2 and np.array_equal(restored["w"], state(2, 1)["w"])
+    assert "bytes of this node's shards fetched from peers" in caplog.text  # by its daemon
+
+
 def test_replication_that_cannot_happen_fails_the_peers_stage_only(cluster):
     daemon = cluster(["alone"])["alone"]
     with trainer(daemon, 0, 1) as mgr:

@@ -10,12 +10,18 @@ one. Shards this node's local tier still holds (a daemon restarted after its
 memory tier was lost) or its daemon kept (a sync step the trainers expired) are copied
 from there instead. The shards land in this node's memory tier with the step's COMMIT, so
 the trainer then restores at memory speed; with a local root, :func:`persist` then writes
-them to the local tier too.
+them to the local tier too. A daemon whose memory tier holds none of its own shards (a
+replacement) starts recovering every run its peers hold shards of at once, before its
+trainers ask (:class:`Recoveries`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import threading
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -59,6 +65,68 @@ class _Copy:
     world_size: int
     coded: bool = False  # not held whole anywhere: its group can rebuild it
     manifest_crc: int | None = None  # as its holder listed it
+
+
+class Recoveries:
+    """A node's recoveries, one per run at a time: asked for by its trainers (every rank of
+    the node asks; the first fetches, the others then find the shards here) or, at the
+    start of a daemon whose memory tier holds none of its own shards, by the daemon for
+    every run its peers hold shards of, so the trainers' restore finds them here."""
+
+    def __init__(self, holdings: Holdings, peers: Peers,
+                 on_recovered: Callable[[str, Recovered, float], None]) -> None:  # fmt: skip
+        """``on_recovered(run, result, seconds)``: after each recovery (persist, count)."""
+        self.holdings, self.peers, self.on_recovered = holdings, peers, on_recovered
+        self._lock = threading.Lock()
+        self._runs: dict[str, threading.Lock] = {}
+        self._fetched: dict[str, Recovered] = {}  # each run's last fetch from peers
+
+    def recover(self, run: str, step: int | None = None,
+                none_is_an_answer: bool = False) -> Recovered:  # fmt: skip
+        """:func:`recover`, after any recovery of ``run`` under way. A step an earlier
+        recovery fetched comes back with that fetch's bytes and sources."""
+        started = time.monotonic()
+        with self._lock:
+            lock = self._runs.setdefault(run, threading.Lock())
+        with lock:
+            result = recover(self.holdings, self.peers, run, step, none_is_an_answer)
+            earlier = self._fetched.get(run)
+            if result.bytes:
+                self._fetched[run] = result
+        self.on_recovered(run, result, time.monotonic() - started)
+        if not result.bytes and earlier is not None and earlier.step == result.step:
+            return dataclasses.replace(result, bytes=earlier.bytes, sources=earlier.sources)
+        return result
+
+    def start(self) -> threading.Thread | None:
+        """Recover in the background where this node's memory tier holds none of its own
+        shards; the thread, or None."""
+        me = self.holdings.node_id
+        if any(h.shard.origin == me for h in self.holdings.list()):
+            return None
+        thread = threading.Thread(target=self._at_start, name="mtckpt-recover-at-start",
+                                  daemon=True)  # fmt: skip
+        thread.start()
+        return thread
+
+    def _at_start(self) -> None:
+        me = self.holdings.node_id
+        self.peers.refresh(everyone=True)
+        runs: set[str] = set()
+        for member in self.peers.members():
+            if not member.reachable:
+                continue
+            try:
+                listing = self.peers.client(member.address).list_shards(origin=me)
+            except grpc.RpcError as exc:
+                log.info("recovery at start: %s did not list: %s", member.name(), error_text(exc))
+                continue
+            runs.update(info.shard.run for info in listing.shards)
+        for run in sorted(runs):
+            try:
+                self.recover(run, none_is_an_answer=True)
+            except Exception as exc:  # the trainers' restore asks again, and says why
+                log.warning("recovery at start: run %r: %s", run, exc)
 
 
 def _copies(holdings: Holdings, peers: Peers, run: str, unreachable: list[str],

@@ -78,6 +78,7 @@ class Daemon:
         self.peers = Peers(config.node_id, config.peers, config.peers_dns,
                            token=self.token, tls=self.tls, strides=self.strides)  # fmt: skip
         self.metrics = DaemonMetrics(self)
+        self.recoveries = recovery.Recoveries(self.holdings, self.peers, self._recovered)
         self.changes = Changes(waiters=max(0, config.workers - FREE_WORKERS),
                                pools=("trainers", "peers"))  # fmt: skip
         self.replicator = Replicator(
@@ -114,6 +115,7 @@ class Daemon:
         if self.config.socket:
             self._serve_trainers()
         self.peers.start(self.config.scan_interval)
+        self.recoveries.start()  # a replacement node: its shards back before its trainers ask
         self.replicator.start()
         if self.flusher is not None:
             self.flusher.start()
@@ -177,9 +179,11 @@ class Daemon:
             os.umask(old)
         os.chmod(path, 0o600)
 
-    def persist(self, run: str, recovered: recovery.Recovered) -> None:
-        """Write a recovered step to the local tier, off the Recover call: the trainer
-        restores from memory meanwhile."""
+    def _recovered(self, run: str, recovered: recovery.Recovered, seconds: float) -> None:
+        """Counted, and written to the local tier off the recovery: the trainer restores
+        from memory meanwhile."""
+        self.metrics.restore_seconds.observe(seconds, tier="peers")
+        self.metrics.bytes_read.inc(recovered.bytes, tier="peers")
         if self.holdings.local is None:
             return
 

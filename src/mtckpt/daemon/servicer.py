@@ -8,7 +8,6 @@ import contextlib
 import hashlib
 import itertools
 import logging
-import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -19,7 +18,7 @@ from ..errors import MemoryBudgetError, MtckptError, StepNotFoundError
 from ..format import naming
 from ..proto import mtckpt_pb2 as pb
 from ..proto import mtckpt_pb2_grpc as pb_grpc
-from . import frames, rebuild, recovery
+from . import frames, rebuild
 from .bulk import Produced
 from .holdings import Outgoing, Shard
 from .incoming import NoBase
@@ -52,8 +51,6 @@ class Servicer(pb_grpc.DaemonServicer):
         self.d = daemon
         self.peers = peers  # None: the trainers' service
         self.pool = "trainers" if peers is None else "peers"
-        self._recovering: dict[str, threading.Lock] = {}  # per run: one recovery at a time
-        self._recovering_lock = threading.Lock()
 
     def _held(self, context, kind: str, what: str):
         """Count a stream or waiting call against the calling peer (trainers: no limit)."""
@@ -330,19 +327,10 @@ class Servicer(pb_grpc.DaemonServicer):
         return pb.FlushReply()
 
     def Recover(self, request, context):
-        started = time.monotonic()
         try:
             naming.check_run(request.run)
             step = request.step if request.HasField("step") else None
-            with self._recovering_lock:
-                lock = self._recovering.setdefault(request.run, threading.Lock())
-            # Every rank of the node asks; the first fetches, the others then find it here.
-            with lock:
-                result = recovery.recover(self.d.holdings, self.d.peers, request.run, step,
-                                          request.none_is_an_answer)  # fmt: skip
-            self.d.persist(request.run, result)
-            self.d.metrics.restore_seconds.observe(time.monotonic() - started, tier="peers")
-            self.d.metrics.bytes_read.inc(result.bytes, tier="peers")
+            result = self.d.recoveries.recover(request.run, step, request.none_is_an_answer)
         except StepNotFoundError as exc:
             context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
         except (MtckptError, ValueError) as exc:
