@@ -5,6 +5,7 @@ when a rank dies, as torchrun's elastic agent or a Kubernetes Job would."""
 
 from __future__ import annotations
 
+import compileall
 import json
 import secrets
 import signal
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from . import rendezvous
 from .network import Network, in_ns
-from .node import ClusterError, Config, Node
+from .node import SRC, ClusterError, Config, Node
 from .report import read_events
 
 S3_PORT = 5000
@@ -71,6 +72,10 @@ class Cluster:
         self.stop()
 
     def start(self) -> None:
+        # Bytecode as an installed package has it (pip compiles at install), also where
+        # PYTHONDONTWRITEBYTECODE is set: each process would compile mtckpt's modules anew.
+        for tree in (SRC / "mtckpt", Path(__file__).parent):
+            compileall.compile_dir(tree, quiet=1)
         self.net.create()
         s3 = self._start_s3()
         token = secrets.token_urlsafe(24)

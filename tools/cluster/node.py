@@ -22,7 +22,7 @@ WORKER = Path(__file__).resolve().with_name("worker.py")
 SRC = Path(__file__).resolve().parents[2] / "src"
 METRICS_PORT = 9090  # the manifests' metrics_listen
 IN_PROCESS_COLLECTIVE_TIMEOUT = 20.0
-TRAINER_MODULES = "torch,torch.distributed,mtckpt,mtckpt.manager,mtckpt.daemon.link,s3fs"
+TRAINER_MODULES = "torch,torch.distributed,mtckpt,mtckpt.manager,mtckpt.daemon.rpc,s3fs"
 DAEMON_MODULES = "mtckpt.cli._daemon,mtckpt.daemon.service,s3fs"
 
 
