@@ -59,8 +59,8 @@ def test_each_shard_is_replicated_to_another_node_and_listed_there(three):
 def test_a_lost_node_is_restored_from_its_peers_bit_exact(three, cluster):
     lost = three["node-b"]
     lost.lose_node()
+    assert not lost.memory_root.exists()
     cluster.restart(lost)  # the replacement: same node id and address, empty roots
-    assert not os.listdir(lost.memory_root)
     done = mtckpt_restore(lost)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
@@ -69,9 +69,10 @@ def test_a_lost_node_is_restored_from_its_peers_bit_exact(three, cluster):
     step, restored = restore(lost, 1, 3)
     assert step == 2
     assert_same_state(restored, state(2, 1))
-    # Restore again: nothing left to fetch.
+    # Restore again: the step is here; the reply names the fetch that brought it.
     again = json.loads(mtckpt_restore(lost).stdout)
-    assert again["step"] == 2 and again["bytes"] == 0
+    assert again["step"] == 2 and again["ranks"] == [1]
+    assert (again["bytes"], again["sources"]) == (report["bytes"], report["sources"])
 
 
 def test_a_replacement_with_a_local_root_also_writes_the_recovered_step_to_disk(three, cluster):
