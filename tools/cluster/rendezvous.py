@@ -41,6 +41,11 @@ def join(generation: int, collective_timeout: float) -> None:
         _client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
                                 world, is_master=False, timeout=WAIT)  # fmt: skip
     store = dist.PrefixStore(f"generation-{generation}", _client)
+    # Every rank arrives (within WAIT) before the group forms (within the collective
+    # timeout): a survivor still inside a collective that waits out its timeout arrives late.
+    if store.add("arrived", 1) == world:
+        store.set("all-arrived", "1")
+    store.wait(["all-arrived"], WAIT)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
                             timeout=timedelta(seconds=collective_timeout))  # fmt: skip
 
