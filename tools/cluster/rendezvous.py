@@ -3,7 +3,7 @@ at ``--master-addr:--master-port`` that lives as long as the agent, across resta
 the workers. Each restart's workers meet under a prefix of their own (``join``); a
 worker that survives an in-process restart keeps its connection, and a new one connects
 to a store that is already listening (a rank 0 hosting each generation's store made the
-others retry their connection for 0.3-1 s)."""
+others retry their connection for 0.3-1 s). The group forms once every rank has arrived."""
 
 from __future__ import annotations
 

@@ -69,7 +69,8 @@ def mtckpt_restore(state: dict, events: Events, mgr=None):
     logging.getLogger("mtckpt").addHandler(seen)
     logging.getLogger("mtckpt").setLevel(logging.INFO)
     started = time.monotonic()
-    if mgr is None:
+    built = mgr is None
+    if built:
         mgr = mtckpt.CheckpointManager.from_config()
     events("manager", seconds=time.monotonic() - started)
     started = time.monotonic()
@@ -77,6 +78,10 @@ def mtckpt_restore(state: dict, events: Events, mgr=None):
         step, _ = mgr.restore(state)
     except mtckpt.StepNotFoundError:
         step = 0
+    except BaseException:
+        if built:  # not handed back: its rank's lock goes with it, the next manager takes it
+            mgr.close()
+        raise
     finally:
         logging.getLogger("mtckpt").removeHandler(seen)
     events("restored", step=step, tier=seen.tier if step else None,
