@@ -37,17 +37,21 @@ def committed_steps(storage: Storage, run: str, rank: int | None = None) -> list
 
 def ranks_present(storage: Storage, run: str, step: int) -> set[int]:
     """Ranks whose manifest (hence whole shard) is in the step."""
-    ranks = set()
-    for name in storage.files(run, step):
-        parsed = naming.parse_rank_file(name)
-        if parsed is not None and parsed[1] == "json":
-            ranks.add(parsed[0])
-    return ranks
+    return _ranks_of(storage.files(run, step))
 
 
 def ranks_by_step(storage: Storage, run: str) -> dict[int, set[int]]:
     """The ranks whose shard is in each step of ``run`` on ``storage``."""
-    return {step: ranks_present(storage, run, step) for step in storage.steps(run)}
+    return {step: _ranks_of(files) for step, files in storage.files_by_step(run).items()}
+
+
+def _ranks_of(files: Iterable[str]) -> set[int]:
+    ranks = set()
+    for name in files:
+        parsed = naming.parse_rank_file(name)
+        if parsed is not None and parsed[1] == "json":
+            ranks.add(parsed[0])
+    return ranks
 
 
 def try_commit(
