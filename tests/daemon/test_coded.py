@@ -7,14 +7,18 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from daemons import make_certs, replicated, restore, save, state, trainer, wait_for
+from daemons import free_port, make_certs, replicated, restore, save, state, trainer, wait_for
 from mtckpt.daemon.auth import TLSFiles
+from mtckpt.daemon.chain import CHAIN_WAIT
 from mtckpt.daemon.groups import Group, piece_range
 from mtckpt.daemon.parity import PARITY_DIR, StripeKey
 from mtckpt.daemon.rpc import Client
@@ -246,3 +250,73 @@ def test_over_mutual_tls_a_restarted_daemon_still_lets_its_group_rebuild(cluster
     step, restored = restore(daemons["n2"], 2, 4)
     assert step == 1
     assert_same_state(restored, state(1, 2))
+
+
+def assert_parities_are_the_xor_of_the_pieces(daemons, step: int) -> None:
+    """Every parity of ``step`` the daemons hold is complete and the xor of its stripe's
+    pieces, cut from the data nodes' own files."""
+    checked = 0
+    for daemon in daemons.values():
+        for info in (p for p in _parities(daemon) if p.stripe.step == step):
+            assert info.complete
+            group = Group(Redundancy.parse(info.stripe.code), tuple(info.stripe.group))
+            expected = np.zeros(info.size, np.uint8)
+            for index, node in enumerate(group.data_nodes(info.stripe.stripe)):
+                where = daemons[node].memory_root / RUN / naming.step_dir(step)
+                blob = b"".join(f.read_bytes() for f in sorted(where.glob("*.safetensors")))
+                offset, length = piece_range(len(blob), group.scheme.data, index)
+                expected[:length] ^= np.frombuffer(blob, np.uint8, length, offset)
+            key = StripeKey.checked(info.stripe)
+            parity = (
+                daemon.memory_root / PARITY_DIR / RUN / naming.step_dir(step) / f"{key.name}.parity"
+            )
+            assert parity.read_bytes() == expected.tobytes(), f"{key} on {daemon.node_id}"
+            checked += 1
+    assert checked == len(daemons)
+
+
+def received_bytes(address: str) -> float:
+    """Bytes of peers' data a daemon took in and stored (mtckpt_replica_received_bytes)."""
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    family = next(f for f in text_string_to_metric_families(text)
+                  if f.name == "mtckpt_replica_received_bytes")  # fmt: skip
+    return sum(s.value for s in family.samples if s.name.endswith("_total"))
+
+
+def test_under_xor_each_stripe_reaches_its_holder_as_one_sum_along_its_data_nodes(cluster):
+    nodes = [f"n{i}" for i in range(4)]
+    metrics = {node: f"127.0.0.1:{free_port()}" for node in nodes}
+    per_node = {node: ["--metrics-listen", address] for node, address in metrics.items()}
+    daemons = cluster(nodes, extra=["--redundancy", "xor:4", "--scan-interval", "3600"],
+                      per_node=per_node)  # fmt: skip
+    for rank, node in enumerate(nodes):  # saved first, then sent together, as a job's nodes
+        with trainer(daemons[node], rank, 4) as mgr:
+            mgr.save(1, state(1, rank)).wait()
+    for node in nodes:
+        with daemons[node].client() as client:
+            client.notify(RUN, 1)
+    for node in nodes:
+        wait_for(lambda n=node: replicated(daemons[n], RUN, 1), what=f"{node} redundant")
+    assert_parities_are_the_xor_of_the_pieces(daemons, 1)
+    for node in nodes:  # one sum per stripe held, not a piece from each of its 3 data nodes
+        (held,) = [p.size for p in _parities(daemons[node])]
+        assert received_bytes(metrics[node]) == held
+    assert "broke" not in _daemon_logs(daemons)
+
+
+def test_a_member_that_saves_late_breaks_its_chains_and_the_pieces_go_directly(cluster):
+    nodes = [f"n{i}" for i in range(4)]
+    daemons = cluster(nodes, extra=["--redundancy", "xor:4"])
+    for rank, node in enumerate(nodes[1:], start=1):
+        save(daemons[node], rank, 4, [1])
+    time.sleep(CHAIN_WAIT + 0.5)  # n0's sums are not taken on, nor do the others wait for it
+    save(daemons["n0"], 0, 4, [1])
+    for node in nodes:
+        wait_for(lambda n=node: replicated(daemons[n], RUN, 1), what=f"{node} redundant")
+    assert_parities_are_the_xor_of_the_pieces(daemons, 1)
+    assert "broke" in _daemon_logs(daemons)
+    replaced(cluster, daemons["n0"])
+    step, restored = restore(daemons["n0"], 0, 4)
+    assert step == 1
+    assert_same_state(restored, state(1, 0))

@@ -171,8 +171,8 @@ def test_the_newest_steps_and_sync_steps_are_kept(tmp_path, saved):
 @pytest.mark.parametrize(
     "node, change, says",
     [("a", {}, "its parities are held by ['c'], not 'a'"),
-     ("c", {"origin": "c"}, "its pieces come from ['a', 'b'], not 'c'"),
-     ("c", {"piece": 7}, "a piece of 7 bytes from 'a'"),
+     ("c", {"origin": "c"}, "pieces of ['c']; expected distinct nodes of ['a', 'b']"),
+     ("c", {"piece": 7}, "7 bytes of the piece of 'a'; their steps' sizes make "),
      ("c", {"code": "xor:4"}, "a group of 3 distinct node(s)"),
      ("c", {"code": "rs:2+1"}, "this daemon keeps xor:3, not rs:2+1"),
      ("c", {"code": "mirror"}, "expected 'replicas:R'"),

@@ -303,8 +303,9 @@ def _send_frames(conn: socket.socket, fd: int, manifest: RankManifest, *, tls: b
             mapping.close()
 
 
-def _send_produced(conn: socket.socket, produced: Produced) -> None:
-    crc32c, offset = _fastpath.backend().crc32c, 0
+def _send_produced(conn: socket.socket, produced: Produced,
+                   bandwidth: float | None = None) -> None:  # fmt: skip
+    crc32c, offset, started = _fastpath.backend().crc32c, 0, time.monotonic()
     for chunk in produced.chunks():
         view = memoryview(chunk).cast("B")
         for lo in range(0, view.nbytes, FRAME_BYTES):
@@ -312,6 +313,7 @@ def _send_produced(conn: socket.socket, produced: Produced) -> None:
             conn.sendall(FRAME.pack(offset, piece.nbytes, crc32c(piece)))
             conn.sendall(piece)
             offset += piece.nbytes
+            frames.pace(offset, bandwidth, started)
     if offset != produced.size:
         raise BulkError(f"{produced.where}: {offset} bytes made, {produced.size} announced")
 
@@ -388,6 +390,16 @@ def send_parts(host: str, port: int, ticket: bytes, parts: list[tuple[int, int, 
                         conn.sendall(view[lo:hi])
                     sent += hi - lo
                     frames.pace(sent, bandwidth, started)
+        _raise_for_status(conn, host, port)
+
+
+def send_produced(host: str, port: int, ticket: bytes, produced: Produced, *,
+                  tls: TLSFiles | None, bandwidth: float | None = None) -> None:  # fmt: skip
+    """Send ``produced``'s bytes, as they are made, to a peer's data port under ``ticket``
+    (frames with the crc32c of their bytes)."""
+    with _connect(host, port, tls) as conn:
+        conn.sendall(ticket)
+        _send_produced(conn, produced, bandwidth)
         _raise_for_status(conn, host, port)
 
 

@@ -1,12 +1,14 @@
 """Sending this node's pieces of its steps to the nodes of its coded group that hold the
 stripes' parities (daemon/groups.py, daemon/parity.py), for the replicator.
 
-A step's blob is its ranks' data files in rank order; each of its K pieces goes to the M
-parity holders of its stripe, over their data ports, straight from the memory tier's files
-(held open so the trainer does not reuse them meanwhile), one piece after another in
-rounds that keep one stream on each link each way. A holder is *stored* for a step
-once every stripe of this node's pieces that it holds is complete: every member's piece is
-in, and its checksums written.
+A step's blob is its ranks' data files in rank order, read straight from the memory tier's
+files (held open so the trainer does not reuse them meanwhile). Under ``xor`` a step is
+first sent along chains (daemon/chain.py): each of its K pieces goes to the next member of
+the group, added to the sum of the stripe's earlier pieces, all K at once. Otherwise, and
+for a step whose chains broke, each piece goes to the M parity holders of its stripe
+directly, one after another in rounds that keep one stream on each link each way. A
+holder is *stored* for a step once every stripe of this node's pieces that it holds is
+complete: every member's piece is in, and its checksums written.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -30,6 +33,7 @@ from ..redundancy import Redundancy
 from ..tiers.memory import open_held
 from . import bulk
 from .auth import TLSFiles, host_of
+from .chain import CHAIN_WAIT, OwnPiece, Relays, summed_frames
 from .groups import Group, StepGroups, form_groups, group_of, piece_range
 from .holdings import Holdings, Shard
 from .parity import StripeKey
@@ -63,6 +67,10 @@ class Listing:
 
 
 _FAILURES = (grpc.RpcError, OSError, MtckptError)
+# a next member in a chain that takes no sum now: the sum goes to the holder
+_NOT_NOW = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.DEADLINE_EXCEEDED)  # fmt: skip
+_TO_HOLDER = object()
 
 
 class Piece(NamedTuple):
@@ -79,6 +87,8 @@ class Encoder:
         self.holdings, self.peers, self.scheme, self.zone = holdings, peers, scheme, zone
         self.tls, self.bandwidth, self.metrics = tls, bandwidth, metrics
         self.groups = StepGroups(holdings.root, scheme)  # the group each step was sent to
+        self.relays = Relays(holdings.node_id, scheme) if scheme.kind == "xor" else None
+        self._chained: OrderedDict[tuple[str, int], None] = OrderedDict()  # steps tried so
         self._said: dict[str, str] = {}  # the last failure logged, per holder
 
     def place(self) -> tuple[Group | None, list[str], list[str], str]:
@@ -168,7 +178,10 @@ class Encoder:
                     else:
                         offset, length = piece_range(size, group.scheme.data, index)
                         due.append(Piece((index, row), node, key, offset, length))
-            sent = self._send_rounds(sorted(due, key=lambda p: p.round), blob, stopping)
+            if self._chain_first(run, step, due, group):
+                sent = self._send_chained(due, group, blob, stopping)
+            else:
+                sent = self._send_rounds(sorted(due, key=lambda p: p.round), blob, stopping)
         if stopping.is_set():
             return False
         for node, error in sent.items():
@@ -223,6 +236,99 @@ class Encoder:
                 self._said.pop(node, None)
         return sent
 
+    def _chain_first(self, run: str, step: int, due: list[Piece], group: Group) -> bool:
+        """Whether to send ``due`` along chains: under xor, the first time the step is
+        sent, with every piece due (the other members then chain it too)."""
+        if self.relays is None or (run, step) in self._chained:
+            return False
+        self._chained[(run, step)] = None
+        while len(self._chained) > 64:
+            self._chained.popitem(last=False)
+        return len(due) == len(group.pieces_of(self.holdings.node_id))
+
+    def _send_chained(self, due: list[Piece], group: Group, blob: list[RankFile],
+                      stopping) -> dict[str, str]:  # fmt: skip
+        """Send every piece at once along its stripe's chain; why each holder failed (as
+        :meth:`_send_rounds`)."""
+        sent: dict[str, str] = {}
+
+        def send(piece: Piece) -> None:
+            if stopping.is_set():
+                return
+            try:
+                self._chain(piece, group, blob)
+                sent.setdefault(piece.node, "")
+            except _FAILURES as exc:
+                reason = error_text(exc)
+                log.info("the chain of %s from %s broke: %s (sent directly next time)",
+                         piece.key, self.holdings.node_id, reason)  # fmt: skip
+                sent[piece.node] = f"chain of {piece.key} broke: {reason}"
+
+        with ThreadPoolExecutor(max_workers=len(due), thread_name_prefix="mtckpt-chain") as pool:
+            list(pool.map(send, due))
+        return sent
+
+    def _chain(self, piece: Piece, group: Group, blob: list[RankFile]) -> None:
+        """Add this node's ``piece`` to its upstream's sum (awaited CHAIN_WAIT; none for the
+        stripe's first piece) and send the sum on: to the next data node of the stripe, or
+        to the holder where that one refuses it or it is the last."""
+        index = piece.round[0]
+        relay = self.relays.claim(piece.key, CHAIN_WAIT) if index else None
+        own = OwnPiece(_parts(blob, piece.offset, piece.length))
+        try:
+            upstream = relay.contributors if relay is not None else []
+            size = max(relay.size if relay is not None else 0, own.size)
+            header = pb.ContributeHeader(
+                stripe=piece.key.ident(), contributor=self._contributor(blob),
+                upstream=[c.info(manifests=True) for c in upstream], piece_size=size,
+            )  # fmt: skip
+            data_nodes = group.data_nodes(piece.key.stripe)
+            following = data_nodes[index + 1] if index + 1 < len(data_nodes) else piece.node
+            to, ticket = following, self._open_at(following, header, piece.node)
+            if ticket is _TO_HOLDER:
+                to, ticket = piece.node, self._open_at(piece.node, header, piece.node)
+            if ticket is None:  # the holder has all these pieces
+                return
+            started = time.monotonic()
+            produced = bulk.Produced(f"{piece.key}: sum sent by {self.holdings.node_id}", size,
+                                     lambda: summed_frames(relay, own))  # fmt: skip
+            address = self.peers.by_node(to).address
+            share = self.bandwidth / group.scheme.data if self.bandwidth else None  # K at once
+            bulk.send_produced(host_of(address), ticket.port, ticket.ticket, produced,
+                               tls=self.tls if ticket.tls else None, bandwidth=share)  # fmt: skip
+            self._sent(piece, size, started)
+        finally:
+            if relay is not None:
+                relay.abandon()  # nothing more is taken from it (a no-op once all was)
+            own.close()
+
+    def _open_at(self, node: str, header: pb.ContributeHeader, holder: str):
+        """A ticket to send ``header``'s bytes to ``node``; None if it is the holder and has
+        them; _TO_HOLDER if ``node`` is not the holder and takes no sum now (it started
+        its chain itself, or is unreachable)."""
+        member = self.peers.by_node(node)
+        try:
+            if member is None:
+                raise MtckptError(f"peer {node} is not known")
+            return self.peers.client(member.address).open_contribute(header)
+        except grpc.RpcError as exc:
+            if node == holder and exc.code() == grpc.StatusCode.ALREADY_EXISTS:
+                return None
+            if node != holder and exc.code() in _NOT_NOW:
+                return _TO_HOLDER
+            raise
+        except MtckptError:
+            if node == holder:
+                raise
+            return _TO_HOLDER
+
+    def _contributor(self, blob: list[RankFile]) -> pb.Contributor:
+        return pb.Contributor(
+            origin=self.holdings.node_id, ranks=[f.rank for f in blob],
+            manifest_crcs=[f.crc for f in blob], data_sizes=[f.size for f in blob],
+            manifests=[f.manifest for f in blob],
+        )  # fmt: skip
+
     def _await(self, pending: dict[str, list[StripeKey]], crcs, mark, stopping) -> None:
         """Wait a little for the stripes just sent to complete (the other members' pieces
         arrive meanwhile); marked as they do. The next cycle looks again."""
@@ -258,12 +364,7 @@ class Encoder:
 
     def _open(self, piece: Piece, blob: list[RankFile]):
         """A ticket to send ``piece`` to its holder; None if it has it already."""
-        contributor = pb.Contributor(
-            origin=self.holdings.node_id, ranks=[f.rank for f in blob],
-            manifest_crcs=[f.crc for f in blob], data_sizes=[f.size for f in blob],
-            manifests=[f.manifest for f in blob],
-        )  # fmt: skip
-        header = pb.ContributeHeader(stripe=piece.key.ident(), contributor=contributor,
+        header = pb.ContributeHeader(stripe=piece.key.ident(), contributor=self._contributor(blob),
                                      piece_size=piece.length)  # fmt: skip
         address = self.peers.by_node(piece.node).address
         try:
@@ -280,11 +381,14 @@ class Encoder:
         parts = _parts(blob, piece.offset, piece.length)
         bulk.send_parts(host_of(address), ticket.port, ticket.ticket, parts, tls=tls,
                         bandwidth=self.bandwidth)  # fmt: skip
+        self._sent(piece, piece.length, started)
+
+    def _sent(self, piece: Piece, length: int, started: float) -> None:
         if self.metrics is not None:
             self.metrics.save_seconds.observe(time.monotonic() - started, stage="peers")
-            self.metrics.bytes_written.inc(piece.length, tier="peers")
-        log.info("sent %s's piece of %s (%d bytes) to %s", self.holdings.node_id, piece.key,
-                 piece.length, piece.node)  # fmt: skip
+            self.metrics.bytes_written.inc(length, tier="peers")
+        log.info("sent %s's piece of %s (%d bytes) toward %s", self.holdings.node_id,
+                 piece.key, length, piece.node)  # fmt: skip
 
 
 def _parts(blob: list[RankFile], offset: int, length: int) -> list[tuple[int, int, int]]:

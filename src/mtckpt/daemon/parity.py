@@ -161,6 +161,7 @@ class Stripe:
     row: int
     path: Path
     contributors: dict[str, Contributor] = field(default_factory=dict)
+    arriving: set[str] = field(default_factory=set)  # origins of contributions under way
     generation: int = 0
     size: int = 0
     chunks: Chunks | None = None  # complete
@@ -208,6 +209,7 @@ class Stripe:
         self.size = 0
         _unlink(self.path)
         self.contributors.clear()
+        self.arriving.clear()  # those arriving are of the old generation: they fail
         self.chunks = None
         self.generation += 1
         self.grow(size)
@@ -219,17 +221,18 @@ class Stripe:
 
 
 class Contribution:
-    """One contributor's piece arriving over the data port (the sink bulk.receive_frames
-    fills): each frame lands in a scratch buffer, is checked against its crc32c there,
-    then multiplied into the parity."""
+    """A piece arriving over the data port (the sink bulk.receive_frames fills), or the
+    sum of several contributors' pieces (a chain's, daemon/chain.py): each frame lands in
+    a scratch buffer, is checked against its crc32c there, then multiplied into the
+    parity."""
 
-    def __init__(self, store: ParityStore, stripe: Stripe, contributor: Contributor,
+    def __init__(self, store: ParityStore, stripe: Stripe, contributors: list[Contributor],
                  coefficient: int, size: int) -> None:  # fmt: skip
-        self.store, self.stripe, self.contributor = store, stripe, contributor
+        self.store, self.stripe, self.contributors = store, stripe, contributors
         self.coefficient, self.size = coefficient, size
         self.generation = stripe.generation
         self.received = 0
-        self.where = f"{stripe.key}: the piece of {contributor.origin!r}"
+        self.where = f"{stripe.key}: {pieces_of(contributors)}"
         self._scratch = bytearray()
         self._done = False
 
@@ -305,17 +308,12 @@ class ParityStore:
         if self.node_id not in parity_nodes:
             raise ValueError(f"{key}: its parities are held by {parity_nodes}, not "
                              f"{self.node_id!r}")  # fmt: skip
-        contributor = Contributor.checked(header.contributor, key)
-        if contributor.origin not in data_nodes:
-            raise ValueError(f"{key}: its pieces come from {data_nodes}, not "
-                             f"{contributor.origin!r}")  # fmt: skip
-        index, row = data_nodes.index(contributor.origin), parity_nodes.index(self.node_id)
-        expected = piece_range(contributor.blob_size, group.scheme.data, index)[1]
-        if header.piece_size != expected:
-            raise ValueError(f"{key}: a piece of {header.piece_size} bytes from "
-                             f"{contributor.origin!r}; its step's {contributor.blob_size} "
-                             f"bytes make pieces of {expected}")  # fmt: skip
-        coefficient = group.code.coefficients()[row][index]
+        contributors = summed(header, key, data_nodes)
+        if len(contributors) > 1 and group.scheme.kind != "xor":
+            raise ValueError(f"{key}: {pieces_of(contributors)} summed; only xor groups chain")
+        index = data_nodes.index(contributors[0].origin)
+        row = parity_nodes.index(self.node_id)
+        coefficient = group.code.coefficients()[row][index]  # 1 for every piece under xor
         with self._lock:
             stripe = self._stripes.get(key)
             if stripe is None:
@@ -323,22 +321,29 @@ class ParityStore:
                 path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
                 stripe = self._stripes[key] = Stripe(key, row, path)
         with stripe.lock:
-            held = stripe.contributors.get(contributor.origin)
-            if held is not None and held.crcs == contributor.crcs:
-                raise AlreadyHeld(f"{key}: the piece of {contributor.origin!r} is here already")
-            if held is not None or stripe.chunks is not None:  # another save of the step
+            held = [stripe.contributors.get(c.origin) for c in contributors]
+            if all(h is not None and h.crcs == c.crcs
+                   for h, c in zip(held, contributors, strict=True)):  # fmt: skip
+                raise AlreadyHeld(f"{key}: {pieces_of(contributors)} is here already")
+            if any(c.origin in stripe.arriving for c in contributors):
+                raise ParityError(f"{key}: {pieces_of(contributors)} arriving already "
+                                  f"(from {sorted(stripe.arriving)})")  # fmt: skip
+            if any(held) or stripe.chunks is not None:  # another save of the step
                 stripe.clear()
             if stripe.mapping is None and not stripe.size:
                 stripe.adopt(self.spares.take(header.piece_size, stripe.path), header.piece_size)
             stripe.grow(header.piece_size)
-            return Contribution(self, stripe, contributor, coefficient, header.piece_size)
+            stripe.arriving.update(c.origin for c in contributors)
+            return Contribution(self, stripe, contributors, coefficient, header.piece_size)
 
     def contributed(self, contribution: Contribution) -> None:
         stripe = contribution.stripe
         with stripe.lock:
             if stripe.generation != contribution.generation:
                 raise ParityError(f"{contribution.where}: the stripe was cleared meanwhile")
-            stripe.contributors[contribution.contributor.origin] = contribution.contributor
+            for contributor in contribution.contributors:
+                stripe.contributors[contributor.origin] = contributor
+                stripe.arriving.discard(contributor.origin)
             if set(stripe.contributors) != set(stripe.key.group_of.data_nodes(stripe.key.stripe)):
                 return
             self._complete(stripe)
@@ -419,6 +424,30 @@ class ParityStore:
         """Bytes of parity held."""
         with self._lock:
             return sum(s.size for s in self._stripes.values())
+
+
+def summed(header: pb.ContributeHeader, key: StripeKey,
+           data_nodes: list[str]) -> list[Contributor]:  # fmt: skip
+    """The contributors whose pieces a contribution's bytes sum (a chain's upstream
+    first, the sender last), after checking that they are distinct data nodes of the
+    stripe and that ``header.piece_size`` is the longest of their pieces: ValueError
+    naming what is wrong."""
+    contributors = [Contributor.checked(c, key) for c in (*header.upstream, header.contributor)]
+    origins = [c.origin for c in contributors]
+    if len(set(origins)) != len(origins) or not set(origins) <= set(data_nodes):
+        raise ValueError(f"{key}: pieces of {origins}; expected distinct nodes of {data_nodes}")
+    k = key.group_of.scheme.data
+    expected = max(piece_range(c.blob_size, k, data_nodes.index(c.origin))[1]
+                   for c in contributors)  # fmt: skip
+    if header.piece_size != expected:
+        raise ValueError(f"{key}: {header.piece_size} bytes of {pieces_of(contributors)}; "
+                         f"their steps' sizes make {expected}")  # fmt: skip
+    return contributors
+
+
+def pieces_of(contributors: list[Contributor]) -> str:
+    origins = [c.origin for c in contributors]
+    return f"the piece of {origins[0]!r}" if len(origins) == 1 else f"the sum of {origins}'s pieces"
 
 
 def _read_record(path: Path) -> Stripe:

@@ -88,6 +88,7 @@ class Replicator:
         if scheme.coded:
             self.encoder = Encoder(holdings, peers, scheme, zone, tls=tls, bandwidth=bandwidth,
                                    metrics=metrics)  # fmt: skip
+        self.relays = self.encoder.relays if self.encoder is not None else None  # sums passing
         self.bandwidth, self.scan_interval, self.tls = bandwidth, scan_interval, tls
         self.state: dict[Shard, ReplicaState] = {}
         self._lock = threading.Lock()

@@ -20,6 +20,7 @@ from ..proto import mtckpt_pb2 as pb
 from ..proto import mtckpt_pb2_grpc as pb_grpc
 from . import frames, rebuild
 from .bulk import Produced
+from .chain import ChainRefused
 from .holdings import Outgoing, Shard
 from .incoming import NoBase
 from .limits import PeerLimits, Progress, certified_node
@@ -292,15 +293,20 @@ class Servicer(pb_grpc.DaemonServicer):
                 context.abort(grpc.StatusCode.PERMISSION_DENIED,
                               f"peer with a certificate for node {node!r} may not contribute "
                               f"pieces of node {request.contributor.origin!r}")  # fmt: skip
-        self._admit(request.piece_size, f"a parity piece from {request.contributor.origin!r}",
-                    context)  # fmt: skip
+        relays = self.d.replicator.relays
+        relayed = relays is not None and relays.relays(request.stripe)
+        if not relayed:  # a relay holds a few frames at a time, nothing in the memory tier
+            self._admit(request.piece_size,
+                        f"a parity piece from {request.contributor.origin!r}", context)  # fmt: skip
         try:
-            contribution = self.d.parity.receive(request)
+            sink = relays.receive(request) if relayed else self.d.parity.receive(request)
         except AlreadyHeld as exc:
             context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
+        except ChainRefused as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except (MtckptError, ValueError, OSError) as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        ticket = self.d.bulk.admit(contribution)
+        ticket = self.d.bulk.admit(sink)
         return pb.BulkTicket(ticket=ticket, port=self.d.bulk.port, tls=self.d.bulk.tls)
 
     def Notify(self, request, context):

@@ -202,14 +202,16 @@ class ParityInfo(_message.Message):
     def __init__(self, stripe: _Optional[_Union[StripeId, _Mapping]] = ..., row: _Optional[int] = ..., contributors: _Optional[_Iterable[_Union[Contributor, _Mapping]]] = ..., complete: _Optional[bool] = ..., size: _Optional[int] = ..., world_size: _Optional[int] = ...) -> None: ...
 
 class ContributeHeader(_message.Message):
-    __slots__ = ("stripe", "contributor", "piece_size")
+    __slots__ = ("stripe", "contributor", "piece_size", "upstream")
     STRIPE_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTOR_FIELD_NUMBER: _ClassVar[int]
     PIECE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAM_FIELD_NUMBER: _ClassVar[int]
     stripe: StripeId
     contributor: Contributor
     piece_size: int
-    def __init__(self, stripe: _Optional[_Union[StripeId, _Mapping]] = ..., contributor: _Optional[_Union[Contributor, _Mapping]] = ..., piece_size: _Optional[int] = ...) -> None: ...
+    upstream: _containers.RepeatedCompositeFieldContainer[Contributor]
+    def __init__(self, stripe: _Optional[_Union[StripeId, _Mapping]] = ..., contributor: _Optional[_Union[Contributor, _Mapping]] = ..., piece_size: _Optional[int] = ..., upstream: _Optional[_Iterable[_Union[Contributor, _Mapping]]] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
     __slots__ = ("shard", "manifest", "offset", "length", "parity", "rebuild_for")
