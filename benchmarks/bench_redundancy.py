@@ -9,8 +9,9 @@ per node, saving into its daemon's memory tier), measured:
   says its shards are stored by all their targets (replicas on peers, or complete parities
   in the group); target for xor:4 at most that of replicas:1;
 - recovery: a node lost (daemon SIGKILLed, roots deleted, restarted empty), then the time
-  of its Recover call, which fetches a replica or rebuilds from the group; target for xor:4
-  at most 1.5x fetching the replica.
+  from the replacement daemon's ready line until its Recover call returns (the daemon
+  starts recovering as it starts; the call waits for that), which fetches a replica or
+  rebuilds from the group; target for xor:4 at most 1.5x fetching the replica.
 On loopback the daemons share the machine's cores: moving bytes costs CPU, not link time.
 With ``--mbit R`` each daemon runs in a network namespace of its own (tools/cluster's
 Network) with its link shaped to R Mbit/s each way (``tc tbf``), as a cluster's nodes
@@ -168,9 +169,8 @@ def run_scheme(scheme: str, count: int, nbytes: int, steps: int, base: Path,
         lost = nodes[1]
         lost.stop(signal.SIGKILL)
         shutil.rmtree(lost.root)
-        lost.start()
-        time.sleep(1)
-        started = time.perf_counter()
+        lost.start()  # a replacement daemon recovers its node's shards as it starts
+        started = time.perf_counter()  # from its ready line until its shards are back
         with lost.client() as client:
             reply = client.recover(RUN, timeout=600)
         result["recover_s"] = time.perf_counter() - started

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -320,3 +321,48 @@ def test_a_member_that_saves_late_breaks_its_chains_and_the_pieces_go_directly(c
     step, restored = restore(daemons["n0"], 0, 4)
     assert step == 1
     assert_same_state(restored, state(1, 0))
+
+
+def test_a_listing_waits_for_the_stripes_asked_for_to_complete(cluster):
+    nodes = [f"n{i}" for i in range(4)]
+    daemons = cluster(nodes, extra=["--redundancy", "xor:4", "--scan-interval", "3600"])
+
+    def saved(step: int) -> None:
+        for rank, node in enumerate(nodes):
+            with trainer(daemons[node], rank, 4) as mgr:
+                mgr.save(step, state(step, rank)).wait()
+        for node in nodes:
+            with daemons[node].client() as client:
+                client.notify(RUN, step)
+
+    saved(1)
+    for node in nodes:
+        wait_for(lambda n=node: replicated(daemons[n], RUN, 1), what=f"{node} redundant")
+    (stripe,) = (p.stripe for p in _parities(daemons["n0"]))
+    stripe.step = 2
+    replies = []
+    with daemons["n0"].client() as client:
+
+        def wait_for_step_2() -> None:
+            replies.append(client.list_shards(run=RUN, parities_only=True, complete=[stripe],
+                                              wait=5))  # fmt: skip
+
+        waiter = threading.Thread(target=wait_for_step_2)
+        waiter.start()
+        time.sleep(0.5)
+        assert not replies  # step 2 is not saved yet
+        saved(2)
+        waiter.join()
+        (reply,) = replies
+        assert not reply.shards
+        assert any(p.stripe == stripe and p.complete for p in reply.parities)
+        stripe.step = 3  # never saved: the reply comes after the wait, without it
+        started = time.monotonic()
+        reply = client.list_shards(run=RUN, complete=[stripe], wait=0.3)
+        assert 0.3 <= time.monotonic() - started < 3
+        assert not any(p.stripe.step == 3 for p in reply.parities) and reply.shards
+        stripe.code = "mirror"
+        with pytest.raises(grpc.RpcError) as refused:
+            client.list_shards(complete=[stripe], wait=1)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "ListShards: " in refused.value.details() and "'mirror'" in refused.value.details()

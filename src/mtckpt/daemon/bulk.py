@@ -310,12 +310,25 @@ def _send_produced(conn: socket.socket, produced: Produced,
         view = memoryview(chunk).cast("B")
         for lo in range(0, view.nbytes, FRAME_BYTES):
             piece = view[lo : lo + FRAME_BYTES]
-            conn.sendall(FRAME.pack(offset, piece.nbytes, crc32c(piece)))
-            conn.sendall(piece)
+            _send_frame(conn, FRAME.pack(offset, piece.nbytes, crc32c(piece)), piece)
             offset += piece.nbytes
             frames.pace(offset, bandwidth, started)
     if offset != produced.size:
         raise BulkError(f"{produced.where}: {offset} bytes made, {produced.size} announced")
+
+
+def _send_frame(conn: socket.socket, header: bytes, payload: memoryview) -> None:
+    """A frame's header and bytes in one system call where the socket allows (plain TCP)."""
+    if not _plain(conn):
+        conn.sendall(header)
+        conn.sendall(payload)
+        return
+    sent = conn.sendmsg([header, payload])
+    if sent < len(header):
+        conn.sendall(header[sent:])
+        sent = len(header)
+    if sent - len(header) < payload.nbytes:
+        conn.sendall(payload[sent - len(header) :])
 
 
 def checked_range(view: memoryview, described, start: int, end: int,

@@ -29,12 +29,13 @@ from .. import _fastpath
 from ..errors import MtckptError
 from ..proto import mtckpt_pb2 as pb
 from ..redundancy import Redundancy
-from .bulk import FRAME_BYTES, SOCKET_TIMEOUT
+from .bulk import SOCKET_TIMEOUT
 from .incoming import check_next
 from .parity import Contributor, StripeKey, pieces_of, summed
 
 CHAIN_WAIT = 1.0  # seconds a node waits for its upstream's sum, and a sum to be taken on
-WINDOW = 8  # frames a relay holds before its sender waits
+FRAME = 64 << 10  # bytes a sum's frames carry at most: each hop holds one before sending it
+WINDOW = 16  # frames a relay holds before its sender waits
 REFUSED_KEPT = 256  # stripes whose late sums are refused, newest kept
 
 
@@ -70,8 +71,8 @@ class Relay:
 
     def region(self, offset: int, length: int) -> memoryview:
         check_next(self.where, offset, length, self.received, self.size, ChainError)
-        if length > FRAME_BYTES:
-            raise ChainError(f"{self.where}: a frame of {length} bytes; at most {FRAME_BYTES}")
+        if length > FRAME:
+            raise ChainError(f"{self.where}: a frame of {length} bytes; at most {FRAME}")
         self._current = self._buffer()
         return memoryview(self._current)[:length]
 
@@ -115,7 +116,7 @@ class Relay:
     def _buffer(self) -> bytearray:
         if self._made < WINDOW:
             self._made += 1
-            return bytearray(FRAME_BYTES)
+            return bytearray(FRAME)
         waited = time.monotonic()
         while True:
             try:
@@ -258,6 +259,6 @@ def summed_frames(relay: Relay | None, own: OwnPiece) -> Iterator[memoryview]:
                 xor(view[at - offset : at - offset + mine.nbytes], mine, 1)
             yield view
             end = offset + view.nbytes
-    for lo in range(end, own.size, FRAME_BYTES):
-        for _, mine in own.views(lo, min(own.size, lo + FRAME_BYTES)):
+    for lo in range(end, own.size, FRAME):
+        for _, mine in own.views(lo, min(own.size, lo + FRAME)):
             yield mine

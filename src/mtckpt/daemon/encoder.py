@@ -123,15 +123,21 @@ class Encoder:
     def group_for(self, run: str, step: int) -> Group | None:
         return self.groups.get(run, step)
 
-    def listings(self, holders: list[str], me: str) -> tuple[dict[str, Listing], dict[str, str]]:
-        """What each holder has of this node's pieces (asked all at once), and why the
-        unreachable ones are."""
+    def listings(self, holders: list[str], me: str,
+                 awaited: dict[str, list[StripeKey]] | None = None,
+                 wait: float = 0.0) -> tuple[dict[str, Listing], dict[str, str]]:  # fmt: skip
+        """What each holder has of this node's pieces (asked all at once; each after
+        waiting up to ``wait`` seconds for its ``awaited`` stripes to complete), and why
+        the unreachable ones are."""
         listings: dict[str, Listing] = {}
         unreachable: dict[str, str] = {}
 
         def ask(node: str):
+            keys = [k.ident() for k in (awaited or {}).get(node, ())]
             try:
-                return self.peers.client(self.peers.by_node(node).address).list_shards(origin=me)
+                client = self.peers.client(self.peers.by_node(node).address)
+                return client.list_shards(origin=me, parities_only=True, complete=keys,
+                                          wait=wait if keys else 0.0)  # fmt: skip
             except grpc.RpcError as exc:
                 return error_text(exc)
 
@@ -334,17 +340,22 @@ class Encoder:
         arrive meanwhile); marked as they do. The next cycle looks again."""
         deadline = time.monotonic() + COMPLETION_WAIT
         me = self.holdings.node_id
-        while pending and time.monotonic() < deadline and not stopping.is_set():
-            time.sleep(POLL)
+        while pending and not stopping.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
             for node in [n for n in pending if not self._up(n)]:
                 mark(node, f"peer {node} unreachable")
                 del pending[node]
-            listings, _ = self.listings(list(pending), me)
+            # Each holder answers once the stripes are complete (or within a second).
+            listings, _ = self.listings(list(pending), me, pending, wait=min(left, 1.0))
             for node in list(pending):
                 stripes = listings.get(node, Listing({})).stripes
                 if all(stripes.get(k) == (crcs, True) for k in pending[node]):
                     mark(node, "")
                     del pending[node]
+            if pending:
+                time.sleep(POLL)  # one that could not wait (no RPC thread free) is asked again
         for node, keys in pending.items():
             mark(node, f"{len(keys)} stripe(s) held by {node} await other members' pieces")
 

@@ -279,6 +279,7 @@ class ParityStore:
         self.spares = ZeroedSpares(root, fits)
         self._stripes: dict[StripeKey, Stripe] = {}
         self._lock = threading.Lock()
+        self._completed = threading.Condition()  # notified as each stripe completes
 
     def load(self) -> None:
         """At start-up: the complete parities on disk, and nothing of those a killed daemon
@@ -347,6 +348,8 @@ class ParityStore:
             if set(stripe.contributors) != set(stripe.key.group_of.data_nodes(stripe.key.stripe)):
                 return
             self._complete(stripe)
+        with self._completed:
+            self._completed.notify_all()
         log.info("parity of %s complete (%d bytes)", stripe.key, stripe.size)
         self.expire(stripe.key.run, self.stride())
         with self._lock:  # the next step's stripes, ready for it
@@ -395,6 +398,18 @@ class ParityStore:
                     continue
                 infos.append(stripe.info(origin, manifests))
         return infos
+
+    def wait_complete(self, keys: list[StripeKey], timeout: float) -> bool:
+        """Whether the parity of each stripe of ``keys`` is complete here, waiting up to
+        ``timeout`` seconds for it."""
+
+        def done() -> bool:
+            with self._lock:
+                stripes = [self._stripes.get(k) for k in keys]
+            return all(s is not None and s.chunks is not None for s in stripes)
+
+        with self._completed:
+            return self._completed.wait_for(done, timeout)
 
     def complete(self, ident: pb.StripeId) -> Stripe:
         """The complete parity of a stripe this node holds, or FileNotFoundError."""

@@ -125,13 +125,16 @@ class Client:
             wait_for_ready=wait_for_ready,
         )
 
-    def list_shards(self, run: str = "", origin: str = "",
-                    manifests: bool = False) -> pb.ListShardsReply:  # fmt: skip
-        return self._stub.ListShards(
-            pb.ListShardsRequest(run=run, origin=origin, manifests=manifests),
-            timeout=self.timeout,
-            metadata=self._metadata,
-        )
+    def list_shards(self, run: str = "", origin: str = "", manifests: bool = False,
+                    parities_only: bool = False, complete=(),
+                    wait: float = 0.0) -> pb.ListShardsReply:  # fmt: skip
+        """What the peer holds; ``complete``: stripe ids whose parities it is to wait for
+        (``wait`` seconds at most) before it replies."""
+        request = pb.ListShardsRequest(run=run, origin=origin, manifests=manifests,
+                                       parities_only=parities_only, complete=complete,
+                                       wait=wait)  # fmt: skip
+        return self._stub.ListShards(request, timeout=self.timeout + wait,
+                                     metadata=self._metadata)  # fmt: skip
 
     def fetch(
         self, shard: pb.ShardId, *, manifest: bool = False, offset: int = 0, length: int = 0

@@ -24,7 +24,7 @@ from .chain import ChainRefused
 from .holdings import Outgoing, Shard
 from .incoming import NoBase
 from .limits import PeerLimits, Progress, certified_node
-from .parity import AlreadyHeld
+from .parity import AlreadyHeld, StripeKey
 from .rpc import SERVICE, shard_id
 
 if TYPE_CHECKING:  # the daemon owns its servicer
@@ -33,6 +33,8 @@ if TYPE_CHECKING:  # the daemon owns its servicer
 log = logging.getLogger(__name__)
 
 MAX_STATUS_WAIT = 30.0  # seconds a long-polled Status waits at most
+MAX_LIST_WAIT = 5.0  # seconds a ListShards awaiting complete stripes waits at most
+MAX_AWAITED = 1024  # stripes one ListShards may await
 TRAINER_ONLY = ("Notify", "Flush", "Recover")  # served on the Unix socket, not to peers
 
 
@@ -144,8 +146,11 @@ class Servicer(pb_grpc.DaemonServicer):
                     check(value)
                 except ValueError as exc:
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if request.complete:
+            self._wait_complete(request, context)
         reply = pb.ListShardsReply(node_id=self.d.config.node_id)
-        for held in self.d.holdings.list(run=request.run, origin=request.origin):
+        shards = [] if request.parities_only else self.d.holdings.list(request.run, request.origin)
+        for held in shards:
             reply.shards.add(
                 shard=shard_id(held.shard),
                 world_size=held.world_size, data_size=held.data_size, replica=held.replica,
@@ -154,6 +159,25 @@ class Servicer(pb_grpc.DaemonServicer):
         reply.parities.extend(self.d.parity.listing(request.run, request.origin,
                                                     request.manifests))  # fmt: skip
         return reply
+
+    def _wait_complete(self, request, context) -> None:
+        """Until each stripe of ``request.complete`` held here is complete, ``request.wait``
+        seconds at most (not at all where no RPC thread is free to wait)."""
+        try:
+            keys = [StripeKey.checked(ident) for ident in request.complete[:MAX_AWAITED]]
+        except ValueError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"ListShards: {exc}")
+        changes = self.d.changes
+        if not changes.take_waiter(self.pool):
+            return
+        try:
+            deadline = time.monotonic() + min(max(request.wait, 0.0), MAX_LIST_WAIT)
+            while context.is_active() and not changes.closed:
+                left = deadline - time.monotonic()
+                if left <= 0 or self.d.parity.wait_complete(keys, min(left, 1.0)):
+                    return
+        finally:
+            changes.give_waiter(self.pool)
 
     def Fetch(self, request, context):
         shard = _shard(request.shard, context)

@@ -124,14 +124,20 @@ class FlushState(_message.Message):
     def __init__(self, shard: _Optional[_Union[ShardId, _Mapping]] = ..., phase: _Optional[_Union[FlushState.Phase, str]] = ..., error: _Optional[str] = ...) -> None: ...
 
 class ListShardsRequest(_message.Message):
-    __slots__ = ("run", "origin", "manifests")
+    __slots__ = ("run", "origin", "manifests", "parities_only", "complete", "wait")
     RUN_FIELD_NUMBER: _ClassVar[int]
     ORIGIN_FIELD_NUMBER: _ClassVar[int]
     MANIFESTS_FIELD_NUMBER: _ClassVar[int]
+    PARITIES_ONLY_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    WAIT_FIELD_NUMBER: _ClassVar[int]
     run: str
     origin: str
     manifests: bool
-    def __init__(self, run: _Optional[str] = ..., origin: _Optional[str] = ..., manifests: _Optional[bool] = ...) -> None: ...
+    parities_only: bool
+    complete: _containers.RepeatedCompositeFieldContainer[StripeId]
+    wait: float
+    def __init__(self, run: _Optional[str] = ..., origin: _Optional[str] = ..., manifests: _Optional[bool] = ..., parities_only: _Optional[bool] = ..., complete: _Optional[_Iterable[_Union[StripeId, _Mapping]]] = ..., wait: _Optional[float] = ...) -> None: ...
 
 class ShardInfo(_message.Message):
     __slots__ = ("shard", "world_size", "data_size", "replica", "manifest_crc")
