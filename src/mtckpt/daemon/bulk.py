@@ -266,13 +266,33 @@ class SocketToFile:
         os.close(self.into)
 
 
-def _connect(host: str, port: int, tls: TLSFiles | None) -> socket.socket:
-    raw = socket.create_connection((host, port), timeout=SOCKET_TIMEOUT)
+def _connect(host: str, port: int, tls: TLSFiles | None,
+             send_buffer: int | None = None) -> socket.socket:  # fmt: skip
+    """``send_buffer``: the socket's send buffer in bytes (None: the kernel's, growing)."""
+    raw = (socket.create_connection((host, port), timeout=SOCKET_TIMEOUT)
+           if send_buffer is None else _connect_with_buffer(host, port, send_buffer))  # fmt: skip
     if tls is None:
         return raw
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca)
     context.load_cert_chain(tls.cert, tls.key)
     return context.wrap_socket(raw, server_hostname=host)
+
+
+def _connect_with_buffer(host: str, port: int, send_buffer: int) -> socket.socket:
+    """A TCP connection whose send buffer is ``send_buffer`` bytes, set before connecting
+    so that the window is sized for it."""
+    failure: OSError = OSError(f"{host}: no address")
+    for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        raw = socket.socket(family, kind, proto)
+        try:
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+            raw.settimeout(SOCKET_TIMEOUT)
+            raw.connect(address)
+            return raw
+        except OSError as exc:
+            raw.close()
+            failure = exc
+    raise failure
 
 
 def _send_frames(conn: socket.socket, fd: int, manifest: RankManifest, *, tls: bool,
@@ -407,10 +427,11 @@ def send_parts(host: str, port: int, ticket: bytes, parts: list[tuple[int, int, 
 
 
 def send_produced(host: str, port: int, ticket: bytes, produced: Produced, *,
-                  tls: TLSFiles | None, bandwidth: float | None = None) -> None:  # fmt: skip
+                  tls: TLSFiles | None, bandwidth: float | None = None,
+                  send_buffer: int | None = None) -> None:  # fmt: skip
     """Send ``produced``'s bytes, as they are made, to a peer's data port under ``ticket``
     (frames with the crc32c of their bytes)."""
-    with _connect(host, port, tls) as conn:
+    with _connect(host, port, tls, send_buffer) as conn:
         conn.sendall(ticket)
         _send_produced(conn, produced, bandwidth)
         _raise_for_status(conn, host, port)

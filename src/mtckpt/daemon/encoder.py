@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 COMPLETION_WAIT = 2.0  # seconds a step's stripes are awaited after its pieces are sent
 GONE_AFTER = 10.0  # seconds a group member is down before new steps' stripes leave it out
 POLL = 0.01
+SEND_BUFFER = 128 << 10  # a chain's socket: no stream of a link runs far ahead of the others
 
 
 @dataclass(frozen=True)
@@ -301,7 +302,8 @@ class Encoder:
             address = self.peers.by_node(to).address
             share = self.bandwidth / group.scheme.data if self.bandwidth else None  # K at once
             bulk.send_produced(host_of(address), ticket.port, ticket.ticket, produced,
-                               tls=self.tls if ticket.tls else None, bandwidth=share)  # fmt: skip
+                               tls=self.tls if ticket.tls else None, bandwidth=share,
+                               send_buffer=SEND_BUFFER)  # fmt: skip
             self._sent(piece, size, started)
         finally:
             if relay is not None:
