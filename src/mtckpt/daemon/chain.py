@@ -34,7 +34,10 @@ from .incoming import check_next
 from .parity import Contributor, StripeKey, pieces_of, summed
 
 CHAIN_WAIT = 1.0  # seconds a node waits for its upstream's sum, and a sum to be taken on
-FRAME = 64 << 10  # bytes a sum's frames carry at most: each hop holds one before sending it
+# Each hop holds a frame whole before it passes it on: frames carry about FRAME_SECONDS of
+# the stream (64 KiB on a link shared at 30 MB/s; more on a fast one, fewer to handle).
+FRAME_SECONDS = 0.002
+MIN_FRAME, MAX_FRAME = 64 << 10, 1 << 20
 WINDOW = 16  # frames a relay holds before its sender waits
 REFUSED_KEPT = 256  # stripes whose late sums are refused, newest kept
 
@@ -71,9 +74,11 @@ class Relay:
 
     def region(self, offset: int, length: int) -> memoryview:
         check_next(self.where, offset, length, self.received, self.size, ChainError)
-        if length > FRAME:
-            raise ChainError(f"{self.where}: a frame of {length} bytes; at most {FRAME}")
+        if length > MAX_FRAME:
+            raise ChainError(f"{self.where}: a frame of {length} bytes; at most {MAX_FRAME}")
         self._current = self._buffer()
+        if len(self._current) < length:
+            self._current = bytearray(length)
         return memoryview(self._current)[:length]
 
     def accept(self, offset: int, length: int) -> None:
@@ -116,7 +121,7 @@ class Relay:
     def _buffer(self) -> bytearray:
         if self._made < WINDOW:
             self._made += 1
-            return bytearray(FRAME)
+            return bytearray(MIN_FRAME)
         waited = time.monotonic()
         while True:
             try:
@@ -250,7 +255,8 @@ class OwnPiece:
 
 def summed_frames(relay: Relay | None, own: OwnPiece) -> Iterator[memoryview]:
     """The bytes to send on: the relay's sum with ``own`` piece added frame by frame (the
-    longer of the two), or ``own`` alone where the chain starts here."""
+    longer of the two), or ``own`` alone where the chain starts here, in frames sized to
+    the rate it goes out at."""
     xor = _fastpath.backend().gf256_muladd
     end = 0
     if relay is not None:
@@ -259,6 +265,10 @@ def summed_frames(relay: Relay | None, own: OwnPiece) -> Iterator[memoryview]:
                 xor(view[at - offset : at - offset + mine.nbytes], mine, 1)
             yield view
             end = offset + view.nbytes
-    for lo in range(end, own.size, FRAME):
-        for _, mine in own.views(lo, min(own.size, lo + FRAME)):
+    first, started, frame = end, time.monotonic(), MIN_FRAME
+    while end < own.size:
+        for _, mine in own.views(end, min(own.size, end + frame)):
             yield mine
+        end = min(own.size, end + frame)
+        rate = (end - first) / max(time.monotonic() - started, 1e-6)
+        frame = min(MAX_FRAME, max(MIN_FRAME, int(rate * FRAME_SECONDS) & ~0xFFFF))
