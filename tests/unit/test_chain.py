@@ -166,3 +166,16 @@ def test_a_sum_is_taken_only_under_xor_and_a_piece_arriving_twice_is_refused(tmp
         store.receive(header(saved, 1, "a"))
     arriving.close()  # failed: the stripe is cleared and a takes it again
     contribute(store, saved, 1, "a")
+
+
+def test_sums_arriving_at_once_are_bounded(saved, monkeypatch):
+    monkeypatch.setattr(chain, "MAX_ARRIVING", 2)
+    relays = Relays("b", XOR3)
+    relays.receive(header(saved, 1, "a"))
+    relays.receive(header(saved, 2, "a"))
+    with pytest.raises(ValueError, match="2 sums are arriving at 'b' already; at most 2"):
+        relays.receive(header(saved, 3, "a"))
+    with pytest.raises(ValueError, match="a sum is arriving at 'b' already"):
+        relays.receive(header(saved, 1, "a"))
+    relays.claim(key_of(1))
+    relays.receive(header(saved, 3, "a"))  # one was taken on: room for another

@@ -40,6 +40,7 @@ FRAME_SECONDS = 0.002
 MIN_FRAME, MAX_FRAME = 64 << 10, 1 << 20
 WINDOW = 16  # frames a relay holds before its sender waits
 REFUSED_KEPT = 256  # stripes whose late sums are refused, newest kept
+MAX_ARRIVING = 32  # sums arriving at once (each holds WINDOW frames at most)
 
 
 class ChainError(MtckptError):
@@ -178,6 +179,9 @@ class Relays:
                 raise ChainRefused(f"{key}: {self.node_id!r} started its chain meanwhile")
             if key in self._arriving:
                 raise ValueError(f"{key}: a sum is arriving at {self.node_id!r} already")
+            if len(self._arriving) >= MAX_ARRIVING:
+                raise ValueError(f"{key}: {len(self._arriving)} sums are arriving at "
+                                 f"{self.node_id!r} already; at most {MAX_ARRIVING}")  # fmt: skip
             relay = self._arriving[key] = Relay(self, key, contributors, header.piece_size)
             self.lock.notify_all()
         return relay
