@@ -361,8 +361,30 @@ def test_a_listing_waits_for_the_stripes_asked_for_to_complete(cluster):
         reply = client.list_shards(run=RUN, complete=[stripe], wait=0.3)
         assert 0.3 <= time.monotonic() - started < 3
         assert not any(p.stripe.step == 3 for p in reply.parities) and reply.shards
-        stripe.code = "mirror"
-        with pytest.raises(grpc.RpcError) as refused:
-            client.list_shards(complete=[stripe], wait=1)
-    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "ListShards: " in refused.value.details() and "'mirror'" in refused.value.details()
+        for change, says in [({"wait": 6}, "wait 6.0 s; expected 0 to 5.0"),
+                             ({"complete": [stripe] * 1025}, "1025 stripes awaited; at most"),
+                             ({"code": "mirror"}, "'mirror'")]:  # fmt: skip
+            asked = {"complete": [stripe], "wait": 1, **change}
+            if "code" in asked:
+                stripe.code = asked.pop("code")
+            with pytest.raises(grpc.RpcError) as refused:
+                client.list_shards(**asked)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "ListShards: " in refused.value.details()
+            assert says in refused.value.details()
+
+
+def test_a_replacement_daemon_rebuilds_its_shards_from_its_group_as_it_starts(xor4, cluster):
+    lost = xor4["n1"]
+    lost.lose_node()
+    cluster.restart(lost)
+
+    def own_steps() -> list[int]:
+        with lost.client() as client:
+            listing = client.list_shards(run=RUN, origin="n1")
+        return sorted(i.shard.step for i in listing.shards)
+
+    wait_for(lambda: own_steps() == [2], what="n1's shard of step 2 rebuilt with no one asking")
+    step, restored = restore(lost, 1, 4)
+    assert step == 2
+    assert_same_state(restored, state(2, 1))

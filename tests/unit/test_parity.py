@@ -100,9 +100,7 @@ def test_a_stripe_is_the_xor_of_its_pieces_once_every_piece_is_in(tmp_path, save
     assert reloaded.complete and again.complete(info.stripe).chunks == stripe.chunks
 
 
-def test_the_next_steps_stripe_starts_in_a_zeroed_spare_made_when_one_completed(
-    tmp_path, saved
-):
+def test_the_next_steps_stripe_starts_in_a_zeroed_spare_made_when_one_completed(tmp_path, saved):
     store = ParityStore(tmp_path, "c", Redundancy.parse("xor:3"), keep=2)
     contribute(store, saved, 1, "a")
     assert not spare_files(tmp_path)  # made once a stripe is complete, not before
@@ -192,6 +190,14 @@ def test_a_bad_contribution_header_says_what_is_wrong(tmp_path, saved, node, cha
     with pytest.raises(ValueError) as raised:
         store.receive(bad)
     assert says in str(raised.value)
+
+
+def test_a_sum_of_more_pieces_than_the_stripe_has_is_refused(tmp_path, saved):
+    store = ParityStore(tmp_path, "c", Redundancy.parse("xor:3"), keep=2)
+    bad = header(saved, 1, "b")
+    bad.upstream.extend([header(saved, 1, "a").contributor] * 2)
+    with pytest.raises(ValueError, match="3 pieces summed; the stripe has 2"):
+        store.receive(bad)
 
 
 def test_a_stripe_key_names_its_group():

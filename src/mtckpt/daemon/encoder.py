@@ -89,7 +89,7 @@ class Encoder:
         self.tls, self.bandwidth, self.metrics = tls, bandwidth, metrics
         self.groups = StepGroups(holdings.root, scheme)  # the group each step was sent to
         self.relays = Relays(holdings.node_id, scheme) if scheme.kind == "xor" else None
-        self._chained: OrderedDict[tuple[str, int], None] = OrderedDict()  # steps tried so
+        self._chained: OrderedDict[tuple[str, int], None] = OrderedDict()  # steps sent once
         self._said: dict[str, str] = {}  # the last failure logged, per holder
 
     def place(self) -> tuple[Group | None, list[str], list[str], str]:

@@ -447,6 +447,9 @@ def summed(header: pb.ContributeHeader, key: StripeKey,
     first, the sender last), after checking that they are distinct data nodes of the
     stripe and that ``header.piece_size`` is the longest of their pieces: ValueError
     naming what is wrong."""
+    if len(header.upstream) >= len(data_nodes):
+        raise ValueError(f"{key}: {len(header.upstream) + 1} pieces summed; the stripe has "
+                         f"{len(data_nodes)}")  # fmt: skip
     contributors = [Contributor.checked(c, key) for c in (*header.upstream, header.contributor)]
     origins = [c.origin for c in contributors]
     if len(set(origins)) != len(origins) or not set(origins) <= set(data_nodes):

@@ -122,6 +122,7 @@ class Recoveries:
                 log.info("recovery at start: %s did not list: %s", member.name(), error_text(exc))
                 continue
             runs.update(info.shard.run for info in listing.shards)
+            runs.update(info.stripe.run for info in listing.parities)  # a coded group's
         for run in sorted(runs):
             try:
                 self.recover(run, none_is_an_answer=True)

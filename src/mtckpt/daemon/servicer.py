@@ -164,14 +164,18 @@ class Servicer(pb_grpc.DaemonServicer):
         """Until each stripe of ``request.complete`` held here is complete, ``request.wait``
         seconds at most (not at all where no RPC thread is free to wait)."""
         try:
-            keys = [StripeKey.checked(ident) for ident in request.complete[:MAX_AWAITED]]
+            if len(request.complete) > MAX_AWAITED:
+                raise ValueError(f"{len(request.complete)} stripes awaited; at most {MAX_AWAITED}")
+            if not 0 <= request.wait <= MAX_LIST_WAIT:  # NaN too
+                raise ValueError(f"wait {request.wait} s; expected 0 to {MAX_LIST_WAIT}")
+            keys = [StripeKey.checked(ident) for ident in request.complete]
         except ValueError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"ListShards: {exc}")
         changes = self.d.changes
         if not changes.take_waiter(self.pool):
             return
         try:
-            deadline = time.monotonic() + min(max(request.wait, 0.0), MAX_LIST_WAIT)
+            deadline = time.monotonic() + request.wait
             while context.is_active() and not changes.closed:
                 left = deadline - time.monotonic()
                 if left <= 0 or self.d.parity.wait_complete(keys, min(left, 1.0)):
