@@ -14,8 +14,8 @@ import time
 import numpy as np
 import pytest
 
+from daemons import replicated, trainer, wait_for
 from daemons import state as coded_state
-from daemons import trainer, wait_for
 from mtckpt.errors import TierError
 from states import assert_same_state
 
@@ -65,8 +65,13 @@ def test_under_xor_a_node_lost_while_the_links_lag_resumes_with_every_other(clus
         for rank, mgr in enumerate(managers):
             mgr.save(step, coded_state(step, rank)).wait("memory")
         time.sleep(0.05)
+
+    def a_sync_step_redundant() -> bool:  # the links send a step in about 1 s
+        return any(all(replicated(d, RUN, s) for d in daemons.values()) for s in (8, 16))
+
+    wait_for(a_sync_step_redundant, timeout=30, what="a sync step redundant on every node")
     lost = daemons["lag1"]
-    lost.lose_node()  # at once: the newest steps are not redundant yet
+    lost.lose_node()  # mid-run: the newest steps are not redundant yet
     for mgr in managers:
         with contextlib.suppress(TimeoutError, TierError):  # lag1's steps, pieces sent to it
             mgr.close(timeout=1)
