@@ -379,13 +379,7 @@ class Encoder:
         """A ticket to send ``piece`` to its holder; None if it has it already."""
         header = pb.ContributeHeader(stripe=piece.key.ident(), contributor=self._contributor(blob),
                                      piece_size=piece.length)  # fmt: skip
-        address = self.peers.by_node(piece.node).address
-        try:
-            return self.peers.client(address).open_contribute(header)
-        except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.ALREADY_EXISTS:
-                return None
-            raise
+        return self._open_at(piece.node, header, piece.node)
 
     def _stream(self, piece: Piece, ticket, blob: list[RankFile]) -> None:
         started = time.monotonic()
