@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from daemons import save
-from mtckpt.daemon import bulk, frames
+from mtckpt import checksum
+from mtckpt.daemon import bulk, frames, sockets
 from mtckpt.daemon.holdings import Holdings, Shard
 from mtckpt.daemon.rpc import shard_id
 from mtckpt.errors import ChecksumMismatchError
@@ -120,9 +121,51 @@ def test_sendfile_waits_for_a_slow_receiver(tmp_path):
     reader = threading.Thread(target=read_slowly)
     reader.start()
     with sender, receiver, open(path, "rb") as f:
-        bulk._sendfile(sender, f.fileno(), 0, len(data))
+        sockets.sendfile(sender, f.fileno(), 0, len(data))
         reader.join()
     assert received == data
+
+
+@pytest.mark.parametrize("loopback", [True, False], ids=["loopback", "unix"])
+def test_frames_to_a_loopback_peer_are_copied_from_a_mapping_else_sendfiled(tmp_path, monkeypatch,
+                                                                           loopback):  # fmt: skip
+    """On loopback the receiving kernel copies every byte anyway: the sender copies from a
+    mapping instead of handing over page references (sendfile). Elsewhere (here a unix
+    socket, standing for a NIC) it sends the file's pages."""
+    data, manifest_json = _saved_shard(tmp_path / "src", 1, (3 << 20) + 4321)
+    manifest = RankManifest.from_json(manifest_json, "test")
+    source = tmp_path / "sent"
+    source.write_bytes(data)
+    sendfiled = []
+    sendfile = sockets.sendfile
+    monkeypatch.setattr(sockets, "sendfile", lambda *a: (sendfiled.append(a[3]), sendfile(*a)))
+    if loopback:
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            sender = socket.create_connection(server.getsockname())
+            receiver, _ = server.accept()
+    else:
+        sender, receiver = socket.socketpair()
+    sender.settimeout(bulk.SOCKET_TIMEOUT)
+    assert sockets.copying(sender) == loopback
+    received = bytearray()
+
+    def read() -> None:
+        header = bytearray(bulk.FRAME.size)
+        while len(received) < len(data):
+            sockets.recv_into_exactly(receiver, memoryview(header))
+            offset, length, crc = bulk.FRAME.unpack(header)
+            assert offset == len(received)
+            frame = sockets.recv_exactly(receiver, length)
+            assert checksum.crc32c(frame) == crc
+            received.extend(frame)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    with sender, receiver, open(source, "rb") as f:
+        bulk._send_frames(sender, f.fileno(), manifest)
+        reader.join()
+    assert received == data
+    assert sum(sendfiled) == (0 if loopback else len(data))
 
 
 def test_expired_replica_files_are_reused_for_replicas_of_any_size(tmp_path):
@@ -255,13 +298,13 @@ def _over_tcp(incoming, send) -> None:
 def test_frames_into_a_reused_file_are_spliced_then_checked(tmp_path, monkeypatch, damaged,
                                                             resized):  # fmt: skip
     spliced = []
-    receive = bulk.SocketToFile.receive
+    receive = sockets.SocketToFile.receive
 
     def counted(self, fd, offset, length):
         spliced.append(length)
         receive(self, fd, offset, length)
 
-    monkeypatch.setattr(bulk.SocketToFile, "receive", counted)
+    monkeypatch.setattr(sockets.SocketToFile, "receive", counted)
     dst, incoming, data, manifest = _reused_incoming(tmp_path, (3 << 20) + 4321, resized)
     assert (incoming._mapping is None) == resized  # then read back to be checked
     source = tmp_path / "sent"
@@ -272,7 +315,7 @@ def test_frames_into_a_reused_file_are_spliced_then_checked(tmp_path, monkeypatc
     try:
         assert incoming.spliceable
         with open(source, "rb") as f:
-            send = lambda conn: bulk._send_frames(conn, f.fileno(), manifest, tls=False)  # noqa: E731
+            send = lambda conn: bulk._send_frames(conn, f.fileno(), manifest)  # noqa: E731
             if damaged:
                 chunk = (2 << 20) // manifest.chunk_size
                 with pytest.raises(ChecksumMismatchError, match=f"step 3 .*chunk {chunk} "):

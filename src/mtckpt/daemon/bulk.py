@@ -5,22 +5,19 @@ core doing it. So a push asks for a ticket over gRPC (OpenPush: the header is va
 and the token checked there), then connects to the peer's data port, sends the ticket and
 the file in frames: ``offset`` (u64), ``length`` (u32), ``crc32c`` (u32), little-endian,
 then the bytes. Frames are the manifest's chunks and carry the chunk's recorded crc32c,
-so the sender never reads the bytes (``sendfile`` from the memory tier over plain TCP);
-the receiver takes each frame straight into the replica file (``splice`` into a reused
-file over plain TCP, else into a mapping of it) and checks it while it is in cache. One
-status byte comes back: 0 stored, else 1 and a length-prefixed reason. Recovery runs the
-other way: OpenFetch gives a ticket for a held file, and the fetching daemon reads the
-same frames after a status.
+so the sender never reads the bytes (``sendfile`` from the memory tier to another host;
+sent from a mapping over TLS and on loopback: daemon/sockets.py); the receiver takes each
+frame straight into the replica file (``splice`` into a reused file over plain TCP, else
+into a mapping of it) and checks it while it is in cache. One status byte comes back: 0
+stored, else 1 and a length-prefixed reason. Recovery runs the other way: OpenFetch gives
+a ticket for a held file, and the fetching daemon reads the same frames after a status.
 """
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import mmap
-import os
 import secrets
-import select
 import socket
 import ssl
 import struct
@@ -32,10 +29,11 @@ from .. import _fastpath
 from ..errors import MtckptError
 from ..format.manifest import RankManifest
 from ..tiers.memory import open_held
-from . import frames
+from . import frames, sockets
 from .auth import TLSFiles
 from .holdings import Outgoing
 from .incoming import Incoming
+from .sockets import SOCKET_TIMEOUT, BulkError
 
 Sink = Incoming  # or anything with its receiving methods (parity.Contribution, Received)
 
@@ -47,13 +45,8 @@ FRAME_BYTES = 1 << 20  # whole manifest chunks per frame (8 MiB measured no fast
 TICKET_BYTES = 32
 TICKET_SECONDS = 60.0
 STATUS = struct.Struct("<BI")  # status, length of the reason that follows
-SOCKET_TIMEOUT = 60.0
 TICKET_TIMEOUT = 10.0  # a connection must show its ticket within this (TLS handshake too)
 MAX_CONNECTIONS = 64  # data connections served at once; more are closed at once
-
-
-class BulkError(MtckptError):
-    """A bulk transfer failed; the message says where and why."""
 
 
 class Produced:
@@ -131,7 +124,7 @@ class BulkServer:
             conn.settimeout(TICKET_TIMEOUT)
             if self._context is not None:
                 conn = self._context.wrap_socket(conn, server_side=True)
-            ticket = _recv_exactly(conn, TICKET_BYTES)
+            ticket = sockets.recv_exactly(conn, TICKET_BYTES)
             with self._lock:
                 transfer = self._pending.pop(ticket, (None, 0))[0]
             if transfer is None:
@@ -145,9 +138,9 @@ class BulkServer:
                 with open_held(transfer.path) as f:  # not reused while it is sent
                     if transfer.length is None:
                         conn.sendall(STATUS.pack(0, 0))  # accepted: the frames follow
-                        _send_frames(conn, f.fileno(), transfer.manifest, tls=self.tls)
+                        _send_frames(conn, f.fileno(), transfer.manifest)
                     else:
-                        _send_range(conn, f.fileno(), transfer, tls=self.tls)
+                        _send_range(conn, f.fileno(), transfer)
                 return
             receive_frames(conn, transfer)
             transfer.commit()
@@ -165,7 +158,7 @@ class BulkServer:
             reason = f"{where}{exc}".encode()[:4096]
             try:
                 conn.sendall(STATUS.pack(1, len(reason)) + reason)
-                _drain(conn)
+                sockets.drain(conn)
             except OSError:
                 pass
         finally:
@@ -190,11 +183,11 @@ def receive_frames(conn: socket.socket, incoming: Sink) -> None:
     through this process, then read back to be checked."""
     crc32c = _fastpath.backend().crc32c
     header = bytearray(FRAME.size)
-    spliced = getattr(incoming, "spliceable", False) and _plain(conn)
-    splice = SocketToFile(conn) if spliced else None
+    spliced = getattr(incoming, "spliceable", False) and sockets.plain(conn)
+    splice = sockets.SocketToFile(conn) if spliced else None
     try:
         while incoming.received < incoming.size:
-            _recv_into_exactly(conn, memoryview(header))
+            sockets.recv_into_exactly(conn, memoryview(header))
             offset, length, sent = FRAME.unpack(header)
             if offset != incoming.received or not 0 < length <= MAX_FRAME:
                 raise BulkError(f"a frame of {length} bytes at offset {offset}; expected "
@@ -207,7 +200,7 @@ def receive_frames(conn: socket.socket, incoming: Sink) -> None:
             if splice is None or not whole:
                 with incoming.region(offset, length) as view:  # straight into its pages
                     if splice is None:
-                        _recv_into_exactly(conn, view)
+                        sockets.recv_into_exactly(conn, view)
                     if not whole and (got := crc32c(view)) != sent:
                         raise BulkError(f"the frame at offset {offset} arrived damaged "
                                         f"(crc32c {got:#010x}, sent {sent:#010x})")  # fmt: skip
@@ -217,93 +210,15 @@ def receive_frames(conn: socket.socket, incoming: Sink) -> None:
             splice.close()
 
 
-def _plain(conn: socket.socket) -> bool:
-    return not isinstance(conn, ssl.SSLSocket)  # TLS decrypts in user space: no splice
-
-
-class SocketToFile:
-    """Bytes from a TCP socket into a file at an offset by ``splice(2)`` through a pipe of
-    this connection's: the kernel moves them; this process never reads them."""
-
-    PIPE_BYTES = 1 << 20
-
-    def __init__(self, conn: socket.socket) -> None:
-        self.conn, self.timeout = conn, conn.gettimeout()
-        self.out, self.into = os.pipe2(os.O_CLOEXEC)
-        try:
-            fcntl.fcntl(self.into, fcntl.F_SETPIPE_SZ, self.PIPE_BYTES)
-        except OSError:  # above /proc/sys/fs/pipe-max-size for this user: the default
-            pass
-        self.capacity = fcntl.fcntl(self.into, fcntl.F_GETPIPE_SZ)
-        self._readable: select.poll | None = None
-
-    def receive(self, fd: int, offset: int, length: int) -> None:
-        """The next ``length`` bytes of the connection into ``fd`` at ``offset``."""
-        while length:
-            queued = self._from_socket(min(length, self.capacity))
-            length -= queued
-            while queued:
-                moved = os.splice(self.out, fd, queued, offset_dst=offset)
-                offset, queued = offset + moved, queued - moved
-
-    def _from_socket(self, count: int) -> int:
-        while True:
-            try:
-                moved = os.splice(self.conn.fileno(), self.into, count)
-            except BlockingIOError:  # a socket with a timeout is non-blocking underneath
-                if self._readable is None:
-                    self._readable = select.poll()
-                    self._readable.register(self.conn.fileno(), select.POLLIN)
-                if not self._readable.poll(None if self.timeout is None else self.timeout * 1000):
-                    raise BulkError(f"the peer sent nothing for {self.timeout:.0f} s") from None
-                continue
-            if moved == 0:
-                raise BulkError("the connection closed in the middle of a frame")
-            return moved
-
-    def close(self) -> None:
-        os.close(self.out)
-        os.close(self.into)
-
-
-def _connect(host: str, port: int, tls: TLSFiles | None,
-             send_buffer: int | None = None) -> socket.socket:  # fmt: skip
-    """``send_buffer``: the socket's send buffer in bytes (None: the kernel's, growing)."""
-    raw = (socket.create_connection((host, port), timeout=SOCKET_TIMEOUT)
-           if send_buffer is None else _connect_with_buffer(host, port, send_buffer))  # fmt: skip
-    if tls is None:
-        return raw
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca)
-    context.load_cert_chain(tls.cert, tls.key)
-    return context.wrap_socket(raw, server_hostname=host)
-
-
-def _connect_with_buffer(host: str, port: int, send_buffer: int) -> socket.socket:
-    """A TCP connection whose send buffer is ``send_buffer`` bytes, set before connecting
-    so that the window is sized for it."""
-    failure: OSError = OSError(f"{host}: no address")
-    for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
-        raw = socket.socket(family, kind, proto)
-        try:
-            raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
-            raw.settimeout(SOCKET_TIMEOUT)
-            raw.connect(address)
-            return raw
-        except OSError as exc:
-            raw.close()
-            failure = exc
-    raise failure
-
-
-def _send_frames(conn: socket.socket, fd: int, manifest: RankManifest, *, tls: bool,
+def _send_frames(conn: socket.socket, fd: int, manifest: RankManifest,
                  bandwidth: float | None = None) -> None:  # fmt: skip
     """The data file ``fd`` as frames of whole manifest chunks, each with the crc32c its
-    chunks' recorded ones combine to: the bytes are never read here (``sendfile``; TLS:
-    from a mapping)."""
+    chunks' recorded ones combine to: the bytes are never read here (``sendfile``, or
+    sent from a mapping: :func:`_copying`)."""
     size, chunk = manifest.file_size, manifest.chunk_size
     per_frame = max(1, FRAME_BYTES // chunk)
     combine = _fastpath.backend().crc32c_combine
-    mapping = mmap.mmap(fd, size, prot=mmap.PROT_READ) if size and tls else None
+    mapping = mmap.mmap(fd, size, prot=mmap.PROT_READ) if size and sockets.copying(conn) else None
     started = time.monotonic()
     try:
         for first in range(0, len(manifest.chunk_crc32c), per_frame):
@@ -312,11 +227,12 @@ def _send_frames(conn: socket.socket, fd: int, manifest: RankManifest, *, tls: b
             crc = 0
             for index in range(first, -(-(offset + length) // chunk)):
                 crc = combine(crc, manifest.chunk_crc32c[index], min(chunk, size - index * chunk))
-            conn.sendall(FRAME.pack(offset, length, crc))
             if mapping is None:
-                _sendfile(conn, fd, offset, length)
-            else:  # TLS encrypts in user space: no sendfile
-                conn.sendall(memoryview(mapping)[offset : offset + length])
+                conn.sendall(FRAME.pack(offset, length, crc))
+                sockets.sendfile(conn, fd, offset, length)
+            else:
+                with memoryview(mapping)[offset : offset + length] as view:
+                    sockets.send_frame(conn, FRAME.pack(offset, length, crc), view)
             frames.pace(offset + length, bandwidth, started)
     finally:
         if mapping is not None:
@@ -330,25 +246,11 @@ def _send_produced(conn: socket.socket, produced: Produced,
         view = memoryview(chunk).cast("B")
         for lo in range(0, view.nbytes, FRAME_BYTES):
             piece = view[lo : lo + FRAME_BYTES]
-            _send_frame(conn, FRAME.pack(offset, piece.nbytes, crc32c(piece)), piece)
+            sockets.send_frame(conn, FRAME.pack(offset, piece.nbytes, crc32c(piece)), piece)
             offset += piece.nbytes
             frames.pace(offset, bandwidth, started)
     if offset != produced.size:
         raise BulkError(f"{produced.where}: {offset} bytes made, {produced.size} announced")
-
-
-def _send_frame(conn: socket.socket, header: bytes, payload: memoryview) -> None:
-    """A frame's header and bytes in one system call where the socket allows (plain TCP)."""
-    if not _plain(conn):
-        conn.sendall(header)
-        conn.sendall(payload)
-        return
-    sent = conn.sendmsg([header, payload])
-    if sent < len(header):
-        conn.sendall(header[sent:])
-        sent = len(header)
-    if sent - len(header) < payload.nbytes:
-        conn.sendall(payload[sent - len(header) :])
 
 
 def checked_range(view: memoryview, described, start: int, end: int,
@@ -371,7 +273,7 @@ def checked_range(view: memoryview, described, start: int, end: int,
     return out
 
 
-def _send_range(conn: socket.socket, fd: int, outgoing: Outgoing, *, tls: bool) -> None:
+def _send_range(conn: socket.socket, fd: int, outgoing: Outgoing) -> None:
     """``outgoing.length`` bytes from ``outgoing.offset`` of the file ``fd``, after checking
     every chunk they touch against its recorded crc32c (a damaged one is refused with a
     status naming it): frames at offsets from 0, one per chunk touched, each with the
@@ -382,21 +284,22 @@ def _send_range(conn: socket.socket, fd: int, outgoing: Outgoing, *, tls: bool) 
         frames_out = checked_range(view, outgoing.manifest, start, start + outgoing.length,
                                    outgoing.path.name)  # fmt: skip
         conn.sendall(STATUS.pack(0, 0))
+        copying = sockets.copying(conn)
         for lo, hi, crc in frames_out:
-            conn.sendall(FRAME.pack(lo - start, hi - lo, crc))
-            if tls:
-                conn.sendall(view[lo:hi])
+            if copying:
+                sockets.send_frame(conn, FRAME.pack(lo - start, hi - lo, crc), view[lo:hi])
             else:
-                _sendfile(conn, fd, lo, hi - lo)
+                conn.sendall(FRAME.pack(lo - start, hi - lo, crc))
+                sockets.sendfile(conn, fd, lo, hi - lo)
 
 
 def send(host: str, port: int, ticket: bytes, fd: int, manifest: RankManifest, *,
          tls: TLSFiles | None, bandwidth: float | None = None) -> None:  # fmt: skip
     """Send the data file ``fd`` described by ``manifest`` to a peer's data port under
     ``ticket``; the peer checks every chunk against the crc32c sent with it."""
-    with _connect(host, port, tls) as conn:
+    with sockets.connect(host, port, tls) as conn:
         conn.sendall(ticket)
-        _send_frames(conn, fd, manifest, tls=tls is not None, bandwidth=bandwidth)
+        _send_frames(conn, fd, manifest, bandwidth=bandwidth)
         _raise_for_status(conn, host, port)
 
 
@@ -407,8 +310,9 @@ def send_parts(host: str, port: int, ticket: bytes, parts: list[tuple[int, int, 
     under ``ticket``."""
     crc32c = _fastpath.backend().crc32c
     sent, started = 0, time.monotonic()
-    with _connect(host, port, tls) as conn:
+    with sockets.connect(host, port, tls) as conn:
         conn.sendall(ticket)
+        copying = sockets.copying(conn)
         for fd, offset, length in parts:
             if not length:
                 continue
@@ -416,11 +320,12 @@ def send_parts(host: str, port: int, ticket: bytes, parts: list[tuple[int, int, 
                     memoryview(mapping) as view:  # fmt: skip
                 for lo in range(offset, offset + length, FRAME_BYTES):
                     hi = min(offset + length, lo + FRAME_BYTES)
-                    conn.sendall(FRAME.pack(sent, hi - lo, crc32c(view[lo:hi])))
-                    if tls is None:
-                        _sendfile(conn, fd, lo, hi - lo)
+                    header = FRAME.pack(sent, hi - lo, crc32c(view[lo:hi]))
+                    if copying:
+                        sockets.send_frame(conn, header, view[lo:hi])
                     else:
-                        conn.sendall(view[lo:hi])
+                        conn.sendall(header)
+                        sockets.sendfile(conn, fd, lo, hi - lo)
                     sent += hi - lo
                     frames.pace(sent, bandwidth, started)
         _raise_for_status(conn, host, port)
@@ -431,7 +336,7 @@ def send_produced(host: str, port: int, ticket: bytes, produced: Produced, *,
                   send_buffer: int | None = None) -> None:  # fmt: skip
     """Send ``produced``'s bytes, as they are made, to a peer's data port under ``ticket``
     (frames with the crc32c of their bytes)."""
-    with _connect(host, port, tls, send_buffer) as conn:
+    with sockets.connect(host, port, tls, send_buffer) as conn:
         conn.sendall(ticket)
         _send_produced(conn, produced, bandwidth)
         _raise_for_status(conn, host, port)
@@ -441,58 +346,15 @@ def fetch(host: str, port: int, ticket: bytes, incoming: Sink, *,
           tls: TLSFiles | None) -> None:  # fmt: skip
     """Fetch a file from a peer's data port under ``ticket`` into ``incoming`` (checked;
     the caller commits it)."""
-    with _connect(host, port, tls) as conn:
+    with sockets.connect(host, port, tls) as conn:
         conn.sendall(ticket)
         _raise_for_status(conn, host, port)
         receive_frames(conn, incoming)
 
 
-def _drain(conn: socket.socket, seconds: float = 10.0) -> None:
-    """Read and drop what the peer still sends, so that closing does not reset the
-    connection and lose the status it has yet to read."""
-    conn.shutdown(socket.SHUT_WR)
-    conn.settimeout(seconds)
-    buffer = bytearray(1 << 20)
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and conn.recv_into(buffer):
-        pass
-
-
 def _raise_for_status(conn: socket.socket, host: str, port: int) -> None:
-    status, count = STATUS.unpack(_recv_exactly(conn, STATUS.size))
+    status, count = STATUS.unpack(sockets.recv_exactly(conn, STATUS.size))
     if status != 0:
-        reason = _recv_exactly(conn, count).decode(errors="replace") if count else ""
+        reason = sockets.recv_exactly(conn, count).decode(errors="replace") if count else ""
         raise BulkError(f"the peer at {host}:{port} refused the transfer: {reason}")
 
-
-def _sendfile(conn: socket.socket, fd: int, offset: int, length: int) -> None:
-    end = offset + length
-    writable = None
-    while offset < end:
-        try:
-            sent = os.sendfile(conn.fileno(), fd, offset, end - offset)
-        except BlockingIOError:  # a socket with a timeout is non-blocking underneath
-            if writable is None:
-                writable = select.poll()
-                writable.register(conn.fileno(), select.POLLOUT)
-            if not writable.poll(SOCKET_TIMEOUT * 1000):
-                raise BulkError(f"the peer took no data for {SOCKET_TIMEOUT:.0f} s") from None
-            continue
-        if sent == 0:
-            raise BulkError("the data file ended early")
-        offset += sent
-
-
-def _recv_exactly(conn: socket.socket, count: int) -> bytes:
-    buf = bytearray(count)
-    _recv_into_exactly(conn, memoryview(buf))
-    return bytes(buf)
-
-
-def _recv_into_exactly(conn: socket.socket, view: memoryview) -> None:
-    got = 0
-    while got < view.nbytes:
-        n = conn.recv_into(view[got:])
-        if n == 0:
-            raise BulkError(f"the connection closed after {got} of {view.nbytes} bytes")
-        got += n
