@@ -297,11 +297,15 @@ class CheckpointManager:
         """Prepare ``slots`` node-memory slots for saves of ``state`` before the first
         (default: the memory tier's keep + 1, what saves back to back take), mapped with
         their pages present, within the memory budget: then every save, the first ones
-        too, blocks for about one copy. The bytes of the slots made."""
+        too, blocks for about one copy. With a daemon replicating, the peers that will
+        hold the copies prepare their files for as many steps too. The bytes of the
+        slots made here."""
         self._check_open()
         layout = self._layout(state, (self._newest or 0) + 1)[-1]
         count = self._tiers[0][0].keep + 1 if slots is None else slots
         made = self._memory.reserve(self.run, self.rank, layout.file_size, count)
+        if self._replicating and count:
+            self._peers.reserve(layout.file_size, count)
         return made * layout.file_size
 
     def _peer_stage(self) -> tuple[str, ...]:

@@ -328,13 +328,29 @@ class Holdings:
         first steps of a run, before any expires): one zeroed file of that size made and
         mapped for the next, if ``fits(size)`` (the memory budget has room). Made off the
         receive path, as the trainer's ``reserve`` makes its slots."""
-        if not size or self._free_count() or not fits(size):
-            return
+        if size and not self._free_count() and fits(size):
+            self._make_spare(size)
+
+    def ready_spares(self, size: int, count: int, fits: Callable[[int], bool]) -> int:
+        """Zeroed files of ``size`` bytes made and mapped until ``count`` free files of that
+        size are ready, each only if ``fits(size)``: a peer's trainer reserved them for its
+        first steps. The bytes made."""
+        made = 0
+        while size and self.free_of_size(size) < count and fits(size):
+            self._make_spare(size)
+            made += size
+        return made
+
+    def _make_spare(self, size: int) -> None:
         (self.root / FREE_DIR).mkdir(mode=0o700, parents=True, exist_ok=True)
         name = f"zeroed-{secrets.token_hex(4)}"
         mapping = zeroed_file(self.root / FREE_DIR / name, size)
         with self._lock:
             self._spares[name] = mapping
+
+    def free_of_size(self, size: int) -> int:
+        with self._lock:
+            return sum(len(mapping) == size for mapping in self._spares.values())
 
     def expire_replicas(self, origin: str, run: str, stride: int = 1) -> None:
         """Keep the newest ``keep`` steps of ``origin``'s replicas of ``run`` and, with a

@@ -209,6 +209,23 @@ class DaemonLink:
                 raise TierError(f"step {step} rank {self.rank}: the daemon's upload to "
                                 f"{self.remote_url} failed: {state.error}")  # fmt: skip
 
+    def reserve(self, size: int, count: int) -> list[str]:
+        """Have the peers that will hold copies of this node's shards make files ready for
+        ``count`` steps of this rank's ``size`` bytes; the peers that did (those that did
+        not are logged: their first copies are only slower)."""
+        from .reserve import MAX_FILES
+
+        try:
+            reply = self.client.reserve(self.rank, size, min(count, MAX_FILES),
+                                        timeout=self.cfg.timeout)  # fmt: skip
+        except self._grpc.RpcError as exc:
+            log.warning("the daemon at %s made no room at its peers: %s", self.cfg.daemon,
+                        exc.details())  # fmt: skip
+            return []
+        for failure in reply.failed:
+            log.warning("no room made at peer %s", failure)
+        return list(reply.ready)
+
     def replicated_steps(self) -> list[int]:
         """Steps whose shard of this rank every target peer holds, ascending."""
         try:

@@ -176,10 +176,7 @@ class Replicator:
             group, targets, watched, short = self.encoder.place()
             listings = self.encoder.listings
         else:
-            members = [m for m in self.peers.members() if m.node_id]
-            targets = replica_targets(
-                me, self.zone, [(m.node_id, m.zone) for m in members], self.replicas
-            )
+            targets = self.replica_targets()
             listings, short, watched = self._listings, "", targets
             if len(targets) < self.replicas:
                 short = f"{self.replicas} replicas wanted, {len(targets)} other daemon(s) known"
@@ -218,6 +215,11 @@ class Replicator:
                     self.state[shard].error = short
             self.on_change()
         self._measure_lag(current, began, pushes)
+
+    def replica_targets(self) -> list[str]:
+        """The peers chosen to hold this node's replicas (under ``replicas:R``)."""
+        members = [(m.node_id, m.zone) for m in self.peers.members() if m.node_id]
+        return replica_targets(self.holdings.node_id, self.zone, members, self.replicas)
 
     def _encode(self, first: Shard, shards: list[Shard], group, listings,
                 unreachable) -> bool:  # fmt: skip

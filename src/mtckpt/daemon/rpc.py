@@ -174,6 +174,12 @@ class Client:
         self._stub.Flush(pb.FlushRequest(shard=shard), timeout=self.timeout,
                          metadata=self._metadata)  # fmt: skip
 
+    def reserve(self, rank: int, size: int, count: int,
+                timeout: float | None = None) -> pb.ReserveReply:  # fmt: skip
+        request = pb.ReserveRequest(rank=rank, size=size, count=count)
+        return self._stub.Reserve(request, timeout=timeout or self.timeout,
+                                  metadata=self._metadata)  # fmt: skip
+
     def recover(self, run: str, step: int | None = None, timeout: float | None = None,
                 none_is_an_answer: bool = False):  # fmt: skip
         request = pb.RecoverRequest(run=run, none_is_an_answer=none_is_an_answer)

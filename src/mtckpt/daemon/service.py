@@ -28,6 +28,7 @@ from .limits import PeerLimits
 from .parity import Contribution, ParityStore
 from .peers import Peers
 from .replicator import Replicator
+from .reserve import Reservations
 from .room import Room
 from .rpc import OPTIONS, TokenCheck, is_unix, unix_path
 from .servicer import Servicer, handlers
@@ -88,6 +89,8 @@ class Daemon:
             metrics=self.metrics, strides=self.strides, on_change=self.changes.notify,
             incremental=config.incremental,
         )  # fmt: skip
+        self.reservations = Reservations(self.holdings, self.peers, self.replicator,
+                                         self.parity, self.room.fits)  # fmt: skip
         self.flusher: Flusher | None = None
         if config.remote is not None:
             storage = object_storage(config.remote)

@@ -18,7 +18,7 @@ from ..errors import MemoryBudgetError, MtckptError, StepNotFoundError
 from ..format import naming
 from ..proto import mtckpt_pb2 as pb
 from ..proto import mtckpt_pb2_grpc as pb_grpc
-from . import frames, rebuild
+from . import frames, rebuild, reserve
 from .bulk import Produced
 from .chain import ChainRefused
 from .holdings import Outgoing, Shard
@@ -347,6 +347,21 @@ class Servicer(pb_grpc.DaemonServicer):
         self.d.replicator.notify()
         return pb.NotifyReply()
 
+    def Reserve(self, request, context):
+        """From a trainer: have the peers make room for its node's first steps; from a peer:
+        make it here (daemon/reserve.py)."""
+        try:
+            reserve.check(request)
+        except ValueError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Reserve: {exc}")
+        if self.peers is None:
+            return self.d.reservations.ask_peers(request.rank, request.size, request.count)
+        try:
+            made = self.d.reservations.make_here(request.size, request.count)
+        except OSError as exc:  # a full tmpfs: the peer's replicas allocate as they come
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"Reserve: {exc}")
+        return pb.ReserveReply(bytes=made)
+
     def Flush(self, request, context):
         if self.d.flusher is None:
             context.abort(
@@ -425,6 +440,7 @@ def handlers(service: Servicer) -> grpc.GenericRpcHandler:
         "OpenContribute": unary(service.OpenContribute, pb.ContributeHeader),
         "Recover": unary(service.Recover, pb.RecoverRequest),
         "Flush": unary(service.Flush, pb.FlushRequest),
+        "Reserve": unary(service.Reserve, pb.ReserveRequest),
         "Fetch": grpc.unary_stream_rpc_method_handler(service.Fetch, pb.FetchRequest.FromString),
         "Push": grpc.stream_unary_rpc_method_handler(
             service.Push, response_serializer=pb.PushReply.SerializeToString

@@ -46,6 +46,17 @@ class ZeroedSpares:
                 self._thread.start()
         self._wake.set()
 
+    def reserve(self, count: int, size: int) -> int:
+        """At least ``count`` spares of ``size`` bytes made now, in this thread, within the
+        budget (a group member's trainer reserved them for its first steps); how many of
+        that size are ready."""
+        with self._lock:
+            wanted, now = self._wanted
+            self._wanted = (max(count, wanted if now == size else 0), size)
+        self._top_up()
+        with self._lock:
+            return sum(len(mapping) == size for mapping in self._ready.values())
+
     def take(self, size: int, path: Path) -> mmap.mmap | None:
         """A ready spare for ``size`` bytes (of at least that and at most twice; the stripe
         truncates the rest once complete), moved to ``path``, with its mapping; None if

@@ -293,6 +293,26 @@ class NotifyReply(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class ReserveRequest(_message.Message):
+    __slots__ = ("rank", "size", "count")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    size: int
+    count: int
+    def __init__(self, rank: _Optional[int] = ..., size: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
+
+class ReserveReply(_message.Message):
+    __slots__ = ("bytes", "ready", "failed")
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    bytes: int
+    ready: _containers.RepeatedScalarFieldContainer[str]
+    failed: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, bytes: _Optional[int] = ..., ready: _Optional[_Iterable[str]] = ..., failed: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class RecoverRequest(_message.Message):
     __slots__ = ("run", "step", "none_is_an_answer")
     RUN_FIELD_NUMBER: _ClassVar[int]

@@ -84,6 +84,11 @@ class DaemonStub:
                 request_serializer=mtckpt_dot_proto_dot_mtckpt__pb2.FlushRequest.SerializeToString,
                 response_deserializer=mtckpt_dot_proto_dot_mtckpt__pb2.FlushReply.FromString,
                 _registered_method=True)
+        self.Reserve = channel.unary_unary(
+                '/mtckpt.v1.Daemon/Reserve',
+                request_serializer=mtckpt_dot_proto_dot_mtckpt__pb2.ReserveRequest.SerializeToString,
+                response_deserializer=mtckpt_dot_proto_dot_mtckpt__pb2.ReserveReply.FromString,
+                _registered_method=True)
 
 
 class DaemonServicer:
@@ -170,6 +175,16 @@ class DaemonServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Reserve(self, request, context):
+        """A trainer about to save shards of `size` bytes (its reserve()): its daemon has the
+        peers that will hold copies of the node's shards (replicas, or its coded group's
+        parities) make files ready for its first steps, zeroed and mapped, within their
+        memory budgets. From a peer: make them here.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DaemonServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -222,6 +237,11 @@ def add_DaemonServicer_to_server(servicer, server):
                     servicer.Flush,
                     request_deserializer=mtckpt_dot_proto_dot_mtckpt__pb2.FlushRequest.FromString,
                     response_serializer=mtckpt_dot_proto_dot_mtckpt__pb2.FlushReply.SerializeToString,
+            ),
+            'Reserve': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reserve,
+                    request_deserializer=mtckpt_dot_proto_dot_mtckpt__pb2.ReserveRequest.FromString,
+                    response_serializer=mtckpt_dot_proto_dot_mtckpt__pb2.ReserveReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -494,6 +514,33 @@ class Daemon:
             '/mtckpt.v1.Daemon/Flush',
             mtckpt_dot_proto_dot_mtckpt__pb2.FlushRequest.SerializeToString,
             mtckpt_dot_proto_dot_mtckpt__pb2.FlushReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reserve(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mtckpt.v1.Daemon/Reserve',
+            mtckpt_dot_proto_dot_mtckpt__pb2.ReserveRequest.SerializeToString,
+            mtckpt_dot_proto_dot_mtckpt__pb2.ReserveReply.FromString,
             options,
             channel_credentials,
             insecure,
