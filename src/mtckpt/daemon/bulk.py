@@ -214,7 +214,7 @@ def _send_frames(conn: socket.socket, fd: int, manifest: RankManifest,
                  bandwidth: float | None = None) -> None:  # fmt: skip
     """The data file ``fd`` as frames of whole manifest chunks, each with the crc32c its
     chunks' recorded ones combine to: the bytes are never read here (``sendfile``, or
-    sent from a mapping: :func:`_copying`)."""
+    sent from a mapping: ``sockets.copying``)."""
     size, chunk = manifest.file_size, manifest.chunk_size
     per_frame = max(1, FRAME_BYTES // chunk)
     combine = _fastpath.backend().crc32c_combine
@@ -235,8 +235,15 @@ def _send_frames(conn: socket.socket, fd: int, manifest: RankManifest,
                     sockets.send_frame(conn, FRAME.pack(offset, length, crc), view)
             frames.pace(offset + length, bandwidth, started)
     finally:
-        if mapping is not None:
-            mapping.close()
+        if mapping is not None:  # a GiB takes 30-60 ms to unmap: not before the status
+            threading.Thread(target=_unmap, args=(mapping,), name="mtckpt-unmap").start()
+
+
+def _unmap(mapping: mmap.mmap) -> None:
+    try:
+        mapping.close()
+    except BufferError:  # a view of it is still alive: the garbage collector unmaps it
+        pass
 
 
 def _send_produced(conn: socket.socket, produced: Produced,
