@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 import pytest
 
-from daemons import save
+from daemons import save, wait_for
 from mtckpt import checksum
 from mtckpt.daemon import bulk, frames, sockets
 from mtckpt.daemon.holdings import Holdings, Shard
@@ -340,3 +340,20 @@ def test_a_connection_closed_in_the_middle_of_a_spliced_frame_is_named(tmp_path)
             _over_tcp(incoming, half_a_frame)
     finally:
         incoming.close()
+
+
+def test_a_mapping_handed_over_is_unmapped_after_a_delay(tmp_path, monkeypatch):
+    import mmap
+
+    from mtckpt.tiers import base
+
+    monkeypatch.setattr(base, "UNMAP_DELAY", 0.3)
+    path = tmp_path / "data"
+    path.write_bytes(b"x" * 8192)
+    with open(path, "r+b") as f:
+        mapping = mmap.mmap(f.fileno(), 8192)
+    handed = time.monotonic()
+    base.close_mapping_later(mapping)
+    assert not mapping.closed and mapping[:1] == b"x"  # still there for a while
+    wait_for(lambda: mapping.closed, timeout=10, what="the unmap")
+    assert time.monotonic() - handed >= 0.3

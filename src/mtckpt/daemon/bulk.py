@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator
 from .. import _fastpath
 from ..errors import MtckptError
 from ..format.manifest import RankManifest
+from ..tiers.base import close_mapping_later
 from ..tiers.memory import open_held
 from . import frames, sockets
 from .auth import TLSFiles
@@ -235,15 +236,8 @@ def _send_frames(conn: socket.socket, fd: int, manifest: RankManifest,
                     sockets.send_frame(conn, FRAME.pack(offset, length, crc), view)
             frames.pace(offset + length, bandwidth, started)
     finally:
-        if mapping is not None:  # a GiB takes 30-60 ms to unmap: not before the status
-            threading.Thread(target=_unmap, args=(mapping,), name="mtckpt-unmap").start()
-
-
-def _unmap(mapping: mmap.mmap) -> None:
-    try:
-        mapping.close()
-    except BufferError:  # a view of it is still alive: the garbage collector unmaps it
-        pass
+        if mapping is not None:  # not before the status is read
+            close_mapping_later(mapping)
 
 
 def _send_produced(conn: socket.socket, produced: Produced,

@@ -13,6 +13,7 @@ import threading
 from .. import _fastpath, tiercopy
 from ..errors import ChecksumMismatchError, CorruptCheckpointError
 from ..format import naming
+from ..tiers.base import close_mapping_later
 
 
 def check_next(where: str, offset: int, length: int, received: int, size: int,
@@ -228,11 +229,8 @@ class Incoming:
             if preparer is not None:
                 preparer.stop()
         self._view.release()
-        if self._mapping is not None:
-            try:
-                self._mapping.close()
-            except BufferError:  # a caller's view of a region is still alive: GC unmaps
-                pass
+        if self._mapping is not None:  # a recovery is not done until its shard is closed
+            close_mapping_later(self._mapping)
             self._mapping = None
         if self._fd >= 0:
             os.close(self._fd)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import queue
+import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from typing import Any, NamedTuple
@@ -113,3 +116,28 @@ def close_mapping(mapping: Any) -> None:
             close()
         except BufferError:  # a view is still referenced (e.g. by a traceback); GC unmaps it
             pass
+
+
+UNMAP_DELAY = 2.0  # seconds a mapping handed to close_mapping_later stays
+_unmapping: queue.SimpleQueue = queue.SimpleQueue()
+_unmapper: list[threading.Thread] = []
+_unmapper_lock = threading.Lock()
+
+
+def close_mapping_later(mapping: Any) -> None:
+    """:func:`close_mapping` UNMAP_DELAY seconds from now, on a thread of its own.
+    Unmapping a GiB holds the process's memory map for 30-60 ms here, and every thread
+    that faults a page meanwhile waits: a transfer's status or a recovery need not."""
+    with _unmapper_lock:
+        if not _unmapper:
+            _unmapper.append(threading.Thread(target=_unmap_in_turn, name="mtckpt-unmap",
+                                              daemon=True))  # fmt: skip
+            _unmapper[0].start()
+    _unmapping.put((time.monotonic() + UNMAP_DELAY, mapping))
+
+
+def _unmap_in_turn() -> None:
+    while True:
+        due, mapping = _unmapping.get()
+        time.sleep(max(0.0, due - time.monotonic()))
+        close_mapping(mapping)
