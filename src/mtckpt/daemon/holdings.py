@@ -331,15 +331,12 @@ class Holdings:
         if size and not self._free_count() and fits(size):
             self._make_spare(size)
 
-    def ready_spares(self, size: int, count: int, fits: Callable[[int], bool]) -> int:
+    def ready_spares(self, size: int, count: int, fits: Callable[[int], bool]) -> None:
         """Zeroed files of ``size`` bytes made and mapped until ``count`` free files of that
         size are ready, each only if ``fits(size)``: a peer's trainer reserved them for its
-        first steps. The bytes made."""
-        made = 0
+        first steps."""
         while size and self.free_of_size(size) < count and fits(size):
             self._make_spare(size)
-            made += size
-        return made
 
     def _make_spare(self, size: int) -> None:
         (self.root / FREE_DIR).mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -349,6 +346,7 @@ class Holdings:
             self._spares[name] = mapping
 
     def free_of_size(self, size: int) -> int:
+        """Free files of ``size`` bytes ready, mapped."""
         with self._lock:
             return sum(len(mapping) == size for mapping in self._spares.values())
 

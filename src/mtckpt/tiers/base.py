@@ -129,9 +129,9 @@ def close_mapping_later(mapping: Any) -> None:
     Unmapping a GiB holds the process's memory map for 30-60 ms here, and every thread
     that faults a page meanwhile waits: a transfer's status or a recovery need not."""
     with _unmapper_lock:
-        if not _unmapper:
-            _unmapper.append(threading.Thread(target=_unmap_in_turn, name="mtckpt-unmap",
-                                              daemon=True))  # fmt: skip
+        if not _unmapper or not _unmapper[0].is_alive():  # a forked child has none
+            _unmapper[:] = [threading.Thread(target=_unmap_in_turn, name="mtckpt-unmap",
+                                             daemon=True)]  # fmt: skip
             _unmapper[0].start()
     _unmapping.put((time.monotonic() + UNMAP_DELAY, mapping))
 
