@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,33 +15,9 @@ import numpy as np
 
 from mtckpt import CheckpointManager, LocalTier, MemoryTier, PeerTier
 from mtckpt.daemon.rpc import Client
+from ports import free_port  # noqa: F401 (the daemon tests import it from here)
 
 TRAIN_RUN = "exp"
-
-
-_handed_out: set[int] = set()
-
-
-def free_port() -> int:
-    """A port free now, below the kernel's ephemeral range: a port from that range (bind to
-    port 0) can be taken as the source port of any connection made before the daemon
-    binds it, and the suite makes many. Never one handed out before in this process."""
-    try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
-    for _ in range(1000):
-        port = random.randrange(max(1024, low - 12000), low)
-        if port in _handed_out:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _handed_out.add(port)
-        return port
-    raise RuntimeError(f"no free port found below {low}")
 
 
 class DaemonProcess:

@@ -4,7 +4,6 @@ RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT set, as torchrun would, on loopbac
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mtckpt
+from ports import free_port
 
 TESTS = Path(__file__).resolve().parents[1]
 # The ranks import the tests' helpers and the same mtckpt as the test (a worktree's, not an
@@ -28,12 +28,6 @@ class RankResult:
 
     def lines(self) -> list[str]:
         return self.stdout.splitlines()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_ranks(
