@@ -7,7 +7,8 @@ per node, saving into its daemon's memory tier), measured:
 - time to redundant: from the notify of a step committed on every node (saved together, the
   daemons' own scans 3 s apart, so that no node starts early) until every node's Status
   says its shards are stored by all their targets (replicas on peers, or complete parities
-  in the group); target for xor:4 at most that of replicas:1;
+  in the group), each Status long-polled (answered as it changes, no polling load on the
+  daemons); target for xor:4 at most that of replicas:1;
 - recovery: a node lost (daemon SIGKILLed, roots deleted, restarted empty), then the time
   from the replacement daemon's ready line until its Recover call returns (the daemon
   starts recovering as it starts; the call waits for that), which fetches a replica or
@@ -107,9 +108,20 @@ def shape_both_ways(net: Network, mbit: float) -> None:
         subprocess.run(in_ns(net.hub, *command), check=True, capture_output=True)
 
 
-def redundant(client: Client, step: int) -> bool:
-    states = [r for r in client.status().replication if r.shard.step == step]
+def redundant(status, step: int) -> bool:
+    """Whether a daemon's Status has its shards of ``step`` stored by all their targets."""
+    states = [r for r in status.replication if r.shard.step == step]
     return bool(states) and all(set(r.targets) <= set(r.stored) and not r.error for r in states)
+
+
+def when_redundant(client: Client, step: int, ready: threading.Barrier) -> float:
+    """The moment the daemon says its shards of ``step`` are redundant: its Status is
+    long-polled, answered as its replication changes (no polling load on the daemon)."""
+    reply = client.status()
+    ready.wait()
+    while not redundant(reply, step):
+        reply = client.status(changed_since=reply.version, wait=5.0)
+    return time.perf_counter()
 
 
 def held_bytes(root: Path, parts: tuple[str, ...]) -> int:
@@ -137,7 +149,7 @@ def run_scheme(scheme: str, count: int, nbytes: int, steps: int, base: Path,
         node.start()
     time.sleep(SCAN + 1)  # every daemon has identified the others (groups are stable from here)
     result: dict = {"scheme": scheme, "redundant_s": []}
-    watching = [node.client() for node in nodes]  # one channel each: a poll is one call
+    watching = [node.client() for node in nodes]  # one channel each
     try:
         managers = []
         for rank, node in enumerate(nodes):
@@ -149,17 +161,15 @@ def run_scheme(scheme: str, count: int, nbytes: int, steps: int, base: Path,
             states = [state_of(nbytes, step * 100 + rank) for rank in range(count)]
             with ThreadPoolExecutor(count) as pool:  # the nodes save together, as a job's do
                 list(pool.map(lambda m, s, n=step: m.save(n, s).wait("memory"), managers, states))
-            started = time.perf_counter()
-            threads = [threading.Thread(target=lambda n=n, s=step: notify(n, s)) for n in nodes]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            waiting = list(watching)
-            while waiting:
-                waiting = [c for c in waiting if not redundant(c, step)]
-                time.sleep(0.005)
-            result["redundant_s"].append(time.perf_counter() - started)
+            ready = threading.Barrier(count + 1)
+            with ThreadPoolExecutor(2 * count) as pool:  # a watcher and a notify per node
+                seen = [pool.submit(when_redundant, c, step, ready) for c in watching]
+                ready.wait()  # each daemon's Status is long-polled from before the notify
+                started = time.perf_counter()
+                notified = [pool.submit(notify, n, step) for n in nodes]
+                for done in notified:
+                    done.result()
+                result["redundant_s"].append(max(f.result() for f in seen) - started)
         for mgr in managers:
             mgr.close()
         own = held_bytes(nodes[1].root, (RUN,))

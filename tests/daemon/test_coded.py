@@ -306,6 +306,19 @@ def test_under_xor_each_stripe_reaches_its_holder_as_one_sum_along_its_data_node
     assert "broke" not in _daemon_logs(daemons)
 
 
+def test_a_restarted_daemon_finds_its_steps_held_and_sends_none_again(xor4, cluster):
+    """A step saved since the daemon's last cycle goes out without asking its holders
+    first; one it finds at its start (sent before it was restarted) is listed first."""
+    daemon = xor4["n1"]
+    daemon.terminate()
+    logged = len(daemon.log.read_text())
+    cluster.restart(daemon)
+    wait_for(lambda: replicated(daemon, RUN, 1, 2), what="n1's steps stored again")
+    time.sleep(CHAIN_WAIT + 0.5)  # a chain started would have broken by now
+    since = daemon.log.read_text()[logged:]
+    assert "sent n1's piece" not in since and "broke" not in since, since
+
+
 def test_a_member_that_saves_late_breaks_its_chains_and_the_pieces_go_directly(cluster):
     nodes = [f"n{i}" for i in range(4)]
     daemons = cluster(nodes, extra=["--redundancy", "xor:4"])

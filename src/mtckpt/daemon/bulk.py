@@ -358,4 +358,3 @@ def _raise_for_status(conn: socket.socket, host: str, port: int) -> None:
     if status != 0:
         reason = sockets.recv_exactly(conn, count).decode(errors="replace") if count else ""
         raise BulkError(f"the peer at {host}:{port} refused the transfer: {reason}")
-

@@ -33,6 +33,7 @@ from ..redundancy import Redundancy
 from ..tiers.memory import open_held
 from . import bulk
 from .auth import TLSFiles, host_of
+from .awaiting import StripesAwaited
 from .chain import CHAIN_WAIT, OwnPiece, Relays, summed_frames
 from .groups import Group, StepGroups, form_groups, group_of, piece_range
 from .holdings import Holdings, Shard
@@ -42,9 +43,7 @@ from .rpc import error_text
 
 log = logging.getLogger(__name__)
 
-COMPLETION_WAIT = 2.0  # seconds a step's stripes are awaited after its pieces are sent
 GONE_AFTER = 10.0  # seconds a group member is down before new steps' stripes leave it out
-POLL = 0.01
 SEND_BUFFER = 128 << 10  # a chain's socket: no stream of a link runs far ahead of the others
 
 
@@ -172,43 +171,48 @@ class Encoder:
             crcs = tuple(f.crc for f in blob)
             size = sum(f.size for f in blob)
             due: list[Piece] = []
-            pending: dict[str, list[StripeKey]] = {}  # holder -> stripes awaited
+            awaited: dict[str, list[StripeKey]] = {}  # holder -> stripes to complete there
             for stripe, index in group.pieces_of(me):
                 key = StripeKey(run, step, str(self.scheme), group.members, stripe)
                 for row, node in enumerate(group.parity_nodes(stripe)):
                     there = listings.get(node, Listing({})).stripes.get(key)
                     if there is not None and there[0] == crcs:
                         if not there[1]:
-                            pending.setdefault(node, []).append(key)
+                            awaited.setdefault(node, []).append(key)
                     elif node in unreachable:
                         mark(node, f"peer {node} unreachable: {unreachable[node]}")
                     else:
                         offset, length = piece_range(size, group.scheme.data, index)
                         due.append(Piece((index, row), node, key, offset, length))
-            if self._chain_first(run, step, due, group):
-                sent = self._send_chained(due, group, blob, stopping)
-            else:
-                sent = self._send_rounds(sorted(due, key=lambda p: p.round), blob, stopping)
-        if stopping.is_set():
-            return False
-        for node, error in sent.items():
-            if error:
-                mark(node, error)
-                pending.pop(node, None)  # a holder that lacks one of its stripes is not stored
-            else:
-                pending.setdefault(node, []).extend(p.key for p in due if p.node == node)
-        for node in group.holders_of(me):
-            if node not in pending and node not in unreachable and not sent.get(node):
-                mark(node, "")
-        self._await(pending, crcs, mark, stopping)
-        return True
+                        awaited.setdefault(node, []).append(key)
+            for node in group.holders_of(me):
+                if node not in awaited and node not in unreachable:
+                    mark(node, "")  # it has all its stripes, complete
+            stripes = StripesAwaited(len(awaited), self._ask_complete, self._up, crcs, mark,
+                                     stopping)  # fmt: skip
+            try:
+                for node, keys in awaited.items():
+                    stripes.watch(node, keys)
+                if self._chain_first(run, step, due, group):
+                    sent = self._send_chained(due, group, blob, stopping, stripes.begin)
+                else:
+                    due.sort(key=lambda p: p.round)
+                    sent = self._send_rounds(due, blob, stopping, stripes.begin)
+                for node, error in sent.items():
+                    if error:
+                        stripes.failed(node, error)
+            finally:
+                stripes.end()
+        return not stopping.is_set()
 
-    def _send_rounds(self, due: list[Piece], blob: list[RankFile], stopping) -> dict[str, str]:
+    def _send_rounds(self, due: list[Piece], blob: list[RankFile], stopping,
+                     first_sent: Callable[[], None]) -> dict[str, str]:  # fmt: skip
         """Send the pieces one after the other, in rounds of (piece index, parity row): in
         each round every member of the group sends to a different holder (the stripes are
         rotated), so each link carries one stream each way, as with replicas. The next
-        piece is opened at its holder (which allocates its parity) while one is sent. Why
-        each holder failed ("": it has all its pieces); a failed holder gets no more."""
+        piece is opened at its holder (which allocates its parity) while one is sent;
+        ``first_sent()`` is called as each is. Why each holder failed ("": it has all its
+        pieces); a failed holder gets no more."""
         sent: dict[str, str] = {}
 
         def failed(node: str, key: StripeKey, exc: Exception) -> None:
@@ -236,6 +240,7 @@ class Encoder:
                     if ticket is not None:
                         self._stream(piece, ticket, blob)
                     sent[piece.node] = ""
+                    first_sent()
                 except _FAILURES as exc:
                     failed(piece.node, piece.key, exc)
         for node, error in sent.items():
@@ -253,8 +258,8 @@ class Encoder:
             self._chained.popitem(last=False)
         return len(due) == len(group.pieces_of(self.holdings.node_id))
 
-    def _send_chained(self, due: list[Piece], group: Group, blob: list[RankFile],
-                      stopping) -> dict[str, str]:  # fmt: skip
+    def _send_chained(self, due: list[Piece], group: Group, blob: list[RankFile], stopping,
+                      first_sent: Callable[[], None]) -> dict[str, str]:  # fmt: skip
         """Send every piece at once along its stripe's chain; why each holder failed (as
         :meth:`_send_rounds`)."""
         sent: dict[str, str] = {}
@@ -265,6 +270,7 @@ class Encoder:
             try:
                 self._chain(piece, group, blob)
                 sent.setdefault(piece.node, "")
+                first_sent()
             except _FAILURES as exc:
                 reason = error_text(exc)
                 log.info("the chain of %s from %s broke: %s (sent directly next time)",
@@ -337,29 +343,11 @@ class Encoder:
             manifests=[f.manifest for f in blob],
         )  # fmt: skip
 
-    def _await(self, pending: dict[str, list[StripeKey]], crcs, mark, stopping) -> None:
-        """Wait a little for the stripes just sent to complete (the other members' pieces
-        arrive meanwhile); marked as they do. The next cycle looks again."""
-        deadline = time.monotonic() + COMPLETION_WAIT
-        me = self.holdings.node_id
-        while pending and not stopping.is_set():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            for node in [n for n in pending if not self._up(n)]:
-                mark(node, f"peer {node} unreachable")
-                del pending[node]
-            # Each holder answers once the stripes are complete (or within a second).
-            listings, _ = self.listings(list(pending), me, pending, wait=min(left, 1.0))
-            for node in list(pending):
-                stripes = listings.get(node, Listing({})).stripes
-                if all(stripes.get(k) == (crcs, True) for k in pending[node]):
-                    mark(node, "")
-                    del pending[node]
-            if pending:
-                time.sleep(POLL)  # one that could not wait (no RPC thread free) is asked again
-        for node, keys in pending.items():
-            mark(node, f"{len(keys)} stripe(s) held by {node} await other members' pieces")
+    def _ask_complete(self, node: str, keys: list[StripeKey], wait: float) -> dict | None:
+        """What ``node`` has of ``keys`` once they are complete there (or after ``wait``
+        seconds); None if it is unreachable."""
+        listings, _ = self.listings([node], self.holdings.node_id, {node: keys}, wait=wait)
+        return listings[node].stripes if node in listings else None
 
     def _open_blob(self, shards: list[Shard], held: ExitStack) -> list[RankFile]:
         """Each rank's data file, in rank order, held open until ``held`` closes."""

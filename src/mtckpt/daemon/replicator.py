@@ -11,6 +11,7 @@ once it answers again. Bytes per second can be capped.
 
 from __future__ import annotations
 
+import functools
 import logging
 import mmap
 import os
@@ -96,6 +97,7 @@ class Replicator:
         self._stopping = threading.Event()
         self._cycles = 0
         self._short = ""  # why fewer peers than wanted hold copies, as last logged
+        self._listed_once = False  # whether a cycle has listed this node's shards
         self._cycle_done = threading.Condition(self._lock)
         self._thread = threading.Thread(target=self._run, name="mtckpt-replicator", daemon=True)
 
@@ -181,7 +183,13 @@ class Replicator:
             if len(targets) < self.replicas:
                 short = f"{self.replicas} replicas wanted, {len(targets)} other daemon(s) known"
         self.peers.watch(watched)
-        held_by, unreachable = listings(targets, me) if shards else ({}, {})
+        # A shard saved since the last cycle is held by no peer yet: a coded step of such
+        # shards is sent at once, its holders asked what they hold only if it is not.
+        fresh = {s for s in shards if s not in self.state} if self._listed_once else set()
+        self._listed_once = True
+        listed = functools.cache(lambda: listings(targets, me) if shards else ({}, {}))
+        if self.encoder is None:
+            held_by, unreachable = listed()
         if short != self._short:  # said once per change, not every scan
             self._short = short
             if short:
@@ -203,8 +211,7 @@ class Replicator:
                     return  # a newer step was saved meanwhile: it goes next, not this older one
                 current, pushes = (shard.run, shard.step), self._pushes
                 began, self._began = self._newest(shard.run), time.monotonic()
-                if group is not None and not self._encode(shard, shards, group, held_by,
-                                                          unreachable):  # fmt: skip
+                if group is not None and not self._encode(shard, shards, group, listed, fresh):
                     return
             if self.encoder is None and not self._replicate(
                 shard, own[shard], targets, held_by, unreachable
@@ -221,10 +228,12 @@ class Replicator:
         members = [(m.node_id, m.zone) for m in self.peers.members() if m.node_id]
         return replica_targets(self.holdings.node_id, self.zone, members, self.replicas)
 
-    def _encode(self, first: Shard, shards: list[Shard], group, listings,
-                unreachable) -> bool:  # fmt: skip
-        """Send this node's pieces of ``first``'s step to its group; False once stopping."""
+    def _encode(self, first: Shard, shards: list[Shard], group, listed: Callable[[], tuple],
+                fresh: set[Shard]) -> bool:  # fmt: skip
+        """Send this node's pieces of ``first``'s step to its group (asking the holders
+        what they hold unless the step's shards are all ``fresh``); False once stopping."""
         step_shards = [s for s in shards if (s.run, s.step) == (first.run, first.step)]
+        listings, unreachable = ({}, {}) if fresh.issuperset(step_shards) else listed()
 
         def mark(node: str, error: str) -> None:
             with self._lock:
