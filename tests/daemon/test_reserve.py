@@ -12,7 +12,7 @@ import pytest
 
 from daemons import state, trainer, wait_for
 from mtckpt.daemon.holdings import FREE_DIR
-from mtckpt.daemon.reserve import MAX_FILES
+from mtckpt.daemon.rpc import MAX_RESERVED_STEPS
 from mtckpt.daemon.spares import FREE_DIR as PARITY_FREE_DIR
 from mtckpt.format import naming
 
@@ -77,7 +77,8 @@ def test_reserve_under_xor_has_the_group_make_parity_files(cluster):
 @pytest.mark.parametrize(
     "size, count, expected",
     [(0, 3, "files of 0 bytes; expected 1 to"), (1 << 20, 0, "files for 0 steps; expected 1 to"),
-     (1 << 20, MAX_FILES + 1, f"files for {MAX_FILES + 1} steps; expected 1 to {MAX_FILES}"),
+     (1 << 20, MAX_RESERVED_STEPS + 1,
+      f"files for {MAX_RESERVED_STEPS + 1} steps; expected 1 to {MAX_RESERVED_STEPS}"),
      (1 << 50, 1, f"files of {1 << 50} bytes")],
 )  # fmt: skip
 def test_a_bad_reserve_is_refused_naming_what_is_wrong(cluster, size, count, expected):

@@ -3,6 +3,7 @@ from OpenPush, then frames over TCP). Both keep only what verifies, whole."""
 
 from __future__ import annotations
 
+import mmap
 import os
 import socket
 import threading
@@ -21,6 +22,7 @@ from mtckpt.errors import ChecksumMismatchError
 from mtckpt.format import naming
 from mtckpt.format.manifest import RankManifest
 from mtckpt.proto import mtckpt_pb2 as pb
+from mtckpt.tiers import base
 
 RUN = "exp"
 
@@ -343,10 +345,6 @@ def test_a_connection_closed_in_the_middle_of_a_spliced_frame_is_named(tmp_path)
 
 
 def test_a_mapping_handed_over_is_unmapped_after_a_delay(tmp_path, monkeypatch):
-    import mmap
-
-    from mtckpt.tiers import base
-
     monkeypatch.setattr(base, "UNMAP_DELAY", 0.3)
     path = tmp_path / "data"
     path.write_bytes(b"x" * 8192)

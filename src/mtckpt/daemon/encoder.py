@@ -17,7 +17,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -123,40 +123,37 @@ class Encoder:
     def group_for(self, run: str, step: int) -> Group | None:
         return self.groups.get(run, step)
 
-    def listings(self, holders: list[str], me: str,
-                 awaited: dict[str, list[StripeKey]] | None = None,
-                 wait: float = 0.0) -> tuple[dict[str, Listing], dict[str, str]]:  # fmt: skip
-        """What each holder has of this node's pieces (asked all at once; each after
-        waiting up to ``wait`` seconds for its ``awaited`` stripes to complete), and why
-        the unreachable ones are."""
-        listings: dict[str, Listing] = {}
-        unreachable: dict[str, str] = {}
-
-        def ask(node: str):
-            keys = [k.ident() for k in (awaited or {}).get(node, ())]
-            try:
-                client = self.peers.client(self.peers.by_node(node).address)
-                return client.list_shards(origin=me, parities_only=True, complete=keys,
-                                          wait=wait if keys else 0.0)  # fmt: skip
-            except grpc.RpcError as exc:
-                return error_text(exc)
-
+    def listings(self, holders: list[str], me: str) -> tuple[dict[str, Listing], dict[str, str]]:
+        """What each holder has of this node's pieces (asked all at once), and why the
+        unreachable ones are."""
         with ThreadPoolExecutor(max_workers=max(1, len(holders))) as pool:
-            replies = dict(zip(holders, pool.map(ask, holders), strict=True))
-        for node, reply in replies.items():
-            if isinstance(reply, str):
-                unreachable[node] = reply
-                continue
-            listings[node] = Listing({})
-            for info in reply.parities:
-                try:
-                    key = StripeKey.checked(info.stripe)
-                except ValueError:
-                    continue
-                mine = next((c for c in info.contributors if c.origin == me), None)
-                crcs = tuple(mine.manifest_crcs) if mine is not None else ()
-                listings[node].stripes[key] = (crcs, info.complete)
+            replies = dict(zip(holders, pool.map(lambda n: self._listing(n, me), holders),
+                               strict=True))  # fmt: skip
+        listings = {n: r for n, r in replies.items() if isinstance(r, Listing)}
+        unreachable = {n: r for n, r in replies.items() if isinstance(r, str)}
         return listings, unreachable
+
+    def _listing(self, node: str, me: str, awaited: Iterable[StripeKey] = (),
+                 wait: float = 0.0) -> Listing | str:  # fmt: skip
+        """What ``node`` has of this node's pieces, once its ``awaited`` stripes are
+        complete (or after ``wait`` seconds); why it is unreachable if it is."""
+        keys = [k.ident() for k in awaited]
+        try:
+            client = self.peers.client(self.peers.by_node(node).address)
+            reply = client.list_shards(origin=me, parities_only=True, complete=keys,
+                                       wait=wait if keys else 0.0)  # fmt: skip
+        except grpc.RpcError as exc:
+            return error_text(exc)
+        listing = Listing({})
+        for info in reply.parities:
+            try:
+                key = StripeKey.checked(info.stripe)
+            except ValueError:
+                continue
+            mine = next((c for c in info.contributors if c.origin == me), None)
+            crcs = tuple(mine.manifest_crcs) if mine is not None else ()
+            listing.stripes[key] = (crcs, info.complete)
+        return listing
 
     def send_step(self, run: str, step: int, shards: list[Shard], group: Group,
                   listings: dict[str, Listing], unreachable: dict[str, str],
@@ -346,8 +343,8 @@ class Encoder:
     def _ask_complete(self, node: str, keys: list[StripeKey], wait: float) -> dict | None:
         """What ``node`` has of ``keys`` once they are complete there (or after ``wait``
         seconds); None if it is unreachable."""
-        listings, _ = self.listings([node], self.holdings.node_id, {node: keys}, wait=wait)
-        return listings[node].stripes if node in listings else None
+        listing = self._listing(node, self.holdings.node_id, keys, wait)
+        return listing.stripes if isinstance(listing, Listing) else None
 
     def _open_blob(self, shards: list[Shard], held: ExitStack) -> list[RankFile]:
         """Each rank's data file, in rank order, held open until ``held`` closes."""

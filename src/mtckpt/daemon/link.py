@@ -213,10 +213,10 @@ class DaemonLink:
         """Have the peers that will hold copies of this node's shards make files ready for
         ``count`` steps of this rank's ``size`` bytes; the peers that did (those that did
         not are logged: their first copies are only slower)."""
-        from .reserve import MAX_FILES
+        from .rpc import MAX_RESERVED_STEPS
 
         try:
-            reply = self.client.reserve(self.rank, size, min(count, MAX_FILES),
+            reply = self.client.reserve(self.rank, size, min(count, MAX_RESERVED_STEPS),
                                         timeout=self.cfg.timeout)  # fmt: skip
         except self._grpc.RpcError as exc:
             log.warning("the daemon at %s made no room at its peers: %s", self.cfg.daemon,

@@ -19,11 +19,10 @@ from .holdings import MAX_SHARD_BYTES, Holdings
 from .parity import ParityStore
 from .peers import Peers
 from .replicator import Replicator
-from .rpc import error_text
+from .rpc import MAX_RESERVED_STEPS, error_text
 
 log = logging.getLogger(__name__)
 
-MAX_FILES = 64  # steps one request may reserve files for
 PEER_TIMEOUT = 120.0  # seconds a peer may take to make its files
 
 
@@ -31,8 +30,8 @@ def check(request: pb.ReserveRequest) -> None:
     """ValueError naming what is wrong with ``request``."""
     if not 0 < request.size <= MAX_SHARD_BYTES:
         raise ValueError(f"files of {request.size} bytes; expected 1 to {MAX_SHARD_BYTES}")
-    if not 0 < request.count <= MAX_FILES:
-        raise ValueError(f"files for {request.count} steps; expected 1 to {MAX_FILES}")
+    if not 0 < request.count <= MAX_RESERVED_STEPS:
+        raise ValueError(f"files for {request.count} steps; expected 1 to {MAX_RESERVED_STEPS}")
 
 
 class Reservations:

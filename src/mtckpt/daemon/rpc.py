@@ -16,6 +16,7 @@ from .auth import TLSFiles
 MAX_MESSAGE = 64 * 1024 * 1024  # manifests travel whole in one message
 TOKEN_HEADER = "mtckpt-token"
 SERVICE = "mtckpt.v1.Daemon"
+MAX_RESERVED_STEPS = 64  # steps one Reserve may have files made for (daemon/reserve.py)
 PUSH, FETCH = f"/{SERVICE}/Push", f"/{SERVICE}/Fetch"
 OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE),
