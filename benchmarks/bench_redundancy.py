@@ -124,6 +124,15 @@ def when_redundant(client: Client, step: int, ready: threading.Barrier) -> float
     return time.perf_counter()
 
 
+def cpu_seconds(nodes: list[Node]) -> float:
+    """The user and system CPU seconds the daemons have used, all their threads."""
+    total = 0
+    for node in nodes:
+        fields = Path(f"/proc/{node.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def held_bytes(root: Path, parts: tuple[str, ...]) -> int:
     return sum(f.stat().st_size for part in parts for f in (root / part).rglob("*")
                if f.is_file())  # fmt: skip
@@ -148,7 +157,7 @@ def run_scheme(scheme: str, count: int, nbytes: int, steps: int, base: Path,
     for node in nodes:
         node.start()
     time.sleep(SCAN + 1)  # every daemon has identified the others (groups are stable from here)
-    result: dict = {"scheme": scheme, "redundant_s": []}
+    result: dict = {"scheme": scheme, "redundant_s": [], "daemon_cpu_s": [], "cores_busy": []}
     watching = [node.client() for node in nodes]  # one channel each
     try:
         managers = []
@@ -165,11 +174,15 @@ def run_scheme(scheme: str, count: int, nbytes: int, steps: int, base: Path,
             with ThreadPoolExecutor(2 * count) as pool:  # a watcher and a notify per node
                 seen = [pool.submit(when_redundant, c, step, ready) for c in watching]
                 ready.wait()  # each daemon's Status is long-polled from before the notify
-                started = time.perf_counter()
+                started, cpu = time.perf_counter(), cpu_seconds(nodes)
                 notified = [pool.submit(notify, n, step) for n in nodes]
                 for done in notified:
                     done.result()
-                result["redundant_s"].append(max(f.result() for f in seen) - started)
+                took = max(f.result() for f in seen) - started
+                used = cpu_seconds(nodes) - cpu
+                result["redundant_s"].append(took)
+                result["daemon_cpu_s"].append(used)
+                result["cores_busy"].append(used / (took * os.cpu_count()))
         for mgr in managers:
             mgr.close()
         own = held_bytes(nodes[1].root, (RUN,))
@@ -228,12 +241,15 @@ def main() -> int:
     for scheme, r in results.items():
         later = r["redundant_s"][1:] or r["redundant_s"]
         r["redundant_median_s"] = statistics.median(later)
+        r["daemon_cpu_median_s"] = statistics.median(r["daemon_cpu_s"][1:] or r["daemon_cpu_s"])
+        r["cores_busy_median"] = statistics.median(r["cores_busy"][1:] or r["cores_busy"])
         rows.append([scheme, f"{r['peer_bytes'] / r['own_bytes']:.2f}",
-                     f"{r['spare_bytes'] / r['own_bytes']:.2f}", f"{r['redundant_median_s']:.2f}",
+                     f"{r['spare_bytes'] / r['own_bytes']:.2f}", f"{r['redundant_median_s']:.3f}",
+                     f"{r['daemon_cpu_median_s']:.2f}", f"{r['cores_busy_median']:.0%}",
                      f"{r['recover_s']:.2f}", f"{r['recover_bytes'] / MIB:.0f}"])  # fmt: skip
     print(markdown_table(["scheme", "peer memory ÷ own kept steps", "spare files ÷ own",
-                          "time to redundant s (median)", "recovery s", "recovery MiB fetched"],
-                         rows))  # fmt: skip
+                          "time to redundant s (median)", "daemons' CPU s per step",
+                          "cores busy", "recovery s", "recovery MiB fetched"], rows))  # fmt: skip
     checks = []
     xor = results.get("xor:4")
     if base_line and xor:

@@ -12,7 +12,7 @@ from unittest import mock
 import numpy as np
 import pytest
 
-from mtckpt import CheckpointManager, MemoryTier
+from mtckpt import CheckpointManager, MemoryTier, _fastpath
 from mtckpt.daemon.groups import piece_range
 from mtckpt.daemon.parity import AlreadyHeld, ParityError, ParityStore, StripeKey
 from mtckpt.daemon.spares import FREE_DIR
@@ -100,22 +100,50 @@ def test_a_stripe_is_the_xor_of_its_pieces_once_every_piece_is_in(tmp_path, save
     assert reloaded.complete and again.complete(info.stripe).chunks == stripe.chunks
 
 
+def test_a_chains_sum_checksums_each_chunk_of_the_parity_as_it_fills(tmp_path, saved):
+    store = ParityStore(tmp_path, "c", Redundancy.parse("xor:3"), keep=2)
+    summed = header(saved, 1, "b")  # b's piece is the longer one
+    summed.upstream.append(header(saved, 1, "a").contributor)
+    expected = xor_of_pieces(saved, 1)
+    with mock.patch("mtckpt.daemon.parity.CHUNK_BYTES", 512):
+        contribution = store.receive(summed)
+        for offset in range(0, len(expected), 300):  # frames across the chunks' ends
+            frame = expected[offset : offset + 300]
+            contribution.region(offset, len(frame))[:] = frame
+            contribution.accept(offset, len(frame))
+        assert len(contribution.chunk_crcs) == len(expected) // 512  # each full chunk, filled
+        contribution.commit()
+        contribution.close()
+    (info,) = store.listing()
+    stripe = store.complete(info.stripe)
+    parity = stripe.path.read_bytes()
+    assert parity == expected and len(parity) % 512  # a partial last chunk
+    crc32c = _fastpath.backend().crc32c
+    assert stripe.chunks.chunk_crc32c == tuple(crc32c(parity[i : i + 512])
+                                               for i in range(0, len(parity), 512))  # fmt: skip
+
+
+def ready_spares(root):
+    deadline = time.monotonic() + 10
+    while not spare_files(root) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return spare_files(root)
+
+
 def test_the_next_steps_stripe_starts_in_a_zeroed_spare_made_when_one_completed(tmp_path, saved):
     store = ParityStore(tmp_path, "c", Redundancy.parse("xor:3"), keep=2)
     contribute(store, saved, 1, "a")
     assert not spare_files(tmp_path)  # made once a stripe is complete, not before
     contribute(store, saved, 1, "b")
     (info,) = store.listing()
-    deadline = time.monotonic() + 10
-    while not spare_files(tmp_path) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    (spare,) = spare_files(tmp_path)
+    (spare,) = ready_spares(tmp_path)
     assert spare.stat().st_size == info.size and not any(spare.read_bytes())
     contribute(store, saved, 2, "a")
     assert spare.name not in {p.name for p in spare_files(tmp_path)}  # taken, not a new file
     contribute(store, saved, 2, "b")
     (_, step2) = sorted(store.listing(), key=lambda i: i.stripe.step)
     assert store.complete(step2.stripe).path.read_bytes() == xor_of_pieces(saved, 2)
+    (spare,) = ready_spares(tmp_path)  # the next step's, made in the background
     store.spares.drop()
     assert not (tmp_path / FREE_DIR).exists()
     store.spares.close()
