@@ -231,8 +231,8 @@ class Contribution:
     """A piece arriving over the data port (the sink bulk.receive_frames fills), or the
     sum of several contributors' pieces (a chain's, daemon/chain.py): each frame lands in
     a scratch buffer, is checked against its crc32c there, then multiplied into the
-    parity. One of every piece of its stripe (a chain's sum) checksums each chunk of the
-    parity as it fills: the stripe completes without reading it all again."""
+    parity. A chain's sum, every piece of its stripe at once, checksums each chunk of the
+    parity as it fills: the stripe then completes without reading it all again."""
 
     def __init__(self, store: ParityStore, stripe: Stripe, contributors: list[Contributor],
                  coefficient: int, size: int) -> None:  # fmt: skip
