@@ -38,6 +38,7 @@ from unittest import mock
 
 import numpy as np
 from _harness import (
+    cpu_count,
     free_port,
     markdown_table,
     print_checks,
@@ -45,6 +46,7 @@ from _harness import (
     target_check,
     write_report,
 )
+from bench_membership import cpu_seconds  # from /proc, as that bench measures its daemons
 
 import mtckpt
 from mtckpt.daemon.rpc import Client
@@ -124,13 +126,9 @@ def when_redundant(client: Client, step: int, ready: threading.Barrier) -> float
     return time.perf_counter()
 
 
-def cpu_seconds(nodes: list[Node]) -> float:
+def daemons_cpu(nodes: list[Node]) -> float:
     """The user and system CPU seconds the daemons have used, all their threads."""
-    total = 0
-    for node in nodes:
-        fields = Path(f"/proc/{node.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / os.sysconf("SC_CLK_TCK")
+    return sum(cpu_seconds(node.proc.pid) for node in nodes)
 
 
 def held_bytes(root: Path, parts: tuple[str, ...]) -> int:
@@ -174,15 +172,15 @@ def run_scheme(scheme: str, count: int, nbytes: int, steps: int, base: Path,
             with ThreadPoolExecutor(2 * count) as pool:  # a watcher and a notify per node
                 seen = [pool.submit(when_redundant, c, step, ready) for c in watching]
                 ready.wait()  # each daemon's Status is long-polled from before the notify
-                started, cpu = time.perf_counter(), cpu_seconds(nodes)
+                started, cpu = time.perf_counter(), daemons_cpu(nodes)
                 notified = [pool.submit(notify, n, step) for n in nodes]
                 for done in notified:
                     done.result()
                 took = max(f.result() for f in seen) - started
-                used = cpu_seconds(nodes) - cpu
+                used = daemons_cpu(nodes) - cpu
                 result["redundant_s"].append(took)
                 result["daemon_cpu_s"].append(used)
-                result["cores_busy"].append(used / (took * os.cpu_count()))
+                result["cores_busy"].append(used / (took * cpu_count()))
         for mgr in managers:
             mgr.close()
         own = held_bytes(nodes[1].root, (RUN,))

@@ -58,9 +58,8 @@ class Marks:
 def awaited_for_a(saved, ask, marks: Marks, up=lambda node: True,
                   crcs: tuple | None = None) -> StripesAwaited:  # fmt: skip
     crcs = crcs or (_fastpath.backend().crc32c(saved[(1, 0)][0]),)  # a's manifest
-    stripes = StripesAwaited(1, ask, up, crcs, marks, threading.Event())
-    stripes.watch("c", [StripeKey.checked(header(saved, 1, "a").stripe)])
-    return stripes
+    return StripesAwaited({"c": [StripeKey.checked(header(saved, 1, "a").stripe)]}, ask, up,
+                          crcs, marks, threading.Event())  # fmt: skip
 
 
 def test_a_holder_is_marked_stored_as_its_stripe_completes_before_the_sends_end(

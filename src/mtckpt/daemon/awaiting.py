@@ -27,21 +27,18 @@ class StripesAwaited:
     stripes are complete (``mark(node, "")``), it is down, or COMPLETION_WAIT has passed
     since :meth:`end`."""
 
-    def __init__(self, holders: int, ask: Ask, up: Callable[[str], bool], crcs: tuple,
-                 mark: Callable[[str, str], None], stopping: threading.Event) -> None:  # fmt: skip
+    def __init__(self, awaited: dict[str, list[StripeKey]], ask: Ask, up: Callable[[str], bool],
+                 crcs: tuple, mark: Callable[[str, str], None],
+                 stopping: threading.Event) -> None:  # fmt: skip
+        """``awaited``: holder -> the stripes of this node's pieces to complete there."""
         self._ask, self._up, self._crcs, self._mark = ask, up, crcs, mark
         self._stopping = stopping
         self._lock = threading.Lock()
-        self._pending: dict[str, list[StripeKey]] = {}
+        self._pending = {node: list(keys) for node, keys in awaited.items()}
         self._stored: set[str] = set()
         self._ended: float | None = None  # when the sends ended
         self._begun = False
-        self._pool = ThreadPoolExecutor(max(1, holders), thread_name_prefix="mtckpt-await")
-
-    def watch(self, node: str, keys: list[StripeKey]) -> None:
-        """Await ``keys`` at ``node`` (before :meth:`begin`)."""
-        with self._lock:
-            self._pending.setdefault(node, []).extend(keys)
+        self._pool = ThreadPoolExecutor(max(1, len(awaited)), thread_name_prefix="mtckpt-await")
 
     def begin(self) -> None:
         """Start asking the holders (once: the first piece is sent, or the sends ended)."""

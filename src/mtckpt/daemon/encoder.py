@@ -185,11 +185,8 @@ class Encoder:
             for node in group.holders_of(me):
                 if node not in awaited and node not in unreachable:
                     mark(node, "")  # it has all its stripes, complete
-            stripes = StripesAwaited(len(awaited), self._ask_complete, self._up, crcs, mark,
-                                     stopping)  # fmt: skip
+            stripes = StripesAwaited(awaited, self._ask_complete, self._up, crcs, mark, stopping)
             try:
-                for node, keys in awaited.items():
-                    stripes.watch(node, keys)
                 if self._chain_first(run, step, due, group):
                     sent = self._send_chained(due, group, blob, stopping, stripes.begin)
                 else:

@@ -243,7 +243,7 @@ class Contribution:
         self.where = f"{stripe.key}: {pieces_of(contributors)}"
         data_nodes = stripe.key.group_of.data_nodes(stripe.key.stripe)
         self.whole = {c.origin for c in contributors} == set(data_nodes) and size == stripe.size
-        self.chunk_crcs: list[int] = []  # of the chunks filled, where whole
+        self.chunk_crcs: list[int] = []  # of the chunks filled (only where whole)
         self._scratch = bytearray()
         self._done = False
 
@@ -361,7 +361,7 @@ class ParityStore:
                 stripe.arriving.discard(contributor.origin)
             if set(stripe.contributors) != set(stripe.key.group_of.data_nodes(stripe.key.stripe)):
                 return
-            self._complete(stripe, contribution.chunk_crcs if contribution.whole else [])
+            self._complete(stripe, contribution.chunk_crcs)
         with self._completed:
             self._completed.notify_all()
         log.info("parity of %s complete (%d bytes)", stripe.key, stripe.size)
@@ -376,8 +376,9 @@ class ParityStore:
         size = stripe.size
         known = known[: size // CHUNK_BYTES]
         crcs = (*known, *(stripe.chunk_crc(i) for i in range(len(known), -(-size // CHUNK_BYTES))))
-        spare = len(stripe.mapping) - size if stripe.mapping is not None else 0
+        spare = 0
         if stripe.mapping is not None:  # unmapping 20 MiB takes milliseconds here
+            spare = len(stripe.mapping) - size
             close_mapping_later(stripe.mapping)
             stripe.mapping = None
         if spare > 0:  # a spare's zeros past the largest piece
