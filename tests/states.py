@@ -1,8 +1,21 @@
-"""Deterministic states and exact comparison, shared by the tests."""
+"""Deterministic states, exact comparison and damage to a saved file, shared by the
+tests."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+
+
+def flip_byte(path: Path, offset: int = 5000) -> None:
+    """One byte of ``path`` flipped in place (not rewritten: a retention sweep that saw the
+    file truncated meanwhile would remove its step as damaged)."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
 
 
 def make_state(step: int, rng_seed: int = 0, scale: int = 1) -> dict:

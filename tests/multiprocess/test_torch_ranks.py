@@ -8,15 +8,9 @@ from pathlib import Path
 import pytest
 from spawn import check_ok, run_ranks
 
+from states import flip_byte
+
 pytest.importorskip("torch")
-
-
-def flip_byte(path: Path, offset: int = 5000) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0xFF]))
 
 
 def shard(root: Path, tier: str, step: int, rank: int, node=None) -> Path:

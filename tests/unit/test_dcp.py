@@ -15,6 +15,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 import mtckpt  # noqa: E402
 import mtckpt.torch as mt  # noqa: E402
 from mtckpt import CheckpointManager, LocalTier, MemoryTier, StepNotFoundError  # noqa: E402
+from states import flip_byte  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -71,28 +72,18 @@ def test_reader_defaults_to_the_newest_step_and_checks_it_exists(mgr):
     assert torch.equal(state["w"], torch.full((3,), 2.0))
 
 
-def flip(path):
-    """One bit flipped in place (not rewritten: a retention sweep seeing the file
-    truncated meanwhile would remove the step as damaged)."""
-    with open(path, "r+b") as f:
-        f.seek(5000)
-        byte = f.read(1)[0]
-        f.seek(5000)
-        f.write(bytes([byte ^ 1]))
-
-
 def test_the_reader_uses_another_tier_when_a_copy_is_damaged(mgr, shm_dir, tmp_path, caplog):
     from mtckpt import ChecksumMismatchError
 
     dcp.save({"w": torch.arange(1000.0)}, storage_writer=mt.Writer(mgr, 1, wait=None))
     shard = "dcp/step-000000000001/rank-00000.safetensors"
-    flip(shm_dir / shard)
+    flip_byte(shm_dir / shard)
     state = {"w": torch.zeros(1000)}
     dcp.load(state, storage_reader=mt.Reader(mgr, 1))
     assert torch.equal(state["w"], torch.arange(1000.0))
     assert "memory tier" in caplog.text and "trying the next copy" in caplog.text
 
-    flip(tmp_path / "l" / shard)  # now no good copy is left
+    flip_byte(tmp_path / "l" / shard)  # now no good copy is left
     with pytest.raises(CheckpointException) as info:
         dcp.load({"w": torch.zeros(1000)}, storage_reader=mt.Reader(mgr, 1))
     failure = info.value.failures[0][0]  # DCP wraps the rank's error
