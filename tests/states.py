@@ -3,19 +3,22 @@ tests."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 
 
-def flip_byte(path: Path, offset: int = 5000) -> None:
-    """One byte of ``path`` flipped in place (not rewritten: a retention sweep that saw the
-    file truncated meanwhile would remove its step as damaged)."""
+def flip_byte(path: Path, offset: int = 5000, mask: int = 0xFF) -> None:
+    """The bits ``mask`` of one byte of ``path`` flipped in place (not rewritten: a
+    retention sweep that saw the file truncated meanwhile would remove its step as
+    damaged). ``offset`` is taken modulo the file's size: -1 is its last byte."""
     with open(path, "r+b") as f:
+        offset %= os.fstat(f.fileno()).st_size
         f.seek(offset)
         byte = f.read(1)
         f.seek(offset)
-        f.write(bytes([byte[0] ^ 0xFF]))
+        f.write(bytes([byte[0] ^ mask]))
 
 
 def make_state(step: int, rng_seed: int = 0, scale: int = 1) -> dict:

@@ -16,7 +16,7 @@ from mtckpt import (
     MemoryTier,
 )
 from mtckpt.format.manifest import _self_crc
-from states import assert_same_state, make_state
+from states import assert_same_state, flip_byte, make_state
 
 pytestmark = pytest.mark.usefixtures("backend")
 
@@ -45,21 +45,11 @@ def file_of(saved, tier, step, name="rank-00000.safetensors"):
     return os.path.join(saved.paths[tier], f"step-{step:012d}", name)
 
 
-def flip_byte(path, offset):
-    with open(path, "r+b") as f:
-        size = os.fstat(f.fileno()).st_size
-        offset = offset % size
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0x40]))
-
-
 @pytest.mark.parametrize(
     "offset", [0, 9, 4096, 4096 + 12345, -1], ids=["len", "header", "data0", "data", "last"]
 )
 def test_flipped_byte_in_memory_falls_back_to_local(saved, caplog, offset):
-    flip_byte(file_of(saved, "memory", 2), offset)
+    flip_byte(file_of(saved, "memory", 2), offset, mask=0x40)
     with saved() as mgr, caplog.at_level(logging.WARNING, logger="mtckpt"):
         step, state = mgr.restore()
         assert step == 2
@@ -70,8 +60,8 @@ def test_flipped_byte_in_memory_falls_back_to_local(saved, caplog, offset):
 
 
 def test_flipped_bytes_in_every_tier_fall_back_to_the_older_step(saved, caplog):
-    flip_byte(file_of(saved, "memory", 2), 5000)
-    flip_byte(file_of(saved, "local", 2), 70_000)
+    flip_byte(file_of(saved, "memory", 2), 5000, mask=0x40)
+    flip_byte(file_of(saved, "local", 2), 70_000, mask=0x40)
     with saved() as mgr, caplog.at_level(logging.WARNING, logger="mtckpt"):
         step, state = mgr.restore()
     assert step == 1
@@ -81,8 +71,8 @@ def test_flipped_bytes_in_every_tier_fall_back_to_the_older_step(saved, caplog):
 
 
 def test_explicit_step_with_no_good_copy_raises_with_every_reason(saved):
-    flip_byte(file_of(saved, "memory", 2), 5000)
-    flip_byte(file_of(saved, "local", 2), 5000)
+    flip_byte(file_of(saved, "memory", 2), 5000, mask=0x40)
+    flip_byte(file_of(saved, "local", 2), 5000, mask=0x40)
     with saved() as mgr:
         with pytest.raises(CorruptCheckpointError) as info:
             mgr.restore(step=2)
@@ -95,7 +85,7 @@ def test_explicit_step_with_no_good_copy_raises_with_every_reason(saved):
 def test_no_good_copy_of_any_step_raises_with_every_reason(saved):
     with saved() as mgr, pytest.raises(CorruptCheckpointError) as info:
         # damaged once the manager runs (at its start, retention removes damaged steps)
-        flip_byte(file_of(saved, "memory", 2), 5000)
+        flip_byte(file_of(saved, "memory", 2), 5000, mask=0x40)
         os.unlink(file_of(saved, "local", 2))
         os.unlink(file_of(saved, "memory", 1))
         os.unlink(file_of(saved, "local", 1))
@@ -145,7 +135,7 @@ def test_manifest_of_another_step_is_detected(saved):
     shutil.copy(
         file_of(saved, "local", 1, "rank-00000.json"), file_of(saved, "local", 2, "rank-00000.json")
     )
-    flip_byte(file_of(saved, "memory", 2), 5000)
+    flip_byte(file_of(saved, "memory", 2), 5000, mask=0x40)
     with saved() as mgr:
         step, state = mgr.restore()
     assert step == 1  # step 2 has no good copy left: memory flipped, local mislabelled

@@ -16,7 +16,7 @@ import pytest
 from mtckpt import CheckpointManager, CorruptCheckpointError, LocalTier, MemoryTier
 from mtckpt.format import naming
 from mtckpt.format.manifest import RankManifest
-from states import assert_same_state
+from states import assert_same_state, flip_byte
 
 pytestmark = pytest.mark.usefixtures("backend")
 
@@ -51,12 +51,7 @@ def flip_in_leaf(root, step: int, key: str, where: float = 0.5) -> None:
     with open(os.path.join(os.path.dirname(path), naming.manifest_file(0)), "rb") as f:
         manifest = RankManifest.from_json(f.read(), path)
     record = next(r for r in manifest.leaves if r.key == key)
-    offset = manifest.data_start + record.offset + int(record.nbytes * where)
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0x20]))
+    flip_byte(path, manifest.data_start + record.offset + int(record.nbytes * where), mask=0x20)
 
 
 def numpy_target() -> dict:

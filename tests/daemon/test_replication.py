@@ -18,7 +18,7 @@ import pytest
 from daemons import replicated, replication_of, restore, save, state, trainer, wait_for
 from mtckpt.daemon import frames
 from mtckpt.proto import mtckpt_pb2 as pb
-from states import assert_same_state
+from states import assert_same_state, flip_byte
 
 RUN = "exp"  # the run the helpers in daemons.py save
 NODES = ["node-a", "node-b", "node-c"]
@@ -200,11 +200,7 @@ def test_a_corrupted_replica_is_detected_and_another_source_used(cluster):
     bad = daemons["node-b"]
     path = (bad.memory_root / ".replicas" / "node-a" / RUN / f"step-{1:012d}"
             / "rank-00000.safetensors")  # fmt: skip
-    with open(path, "r+b") as f:
-        f.seek(4096 + 1000)
-        byte = f.read(1)
-        f.seek(4096 + 1000)
-        f.write(bytes([byte[0] ^ 1]))
+    flip_byte(path, 4096 + 1000, mask=1)
     lost = daemons["node-a"]
     lost.lose_node()
     cluster.restart(lost)
@@ -344,11 +340,7 @@ def test_a_large_shard_comes_from_all_its_replicas_at_once_damaged_runs_from_ano
     for holder, where in (("node-b", 1000), ("node-c", -1000)):
         path = (daemons[holder].memory_root / ".replicas" / "node-a" / RUN / f"step-{1:012d}"
                 / "rank-00000.safetensors")  # fmt: skip
-        with open(path, "r+b") as f:
-            f.seek(where, os.SEEK_SET if where > 0 else os.SEEK_END)
-            byte = f.read(1)
-            f.seek(-1, os.SEEK_CUR)
-            f.write(bytes([byte[0] ^ 1]))
+        flip_byte(path, where, mask=1)
     done = mtckpt_restore(daemons["node-a"])
     assert done.returncode == 0, done.stderr
     assert sorted(json.loads(done.stdout)["sources"]) == ["node-b", "node-c"]
