@@ -283,6 +283,9 @@ def main() -> int:
         os._exit(0)  # the process group's peer is gone: skip its teardown
 
     mgr.close()
+    # Every rank tears the group down together: a process that exits while gloo's threads
+    # still talk to its peer may abort ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
     return 0
 
