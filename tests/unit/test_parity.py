@@ -6,12 +6,12 @@ newest steps and sync steps; every refused header says why."""
 from __future__ import annotations
 
 import os
-import time
 from unittest import mock
 
 import numpy as np
 import pytest
 
+from daemons import wait_for
 from mtckpt import CheckpointManager, MemoryTier, _fastpath
 from mtckpt.daemon.groups import piece_range
 from mtckpt.daemon.parity import AlreadyHeld, ParityError, ParityStore, StripeKey
@@ -123,27 +123,20 @@ def test_a_chains_sum_checksums_each_chunk_of_the_parity_as_it_fills(tmp_path, s
                                                for i in range(0, len(parity), 512))  # fmt: skip
 
 
-def ready_spares(root):
-    deadline = time.monotonic() + 10
-    while not spare_files(root) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return spare_files(root)
-
-
 def test_the_next_steps_stripe_starts_in_a_zeroed_spare_made_when_one_completed(tmp_path, saved):
     store = ParityStore(tmp_path, "c", Redundancy.parse("xor:3"), keep=2)
     contribute(store, saved, 1, "a")
     assert not spare_files(tmp_path)  # made once a stripe is complete, not before
     contribute(store, saved, 1, "b")
     (info,) = store.listing()
-    (spare,) = ready_spares(tmp_path)
+    (spare,) = wait_for(lambda: spare_files(tmp_path), 10, "a spare parity file")
     assert spare.stat().st_size == info.size and not any(spare.read_bytes())
     contribute(store, saved, 2, "a")
     assert spare.name not in {p.name for p in spare_files(tmp_path)}  # taken, not a new file
     contribute(store, saved, 2, "b")
     (_, step2) = sorted(store.listing(), key=lambda i: i.stripe.step)
     assert store.complete(step2.stripe).path.read_bytes() == xor_of_pieces(saved, 2)
-    (spare,) = ready_spares(tmp_path)  # the next step's, made in the background
+    wait_for(lambda: spare_files(tmp_path), 10, "the next step's spare (made in the background)")
     store.spares.drop()
     assert not (tmp_path / FREE_DIR).exists()
     store.spares.close()
@@ -155,9 +148,7 @@ def test_no_spare_is_made_past_the_memory_budget(tmp_path, saved):
                         fits=lambda size: asked.append(size) or False)  # fmt: skip
     contribute(store, saved, 1, "a")
     contribute(store, saved, 1, "b")
-    deadline = time.monotonic() + 10
-    while not asked and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(lambda: asked, 10, "the budget asked for a spare's room")
     (info,) = store.listing()
     assert asked == [info.size] and not spare_files(tmp_path)
     store.spares.close()

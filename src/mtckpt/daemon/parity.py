@@ -215,9 +215,13 @@ class Stripe:
         self.generation += 1
         self.grow(size)
 
-    def close_mapping(self) -> None:
+    def close_mapping(self, later: bool = False) -> None:
+        """``later``: unmapped on the unmapping thread (20 MiB takes milliseconds here)."""
         if self.mapping is not None:
-            self.mapping.close()
+            if later:
+                close_mapping_later(self.mapping)
+            else:
+                self.mapping.close()
             self.mapping = None
 
     def chunk_crc(self, index: int) -> int:
@@ -376,11 +380,8 @@ class ParityStore:
         size = stripe.size
         known = known[: size // CHUNK_BYTES]
         crcs = (*known, *(stripe.chunk_crc(i) for i in range(len(known), -(-size // CHUNK_BYTES))))
-        spare = 0
-        if stripe.mapping is not None:  # unmapping 20 MiB takes milliseconds here
-            spare = len(stripe.mapping) - size
-            close_mapping_later(stripe.mapping)
-            stripe.mapping = None
+        spare = len(stripe.mapping) - size if stripe.mapping is not None else 0
+        stripe.close_mapping(later=True)
         if spare > 0:  # a spare's zeros past the largest piece
             os.truncate(stripe.path, stripe.size)
         stripe.chunks = Chunks(stripe.size, CHUNK_BYTES, crcs)
