@@ -131,6 +131,12 @@ def daemons_cpu(nodes: list[Node]) -> float:
     return sum(cpu_seconds(node.proc.pid) for node in nodes)
 
 
+def median_after_first(values: list[float]) -> float:
+    """The median of every step but the first: that one allocates the peers' files, later
+    steps reuse spare ones, as a running job's do."""
+    return statistics.median(values[1:] or values)
+
+
 def held_bytes(root: Path, parts: tuple[str, ...]) -> int:
     return sum(f.stat().st_size for part in parts for f in (root / part).rglob("*")
                if f.is_file())  # fmt: skip
@@ -237,10 +243,9 @@ def main() -> int:
     rows = []
     base_line = results.get("replicas:1")
     for scheme, r in results.items():
-        later = r["redundant_s"][1:] or r["redundant_s"]
-        r["redundant_median_s"] = statistics.median(later)
-        r["daemon_cpu_median_s"] = statistics.median(r["daemon_cpu_s"][1:] or r["daemon_cpu_s"])
-        r["cores_busy_median"] = statistics.median(r["cores_busy"][1:] or r["cores_busy"])
+        r["redundant_median_s"] = median_after_first(r["redundant_s"])
+        r["daemon_cpu_median_s"] = median_after_first(r["daemon_cpu_s"])
+        r["cores_busy_median"] = median_after_first(r["cores_busy"])
         rows.append([scheme, f"{r['peer_bytes'] / r['own_bytes']:.2f}",
                      f"{r['spare_bytes'] / r['own_bytes']:.2f}", f"{r['redundant_median_s']:.3f}",
                      f"{r['daemon_cpu_median_s']:.2f}", f"{r['cores_busy_median']:.0%}",
