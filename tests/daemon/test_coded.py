@@ -21,8 +21,9 @@ from daemons import free_port, make_certs, replicated, restore, save, state, tra
 from mtckpt.daemon.auth import TLSFiles
 from mtckpt.daemon.chain import CHAIN_WAIT
 from mtckpt.daemon.groups import Group, piece_range
-from mtckpt.daemon.parity import PARITY_DIR, StripeKey
+from mtckpt.daemon.parity import PARITY_DIR
 from mtckpt.daemon.rpc import Client
+from mtckpt.daemon.stripes import StripeKey
 from mtckpt.format import naming
 from mtckpt.proto import mtckpt_pb2 as pb
 from mtckpt.redundancy import Redundancy

@@ -15,7 +15,8 @@ from test_parity import contribute, header
 from mtckpt import _fastpath
 from mtckpt.daemon import awaiting
 from mtckpt.daemon.awaiting import StripesAwaited
-from mtckpt.daemon.parity import ParityStore, StripeKey
+from mtckpt.daemon.parity import ParityStore
+from mtckpt.daemon.stripes import StripeKey
 from mtckpt.redundancy import Redundancy
 
 saved = test_parity.saved  # the fixture: real saves of ranks of unequal size

@@ -15,7 +15,8 @@ from test_parity import GROUP, contribute, header, xor_of_pieces
 from mtckpt.daemon import chain
 from mtckpt.daemon.chain import ChainError, ChainRefused, OwnPiece, Relays, summed_frames
 from mtckpt.daemon.groups import piece_range
-from mtckpt.daemon.parity import ParityError, ParityStore, StripeKey
+from mtckpt.daemon.parity import ParityError, ParityStore
+from mtckpt.daemon.stripes import StripeKey
 from mtckpt.proto import mtckpt_pb2 as pb
 from mtckpt.redundancy import Redundancy
 

@@ -14,8 +14,9 @@ import pytest
 from daemons import wait_for
 from mtckpt import CheckpointManager, MemoryTier, _fastpath
 from mtckpt.daemon.groups import piece_range
-from mtckpt.daemon.parity import AlreadyHeld, ParityError, ParityStore, StripeKey
+from mtckpt.daemon.parity import AlreadyHeld, ParityError, ParityStore
 from mtckpt.daemon.spares import FREE_DIR
+from mtckpt.daemon.stripes import StripeKey
 from mtckpt.format import naming
 from mtckpt.proto import mtckpt_pb2 as pb
 from mtckpt.redundancy import Redundancy

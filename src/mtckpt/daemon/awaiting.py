@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from .parity import StripeKey
+from .stripes import StripeKey
 
 COMPLETION_WAIT = 2.0  # seconds a step's stripes are awaited after its pieces are sent
 ASK_WAIT = 1.0  # seconds a holder waits before it answers that they are not complete yet

@@ -30,8 +30,8 @@ from ..errors import MtckptError
 from ..proto import mtckpt_pb2 as pb
 from ..redundancy import Redundancy
 from .incoming import check_next
-from .parity import Contributor, StripeKey, pieces_of, summed
 from .sockets import SOCKET_TIMEOUT
+from .stripes import Contributor, StripeKey, pieces_of, summed
 
 CHAIN_WAIT = 1.0  # seconds a node waits for its upstream's sum, and a sum to be taken on
 # Each hop holds a frame whole before it passes it on: frames carry about FRAME_SECONDS of

@@ -37,9 +37,9 @@ from .awaiting import StripesAwaited
 from .chain import CHAIN_WAIT, OwnPiece, Relays, summed_frames
 from .groups import Group, StepGroups, form_groups, group_of, piece_range
 from .holdings import Holdings, Shard
-from .parity import StripeKey
 from .peers import Peers
 from .rpc import error_text
+from .stripes import StripeKey
 
 log = logging.getLogger(__name__)
 

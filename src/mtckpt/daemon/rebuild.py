@@ -27,9 +27,10 @@ from .bulk import Produced
 from .groups import Group, piece_range
 from .holdings import Holdings, Shard
 from .incoming import Incoming, check_next
-from .parity import Contributor, ParityStore, Stripe, StripeKey
+from .parity import ParityStore, Stripe
 from .peers import Peers
 from .rpc import error_text, shard_id
+from .stripes import Contributor, StripeKey
 
 log = logging.getLogger(__name__)
 

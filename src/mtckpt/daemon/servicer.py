@@ -24,8 +24,9 @@ from .chain import ChainRefused
 from .holdings import Outgoing, Shard
 from .incoming import NoBase
 from .limits import PeerLimits, Progress, certified_node
-from .parity import AlreadyHeld, StripeKey
+from .parity import AlreadyHeld
 from .rpc import SERVICE, shard_id
+from .stripes import StripeKey
 
 if TYPE_CHECKING:  # the daemon owns its servicer
     from .service import Daemon
