@@ -304,6 +304,10 @@ def test_under_xor_each_stripe_reaches_its_holder_as_one_sum_along_its_data_node
     for node in nodes:  # one sum per stripe held, not a piece from each of its 3 data nodes
         (held,) = [p.size for p in _parities(daemons[node])]
         assert received_bytes(metrics[node]) == held
+    # each node's three pieces: the holder's word that the stripe completed comes back along
+    # the chain to every data node in the statuses
+    wait_for(lambda: _daemon_logs(daemons).count("which has the stripe complete") == 12,
+             what="every piece's status saying its stripe is complete")  # fmt: skip
     assert "broke" not in _daemon_logs(daemons)
 
 

@@ -355,3 +355,31 @@ def test_a_mapping_handed_over_is_unmapped_after_a_delay(tmp_path, monkeypatch):
     assert not mapping.closed and mapping[:1] == b"x"  # still there for a while
     wait_for(lambda: mapping.closed, timeout=10, what="the unmap")
     assert time.monotonic() - handed >= 0.3
+
+
+@pytest.mark.parametrize(
+    "answer, says",
+    [(bulk.STATUS.pack(7, 0), "answered status 7 with 0 bytes; expected 0, 2, or 1 with at most"),
+     (bulk.STATUS.pack(bulk.COMPLETED, 5), "answered status 2 with 5 bytes"),
+     (bulk.STATUS.pack(bulk.REFUSED, 1 << 30), "answered status 1 with 1073741824 bytes"),
+     (bulk.STATUS.pack(bulk.REFUSED, 4) + b"full", "refused the transfer: full")],
+)  # fmt: skip
+def test_a_status_from_the_peer_is_bounded_and_checked(answer, says):
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def peer():
+        conn, _ = listener.accept()
+        with conn:
+            sockets.recv_exactly(conn, bulk.TICKET_BYTES)
+            conn.sendall(answer)
+            time.sleep(0.5)  # the client reads no more than it should
+
+    thread = threading.Thread(target=peer)
+    thread.start()
+    try:
+        with pytest.raises(bulk.BulkError, match=f"the peer at 127.0.0.1:{port} {says}"):
+            bulk.fetch("127.0.0.1", port, b"t" * bulk.TICKET_BYTES, None, tls=None)
+    finally:
+        thread.join()
+        listener.close()

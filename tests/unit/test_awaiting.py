@@ -134,3 +134,16 @@ def test_another_save_of_the_step_at_the_holder_is_not_this_one(saved, holder, m
     stripes.begin()
     stripes.end()
     assert marks.said == [("c", "1 stripe(s) held by c await other members' pieces")]
+
+
+def test_a_stripe_its_piece_said_it_completed_marks_the_holder_without_asking(saved, holder):
+    marks = Marks()
+    asked = []
+    stripes = awaited_for_a(saved, lambda *args: asked.append(args), marks)
+    key = StripeKey.checked(header(saved, 1, "a").stripe)
+    stripes.completed("d", key)  # not a holder awaited: nothing
+    stripes.completed("c", key)  # the piece's status: its stripe is complete at c
+    assert marks.said == [("c", "")]
+    stripes.begin()
+    stripes.end()
+    assert marks.said == [("c", "")] and asked == []

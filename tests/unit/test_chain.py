@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import pytest
 import test_parity
@@ -72,7 +73,6 @@ def test_a_relayed_sum_completes_the_holders_stripe_as_the_xor_of_the_pieces(
     taken = relays.claim(key_of())
     own = own_piece(piece_of(saved, 1, "b"))
     summed = b"".join(bytes(view) for view in summed_frames(taken, own))
-    sender.join()
     own.close()
     assert summed == xor_of_pieces(saved, 1)
 
@@ -86,10 +86,26 @@ def test_a_relayed_sum_completes_the_holders_stripe_as_the_xor_of_the_pieces(
     contribution.accept(0, len(summed))
     contribution.commit()
     contribution.close()
+    taken.finish(contribution.completed)  # as the encoder does with the holder's status
+    sender.join()
+    assert relay.completed  # the status a's stream gets: the stripe is complete
     (info,) = store.listing(manifests=True)
     assert info.complete and [c.origin for c in info.contributors] == ["a", "b"]
     assert [c.manifests[0] for c in info.contributors] == [saved[(1, 0)][0], saved[(1, 1)][0]]
     assert store.complete(info.stripe).path.read_bytes() == xor_of_pieces(saved, 1)
+
+
+def test_a_relays_status_waits_a_bounded_time_to_say_whether_its_stripe_completed(
+    saved, monkeypatch
+):
+    monkeypatch.setattr(chain, "FORWARD_WAIT", 0.2)
+    relays = Relays("b", XOR3)
+    relay = relays.receive(header(saved, 1, "a"))
+    taken = relays.claim(key_of())
+    started = time.monotonic()
+    feed(relay, piece_of(saved, 1, "a"))  # its encoder never says: the status is "stored"
+    assert 0.2 <= time.monotonic() - started < 5 and not relay.completed
+    assert len(b"".join(bytes(v) for _, v in taken.frames())) == relay.size
 
 
 def test_a_chain_that_starts_here_sends_the_own_piece_alone(saved, own_piece):
@@ -134,7 +150,7 @@ def test_a_relay_whose_forwarding_failed_fails_its_sender(saved, monkeypatch):
     monkeypatch.setattr(chain, "WINDOW", 2)
     relays = Relays("b", XOR3)
     relay = relays.receive(header(saved, 1, "a"))
-    relays.claim(key_of()).abandon()
+    relays.claim(key_of()).finish(False)
     with pytest.raises(ChainError, match="relayed by 'b': could not be sent on"):
         feed(relay, piece_of(saved, 1, "a"), frame=100)
 

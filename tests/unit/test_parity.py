@@ -64,6 +64,8 @@ def contribute(store, saved, step: int, origin: str, commit: bool = True):
     if commit:
         contribution.commit()
         contribution.close()
+        if contribution.completed:  # as the daemon does once the sender has its status
+            store.tidy(contribution.stripe.key)
     return contribution
 
 
@@ -86,10 +88,10 @@ def spare_files(root) -> list:
 
 def test_a_stripe_is_the_xor_of_its_pieces_once_every_piece_is_in(tmp_path, saved):
     store = ParityStore(tmp_path, "c", Redundancy.parse("xor:3"), keep=2)
-    contribute(store, saved, 1, "a")
+    assert not contribute(store, saved, 1, "a").completed  # its sender's status: stored
     (info,) = store.listing()
     assert not info.complete and [c.origin for c in info.contributors] == ["a"]
-    contribute(store, saved, 1, "b")
+    assert contribute(store, saved, 1, "b").completed  # its sender's: the stripe complete
     (info,) = store.listing(manifests=True)
     assert info.complete and info.world_size == 2
     assert [c.manifests[0] for c in info.contributors] == [saved[(1, 0)][0], saved[(1, 1)][0]]

@@ -3,7 +3,9 @@ way (daemon/encoder.py): once this node's first piece is sent, each holder is as
 thread of its own, with a long-polled ListShards that answers as its stripes complete, and
 asked again while they are not. A holder is marked stored the moment its stripes are
 complete with this save's pieces, instead of in a round of questions after every send has
-ended (a chain's last hop, or another member's piece, often completes a stripe sooner)."""
+ended (a chain's last hop, or another member's piece, often completes a stripe sooner).
+Sooner still where a piece's own status says it completed its stripe (a chain passes the
+holder's word back along it): that stripe is not awaited any more."""
 
 from __future__ import annotations
 
@@ -49,6 +51,18 @@ class StripesAwaited:
             nodes = list(self._pending)
         for node in nodes:
             self._pool.submit(self._watch, node)
+
+    def completed(self, node: str, key: StripeKey) -> None:
+        """``node`` said (a piece's status) that stripe ``key`` is complete with this node's
+        piece: it is stored once every stripe awaited there is, without asking it."""
+        with self._lock:
+            keys = self._pending.get(node)
+            if keys is None or key not in keys:
+                return
+            keys.remove(key)
+            if keys:
+                return
+        self._settle(node, "")
 
     def failed(self, node: str, error: str) -> None:
         """A send to ``node`` failed: it is not stored, unless its stripes completed."""

@@ -9,8 +9,10 @@ so the sender never reads the bytes (``sendfile`` from the memory tier to anothe
 sent from a mapping over TLS and on loopback: daemon/sockets.py); the receiver takes each
 frame straight into the replica file (``splice`` into a reused file over plain TCP, else
 into a mapping of it) and checks it while it is in cache. One status byte comes back: 0
-stored, else 1 and a length-prefixed reason. Recovery runs the other way: OpenFetch gives
-a ticket for a held file, and the fetching daemon reads the same frames after a status.
+stored; 2 stored, and the parity stripe it went to is complete with it (the sink's
+``completed``); else 1 and a length-prefixed reason. Recovery runs the other way: OpenFetch
+gives a ticket for a held file, and the fetching daemon reads the same frames after a
+status.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ FRAME_BYTES = 1 << 20  # whole manifest chunks per frame (8 MiB measured no fast
 TICKET_BYTES = 32
 TICKET_SECONDS = 60.0
 STATUS = struct.Struct("<BI")  # status, length of the reason that follows
+STORED, REFUSED, COMPLETED = 0, 1, 2
+MAX_REASON = 4096  # bytes of a refusal's reason
 TICKET_TIMEOUT = 10.0  # a connection must show its ticket within this (TLS handshake too)
 MAX_CONNECTIONS = 64  # data connections served at once; more are closed at once
 
@@ -132,20 +136,21 @@ class BulkServer:
                 raise BulkError("unknown or expired ticket")
             conn.settimeout(SOCKET_TIMEOUT)
             if isinstance(transfer, Produced):
-                conn.sendall(STATUS.pack(0, 0))
+                conn.sendall(STATUS.pack(STORED, 0))
                 _send_produced(conn, transfer)
                 return
             if isinstance(transfer, SENT):
                 with open_held(transfer.path) as f:  # not reused while it is sent
                     if transfer.length is None:
-                        conn.sendall(STATUS.pack(0, 0))  # accepted: the frames follow
+                        conn.sendall(STATUS.pack(STORED, 0))  # accepted: the frames follow
                         _send_frames(conn, f.fileno(), transfer.manifest)
                     else:
                         _send_range(conn, f.fileno(), transfer)
                 return
             receive_frames(conn, transfer)
             transfer.commit()
-            conn.sendall(STATUS.pack(0, 0))
+            completed = getattr(transfer, "completed", False)  # a parity stripe's last piece
+            conn.sendall(STATUS.pack(COMPLETED if completed else STORED, 0))
             try:  # after the status: the sender need not wait for the housekeeping
                 self._on_stored(transfer)
             except Exception as exc:
@@ -156,9 +161,9 @@ class BulkServer:
             where = f"{transfer.where}: " if sink else ""
             log.warning("bulk transfer failed: %s%s", where, exc)
             self._on_failed(exc)
-            reason = f"{where}{exc}".encode()[:4096]
+            reason = f"{where}{exc}".encode()[:MAX_REASON]
             try:
-                conn.sendall(STATUS.pack(1, len(reason)) + reason)
+                conn.sendall(STATUS.pack(REFUSED, len(reason)) + reason)
                 sockets.drain(conn)
             except OSError:
                 pass
@@ -284,7 +289,7 @@ def _send_range(conn: socket.socket, fd: int, outgoing: Outgoing) -> None:
             memoryview(mapping) as view:  # fmt: skip
         frames_out = checked_range(view, outgoing.manifest, start, start + outgoing.length,
                                    outgoing.path.name)  # fmt: skip
-        conn.sendall(STATUS.pack(0, 0))
+        conn.sendall(STATUS.pack(STORED, 0))
         copying = sockets.copying(conn)
         for lo, hi, crc in frames_out:
             if copying:
@@ -301,14 +306,14 @@ def send(host: str, port: int, ticket: bytes, fd: int, manifest: RankManifest, *
     with sockets.connect(host, port, tls) as conn:
         conn.sendall(ticket)
         _send_frames(conn, fd, manifest, bandwidth=bandwidth)
-        _raise_for_status(conn, host, port)
+        _read_status(conn, host, port)
 
 
 def send_parts(host: str, port: int, ticket: bytes, parts: list[tuple[int, int, int]], *,
-               tls: TLSFiles | None, bandwidth: float | None = None) -> None:  # fmt: skip
+               tls: TLSFiles | None, bandwidth: float | None = None) -> bool:  # fmt: skip
     """Send ``(fd, offset, length)`` parts of files, one after the other, as one stream
     of frames (offsets from 0, each with the crc32c of its bytes) to a peer's data port
-    under ``ticket``."""
+    under ``ticket``; whether they completed the parity stripe they went to."""
     crc32c = _fastpath.backend().crc32c
     sent, started = 0, time.monotonic()
     with sockets.connect(host, port, tls) as conn:
@@ -329,18 +334,19 @@ def send_parts(host: str, port: int, ticket: bytes, parts: list[tuple[int, int, 
                         sockets.sendfile(conn, fd, lo, hi - lo)
                     sent += hi - lo
                     frames.pace(sent, bandwidth, started)
-        _raise_for_status(conn, host, port)
+        return _read_status(conn, host, port)
 
 
 def send_produced(host: str, port: int, ticket: bytes, produced: Produced, *,
                   tls: TLSFiles | None, bandwidth: float | None = None,
-                  send_buffer: int | None = None) -> None:  # fmt: skip
+                  send_buffer: int | None = None) -> bool:  # fmt: skip
     """Send ``produced``'s bytes, as they are made, to a peer's data port under ``ticket``
-    (frames with the crc32c of their bytes)."""
+    (frames with the crc32c of their bytes); whether they completed the parity stripe they
+    went to."""
     with sockets.connect(host, port, tls, send_buffer) as conn:
         conn.sendall(ticket)
         _send_produced(conn, produced, bandwidth)
-        _raise_for_status(conn, host, port)
+        return _read_status(conn, host, port)
 
 
 def fetch(host: str, port: int, ticket: bytes, incoming: Sink, *,
@@ -349,12 +355,19 @@ def fetch(host: str, port: int, ticket: bytes, incoming: Sink, *,
     the caller commits it)."""
     with sockets.connect(host, port, tls) as conn:
         conn.sendall(ticket)
-        _raise_for_status(conn, host, port)
+        _read_status(conn, host, port)
         receive_frames(conn, incoming)
 
 
-def _raise_for_status(conn: socket.socket, host: str, port: int) -> None:
+def _read_status(conn: socket.socket, host: str, port: int) -> bool:
+    """Whether the peer says the parity stripe the transfer went to is complete with it;
+    BulkError if it refused the transfer (with its reason) or answered nonsense."""
     status, count = STATUS.unpack(sockets.recv_exactly(conn, STATUS.size))
-    if status != 0:
+    if status == REFUSED and count <= MAX_REASON:
         reason = sockets.recv_exactly(conn, count).decode(errors="replace") if count else ""
         raise BulkError(f"the peer at {host}:{port} refused the transfer: {reason}")
+    if status not in (STORED, COMPLETED) or count:
+        raise BulkError(f"the peer at {host}:{port} answered status {status} with {count} "
+                        f"bytes; expected {STORED}, {COMPLETED}, or {REFUSED} with at most "
+                        f"{MAX_REASON}")  # fmt: skip
+    return status == COMPLETED

@@ -14,6 +14,10 @@ within CHAIN_WAIT starts the stripe's chain from its own piece, and refuses that
 it comes later (its sender then sends it to the holder directly); a relay not taken on
 within CHAIN_WAIT fails its sender. A chain that breaks part way leaves the step to the
 encoder's next cycle, which sends each piece to its holder directly.
+
+The holder's status says whether the sum completed the stripe; each hop passes that back
+in its own status to its upstream (waiting FORWARD_WAIT at most), so every data node
+knows its piece is safe as soon as the holder does, without asking it.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from .sockets import SOCKET_TIMEOUT
 from .stripes import Contributor, StripeKey, pieces_of, summed
 
 CHAIN_WAIT = 1.0  # seconds a node waits for its upstream's sum, and a sum to be taken on
+FORWARD_WAIT = 2.0  # seconds a sum's status waits to say whether its stripe completed
 # Each hop holds a frame whole before it passes it on: frames carry about FRAME_SECONDS of
 # the stream (64 KiB on a link shared at 30 MB/s; more on a fast one, fewer to handle).
 FRAME_SECONDS = 0.002
@@ -68,7 +73,9 @@ class Relay:
         self._ready: queue.SimpleQueue[tuple[int, int, bytearray] | None] = queue.SimpleQueue()
         self._current = bytearray()
         self._done = False
-        self._abandoned = False  # the encoder forwarding it failed
+        self._finished = threading.Event()  # the encoder is done with it
+        self._abandoned = False  # the encoder forwarding it failed, or is done
+        self.completed = False  # the sum completed its stripe (the sender is told)
 
     def whole_chunks(self, offset: int, length: int) -> bool:
         return False  # each frame's own crc32c is checked
@@ -91,15 +98,19 @@ class Relay:
             raise ChainError(f"{self.where}: {self.received} of {self.size} bytes arrived")
         self.relays.await_taken(self)
         self._done = True
+        self._finished.wait(FORWARD_WAIT)  # for the status: did the stripe complete?
 
     def close(self) -> None:
         if not self._done:
             self.relays.drop(self)
             self._ready.put(None)  # the encoder forwarding it fails
 
-    def abandon(self) -> None:
-        """Fail the sender at its next frame: its sum goes no further."""
-        self._abandoned = True
+    def finish(self, completed: bool) -> None:
+        """The encoder is done with this sum: ``completed`` if the holder said its stripe
+        is complete with it (its sender is told so); a sender still sending fails at its
+        next frame, its sum going no further."""
+        self.completed, self._abandoned = completed, True
+        self._finished.set()
 
     def frames(self) -> Iterator[tuple[int, memoryview]]:
         """``(offset, bytes)`` of each frame as it arrives; a frame's buffer is reused

@@ -188,10 +188,10 @@ class Encoder:
             stripes = StripesAwaited(awaited, self._ask_complete, self._up, crcs, mark, stopping)
             try:
                 if self._chain_first(run, step, due, group):
-                    sent = self._send_chained(due, group, blob, stopping, stripes.begin)
+                    sent = self._send_chained(due, group, blob, stopping, stripes)
                 else:
                     due.sort(key=lambda p: p.round)
-                    sent = self._send_rounds(due, blob, stopping, stripes.begin)
+                    sent = self._send_rounds(due, blob, stopping, stripes)
                 for node, error in sent.items():
                     if error:
                         stripes.failed(node, error)
@@ -200,13 +200,13 @@ class Encoder:
         return not stopping.is_set()
 
     def _send_rounds(self, due: list[Piece], blob: list[RankFile], stopping,
-                     first_sent: Callable[[], None]) -> dict[str, str]:  # fmt: skip
+                     stripes: StripesAwaited) -> dict[str, str]:  # fmt: skip
         """Send the pieces one after the other, in rounds of (piece index, parity row): in
         each round every member of the group sends to a different holder (the stripes are
         rotated), so each link carries one stream each way, as with replicas. The next
         piece is opened at its holder (which allocates its parity) while one is sent;
-        ``first_sent()`` is called as each is. Why each holder failed ("": it has all its
-        pieces); a failed holder gets no more."""
+        ``stripes`` hears as each is, and of each stripe it completed. Why each holder
+        failed ("": it has all its pieces); a failed holder gets no more."""
         sent: dict[str, str] = {}
 
         def failed(node: str, key: StripeKey, exc: Exception) -> None:
@@ -231,10 +231,10 @@ class Encoder:
                     ticket = opened[i].result()
                     if sent.get(piece.node):
                         continue
-                    if ticket is not None:
-                        self._stream(piece, ticket, blob)
+                    if ticket is not None and self._stream(piece, ticket, blob):
+                        stripes.completed(piece.node, piece.key)
                     sent[piece.node] = ""
-                    first_sent()
+                    stripes.begin()
                 except _FAILURES as exc:
                     failed(piece.node, piece.key, exc)
         for node, error in sent.items():
@@ -253,7 +253,7 @@ class Encoder:
         return len(due) == len(group.pieces_of(self.holdings.node_id))
 
     def _send_chained(self, due: list[Piece], group: Group, blob: list[RankFile], stopping,
-                      first_sent: Callable[[], None]) -> dict[str, str]:  # fmt: skip
+                      stripes: StripesAwaited) -> dict[str, str]:  # fmt: skip
         """Send every piece at once along its stripe's chain; why each holder failed (as
         :meth:`_send_rounds`)."""
         sent: dict[str, str] = {}
@@ -262,9 +262,10 @@ class Encoder:
             if stopping.is_set():
                 return
             try:
-                self._chain(piece, group, blob)
+                if self._chain(piece, group, blob):
+                    stripes.completed(piece.node, piece.key)
                 sent.setdefault(piece.node, "")
-                first_sent()
+                stripes.begin()
             except _FAILURES as exc:
                 reason = error_text(exc)
                 log.info("the chain of %s from %s broke: %s (sent directly next time)",
@@ -275,13 +276,15 @@ class Encoder:
             list(pool.map(send, due))
         return sent
 
-    def _chain(self, piece: Piece, group: Group, blob: list[RankFile]) -> None:
+    def _chain(self, piece: Piece, group: Group, blob: list[RankFile]) -> bool:
         """Add this node's ``piece`` to its upstream's sum (awaited CHAIN_WAIT; none for the
         stripe's first piece) and send the sum on: to the next data node of the stripe, or
-        to the holder where that one refuses it or it is the last."""
+        to the holder where that one refuses it or it is the last. Whether the holder said
+        the stripe is complete with it (passed on to the upstream too)."""
         index = piece.round[0]
         relay = self.relays.claim(piece.key, CHAIN_WAIT) if index else None
         own = OwnPiece(_parts(blob, piece.offset, piece.length))
+        completed = False
         try:
             upstream = relay.contributors if relay is not None else []
             size = max(relay.size if relay is not None else 0, own.size)
@@ -295,19 +298,20 @@ class Encoder:
             if ticket is _TO_HOLDER:
                 to, ticket = piece.node, self._open_at(piece.node, header, piece.node)
             if ticket is None:  # the holder has all these pieces
-                return
+                return False
             started = time.monotonic()
             produced = bulk.Produced(f"{piece.key}: sum sent by {self.holdings.node_id}", size,
                                      lambda: summed_frames(relay, own))  # fmt: skip
             address = self.peers.by_node(to).address
             share = self.bandwidth / group.scheme.data if self.bandwidth else None  # K at once
-            bulk.send_produced(host_of(address), ticket.port, ticket.ticket, produced,
-                               tls=self.tls if ticket.tls else None, bandwidth=share,
-                               send_buffer=SEND_BUFFER)  # fmt: skip
-            self._sent(piece, size, started)
+            completed = bulk.send_produced(host_of(address), ticket.port, ticket.ticket,
+                                           produced, tls=self.tls if ticket.tls else None,
+                                           bandwidth=share, send_buffer=SEND_BUFFER)  # fmt: skip
+            self._sent(piece, size, started, completed)
+            return completed
         finally:
             if relay is not None:
-                relay.abandon()  # nothing more is taken from it (a no-op once all was)
+                relay.finish(completed)  # nothing more is taken from it
             own.close()
 
     def _open_at(self, node: str, header: pb.ContributeHeader, holder: str):
@@ -363,21 +367,24 @@ class Encoder:
                                      piece_size=piece.length)  # fmt: skip
         return self._open_at(piece.node, header, piece.node)
 
-    def _stream(self, piece: Piece, ticket, blob: list[RankFile]) -> None:
+    def _stream(self, piece: Piece, ticket, blob: list[RankFile]) -> bool:
+        """Send ``piece`` to its holder; whether it completed its stripe there."""
         started = time.monotonic()
         address = self.peers.by_node(piece.node).address
         tls = self.tls if ticket.tls else None
         parts = _parts(blob, piece.offset, piece.length)
-        bulk.send_parts(host_of(address), ticket.port, ticket.ticket, parts, tls=tls,
-                        bandwidth=self.bandwidth)  # fmt: skip
-        self._sent(piece, piece.length, started)
+        completed = bulk.send_parts(host_of(address), ticket.port, ticket.ticket, parts,
+                                    tls=tls, bandwidth=self.bandwidth)  # fmt: skip
+        self._sent(piece, piece.length, started, completed)
+        return completed
 
-    def _sent(self, piece: Piece, length: int, started: float) -> None:
+    def _sent(self, piece: Piece, length: int, started: float, completed: bool) -> None:
         if self.metrics is not None:
             self.metrics.save_seconds.observe(time.monotonic() - started, stage="peers")
             self.metrics.bytes_written.inc(length, tier="peers")
-        log.info("sent %s's piece of %s (%d bytes) toward %s", self.holdings.node_id,
-                 piece.key, length, piece.node)  # fmt: skip
+        log.info("sent %s's piece of %s (%d bytes) toward %s%s", self.holdings.node_id,
+                 piece.key, length, piece.node,
+                 ", which has the stripe complete" if completed else "")  # fmt: skip
 
 
 def _parts(blob: list[RankFile], offset: int, length: int) -> list[tuple[int, int, int]]:

@@ -147,6 +147,7 @@ class Contribution:
         data_nodes = stripe.key.group_of.data_nodes(stripe.key.stripe)
         self.whole = {c.origin for c in contributors} == set(data_nodes) and size == stripe.size
         self.chunk_crcs: list[int] = []  # of the chunks filled (only where whole)
+        self.completed = False  # it completed its stripe (its sender is told)
         self._scratch = bytearray()
         self._done = False
 
@@ -177,7 +178,7 @@ class Contribution:
     def commit(self) -> None:
         if self.received != self.size:
             raise ParityError(f"{self.where}: {self.received} of {self.size} bytes arrived")
-        self.store.contributed(self)
+        self.completed = self.store.contributed(self)
         self._done = True
 
     def close(self) -> None:
@@ -254,7 +255,8 @@ class ParityStore:
             stripe.arriving.update(c.origin for c in contributors)
             return Contribution(self, stripe, contributors, coefficient, header.piece_size)
 
-    def contributed(self, contribution: Contribution) -> None:
+    def contributed(self, contribution: Contribution) -> bool:
+        """Take ``contribution``'s pieces into its stripe; whether that completed it."""
         stripe = contribution.stripe
         with stripe.lock:
             if stripe.generation != contribution.generation:
@@ -263,15 +265,20 @@ class ParityStore:
                 stripe.contributors[contributor.origin] = contributor
                 stripe.arriving.discard(contributor.origin)
             if set(stripe.contributors) != set(stripe.key.group_of.data_nodes(stripe.key.stripe)):
-                return
+                return False
             self._complete(stripe, contribution.chunk_crcs)
         with self._completed:
             self._completed.notify_all()
         log.info("parity of %s complete (%d bytes)", stripe.key, stripe.size)
-        self.expire(stripe.key.run, self.stride())
-        with self._lock:  # the next step's stripes, ready for it
+        return True
+
+    def tidy(self, key: StripeKey) -> None:
+        """After a stripe of ``key``'s step completed (once its sender was told): older
+        steps' parities expire, and zeroed spares are made for the next step's stripes."""
+        self.expire(key.run, self.stride())
+        with self._lock:
             step = [s.size for k, s in self._stripes.items()
-                    if (k.run, k.step) == (stripe.key.run, stripe.key.step)]  # fmt: skip
+                    if (k.run, k.step) == (key.run, key.step)]  # fmt: skip
         self.spares.want(len(step), max(step, default=0))
 
     def _complete(self, stripe: Stripe, known: list[int]) -> None:

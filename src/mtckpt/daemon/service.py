@@ -205,6 +205,8 @@ class Daemon:
             return
         self.metrics.replica_bytes.inc(incoming.size)
         if isinstance(incoming, Contribution):
+            if incoming.completed:
+                self.parity.tidy(incoming.stripe.key)
             return
         self.holdings.expire_replicas(incoming.shard.origin, incoming.shard.run,
                                       self.strides.cluster())  # fmt: skip
