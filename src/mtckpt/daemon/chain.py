@@ -108,9 +108,10 @@ class Relay:
     def finish(self, completed: bool) -> None:
         """The encoder is done with this sum: ``completed`` if the holder said its stripe
         is complete with it (its sender is told so); a sender still sending fails at its
-        next frame, its sum going no further."""
-        self.completed, self._abandoned = completed, True
-        self._finished.set()
+        next frame, its sum going no further. Only the first call counts."""
+        if not self._finished.is_set():
+            self.completed, self._abandoned = completed, True
+            self._finished.set()
 
     def frames(self) -> Iterator[tuple[int, memoryview]]:
         """``(offset, bytes)`` of each frame as it arrives; a frame's buffer is reused

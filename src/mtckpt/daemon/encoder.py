@@ -231,8 +231,8 @@ class Encoder:
                     ticket = opened[i].result()
                     if sent.get(piece.node):
                         continue
-                    if ticket is not None and self._stream(piece, ticket, blob):
-                        stripes.completed(piece.node, piece.key)
+                    if ticket is not None:
+                        self._stream(piece, ticket, blob, stripes)
                     sent[piece.node] = ""
                     stripes.begin()
                 except _FAILURES as exc:
@@ -262,8 +262,7 @@ class Encoder:
             if stopping.is_set():
                 return
             try:
-                if self._chain(piece, group, blob):
-                    stripes.completed(piece.node, piece.key)
+                self._chain(piece, group, blob, stripes)
                 sent.setdefault(piece.node, "")
                 stripes.begin()
             except _FAILURES as exc:
@@ -276,15 +275,16 @@ class Encoder:
             list(pool.map(send, due))
         return sent
 
-    def _chain(self, piece: Piece, group: Group, blob: list[RankFile]) -> bool:
+    def _chain(self, piece: Piece, group: Group, blob: list[RankFile],
+               stripes: StripesAwaited) -> None:  # fmt: skip
         """Add this node's ``piece`` to its upstream's sum (awaited CHAIN_WAIT; none for the
         stripe's first piece) and send the sum on: to the next data node of the stripe, or
         to the holder where that one refuses it or it is the last. Whether the holder said
-        the stripe is complete with it (passed on to the upstream too)."""
+        the stripe is complete with it goes to the upstream, then to ``stripes``, before
+        anything else is done."""
         index = piece.round[0]
         relay = self.relays.claim(piece.key, CHAIN_WAIT) if index else None
         own = OwnPiece(_parts(blob, piece.offset, piece.length))
-        completed = False
         try:
             upstream = relay.contributors if relay is not None else []
             size = max(relay.size if relay is not None else 0, own.size)
@@ -298,7 +298,7 @@ class Encoder:
             if ticket is _TO_HOLDER:
                 to, ticket = piece.node, self._open_at(piece.node, header, piece.node)
             if ticket is None:  # the holder has all these pieces
-                return False
+                return
             started = time.monotonic()
             produced = bulk.Produced(f"{piece.key}: sum sent by {self.holdings.node_id}", size,
                                      lambda: summed_frames(relay, own))  # fmt: skip
@@ -307,11 +307,14 @@ class Encoder:
             completed = bulk.send_produced(host_of(address), ticket.port, ticket.ticket,
                                            produced, tls=self.tls if ticket.tls else None,
                                            bandwidth=share, send_buffer=SEND_BUFFER)  # fmt: skip
+            if relay is not None:
+                relay.finish(completed)
+            if completed:
+                stripes.completed(piece.node, piece.key)
             self._sent(piece, size, started, completed)
-            return completed
         finally:
             if relay is not None:
-                relay.finish(completed)  # nothing more is taken from it
+                relay.finish(False)  # nothing more is taken from it (a no-op once finished)
             own.close()
 
     def _open_at(self, node: str, header: pb.ContributeHeader, holder: str):
@@ -367,16 +370,18 @@ class Encoder:
                                      piece_size=piece.length)  # fmt: skip
         return self._open_at(piece.node, header, piece.node)
 
-    def _stream(self, piece: Piece, ticket, blob: list[RankFile]) -> bool:
-        """Send ``piece`` to its holder; whether it completed its stripe there."""
+    def _stream(self, piece: Piece, ticket, blob: list[RankFile],
+                stripes: StripesAwaited) -> None:  # fmt: skip
+        """Send ``piece`` to its holder; ``stripes`` hears if it completed its stripe."""
         started = time.monotonic()
         address = self.peers.by_node(piece.node).address
         tls = self.tls if ticket.tls else None
         parts = _parts(blob, piece.offset, piece.length)
         completed = bulk.send_parts(host_of(address), ticket.port, ticket.ticket, parts,
                                     tls=tls, bandwidth=self.bandwidth)  # fmt: skip
+        if completed:
+            stripes.completed(piece.node, piece.key)
         self._sent(piece, piece.length, started, completed)
-        return completed
 
     def _sent(self, piece: Piece, length: int, started: float, completed: bool) -> None:
         if self.metrics is not None:
