@@ -104,7 +104,8 @@ def test_a_relays_status_waits_a_bounded_time_to_say_whether_its_stripe_complete
     relay = relays.receive(header(saved, 1, "a"))
     taken = relays.claim(key_of())
     started = time.monotonic()
-    feed(relay, piece_of(saved, 1, "a"))  # its encoder never says: the status is "stored"
+    piece = piece_of(saved, 1, "a")
+    feed(relay, piece, frame=len(piece))  # its encoder never says: the status is "stored"
     assert 0.2 <= time.monotonic() - started < 5 and not relay.completed
     assert len(b"".join(bytes(v) for _, v in taken.frames())) == relay.size
 

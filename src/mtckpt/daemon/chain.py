@@ -17,7 +17,8 @@ encoder's next cycle, which sends each piece to its holder directly.
 
 The holder's status says whether the sum completed the stripe; each hop passes that back
 in its own status to its upstream (waiting FORWARD_WAIT at most), so every data node
-knows its piece is safe as soon as the holder does, without asking it.
+hears of it in the status it waits for anyway, besides asking the holder
+(daemon/awaiting.py).
 """
 
 from __future__ import annotations
