@@ -74,8 +74,7 @@ class Relay:
         self._ready: queue.SimpleQueue[tuple[int, int, bytearray] | None] = queue.SimpleQueue()
         self._current = bytearray()
         self._done = False
-        self._finished = threading.Event()  # the encoder is done with it
-        self._abandoned = False  # the encoder forwarding it failed, or is done
+        self._finished = threading.Event()  # the encoder is done with it (or failed)
         self.completed = False  # the sum completed its stripe (the sender is told)
 
     def whole_chunks(self, offset: int, length: int) -> bool:
@@ -111,7 +110,7 @@ class Relay:
         is complete with it (its sender is told so); a sender still sending fails at its
         next frame, its sum going no further. Only the first call counts."""
         if not self._finished.is_set():
-            self.completed, self._abandoned = completed, True
+            self.completed = completed
             self._finished.set()
 
     def frames(self) -> Iterator[tuple[int, memoryview]]:
@@ -142,7 +141,7 @@ class Relay:
                 return self._free.get(timeout=0.05)
             except queue.Empty:
                 pass
-            if self._abandoned:
+            if self._finished.is_set():
                 raise ChainError(f"{self.where}: could not be sent on")
             if not self.relays.taken_in_time(self):
                 raise ChainError(f"{self.where}: not taken on within {CHAIN_WAIT} s")

@@ -309,9 +309,7 @@ class Encoder:
                                            bandwidth=share, send_buffer=SEND_BUFFER)  # fmt: skip
             if relay is not None:
                 relay.finish(completed)
-            if completed:
-                stripes.completed(piece.node, piece.key)
-            self._sent(piece, size, started, completed)
+            self._sent(piece, size, started, completed, stripes)
         finally:
             if relay is not None:
                 relay.finish(False)  # nothing more is taken from it (a no-op once finished)
@@ -379,11 +377,13 @@ class Encoder:
         parts = _parts(blob, piece.offset, piece.length)
         completed = bulk.send_parts(host_of(address), ticket.port, ticket.ticket, parts,
                                     tls=tls, bandwidth=self.bandwidth)  # fmt: skip
+        self._sent(piece, piece.length, started, completed, stripes)
+
+    def _sent(self, piece: Piece, length: int, started: float, completed: bool,
+              stripes: StripesAwaited) -> None:  # fmt: skip
+        """``piece`` is at its holder: ``stripes`` hears first if it completed its stripe."""
         if completed:
             stripes.completed(piece.node, piece.key)
-        self._sent(piece, piece.length, started, completed)
-
-    def _sent(self, piece: Piece, length: int, started: float, completed: bool) -> None:
         if self.metrics is not None:
             self.metrics.save_seconds.observe(time.monotonic() - started, stage="peers")
             self.metrics.bytes_written.inc(length, tier="peers")
