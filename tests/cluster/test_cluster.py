@@ -15,8 +15,8 @@ from tools.cluster.job import Cluster, Config
 from tools.cluster.report import read_events, summarize
 
 
-def run_with_node_loss(config: str, root: Path, steps: int = 100) -> dict:
-    with Cluster(3, 1, Config(config, remote_every=50), root) as cluster:
+def run_with_node_loss(config: Config, root: Path, steps: int = 100) -> dict:
+    with Cluster(3, 1, config, root) as cluster:
         run = cluster.run(steps, step_seconds=0.2, mib=4, every=1, failures=["node"],
                           timeout=400, limit=1, from_step=40)  # fmt: skip
     return summarize(run)
@@ -28,7 +28,22 @@ def started_after(events: Path, t: float) -> set[int]:
 
 
 def test_a_lost_node_resumes_from_its_peers_and_the_job_ends_bit_identical(tmp_path):
-    summary = run_with_node_loss("peers", tmp_path)
+    summary = run_with_node_loss(Config("peers", remote_every=50), tmp_path)
+    assert_resumed_from_peers(summary)
+
+
+def test_a_lost_node_rebuilt_by_its_xor_group_resumes_and_the_job_ends_bit_identical(tmp_path):
+    """Under ``xor:3`` no node holds a replica: the replacement's daemon rebuilds the lost
+    node's shards from the other two nodes' data and parity."""
+    summary = run_with_node_loss(Config("peers", remote_every=50, redundancy="xor:3"), tmp_path)
+    assert_resumed_from_peers(summary)
+    for node in ("n0", "n1", "n2"):
+        memory = tmp_path / node / "memory"
+        assert list((memory / ".parity").rglob("*.parity")), f"{node} holds no parity"
+        assert not [f for f in memory.glob(".replicas/**/*") if f.is_file()], node
+
+
+def assert_resumed_from_peers(summary: dict) -> None:
     assert summary["bit_identical"]
     (failure,) = summary["failures"]
     assert failure["kind"] == "node" and failure["nodes"] == [1]
@@ -74,7 +89,38 @@ def test_with_warm_spares_a_spare_takes_the_lost_ranks_place(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("config", ["no-peers", "dcp"])
 def test_the_other_configurations_survive_a_node_loss(tmp_path, config):
-    summary = run_with_node_loss(config, tmp_path, steps=120)
+    summary = run_with_node_loss(Config(config, remote_every=50), tmp_path, steps=120)
     assert summary["bit_identical"]
     (failure,) = summary["failures"]
     assert failure["same_step"]
+
+
+@pytest.mark.slow
+def test_two_nodes_lost_at_once_are_rebuilt_by_their_rs_group(tmp_path):
+    config = Config("peers", remote_every=50, redundancy="rs:2+2")
+    with Cluster(4, 1, config, tmp_path) as cluster:
+        run = cluster.run(100, step_seconds=0.2, mib=4, every=1, failures=["two-nodes"],
+                          timeout=400, limit=1, from_step=40)  # fmt: skip
+    summary = summarize(run)
+    assert summary["bit_identical"]
+    (failure,) = summary["failures"]
+    assert failure["kind"] == "two-nodes" and len(failure["nodes"]) == 2, failure
+    assert failure["same_step"] and failure["restored_step"] >= failure["step"] - 2, failure
+    assert "remote" not in failure["tiers"] and "peers" in failure["tiers"], failure
+
+
+@pytest.mark.slow
+def test_an_xor_group_that_lost_two_nodes_falls_back_to_the_object_tier(tmp_path):
+    config = Config("peers", remote_every=20, redundancy="xor:3")
+    with Cluster(3, 1, config, tmp_path) as cluster:
+        run = cluster.run(100, step_seconds=0.2, mib=4, every=1, failures=["two-nodes"],
+                          timeout=400, limit=1, from_step=50)  # fmt: skip
+    summary = summarize(run)
+    assert summary["bit_identical"]
+    (failure,) = summary["failures"]
+    assert failure["nodes"] == [1, 2]
+    assert failure["same_step"] and failure["restored_step"] % 20 == 0, failure
+    assert "remote" in failure["tiers"] and "peers" not in failure["tiers"], failure
+    said = (tmp_path / "n1" / "daemon.log").read_text()  # the replacement's daemon
+    assert "of the 2 sources it needs in its xor:3 group" in said, said[-2000:]
+    assert "it survives 1 loss" in said, said[-2000:]

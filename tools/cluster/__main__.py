@@ -58,6 +58,12 @@ def main(argv: list[str] | None = None) -> int:
         help="in-process restarts: warm spares (a spare node's daemon and ranks already "
         "running, torch imported) take the place of lost ones instead of starting",
     )
+    parser.add_argument(
+        "--redundancy",
+        default="",
+        help="the peers configuration's daemons keep this (xor:G, rs:K+M, replicas:R) "
+        "instead of the ConfigMap's replicas",
+    )
     parser.add_argument("--shape-mbit", type=float, help="cap every node's link (tc tbf)")
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--out", type=Path, default=Path("bench-out/cluster"))
@@ -78,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     summaries = []
     for name in args.configs.split(","):
         config = Config(name, remote_every=args.remote_every, restart=args.restart,
-                        spares=args.spares, memory_every=args.memory_every)  # fmt: skip
+                        spares=args.spares, memory_every=args.memory_every,
+                        redundancy=args.redundancy if name == "peers" else "")  # fmt: skip
         with tempfile.TemporaryDirectory(prefix="mtc-") as root:
             with Cluster(args.nodes, args.ranks, config, Path(root),
                          shaping_mbit=args.shape_mbit) as cluster:  # fmt: skip

@@ -43,6 +43,7 @@ class Config:
     restore_first: bool = False  # restore before the process group is up (mtckpt)
     link_down: float = 5.0  # seconds a "link" failure lasts
     spares: bool = False  # warm spares take the place of lost ranks and daemons
+    redundancy: str = ""  # ``peers``: the daemons' (e.g. "xor:3"; "": the ConfigMap's replicas)
 
 
 class Node:
@@ -65,6 +66,9 @@ class Node:
             config = _drop_table(_drop_table(config, "peers"), "daemon")
         config = _set_key(config, "memory", "every", self.cfg.memory_every)
         config = _set_key(config, "local", "every", self.cfg.local_every)
+        if self.cfg.redundancy:
+            for table in ("peers", "daemon"):
+                config = _set_key(config, table, "replicas", self.cfg.redundancy, "redundancy")
         if self.cfg.name != "dcp":
             config += (f'\n[remote]\nurl = "s3://{self.s3["bucket"]}/mtckpt"\n'
                        f"every = {self.cfg.remote_every}\nkeep = 2\n"
@@ -215,14 +219,15 @@ def _drop_table(text: str, name: str) -> str:
     return "\n".join(out) + "\n"
 
 
-def _set_key(text: str, table: str, key: str, value: int) -> str:
-    """``key = value`` in ``[table]`` of a TOML text (the key's line replaced)."""
+def _set_key(text: str, table: str, key: str, value, new_key: str = "") -> str:
+    """``key = value`` in ``[table]`` of a TOML text (the key's line replaced; by
+    ``new_key = value`` if one is given)."""
     out, current = [], None
     for line in text.splitlines():
         if line.startswith("["):
             current = line.strip()
         elif current == f"[{table}]" and line.split("=")[0].strip() == key:
-            line = f"{key} = {value}"
+            line = f"{new_key or key} = {_toml_inline(value)}"
         out.append(line)
     return "\n".join(out) + "\n"
 

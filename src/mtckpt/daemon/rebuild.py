@@ -114,7 +114,7 @@ def why_not(coded: Coded, origin: str, run: str, step: int) -> str:
         if len(found) < group.scheme.data:
             lost = [n for n in group.members if n not in coded.whole and n != origin]
             return (
-                f"node {origin!r}'s piece {index} has {len(found)} of the {group.scheme.data} "
+                f"node {origin}'s piece {index} has {len(found)} of the {group.scheme.data} "
                 f"sources it needs in its {group} (without their step: {lost}; it survives "
                 f"{group.scheme.losses} loss(es))"
             )
