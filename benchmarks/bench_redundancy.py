@@ -5,7 +5,8 @@ per node, saving into its daemon's memory tier), measured:
 - peer memory: the bytes each daemon holds for its peers (replicas, or parity) beside the
   bytes of its own kept steps; target for xor:4 at most 0.35x what replicas:1 holds;
 - time to redundant: from the notify of a step committed on every node (saved together, the
-  daemons' own scans 3 s apart, so that no node starts early) until every node's Status
+  daemons' own scans 3 s apart, so that no node starts early; each notify on a channel
+  connected before the first step, as a trainer's is) until every node's Status
   says its shards are stored by all their targets (replicas on peers, or complete parities
   in the group), each Status long-polled (answered as it changes, no polling load on the
   daemons); target for xor:4 at most that of replicas:1;
@@ -95,9 +96,8 @@ def state_of(nbytes: int, seed: int) -> dict:
     return {"w": rng.integers(0, 255, nbytes, dtype=np.uint8)}
 
 
-def notify(node: Node, step: int) -> None:
-    with node.client() as client:
-        client.notify(RUN, step)
+def notify(client: Client, step: int) -> None:
+    client.notify(RUN, step)
 
 
 def shape_both_ways(net: Network, mbit: float) -> None:
@@ -163,6 +163,9 @@ def run_scheme(scheme: str, count: int, nbytes: int, steps: int, base: Path,
     time.sleep(SCAN + 1)  # every daemon has identified the others (groups are stable from here)
     result: dict = {"scheme": scheme, "redundant_s": [], "daemon_cpu_s": [], "cores_busy": []}
     watching = [node.client() for node in nodes]  # one channel each
+    notifying = [node.client() for node in nodes]  # connected before the first step's notify
+    for client in notifying:
+        client.status()
     try:
         managers = []
         for rank, node in enumerate(nodes):
@@ -179,7 +182,7 @@ def run_scheme(scheme: str, count: int, nbytes: int, steps: int, base: Path,
                 seen = [pool.submit(when_redundant, c, step, ready) for c in watching]
                 ready.wait()  # each daemon's Status is long-polled from before the notify
                 started, cpu = time.perf_counter(), daemons_cpu(nodes)
-                notified = [pool.submit(notify, n, step) for n in nodes]
+                notified = [pool.submit(notify, c, step) for c in notifying]
                 for done in notified:
                     done.result()
                 took = max(f.result() for f in seen) - started
@@ -204,7 +207,7 @@ def run_scheme(scheme: str, count: int, nbytes: int, steps: int, base: Path,
         result["recover_bytes"] = reply.bytes
         assert reply.step == steps, reply
     finally:
-        for client in watching:
+        for client in watching + notifying:
             client.close()
         for node in nodes:
             node.stop()
