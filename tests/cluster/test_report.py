@@ -8,6 +8,7 @@ import json
 
 import pytest
 from tools.cluster.job import Failure
+from tools.cluster.node import Config
 from tools.cluster.report import summarize
 
 STARTED = 1000.0
@@ -51,3 +52,29 @@ def test_goodput_counts_the_steps_own_time_over_the_run_and_its_steady_part(tmp_
     (failure,) = summary["failures"]
     assert failure["restored_step"] == 4 and failure["tiers"] == ["peers"]
     assert failure["redone"] == pytest.approx(2 * cost)
+
+
+@pytest.mark.parametrize(("every", "stride"), [(1, None), (1, 8), (5, 2)])
+def test_daemons_behind_the_saves_give_the_planner_a_longer_peers_lag(tmp_path, every, stride):
+    """Daemons that fell behind the saves send only steps ``stride`` saves apart: a loss
+    redoes on average ``(stride - 1) / 2`` saves' worth more, which the planner, whose
+    peers replicate every memory step, is given as lag."""
+    run = made_up_run(tmp_path, every)
+    run["failures"][0].stride = stride
+    summary = summarize(run)
+    (failure,) = summary["failures"]
+    assert failure["stride"] == stride
+    peers = summary["plan_inputs"]["tiers"]["peers"]
+    save_wall = every * summary["step_cost"] + summary["save_stall"]  # between two saves
+    lag = ((stride or 1) - 1) * save_wall / 2
+    assert peers["every"] == every
+    assert peers["durable_seconds"] == pytest.approx(failure["restore"] + lag)
+
+
+@pytest.mark.parametrize(("redundancy", "tolerated"),
+                         [("", 1), ("xor:3", 1), ("rs:2+2", 2), ("replicas:2", 2)])  # fmt: skip
+def test_the_planner_is_told_how_many_losses_the_peers_survive(tmp_path, redundancy, tolerated):
+    config = Config("peers", redundancy=redundancy)
+    assert config.peer_losses_tolerated == tolerated
+    run = made_up_run(tmp_path) | {"peer_losses_tolerated": config.peer_losses_tolerated}
+    assert summarize(run)["plan_inputs"]["peer_losses_tolerated"] == tolerated

@@ -121,6 +121,7 @@ def test_daemons_report_replication_peers_and_health(cluster):
     assert sent["mtckpt_save_seconds"][("mtckpt_save_seconds_count", (("stage", "peers"),))] == 2
     assert sent["mtckpt_replication_pending_shards"][("mtckpt_replication_pending_shards", ())] == 0
     assert sent["mtckpt_replication_lag_seconds"][("mtckpt_replication_lag_seconds", ())] == 0
+    assert sent["mtckpt_replication_stride"][("mtckpt_replication_stride", ())] == 1  # kept up
     received = scrape(b)["mtckpt_replica_received_bytes"]
     assert received[("mtckpt_replica_received_bytes_total", ())] == pushed
 

@@ -39,6 +39,7 @@ class Failure:
     restored_step: int | None = None
     tiers: list[str | None] = field(default_factory=list)
     whole: bool = False  # an in-process restart did not finish: the whole job restarted
+    stride: int | None = None  # the daemons' replication stride when it was injected
 
 
 class Cluster:
@@ -194,7 +195,8 @@ class Cluster:
                 "state_bytes_per_node": int(mib * (1 << 20)) * self.ranks,
                 "every": {"memory": self.cfg.memory_every, "peers": self.cfg.memory_every,
                           "local": self.cfg.local_every,
-                          "remote": self.cfg.remote_every}}  # fmt: skip
+                          "remote": self.cfg.remote_every},
+                "peer_losses_tolerated": self.cfg.peer_losses_tolerated}  # fmt: skip
 
     def _crash_log(self) -> str:
         for node in self.nodes:
@@ -215,7 +217,8 @@ class Cluster:
         if kind in ("daemon", "node", "two-nodes"):
             for index in victims:
                 self._count_daemon_bytes(self.nodes[index])  # before its counters are lost
-        failure = Failure(kind, victims, time.time(), _newest_step(events))  # the kill's time
+        stride = self.nodes[0].replication_stride()  # node 0 (the master) is never lost
+        failure = Failure(kind, victims, time.time(), _newest_step(events), stride=stride)
         node = self.nodes[victim]
         if kind == "trainer":
             node.ranks[0].kill()

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from mtckpt.redundancy import Redundancy
+
 from .manifests import NodeSpec, host_path, node_spec
 from .network import Network, in_ns
 from .standby import Spare
@@ -44,6 +46,12 @@ class Config:
     link_down: float = 5.0  # seconds a "link" failure lasts
     spares: bool = False  # warm spares take the place of lost ranks and daemons
     redundancy: str = ""  # ``peers``: the daemons' (e.g. "xor:3"; "": the ConfigMap's replicas)
+
+    @property
+    def peer_losses_tolerated(self) -> int:
+        """Node losses the peers' copies survive (in each coded group): the ConfigMap's one
+        replica survives one."""
+        return Redundancy.parse(self.redundancy or "replicas:1").losses
 
 
 class Node:
@@ -178,22 +186,31 @@ class Node:
             if proc is not None:
                 proc.wait(timeout=30)
 
-    def daemon_bytes(self) -> dict[str, float]:
-        """What the node daemon moved so far, from its metrics: ``peers`` (replicas pushed),
-        ``remote`` (its uploads) and ``peers-read`` (shards served to a recovering node)."""
+    def daemon_metrics(self) -> str:
+        """The node daemon's metrics in the Prometheus text format ("" without a daemon)."""
         if self.daemon is None or self.daemon.poll() is not None:
-            return {}
+            return ""
         url = f"http://{self.net.links[self.index].address}:{METRICS_PORT}/metrics"
         code = f"import urllib.request as u; print(u.urlopen({url!r}, timeout=10).read().decode())"
         done = subprocess.run(in_ns(self.ns, sys.executable, "-c", code), capture_output=True,
                               text=True, timeout=60)  # fmt: skip
-        out: dict[str, float] = {}
+        return done.stdout
+
+    def daemon_bytes(self) -> dict[str, float]:
+        """What the node daemon moved so far, from its metrics: ``peers`` (replicas pushed),
+        ``remote`` (its uploads) and ``peers-read`` (shards served to a recovering node)."""
+        text, out = self.daemon_metrics(), {}
         for kind, tier, value in re.findall(
-            r'^mtckpt_(written|read)_bytes_total\{tier="(\w+)"\} (\S+)$', done.stdout, re.M
+            r'^mtckpt_(written|read)_bytes_total\{tier="(\w+)"\} (\S+)$', text, re.M
         ):
             key = tier if kind == "written" else f"{tier}-read"
             out[key] = out.get(key, 0.0) + float(value)
         return out
+
+    def replication_stride(self) -> int | None:
+        """The cluster's replication stride as the node daemon knows it (None: no daemon)."""
+        found = re.search(r"^mtckpt_replication_stride (\S+)$", self.daemon_metrics(), re.M)
+        return int(float(found.group(1))) if found else None
 
     def kill_daemon(self) -> None:
         if self.daemon is not None and self.daemon.poll() is None:

@@ -9,6 +9,7 @@ matplotlib is installed."""
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 from mtckpt.plan import FAILURE_CLASSES
@@ -63,7 +64,8 @@ def summarize(run: dict) -> dict:
             first.setdefault(e["rank"], e)
         restored = list(first.values())
         row = {"kind": failure.kind, "nodes": failure.nodes, "step": failure.step,
-               "at": failure.injected - run["started"], "whole": failure.whole}  # fmt: skip
+               "at": failure.injected - run["started"], "whole": failure.whole,
+               "stride": failure.stride}  # fmt: skip
         if failure.restarted and restored:
             step = min(e["step"] for e in restored)
             split = phases(failure, after)
@@ -153,7 +155,10 @@ def plan_inputs(run: dict, failures: list[dict], step_cost: float, stall: float,
     step's own time, failures per hour of ``training`` (an uninjected crash counts as a
     trainer's), the restart (injection to restore start), and per tier the ``stall`` of a
     save, the restore (the job's, from the failures that used the tier), and the durable
-    lag, taken as the restore's time (the same bytes over the same path)."""
+    lag, taken as the restore's time (the same bytes over the same path). Daemons that fell
+    behind the saves send only steps ``stride`` saves apart (the median of the strides
+    read at the failures), so a loss redoes ``(stride - 1) / 2`` saves' worth more on
+    average: the planner, whose peers take every save of node memory, gets it as lag."""
     handled = [f for f in failures if "lost" in f]
     rates: dict[str, float] = {}
     for failure in failures:
@@ -164,14 +169,18 @@ def plan_inputs(run: dict, failures: list[dict], step_cost: float, stall: float,
     if run["config"] == "peers":
         names.insert(1, "peers")
     every = run["every"]
+    strides = [f["stride"] for f in failures if f.get("stride")]
+    stride = statistics.median_low(strides) if strides else 1
+    save_wall = every["peers"] * step_cost + stall  # wall seconds between two saves
     tiers = {}
     for name in names:
         restores = [f["restore"] for f in handled if name in f["tiers"]]
         if restores or name == names[0]:
             restore = _mean(restores) or stall
             first = name == names[0]  # the tier whose copy is the save's stall
+            lag = (stride - 1) * save_wall / 2 if name == "peers" else 0.0
             tiers[name] = {"every": every[name], "stall_seconds": stall if first else 0.0,
-                           "durable_seconds": stall if first else restore,
+                           "durable_seconds": stall if first else restore + lag,
                            "restore_seconds": restore}  # fmt: skip
     return {
         "version": 1,
@@ -179,6 +188,7 @@ def plan_inputs(run: dict, failures: list[dict], step_cost: float, stall: float,
         "nodes": run["nodes"],
         "state_bytes_per_node": run["state_bytes_per_node"],
         "restart_seconds": _mean([f["detect"] + f["restart"] for f in handled]),
+        "peer_losses_tolerated": run.get("peer_losses_tolerated", 1),
         "failures_per_hour": rates,
         "tiers": tiers,
     }

@@ -285,6 +285,12 @@ class DaemonMetrics(Metrics):
             "Shards queued for or being uploaded to the object tier.",
             read=self._backlog,
         )
+        self.gauge(
+            "mtckpt_replication_stride",
+            "The cluster's replication stride: steps this many apart are sent first and kept "
+            "(1: every step; more: some daemon's transfers lag behind the saves).",
+            read=daemon.strides.cluster,
+        )
         self.gauge("mtckpt_peers", "Peer daemons known, by state.", ("state",), read=self._peers)
         self.gauge(
             "mtckpt_memory_bytes",
