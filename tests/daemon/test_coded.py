@@ -17,7 +17,17 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemons import free_port, make_certs, replicated, restore, save, state, trainer, wait_for
+from daemons import (
+    free_port,
+    knows,
+    make_certs,
+    replicated,
+    restore,
+    save,
+    state,
+    trainer,
+    wait_for,
+)
 from mtckpt.daemon.auth import TLSFiles
 from mtckpt.daemon.chain import CHAIN_WAIT
 from mtckpt.daemon.groups import Group, piece_range
@@ -38,9 +48,9 @@ def mtckpt_restore(daemon, *args) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
-def restore_report(daemon) -> dict:
+def restore_report(daemon, *args) -> dict:
     """The report of a successful `mtckpt restore` through ``daemon``."""
-    done = mtckpt_restore(daemon)
+    done = mtckpt_restore(daemon, *args)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
@@ -191,8 +201,8 @@ def test_a_group_re_forms_without_a_lost_node_and_keeps_the_old_parity(cluster):
     survivors = ["n0", "n1", "n2", "n3"]
     for rank, node in enumerate(survivors):
         save(daemons[node], rank, 4, [3])
-    for node in survivors:
-        wait_for(lambda n=node: replicated(daemons[n], RUN, 3), what=f"{node} redundant")
+    for node in survivors:  # step 2 again too, its group having lost n4 for good
+        wait_for(lambda n=node: replicated(daemons[n], RUN, 2, 3), what=f"{node} redundant")
     for node in survivors:
         by_step = {}
         for p in _parities(daemons[node]):
@@ -200,10 +210,43 @@ def test_a_group_re_forms_without_a_lost_node_and_keeps_the_old_parity(cluster):
                 by_step.setdefault(p.stripe.step, set()).add(tuple(p.stripe.group))
         assert any(sorted(g) == survivors for g in by_step[3])  # the group without n4
         assert any(len(g) == 5 for g in by_step[2])  # the old step keeps its old parity too
+        assert any(sorted(g) == survivors for g in by_step[2])  # and is protected again
     replaced(cluster, daemons["n1"])
     step, restored = restore(daemons["n1"], 1, 4)
     assert step == 3
     assert_same_state(restored, state(3, 1))
+
+
+def test_a_node_joining_re_forms_the_group_for_new_steps_and_the_old_parity_stays(cluster):
+    nodes = [f"n{i}" for i in range(5)]
+    daemons = cluster(nodes, extra=["--redundancy", "xor:4"], later=["n4"])
+    first = nodes[:4]
+    for rank, node in enumerate(first):  # a job of four nodes
+        save(daemons[node], rank, 4, [1])
+    for node in first:
+        wait_for(lambda n=node: replicated(daemons[n], RUN, 1), what=f"{node} redundant")
+    cluster.restart(daemons["n4"])  # a fifth node joins; the job goes on with five
+    for node in first:
+        wait_for(lambda n=node: knows(daemons[n], {daemons["n4"].address}),
+                 what=f"{node} knows n4")  # fmt: skip
+    for rank, node in enumerate(nodes):
+        save(daemons[node], rank, 5, [2])
+    for node in nodes:
+        wait_for(lambda n=node: replicated(daemons[n], RUN, 2), what=f"{node} redundant")
+    groups = {}
+    for node in nodes:
+        for p in _parities(daemons[node]):
+            assert p.complete, p.stripe
+            groups.setdefault(p.stripe.step, set()).add(tuple(sorted(p.stripe.group)))
+    assert groups == {1: {tuple(first)}, 2: {tuple(nodes)}}  # n4 holds none of step 1
+    replaced(cluster, daemons["n1"])
+    step, restored = restore(daemons["n1"], 1, 5)
+    assert step == 2
+    assert_same_state(restored, state(2, 1))
+    assert restore_report(daemons["n1"], "--step", "1")["step"] == 1  # by the old group
+    step, restored = restore(daemons["n1"], 1, 4, step=1)
+    assert step == 1
+    assert_same_state(restored, state(1, 1))
 
 
 def test_a_coded_group_over_mutual_tls_rebuilds_and_refuses_outsiders(cluster, tmp_path):

@@ -123,6 +123,15 @@ class Encoder:
     def group_for(self, run: str, step: int) -> Group | None:
         return self.groups.get(run, step)
 
+    def group_to_send(self, run: str, step: int, current: Group) -> Group:
+        """The group ``step``'s pieces go to: the one they went to before while all its
+        members are up (a node joining moves no sent step; it holds none of them), else
+        this node's ``current`` group (one that lost a member protects the step again)."""
+        sent, me = self.groups.get(run, step), self.holdings.node_id
+        if sent is None or me not in sent.members:
+            return current
+        return sent if all(self._up(n) for n in sent.members if n != me) else current
+
     def listings(self, holders: list[str], me: str) -> tuple[dict[str, Listing], dict[str, str]]:
         """What each holder has of this node's pieces (asked all at once), and why the
         unreachable ones are."""

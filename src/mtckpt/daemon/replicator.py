@@ -34,6 +34,7 @@ from ..tiers.memory import open_held
 from . import bulk, frames
 from .auth import TLSFiles, host_of
 from .encoder import Encoder
+from .groups import Group
 from .holdings import Holdings, Shard
 from .peers import Peers
 from .placement import replica_targets
@@ -173,10 +174,14 @@ class Replicator:
         stride = self._sync_stride()
         own = self._newest_own_shards(stride)
         shards = list(own)
-        group = None
+        groups: dict[tuple[str, int], Group] = {}  # coded: the group each step goes to
         if self.encoder is not None:
             group, targets, watched, short = self.encoder.place()
             listings = self.encoder.listings
+            if group is not None:
+                groups = {(s.run, s.step): self.encoder.group_to_send(s.run, s.step, group)
+                          for s in shards}  # fmt: skip
+                targets = sorted({n for g in groups.values() for n in g.holders_of(me)})
         else:
             targets = self.replica_targets()
             listings, short, watched = self._listings, "", targets
@@ -188,6 +193,10 @@ class Replicator:
         fresh = {s for s in shards if s not in self.state} if self._listed_once else set()
         self._listed_once = True
         listed = functools.cache(lambda: listings(targets, me) if shards else ({}, {}))
+        if groups:
+            targets_of = {k: g.holders_of(me) for k, g in groups.items()}
+        else:
+            targets_of = {(s.run, s.step): targets for s in shards}
         if self.encoder is None:
             held_by, unreachable = listed()
         if short != self._short:  # said once per change, not every scan
@@ -195,11 +204,11 @@ class Replicator:
             if short:
                 log.warning("replication degraded: %s", short)
         with self._lock:
-            self.state = {s: self.state.get(s) or ReplicaState(targets) for s in shards}
+            self.state = {s: self.state.get(s) or ReplicaState([]) for s in shards}
             for shard in shards:
-                state = self.state[shard]
-                state.targets = list(targets)
-                state.stored &= set(targets)
+                state, chosen = self.state[shard], targets_of[(shard.run, shard.step)]
+                state.targets = list(chosen)
+                state.stored &= set(chosen)
                 if short:  # reported from the start, not once the pushes are done
                     state.error = short
         self.on_change()
@@ -211,7 +220,9 @@ class Replicator:
                     return  # a newer step was saved meanwhile: it goes next, not this older one
                 current, pushes = (shard.run, shard.step), self._pushes
                 began, self._began = self._newest(shard.run), time.monotonic()
-                if group is not None and not self._encode(shard, shards, group, listed, fresh):
+                step_group = groups.get((shard.run, shard.step))
+                if step_group is not None and not self._encode(shard, shards, step_group, listed,
+                                                               fresh):  # fmt: skip
                     return
             if self.encoder is None and not self._replicate(
                 shard, own[shard], targets, held_by, unreachable
