@@ -15,10 +15,11 @@ from tools.cluster.job import Cluster, Config
 from tools.cluster.report import read_events, summarize
 
 
-def run_with_node_loss(config: Config, root: Path, steps: int = 100) -> dict:
-    with Cluster(3, 1, config, root) as cluster:
-        run = cluster.run(steps, step_seconds=0.2, mib=4, every=1, failures=["node"],
-                          timeout=400, limit=1, from_step=40)  # fmt: skip
+def run_with_node_loss(config: Config, root: Path, steps: int = 100, nodes: int = 3,
+                       failure: str = "node", from_step: int = 40) -> dict:  # fmt: skip
+    with Cluster(nodes, 1, config, root) as cluster:
+        run = cluster.run(steps, step_seconds=0.2, mib=4, every=1, failures=[failure],
+                          timeout=400, limit=1, from_step=from_step)  # fmt: skip
     return summarize(run)
 
 
@@ -98,10 +99,7 @@ def test_the_other_configurations_survive_a_node_loss(tmp_path, config):
 @pytest.mark.slow
 def test_two_nodes_lost_at_once_are_rebuilt_by_their_rs_group(tmp_path):
     config = Config("peers", remote_every=50, redundancy="rs:2+2")
-    with Cluster(4, 1, config, tmp_path) as cluster:
-        run = cluster.run(100, step_seconds=0.2, mib=4, every=1, failures=["two-nodes"],
-                          timeout=400, limit=1, from_step=40)  # fmt: skip
-    summary = summarize(run)
+    summary = run_with_node_loss(config, tmp_path, nodes=4, failure="two-nodes")
     assert summary["bit_identical"]
     (failure,) = summary["failures"]
     assert failure["kind"] == "two-nodes" and len(failure["nodes"]) == 2, failure
@@ -112,10 +110,7 @@ def test_two_nodes_lost_at_once_are_rebuilt_by_their_rs_group(tmp_path):
 @pytest.mark.slow
 def test_an_xor_group_that_lost_two_nodes_falls_back_to_the_object_tier(tmp_path):
     config = Config("peers", remote_every=20, redundancy="xor:3")
-    with Cluster(3, 1, config, tmp_path) as cluster:
-        run = cluster.run(100, step_seconds=0.2, mib=4, every=1, failures=["two-nodes"],
-                          timeout=400, limit=1, from_step=50)  # fmt: skip
-    summary = summarize(run)
+    summary = run_with_node_loss(config, tmp_path, failure="two-nodes", from_step=50)
     assert summary["bit_identical"]
     (failure,) = summary["failures"]
     assert failure["nodes"] == [1, 2]
