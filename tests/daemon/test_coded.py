@@ -22,6 +22,7 @@ from daemons import (
     knows,
     make_certs,
     replicated,
+    replication_of,
     restore,
     save,
     state,
@@ -247,6 +248,23 @@ def test_a_node_joining_re_forms_the_group_for_new_steps_and_the_old_parity_stay
     step, restored = restore(daemons["n1"], 1, 4, step=1)
     assert step == 1
     assert_same_state(restored, state(1, 1))
+
+
+def test_a_member_whose_trainer_saves_nothing_is_named_as_the_one_awaited(cluster):
+    """A daemon in the peer list that is not a node of the job (docs/daemon.md, Membership)
+    is a data node of some stripes all the same: they never complete, and the Status of
+    each node whose pieces are in them says whose pieces they await."""
+    nodes = [f"n{i}" for i in range(5)]
+    daemons = cluster(nodes, extra=["--redundancy", "xor:4"])
+    for rank, node in enumerate(nodes[:4]):  # n4's trainer saves nothing
+        save(daemons[node], rank, 4, [1])
+
+    def said(node: str) -> str:
+        return " ".join(s.error for s in replication_of(daemons[node], RUN, 1))
+
+    for node in nodes[:4]:
+        wait_for(lambda n=node: "await the pieces of n4" in said(n), what=f"{node} names n4")
+        assert not replicated(daemons[node], RUN, 1)
 
 
 def test_a_coded_group_over_mutual_tls_rebuilds_and_refuses_outsiders(cluster, tmp_path):

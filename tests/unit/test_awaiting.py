@@ -14,7 +14,7 @@ from test_parity import contribute, header
 
 from mtckpt import _fastpath
 from mtckpt.daemon import awaiting
-from mtckpt.daemon.awaiting import StripesAwaited
+from mtckpt.daemon.awaiting import Held, StripesAwaited
 from mtckpt.daemon.parity import ParityStore
 from mtckpt.daemon.stripes import StripeKey
 from mtckpt.redundancy import Redundancy
@@ -35,7 +35,8 @@ def asking(store: ParityStore, origin: str = "a"):
         stripes = {}
         for info in store.listing(origin=origin):
             mine = next(c for c in info.contributors if c.origin == origin)
-            stripes[StripeKey.checked(info.stripe)] = (tuple(mine.manifest_crcs), info.complete)
+            held = Held(tuple(mine.manifest_crcs), info.complete, tuple(info.awaiting))
+            stripes[StripeKey.checked(info.stripe)] = held
         return stripes
 
     return ask
@@ -79,7 +80,7 @@ def test_a_holder_is_marked_stored_as_its_stripe_completes_before_the_sends_end(
     assert marks.said == [("c", "")]
 
 
-def test_a_stripe_that_does_not_complete_in_time_is_said_to_await_the_others(
+def test_a_stripe_that_does_not_complete_in_time_names_the_members_it_awaits(
     saved, holder, monkeypatch
 ):
     monkeypatch.setattr(awaiting, "COMPLETION_WAIT", 0.3)
@@ -90,7 +91,7 @@ def test_a_stripe_that_does_not_complete_in_time_is_said_to_await_the_others(
     started = time.monotonic()
     stripes.end()
     assert time.monotonic() - started < awaiting.COMPLETION_WAIT + awaiting.ASK_WAIT + 1
-    assert marks.said == [("c", "1 stripe(s) held by c await other members' pieces")]
+    assert marks.said == [("c", "1 stripe(s) held by c await the pieces of b")]
 
 
 def test_a_failed_send_is_marked_and_not_taken_back_by_the_stripe_completing(saved, holder):

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 from .stripes import StripeKey
 
@@ -20,8 +21,20 @@ COMPLETION_WAIT = 2.0  # seconds a step's stripes are awaited after its pieces a
 ASK_WAIT = 1.0  # seconds a holder waits before it answers that they are not complete yet
 POLL = 0.01  # between two questions to a holder that could not wait
 
-# (holder, stripes awaited, wait) -> None if unreachable, else {stripe: (crcs, complete)}
-Ask = Callable[[str, list[StripeKey], float], dict | None]
+
+
+class Held(NamedTuple):
+    """What a holder says of a stripe of this node's pieces: the manifests' crc32c of this
+    node's piece there, whether the stripe is complete, and the data nodes whose pieces it
+    still awaits."""
+
+    crcs: tuple
+    complete: bool
+    awaiting: tuple[str, ...] = ()
+
+
+# (holder, stripes awaited, wait) -> None if unreachable, else {stripe: Held}
+Ask = Callable[[str, list[StripeKey], float], dict[StripeKey, Held] | None]
 
 
 class StripesAwaited:
@@ -37,6 +50,7 @@ class StripesAwaited:
         self._stopping = stopping
         self._lock = threading.Lock()
         self._pending = {node: list(keys) for node, keys in awaited.items()}
+        self._awaiting: dict[str, list[str]] = {}  # holder -> the members it said it awaits
         self._stored: set[str] = set()
         self._ended: float | None = None  # when the sends ended
         self._begun = False
@@ -84,7 +98,9 @@ class StripesAwaited:
         if self._stopping.is_set():
             return
         for node, keys in left.items():
-            self._mark(node, f"{len(keys)} stripe(s) held by {node} await other members' pieces")
+            members = self._awaiting.get(node)
+            whose = f"the pieces of {', '.join(members)}" if members else "other members' pieces"
+            self._mark(node, f"{len(keys)} stripe(s) held by {node} await {whose}")
 
     def _watch(self, node: str) -> None:
         while not self._stopping.is_set():
@@ -97,9 +113,13 @@ class StripesAwaited:
                 self._settle(node, f"peer {node} unreachable")
                 return
             stripes = self._ask(node, keys, min(wait, ASK_WAIT))
-            if stripes is not None and all(stripes.get(k) == (self._crcs, True) for k in keys):
-                self._settle(node, "")
-                return
+            if stripes is not None:
+                held = [stripes.get(k) for k in keys]
+                if all(h is not None and h.crcs == self._crcs and h.complete for h in held):
+                    self._settle(node, "")
+                    return
+                with self._lock:
+                    self._awaiting[node] = sorted({n for h in held if h for n in h.awaiting})
             time.sleep(POLL)  # one that could not wait (no RPC thread free) is asked again
 
     def _settle(self, node: str, error: str) -> None:

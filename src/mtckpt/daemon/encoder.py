@@ -33,7 +33,7 @@ from ..redundancy import Redundancy
 from ..tiers.memory import open_held
 from . import bulk
 from .auth import TLSFiles, host_of
-from .awaiting import StripesAwaited
+from .awaiting import Held, StripesAwaited
 from .chain import CHAIN_WAIT, OwnPiece, Relays, summed_frames
 from .groups import Group, StepGroups, form_groups, group_of, piece_range
 from .holdings import Holdings, Shard
@@ -60,10 +60,9 @@ class RankFile:
 
 @dataclass
 class Listing:
-    """What one holder has of this node's pieces: stripe -> (its piece there is this save
-    of the step, the stripe is complete)."""
+    """What one holder has of this node's pieces, by stripe."""
 
-    stripes: dict[StripeKey, tuple[bool, bool]]
+    stripes: dict[StripeKey, Held]
 
 
 _FAILURES = (grpc.RpcError, OSError, MtckptError)
@@ -161,7 +160,8 @@ class Encoder:
                 continue
             mine = next((c for c in info.contributors if c.origin == me), None)
             crcs = tuple(mine.manifest_crcs) if mine is not None else ()
-            listing.stripes[key] = (crcs, info.complete)
+            awaiting = tuple(n for n in key.group if n in info.awaiting)  # members only
+            listing.stripes[key] = Held(crcs, info.complete, awaiting)
         return listing
 
     def send_step(self, run: str, step: int, shards: list[Shard], group: Group,
@@ -182,8 +182,8 @@ class Encoder:
                 key = StripeKey(run, step, str(self.scheme), group.members, stripe)
                 for row, node in enumerate(group.parity_nodes(stripe)):
                     there = listings.get(node, Listing({})).stripes.get(key)
-                    if there is not None and there[0] == crcs:
-                        if not there[1]:
+                    if there is not None and there.crcs == crcs:
+                        if not there.complete:
                             awaited.setdefault(node, []).append(key)
                     elif node in unreachable:
                         mark(node, f"peer {node} unreachable: {unreachable[node]}")

@@ -75,6 +75,9 @@ class Stripe:
             if not origin or c.origin == origin:
                 reply.contributors.append(c.info(manifests))
             reply.world_size = c.world_size
+        if self.chunks is None:
+            data_nodes = self.key.group_of.data_nodes(self.key.stripe)
+            reply.awaiting.extend(n for n in data_nodes if n not in self.contributors)
         return reply
 
     def grow(self, size: int) -> None:

@@ -192,20 +192,22 @@ class Contributor(_message.Message):
     def __init__(self, origin: _Optional[str] = ..., ranks: _Optional[_Iterable[int]] = ..., manifest_crcs: _Optional[_Iterable[int]] = ..., data_sizes: _Optional[_Iterable[int]] = ..., manifests: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class ParityInfo(_message.Message):
-    __slots__ = ("stripe", "row", "contributors", "complete", "size", "world_size")
+    __slots__ = ("stripe", "row", "contributors", "complete", "size", "world_size", "awaiting")
     STRIPE_FIELD_NUMBER: _ClassVar[int]
     ROW_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
     COMPLETE_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    AWAITING_FIELD_NUMBER: _ClassVar[int]
     stripe: StripeId
     row: int
     contributors: _containers.RepeatedCompositeFieldContainer[Contributor]
     complete: bool
     size: int
     world_size: int
-    def __init__(self, stripe: _Optional[_Union[StripeId, _Mapping]] = ..., row: _Optional[int] = ..., contributors: _Optional[_Iterable[_Union[Contributor, _Mapping]]] = ..., complete: _Optional[bool] = ..., size: _Optional[int] = ..., world_size: _Optional[int] = ...) -> None: ...
+    awaiting: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, stripe: _Optional[_Union[StripeId, _Mapping]] = ..., row: _Optional[int] = ..., contributors: _Optional[_Iterable[_Union[Contributor, _Mapping]]] = ..., complete: _Optional[bool] = ..., size: _Optional[int] = ..., world_size: _Optional[int] = ..., awaiting: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ContributeHeader(_message.Message):
     __slots__ = ("stripe", "contributor", "piece_size", "upstream")
