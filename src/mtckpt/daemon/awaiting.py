@@ -22,7 +22,6 @@ ASK_WAIT = 1.0  # seconds a holder waits before it answers that they are not com
 POLL = 0.01  # between two questions to a holder that could not wait
 
 
-
 class Held(NamedTuple):
     """What a holder says of a stripe of this node's pieces: the manifests' crc32c of this
     node's piece there, whether the stripe is complete, and the data nodes whose pieces it
