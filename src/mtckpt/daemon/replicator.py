@@ -175,13 +175,15 @@ class Replicator:
         own = self._newest_own_shards(stride)
         shards = list(own)
         groups: dict[tuple[str, int], Group] = {}  # coded: the group each step goes to
+        targets_of: dict[tuple[str, int], list[str]] = {}  # and its holders (else: targets)
         if self.encoder is not None:
             group, targets, watched, short = self.encoder.place()
             listings = self.encoder.listings
             if group is not None:
-                groups = {(s.run, s.step): self.encoder.group_to_send(s.run, s.step, group)
-                          for s in shards}  # fmt: skip
-                targets = sorted({n for g in groups.values() for n in g.holders_of(me)})
+                steps = {(s.run, s.step) for s in shards}
+                groups = {k: self.encoder.group_to_send(*k, group) for k in steps}
+                targets_of = {k: g.holders_of(me) for k, g in groups.items()}
+                targets = sorted({n for holders in targets_of.values() for n in holders})
         else:
             targets = self.replica_targets()
             listings, short, watched = self._listings, "", targets
@@ -193,10 +195,6 @@ class Replicator:
         fresh = {s for s in shards if s not in self.state} if self._listed_once else set()
         self._listed_once = True
         listed = functools.cache(lambda: listings(targets, me) if shards else ({}, {}))
-        if groups:
-            targets_of = {k: g.holders_of(me) for k, g in groups.items()}
-        else:
-            targets_of = {(s.run, s.step): targets for s in shards}
         if self.encoder is None:
             held_by, unreachable = listed()
         if short != self._short:  # said once per change, not every scan
@@ -206,7 +204,8 @@ class Replicator:
         with self._lock:
             self.state = {s: self.state.get(s) or ReplicaState([]) for s in shards}
             for shard in shards:
-                state, chosen = self.state[shard], targets_of[(shard.run, shard.step)]
+                state = self.state[shard]
+                chosen = targets_of.get((shard.run, shard.step), targets)
                 state.targets = list(chosen)
                 state.stored &= set(chosen)
                 if short:  # reported from the start, not once the pushes are done
