@@ -250,21 +250,74 @@ def test_a_node_joining_re_forms_the_group_for_new_steps_and_the_old_parity_stay
     assert_same_state(restored, state(1, 1))
 
 
-def test_a_member_whose_trainer_saves_nothing_is_named_as_the_one_awaited(cluster):
-    """A daemon in the peer list that is not a node of the job (docs/daemon.md, Membership)
-    is a data node of some stripes all the same: they never complete, and the Status of
-    each node whose pieces are in them says whose pieces they await."""
+def _empty_in(daemons, step: int) -> dict[str, set[str]]:
+    """Per stripe of ``step`` (its holder and number), the data nodes its complete parity
+    counts as holding nothing of the step; AssertionError while a stripe is incomplete."""
+    out = {}
+    for node, daemon in daemons.items():
+        for p in _parities(daemon):
+            if p.stripe.step == step:
+                assert p.complete, f"{node}: stripe {p.stripe.stripe} incomplete"
+                out[f"{node}:{p.stripe.stripe}"] = {c.origin for c in p.contributors
+                                                     if not c.ranks}  # fmt: skip
+    return out
+
+
+def test_a_member_that_saves_nothing_counts_as_zeros_and_its_group_rebuilds(cluster):
+    """A daemon in the peer list whose trainer saves nothing (an idle node of a DaemonSet)
+    is a data node of some stripes all the same. Each node whose pieces wait on it first
+    says so in its Status; then the holders, told by it that it holds nothing of the step,
+    take its pieces as zeros (daemon/absent.py): the others are redundant, and a lost one
+    is rebuilt from the group, the idle member's pieces counted as zeros."""
     nodes = [f"n{i}" for i in range(5)]
     daemons = cluster(nodes, extra=["--redundancy", "xor:4"])
-    for rank, node in enumerate(nodes[:4]):  # n4's trainer saves nothing
+    saving = nodes[:4]
+    for rank, node in enumerate(saving):  # n4's trainer saves nothing
         save(daemons[node], rank, 4, [1])
+    named = set()
 
-    def said(node: str) -> str:
-        return " ".join(s.error for s in replication_of(daemons[node], RUN, 1))
+    def redundant(node: str) -> bool:
+        said = " ".join(s.error for s in replication_of(daemons[node], RUN, 1))
+        if "await the pieces of n4" in said:
+            named.add(node)
+        return replicated(daemons[node], RUN, 1)
 
-    for node in nodes[:4]:
-        wait_for(lambda n=node: "await the pieces of n4" in said(n), what=f"{node} names n4")
-        assert not replicated(daemons[node], RUN, 1)
+    wait_for(lambda: all([redundant(n) for n in saving]), what="the saving nodes redundant")
+    assert named == set(saving)  # while their stripes waited
+    empty = _empty_in(daemons, 1)
+    assert set().union(*empty.values()) == {"n4"}
+    assert sum(1 for e in empty.values() if e) == 3  # n4 is a data node of 3 stripes of 5
+    assert "node n4 holds no shard of the step (nor of the run)" in _daemon_logs(daemons)
+    replaced(cluster, daemons["n1"])
+    step, restored = restore(daemons["n1"], 1, 4)
+    assert step == 1
+    assert_same_state(restored, state(1, 1))
+
+
+def test_a_member_saving_a_step_late_replaces_the_stripes_that_counted_it_as_zeros(cluster):
+    """A member whose trainer saves a step only after the holders took its pieces as zeros
+    (a slow node, one that joined late): its pieces replace those stripes, the others
+    send theirs again, and the step is rebuilt with its piece."""
+    nodes = [f"n{i}" for i in range(5)]
+    daemons = cluster(nodes, extra=["--redundancy", "xor:4"])
+    for rank, node in enumerate(nodes[:4]):
+        save(daemons[node], rank, 5, [1])
+    wait_for(lambda: all([replicated(daemons[n], RUN, 1) for n in nodes[:4]]),
+             what="four nodes redundant, n4 counted as zeros")  # fmt: skip
+    assert set().union(*_empty_in(daemons, 1).values()) == {"n4"}
+    save(daemons["n4"], 4, 5, [1])
+
+    def none_empty() -> bool:
+        try:
+            return not any(_empty_in(daemons, 1).values())
+        except AssertionError:  # a stripe incomplete: its pieces on their way again
+            return False
+
+    wait_for(none_empty, what="every stripe of step 1 complete with n4's pieces")
+    replaced(cluster, daemons["n4"])
+    step, restored = restore(daemons["n4"], 4, 5)
+    assert step == 1
+    assert_same_state(restored, state(1, 4))
 
 
 def test_a_coded_group_over_mutual_tls_rebuilds_and_refuses_outsiders(cluster, tmp_path):

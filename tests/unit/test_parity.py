@@ -168,6 +168,45 @@ def test_a_contribution_that_fails_part_way_clears_the_stripe(tmp_path, saved):
         broken.accept(0, 1)
 
 
+def piece_of(saved, step: int, origin: str) -> bytes:
+    rank = GROUP.index(origin)
+    data = saved[(step, rank)][1]
+    offset, length = piece_range(len(data), 2, rank)
+    return data[offset : offset + length]
+
+
+def test_a_member_holding_nothing_of_the_step_counts_as_zeros(tmp_path, saved):
+    store = ParityStore(tmp_path, "c", Redundancy.parse("xor:3"), keep=2)
+    contribute(store, saved, 1, "a")
+    assert store.stalled(after=60) == []  # not waited long enough
+    ((key, generation, missing),) = store.stalled(after=0)
+    assert missing == ["b"]
+    assert not store.absent(key, generation + 1, "b")  # of a stripe cleared meanwhile
+    assert store.absent(key, generation, "b")
+    (info,) = store.listing()
+    assert info.complete and info.world_size == 2  # the world of the pieces that are in
+    assert [(c.origin, list(c.ranks)) for c in info.contributors] == [("a", [0]), ("b", [])]
+    assert store.complete(info.stripe).path.read_bytes() == piece_of(saved, 1, "a")
+    assert store.stalled(after=0) == []
+    again = ParityStore(tmp_path, "c", Redundancy.parse("xor:3"), keep=2)  # a restarted daemon
+    again.load()
+    (reloaded,) = again.listing()
+    assert reloaded.complete and [list(c.ranks) for c in reloaded.contributors] == [[0], []]
+
+
+def test_a_late_save_of_a_member_counted_as_zeros_replaces_the_stripe(tmp_path, saved):
+    store = ParityStore(tmp_path, "c", Redundancy.parse("xor:3"), keep=2)
+    contribute(store, saved, 1, "a")
+    ((key, generation, _),) = store.stalled(after=0)
+    store.absent(key, generation, "b")
+    assert not contribute(store, saved, 1, "b").completed  # the stripe starts again
+    (info,) = store.listing()
+    assert not info.complete and [c.origin for c in info.contributors] == ["b"]
+    assert store.stalled(after=0)[0][2] == ["a"]  # a sends its piece again
+    assert contribute(store, saved, 1, "a").completed
+    assert store.complete(info.stripe).path.read_bytes() == xor_of_pieces(saved, 1)
+
+
 def test_the_same_piece_twice_is_refused_as_held(tmp_path, saved):
     store = ParityStore(tmp_path, "c", Redundancy.parse("xor:3"), keep=2)
     contribute(store, saved, 1, "a")

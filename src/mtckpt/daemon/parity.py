@@ -5,7 +5,8 @@ a piece is ever held whole), and, once every data piece of the stripe is in, a J
 of the stripe, its contributors with their manifests, and a crc32c per chunk of the parity.
 A parity is served (and listed as complete) only with that record; it is verified against
 it whenever it is sent. A contribution that fails part way clears the stripe: the
-contributors send their pieces again."""
+contributors send their pieces again. A data node that holds nothing of the step is
+recorded with an empty piece, zeros (daemon/absent.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import mmap
 import os
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +65,7 @@ class Stripe:
     contributors: dict[str, Contributor] = field(default_factory=dict)
     arriving: set[str] = field(default_factory=set)  # origins of contributions under way
     generation: int = 0
+    opened: float = field(default_factory=time.monotonic)  # this generation's start
     size: int = 0
     chunks: Chunks | None = None  # complete
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -74,7 +77,8 @@ class Stripe:
         for c in self.contributors.values():
             if not origin or c.origin == origin:
                 reply.contributors.append(c.info(manifests))
-            reply.world_size = c.world_size
+            if not c.is_empty:
+                reply.world_size = c.world_size
         if self.chunks is None:
             data_nodes = self.key.group_of.data_nodes(self.key.stripe)
             reply.awaiting.extend(n for n in data_nodes if n not in self.contributors)
@@ -115,6 +119,7 @@ class Stripe:
         self.arriving.clear()  # those arriving are of the old generation: they fail
         self.chunks = None
         self.generation += 1
+        self.opened = time.monotonic()
         self.grow(size)
 
     def close_mapping(self, later: bool = False) -> None:
@@ -267,13 +272,62 @@ class ParityStore:
             for contributor in contribution.contributors:
                 stripe.contributors[contributor.origin] = contributor
                 stripe.arriving.discard(contributor.origin)
-            if set(stripe.contributors) != set(stripe.key.group_of.data_nodes(stripe.key.stripe)):
+            if not self._complete_if_whole(stripe, contribution.chunk_crcs):
                 return False
-            self._complete(stripe, contribution.chunk_crcs)
+        self._announce(stripe)
+        return True
+
+    def stalled(self, after: float) -> list[tuple[StripeKey, int, list[str]]]:
+        """The stripes still incomplete ``after`` seconds since their first piece came:
+        each with its generation and the data nodes whose pieces are neither in nor on
+        their way."""
+        now, out = time.monotonic(), []
+        with self._lock:
+            stripes = list(self._stripes.values())
+        for stripe in stripes:
+            with stripe.lock:
+                if stripe.chunks is not None or now - stripe.opened < after or not any(
+                    not c.is_empty for c in stripe.contributors.values()
+                ):
+                    continue
+                here = set(stripe.contributors) | stripe.arriving
+                missing = [n for n in stripe.key.group_of.data_nodes(stripe.key.stripe)
+                           if n not in here]  # fmt: skip
+                if missing:
+                    out.append((stripe.key, stripe.generation, missing))
+        return out
+
+    def absent(self, key: StripeKey, generation: int, node: str) -> bool:
+        """Data node ``node`` holds nothing of ``key``'s step: its piece counts as zeros
+        (a save of that step it makes later replaces the stripe, as any other save does),
+        unless the stripe was cleared or completed meanwhile. Whether it is complete now."""
+        with self._lock:
+            stripe = self._stripes.get(key)
+        if stripe is None:
+            return False
+        with stripe.lock:
+            if (stripe.generation != generation or stripe.chunks is not None
+                    or node in stripe.contributors or node in stripe.arriving):  # fmt: skip
+                return False
+            stripe.contributors[node] = Contributor.empty(node)
+            if not self._complete_if_whole(stripe, []):
+                return False
+        self._announce(stripe)
+        return True
+
+    def _complete_if_whole(self, stripe: Stripe, known: list[int]) -> bool:
+        """Under ``stripe.lock``: record it complete if every data node's piece is in."""
+        if set(stripe.contributors) != set(stripe.key.group_of.data_nodes(stripe.key.stripe)):
+            return False
+        self._complete(stripe, known)
+        return True
+
+    def _announce(self, stripe: Stripe) -> None:
         with self._completed:
             self._completed.notify_all()
-        log.info("parity of %s complete (%d bytes)", stripe.key, stripe.size)
-        return True
+        empty = sorted(c.origin for c in stripe.contributors.values() if c.is_empty)
+        log.info("parity of %s complete (%d bytes%s)", stripe.key, stripe.size,
+                 f"; {empty} hold nothing of the step" if empty else "")  # fmt: skip
 
     def tidy(self, key: StripeKey) -> None:
         """After a stripe of ``key``'s step completed (once its sender was told): older

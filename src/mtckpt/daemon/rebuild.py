@@ -40,11 +40,13 @@ WINDOW = 4 << 20  # bytes of each source decoded at once
 @dataclass
 class Coded:
     """What the daemons list of one step's coded groups: each parity held (stripe ->
-    {row: node, address}), each contributor as recorded, and who holds which step whole
-    (node -> manifest crcs of its own ranks)."""
+    {row: node, address}), each contributor as recorded, the data nodes recorded as holding
+    nothing of the step (their pieces zeros; daemon/absent.py), and who holds which step
+    whole (node -> manifest crcs of its own ranks)."""
 
     parities: dict[StripeKey, dict[int, tuple[str, str, int]]] = field(default_factory=dict)
     members: dict[str, Contributor] = field(default_factory=dict)  # as the parity records
+    empty: dict[StripeKey, set[str]] = field(default_factory=dict)
     groups: dict[str, Group] = field(default_factory=dict)  # origin -> its group
     whole: dict[str, tuple[str, dict[int, int]]] = field(default_factory=dict)
 
@@ -66,6 +68,9 @@ def collect(step_infos: list[tuple[str, str, pb.ListShardsReply]], step: int) ->
                 continue
             coded.parities.setdefault(key, {})[info.row] = (node, address, info.size)
             for c in info.contributors:
+                if not c.ranks:
+                    coded.empty.setdefault(key, set()).add(c.origin)
+                    continue
                 coded.groups.setdefault(c.origin, key.group_of)
                 if c.origin not in coded.members or c.manifests:
                     coded.members[c.origin] = Contributor(
@@ -95,6 +100,9 @@ def sources(coded: Coded, origin: str, run: str, step: int) -> dict[int, list[So
         for i, node in enumerate(group.data_nodes(stripe)):
             member = coded.members.get(node)
             whole = coded.whole.get(node)
+            if node != origin and node in coded.empty.get(key, ()):
+                found.append(Source(i, node, "", key, Contributor.empty(node)))  # zeros
+                continue
             if node == origin or member is None or whole is None:
                 continue
             if all(whole[1].get(r) == c for r, c in zip(member.ranks, member.crcs, strict=True)):
@@ -229,9 +237,13 @@ def helper(parity: ParityStore, peers: Peers, ident: pb.StripeId, origin: str) -
     length = piece_range(members[origin].blob_size, k, index)[1]
     found = [Source(k + stripe.row, parity.node_id, "", key, None, stripe.size)]
     for i, node in enumerate(data_nodes):
-        peer = peers.by_node(node)
-        if node != origin and peer is not None and _holds(peers, peer.address, members[node], key):
-            found.append(Source(i, node, peer.address, key, members[node]))
+        peer, member = peers.by_node(node), members[node]
+        if node == origin:
+            continue
+        if member.is_empty:
+            found.append(Source(i, node, "", key, member))  # zeros
+        elif peer is not None and _holds(peers, peer.address, member, key):
+            found.append(Source(i, node, peer.address, key, member))
     for row, node in enumerate(group.parity_nodes(key.stripe)):
         peer = peers.by_node(node)
         if row != stripe.row and peer is not None and peer.reachable:
@@ -298,7 +310,10 @@ def _fetch_window(
 
 def _try_fetch(peers: Peers, source: Source, window: int, size: int,
                local: Stripe | None) -> bytearray | str:  # fmt: skip
-    """The bytes, or why they could not be had (``local``: this node's parity, read here)."""
+    """The bytes, or why they could not be had (``local``: this node's parity, read here;
+    a member that held nothing of the step: none)."""
+    if source.member is not None and source.member.is_empty:
+        return bytearray()
     try:
         if not source.address and local is not None:
             return _read_local(local, window, size)

@@ -127,14 +127,15 @@ class Client:
         )
 
     def list_shards(self, run: str = "", origin: str = "", manifests: bool = False,
-                    parities_only: bool = False, complete=(),
-                    wait: float = 0.0) -> pb.ListShardsReply:  # fmt: skip
+                    parities_only: bool = False, complete=(), wait: float = 0.0,
+                    timeout: float | None = None) -> pb.ListShardsReply:  # fmt: skip
         """What the peer holds; ``complete``: stripe ids whose parities it is to wait for
-        (``wait`` seconds at most) before it replies."""
+        (``wait`` seconds at most) before it replies; ``timeout``: other than the client's."""
         request = pb.ListShardsRequest(run=run, origin=origin, manifests=manifests,
                                        parities_only=parities_only, complete=complete,
                                        wait=wait)  # fmt: skip
-        return self._stub.ListShards(request, timeout=self.timeout + wait,
+        timeout = self.timeout if timeout is None else timeout
+        return self._stub.ListShards(request, timeout=timeout + wait,
                                      metadata=self._metadata)  # fmt: skip
 
     def fetch(

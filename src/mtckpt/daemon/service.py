@@ -17,6 +17,7 @@ from ..metrics import Endpoint, Metrics
 from ..proto import mtckpt_pb2 as pb
 from ..tiers.object import object_storage
 from . import recovery
+from .absent import AbsentPieces
 from .auth import TLSFiles, host_of, is_loopback, read_token
 from .bulk import BulkServer
 from .chain import Relay
@@ -80,6 +81,7 @@ class Daemon:
         self.peers = Peers(config.node_id, config.peers, config.peers_dns,
                            token=self.token, tls=self.tls, strides=self.strides)  # fmt: skip
         self.metrics = DaemonMetrics(self)
+        self.absent = AbsentPieces(self.parity, self.peers, completed=self.parity.tidy)
         self.recoveries = recovery.Recoveries(self.holdings, self.peers, self._recovered)
         self.changes = Changes(waiters=max(0, config.workers - FREE_WORKERS),
                                pools=("trainers", "peers"))  # fmt: skip
@@ -121,6 +123,8 @@ class Daemon:
         self.peers.start(self.config.scan_interval)
         self.recoveries.start()  # a replacement node: its shards back before its trainers ask
         self.replicator.start()
+        if self.config.scheme.coded and self.config.listen:  # this node holds parities
+            self.absent.start()
         if self.flusher is not None:
             self.flusher.start()
         if self.config.metrics_listen:
@@ -236,6 +240,7 @@ class Daemon:
                 drained = drained and flushed
             self.flusher.stop()
         self.replicator.stop()
+        self.absent.stop()
         self.changes.close()  # long-polled Status calls answer now
         self._persisting.shutdown(wait=True)
         self._spares.shutdown(wait=True, cancel_futures=True)

@@ -69,6 +69,16 @@ class Contributor:
     manifests: tuple[bytes, ...]
     world_size: int
 
+    @classmethod
+    def empty(cls, origin: str) -> Contributor:
+        """A data node that holds nothing of the stripe's step (daemon/absent.py): its
+        piece counts as zeros."""
+        return cls(origin, (), (), (), (), 0)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.ranks
+
     @property
     def blob_size(self) -> int:
         return sum(self.sizes)
