@@ -18,6 +18,9 @@ On loopback the daemons share the machine's cores: moving bytes costs CPU, not l
 With ``--mbit R`` each daemon runs in a network namespace of its own (tools/cluster's
 Network) with its link shaped to R Mbit/s each way (``tc tbf``), as a cluster's nodes
 are: there a node's link, not the cores, bounds what it sends and receives.
+With ``--idle N``, N more daemons are in the peer list whose trainers save nothing (idle
+nodes of a DaemonSet): under coded groups the holders count their pieces as zeros
+(daemon/absent.py); the times are the saving nodes'.
 """
 
 from __future__ import annotations
@@ -142,8 +145,10 @@ def held_bytes(root: Path, parts: tuple[str, ...]) -> int:
                if f.is_file())  # fmt: skip
 
 
-def run_scheme(scheme: str, count: int, nbytes: int, steps: int, base: Path,
-               net: Network | None) -> dict:  # fmt: skip
+def run_scheme(scheme: str, saving: int, nbytes: int, steps: int, base: Path,
+               net: Network | None, idle: int = 0) -> dict:  # fmt: skip
+    """``saving`` nodes whose trainers save, and ``idle`` more daemons."""
+    count = saving + idle
     sockets = Path(tempfile.mkdtemp(prefix="mtr-"))
     if net is None:
         addresses = [f"127.0.0.1:{free_port()}" for _ in range(count)]
@@ -162,23 +167,23 @@ def run_scheme(scheme: str, count: int, nbytes: int, steps: int, base: Path,
         node.start()
     time.sleep(SCAN + 1)  # every daemon has identified the others (groups are stable from here)
     result: dict = {"scheme": scheme, "redundant_s": [], "daemon_cpu_s": [], "cores_busy": []}
-    watching = [node.client() for node in nodes]  # one channel each
-    notifying = [node.client() for node in nodes]  # connected before the first step's notify
+    watching = [node.client() for node in nodes[:saving]]  # one channel each
+    notifying = [node.client() for node in nodes[:saving]]  # connected before the first notify
     for client in notifying:
         client.status()
     try:
         managers = []
-        for rank, node in enumerate(nodes):
+        for rank, node in enumerate(nodes[:saving]):
             with mock.patch.dict(os.environ, {"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}):
                 managers.append(mtckpt.CheckpointManager(
-                    RUN, rank=rank, world_size=count,
+                    RUN, rank=rank, world_size=saving,
                     memory=mtckpt.MemoryTier(path=str(node.root), keep=2)))  # fmt: skip
         for step in range(1, steps + 1):
-            states = [state_of(nbytes, step * 100 + rank) for rank in range(count)]
-            with ThreadPoolExecutor(count) as pool:  # the nodes save together, as a job's do
+            states = [state_of(nbytes, step * 100 + rank) for rank in range(saving)]
+            with ThreadPoolExecutor(saving) as pool:  # the nodes save together, as a job's do
                 list(pool.map(lambda m, s, n=step: m.save(n, s).wait("memory"), managers, states))
-            ready = threading.Barrier(count + 1)
-            with ThreadPoolExecutor(2 * count) as pool:  # a watcher and a notify per node
+            ready = threading.Barrier(saving + 1)
+            with ThreadPoolExecutor(2 * saving) as pool:  # a watcher and a notify per node
                 seen = [pool.submit(when_redundant, c, step, ready) for c in watching]
                 ready.wait()  # each daemon's Status is long-polled from before the notify
                 started, cpu = time.perf_counter(), daemons_cpu(nodes)
@@ -224,6 +229,8 @@ def main() -> int:
     parser.add_argument("--root", default="/dev/shm", help="where the nodes' memory roots go")
     parser.add_argument("--mbit", type=float, help="daemons in network namespaces, each "
                         "link shaped to this many Mbit/s each way (root)")  # fmt: skip
+    parser.add_argument("--idle", type=int, default=0, help="daemons beside the nodes whose "
+                        "trainers save nothing")  # fmt: skip
     parser.add_argument("--out", default="bench-out/redundancy.json")
     args = parser.parse_args()
     started = _dt.datetime.now()
@@ -232,12 +239,12 @@ def main() -> int:
     net = None
     try:
         if args.mbit:
-            net = Network(args.nodes, group="bench", node_name="bench-{i}")
+            net = Network(args.nodes + args.idle, group="bench", node_name="bench-{i}")
             net.create()
             shape_both_ways(net, args.mbit)
         for scheme in args.schemes.split(","):
             results[scheme] = run_scheme(scheme, args.nodes, args.mib * MIB, args.steps, base,
-                                         net)  # fmt: skip
+                                         net, args.idle)  # fmt: skip
             print(f"{scheme}: {results[scheme]}", flush=True)
     finally:
         if net is not None:
@@ -272,7 +279,7 @@ def main() -> int:
         ]  # fmt: skip
         print_checks("targets", checks)
     write_report(args.out, "redundancy", started,
-                 {"nodes": args.nodes, "mib": args.mib, "mbit": args.mbit, "results": results,
+                 {"nodes": args.nodes, "idle": args.idle, "mib": args.mib, "mbit": args.mbit, "results": results,
                   "checks": checks})  # fmt: skip
     return 0
 

@@ -287,9 +287,20 @@ def test_a_member_that_saves_nothing_counts_as_zeros_and_its_group_rebuilds(clus
     empty = _empty_in(daemons, 1)
     assert set().union(*empty.values()) == {"n4"}
     assert sum(1 for e in empty.values() if e) == 3  # n4 is a data node of 3 stripes of 5
-    assert "node n4 holds no shard of the step (nor of the run)" in _daemon_logs(daemons)
+    logs = _daemon_logs(daemons)
+    assert "step 1: node n4 holds no shard of the step (nor of the run)" in logs
+    for rank, node in enumerate(saving):  # n4 found idle: the next step's stripes do not wait
+        save(daemons[node], rank, 4, [2])
+    wait_for(lambda: all([replicated(daemons[n], RUN, 2) for n in saving]),
+             what="the saving nodes' step 2 redundant")  # fmt: skip
+    assert set().union(*_empty_in(daemons, 2).values()) == {"n4"}
+    assert "step 2: node n4 holds" not in _daemon_logs(daemons)  # taken as idle, not asked again
     replaced(cluster, daemons["n1"])
     step, restored = restore(daemons["n1"], 1, 4)
+    assert step == 2
+    assert_same_state(restored, state(2, 1))
+    assert restore_report(daemons["n1"], "--step", "1")["step"] == 1
+    step, restored = restore(daemons["n1"], 1, 4, step=1)
     assert step == 1
     assert_same_state(restored, state(1, 1))
 
@@ -438,17 +449,20 @@ def test_a_restarted_daemon_finds_its_steps_held_and_sends_none_again(xor4, clus
     assert "sent n1's piece" not in since and "broke" not in since, since
 
 
-def test_a_member_that_saves_late_breaks_its_chains_and_the_pieces_go_directly(cluster):
+def test_a_member_that_saves_late_refuses_the_sums_and_the_pieces_go_directly(cluster):
+    """A node that has saved nothing of the run refuses the sums its upstream sends it at
+    once (they go to their holders, no chain breaks waiting for it), and the others do not
+    wait for its sums either: its pieces go on their own."""
     nodes = [f"n{i}" for i in range(4)]
     daemons = cluster(nodes, extra=["--redundancy", "xor:4"])
     for rank, node in enumerate(nodes[1:], start=1):
         save(daemons[node], rank, 4, [1])
-    time.sleep(CHAIN_WAIT + 0.5)  # n0's sums are not taken on, nor do the others wait for it
+    time.sleep(CHAIN_WAIT + 0.5)
     save(daemons["n0"], 0, 4, [1])
     for node in nodes:
         wait_for(lambda n=node: replicated(daemons[n], RUN, 1), what=f"{node} redundant")
     assert_parities_are_the_xor_of_the_pieces(daemons, 1)
-    assert "broke" in _daemon_logs(daemons)
+    assert "broke" not in _daemon_logs(daemons)
     replaced(cluster, daemons["n0"])
     step, restored = restore(daemons["n0"], 0, 4)
     assert step == 1

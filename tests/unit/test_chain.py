@@ -11,11 +11,10 @@ import time
 
 import pytest
 import test_parity
-from test_parity import GROUP, contribute, header, xor_of_pieces
+from test_parity import GROUP, contribute, header, piece_of, xor_of_pieces
 
 from mtckpt.daemon import chain
 from mtckpt.daemon.chain import ChainError, ChainRefused, OwnPiece, Relays, summed_frames
-from mtckpt.daemon.groups import piece_range
 from mtckpt.daemon.parity import ParityError, ParityStore
 from mtckpt.daemon.stripes import StripeKey
 from mtckpt.proto import mtckpt_pb2 as pb
@@ -23,12 +22,6 @@ from mtckpt.redundancy import Redundancy
 
 saved = test_parity.saved  # the fixture: real saves of ranks of unequal size
 XOR3 = Redundancy.parse("xor:3")  # stripe 0: a's piece, then b's, summed on to c
-
-
-def piece_of(saved, step: int, origin: str) -> bytes:
-    data = saved[(step, GROUP.index(origin))][1]
-    offset, length = piece_range(len(data), 2, GROUP.index(origin))
-    return data[offset : offset + length]
 
 
 def feed(relay, data: bytes, frame: int = 1000, commit: bool = True) -> None:
@@ -134,6 +127,15 @@ def test_a_sum_that_comes_after_its_node_waited_in_vain_is_refused(saved):
     with pytest.raises(ChainRefused, match="stripe 0 .*: 'b' started its chain meanwhile"):
         relays.receive(header(saved, 1, "a"))
     relays.receive(header(saved, 2, "a"))  # another step's is taken
+
+
+def test_a_sum_for_a_step_its_node_will_not_save_is_refused_at_once(saved):
+    held = {1: False, 2: True}  # b saved nothing of step 1 and will not: a newer step, say
+    relays = Relays("b", XOR3, may_add=lambda run, step: held[step])
+    with pytest.raises(ChainRefused, match="'b' holds nothing of the step and saves no more"):
+        relays.receive(header(saved, 1, "a"))  # its sender sends it to the holder instead
+    assert relays.claim(key_of(), wait=5) is None  # refused: b starts its own chain at once
+    relays.receive(header(saved, 2, "a"))
 
 
 def test_a_sender_that_breaks_off_fails_the_forwarding(saved, own_piece):

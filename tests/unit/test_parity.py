@@ -179,7 +179,7 @@ def test_a_member_holding_nothing_of_the_step_counts_as_zeros(tmp_path, saved):
     store = ParityStore(tmp_path, "c", Redundancy.parse("xor:3"), keep=2)
     contribute(store, saved, 1, "a")
     assert store.stalled(after=60) == []  # not waited long enough
-    ((key, generation, missing),) = store.stalled(after=0)
+    ((key, generation, missing, _),) = store.stalled(after=0)
     assert missing == ["b"]
     assert not store.absent(key, generation + 1, "b")  # of a stripe cleared meanwhile
     assert store.absent(key, generation, "b")
@@ -197,7 +197,7 @@ def test_a_member_holding_nothing_of_the_step_counts_as_zeros(tmp_path, saved):
 def test_a_late_save_of_a_member_counted_as_zeros_replaces_the_stripe(tmp_path, saved):
     store = ParityStore(tmp_path, "c", Redundancy.parse("xor:3"), keep=2)
     contribute(store, saved, 1, "a")
-    ((key, generation, _),) = store.stalled(after=0)
+    ((key, generation, _, _),) = store.stalled(after=0)
     store.absent(key, generation, "b")
     assert not contribute(store, saved, 1, "b").completed  # the stripe starts again
     (info,) = store.listing()

@@ -12,8 +12,11 @@ A relay holds at most WINDOW frames; its sender then waits (TCP) until this node
 encoder takes them on. Every wait is bounded: a node whose upstream sum has not come
 within CHAIN_WAIT starts the stripe's chain from its own piece, and refuses that sum if
 it comes later (its sender then sends it to the holder directly); a relay not taken on
-within CHAIN_WAIT fails its sender. A chain that breaks part way leaves the step to the
-encoder's next cycle, which sends each piece to its holder directly.
+within CHAIN_WAIT fails its sender. A node that will add nothing to a sum (it holds none
+of the step, and no step of the run or a newer one) refuses it at once, and a node does
+not wait for the sum of an upstream its holders took as holding nothing of the run's last
+step (daemon/absent.py). A chain that breaks part way leaves the step to the encoder's
+next cycle, which sends each piece to its holder directly.
 
 The holder's status says whether the sum completed the stripe; each hop passes that back
 in its own status to its upstream (waiting FORWARD_WAIT at most), so every data node
@@ -28,7 +31,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from .. import _fastpath
 from ..errors import MtckptError
@@ -152,8 +155,12 @@ class Relay:
 class Relays:
     """The sums arriving at this node, by stripe, until its encoder takes them on."""
 
-    def __init__(self, node_id: str, scheme: Redundancy) -> None:
-        self.node_id, self.scheme = node_id, scheme
+    def __init__(self, node_id: str, scheme: Redundancy,
+                 may_add: Callable[[str, int], bool] = lambda run, step: True) -> None:  # fmt: skip
+        """``may_add(run, step)``: whether this node holds that step or may still save it;
+        a sum it would never add its piece to is refused at once (its sender sends it to
+        the holder instead of waiting CHAIN_WAIT for it to be taken on)."""
+        self.node_id, self.scheme, self.may_add = node_id, scheme, may_add
         self.lock = threading.Condition()
         self._arriving: dict[StripeKey, Relay] = {}
         self._refused: OrderedDict[StripeKey, None] = OrderedDict()
@@ -186,6 +193,11 @@ class Relays:
             raise ValueError(f"{key}: {pieces_of(contributors)} sent to {self.node_id!r}; a "
                              f"sum comes from {data_nodes[index - 1]!r}, of the pieces "
                              f"before it")  # fmt: skip
+        if not self.may_add(key.run, key.step):
+            with self.lock:
+                self._refuse(key)
+            raise ChainRefused(f"{key}: {self.node_id!r} holds nothing of the step and saves "
+                               "no more of the run before it")  # fmt: skip
         with self.lock:
             if key in self._refused:
                 raise ChainRefused(f"{key}: {self.node_id!r} started its chain meanwhile")

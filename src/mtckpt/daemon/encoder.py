@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -86,9 +87,13 @@ class Encoder:
         self.holdings, self.peers, self.scheme, self.zone = holdings, peers, scheme, zone
         self.tls, self.bandwidth, self.metrics = tls, bandwidth, metrics
         self.groups = StepGroups(holdings.root, scheme)  # the group each step was sent to
-        self.relays = Relays(holdings.node_id, scheme) if scheme.kind == "xor" else None
+        self.relays = None
+        if scheme.kind == "xor":
+            self.relays = Relays(holdings.node_id, scheme, may_add=self._may_save)
         self._chained: OrderedDict[tuple[str, int], None] = OrderedDict()  # steps sent once
         self._said: dict[str, str] = {}  # the last failure logged, per holder
+        self._idle: dict[str, tuple[int, set[str]]] = {}  # run -> (step, members holding none)
+        self._idle_lock = threading.Lock()
 
     def place(self) -> tuple[Group | None, list[str], list[str], str]:
         """This node's group (its members up), the nodes holding parities of its pieces,
@@ -118,6 +123,12 @@ class Encoder:
         if member is None or member.reachable or member.down_since is None:
             return member is not None
         return time.monotonic() - member.down_since < GONE_AFTER
+
+    def _may_save(self, run: str, step: int) -> bool:
+        """Whether this node holds ``step`` of ``run`` (being written counts) or may still
+        save it: it has saved steps of the run, none newer."""
+        steps = self.holdings.own.steps(run)
+        return step in steps or (bool(steps) and max(steps) < step)
 
     def group_for(self, run: str, step: int) -> Group | None:
         return self.groups.get(run, step)
@@ -162,7 +173,26 @@ class Encoder:
             crcs = tuple(mine.manifest_crcs) if mine is not None else ()
             awaiting = tuple(n for n in key.group if n in info.awaiting)  # members only
             listing.stripes[key] = Held(crcs, info.complete, awaiting)
+            if info.complete:
+                self._note_idle(key, {c.origin for c in info.contributors if not c.ranks})
         return listing
+
+    def _note_idle(self, key: StripeKey, empty: set[str]) -> None:
+        """The members a complete stripe of ``key``'s step took as holding nothing of it
+        (daemon/absent.py): this node's chains of the run's next steps do not wait for
+        their sums (one that comes all the same is refused and goes to its holder)."""
+        with self._idle_lock:
+            step, members = self._idle.get(key.run, (-1, set()))
+            if key.step > step:
+                self._idle[key.run] = (key.step, set(empty))
+                while len(self._idle) > 64:
+                    del self._idle[next(iter(self._idle))]
+            elif key.step == step:
+                members |= empty
+
+    def _upstream_idle(self, run: str, node: str) -> bool:
+        with self._idle_lock:
+            return node in self._idle.get(run, (-1, set()))[1]
 
     def send_step(self, run: str, step: int, shards: list[Shard], group: Group,
                   listings: dict[str, Listing], unreachable: dict[str, str],
@@ -292,7 +322,11 @@ class Encoder:
         the stripe is complete with it goes to the upstream, then to ``stripes``, before
         anything else is done."""
         index = piece.round[0]
-        relay = self.relays.claim(piece.key, CHAIN_WAIT) if index else None
+        relay = None
+        if index:
+            upstream = group.data_nodes(piece.key.stripe)[index - 1]
+            wait = 0.0 if self._upstream_idle(piece.key.run, upstream) else CHAIN_WAIT
+            relay = self.relays.claim(piece.key, wait)
         own = OwnPiece(_parts(blob, piece.offset, piece.length))
         try:
             upstream = relay.contributors if relay is not None else []

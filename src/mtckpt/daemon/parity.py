@@ -75,7 +75,7 @@ class Stripe:
         reply = pb.ParityInfo(stripe=self.key.ident(), row=self.row, size=self.size,
                               complete=self.chunks is not None)  # fmt: skip
         for c in self.contributors.values():
-            if not origin or c.origin == origin:
+            if not origin or c.origin == origin or c.is_empty:  # empty ones: for the chains
                 reply.contributors.append(c.info(manifests))
             if not c.is_empty:
                 reply.world_size = c.world_size
@@ -277,24 +277,23 @@ class ParityStore:
         self._announce(stripe)
         return True
 
-    def stalled(self, after: float) -> list[tuple[StripeKey, int, list[str]]]:
-        """The stripes still incomplete ``after`` seconds since their first piece came:
-        each with its generation and the data nodes whose pieces are neither in nor on
-        their way."""
+    def stalled(self, after: float) -> list[tuple[StripeKey, int, list[str], float]]:
+        """The stripes still incomplete ``after`` seconds since their first piece came,
+        with nothing of them arriving: each with its generation, the data nodes whose pieces
+        are not in, and the seconds it has waited."""
         now, out = time.monotonic(), []
         with self._lock:
             stripes = list(self._stripes.values())
         for stripe in stripes:
             with stripe.lock:
-                if stripe.chunks is not None or now - stripe.opened < after or not any(
+                waited = now - stripe.opened
+                if stripe.chunks is not None or stripe.arriving or waited < after or not any(
                     not c.is_empty for c in stripe.contributors.values()
                 ):
                     continue
-                here = set(stripe.contributors) | stripe.arriving
                 missing = [n for n in stripe.key.group_of.data_nodes(stripe.key.stripe)
-                           if n not in here]  # fmt: skip
-                if missing:
-                    out.append((stripe.key, stripe.generation, missing))
+                           if n not in stripe.contributors]  # fmt: skip
+                out.append((stripe.key, stripe.generation, missing, waited))
         return out
 
     def absent(self, key: StripeKey, generation: int, node: str) -> bool:

@@ -4,6 +4,7 @@ and draining on SIGTERM."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -17,7 +18,7 @@ from ..metrics import Endpoint, Metrics
 from ..proto import mtckpt_pb2 as pb
 from ..tiers.object import object_storage
 from . import recovery
-from .absent import AbsentPieces
+from .absent import AbsentPieces, steps_held
 from .auth import TLSFiles, host_of, is_loopback, read_token
 from .bulk import BulkServer
 from .chain import Relay
@@ -81,7 +82,8 @@ class Daemon:
         self.peers = Peers(config.node_id, config.peers, config.peers_dns,
                            token=self.token, tls=self.tls, strides=self.strides)  # fmt: skip
         self.metrics = DaemonMetrics(self)
-        self.absent = AbsentPieces(self.parity, self.peers, completed=self.parity.tidy)
+        self.absent = AbsentPieces(self.parity, functools.partial(steps_held, self.peers),
+                                   completed=self.parity.tidy)  # fmt: skip
         self.recoveries = recovery.Recoveries(self.holdings, self.peers, self._recovered)
         self.changes = Changes(waiters=max(0, config.workers - FREE_WORKERS),
                                pools=("trainers", "peers"))  # fmt: skip
@@ -211,6 +213,8 @@ class Daemon:
         if isinstance(incoming, Contribution):
             if incoming.completed:
                 self.parity.tidy(incoming.stripe.key)
+            else:
+                self.absent.wake()  # it may wait on a member holding nothing of the step
             return
         self.holdings.expire_replicas(incoming.shard.origin, incoming.shard.run,
                                       self.strides.cluster())  # fmt: skip
