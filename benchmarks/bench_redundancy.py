@@ -279,8 +279,8 @@ def main() -> int:
         ]  # fmt: skip
         print_checks("targets", checks)
     write_report(args.out, "redundancy", started,
-                 {"nodes": args.nodes, "idle": args.idle, "mib": args.mib, "mbit": args.mbit, "results": results,
-                  "checks": checks})  # fmt: skip
+                 {"nodes": args.nodes, "idle": args.idle, "mib": args.mib, "mbit": args.mbit,
+                  "results": results, "checks": checks})  # fmt: skip
     return 0
 
 

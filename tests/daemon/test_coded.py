@@ -270,7 +270,9 @@ def test_a_member_that_saves_nothing_counts_as_zeros_and_its_group_rebuilds(clus
     take its pieces as zeros (daemon/absent.py): the others are redundant, and a lost one
     is rebuilt from the group, the idle member's pieces counted as zeros."""
     nodes = [f"n{i}" for i in range(5)]
-    daemons = cluster(nodes, extra=["--redundancy", "xor:4"])
+    metrics = {node: f"127.0.0.1:{free_port()}" for node in nodes}
+    per_node = {node: ["--metrics-listen", address] for node, address in metrics.items()}
+    daemons = cluster(nodes, extra=["--redundancy", "xor:4"], per_node=per_node)
     saving = nodes[:4]
     for rank, node in enumerate(saving):  # n4's trainer saves nothing
         save(daemons[node], rank, 4, [1])
@@ -289,11 +291,15 @@ def test_a_member_that_saves_nothing_counts_as_zeros_and_its_group_rebuilds(clus
     assert sum(1 for e in empty.values() if e) == 3  # n4 is a data node of 3 stripes of 5
     logs = _daemon_logs(daemons)
     assert "step 1: node n4 holds no shard of the step (nor of the run)" in logs
+    before = {node: received_bytes(address) for node, address in metrics.items()}
     for rank, node in enumerate(saving):  # n4 found idle: the next step's stripes do not wait
         save(daemons[node], rank, 4, [2])
     wait_for(lambda: all([replicated(daemons[n], RUN, 2) for n in saving]),
              what="the saving nodes' step 2 redundant")  # fmt: skip
     assert set().union(*_empty_in(daemons, 2).values()) == {"n4"}
+    for node in nodes:  # the chains skip n4: one sum per stripe, not one each side of it
+        held = sum(p.size for p in _parities(daemons[node]) if p.stripe.step == 2)
+        assert received_bytes(metrics[node]) - before[node] == held, node
     assert "step 2: node n4 holds" not in _daemon_logs(daemons)  # taken as idle, not asked again
     replaced(cluster, daemons["n1"])
     step, restored = restore(daemons["n1"], 1, 4)

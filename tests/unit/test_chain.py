@@ -164,7 +164,7 @@ def test_a_relay_whose_forwarding_failed_fails_its_sender(saved, monkeypatch):
     [("a", {}, "sums are relayed by ['b'], not 'a'"),
      ("b", {"code": "rs:2+1"}, "this daemon keeps xor:3; only xor groups chain"),
      ("b", {"piece": 7}, "7 bytes of the piece of 'a'; their steps' sizes make "),
-     ("b", {"origin": "b"}, "a sum comes from 'a', of the pieces before it")],
+     ("b", {"origin": "b"}, "a sum comes from the data nodes before it, ['a']")],
 )  # fmt: skip
 def test_a_bad_sum_header_says_what_is_wrong(saved, node, change, says):
     relays = Relays(node, XOR3)

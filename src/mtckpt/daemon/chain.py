@@ -13,10 +13,11 @@ encoder takes them on. Every wait is bounded: a node whose upstream sum has not 
 within CHAIN_WAIT starts the stripe's chain from its own piece, and refuses that sum if
 it comes later (its sender then sends it to the holder directly); a relay not taken on
 within CHAIN_WAIT fails its sender. A node that will add nothing to a sum (it holds none
-of the step, and no step of the run or a newer one) refuses it at once, and a node does
-not wait for the sum of an upstream its holders took as holding nothing of the run's last
-step (daemon/absent.py). A chain that breaks part way leaves the step to the encoder's
-next cycle, which sends each piece to its holder directly.
+of the step, and no step of the run or a newer one) refuses it at once; a chain skips the
+members its holders took as holding nothing of the run's last step (daemon/absent.py): a
+node sends its sum on to the next data node after them, and waits for none from them. A
+chain that breaks part way leaves the step to the encoder's next cycle, which sends each
+piece to its holder directly.
 
 The holder's status says whether the sum completed the stripe; each hop passes that back
 in its own status to its upstream (waiting FORWARD_WAIT at most), so every data node
@@ -187,12 +188,10 @@ class Relays:
                              f"{self.node_id!r}")  # fmt: skip
         contributors = summed(header, key, data_nodes)
         index = data_nodes.index(self.node_id)
-        if contributors[-1].origin != data_nodes[index - 1] or any(
-            data_nodes.index(c.origin) >= index for c in contributors
-        ):
+        if any(data_nodes.index(c.origin) >= index for c in contributors):  # idle ones skipped
             raise ValueError(f"{key}: {pieces_of(contributors)} sent to {self.node_id!r}; a "
-                             f"sum comes from {data_nodes[index - 1]!r}, of the pieces "
-                             f"before it")  # fmt: skip
+                             f"sum comes from the data nodes before it, "
+                             f"{data_nodes[:index]}")  # fmt: skip
         if not self.may_add(key.run, key.step):
             with self.lock:
                 self._refuse(key)

@@ -179,8 +179,8 @@ class Encoder:
 
     def _note_idle(self, key: StripeKey, empty: set[str]) -> None:
         """The members a complete stripe of ``key``'s step took as holding nothing of it
-        (daemon/absent.py): this node's chains of the run's next steps do not wait for
-        their sums (one that comes all the same is refused and goes to its holder)."""
+        (daemon/absent.py): this node's chains of the run's next steps skip them (a sum
+        that comes from one all the same is refused and goes to its holder)."""
         with self._idle_lock:
             step, members = self._idle.get(key.run, (-1, set()))
             if key.step > step:
@@ -190,7 +190,7 @@ class Encoder:
             elif key.step == step:
                 members |= empty
 
-    def _upstream_idle(self, run: str, node: str) -> bool:
+    def _idle_member(self, run: str, node: str) -> bool:
         with self._idle_lock:
             return node in self._idle.get(run, (-1, set()))[1]
 
@@ -318,15 +318,16 @@ class Encoder:
                stripes: StripesAwaited) -> None:  # fmt: skip
         """Add this node's ``piece`` to its upstream's sum (awaited CHAIN_WAIT; none for the
         stripe's first piece) and send the sum on: to the next data node of the stripe, or
-        to the holder where that one refuses it or it is the last. Whether the holder said
-        the stripe is complete with it goes to the upstream, then to ``stripes``, before
-        anything else is done."""
-        index = piece.round[0]
+        to the holder where that one refuses it or it is the last (idle members skipped).
+        Whether the holder said the stripe is complete with it goes to the upstream, then
+        to ``stripes``, before anything else is done."""
+        index, run = piece.round[0], piece.key.run
+        data_nodes = group.data_nodes(piece.key.stripe)
+        saving = [n for n in data_nodes if not self._idle_member(run, n)]  # the chain skips
         relay = None
-        if index:
-            upstream = group.data_nodes(piece.key.stripe)[index - 1]
-            wait = 0.0 if self._upstream_idle(piece.key.run, upstream) else CHAIN_WAIT
-            relay = self.relays.claim(piece.key, wait)
+        if index:  # idle members before it; a sum from the others, awaited
+            before = any(n in saving for n in data_nodes[:index])
+            relay = self.relays.claim(piece.key, CHAIN_WAIT if before else 0.0)
         own = OwnPiece(_parts(blob, piece.offset, piece.length))
         try:
             upstream = relay.contributors if relay is not None else []
@@ -335,8 +336,8 @@ class Encoder:
                 stripe=piece.key.ident(), contributor=self._contributor(blob),
                 upstream=[c.info(manifests=True) for c in upstream], piece_size=size,
             )  # fmt: skip
-            data_nodes = group.data_nodes(piece.key.stripe)
-            following = data_nodes[index + 1] if index + 1 < len(data_nodes) else piece.node
+            after = [n for n in data_nodes[index + 1 :] if n in saving]
+            following = after[0] if after else piece.node
             to, ticket = following, self._open_at(following, header, piece.node)
             if ticket is _TO_HOLDER:
                 to, ticket = piece.node, self._open_at(piece.node, header, piece.node)
