@@ -9,7 +9,7 @@ import json
 import pytest
 from tools.cluster.job import Failure
 from tools.cluster.node import Config
-from tools.cluster.report import summarize
+from tools.cluster.report import read_events, summarize
 
 STARTED = 1000.0
 
@@ -78,3 +78,12 @@ def test_the_planner_is_told_how_many_losses_the_peers_survive(tmp_path, redunda
     assert config.peer_losses_tolerated == tolerated
     run = made_up_run(tmp_path) | {"peer_losses_tolerated": config.peer_losses_tolerated}
     assert summarize(run)["plan_inputs"]["peer_losses_tolerated"] == tolerated
+
+
+def test_events_read_while_a_rank_writes_a_line_leave_that_line_for_the_next_read(tmp_path):
+    events = tmp_path / "events.jsonl"
+    events.write_text('{"t": 1, "rank": 0, "event": "step"}\n{"t": 2, "rank": 1, "ev')
+    assert read_events(events) == [{"t": 1, "rank": 0, "event": "step"}]
+    with events.open("a") as f:
+        f.write('ent": "step"}\n')
+    assert [e["rank"] for e in read_events(events)] == [0, 1]

@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         help="the peers configuration's daemons keep this (xor:G, rs:K+M, replicas:R) "
         "instead of the ConfigMap's replicas",
     )
+    parser.add_argument("--idle-nodes", type=int, default=0, help="more nodes that run the "
+                        "daemon and no trainer, as a DaemonSet's nodes the job does not use (0)")
     parser.add_argument("--shape-mbit", type=float, help="cap every node's link (tc tbf)")
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--out", type=Path, default=Path("bench-out/cluster"))
@@ -72,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     if why:
         print(f"mtckpt-cluster: {why}", file=sys.stderr)
         return 2
-    if not 2 <= args.nodes <= 16:
-        parser.error("--nodes: expected 2..16")
+    if not 2 <= args.nodes <= 16 or not 0 <= args.idle_nodes <= 16 - args.nodes:
+        parser.error("--nodes, --idle-nodes: expected 2..16 nodes in all, 2 or more training")
     if args.spares and args.restart != "in-process":
         parser.error("--spares: only with --restart in-process (a job restart starts every rank)")
     failures = [f for f in args.failures.split(",") if f]
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                         spares=args.spares, memory_every=args.memory_every,
                         redundancy=args.redundancy if name == "peers" else "")  # fmt: skip
         with tempfile.TemporaryDirectory(prefix="mtc-") as root:
-            with Cluster(args.nodes, args.ranks, config, Path(root),
+            with Cluster(args.nodes, args.ranks, config, Path(root), idle=args.idle_nodes,
                          shaping_mbit=args.shape_mbit) as cluster:  # fmt: skip
                 run = cluster.run(
                     args.steps, step_seconds=args.step_seconds, mib=args.mib,

@@ -46,13 +46,16 @@ class Cluster:
     """Start with ``with Cluster(...) as cluster:``; ``run(...)`` runs one job."""
 
     def __init__(self, nodes: int, ranks: int, config: Config, root: Path, *,
-                 shaping_mbit: float | None = None) -> None:  # fmt: skip
+                 shaping_mbit: float | None = None, idle: int = 0) -> None:  # fmt: skip
+        """``idle``: more nodes that run the daemon and no trainer (a DaemonSet's node the
+        job does not use); failures are injected into the job's nodes."""
         self.n, self.ranks, self.cfg, self.root = nodes, ranks, config, root
         self.shaping = shaping_mbit
-        self.net = Network(nodes)
+        self.net = Network(nodes + idle)
         self.moto: subprocess.Popen | None = None
         self.store: subprocess.Popen | None = None  # the first node's torchrun agent's
         self.nodes: list[Node] = []
+        self.idle: list[Node | None] = [None] * idle  # made in start()
         self.rendezvous = root / "rendezvous.json"  # in-process restarts' generation
         self.generation = 0
         self.last_restart = 0.0
@@ -80,16 +83,19 @@ class Cluster:
         self.net.create()
         s3 = self._start_s3()
         token = secrets.token_urlsafe(24)
-        for i in range(self.n):
+        for i in range(self.n + len(self.idle)):
             node = Node(i, self.root / f"n{i}", self.net, self.cfg, token, s3)
             node.prepare()
-            self.nodes.append(node)
+            if i < self.n:
+                self.nodes.append(node)
+            else:
+                self.idle[i - self.n] = node
             if self.shaping:
                 self.net.shape(i, self.shaping)
         first = self.nodes[0]
         self.store = rendezvous.start(partial(in_ns, first.ns), self.net.links[0].address,
                                       first.spec.master_port)  # fmt: skip
-        for node in self.nodes:
+        for node in self.nodes + self.idle:
             node.start_daemon()
 
     def _start_s3(self) -> dict:
@@ -110,13 +116,14 @@ class Cluster:
         return {"bucket": "ckpt", "options": options, "url": url}
 
     def stop(self) -> None:
-        for node in self.nodes:
+        every = self.nodes + [n for n in self.idle if n is not None]
+        for node in every:
             node.kill_ranks()
             for spare in node.spares.values():
                 spare.kill()
             if node.daemon is not None and node.daemon.poll() is None:
                 node.daemon.send_signal(signal.SIGTERM)
-        for node in self.nodes:
+        for node in every:
             try:
                 node.daemon and node.daemon.wait(timeout=30)
             except subprocess.TimeoutExpired:
@@ -192,6 +199,7 @@ class Cluster:
         return {"daemon_bytes": self.daemon_bytes,
                 "config": self.cfg.name, "wall": wall, "started": started, "events": events,
                 "failures": done, "steps": steps, "step_seconds": step_seconds, "nodes": self.n,
+                "idle_nodes": len(self.idle),
                 "state_bytes_per_node": int(mib * (1 << 20)) * self.ranks,
                 "every": {"memory": self.cfg.memory_every, "peers": self.cfg.memory_every,
                           "local": self.cfg.local_every,

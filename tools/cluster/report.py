@@ -19,7 +19,9 @@ def read_events(path: Path) -> list[dict]:
     """Every rank's events so far, in the order written (none before the file exists)."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    written = text[: text.rfind("\n") + 1]  # a line still being written: read next time
+    return [json.loads(line) for line in written.splitlines() if line.strip()]
 
 
 PHASES = ("replacement", "python", "import", "rendezvous", "manager", "restore")

@@ -12,8 +12,9 @@ A relay holds at most WINDOW frames; its sender then waits (TCP) until this node
 encoder takes them on. Every wait is bounded: a node whose upstream sum has not come
 within CHAIN_WAIT starts the stripe's chain from its own piece, and refuses that sum if
 it comes later (its sender then sends it to the holder directly); a relay not taken on
-within CHAIN_WAIT fails its sender. A node that will add nothing to a sum (it holds none
-of the step, and no step of the run or a newer one) refuses it at once; a chain skips the
+within CHAIN_WAIT fails its sender. A node that will not add its piece to a sum now (it
+holds none of the step and no step of the run or a newer one, or it lags and sends sync
+steps only, daemon/sync.py) refuses it at once; a chain skips the
 members its holders took as holding nothing of the run's last step (daemon/absent.py): a
 node sends its sum on to the next data node after them, and waits for none from them. A
 chain that breaks part way leaves the step to the encoder's next cycle, which sends each
@@ -157,11 +158,12 @@ class Relays:
     """The sums arriving at this node, by stripe, until its encoder takes them on."""
 
     def __init__(self, node_id: str, scheme: Redundancy,
-                 may_add: Callable[[str, int], bool] = lambda run, step: True) -> None:  # fmt: skip
-        """``may_add(run, step)``: whether this node holds that step or may still save it;
-        a sum it would never add its piece to is refused at once (its sender sends it to
-        the holder instead of waiting CHAIN_WAIT for it to be taken on)."""
-        self.node_id, self.scheme, self.may_add = node_id, scheme, may_add
+                 why_not_add: Callable[[str, int], str] = lambda run, step: "",
+                 ) -> None:  # fmt: skip
+        """``why_not_add(run, step)``: why this node will not add its piece of that step to
+        a sum now ("" if it will): such a sum is refused at once, and its sender sends it
+        to the holder instead of waiting CHAIN_WAIT for it to be taken on."""
+        self.node_id, self.scheme, self.why_not_add = node_id, scheme, why_not_add
         self.lock = threading.Condition()
         self._arriving: dict[StripeKey, Relay] = {}
         self._refused: OrderedDict[StripeKey, None] = OrderedDict()
@@ -192,11 +194,11 @@ class Relays:
             raise ValueError(f"{key}: {pieces_of(contributors)} sent to {self.node_id!r}; a "
                              f"sum comes from the data nodes before it, "
                              f"{data_nodes[:index]}")  # fmt: skip
-        if not self.may_add(key.run, key.step):
+        why = self.why_not_add(key.run, key.step)
+        if why:
             with self.lock:
                 self._refuse(key)
-            raise ChainRefused(f"{key}: {self.node_id!r} holds nothing of the step and saves "
-                               "no more of the run before it")  # fmt: skip
+            raise ChainRefused(f"{key}: {self.node_id!r} adds no piece to it now: {why}")
         with self.lock:
             if key in self._refused:
                 raise ChainRefused(f"{key}: {self.node_id!r} started its chain meanwhile")

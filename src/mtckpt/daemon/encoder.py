@@ -83,13 +83,16 @@ class Piece(NamedTuple):
 
 class Encoder:
     def __init__(self, holdings: Holdings, peers: Peers, scheme: Redundancy, zone: str, *,
-                 tls: TLSFiles | None, bandwidth: float | None, metrics=None) -> None:  # fmt: skip
+                 tls: TLSFiles | None, bandwidth: float | None, metrics=None,
+                 sends_now: Callable[[int], bool] = lambda step: True) -> None:  # fmt: skip
+        """``sends_now(step)``: whether the replicator sends a step saved now as it comes
+        (not while it lags and the step is no sync step)."""
         self.holdings, self.peers, self.scheme, self.zone = holdings, peers, scheme, zone
-        self.tls, self.bandwidth, self.metrics = tls, bandwidth, metrics
+        self.tls, self.bandwidth, self.metrics, self.sends_now = tls, bandwidth, metrics, sends_now
         self.groups = StepGroups(holdings.root, scheme)  # the group each step was sent to
         self.relays = None
         if scheme.kind == "xor":
-            self.relays = Relays(holdings.node_id, scheme, may_add=self._may_save)
+            self.relays = Relays(holdings.node_id, scheme, why_not_add=self._why_not_add)
         self._chained: OrderedDict[tuple[str, int], None] = OrderedDict()  # steps sent once
         self._said: dict[str, str] = {}  # the last failure logged, per holder
         self._idle: dict[str, tuple[int, set[str]]] = {}  # run -> (step, members holding none)
@@ -124,11 +127,15 @@ class Encoder:
             return member is not None
         return time.monotonic() - member.down_since < GONE_AFTER
 
-    def _may_save(self, run: str, step: int) -> bool:
-        """Whether this node holds ``step`` of ``run`` (being written counts) or may still
-        save it: it has saved steps of the run, none newer."""
+    def _why_not_add(self, run: str, step: int) -> str:
+        """Why this node will not add its piece of ``step`` to a chain's sum now ("" if
+        it will): it holds none (being written counts) and will not save it, or it lags."""
         steps = self.holdings.own.steps(run)
-        return step in steps or (bool(steps) and max(steps) < step)
+        if step not in steps and (not steps or max(steps) > step):
+            return f"it holds none of the step and {_newest(steps)}"
+        if not self.sends_now(step):
+            return "it lags behind the saves and sends sync steps only"
+        return ""
 
     def group_for(self, run: str, step: int) -> Group | None:
         return self.groups.get(run, step)
@@ -434,6 +441,10 @@ class Encoder:
         log.info("sent %s's piece of %s (%d bytes) toward %s%s", self.holdings.node_id,
                  piece.key, length, piece.node,
                  ", which has the stripe complete" if completed else "")  # fmt: skip
+
+
+def _newest(steps: list[int]) -> str:
+    return f"its newest is step {max(steps)}" if steps else "none of the run"
 
 
 def _parts(blob: list[RankFile], offset: int, length: int) -> list[tuple[int, int, int]]:

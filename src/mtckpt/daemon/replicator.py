@@ -89,7 +89,7 @@ class Replicator:
         self.encoder = None
         if scheme.coded:
             self.encoder = Encoder(holdings, peers, scheme, zone, tls=tls, bandwidth=bandwidth,
-                                   metrics=metrics)  # fmt: skip
+                                   metrics=metrics, sends_now=self.strides.sends_now)  # fmt: skip
         self.relays = self.encoder.relays if self.encoder is not None else None  # sums passing
         self.bandwidth, self.scan_interval, self.tls = bandwidth, scan_interval, tls
         self.state: dict[Shard, ReplicaState] = {}

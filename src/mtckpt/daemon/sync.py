@@ -79,6 +79,11 @@ class Strides:
     def cluster(self) -> int:
         return self.said()[0]
 
+    def sends_now(self, step: int) -> bool:
+        """Whether this node sends a step saved now as it comes: not while it lags and the
+        step is no sync step (it sends sync steps only until the saves pause)."""
+        return self.own == 1 or is_sync(step, self.cluster())
+
 
 def is_sync(step: int, stride: int) -> bool:
     return step % stride == 0
