@@ -120,3 +120,10 @@ def test_replicas_keep_their_origins_newest_sync_steps_beyond_keep(shm_dir, tmp_
     assert holder.storage("n1").steps(RUN) == [8, 11, 12]
     holder.expire_replicas("n1", RUN)  # stride 1: the newest `keep` only
     assert holder.storage("n1").steps(RUN) == [11, 12]
+
+
+def test_a_node_sends_every_step_as_it_comes_unless_it_lags_then_sync_steps_only():
+    strides = Strides()
+    assert strides.sends_now(7) and strides.sends_now(8)
+    strides.lagged(3)  # a transfer ended 3 saves behind: a stride of 4
+    assert not strides.sends_now(7) and strides.sends_now(8)  # chains refuse step 7's sums
