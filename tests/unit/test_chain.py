@@ -15,7 +15,10 @@ from test_parity import GROUP, contribute, header, piece_of, xor_of_pieces
 
 from mtckpt.daemon import chain
 from mtckpt.daemon.chain import ChainError, ChainRefused, OwnPiece, Relays, summed_frames
+from mtckpt.daemon.encoder import Encoder
+from mtckpt.daemon.holdings import Holdings
 from mtckpt.daemon.parity import ParityError, ParityStore
+from mtckpt.daemon.peers import Peers
 from mtckpt.daemon.stripes import StripeKey
 from mtckpt.proto import mtckpt_pb2 as pb
 from mtckpt.redundancy import Redundancy
@@ -200,3 +203,12 @@ def test_sums_arriving_at_once_are_bounded(saved, monkeypatch):
         relays.receive(header(saved, 1, "a"))
     relays.claim(key_of(1))
     relays.receive(header(saved, 3, "a"))  # one was taken on: room for another
+
+
+def test_a_chain_skips_only_members_taken_as_idle_at_an_earlier_step(tmp_path):
+    encoder = Encoder(Holdings("a", tmp_path, keep=2), Peers("a", []), XOR3, "", tls=None,
+                      bandwidth=None)  # fmt: skip
+    encoder._note_idle(key_of(step=50), {"b"})  # b's piece of step 50 counted as zeros
+    assert encoder._idle_member("run", 51, "b") and not encoder._idle_member("run", 51, "c")
+    # a step not after it: the job went back to an older step, where b may save
+    assert not encoder._idle_member("run", 50, "b") and not encoder._idle_member("run", 41, "b")

@@ -14,11 +14,11 @@ within CHAIN_WAIT starts the stripe's chain from its own piece, and refuses that
 it comes later (its sender then sends it to the holder directly); a relay not taken on
 within CHAIN_WAIT fails its sender. A node that will not add its piece to a sum now (it
 holds none of the step and no step of the run or a newer one, or it lags and sends sync
-steps only, daemon/sync.py) refuses it at once; a chain skips the
-members its holders took as holding nothing of the run's last step (daemon/absent.py): a
-node sends its sum on to the next data node after them, and waits for none from them. A
-chain that breaks part way leaves the step to the encoder's next cycle, which sends each
-piece to its holder directly.
+steps only, daemon/sync.py) refuses it at once. A chain skips the members its holders
+took as holding nothing of the run's last step before (daemon/absent.py): a node sends
+its sum on to the next data node after them, and waits for none from them. A chain that
+breaks part way leaves the step to the encoder's next cycle, which sends each piece to
+its holder directly.
 
 The holder's status says whether the sum completed the stripe; each hop passes that back
 in its own status to its upstream (waiting FORWARD_WAIT at most), so every data node

@@ -197,9 +197,12 @@ class Encoder:
             elif key.step == step:
                 members |= empty
 
-    def _idle_member(self, run: str, node: str) -> bool:
+    def _idle_member(self, run: str, step: int, node: str) -> bool:
+        """Whether a stripe of a step before ``step`` took ``node`` as holding nothing (a
+        record of a later step is of steps the job went back from: not trusted)."""
         with self._idle_lock:
-            return node in self._idle.get(run, (-1, set()))[1]
+            seen, members = self._idle.get(run, (-1, set()))
+            return seen < step and node in members
 
     def send_step(self, run: str, step: int, shards: list[Shard], group: Group,
                   listings: dict[str, Listing], unreachable: dict[str, str],
@@ -330,9 +333,9 @@ class Encoder:
         to ``stripes``, before anything else is done."""
         index, run = piece.round[0], piece.key.run
         data_nodes = group.data_nodes(piece.key.stripe)
-        saving = [n for n in data_nodes if not self._idle_member(run, n)]  # the chain skips
+        saving = [n for n in data_nodes if not self._idle_member(run, piece.key.step, n)]
         relay = None
-        if index:  # idle members before it; a sum from the others, awaited
+        if index:  # a sum is awaited from a member before it that saves, none from idle ones
             before = any(n in saving for n in data_nodes[:index])
             relay = self.relays.claim(piece.key, CHAIN_WAIT if before else 0.0)
         own = OwnPiece(_parts(blob, piece.offset, piece.length))
