@@ -133,9 +133,9 @@ def test_a_sum_that_comes_after_its_node_waited_in_vain_is_refused(saved):
 
 
 def test_a_sum_for_a_step_its_node_will_not_save_is_refused_at_once(saved):
-    why = {1: "it holds none of the step and its newest is step 2", 2: ""}
+    why = {1: "it holds no shard of the step (its newest is step 2)", 2: ""}
     relays = Relays("b", XOR3, why_not_add=lambda run, step: why[step])
-    with pytest.raises(ChainRefused, match="'b' adds no piece to it now: it holds none of the"):
+    with pytest.raises(ChainRefused, match="'b' adds no piece to it now: it holds no shard of the"):
         relays.receive(header(saved, 1, "a"))  # its sender sends it to the holder instead
     assert relays.claim(key_of(), wait=5) is None  # refused: b starts its own chain at once
     relays.receive(header(saved, 2, "a"))

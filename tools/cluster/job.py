@@ -51,11 +51,12 @@ class Cluster:
         job does not use); failures are injected into the job's nodes."""
         self.n, self.ranks, self.cfg, self.root = nodes, ranks, config, root
         self.shaping = shaping_mbit
+        self.n_idle = idle
         self.net = Network(nodes + idle)
         self.moto: subprocess.Popen | None = None
         self.store: subprocess.Popen | None = None  # the first node's torchrun agent's
         self.nodes: list[Node] = []
-        self.idle: list[Node | None] = [None] * idle  # made in start()
+        self.idle: list[Node] = []
         self.rendezvous = root / "rendezvous.json"  # in-process restarts' generation
         self.generation = 0
         self.last_restart = 0.0
@@ -83,13 +84,10 @@ class Cluster:
         self.net.create()
         s3 = self._start_s3()
         token = secrets.token_urlsafe(24)
-        for i in range(self.n + len(self.idle)):
+        for i in range(self.n + self.n_idle):
             node = Node(i, self.root / f"n{i}", self.net, self.cfg, token, s3)
             node.prepare()
-            if i < self.n:
-                self.nodes.append(node)
-            else:
-                self.idle[i - self.n] = node
+            (self.nodes if i < self.n else self.idle).append(node)
             if self.shaping:
                 self.net.shape(i, self.shaping)
         first = self.nodes[0]
@@ -116,7 +114,7 @@ class Cluster:
         return {"bucket": "ckpt", "options": options, "url": url}
 
     def stop(self) -> None:
-        every = self.nodes + [n for n in self.idle if n is not None]
+        every = self.nodes + self.idle
         for node in every:
             node.kill_ranks()
             for spare in node.spares.values():
@@ -199,7 +197,7 @@ class Cluster:
         return {"daemon_bytes": self.daemon_bytes,
                 "config": self.cfg.name, "wall": wall, "started": started, "events": events,
                 "failures": done, "steps": steps, "step_seconds": step_seconds, "nodes": self.n,
-                "idle_nodes": len(self.idle),
+                "idle_nodes": self.n_idle,
                 "state_bytes_per_node": int(mib * (1 << 20)) * self.ranks,
                 "every": {"memory": self.cfg.memory_every, "peers": self.cfg.memory_every,
                           "local": self.cfg.local_every,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import grpc
 
@@ -106,7 +106,7 @@ class AbsentPieces:
                 if not idle:  # said once, not at every step of an idle node
                     log.info("run %r step %d: node %s holds no shard of the step (%s); its "
                              "pieces of the step's stripes count as zeros", key.run, key.step,
-                             node, _newest(steps))  # fmt: skip
+                             node, newest_of(steps))  # fmt: skip
                 if not steps:
                     self._found_idle(node, key.run)
                 if self.parity.absent(key, generation, node):
@@ -143,5 +143,7 @@ def steps_held(peers: Peers, node: str, run: str) -> set[int] | None:
     return {s.shard.step for s in reply.shards if s.shard.origin == node and not s.replica}
 
 
-def _newest(steps: set[int]) -> str:
+def newest_of(steps: Iterable[int]) -> str:
+    """What a member holding no shard of a step holds of its run, said."""
+    steps = list(steps)
     return f"its newest is step {max(steps)}" if steps else "nor of the run"

@@ -33,6 +33,7 @@ from ..proto import mtckpt_pb2 as pb
 from ..redundancy import Redundancy
 from ..tiers.memory import open_held
 from . import bulk
+from .absent import newest_of
 from .auth import TLSFiles, host_of
 from .awaiting import Held, StripesAwaited
 from .chain import CHAIN_WAIT, OwnPiece, Relays, summed_frames
@@ -132,7 +133,7 @@ class Encoder:
         it will): it holds none (being written counts) and will not save it, or it lags."""
         steps = self.holdings.own.steps(run)
         if step not in steps and (not steps or max(steps) > step):
-            return f"it holds none of the step and {_newest(steps)}"
+            return f"it holds no shard of the step ({newest_of(steps)})"
         if not self.sends_now(step):
             return "it lags behind the saves and sends sync steps only"
         return ""
@@ -444,10 +445,6 @@ class Encoder:
         log.info("sent %s's piece of %s (%d bytes) toward %s%s", self.holdings.node_id,
                  piece.key, length, piece.node,
                  ", which has the stripe complete" if completed else "")  # fmt: skip
-
-
-def _newest(steps: list[int]) -> str:
-    return f"its newest is step {max(steps)}" if steps else "none of the run"
 
 
 def _parts(blob: list[RankFile], offset: int, length: int) -> list[tuple[int, int, int]]:
